@@ -1,0 +1,1 @@
+"""Data-preparation library: formats, sources, shards and params for the DVC stages."""
