@@ -52,7 +52,7 @@ class PrepParams:
 
     compression: Literal["zstd", "snappy", "lz4", "gzip", "brotli", "uncompressed"] = "zstd"
     compression_level: int | None = None
-    row_group_size: int = 8192
+    row_group_size: int = 65536
     shard_size: int = 10000
     normalize: Literal["unit", "standard"] = "unit"
 

@@ -1,0 +1,80 @@
+"""Strict checks of the ``label,pixel1..pixel784`` CSV layout (pure: bytes in, messages out).
+
+The Parquet conversion runs Polars' fast streaming reader first; only when it
+fails does :func:`find_problem` re-read the file line by line to say exactly
+which row and column broke the schema, and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from pipeline.errors import DataError
+from pipeline.tabular import HEADER, NUM_PIXELS, PIXEL_COLUMNS, PIXEL_COLUMNS_ZERO_BASED
+
+BOM = b"\xef\xbb\xbf"
+MAX_HEADER_BYTES = 64 * 1024  # the real header is 6.2 KB; anything far longer is not ours
+_INT = re.compile(rb'\s*"?\s*(-?\d+)\s*"?\s*')
+
+
+def _show(value: bytes, limit: int = 40) -> str:
+    text = value.decode("utf-8", "replace")
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def check_header(line: bytes, where: str) -> None:
+    """Accept ``label,pixel1..pixel784`` or Kaggle MNIST's ``label,pixel0..pixel783``."""
+    if line.startswith(BOM):
+        line = line[len(BOM):]
+    names = [n.strip().strip('"') for n in line.rstrip(b"\r\n").decode("utf-8", "replace").split(",")]
+    if names == list(HEADER) or names == ["label", *PIXEL_COLUMNS_ZERO_BASED]:
+        return
+    if len(names) != len(HEADER):
+        raise DataError(
+            f"{where}: row 1 (header): expected {len(HEADER)} columns (label,pixel1..pixel{NUM_PIXELS}), "
+            f"found {len(names)}"
+        )
+    zero_based = names[1:2] == ["pixel0"]
+    expected = ["label", *(PIXEL_COLUMNS_ZERO_BASED if zero_based else PIXEL_COLUMNS)]
+    col = next(i for i, (a, b) in enumerate(zip(names, expected)) if a != b)
+    raise DataError(f"{where}: row 1 (header), column {col + 1}: expected {expected[col]!r}, found {names[col]!r:.40}")
+
+
+def check_row(line: bytes, row: int, where: str) -> None:
+    """Check one data line (``row`` counts data rows from 1; the file line is row + 1)."""
+    cells = line.rstrip(b"\r\n").split(b",")
+    at = f"{where}: row {row} (line {row + 1})"
+    if cells == [b""]:
+        raise DataError(f"{at}: empty line; expected {len(HEADER)} values")
+    if len(cells) != len(HEADER):
+        raise DataError(f"{at}: expected {len(HEADER)} values, found {len(cells)}")
+    for col, cell in enumerate(cells):
+        name = HEADER[col]
+        hi = 9 if col == 0 else 255
+        m = _INT.fullmatch(cell)
+        if not cell.strip():
+            raise DataError(f"{at}, column {col + 1} ({name}): expected an integer 0..{hi}, found an empty cell")
+        if m is None:
+            raise DataError(f"{at}, column {col + 1} ({name}): expected an integer 0..{hi}, found {_show(cell)}")
+        value = int(m.group(1))
+        if not 0 <= value <= hi:
+            raise DataError(f"{at}, column {col + 1} ({name}): expected an integer 0..{hi}, found {value}")
+
+
+def find_problem(lines: Iterable[bytes], where: str) -> DataError | None:
+    """The first schema violation in a CSV given as lines, or None if it is valid."""
+    it = iter(lines)
+    header = next(it, None)
+    if header is None or not header.strip():
+        return DataError(f"{where}: file is empty; expected a header line label,pixel1..pixel{NUM_PIXELS}")
+    try:
+        check_header(header, where)
+        rows = 0
+        for rows, line in enumerate(it, start=1):
+            check_row(line, rows, where)
+    except DataError as exc:
+        return exc
+    if rows == 0:
+        return DataError(f"{where}: has a header but no data rows")
+    return None

@@ -1,0 +1,76 @@
+"""The ``csv`` stage: IDX -> Kaggle-layout CSV, or the user's own CSV made canonical.
+
+Canonical means header ``label,pixel1..pixel784``, LF line ends, no BOM.
+Values are checked by the Parquet stage, which reads every cell anyway.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from pipeline.atomic import atomic_file
+from pipeline.csvcheck import BOM, MAX_HEADER_BYTES, check_header
+from pipeline.errors import DataError
+from pipeline.idx import decode_idx
+from pipeline.tabular import HEADER, HEADER_LINE, NUM_PIXELS
+
+COPY_CHUNK = 1 << 20
+
+
+def _read_idx_gz(path: Path) -> np.ndarray:
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read gzip IDX file: {exc}") from None
+    return decode_idx(raw, str(path))
+
+
+def idx_to_csv(images_gz: Path, labels_gz: Path, out_csv: Path) -> int:
+    """Write one split as CSV; returns the number of rows."""
+    images = _read_idx_gz(images_gz)
+    labels = _read_idx_gz(labels_gz)
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+        raise DataError(f"{images_gz}: expected uint8 images [n, 28, 28], found {images.dtype} {list(images.shape)}")
+    if labels.ndim != 1 or labels.dtype != np.uint8:
+        raise DataError(f"{labels_gz}: expected uint8 labels [n], found {labels.dtype} {list(labels.shape)}")
+    if len(images) != len(labels):
+        raise DataError(f"{images_gz} has {len(images)} images but {labels_gz} has {len(labels)} labels")
+    table = np.concatenate([labels[:, None], images.reshape(len(images), NUM_PIXELS)], axis=1)
+    frame = pl.DataFrame(table, schema=list(HEADER), orient="row")
+    with atomic_file(out_csv) as tmp:
+        frame.write_csv(tmp, line_terminator="\n")
+    return len(frame)
+
+
+def import_user_csv(src: Path, out_csv: Path) -> None:
+    """Copy the user's CSV with a canonical header and LF line ends, in bounded memory."""
+    if not src.exists():
+        raise DataError(f"{src}: file not found (data.dataset is csv; set data.train_csv / data.test_csv)")
+    if not src.is_file():
+        raise DataError(f"{src}: expected a CSV file, found a directory or special file")
+    try:
+        with open(src, "rb") as f, atomic_file(out_csv) as tmp, open(tmp, "wb") as out:
+            header = f.readline(MAX_HEADER_BYTES + 1)
+            if not header.strip(BOM + b" \r\n"):
+                raise DataError(f"{src}: file is empty; expected a header line label,pixel1..pixel{NUM_PIXELS}")
+            if len(header) > MAX_HEADER_BYTES:
+                raise DataError(
+                    f"{src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; expected "
+                    f"{len(HEADER)} columns label,pixel1..pixel{NUM_PIXELS}"
+                )
+            check_header(header, str(src))
+            out.write(HEADER_LINE)
+            carry = b""
+            while block := f.read(COPY_CHUNK):
+                block = carry + block
+                # a CR at the end of a block may be half of a CRLF split across blocks
+                carry = b"\r" if block.endswith(b"\r") else b""
+                out.write(block[: len(block) - len(carry)].replace(b"\r\n", b"\n"))
+            if carry:
+                out.write(b"\n")
+    except OSError as exc:
+        raise DataError(f"{src}: cannot copy to {out_csv}: {exc}") from None

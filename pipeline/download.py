@@ -1,0 +1,206 @@
+"""Fetch a dataset's IDX files from a list of sources, verifying every byte.
+
+A source is a base URL (``http(s)://``) or a local folder. For each file the
+sources are tried in order; a 404, time-out, reset, truncated or oversized
+body, bad gzip, wrong SHA-256 or wrong IDX header moves on to the next one.
+If every source fails, one error lists each source and what went wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tqdm import tqdm
+
+from pipeline.atomic import atomic_dir
+from pipeline.errors import DataError, DownloadError
+from pipeline.idx import parse_idx_header
+from pipeline.sources import DatasetSpec, IdxFile
+
+CHUNK = 1 << 16
+SOURCE_RECORD = "source.json"
+
+
+class FetchError(Exception):
+    """One source failed for one file; the reason is collected, then the next source is tried."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    data: bytes  # the .gz bytes as received
+    source: str
+
+
+class _NoDowngradeRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s), and never from https down to plain http."""
+
+    max_redirections = 5
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+        old, new = urlparse(req.full_url).scheme, urlparse(newurl).scheme
+        if new not in ("http", "https") or (old == "https" and new == "http"):
+            raise FetchError(f"refused redirect from {req.full_url} to {newurl}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def max_compressed_size(file: IdxFile) -> int:
+    """gzip never grows data by more than a few bytes per 16 KiB block; anything larger is refused."""
+    return file.size + file.size // 500 + 4096
+
+
+def _http_get(url: str, limit: int, timeout: float, progress: bool, opener: urllib.request.OpenerDirector) -> bytes:
+    deadline = time.monotonic() + max(timeout * 10, 60.0)  # bounds a server that trickles bytes
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                raise FetchError(f"Content-Length {length} exceeds the largest valid file ({limit} bytes)")
+            parts: list[bytes] = []
+            received = 0
+            total = int(length) if length and length.isdigit() else None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
+                      disable=None if progress else True, file=sys.stderr, leave=False) as bar:
+                while chunk := resp.read(CHUNK):
+                    received += len(chunk)
+                    if received > limit:
+                        raise FetchError(f"body exceeds the largest valid file ({limit} bytes)")
+                    if time.monotonic() > deadline:
+                        raise FetchError("transfer too slow: gave up")
+                    parts.append(chunk)
+                    bar.update(len(chunk))
+            if total is not None and received != total:
+                raise FetchError(f"truncated body: {received} of {total} bytes")
+            return b"".join(parts)
+    except FetchError:
+        raise
+    except urllib.error.HTTPError as exc:
+        raise FetchError(f"HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, FetchError):
+            raise reason from None
+        raise FetchError(f"cannot connect: {reason}") from None
+    except http.client.IncompleteRead as exc:
+        raise FetchError(f"truncated body: {len(exc.partial)} bytes, {exc.expected} more expected") from None
+    except (http.client.HTTPException, OSError) as exc:  # resets, time-outs, protocol errors
+        raise FetchError(f"{type(exc).__name__}: {exc or 'no detail'}") from None
+
+
+def _read_folder(folder: Path, name: str, limit: int) -> bytes:
+    path = folder / name
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise FetchError(f"{path} is {size} bytes, more than the largest valid file ({limit} bytes)")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FetchError(f"{path} not found") from None
+    except OSError as exc:
+        raise FetchError(f"cannot read {path}: {exc}") from None
+
+
+def read_source(source: str, file: IdxFile, *, timeout: float, progress: bool,
+                opener: urllib.request.OpenerDirector | None = None) -> bytes:
+    """The raw bytes of ``file`` from one source (URL base or folder), size-bounded."""
+    limit = max_compressed_size(file)
+    scheme = urlparse(source).scheme
+    if scheme in ("http", "https"):
+        url = source.rstrip("/") + "/" + file.name
+        return _http_get(url, limit, timeout, progress, opener or build_opener())
+    if "://" in source:
+        raise FetchError(f"unsupported source scheme {scheme!r}: use http(s) URLs or plain folder paths")
+    return _read_folder(Path(source), file.name, limit)
+
+
+def build_opener(*handlers: urllib.request.BaseHandler) -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_NoDowngradeRedirect, *handlers)
+
+
+def gunzip_bounded(blob: bytes, size: int) -> bytes:
+    """Decompress (possibly multi-member) gzip, refusing output beyond ``size`` bytes."""
+    if blob[:2] != b"\x1f\x8b":
+        raise FetchError("not a gzip file (bad magic)")
+    out = bytearray()
+    rest = blob
+    try:
+        while rest:
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out += d.decompress(rest, size + 1 - len(out))
+            if len(out) > size:
+                raise FetchError(f"decompresses to more than the expected {size} bytes")
+            if not d.eof:
+                raise FetchError("truncated gzip stream")
+            rest = d.unused_data
+            if rest and rest[:2] != b"\x1f\x8b":
+                raise FetchError("trailing garbage after gzip stream")
+    except zlib.error as exc:
+        raise FetchError(f"corrupt gzip stream: {exc}") from None
+    return bytes(out)
+
+
+def verify(file: IdxFile, blob: bytes) -> None:
+    """Check a downloaded ``.gz`` against the expected decompressed SHA-256, size and IDX header."""
+    raw = gunzip_bounded(blob, file.size)
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != file.sha256:
+        raise FetchError(f"SHA-256 of decompressed content is {digest}, expected {file.sha256}")
+    try:
+        _, shape, _ = parse_idx_header(raw, file.name)
+    except DataError as exc:
+        raise FetchError(str(exc)) from None
+    if shape != file.shape:
+        raise FetchError(f"IDX shape {list(shape)}, expected {list(file.shape)}")
+
+
+def fetch_file(file: IdxFile, sources: tuple[str, ...], *, timeout: float = 30.0, progress: bool = True,
+               opener: urllib.request.OpenerDirector | None = None) -> Fetched:
+    """The first source's bytes that verify; DownloadError listing every failure otherwise."""
+    failures = []
+    for source in sources:
+        try:
+            blob = read_source(source, file, timeout=timeout, progress=progress, opener=opener)
+            verify(file, blob)
+            return Fetched(blob, source)
+        except FetchError as exc:
+            failures.append(f"  {source}: {exc}")
+    raise DownloadError(f"could not get {file.name} from any source:\n" + "\n".join(failures))
+
+
+def fetch_dataset(spec: DatasetSpec, out_dir: Path | str, *, mirrors: tuple[str, ...] = (),
+                  timeout: float = 30.0, progress: bool = True,
+                  opener: urllib.request.OpenerDirector | None = None) -> dict:
+    """Write the four verified ``.gz`` files and ``source.json`` into ``out_dir`` atomically."""
+    sources = tuple(mirrors) + spec.sources
+    record: dict = {"dataset": spec.name, "files": {}}
+    with atomic_dir(out_dir) as tmp:
+        for split in (spec.train, spec.test):
+            if split.images.shape[0] != split.labels.shape[0]:
+                raise DownloadError(
+                    f"{spec.name}: {split.images.name} has {split.images.shape[0]} images but "
+                    f"{split.labels.name} has {split.labels.shape[0]} labels"
+                )
+            for file in (split.images, split.labels):
+                got = fetch_file(file, sources, timeout=timeout, progress=progress, opener=opener)
+                (tmp / file.name).write_bytes(got.data)
+                record["files"][file.name] = {"source": got.source, "sha256_decompressed": file.sha256}
+        (tmp / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
+
+
+def write_skipped(out_dir: Path | str, dataset: str) -> None:
+    """With ``data.dataset: csv`` nothing is downloaded; the output folder records why."""
+    with atomic_dir(out_dir) as tmp:
+        (tmp / SOURCE_RECORD).write_text(
+            json.dumps({"dataset": dataset, "files": {}, "skipped": "data.dataset is csv"}, indent=2) + "\n",
+            encoding="utf-8",
+        )

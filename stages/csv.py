@@ -1,0 +1,39 @@
+"""DVC stage `csv`: IDX -> label,pixel1..pixel784 CSV, or the user's CSV (data.dataset: csv)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.cli import parser, run_stage
+from pipeline.csvdata import idx_to_csv, import_user_csv
+from pipeline.params import load_section
+
+IDX_NAMES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--raw", type=Path, required=True, help="folder of the download stage (data/raw)")
+    p.add_argument("--train", type=Path, required=True, help="output train CSV")
+    p.add_argument("--test", type=Path, required=True, help="output test CSV")
+    args = p.parse_args(argv)
+    data = load_section("data", args.params)
+    outputs = {"train": args.train, "test": args.test}
+    if data.dataset == "csv":
+        sources = {"train": Path(data.train_csv), "test": Path(data.test_csv)}
+        for split, out in outputs.items():
+            import_user_csv(sources[split], out)
+            print(f"csv: {split}: {sources[split]} -> {out}")
+        return
+    for split, out in outputs.items():
+        images, labels = IDX_NAMES[split]
+        rows = idx_to_csv(args.raw / images, args.raw / labels, out)
+        print(f"csv: {split}: {rows} rows -> {out}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
