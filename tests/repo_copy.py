@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,10 +37,10 @@ def copy_repo(dest: Path) -> Path:
 
 
 def write_csv(path: Path, pixels: np.ndarray, labels: np.ndarray) -> None:
-    header = "label," + ",".join(f"pixel{i}" for i in range(1, 785))
-    rows = np.concatenate([labels[:, None].astype(np.int64), pixels.astype(np.int64)], axis=1)
+    names = ["label", *(f"pixel{i}" for i in range(1, 785))]
+    rows = np.concatenate([labels[:, None], pixels], axis=1).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savetxt(path, rows, fmt="%d", delimiter=",", header=header, comments="")
+    pl.DataFrame(rows, schema=names, orient="row").write_csv(path)
 
 
 def set_params(repo: Path, **updates: object) -> None:
