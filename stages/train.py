@@ -1,0 +1,36 @@
+"""Stage ``train``: SimpleCNN on the tensor shards, metrics into DVCLive, model as safetensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.cli import parser, run_stage
+from pipeline.params import load_section
+from trainer.run import fit
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--train", type=Path, required=True, help="train split folder (manifest.json + shards)")
+    p.add_argument("--test", type=Path, required=True, help="test split folder (manifest.json + shards)")
+    p.add_argument("--model", type=Path, required=True, help="output folder for model.safetensors + model.json")
+    p.add_argument("--checkpoints", type=Path, required=True, help="folder for resumable checkpoints (not a DVC output)")
+    p.add_argument("--live", type=Path, required=True, help="DVCLive folder (metrics.json, plots/metrics)")
+    args = p.parse_args(argv)
+    # Both sections are checked before any data is touched.
+    loader = load_section("loader", args.params)
+    train = load_section("train", args.params)
+    fit(
+        train_dir=args.train,
+        test_dir=args.test,
+        model_dir=args.model,
+        checkpoint_dir=args.checkpoints,
+        live_dir=args.live,
+        loader=loader,
+        train=train,
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,86 @@
+"""A batch-indexed Dataset over memory-mapped, validated shards.
+
+Each process maps the shard files itself, on first access, copy-on-write
+(``np.memmap(mode="c")``): pages come from the shared page cache, nothing is
+read into a private copy, and a stray write could never reach the file. The
+object pickles to paths and offsets only (``__getstate__`` drops the maps), so
+spawn-started DataLoader workers never receive data through a pipe.
+
+``dataset[indices]`` takes a whole batch of indices and returns
+``(images float32 [k, 1, 28, 28], labels int64 [k])`` in the given order, with
+one gather per shard the batch touches, so the DataLoader runs with
+``batch_size=None`` and no per-sample ``__getitem__`` + collate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.errors import ShardError
+from pipeline.manifest import IMAGE_SHAPE
+from trainer.verify import ValidShard, ValidSplit, still_same
+
+_IMAGE_ITEMS = int(np.prod(IMAGE_SHAPE))
+
+
+def _map_shard(shard: ValidShard) -> tuple[torch.Tensor, torch.Tensor]:
+    still_same(shard)
+    raw = np.memmap(shard.path, dtype=np.uint8, mode="c")
+    if raw.shape[0] != shard.size:
+        raise ShardError(f"{shard.path}: mapped {raw.shape[0]} bytes, validated {shard.size}")
+    n = shard.num_samples
+    # Offsets were checked to be aligned to the item size and inside the file, so
+    # these are zero-copy views of the mapping.
+    images = raw[shard.images_offset : shard.images_offset + n * _IMAGE_ITEMS * 4].view("<f4").reshape(n, *IMAGE_SHAPE)
+    labels = raw[shard.labels_offset : shard.labels_offset + n * 8].view("<i8")
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+class ShardDataset(Dataset):
+    """All samples of one split, indexed globally in manifest shard order."""
+
+    def __init__(self, split: ValidSplit) -> None:
+        self.split = split
+        counts = [s.num_samples for s in split.shards]
+        self._starts = torch.tensor([0, *np.cumsum(counts).tolist()], dtype=torch.int64)
+        self._maps: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_maps"] = None
+        return state
+
+    def _open(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._maps is None:
+            self._maps = [_map_shard(s) for s in self.split.shards]
+        return self._maps
+
+    def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        if indices.ndim != 1:
+            raise IndexError(f"expected a 1-D tensor of sample indices, found shape {list(indices.shape)}")
+        n = len(self)
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+            raise IndexError(f"sample index out of range 0..{n - 1}")
+        maps = self._open()
+        if len(maps) == 1:
+            images, labels = maps[0]
+            return images.index_select(0, indices), labels.index_select(0, indices)
+        k = indices.numel()
+        out_images = torch.empty((k, *IMAGE_SHAPE), dtype=torch.float32)
+        out_labels = torch.empty(k, dtype=torch.int64)
+        shard_of = torch.bucketize(indices, self._starts[1:-1], right=True)
+        for s in torch.unique(shard_of).tolist():
+            positions = (shard_of == s).nonzero().squeeze(1)
+            local = indices.index_select(0, positions) - self._starts[s]
+            images, labels = maps[s]
+            out_images.index_copy_(0, positions, images.index_select(0, local))
+            out_labels.index_copy_(0, positions, labels.index_select(0, local))
+        return out_images, out_labels

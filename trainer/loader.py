@@ -1,0 +1,95 @@
+"""Batch order and DataLoader construction.
+
+The order of samples is decided here, in the main process, by a generator
+seeded from ``(train.seed, epoch)``: workers only gather the index batches they
+are handed. Batch composition, and so every result, is therefore the same for
+any ``num_workers``, ``persistent_workers``, ``pin_memory`` or
+``prefetch_factor``; those settings change speed only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.params import LoaderParams
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for one epoch's permutation, independent across (seed, epoch) pairs."""
+    digest = hashlib.sha256(f"shuffle/{seed}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class EpochBatchSampler(Sampler[torch.Tensor]):
+    """Yields int64 index tensors of ``batch_size`` (the last may be shorter)."""
+
+    def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool, seed: int) -> None:
+        if num_samples < 1 or batch_size < 1:
+            raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples} and {batch_size}")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.arange(self.num_samples)
+        # Clones, so a batch sent to a worker does not drag the whole permutation along.
+        for batch in order.split(self.batch_size):
+            yield batch.clone()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderSettings:
+    """LoaderParams after resolving what PyTorch would reject on this machine."""
+
+    batch_size: int
+    shuffle: bool
+    num_workers: int
+    persistent_workers: bool
+    pin_memory: bool
+    prefetch_factor: int | None
+
+
+def resolve_settings(params: LoaderParams, device: torch.device, notice: Callable[[str], None] = print) -> LoaderSettings:
+    """Drop settings that do not apply (one notice each) instead of letting DataLoader raise."""
+    persistent, prefetch, pin = params.persistent_workers, params.prefetch_factor, params.pin_memory
+    if params.num_workers == 0:
+        if persistent:
+            notice("notice: loader.persistent_workers ignored: it needs loader.num_workers > 0")
+            persistent = False
+        if prefetch is not None:
+            notice("notice: loader.prefetch_factor ignored: it needs loader.num_workers > 0")
+            prefetch = None
+    if pin and device.type != "cuda":
+        notice(f"notice: loader.pin_memory ignored: the model runs on {device.type}, not an accelerator")
+        pin = False
+    return LoaderSettings(params.batch_size, params.shuffle, params.num_workers, persistent, pin, prefetch)
+
+
+def make_loader(dataset: Dataset, sampler: EpochBatchSampler, settings: LoaderSettings) -> DataLoader:
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=None,  # the sampler yields whole batches; the dataset gathers them at once
+        num_workers=settings.num_workers,
+        pin_memory=settings.pin_memory,
+        persistent_workers=settings.persistent_workers,
+        prefetch_factor=settings.prefetch_factor,
+    )

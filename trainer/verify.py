@@ -1,0 +1,150 @@
+"""Check a tensor split folder against its manifest before a single sample is trained on.
+
+What the trainer trusts after :func:`validate_split` returns: every listed shard
+is a regular file of the size the manifest records, its safetensors header is
+well-formed (``pipeline.shards.parse_header``: lengths, offsets, alignment),
+it holds exactly ``images`` float32 [n, 1, 28, 28] and ``labels`` int64 [n]
+with the manifest's ``n``, every label is a valid class, and its metadata (when
+present) names the manifest's dataset and split. ``verify="full"`` adds the
+SHA-256 of every shard against the manifest. The memory-mapped dataset then
+views the data buffer at the validated offsets without further checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ShardError
+from pipeline.manifest import IMAGE_SHAPE, MANIFEST_NAME, Manifest, read_manifest
+from pipeline.shards import DTYPE_NAMES, ShardLayout, TensorInfo, read_layout
+
+IMAGES = "images"
+LABELS = "labels"
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ValidShard:
+    """A shard that passed validation, with the absolute file offsets of its tensors."""
+
+    path: Path
+    num_samples: int
+    images_offset: int
+    labels_offset: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class ValidSplit:
+    directory: Path
+    manifest: Manifest
+    shards: tuple[ValidShard, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return self.manifest.num_samples
+
+
+def _check_tensor(where: str, info: TensorInfo | None, name: str, dtype: str, shape: tuple[int, ...]) -> TensorInfo:
+    if info is None:
+        raise ShardError(f"{where}: tensor {name!r} is missing")
+    if info.dtype != dtype or info.shape != shape:
+        raise ShardError(
+            f"{where}: tensor {name!r}: expected {DTYPE_NAMES[dtype]} {list(shape)} as the manifest says, "
+            f"found {DTYPE_NAMES.get(info.dtype, info.dtype)} {list(info.shape)}"
+        )
+    return info
+
+
+def _check_layout(where: str, layout: ShardLayout, manifest: Manifest, num_samples: int) -> tuple[TensorInfo, TensorInfo]:
+    extra = sorted(set(layout.tensors) - {IMAGES, LABELS})
+    if extra:
+        raise ShardError(f"{where}: unexpected tensor {extra[0]!r}; a shard holds only {IMAGES!r} and {LABELS!r}")
+    images = _check_tensor(where, layout.tensors.get(IMAGES), IMAGES, "F32", (num_samples, *IMAGE_SHAPE))
+    labels = _check_tensor(where, layout.tensors.get(LABELS), LABELS, "I64", (num_samples,))
+    for key in ("dataset", "split"):
+        found = layout.metadata.get(key)
+        if found is not None and found != getattr(manifest, key):
+            raise ShardError(f"{where}: metadata {key}: expected {getattr(manifest, key)!r} as the manifest says, found {found!r}")
+    return images, labels
+
+
+def _check_labels(where: str, path: Path, labels: TensorInfo, num_classes: int) -> None:
+    # Labels index the loss; an out-of-range value would crash (or silently corrupt) training.
+    values = np.fromfile(path, dtype="<i8", count=labels.shape[0], offset=labels.start)
+    if len(values) != labels.shape[0]:
+        raise ShardError(f"{where}: labels: expected {labels.shape[0]} values, read {len(values)}")
+    bad = np.flatnonzero((values < 0) | (values >= num_classes))
+    if bad.size:
+        raise ShardError(f"{where}: labels[{bad[0]}]: expected 0..{num_classes - 1}, found {values[bad[0]]}")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def validate_split(split_dir: Path | str, *, expected_split: str, verify: str = "header") -> ValidSplit:
+    """Validate ``split_dir`` (manifest + every shard); raise :class:`ShardError` on the first problem."""
+    if verify not in ("header", "full"):
+        raise ValueError(f"verify must be 'header' or 'full', not {verify!r}")
+    directory = Path(split_dir).absolute()
+    if not directory.is_dir():
+        raise ShardError(f"{directory}: expected a tensor split folder, found {'a file' if directory.exists() else 'nothing'}")
+    manifest = read_manifest(directory)
+    where_manifest = directory / MANIFEST_NAME
+    if manifest.split != expected_split:
+        raise ShardError(f"{where_manifest}: split: expected {expected_split!r}, found {manifest.split!r}")
+    shards = []
+    for entry in manifest.shards:
+        path = directory / entry.file
+        where = str(path)
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise ShardError(f"{where}: cannot stat shard: {exc}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ShardError(f"{where}: expected a regular file")
+        if st.st_size != entry.bytes:
+            raise ShardError(f"{where}: file is {st.st_size} bytes, the manifest says {entry.bytes}")
+        layout = read_layout(path)
+        images, labels = _check_layout(where, layout, manifest, entry.num_samples)
+        _check_labels(where, path, labels, manifest.num_classes)
+        if verify == "full":
+            found = sha256_file(path)
+            if found != entry.sha256:
+                raise ShardError(f"{where}: SHA-256 is {found}, the manifest says {entry.sha256}")
+        shards.append(ValidShard(path, entry.num_samples, images.start, labels.start, st.st_size, st.st_mtime_ns))
+    return ValidSplit(directory, manifest, tuple(shards))
+
+
+def check_compatible(train: ValidSplit, test: ValidSplit) -> None:
+    """Train and test must come from the same dataset with the same pixel normalisation."""
+    a, b = train.manifest, test.manifest
+    if a.dataset != b.dataset:
+        raise ShardError(f"{test.directory / MANIFEST_NAME}: dataset: expected {a.dataset!r} like the train split, found {b.dataset!r}")
+    if a.normalization != b.normalization:
+        raise ShardError(
+            f"{test.directory / MANIFEST_NAME}: normalization: expected {a.normalization} like the train split, "
+            f"found {b.normalization}"
+        )
+
+
+def still_same(shard: ValidShard) -> None:
+    """Refuse a shard replaced or resized since it was validated (checked before mapping it)."""
+    try:
+        st = os.stat(shard.path)
+    except OSError as exc:
+        raise ShardError(f"{shard.path}: cannot stat shard: {exc}") from None
+    if st.st_size != shard.size or st.st_mtime_ns != shard.mtime_ns:
+        raise ShardError(f"{shard.path}: shard changed after it was validated (size {shard.size} -> {st.st_size})")
