@@ -1,0 +1,235 @@
+"""Shared fixtures: a real HTTP(S) server on 127.0.0.1 whose routes simulate mirrors.
+
+Nothing here mocks urllib: the downloader talks to a real socket. Each route is
+a small function that writes a response (or misbehaves: truncates, resets,
+stalls, redirects). Generated tiny data lives in ``synth.py``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import socket
+import ssl
+import struct
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+_TESTS = Path(__file__).resolve().parent
+for _p in (_TESTS.parent, _TESTS):  # the repo's packages, and `import synth`, under plain `pytest` too
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+Route = Callable[[BaseHTTPRequestHandler], None]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        self.server.hits.append(path)
+        route = self.server.routes.get(path)
+        if route is None:
+            self.send_error(404, "Not Found")
+            return
+        route(self)
+
+    def log_message(self, format: str, *args: object) -> None:  # keep pytest output clean
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.routes: dict[str, Route] = {}
+        self.hits: list[str] = []
+        self.release = threading.Event()  # set at teardown: stalling routes stop waiting
+
+    def handle_error(self, request, client_address) -> None:  # resets we cause ourselves are expected
+        pass
+
+
+class LocalServer:
+    """A running server plus helpers that register misbehaving routes."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self._srv = _Server()
+        if tls is not None:
+            self._srv.socket = tls.wrap_socket(self._srv.socket, server_side=True)
+        self.scheme = "https" if tls is not None else "http"
+        self.port = self._srv.server_address[1]
+        self._thread = threading.Thread(target=self._srv.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+
+    # -- addresses
+    @property
+    def base(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    @property
+    def hits(self) -> list[str]:
+        return self._srv.hits
+
+    def route(self, path: str, fn: Route) -> None:
+        self._srv.routes[path] = fn
+
+    def close(self) -> None:
+        self._srv.release.set()
+        self._srv.shutdown()
+        self._srv.server_close()
+
+    # -- behaviours
+    def serve(self, path: str, body: bytes, *, status: int = 200, content_length: bool = True,
+              headers: dict[str, str] | None = None) -> None:
+        """A normal response; without Content-Length the body ends when the connection closes."""
+
+        def fn(h: BaseHTTPRequestHandler) -> None:
+            h.send_response(status)
+            h.send_header("Content-Type", "application/gzip")
+            if content_length:
+                h.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                h.send_header(k, v)
+            h.send_header("Connection", "close")
+            h.end_headers()
+            h.wfile.write(body)
+            h.close_connection = True
+
+        self.route(path, fn)
+
+    def serve_files(self, prefix: str, files: dict[str, bytes], **kw) -> str:
+        for name, body in files.items():
+            self.serve(f"{prefix}/{name}", body, **kw)
+        return self.url(prefix)
+
+    def status(self, path: str, code: int) -> None:
+        self.route(path, lambda h: h.send_error(code))
+
+    def truncated(self, path: str, body: bytes, claimed: int) -> None:
+        """Announce ``claimed`` bytes, send ``body`` (shorter), close cleanly."""
+
+        def fn(h: BaseHTTPRequestHandler) -> None:
+            h.send_response(200)
+            h.send_header("Content-Length", str(claimed))
+            h.end_headers()
+            h.wfile.write(body)
+            h.close_connection = True
+
+        self.route(path, fn)
+
+    def reset(self, path: str, body: bytes, claimed: int) -> None:
+        """Send part of the body, then abort the TCP connection (RST, not FIN)."""
+
+        def fn(h: BaseHTTPRequestHandler) -> None:
+            h.send_response(200)
+            h.send_header("Content-Length", str(claimed))
+            h.end_headers()
+            h.wfile.write(body)
+            sock = h.connection
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            h.close_connection = True
+
+        self.route(path, fn)
+
+    def stall(self, path: str, *, seconds: float = 10.0, after: bytes | None = None, claimed: int = 0) -> None:
+        """Send nothing (or headers and ``after`` bytes), then wait without closing."""
+        release = self._srv.release
+
+        def fn(h: BaseHTTPRequestHandler) -> None:
+            if after is not None:
+                h.send_response(200)
+                h.send_header("Content-Length", str(claimed))
+                h.end_headers()
+                h.wfile.write(after)
+            release.wait(seconds)
+            h.close_connection = True
+
+        self.route(path, fn)
+
+    def redirect(self, path: str, location: str, code: int = 302) -> None:
+        def fn(h: BaseHTTPRequestHandler) -> None:
+            h.send_response(code)
+            h.send_header("Location", location)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            h.close_connection = True
+
+        self.route(path, fn)
+
+
+@pytest.fixture
+def http_server() -> Iterator[LocalServer]:
+    server = LocalServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def http_server2() -> Iterator[LocalServer]:
+    server = LocalServer()
+    yield server
+    server.close()
+
+
+# ----------------------------------------------------------------------------- TLS
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                    x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return _self_signed(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def https_server(tls_cert: tuple[Path, Path]) -> Iterator[LocalServer]:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*tls_cert)
+    server = LocalServer(tls=ctx)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def client_tls(tls_cert: tuple[Path, Path]) -> ssl.SSLContext:
+    """A client context that trusts exactly the test server's self-signed certificate."""
+    return ssl.create_default_context(cafile=str(tls_cert[0]))
