@@ -1,0 +1,290 @@
+"""Trainer units: model, memory-mapped dataset, batch order, loader settings, loop, checkpoints, export."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.normalize import make_normalization
+from pipeline.params import LoaderParams, TrainParams
+from pipeline.tensorize import write_split
+from trainer.checkpoint import META, TENSORS, fingerprint, load_checkpoint, remove_checkpoint, save_checkpoint
+from trainer.data import ShardDataset
+from trainer.export import CONFIG, WEIGHTS, load_model, save_model
+from trainer.loader import EpochBatchSampler, epoch_seed, make_loader, resolve_settings
+from trainer.loop import evaluate, train_one_epoch
+from trainer.memory import PeakMemory
+from trainer.model import ARCHITECTURE, NUM_PARAMETERS, SimpleCNN, count_parameters
+from trainer.verify import validate_split
+
+CPU = torch.device("cpu")
+
+
+def make_split(directory: Path, n: int, *, split: str, shard_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Shards of random uint8 pixels whose first pixels encode the label (so a model can learn)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    pixels = rng.integers(0, 256, (n, 784)).astype(np.uint8)
+    pixels[:, :28] = labels[:, None] * 25
+    write_split([(pixels, labels)], directory, dataset="fashion-mnist", split=split, shard_size=shard_size,
+                normalization=make_normalization("unit", None))
+    return pixels, labels
+
+
+@pytest.fixture
+def split(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    pixels, labels = make_split(tmp_path / "train", 250, split="train", shard_size=100)
+    return tmp_path / "train", pixels, labels
+
+
+def test_simplecnn_matches_the_reference_architecture() -> None:
+    model = SimpleCNN()
+    assert count_parameters(model) == NUM_PARAMETERS == 206_922
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    layers = [type(m).__name__ for m in model.modules() if not isinstance(m, (SimpleCNN, torch.nn.Sequential))]
+    assert layers == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Linear", "ReLU", "Linear"]
+
+
+def test_batch_gather_returns_the_source_samples_in_order(split) -> None:
+    directory, pixels, labels = split
+    dataset = ShardDataset(validate_split(directory, expected_split="train"))
+    assert len(dataset) == 250
+    # crosses all three shards (100, 100, 50), unsorted, with a repeat
+    indices = torch.tensor([249, 0, 150, 99, 100, 7, 249, 199, 200])
+    images, got = dataset[indices]
+    assert images.dtype == torch.float32 and images.shape == (9, 1, 28, 28)
+    assert got.dtype == torch.int64
+    idx = indices.numpy()
+    assert np.array_equal(got.numpy(), labels[idx].astype(np.int64))
+    expected = (np.arange(256, dtype=np.float32) / np.float32(255))[pixels[idx]].reshape(9, 1, 28, 28)
+    assert np.array_equal(images.numpy(), expected)
+    empty_images, empty_labels = dataset[torch.tensor([], dtype=torch.int64)]
+    assert empty_images.shape == (0, 1, 28, 28) and empty_labels.shape == (0,)
+
+
+def test_gather_rejects_bad_indices(split) -> None:
+    dataset = ShardDataset(validate_split(split[0], expected_split="train"))
+    with pytest.raises(IndexError):
+        dataset[torch.tensor([250])]
+    with pytest.raises(IndexError):
+        dataset[torch.tensor([-1])]
+    with pytest.raises(IndexError):
+        dataset[torch.tensor([[1, 2]])]
+
+
+def _mapping_of(address: int) -> str:
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= address < hi:
+            return fields[5] if len(fields) > 5 else ""
+    return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_shards_are_memory_mapped_not_copied(split) -> None:
+    dataset = ShardDataset(validate_split(split[0], expected_split="train"))
+    dataset[torch.tensor([0])]
+    for shard, (images, labels) in zip(dataset.split.shards, dataset._maps):
+        assert _mapping_of(images.data_ptr()) == str(shard.path)
+        assert _mapping_of(labels.data_ptr()) == str(shard.path)
+
+
+def test_dataset_state_drops_the_maps(split) -> None:
+    """What a spawn-started worker receives: paths and offsets, never mapped data."""
+    dataset = ShardDataset(validate_split(split[0], expected_split="train"))
+    dataset[torch.tensor([0, 150])]
+    assert dataset._maps is not None
+    state = dataset.__getstate__()
+    assert state["_maps"] is None
+    assert not any(isinstance(v, torch.Tensor) and v.numel() > 16 for v in state.values())
+
+
+@pytest.mark.slow
+def test_spawned_workers_map_their_own_shards(split) -> None:
+    dataset = ShardDataset(validate_split(split[0], expected_split="train"))
+    sampler = EpochBatchSampler(len(dataset), 64, shuffle=True, seed=3)
+    expected = [dataset[b] for b in sampler]
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=1,
+                                         multiprocessing_context="spawn")
+    got = list(loader)
+    assert len(got) == len(expected) == 4
+    for (a, b), (c, d) in zip(got, expected):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_sampler_order_depends_only_on_seed_and_epoch() -> None:
+    sampler = EpochBatchSampler(10, 4, shuffle=True, seed=7)
+    first = list(sampler)
+    assert [len(b) for b in first] == [4, 4, 2] == [len(b) for b in first] and len(sampler) == 3
+    assert sorted(torch.cat(first).tolist()) == list(range(10))
+    assert all(b.dtype == torch.int64 for b in first)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert all(torch.equal(a, b) for a, b in zip(first, EpochBatchSampler(10, 4, shuffle=True, seed=7)))
+    sampler.set_epoch(1)
+    assert not torch.equal(torch.cat(first), torch.cat(list(sampler)))
+    assert epoch_seed(7, 1) != epoch_seed(7, 0) != epoch_seed(8, 0)
+    plain = EpochBatchSampler(10, 4, shuffle=False, seed=7)
+    assert torch.cat(list(plain)).tolist() == list(range(10))
+
+
+def test_invalid_loader_combinations_become_notices() -> None:
+    notices: list[str] = []
+    params = LoaderParams(num_workers=0, persistent_workers=True, prefetch_factor=4, pin_memory=True)
+    settings = resolve_settings(params, CPU, notices.append)
+    assert (settings.persistent_workers, settings.prefetch_factor, settings.pin_memory) == (False, None, False)
+    assert len(notices) == 3 and all("\n" not in n for n in notices)
+    assert any("loader.persistent_workers" in n for n in notices)
+    assert any("loader.prefetch_factor" in n for n in notices)
+    assert any("loader.pin_memory" in n for n in notices)
+    notices.clear()
+    kept = resolve_settings(LoaderParams(num_workers=2, persistent_workers=True, prefetch_factor=4, pin_memory=False),
+                            CPU, notices.append)
+    assert (kept.num_workers, kept.persistent_workers, kept.prefetch_factor) == (2, True, 4) and not notices
+
+
+def _tiny_run(directory: Path, *, free_graph: bool = True) -> tuple[SimpleCNN, torch.optim.Optimizer, torch.utils.data.DataLoader]:
+    dataset = ShardDataset(validate_split(directory, expected_split="train"))
+    settings = resolve_settings(LoaderParams(batch_size=64, pin_memory=False), CPU)
+    loader = make_loader(dataset, EpochBatchSampler(len(dataset), 64, shuffle=True, seed=1), settings)
+    torch.manual_seed(0)
+    model = SimpleCNN()
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3), loader
+
+
+@pytest.mark.parametrize("free_graph", [True, False])
+def test_free_graph_drops_the_previous_step_before_the_next_forward(split, free_graph: bool) -> None:
+    model, optimizer, loader = _tiny_run(split[0])
+    previous: list[weakref.ref] = []
+    alive_at_forward: list[bool] = []
+
+    def pre_hook(module, args):
+        if previous:
+            alive_at_forward.append(previous[-1]() is not None)
+
+    def post_hook(module, args, output):
+        previous.append(weakref.ref(output))
+
+    model.register_forward_pre_hook(pre_hook)
+    model.register_forward_hook(post_hook)
+    stats = train_one_epoch(model, loader, optimizer, CPU, non_blocking=False, free_graph=free_graph)
+    assert stats.samples == 250 and np.isfinite(stats.loss)
+    assert 0 <= stats.data_wait_seconds <= stats.seconds and 0 <= stats.data_wait_fraction <= 1
+    assert len(alive_at_forward) == 3
+    assert not any(alive_at_forward) if free_graph else all(alive_at_forward)
+
+
+def test_evaluate_counts_every_sample_without_grad(split) -> None:
+    model, _, loader = _tiny_run(split[0])
+    result = evaluate(model, loader, CPU, non_blocking=False)
+    assert 0 <= result.accuracy <= 1 and result.loss > 0
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training is False
+
+
+def test_peak_memory_is_reported_in_mb() -> None:
+    memory = PeakMemory(CPU)
+    memory.reset()
+    before = memory.peak_mb()
+    block = np.ones(64 * 2**20 // 8)  # 64 MB touched
+    after = memory.peak_mb()
+    del block
+    assert before > 10 and after >= before + 32 * memory.resettable
+
+
+def _params_and_manifests(directory: Path):
+    split = validate_split(directory, expected_split="train")
+    return TrainParams(), LoaderParams(batch_size=64), split.manifest
+
+
+def test_checkpoint_round_trip_continues_bit_identically(split, tmp_path: Path) -> None:
+    train, loader_params, manifest = _params_and_manifests(split[0])
+    fp = fingerprint(train, loader_params, CPU, manifest, manifest, ARCHITECTURE)
+    model, optimizer, loader = _tiny_run(split[0])
+    train_one_epoch(model, loader, optimizer, CPU, non_blocking=False, free_graph=True)
+    history = [{"train_loss": 1.5, "test_acc": 0.25}]
+    save_checkpoint(tmp_path / "ckpt", model=model, optimizer=optimizer, device=CPU, epoch=1,
+                    run_fingerprint=fp, history=history)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [META, TENSORS]
+    rng_after_save = torch.get_rng_state()
+    reference = train_one_epoch(model, loader, optimizer, CPU, non_blocking=False, free_graph=True)
+
+    fresh, fresh_optimizer, loader2 = _tiny_run(split[0])
+    torch.manual_seed(999)
+    resumed = load_checkpoint(tmp_path / "ckpt", model=fresh, optimizer=fresh_optimizer, device=CPU,
+                              run_fingerprint=fp, max_epoch=5)
+    assert resumed is not None and resumed.epoch == 1 and resumed.history == history
+    assert torch.equal(torch.get_rng_state(), rng_after_save)
+    again = train_one_epoch(fresh, loader2, fresh_optimizer, CPU, non_blocking=False, free_graph=True)
+    assert again.loss == reference.loss
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    remove_checkpoint(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_unusable_checkpoints_are_ignored_with_a_notice(split, tmp_path: Path) -> None:
+    train, loader_params, manifest = _params_and_manifests(split[0])
+    fp = fingerprint(train, loader_params, CPU, manifest, manifest, ARCHITECTURE)
+    model, optimizer, loader = _tiny_run(split[0])
+    train_one_epoch(model, loader, optimizer, CPU, non_blocking=False, free_graph=True)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, model=model, optimizer=optimizer, device=CPU, epoch=2, run_fingerprint=fp,
+                    history=[{"a": 1.0}, {"a": 2.0}])
+
+    def attempt(run_fp: str = fp, max_epoch: int = 5) -> tuple[object, list[str]]:
+        fresh, fresh_optimizer, _ = _tiny_run(split[0])
+        before = [p.detach().clone() for p in fresh.parameters()]
+        notices: list[str] = []
+        out = load_checkpoint(ckpt, model=fresh, optimizer=fresh_optimizer, device=CPU,
+                              run_fingerprint=run_fp, max_epoch=max_epoch, notice=notices.append)
+        if out is None:  # nothing was touched
+            assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters()))
+            assert not fresh_optimizer.state
+        return out, notices
+
+    assert attempt()[0] is not None
+    other = fingerprint(TrainParams(lr=0.01), loader_params, CPU, manifest, manifest, ARCHITECTURE)
+    assert other != fp
+    assert fingerprint(train, LoaderParams(batch_size=64, num_workers=4, pin_memory=False), CPU, manifest, manifest,
+                       ARCHITECTURE) == fp, "loader speed settings must not invalidate checkpoints"
+    out, notices = attempt(other)
+    assert out is None and "other params or data" in notices[0]
+    out, notices = attempt(max_epoch=1)
+    assert out is None and "epoch" in notices[0]
+
+    meta = json.loads((ckpt / META).read_text())
+    blob = bytearray((ckpt / TENSORS).read_bytes())
+    blob[-1] ^= 0xFF
+    (ckpt / TENSORS).write_bytes(bytes(blob))
+    out, notices = attempt()
+    assert out is None and "SHA-256" in notices[0]
+
+    meta["history"] = meta["history"][:1]
+    (ckpt / META).write_text(json.dumps(meta))
+    out, notices = attempt()
+    assert out is None and "history" in notices[0]
+    (ckpt / META).write_text("{not json")
+    out, notices = attempt()
+    assert out is None and len(notices) == 1
+
+
+def test_model_folder_round_trip(split, tmp_path: Path) -> None:
+    manifest = validate_split(split[0], expected_split="train").manifest
+    torch.manual_seed(0)
+    model = SimpleCNN()
+    config = save_model(tmp_path / "models", model, manifest=manifest, train=TrainParams())
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [CONFIG, WEIGHTS]
+    on_disk = json.loads((tmp_path / "models" / CONFIG).read_text())
+    assert on_disk == config
+    assert on_disk["architecture"] == "SimpleCNN" and on_disk["parameters"] == 206_922
+    assert on_disk["normalization"] == {"kind": "unit", "mean": 0.0, "std": 1.0, "stats_from": "none"}
+    assert on_disk["dataset"] == "fashion-mnist" and len(on_disk["classes"]) == 10
+    loaded, _ = load_model(tmp_path / "models")
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(loaded(x), model(x))
