@@ -1,0 +1,206 @@
+"""``python -m stages.train`` end to end on tiny generated shards, as real processes.
+
+One baseline run (num_workers 0) is shared: the loader-settings run, the
+killed-and-resumed run must reproduce its results bit for bit.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cli import run_stage
+from stages.train import main
+from tests.test_trainer import make_split
+from trainer.export import load_model
+from trainer.run import MACHINE_METRICS, METRICS, PAUSE_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_METRICS = [m for m in METRICS if m not in MACHINE_METRICS]
+
+
+def write_params(path: Path, loader: dict | None = None, train: dict | None = None) -> Path:
+    doc = {"loader": {"batch_size": 64, **(loader or {})}, "train": {"epochs": 2, **(train or {})}}
+    path.write_text(json.dumps(doc))  # JSON is YAML
+    return path
+
+
+def train_argv(data: Path, work: Path, params: Path) -> list[str]:
+    return ["--params", str(params), "--train", str(data / "train"), "--test", str(data / "test"),
+            "--model", str(work / "models"), "--checkpoints", str(work / "checkpoints"), "--live", str(work / "dvclive")]
+
+
+def stage_cmd(data: Path, work: Path, params: Path) -> list[str]:
+    return [sys.executable, "-m", "stages.train", *train_argv(data, work, params)]
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1", **extra}
+    env.pop(PAUSE_ENV, None)
+    env.update(extra)
+    return env
+
+
+def run_train(data: Path, work: Path, params: Path) -> subprocess.CompletedProcess:
+    work.mkdir(parents=True, exist_ok=True)
+    # cwd outside any git repo: DVCLive would otherwise look for (or create) a DVC repo there.
+    return subprocess.run(stage_cmd(data, work, params), cwd=work, env=stage_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def history(work: Path) -> dict[str, list[tuple[int, float]]]:
+    out = {}
+    for name in METRICS:
+        rows = read_tsv(work / "dvclive" / "plots" / "metrics" / f"{name}.tsv")
+        out[name] = [(int(r["step"]), float(r[name])) for r in rows]
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    make_split(root / "train", 256, split="train", shard_size=100, seed=1)
+    make_split(root / "test", 128, split="test", shard_size=100, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def baseline(data: Path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    work = tmp_path_factory.mktemp("baseline")
+    res = run_train(data, work, write_params(work / "params.yaml", loader={"num_workers": 0}))
+    assert res.returncode == 0, res.stderr
+    return work, res
+
+
+def test_train_stage_end_to_end(baseline) -> None:
+    work, res = baseline
+    assert "Traceback" not in res.stderr
+    assert res.stderr.count("loader.pin_memory ignored") == 1  # params default true; CPU has nothing to pin for
+    summary = json.loads((work / "dvclive" / "metrics.json").read_text())
+    assert set(summary) == {*METRICS, "step"} and summary["step"] == 1
+    logged = history(work)
+    for name in METRICS:
+        assert [step for step, _ in logged[name]] == [0, 1], name
+        assert summary[name] == logged[name][-1][1]
+    assert 0 <= summary["test_acc"] <= 1 and summary["train_loss"] > 0 and summary["peak_memory_mb"] > 0
+    assert 0 <= summary["data_wait_fraction"] <= 1 and summary["samples_per_second"] > 0
+    assert sorted(p.name for p in (work / "models").iterdir()) == ["model.json", "model.safetensors"]
+    model, config = load_model(work / "models")
+    assert config["parameters"] == 206_922 and config["training"]["epochs"] == 2
+    assert not (work / "checkpoints").exists(), "a finished run leaves no checkpoint behind"
+    assert sorted(p.name for p in (work / "dvclive").iterdir()) == ["metrics.json", "plots"]
+
+
+@pytest.mark.slow
+def test_loader_settings_change_speed_never_results(data: Path, baseline, tmp_path: Path) -> None:
+    work0, _ = baseline
+    loader = {"num_workers": 2, "persistent_workers": True, "prefetch_factor": 3, "pin_memory": True}
+    res = run_train(data, tmp_path, write_params(tmp_path / "params.yaml", loader=loader))
+    assert res.returncode == 0, res.stderr
+    a, b = history(work0), history(tmp_path)
+    for name in MODEL_METRICS:
+        assert a[name] == b[name], name  # bit-identical floats, every epoch
+    assert (work0 / "models" / "model.safetensors").read_bytes() == (tmp_path / "models" / "model.safetensors").read_bytes()
+    assert (work0 / "models" / "model.json").read_bytes() == (tmp_path / "models" / "model.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(data: Path, baseline, tmp_path: Path) -> None:
+    work0, _ = baseline
+    params = write_params(tmp_path / "params.yaml", train={"checkpoint_every": 1})
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(stage_cmd(data, tmp_path, params), cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, env=stage_env(**{PAUSE_ENV: "2"}))
+    try:
+        deadline = time.monotonic() + 240
+        while "paused after epoch 2" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        # Epoch 2 is logged but the last checkpoint is epoch 1: the resumed logs must not keep both.
+        assert json.loads((tmp_path / "checkpoints" / "checkpoint.json").read_text())["epoch"] == 1
+        assert [s for s, _ in history(tmp_path)["train_loss"]] == [0, 1]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "models").exists()
+
+    res = subprocess.run(stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "resuming after epoch 1" in res.stderr
+    assert res.stdout.count("epoch 2/2") == 1 and "epoch 1/2" not in res.stdout
+    a, b = history(work0), history(tmp_path)
+    for name in METRICS:
+        assert [s for s, _ in b[name]] == [0, 1], name  # no step duplicated or missing
+    for name in MODEL_METRICS:
+        assert a[name] == b[name], name
+    summary = json.loads((tmp_path / "dvclive" / "metrics.json").read_text())
+    assert summary["step"] == 1 and summary["test_acc"] == a["test_acc"][-1][1]
+    assert (work0 / "models" / "model.safetensors").read_bytes() == (tmp_path / "models" / "model.safetensors").read_bytes()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+BAD_PARAMS = [
+    ({"loader": {"batch_size": 0}}, "loader.batch_size"),
+    ({"loader": {"num_workers": -1}}, "loader.num_workers"),
+    ({"loader": {"prefetch_factor": 0}}, "loader.prefetch_factor"),
+    ({"loader": {"pin_memory": "yes"}}, "loader.pin_memory"),
+    ({"loader": {"batchsize": 64}}, "loader.batchsize"),
+    ({"train": {"lr": "fast"}}, "train.lr"),
+    ({"train": {"lr": 0}}, "train.lr"),
+    ({"train": {"epochs": 0}}, "train.epochs"),
+    ({"train": {"verify": "maybe"}}, "train.verify"),
+    ({"train": {"checkpoint_every": -1}}, "train.checkpoint_every"),
+    ({"train": {"device": "tpu"}}, "train.device"),
+    ({"trian": {"epochs": 1}}, "trian"),
+]
+
+
+@pytest.mark.parametrize(("doc", "key"), BAD_PARAMS, ids=[k for _, k in BAD_PARAMS])
+def test_bad_params_are_refused_before_any_work(doc: dict, key: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps(doc))
+    # The data folders do not exist: the params error must come first.
+    with pytest.raises(SystemExit) as exc:
+        run_stage(main, train_argv(tmp_path / "no-data", tmp_path, params))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and key in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_without_a_device_is_refused(data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = write_params(tmp_path / "params.yaml", train={"device": "cuda"})
+    with pytest.raises(SystemExit) as exc:
+        run_stage(main, train_argv(data, tmp_path, params))
+    assert exc.value.code == 2 and "train.device" in capsys.readouterr().err
+
+
+def test_bad_params_exit_2_without_traceback_as_a_process(data: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("loader:\n  batch_size: 64\ntrain:\n  lr: fast\n")
+    res = run_train(data, tmp_path, params)
+    assert res.returncode == 2
+    assert "train.lr" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "models").exists() and not (tmp_path / "dvclive").exists()
