@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import stat
 import sys
 import time
 import urllib.error
@@ -99,10 +100,17 @@ def _http_get(url: str, limit: int, timeout: float, progress: bool, opener: urll
 def _read_folder(folder: Path, name: str, limit: int) -> bytes:
     path = folder / name
     try:
-        size = path.stat().st_size
-        if size > limit:
-            raise FetchError(f"{path} is {size} bytes, more than the largest valid file ({limit} bytes)")
-        return path.read_bytes()
+        st = path.stat()
+        # a FIFO would block forever, /dev/zero (or a file still growing) would be read without end
+        if not stat.S_ISREG(st.st_mode):
+            raise FetchError(f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise FetchError(f"{path} is {st.st_size} bytes, more than the largest valid file ({limit} bytes)")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise FetchError(f"{path} is more than the largest valid file ({limit} bytes)")
+        return data
     except FileNotFoundError:
         raise FetchError(f"{path} not found") from None
     except OSError as exc:
@@ -172,7 +180,7 @@ def fetch_file(file: IdxFile, sources: tuple[str, ...], *, timeout: float = 30.0
             verify(file, blob)
             return Fetched(blob, source)
         except FetchError as exc:
-            failures.append(f"  {source}: {exc}")
+            failures.append(f"  {source}: {' '.join(str(exc).splitlines())}")  # one line per source
     raise DownloadError(f"could not get {file.name} from any source:\n" + "\n".join(failures))
 
 
