@@ -192,6 +192,44 @@ def run_stage(stage: str, *args: str | os.PathLike, cwd: Path, extra_path: list[
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_stage_measured(stage: str, *args: str | os.PathLike, cwd: Path, timeout: float = 120,
+                       ) -> tuple[subprocess.CompletedProcess, int]:
+    """Like :func:`run_stage`, also returning the child's peak resident memory in bytes (Linux)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               PYTHONDONTWRITEBYTECODE="1")
+    argv = [sys.executable, "-m", f"stages.{stage}", *map(str, args)]
+    with open(cwd / ".stdout", "w+") as out, open(cwd / ".stderr", "w+") as err:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(argv, proc.returncode, out.read(), err.read())
+    (cwd / ".stdout").unlink()
+    (cwd / ".stderr").unlink()
+    return result, usage.ru_maxrss * 1024
+
+
+def write_wide_header(path: Path, columns: int, data_rows: int = 1) -> Path:
+    """A CSV whose header has ``columns`` names (``label,x,x,...``), written in chunks, plus a few rows."""
+    with open(path, "wb") as f:
+        f.write(b"label")
+        left = columns - 1
+        block = b",x" * (1 << 20)
+        while left:
+            k = min(left, 1 << 20)
+            f.write(block[: 2 * k])
+            left -= k
+        f.write(b"\n")
+        for _ in range(data_rows):
+            f.write((row_line(1) + "\n").encode())
+    return path
+
+
 def leftovers(folder: Path) -> list[str]:
     """Every path under ``folder`` (relative), to assert nothing half-written stayed behind."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []

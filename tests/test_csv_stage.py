@@ -1,0 +1,332 @@
+"""The `csv` stage: IDX -> Kaggle-layout CSV, and the user's own CSV made canonical."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import synth
+
+from pipeline import csvdata
+from pipeline.csvdata import idx_to_csv, import_user_csv
+from pipeline.errors import DataError
+from pipeline.idx import encode_idx
+from pipeline.tabular import HEADER_LINE
+
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def train() -> synth.Split:
+    return synth.split(150, seed=5)
+
+
+def write_gz(path: Path, array: np.ndarray) -> Path:
+    path.write_bytes(synth.gz(encode_idx(array), level=1))
+    return path
+
+
+def assert_no_output(out: Path) -> None:
+    assert not out.exists()
+    assert synth.leftovers(out.parent) == [], "temporary left behind"
+
+
+# ============================================================================ IDX -> CSV
+
+def test_idx_to_csv_exact_content(train, tmp_path):
+    img = write_gz(tmp_path / "img.gz", train.images)
+    lbl = write_gz(tmp_path / "lbl.gz", train.labels)
+    out = tmp_path / "csv" / "train.csv"
+    assert idx_to_csv(img, lbl, out) == 150
+    data = out.read_bytes()
+    assert data.startswith(HEADER_LINE)
+    assert b"\r" not in data
+    assert data == synth.csv_bytes(train)  # label first, then pixel1..pixel784 in C order
+    assert synth.leftovers(out.parent) == ["train.csv"]
+
+
+def test_idx_to_csv_values_parse_back(train, tmp_path):
+    out = tmp_path / "t.csv"
+    idx_to_csv(write_gz(tmp_path / "i.gz", train.images), write_gz(tmp_path / "l.gz", train.labels), out)
+    table = np.loadtxt(out, delimiter=",", skiprows=1, dtype=np.int64)
+    np.testing.assert_array_equal(table[:, 0], train.labels)
+    np.testing.assert_array_equal(table[:, 1:], train.pixels)
+
+
+@pytest.mark.parametrize(
+    "images, labels, fragment",
+    [
+        (np.zeros((4, 27, 27), np.uint8), np.zeros(4, np.uint8), "expected uint8 images [n, 28, 28], found uint8 [4, 27, 27]"),
+        (np.zeros((4, 784), np.uint8), np.zeros(4, np.uint8), "expected uint8 images [n, 28, 28], found uint8 [4, 784]"),
+        (np.zeros((4, 28, 28), ">i2"), np.zeros(4, np.uint8), "expected uint8 images [n, 28, 28], found int16 [4, 28, 28]"),
+        (np.zeros((4, 28, 28), np.uint8), np.zeros((4, 1), np.uint8), "expected uint8 labels [n], found uint8 [4, 1]"),
+        (np.zeros((4, 28, 28), np.uint8), np.zeros(4, ">f4"), "expected uint8 labels [n], found float32 [4]"),
+        (np.zeros((4, 28, 28), np.uint8), np.zeros(5, np.uint8), "has 4 images but"),
+    ],
+    ids=["27x27", "flat", "int16", "labels-2d", "labels-float", "count-mismatch"],
+)
+def test_idx_to_csv_refuses_wrong_arrays(tmp_path, images, labels, fragment):
+    img = write_gz(tmp_path / "img.gz", images)
+    lbl = write_gz(tmp_path / "lbl.gz", labels)
+    out = tmp_path / "out" / "train.csv"
+    with pytest.raises(DataError) as err:
+        idx_to_csv(img, lbl, out)
+    assert fragment in str(err.value)
+    assert str(tmp_path) in str(err.value)
+    assert_no_output(out)
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (None, "cannot read gzip IDX file"),  # missing file
+        (b"not gzip at all", "cannot read gzip IDX file"),
+        (synth.gz(b"\x00\x00\x08\x01\x00\x00\x00\x05ab"), "IDX shape [5] of uint8 needs 13 bytes, found 10"),
+        (synth.gz(encode_idx(np.zeros((2, 28, 28), np.uint8)))[:-20], "cannot read gzip IDX file"),
+    ],
+    ids=["missing", "not-gzip", "bad-idx", "cut-gzip"],
+)
+def test_idx_to_csv_refuses_unreadable_files(train, tmp_path, content, fragment):
+    img = tmp_path / "img.gz"
+    if content is not None:
+        img.write_bytes(content)
+    lbl = write_gz(tmp_path / "lbl.gz", train.labels)
+    out = tmp_path / "out" / "train.csv"
+    with pytest.raises(DataError) as err:
+        idx_to_csv(img, lbl, out)
+    assert str(err.value).startswith(f"{img}: ")
+    assert fragment in str(err.value)
+    assert_no_output(out)
+
+
+# ============================================================================ user CSV import
+
+@pytest.mark.parametrize(
+    "variant",
+    [dict(), dict(zero_based=True), dict(newline="\r\n"), dict(bom=True),
+     dict(zero_based=True, newline="\r\n", bom=True)],
+    ids=["canonical", "pixel0..783", "crlf", "bom", "all-three"],
+)
+def test_import_makes_canonical(train, tmp_path, variant):
+    src = synth.write_csv(tmp_path / "user.csv", train, **variant)
+    out = tmp_path / "csv" / "train.csv"
+    import_user_csv(src, out)
+    assert out.read_bytes() == synth.csv_bytes(train)  # label,pixel1..pixel784 + LF + no BOM
+    assert synth.leftovers(out.parent) == ["train.csv"]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 4096])
+def test_crlf_split_across_copy_blocks(train, tmp_path, monkeypatch, chunk):
+    """A CR at the end of one block and its LF at the start of the next still become one LF."""
+    monkeypatch.setattr(csvdata, "COPY_CHUNK", chunk)
+    small = synth.Split(train.images[:3], train.labels[:3])
+    src = synth.write_csv(tmp_path / "u.csv", small, newline="\r\n")
+    import_user_csv(src, tmp_path / "o.csv")
+    assert (tmp_path / "o.csv").read_bytes() == synth.csv_bytes(small)
+
+
+def test_import_keeps_a_missing_final_newline_and_lone_final_cr(train, tmp_path):
+    small = synth.Split(train.images[:2], train.labels[:2])
+    body = synth.csv_bytes(small).rstrip(b"\n")
+    (tmp_path / "a.csv").write_bytes(body)
+    import_user_csv(tmp_path / "a.csv", tmp_path / "a.out")
+    assert (tmp_path / "a.out").read_bytes() == body
+    (tmp_path / "b.csv").write_bytes(body.replace(b"\n", b"\r\n") + b"\r")
+    import_user_csv(tmp_path / "b.csv", tmp_path / "b.out")
+    assert (tmp_path / "b.out").read_bytes() == body + b"\n"
+
+
+def test_import_accepts_quoted_and_spaced_header_names(train, tmp_path):
+    small = synth.Split(train.images[:2], train.labels[:2])
+    data = synth.csv_bytes(small)
+    head, rest = data.split(b"\n", 1)
+    head = b",".join(b'"%s"' % n if i % 2 else b" %s " % n for i, n in enumerate(head.split(b",")))
+    (tmp_path / "u.csv").write_bytes(head + b"\n" + rest)
+    import_user_csv(tmp_path / "u.csv", tmp_path / "o.csv")
+    assert (tmp_path / "o.csv").read_bytes() == data
+
+
+def test_import_leaves_values_for_the_parquet_stage(tmp_path):
+    """Values are not checked here (the Parquet stage reads every cell); the copy is verbatim."""
+    body = HEADER_LINE + (synth.row_line(1, [256] * 784) + "\n").encode()
+    (tmp_path / "u.csv").write_bytes(body)
+    import_user_csv(tmp_path / "u.csv", tmp_path / "o.csv")
+    assert (tmp_path / "o.csv").read_bytes() == body
+
+
+def _header_error(tmp_path: Path, content: bytes | None, *, directory: bool = False) -> tuple[str, Path, Path]:
+    src = tmp_path / "user" / "train.csv"
+    if directory:
+        src.mkdir(parents=True)
+    elif content is not None:
+        src.parent.mkdir(parents=True)
+        src.write_bytes(content)
+    out = tmp_path / "csv" / "train.csv"
+    with pytest.raises(DataError) as err:
+        import_user_csv(src, out)
+    assert_no_output(out)
+    return str(err.value), src, out
+
+
+def test_import_missing_file(tmp_path):
+    msg, src, _ = _header_error(tmp_path, None)
+    assert msg == f"{src}: file not found (data.dataset is csv; set data.train_csv / data.test_csv)"
+
+
+def test_import_directory(tmp_path):
+    msg, src, _ = _header_error(tmp_path, None, directory=True)
+    assert msg == f"{src}: expected a CSV file, found a directory or special file"
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"\r\n", b"\xef\xbb\xbf", b"\xef\xbb\xbf\r\n", b"   \n"],
+                         ids=["empty", "lf", "crlf", "bom-only", "bom-crlf", "spaces"])
+def test_import_empty_file(tmp_path, content):
+    msg, src, _ = _header_error(tmp_path, content)
+    assert msg == f"{src}: file is empty; expected a header line label,pixel1..pixel784"
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        (b"label,pixel1,pixel2\n", "row 1 (header): expected 785 columns (label,pixel1..pixel784), found 3"),
+        (HEADER_LINE.replace(b"pixel5,", b"pixel5x,"), "row 1 (header), column 6: expected 'pixel5', found 'pixel5x'"),
+        (HEADER_LINE.replace(b"label,", b"class,"), "row 1 (header), column 1: expected 'label', found 'class'"),
+        (HEADER_LINE.replace(b"pixel784", b"pixel785"), "row 1 (header), column 785: expected 'pixel784', found 'pixel785'"),
+        (b"label," + b",".join(b"pixel%d" % i for i in range(784)) + b",pixel784\n",
+         "row 1 (header): expected 785 columns (label,pixel1..pixel784), found 786"),
+        (b"1," + b",".join([b"0"] * 784) + b"\n", "row 1 (header), column 1: expected 'label', found '1'"),
+    ],
+    ids=["3-columns", "name", "label-name", "last-name", "786-columns", "no-header"],
+)
+def test_import_wrong_header(tmp_path, header, expected):
+    msg, src, _ = _header_error(tmp_path, header + b"1" + b",0" * 784 + b"\n")
+    assert msg == f"{src}: {expected}"
+
+
+def test_import_header_with_10_million_columns_fails_fast_in_bounded_memory(tmp_path):
+    src = synth.write_wide_header(tmp_path / "wide.csv", 10_000_000)
+    assert src.stat().st_size > 19 * MB
+    out = tmp_path / "csv" / "train.csv"
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(DataError) as err:
+            import_user_csv(src, out)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - start < 2
+    assert peak < 2 * MB
+    assert str(err.value) == (f"{src}: row 1 (header) is longer than 65536 bytes; "
+                              "expected 785 columns label,pixel1..pixel784")
+    assert_no_output(out)
+
+
+def test_import_failure_keeps_previous_output(train, tmp_path):
+    out = tmp_path / "o.csv"
+    out.write_bytes(b"previous complete output")
+    (tmp_path / "bad.csv").write_bytes(b"a,b\n1,2\n")
+    with pytest.raises(DataError):
+        import_user_csv(tmp_path / "bad.csv", out)
+    assert out.read_bytes() == b"previous complete output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "o.csv"]
+
+
+# ============================================================================ the stage, as a process
+
+def test_stage_idx_mode(tmp_path):
+    ds = synth.dataset(n_train=150, n_test=60, seed=8)
+    raw = ds.write_folder(tmp_path / "data" / "raw")
+    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "fashion-mnist"})
+    proc = synth.run_stage("csv", "--params", params, "--raw", raw, "--train", "data/csv/train.csv",
+                           "--test", "data/csv/test.csv", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "data/csv/train.csv").read_bytes() == synth.csv_bytes(ds.train)
+    assert (tmp_path / "data/csv/test.csv").read_bytes() == synth.csv_bytes(ds.test)
+    assert "csv: train: 150 rows" in proc.stdout and "csv: test: 60 rows" in proc.stdout
+
+
+def test_stage_idx_mode_missing_raw_files(tmp_path):
+    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "mnist"})
+    (tmp_path / "raw").mkdir()
+    proc = synth.run_stage("csv", "--params", params, "--raw", "raw", "--train", "out/train.csv",
+                           "--test", "out/test.csv", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: raw/train-images-idx3-ubyte.gz: cannot read gzip IDX file")
+    assert synth.leftovers(tmp_path / "out") == []
+
+
+def test_stage_user_csv_mode(tmp_path):
+    tr, te = synth.split(120, seed=1), synth.split(30, seed=2)
+    synth.write_csv(tmp_path / "user" / "train.csv", tr, zero_based=True, newline="\r\n", bom=True)
+    synth.write_csv(tmp_path / "user" / "test.csv", te)
+    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": "user/train.csv",
+                                                           "test_csv": str(tmp_path / "user" / "test.csv")})
+    proc = synth.run_stage("csv", "--params", params, "--raw", "nonexistent", "--train", "out/train.csv",
+                           "--test", "out/test.csv", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out/train.csv").read_bytes() == synth.csv_bytes(tr)
+    assert (tmp_path / "out/test.csv").read_bytes() == synth.csv_bytes(te)
+
+
+@pytest.mark.parametrize("problem", ["directory", "missing", "empty", "wrong-header"])
+def test_stage_user_csv_errors(tmp_path, problem):
+    user = tmp_path / "user"
+    user.mkdir()
+    train = user / "train.csv"
+    if problem == "directory":
+        train.mkdir()
+        expected = f"error: {train}: expected a CSV file, found a directory or special file\n"
+    elif problem == "missing":
+        expected = f"error: {train}: file not found (data.dataset is csv; set data.train_csv / data.test_csv)\n"
+    elif problem == "empty":
+        train.write_bytes(b"")
+        expected = f"error: {train}: file is empty; expected a header line label,pixel1..pixel784\n"
+    else:
+        train.write_bytes(b"label,a,b\n1,2,3\n")
+        expected = f"error: {train}: row 1 (header): expected 785 columns (label,pixel1..pixel784), found 3\n"
+    synth.write_csv(user / "test.csv", synth.split(10))
+    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": str(train),
+                                                           "test_csv": str(user / "test.csv")})
+    proc = synth.run_stage("csv", "--params", params, "--raw", "raw", "--train", "out/train.csv",
+                           "--test", "out/test.csv", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == expected
+    assert proc.stdout == ""
+    assert synth.leftovers(tmp_path / "out") == []
+
+
+def test_stage_bad_test_csv_leaves_no_test_output(tmp_path):
+    user = tmp_path / "user"
+    synth.write_csv(user / "train.csv", synth.split(10))
+    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": str(user / "train.csv"),
+                                                           "test_csv": str(user / "nope.csv")})
+    proc = synth.run_stage("csv", "--params", params, "--raw", "raw", "--train", "out/train.csv",
+                           "--test", "out/test.csv", cwd=tmp_path)
+    assert proc.returncode == 2 and f"{user / 'nope.csv'}: file not found" in proc.stderr
+    assert not (tmp_path / "out" / "test.csv").exists()
+    assert synth.leftovers(tmp_path / "out") in ([], ["train.csv"])  # at most the complete train file
+
+
+def test_stage_10_million_column_header_bounded_memory(tmp_path):
+    src = synth.write_wide_header(tmp_path / "wide.csv", 10_000_000)
+    synth.write_csv(tmp_path / "test.csv", synth.split(5))
+    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": str(src),
+                                                           "test_csv": str(tmp_path / "test.csv")})
+    start = time.monotonic()
+    proc, peak = synth.run_stage_measured("csv", "--params", params, "--raw", "raw", "--train", "out/train.csv",
+                                          "--test", "out/test.csv", cwd=tmp_path)
+    assert time.monotonic() - start < 20
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"error: {src}: row 1 (header) is longer than 65536 bytes; "
+                           "expected 785 columns label,pixel1..pixel784\n")
+    assert peak < 400 * MB, f"peak RSS {peak / MB:.0f} MB"
+    assert synth.leftovers(tmp_path / "out") == []
+
+
+def test_stage_help():
+    proc = synth.run_stage("csv", "--help", cwd=synth.REPO)
+    assert proc.returncode == 0 and "--raw" in proc.stdout and "--train" in proc.stdout
