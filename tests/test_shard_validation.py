@@ -29,6 +29,7 @@ from pipeline.errors import ShardError
 from stages.train import main
 from tests.test_trainer import make_split
 from trainer.data import ShardDataset
+from trainer.loader import unwrap_worker_error
 from trainer.verify import check_compatible, validate_split
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,3 +258,15 @@ def test_train_stage_process_refuses_a_tampered_shard_with_verify_full(tmp_path:
     assert res.returncode == 2, res.stderr
     assert "SHA-256" in res.stderr and SHARD in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "models").exists() and not (tmp_path / "dvclive").exists()
+
+
+def test_shard_replaced_under_a_worker_is_reported_without_the_worker_traceback(split: Path) -> None:
+    dataset = ShardDataset(validate_split(split, expected_split="train"))
+    put_shard(split, original(split)[:-8], fix_manifest=False)
+    loader = torch.utils.data.DataLoader(dataset, sampler=[torch.tensor([0, 1])], batch_size=None, num_workers=1)
+    with pytest.raises(ShardError) as exc:
+        next(iter(loader))
+    assert "Traceback" in str(exc.value)  # what DataLoader makes of a worker's exception
+    clean = unwrap_worker_error(exc.value)
+    assert isinstance(clean, ShardError) and "Traceback" not in str(clean)
+    assert str(clean).startswith(f"{split / SHARD}: shard changed after it was validated (size ")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline.errors import PipelineError
 from pipeline.params import LoaderParams
 
 
@@ -81,6 +82,15 @@ def resolve_settings(params: LoaderParams, device: torch.device, notice: Callabl
         notice(f"notice: loader.pin_memory ignored: the model runs on {device.type}, not an accelerator")
         pin = False
     return LoaderSettings(params.batch_size, params.shuffle, params.num_workers, persistent, pin, prefetch)
+
+
+def unwrap_worker_error(exc: PipelineError) -> PipelineError:
+    """A project error raised in a worker, without the worker traceback DataLoader wraps it in."""
+    text = str(exc)
+    marker = f"{type(exc).__name__}: "
+    if text.startswith(f"Caught {type(exc).__name__} in DataLoader worker") and marker in text:
+        return type(exc)(text.rsplit(marker, 1)[1].strip())
+    return exc
 
 
 def make_loader(dataset: Dataset, sampler: EpochBatchSampler, settings: LoaderSettings) -> DataLoader:

@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 from dvclive import Live
 
-from pipeline.errors import ParamsError
+from pipeline.errors import ParamsError, PipelineError
 from pipeline.params import LoaderParams, TrainParams
 from trainer.checkpoint import fingerprint, load_checkpoint, remove_checkpoint, save_checkpoint
 from trainer.data import ShardDataset
 from trainer.export import save_model
-from trainer.loader import EpochBatchSampler, make_loader, resolve_settings
+from trainer.loader import EpochBatchSampler, make_loader, resolve_settings, unwrap_worker_error
 from trainer.loop import evaluate, train_one_epoch
 from trainer.memory import PeakMemory
 from trainer.model import ARCHITECTURE, SimpleCNN
@@ -76,6 +76,15 @@ def _log(live: Live, entry: dict[str, float]) -> None:
     for name in METRICS:
         live.log_metric(name, entry[name])
     live.next_step()
+
+
+def _report(epoch: int, epochs: int, m: dict[str, float]) -> None:
+    print(
+        f"epoch {epoch}/{epochs}: train_loss {m['train_loss']:.4f}  test_loss {m['test_loss']:.4f}  "
+        f"test_acc {m['test_acc']:.4f}  {m['epoch_seconds']:.2f} s  {m['samples_per_second']:.0f} samples/s  "
+        f"data wait {m['data_wait_fraction']:.1%}  peak {m['peak_memory_mb']:.0f} MB",
+        flush=True,
+    )
 
 
 def fit(
@@ -124,48 +133,47 @@ def fit(
         _log(live, entry)
 
     memory = PeakMemory(device)
-    for epoch in range(len(history), train.epochs):
-        train_sampler.set_epoch(epoch)
-        memory.reset()
-        stats = train_one_epoch(
-            model,
-            train_loader,
-            optimizer,
-            device,
-            non_blocking=non_blocking,
-            free_graph=train.free_graph,
-            description=f"epoch {epoch + 1}/{train.epochs}",
-        )
-        result = evaluate(model, test_loader, device, non_blocking=non_blocking)
-        entry = {
-            "train_loss": stats.loss,
-            "test_loss": result.loss,
-            "test_acc": result.accuracy,
-            "epoch_seconds": stats.seconds,
-            "samples_per_second": stats.samples_per_second,
-            "data_wait_fraction": stats.data_wait_fraction,
-            "peak_memory_mb": memory.peak_mb(),
-        }
-        history.append(entry)
-        _log(live, entry)
-        print(
-            f"epoch {epoch + 1}/{train.epochs}: train_loss {entry['train_loss']:.4f}  test_loss {entry['test_loss']:.4f}  "
-            f"test_acc {entry['test_acc']:.4f}  {entry['epoch_seconds']:.2f} s  {entry['samples_per_second']:.0f} samples/s  "
-            f"data wait {entry['data_wait_fraction']:.1%}  peak {entry['peak_memory_mb']:.0f} MB",
-            flush=True,
-        )
-        done = epoch + 1
-        if train.checkpoint_every and done % train.checkpoint_every == 0 and done < train.epochs:
-            save_checkpoint(
-                checkpoint_dir,
-                model=model,
-                optimizer=optimizer,
-                device=device,
-                epoch=done,
-                run_fingerprint=run_fingerprint,
-                history=history,
+    try:
+        for epoch in range(len(history), train.epochs):
+            train_sampler.set_epoch(epoch)
+            memory.reset()
+            stats = train_one_epoch(
+                model,
+                train_loader,
+                optimizer,
+                device,
+                non_blocking=non_blocking,
+                free_graph=train.free_graph,
+                description=f"epoch {epoch + 1}/{train.epochs}",
             )
-        _pause_for_tests(done)
+            result = evaluate(model, test_loader, device, non_blocking=non_blocking)
+            entry = {
+                "train_loss": stats.loss,
+                "test_loss": result.loss,
+                "test_acc": result.accuracy,
+                "epoch_seconds": stats.seconds,
+                "samples_per_second": stats.samples_per_second,
+                "data_wait_fraction": stats.data_wait_fraction,
+                "peak_memory_mb": memory.peak_mb(),
+            }
+            history.append(entry)
+            _log(live, entry)
+            _report(epoch + 1, train.epochs, entry)
+            done = epoch + 1
+            if train.checkpoint_every and done % train.checkpoint_every == 0 and done < train.epochs:
+                save_checkpoint(
+                    checkpoint_dir,
+                    model=model,
+                    optimizer=optimizer,
+                    device=device,
+                    epoch=done,
+                    run_fingerprint=run_fingerprint,
+                    history=history,
+                )
+            _pause_for_tests(done)
+    except PipelineError as exc:
+        # A shard replaced mid-run is detected in the worker that maps it.
+        raise unwrap_worker_error(exc) from None
 
     save_model(model_dir, model, manifest=train_split.manifest, train=train)
     live.end()
