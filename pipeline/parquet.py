@@ -46,7 +46,10 @@ def csv_to_parquet(csv_path: Path, out_path: Path, *, compression: str, compress
         raise DataError(f"{csv_path}: file is empty; expected a header line label,pixel1..pixel{NUM_PIXELS}")
     check_header(header, str(csv_path))
     label = pl.col("label")
-    query = pl.scan_csv(csv_path, schema={c: _READ_DTYPE for c in HEADER}, has_header=True).select(
+    # The header was checked above (it may be Kaggle's pixel0..pixel783, quoted, or carry a BOM);
+    # Polars reads the values only, by position.
+    query = pl.scan_csv(csv_path, schema={c: _READ_DTYPE for c in HEADER}, has_header=False,
+                        skip_lines=1).select(
         pl.when(label.is_between(0, 9)).then(label).otherwise(-1).alias("label"),
         pl.exclude("label").fill_null(-1),
     ).select(pl.all().cast(pl.UInt8, strict=True))
