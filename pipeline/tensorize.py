@@ -7,6 +7,7 @@ place, so a killed run never leaves a folder whose manifest and shards disagree.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -56,6 +57,10 @@ def iter_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.n
     rows = check_parquet_schema(path)
     for start in range(0, rows, chunk_rows):
         df = pl.scan_parquet(path).slice(start, chunk_rows).collect()
+        for name, nulls in zip(df.columns, df.null_count().row(0)):
+            if nulls:  # to_numpy would turn them into NaN and then silently into 0
+                row = start + int(df.get_column(name).is_null().arg_max())
+                raise DataError(f"{path}: row {row + 1}, column {name!r}: expected a UInt8 value, found null")
         labels = df.get_column("label").to_numpy()
         pixels = df.select(PIXEL_COLUMNS).to_numpy()
         if labels.max(initial=0) >= NUM_CLASSES:
@@ -81,6 +86,19 @@ def _rechunk(chunks: Iterable[tuple[np.ndarray, np.ndarray]], size: int) -> Iter
         yield np.concatenate(buf_p), np.concatenate(buf_l)
 
 
+def _canonical_header(blob: bytes) -> bytes:
+    """Re-emit a safetensors header with sorted keys (same length, same offsets).
+
+    safetensors writes ``__metadata__`` in hash-map order, so the same samples gave
+    different shard bytes (and SHA-256s, and DVC hashes) from one run to the next.
+    """
+    n = int.from_bytes(blob[:8], "little")
+    text = json.dumps(json.loads(blob[8 : 8 + n]), separators=(",", ":"), sort_keys=True).encode()
+    if len(text) > n:  # only if escaping grew it (non-ASCII metadata): keep safetensors' bytes
+        return blob
+    return blob[:8] + text.ljust(n) + blob[8 + n :]
+
+
 def write_split(
     chunks: Iterable[tuple[np.ndarray, np.ndarray]],
     out_dir: Path | str,
@@ -98,7 +116,7 @@ def write_split(
                 "images": normalize(pixels, normalization),
                 "labels": labels.astype(np.int64),
             }
-            blob = safetensors.numpy.save(tensors, metadata={"dataset": dataset, "split": split})
+            blob = _canonical_header(safetensors.numpy.save(tensors, metadata={"dataset": dataset, "split": split}))
             name = SHARD_PATTERN.format(index)
             (tmp / name).write_bytes(blob)
             entries.append(ShardEntry(name, len(labels), len(blob), hashlib.sha256(blob).hexdigest()))
