@@ -12,6 +12,7 @@ a float here exactly as it is in ``dvc exp show``.
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from ruamel.yaml.error import YAMLError
 from pipeline.errors import ParamsError
 
 DEFAULT_PARAMS = Path("params.yaml")
+MAX_SEED = 2**63 - 1
 
 T = TypeVar("T")
 
@@ -107,6 +109,8 @@ class TrainParams:
     def check(self, where: str) -> None:
         _at_least(where, "train.epochs", self.epochs, 1)
         _at_least(where, "train.seed", self.seed, 0)
+        if self.seed > MAX_SEED:  # torch.manual_seed overflows past 2**64 - 1; keep it in int64
+            raise ParamsError(f"{where}: train.seed: expected an integer 0..{MAX_SEED}, found {_show(self.seed)}")
         _at_least(where, "train.checkpoint_every", self.checkpoint_every, 0)
         if not (self.lr > 0 and self.lr < float("inf")):
             raise ParamsError(f"{where}: train.lr: expected a positive finite number, found {self.lr}")
@@ -122,7 +126,16 @@ SECTIONS: dict[str, type] = {
 
 def _at_least(where: str, key: str, value: int, low: int) -> None:
     if value < low:
-        raise ParamsError(f"{where}: {key}: expected an integer >= {low}, found {value}")
+        raise ParamsError(f"{where}: {key}: expected an integer >= {low}, found {_show(value)}")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
+
+
+def _show(value: Any) -> str:
+    """repr() bounded in size: YAML aliases can build a "billion laughs" value whose full repr never ends."""
+    return _REPR.repr(value)
 
 
 def _type_name(tp: Any) -> str:
@@ -191,7 +204,7 @@ def parse_section(cls: type[T], section: str, values: Any, where: str = "params.
     for key, value in values.items():
         ok, converted = _coerce(hints[key], value)
         if not ok:
-            raise ParamsError(f"{where}: {section}.{key}: expected {_type_name(hints[key])}, found {value!r}")
+            raise ParamsError(f"{where}: {section}.{key}: expected {_type_name(hints[key])}, found {_show(value)}")
         kwargs[key] = converted
     obj = cls(**kwargs)
     obj.check(where)  # type: ignore[attr-defined]
@@ -209,7 +222,7 @@ def read_params_file(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
         raise ParamsError(f"{path}: cannot read params file: {exc}") from None
     try:
         doc = YAML(typ="safe", pure=True).load(text)
-    except YAMLError as exc:
+    except (YAMLError, ValueError, RecursionError) as exc:  # ValueError: ints over 4300 digits; deep nesting
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     if doc is None:
         doc = {}
