@@ -1,0 +1,81 @@
+"""Render benchmark results as a Markdown table and a bar chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.atomic import atomic_file
+
+
+def render_markdown(r: dict) -> str:
+    m, fl, g = r["machine"], r["floors"], r["goals"]
+    lines = [
+        "# Loader benchmark",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m.get('gpu', m['device'])}. "
+        f"Each time is the minimum of {r['settings']['repeats']} epochs, per 60,000 samples"
+        + (" (quick run: scaled from fewer samples)." if r["settings"]["quick"] else "."),
+        "",
+        "| row | loader_epoch_s | train_epoch_s | speedup_vs_naive | data_wait_fraction | note |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for row in r["rows"]:
+        note = row["note"] + (f" (scaled from {row['samples_measured']} samples)" if row["scaled"] else "")
+        lines.append(f"| {row['name']} | {row['loader_epoch_s']:.3f} | {row['train_epoch_s']:.2f} | "
+                     f"{row['speedup_vs_naive']:.1f}x | {row['data_wait_fraction']:.3f} | {note} |")
+    lines += [
+        "",
+        f"Floors: memcpy of one epoch's images {fl['memcpy_epoch_s']:.4f} s; compute (forward+backward+step "
+        f"on resident batches) {fl['compute_epoch_s']:.2f} s.",
+        "",
+        "| goal | measured | target |",
+        "|---|---:|---:|",
+        f"| default train epoch / compute floor | {g['default_train_over_compute']:.3f} | <= 1.05 |",
+        f"| default loader epoch / memcpy floor | {g['default_loader_over_memcpy']:.2f} | <= 4 |",
+        f"| naive / default loader epoch | {g['naive_over_default_loader']:.0f}x | >= 39x |",
+        "",
+        "## Memory: loader process tree (peak over one epoch, MiB)",
+        "",
+        "Each line runs in a fresh interpreter; baseline is the main process after imports, before the dataset.",
+        "",
+        "| loader | processes | baseline USS | peak USS (sum) | peak PSS (sum) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, v in r["memory"]["loader_process_tree"].items():
+        lines.append(f"| {name} | {v['processes']} | {v['baseline_uss_mb']} | {v['peak_uss_mb']} | "
+                     f"{v['peak_pss_mb']} |")
+    lines += ["", "## Memory: training-loop habits (peak above the start of the loop, MiB)", "",
+              "| habit | peak | measured as |", "|---|---:|---|"]
+    for name, v in r["memory"]["training_habits"].items():
+        lines.append(f"| {v['what']} | {v['peak_above_start_mb']} | {v['measure']} |")
+    lines += ["", "## Disk (bytes)", "", "| form | bytes | MB |", "|---|---:|---:|"]
+    for name, size in r["disk"].items():
+        lines.append(f"| {name} | {size if size is not None else 'n/a'} | "
+                     f"{f'{size / 1e6:.1f}' if size is not None else 'n/a'} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = r["rows"]
+    names = [x["name"] for x in rows]
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    y = range(len(rows))
+    ax.barh([i + 0.2 for i in y], [x["loader_epoch_s"] for x in rows], height=0.4, label="loader epoch (s)")
+    ax.barh([i - 0.2 for i in y], [x["train_epoch_s"] for x in rows], height=0.4, label="train epoch (s)")
+    ax.axvline(r["floors"]["compute_epoch_s"], color="k", ls="--", lw=1, label="compute floor")
+    ax.set_xscale("log")
+    ax.set_yticks(list(y), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds per 60,000-sample epoch (log scale)")
+    m = r["machine"]
+    ax.set_title(f"Loader ablation on {m.get('gpu', m['cpu'])} ({m['cores']} cores)", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
