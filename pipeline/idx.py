@@ -52,7 +52,10 @@ def parse_idx_header(data: bytes, where: str = "<idx>") -> tuple[np.dtype, tuple
 def decode_idx(data: bytes, where: str = "<idx>") -> np.ndarray:
     """Decode IDX bytes into an array in native byte order (a zero-copy view for uint8)."""
     dtype, shape, offset = parse_idx_header(data, where)
-    array = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+    try:
+        array = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+    except ValueError as exc:  # e.g. [0, 2**32-1, 2**32-1]: zero bytes, but more elements than numpy can index
+        raise DataError(f"{where}: IDX shape {list(shape)} cannot be represented: {exc}") from None
     if dtype.itemsize > 1:
         array = array.astype(dtype.newbyteorder("="))
     return array

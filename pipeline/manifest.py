@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def parse_manifest(text: str, where: str) -> Manifest:
     """Parse and check a manifest's structure; shards themselves are checked by the reader."""
     try:
         doc = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ShardError(f"{where}: not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ShardError(f"{where}: expected a JSON object, found {type(doc).__name__}")
@@ -82,14 +83,20 @@ def parse_manifest(text: str, where: str) -> Manifest:
         raise ShardError(f"{where}: unknown key {extra[0]!r}")
     norm = _need(doc, "normalization", dict, where)
     nw = f"{where}: normalization"
+    try:
+        mean = float(_need(norm, "mean", (int, float), nw))
+        std = float(_need(norm, "std", (int, float), nw))
+    except OverflowError:  # an integer too large for a float
+        raise ShardError(f"{nw}: mean and std must be finite numbers, found {norm!r:.120}") from None
     normalization = Normalization(
         kind=_need(norm, "kind", str, nw),
-        mean=float(_need(norm, "mean", (int, float), nw)),
-        std=float(_need(norm, "std", (int, float), nw)),
+        mean=mean,
+        std=std,
         stats_from=_need(norm, "stats_from", str, nw),
     )
-    if normalization.kind not in ("unit", "standard") or not normalization.std > 0:
-        raise ShardError(f"{nw}: expected kind unit|standard and std > 0, found {norm!r:.120}")
+    if (normalization.kind not in ("unit", "standard") or not normalization.std > 0
+            or not math.isfinite(mean) or not math.isfinite(std)):
+        raise ShardError(f"{nw}: expected kind unit|standard, finite mean and std > 0, found {norm!r:.120}")
     shards = []
     names = set()
     for i, entry in enumerate(_need(doc, "shards", list, where)):

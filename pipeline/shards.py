@@ -119,7 +119,7 @@ def parse_header(prefix: bytes, file_size: int, where: str = "<shard>") -> Shard
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise ShardError(f"{where}: tensor {name!r}: expected keys dtype, shape, data_offsets, found {info!r:.200}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ShardError(f"{where}: tensor {name!r}: unsupported dtype {dtype!r:.50}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 8:
             raise ShardError(f"{where}: tensor {name!r}: shape must be a list of at most 8 non-negative integers, found {shape!r:.200}")
