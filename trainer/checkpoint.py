@@ -172,7 +172,8 @@ def load_checkpoint(
             raise _Unusable(f"{TENSORS}: tensor names do not match this model and optimizer")
         for name, (dtype, shape) in expected.items():
             if tensors[name].dtype != dtype or tuple(tensors[name].shape) != shape:
-                raise _Unusable(f"{TENSORS}: {name}: expected {dtype} {list(shape)}, found {tensors[name].dtype} {list(tensors[name].shape)}")
+                found = f"{tensors[name].dtype} {list(tensors[name].shape)}"
+                raise _Unusable(f"{TENSORS}: {name}: expected {dtype} {list(shape)}, found {found}")
         for key in rng_keys:
             if tensors[key].dtype != torch.uint8 or tensors[key].ndim != 1:
                 raise _Unusable(f"{TENSORS}: {key}: expected a uint8 vector")

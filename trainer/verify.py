@@ -72,7 +72,8 @@ def _check_layout(where: str, layout: ShardLayout, manifest: Manifest, num_sampl
     for key in ("dataset", "split"):
         found = layout.metadata.get(key)
         if found is not None and found != getattr(manifest, key):
-            raise ShardError(f"{where}: metadata {key}: expected {getattr(manifest, key)!r} as the manifest says, found {found!r}")
+            expected = getattr(manifest, key)
+            raise ShardError(f"{where}: metadata {key}: expected {expected!r} as the manifest says, found {found!r}")
     return images, labels
 
 
@@ -132,7 +133,9 @@ def check_compatible(train: ValidSplit, test: ValidSplit) -> None:
     """Train and test must come from the same dataset with the same pixel normalisation."""
     a, b = train.manifest, test.manifest
     if a.dataset != b.dataset:
-        raise ShardError(f"{test.directory / MANIFEST_NAME}: dataset: expected {a.dataset!r} like the train split, found {b.dataset!r}")
+        raise ShardError(
+            f"{test.directory / MANIFEST_NAME}: dataset: expected {a.dataset!r} like the train split, found {b.dataset!r}"
+        )
     if a.normalization != b.normalization:
         raise ShardError(
             f"{test.directory / MANIFEST_NAME}: normalization: expected {a.normalization} like the train split, "
