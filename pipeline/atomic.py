@@ -15,6 +15,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.errors import OutputError
+
 _TMP_MARK = ".tmp-"
 
 
@@ -49,6 +51,23 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _raise_as_output_error(target: Path, exc: BaseException) -> None:
+    """An OSError while producing an output (disk full, permissions) is the user's to fix: say so plainly."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        raise OutputError(f"{target}: could not write output ({reason}); nothing was left behind") from exc
+
+
+def _prepare(target: Path | str) -> Path:
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)
+    except OSError as exc:
+        _raise_as_output_error(target, exc)
+    return target
+
+
 @contextlib.contextmanager
 def atomic_file(target: Path | str) -> Iterator[Path]:
     """Yield a temporary path in ``target``'s folder; on success it replaces ``target``.
@@ -57,17 +76,16 @@ def atomic_file(target: Path | str) -> Iterator[Path]:
     ``open``, Polars' ``sink_parquet``, safetensors' ``save_file``). On an
     exception the temporary is removed and ``target`` is left as it was.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)
+    target = _prepare(target)
     tmp = _tmp_name(target)
     try:
         yield tmp
         fsync_path(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             _remove(tmp)
+        _raise_as_output_error(target, exc)
         raise
 
 
@@ -78,11 +96,12 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     ``rename(2)`` cannot replace a non-empty folder, so an existing ``target`` is
     first renamed aside and deleted only after the new folder is in place.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)
+    target = _prepare(target)
     tmp = _tmp_name(target)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        _raise_as_output_error(target, exc)
     try:
         yield tmp
         for child in tmp.iterdir():
@@ -95,9 +114,10 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             _remove(tmp)
+        _raise_as_output_error(target, exc)
         raise
 
 

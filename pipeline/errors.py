@@ -26,3 +26,7 @@ class DownloadError(PipelineError):
 
 class ShardError(PipelineError):
     """A tensor shard or its manifest is malformed, tampered with or inconsistent."""
+
+
+class OutputError(PipelineError):
+    """An output could not be written (disk full, permissions); nothing partial was left."""
