@@ -192,26 +192,33 @@ def run_stage(stage: str, *args: str | os.PathLike, cwd: Path, extra_path: list[
                           capture_output=True, text=True, timeout=timeout)
 
 
+# Reports the stage's own peak RSS at exit. ru_maxrss from wait4 would not do: Linux
+# folds the forking parent's high-water mark into the child's at exec, so a large
+# pytest process would inflate every figure.
+_PEAK_WRAPPER = """
+import atexit, runpy, sys
+out = sys.argv[1]
+def _report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open(out, "w").write(line.split()[1])
+atexit.register(_report)
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def run_stage_measured(stage: str, *args: str | os.PathLike, cwd: Path, timeout: float = 120,
                        ) -> tuple[subprocess.CompletedProcess, int]:
-    """Like :func:`run_stage`, also returning the child's peak resident memory in bytes (Linux)."""
+    """Like :func:`run_stage`, also returning the stage process's own peak resident memory in bytes (Linux)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                PYTHONDONTWRITEBYTECODE="1")
-    argv = [sys.executable, "-m", f"stages.{stage}", *map(str, args)]
-    with open(cwd / ".stdout", "w+") as out, open(cwd / ".stderr", "w+") as err:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:
-            proc.kill()
-            raise
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        result = subprocess.CompletedProcess(argv, proc.returncode, out.read(), err.read())
-    (cwd / ".stdout").unlink()
-    (cwd / ".stderr").unlink()
-    return result, usage.ru_maxrss * 1024
+    peak_file = cwd / ".peak_kib"
+    argv = [sys.executable, "-c", _PEAK_WRAPPER, str(peak_file), f"stages.{stage}", *map(str, args)]
+    result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    peak = int(peak_file.read_text()) * 1024
+    peak_file.unlink()
+    return result, peak
 
 
 def write_wide_header(path: Path, columns: int, data_rows: int = 1) -> Path:
