@@ -46,8 +46,9 @@ class ShardDataset(Dataset):
     def __init__(self, split: ValidSplit) -> None:
         self.split = split
         counts = [s.num_samples for s in split.shards]
-        self._starts = torch.tensor([0, *np.cumsum(counts).tolist()], dtype=torch.int64)
+        self._starts = np.array([0, *np.cumsum(counts).tolist()], dtype=np.int64)
         self._maps: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -55,32 +56,38 @@ class ShardDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_maps"] = None
+        state["_arrays"] = None
         return state
 
     def _open(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._maps is None:
             self._maps = [_map_shard(s) for s in self.split.shards]
+            # NumPy views of the same mappings, for the multi-shard gather.
+            self._arrays = [(images.numpy().reshape(len(images), -1), labels.numpy()) for images, labels in self._maps]
         return self._maps
 
     def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         indices = torch.as_tensor(indices, dtype=torch.int64)
         if indices.ndim != 1:
             raise IndexError(f"expected a 1-D tensor of sample indices, found shape {list(indices.shape)}")
-        n = len(self)
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        idx = indices.numpy()
+        n = int(self._starts[-1])
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"sample index out of range 0..{n - 1}")
         maps = self._open()
         if len(maps) == 1:
             images, labels = maps[0]
             return images.index_select(0, indices), labels.index_select(0, indices)
-        k = indices.numel()
-        out_images = torch.empty((k, *IMAGE_SHAPE), dtype=torch.float32)
-        out_labels = torch.empty(k, dtype=torch.int64)
-        shard_of = torch.bucketize(indices, self._starts[1:-1], right=True)
-        for s in torch.unique(shard_of).tolist():
-            positions = (shard_of == s).nonzero().squeeze(1)
-            local = indices.index_select(0, positions) - self._starts[s]
-            images, labels = maps[s]
-            out_images.index_copy_(0, positions, images.index_select(0, local))
-            out_labels.index_copy_(0, positions, labels.index_select(0, local))
-        return out_images, out_labels
+        # A batch touches every shard; NumPy's fancy indexing carries far less
+        # per-call overhead than the equivalent torch ops, which keeps the whole
+        # gather within a few times memcpy (see bench/results.md).
+        shard_of = np.searchsorted(self._starts[1:-1], idx, side="right")
+        out_images = np.empty((idx.size, _IMAGE_ITEMS), dtype=np.float32)
+        out_labels = np.empty(idx.size, dtype=np.int64)
+        for s in np.unique(shard_of):
+            positions = np.flatnonzero(shard_of == s)
+            local = idx[positions] - self._starts[s]
+            images, labels = self._arrays[s]  # type: ignore[index]
+            out_images[positions] = np.take(images, local, axis=0)
+            out_labels[positions] = labels[local]
+        return torch.from_numpy(out_images).view(idx.size, *IMAGE_SHAPE), torch.from_numpy(out_labels)
