@@ -58,6 +58,18 @@ def _raise_as_output_error(target: Path, exc: BaseException) -> None:
         raise OutputError(f"{target}: could not write output ({reason}); nothing was left behind") from exc
 
 
+@contextlib.contextmanager
+def _discard_on_failure(target: Path, tmp: Path) -> Iterator[None]:
+    """On any exception remove the temporary; report an OSError as an OutputError."""
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            _remove(tmp)
+        _raise_as_output_error(target, exc)
+        raise
+
+
 def _prepare(target: Path | str) -> Path:
     target = Path(target)
     try:
@@ -78,15 +90,10 @@ def atomic_file(target: Path | str) -> Iterator[Path]:
     """
     target = _prepare(target)
     tmp = _tmp_name(target)
-    try:
+    with _discard_on_failure(target, tmp):
         yield tmp
         fsync_path(tmp)
         os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            _remove(tmp)
-        _raise_as_output_error(target, exc)
-        raise
 
 
 @contextlib.contextmanager
@@ -102,7 +109,7 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
         tmp.mkdir()
     except OSError as exc:
         _raise_as_output_error(target, exc)
-    try:
+    with _discard_on_failure(target, tmp):
         yield tmp
         for child in tmp.iterdir():
             if child.is_file():
@@ -114,11 +121,6 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            _remove(tmp)
-        _raise_as_output_error(target, exc)
-        raise
 
 
 def write_bytes_atomic(target: Path | str, data: bytes) -> None:
