@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.atomic import write_bytes_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -80,9 +82,8 @@ def main() -> None:
     results = run(args.params.resolve(), args.repeats)
     results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version()}
-    results["params"] = str(args.params)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    results["params"] = os.path.relpath(args.params, ROOT)
+    write_bytes_atomic(args.out, (json.dumps(results, indent=2) + "\n").encode())
     mb = {k: round(v / 1e6, 1) for k, v in results["bytes"].items()}
     print("stage       seconds (min of %d cold runs)" % args.repeats)
     for name, dt in results["stages"].items():

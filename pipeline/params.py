@@ -55,7 +55,7 @@ class PrepParams:
     compression: Literal["zstd", "snappy", "lz4", "gzip", "brotli", "uncompressed"] = "zstd"
     compression_level: int | None = None
     row_group_size: int = 65536
-    shard_size: int = 10000
+    shard_size: int = 65536
     normalize: Literal["unit", "standard"] = "unit"
 
     def check(self, where: str) -> None:
