@@ -221,6 +221,30 @@ def run_stage_measured(stage: str, *args: str | os.PathLike, cwd: Path, timeout:
     return result, peak
 
 
+def refused_fast_in_bounded_memory(call: Any, error: type[Exception], seconds: float = 2,
+                                   max_bytes: int = 2 << 20) -> Exception:
+    """Run ``call()``, which must raise ``error`` within ``seconds`` while allocating at most
+    ``max_bytes`` of Python memory (tracemalloc); return the error."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        try:
+            call()
+        except error as exc:
+            caught = exc
+        else:
+            raise AssertionError(f"{call} did not raise {error.__name__}")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - start < seconds
+    assert peak < max_bytes, f"peak Python allocation {peak} bytes"
+    return caught
+
+
 def write_wide_header(path: Path, columns: int, data_rows: int = 1) -> Path:
     """A CSV whose header has ``columns`` names (``label,x,x,...``), written in chunks, plus a few rows."""
     with open(path, "wb") as f:
