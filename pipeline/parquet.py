@@ -53,16 +53,13 @@ def csv_to_parquet(csv_path: Path, out_path: Path, *, compression: str, compress
         pl.when(label.is_between(0, 9)).then(label).otherwise(-1).alias("label"),
         pl.exclude("label").fill_null(-1),
     ).select(pl.all().cast(pl.UInt8, strict=True))
-    try:
-        with atomic_file(out_path) as tmp:
-            try:
-                query.sink_parquet(tmp, compression=compression, compression_level=compression_level,
-                                   row_group_size=row_group_size)
-            except pl.exceptions.PolarsError as exc:
-                raise _explain(csv_path, exc) from None
-            rows = pq.ParquetFile(tmp).metadata.num_rows
-            if rows == 0:
-                raise DataError(f"{csv_path}: has a header but no data rows")
-    except OSError as exc:
-        raise DataError(f"{out_path}: cannot write Parquet: {exc}") from None
+    with atomic_file(out_path) as tmp:  # an OSError here (disk full) becomes an OutputError
+        try:
+            query.sink_parquet(tmp, compression=compression, compression_level=compression_level,
+                               row_group_size=row_group_size)
+        except pl.exceptions.PolarsError as exc:
+            raise _explain(csv_path, exc) from None
+        rows = pq.ParquetFile(tmp).metadata.num_rows
+        if rows == 0:
+            raise DataError(f"{csv_path}: has a header but no data rows")
     return rows
