@@ -8,11 +8,7 @@ from pathlib import Path
 from pipeline.cli import parser, run_stage
 from pipeline.csvdata import idx_to_csv, import_user_csv
 from pipeline.params import load_section
-
-IDX_NAMES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
+from pipeline.sources import DATASETS
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -29,9 +25,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             import_user_csv(sources[split], out)
             print(f"csv: {split}: {sources[split]} -> {out}")
         return
+    spec = DATASETS[data.dataset]
     for split, out in outputs.items():
-        images, labels = IDX_NAMES[split]
-        rows = idx_to_csv(args.raw / images, args.raw / labels, out)
+        files = spec.train if split == "train" else spec.test
+        rows = idx_to_csv(args.raw / files.images.name, args.raw / files.labels.name, out)
         print(f"csv: {split}: {rows} rows -> {out}")
 
 
