@@ -27,7 +27,8 @@ from pipeline.atomic import write_bytes_atomic
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _sizes(path: Path) -> int:
+def path_bytes(path: Path) -> int:
+    """Size of a file, or of every file under a folder."""
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -61,13 +62,13 @@ def run(params: Path, repeats: int) -> dict:
                 results["stages"][name] = dt if best is None else min(best, dt)
             data = work / "data"
             results["bytes"] = {
-                "raw_gz": _sizes(data / "raw"),
-                "csv_train": _sizes(data / "csv" / "train.csv"),
-                "csv_test": _sizes(data / "csv" / "test.csv"),
-                "parquet_train": _sizes(data / "parquet" / "train.parquet"),
-                "parquet_test": _sizes(data / "parquet" / "test.parquet"),
-                "shards_train": _sizes(data / "tensors" / "train"),
-                "shards_test": _sizes(data / "tensors" / "test"),
+                "raw_gz": path_bytes(data / "raw"),
+                "csv_train": path_bytes(data / "csv" / "train.csv"),
+                "csv_test": path_bytes(data / "csv" / "test.csv"),
+                "parquet_train": path_bytes(data / "parquet" / "train.parquet"),
+                "parquet_test": path_bytes(data / "parquet" / "test.parquet"),
+                "shards_train": path_bytes(data / "tensors" / "train"),
+                "shards_test": path_bytes(data / "tensors" / "test"),
             }
     results["total_seconds"] = sum(results["stages"].values())
     return results

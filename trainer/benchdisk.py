@@ -8,13 +8,9 @@ from pathlib import Path
 import polars as pl
 import yaml
 
+from pipeline.bench import path_bytes
+
 DATA_STAGES = ("download", "csv", "parquet", "tensorize")
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def dvc_outputs_bytes(lock: Path = Path("dvc.lock")) -> int | None:
@@ -32,8 +28,8 @@ def dvc_outputs_bytes(lock: Path = Path("dvc.lock")) -> int | None:
 def disk_usage(csv_dir: Path, parquet_dir: Path, tensors_dir: Path) -> dict[str, int | None]:
     parquet = parquet_dir / "train.parquet"
     out: dict[str, int | None] = {
-        "csv_train": _size(csv_dir / "train.csv") if (csv_dir / "train.csv").exists() else None,
-        "parquet_pipeline_train": _size(parquet),
+        "csv_train": path_bytes(csv_dir / "train.csv") if (csv_dir / "train.csv").exists() else None,
+        "parquet_pipeline_train": path_bytes(parquet),
     }
     frame = pl.read_parquet(parquet)
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,7 +37,7 @@ def disk_usage(csv_dir: Path, parquet_dir: Path, tensors_dir: Path) -> dict[str,
             for dtype in (pl.UInt8, pl.Int64):
                 path = Path(tmp) / f"{codec}-{dtype}.parquet"
                 frame.select(pl.all().cast(dtype)).write_parquet(path, compression=codec, row_group_size=65536)
-                out[f"parquet_{codec}_{str(dtype).lower()}_train"] = _size(path)
-    out["shards_float32_train"] = _size(tensors_dir / "train")
+                out[f"parquet_{codec}_{str(dtype).lower()}_train"] = path_bytes(path)
+    out["shards_float32_train"] = path_bytes(tensors_dir / "train")
     out["dvc_cache_one_version_all_splits"] = dvc_outputs_bytes()
     return out
