@@ -29,7 +29,7 @@ def test_bench_writes_results(tmp_path: Path) -> None:
               dataset="fashion-mnist", shard_size=256, normalize_kind="unit")
     out = tmp_path / "bench"
     res = subprocess.run(
-        [sys.executable, "-m", "trainer.bench", "--samples", "512", "--naive-samples", "64", "--repeats", "1",
+        [sys.executable, "-m", "benchmarks.loader", "--samples", "512", "--naive-samples", "64", "--repeats", "1",
          "--memory-workers", "0", "2", "--habit-steps", "2", "--device", "cpu",
          "--tensors", str(tmp_path / "tensors"), "--parquet", str(tmp_path / "parquet"),
          "--csv", str(tmp_path / "csv"), "--out", str(out)],

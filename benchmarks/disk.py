@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from pipeline.bench import path_bytes
+from benchmarks.prep import path_bytes
 
 DATA_STAGES = ("download", "csv", "parquet", "tensorize")
 

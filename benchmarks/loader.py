@@ -1,4 +1,4 @@
-"""``python -m trainer.bench``: the reference article's ablation, side by side, against the floors.
+"""``python -m benchmarks.loader``: the reference article's ablation, side by side, against the floors.
 
 Everything runs in one process and one invocation, on the pipeline's own
 FashionMNIST shards and Parquet. Each timing is the minimum over ``--repeats``
@@ -24,15 +24,15 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from benchmarks.disk import disk_usage
+from benchmarks.memory import run_loader_memory, run_scenarios
+from benchmarks.naive import NaiveDataset, PerSampleShards, PrecomputedDataset
+from benchmarks.report import render_markdown, render_plot
 from pipeline.atomic import write_bytes_atomic
 from pipeline.params import load_section
-from trainer.benchdisk import disk_usage
-from trainer.benchmem import run_loader_memory, run_scenarios
-from trainer.benchreport import render_markdown, render_plot
 from trainer.data import ShardDataset
 from trainer.loader import EpochBatchSampler, make_loader, resolve_settings
 from trainer.model import SimpleCNN
-from trainer.naive import NaiveDataset, PerSampleShards, PrecomputedDataset
 from trainer.verify import validate_split
 
 EPOCH_SAMPLES = 60_000

@@ -1,4 +1,4 @@
-"""Benchmark of the data stages: ``python -m pipeline.bench`` -> ``bench/prep.json``.
+"""Benchmark of the data stages: ``python -m benchmarks.prep`` -> ``bench/prep.json``.
 
 Runs each stage exactly as DVC does (``python -m stages.<name>``, a fresh
 process) into an empty scratch folder, so the times include interpreter start

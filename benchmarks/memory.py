@@ -3,7 +3,7 @@
 * Process-tree USS/PSS from ``/proc/<pid>/smaps_rollup`` (main process plus
   DataLoader workers), sampled in a background thread while a loader runs.
 * Peak memory of a few training-loop habits, each in a fresh subprocess
-  (``python -m trainer.benchmem SCENARIO``) so one scenario's freed-but-cached
+  (``python -m benchmarks.memory SCENARIO``) so one scenario's freed-but-cached
   heap cannot hide the next one's peak. On CUDA the figure is the caching
   allocator's ``max_memory_allocated``; on CPU PyTorch exposes no allocator
   statistics, so it is the process's RSS high-water mark (VmHWM) above the
@@ -177,7 +177,7 @@ def _scenario(name: str, steps: int, batch: int, device: torch.device) -> dict[s
 
 
 def _subprocess_json(args: list[str], env: dict[str, str] | None = None) -> dict:
-    res = subprocess.run([sys.executable, "-m", "trainer.benchmem", *args], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "benchmarks.memory", *args], capture_output=True, text=True,
                          check=True, env={**os.environ, **(env or {})})
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -202,7 +202,7 @@ def _loader_epoch(kind: str, workers: int, samples: int, tensors: Path, parquet:
 
     from trainer.data import ShardDataset
     from trainer.loader import EpochBatchSampler
-    from trainer.naive import PrecomputedDataset
+    from benchmarks.naive import PrecomputedDataset
     from trainer.verify import validate_split
 
     def build_and_iterate() -> None:
@@ -235,7 +235,7 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message="This DataLoader will create")
-    p = argparse.ArgumentParser(description="one memory measurement (used by trainer.bench)")
+    p = argparse.ArgumentParser(description="one memory measurement (used by benchmarks.loader)")
     sub = p.add_subparsers(dest="what", required=True)
     h = sub.add_parser("habit")
     h.add_argument("scenario", choices=list(SCENARIOS))

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.<name>``; results in ``bench/``. Nothing imports this package."""
