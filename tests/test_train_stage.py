@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pipeline.cli import run_stage
 from stages.train import main
 from tests.test_trainer import make_split
 from trainer.export import load_model
-from trainer.run import MACHINE_METRICS, METRICS, PAUSE_ENV
+from trainer.run import MACHINE_METRICS, METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_METRICS = [m for m in METRICS if m not in MACHINE_METRICS]
@@ -43,11 +44,52 @@ def stage_cmd(data: Path, work: Path, params: Path) -> list[str]:
     return [sys.executable, "-m", "stages.train", *train_argv(data, work, params)]
 
 
-def stage_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1", **extra}
-    env.pop(PAUSE_ENV, None)
-    env.update(extra)
-    return env
+def stage_env(root: Path = ROOT) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(root), "DVC_NO_ANALYTICS": "1"}
+
+
+# The real stage, with one trainer.run function wrapped *by the test*: after its n-th call the
+# process stops itself (SIGSTOP), so the test can inspect it and SIGKILL it at a known point.
+# The product has no hook for this.
+_STOPPER = """
+import os, signal, sys
+import trainer.run
+from pipeline.cli import run_stage
+from stages.train import main
+name, after = sys.argv[1], int(sys.argv[2])
+real = getattr(trainer.run, name)
+calls = []
+def stop_after(*args, **kwargs):
+    result = real(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == after:
+        print(f"stopped after {name} #{after}", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return result
+setattr(trainer.run, name, stop_after)
+run_stage(main, sys.argv[3:])
+"""
+
+
+def run_until_killed(data: Path, work: Path, params: Path, function: str, calls: int, root: Path = ROOT,
+                     inspect=lambda: None) -> None:
+    """Run the stage from ``root``'s code; SIGKILL it once ``trainer.run.<function>`` returned ``calls`` times."""
+    log = work / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _STOPPER, function, str(calls), *train_argv(data, work, params)],
+                                cwd=work, stdout=out, stderr=subprocess.STDOUT, env=stage_env(root))
+    try:
+        deadline = time.monotonic() + 240
+        while f"stopped after {function} #{calls}" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        inspect()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
 
 
 def run_train(data: Path, work: Path, params: Path) -> subprocess.CompletedProcess:
@@ -122,24 +164,13 @@ def test_loader_settings_change_speed_never_results(data: Path, baseline, tmp_pa
 def test_killed_run_resumes_to_the_same_result(data: Path, baseline, tmp_path: Path) -> None:
     work0, _ = baseline
     params = write_params(tmp_path / "params.yaml", train={"checkpoint_every": 1})
-    log = tmp_path / "first.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(stage_cmd(data, tmp_path, params), cwd=tmp_path, stdout=out,
-                                stderr=subprocess.STDOUT, env=stage_env(**{PAUSE_ENV: "2"}))
-    try:
-        deadline = time.monotonic() + 240
-        while "paused after epoch 2" not in log.read_text():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        # Epoch 2 is logged but the last checkpoint is epoch 1: the resumed logs must not keep both.
+
+    def epoch_2_logged_but_checkpoint_is_epoch_1() -> None:
+        # The resumed logs must not keep both the logged epoch 2 and the checkpoint's epochs.
         assert json.loads((tmp_path / "checkpoints" / "checkpoint.json").read_text())["epoch"] == 1
         assert [s for s, _ in history(tmp_path)["train_loss"]] == [0, 1]
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+
+    run_until_killed(data, tmp_path, params, "_report", 2, inspect=epoch_2_logged_but_checkpoint_is_epoch_1)
     assert not (tmp_path / "models").exists()
 
     res = subprocess.run(stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(),
@@ -156,6 +187,35 @@ def test_killed_run_resumes_to_the_same_result(data: Path, baseline, tmp_path: P
     assert summary["step"] == 1 and summary["test_acc"] == a["test_acc"][-1][1]
     assert (work0 / "models" / "model.safetensors").read_bytes() == (tmp_path / "models" / "model.safetensors").read_bytes()
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_checkpoint_from_other_code_is_not_resumed(data: Path, baseline, tmp_path: Path) -> None:
+    """Killed after epoch 1's checkpoint; one comment added to a train-stage file; the rerun starts at epoch 1."""
+    work0, _ = baseline
+    code = tmp_path / "code"
+    code.mkdir()
+    shutil.copy2(ROOT / "dvc.yaml", code / "dvc.yaml")
+    for package in ("pipeline", "stages", "trainer"):
+        shutil.copytree(ROOT / package, code / package, ignore=shutil.ignore_patterns("__pycache__"))
+    work = tmp_path / "work"
+    work.mkdir()
+    params = write_params(work / "params.yaml", train={"checkpoint_every": 1})
+    run_until_killed(data, work, params, "save_checkpoint", 1, root=code)
+    assert json.loads((work / "checkpoints" / "checkpoint.json").read_text())["epoch"] == 1
+
+    with open(code / "trainer" / "loop.py", "a") as f:
+        f.write("# a comment is a code change to DVC, so it is one to the checkpoint too\n")
+    res = subprocess.run(stage_cmd(data, work, params), cwd=work, env=stage_env(code), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    notices = [line for line in res.stderr.splitlines() if "not resuming" in line]
+    assert len(notices) == 1 and "other params, data, code or torch version; training from scratch" in notices[0]
+    assert "resuming after" not in res.stderr and "Traceback" not in res.stderr
+    assert res.stdout.count("epoch 1/2") == 1 and res.stdout.count("epoch 2/2") == 1
+    a, b = history(work0), history(work)
+    for name in MODEL_METRICS:
+        assert a[name] == b[name], name  # from scratch: the same result as the uninterrupted run
 
 
 BAD_PARAMS = [

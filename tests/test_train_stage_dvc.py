@@ -93,7 +93,6 @@ def run(repo: Path, *cmd: str) -> subprocess.CompletedProcess:
         "PYTHONDONTWRITEBYTECODE": "1",
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
     }
-    env.pop("TRAINER_TEST_PAUSE_AFTER_EPOCH", None)
     res = subprocess.run(list(cmd), cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{cmd} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
     return res

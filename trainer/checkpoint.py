@@ -6,9 +6,11 @@ state flattened to named tensors, RNG state as uint8) and ``checkpoint.json``
 history logged so far). The folder is replaced atomically as a whole, so the
 two files always belong together.
 
-The fingerprint covers everything that changes the training trajectory: the
-train params that affect results, ``loader.batch_size`` and ``loader.shuffle``,
-the device type and both manifests' shard hashes. ``train.epochs`` is left out
+The fingerprint covers everything that changes the training trajectory: every
+``train`` and ``loader`` param except the ones listed in :data:`SPEED_ONLY`
+(so a param added later is covered without anyone remembering to add it),
+the device type, both manifests' shard hashes, the torch version and a digest
+of the train stage's code (:func:`code_digest`). ``train.epochs`` is left out
 on purpose: without a schedule, epoch k of a 5-epoch run is epoch k of a
 10-epoch run, so raising ``epochs`` after an interruption still resumes.
 A checkpoint that is missing, from another run, or damaged is ignored with a
@@ -17,16 +19,19 @@ notice and training starts from scratch: never wrong, at worst slower.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 from safetensors import SafetensorError
 
 from pipeline.atomic import atomic_dir
@@ -38,6 +43,63 @@ TENSORS = "checkpoint.safetensors"
 META = "checkpoint.json"
 
 
+# Params that change speed, never results (or, for train.epochs, only how far the
+# same trajectory goes). Everything else in `train` and `loader` is fingerprinted.
+SPEED_ONLY = frozenset({
+    "loader.num_workers",
+    "loader.persistent_workers",
+    "loader.pin_memory",
+    "loader.prefetch_factor",
+    "train.epochs",
+    "train.verify",
+    "train.checkpoint_every",
+})
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_STAGE = "train"
+
+
+def result_params(train: TrainParams, loader: LoaderParams) -> dict[str, Any]:
+    """Every ``loader.*`` and ``train.*`` value except :data:`SPEED_ONLY`, by dotted key."""
+    out = {}
+    for section, params in (("loader", loader), ("train", train)):
+        for field in dataclasses.fields(params):
+            key = f"{section}.{field.name}"
+            if key not in SPEED_ONLY:
+                value = getattr(params, field.name)
+                out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def train_code_files(root: Path = ROOT) -> list[str]:
+    """The ``.py`` deps of the ``train`` stage in ``root/dvc.yaml``: the code DVC reruns ``train`` for.
+
+    Without a readable dvc.yaml (e.g. the packages used outside the repository)
+    every ``.py`` file of the three packages counts: a superset, never stale.
+    """
+    try:
+        stages = YAML(typ="safe", pure=True).load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+        deps = stages[TRAIN_STAGE]["deps"]
+        files = sorted({d for d in deps if isinstance(d, str) and d.endswith(".py")})
+    except (OSError, UnicodeDecodeError, YAMLError, KeyError, TypeError):
+        files = []
+    if not files:
+        files = sorted(str(p.relative_to(root)) for pkg in ("pipeline", "stages", "trainer")
+                       for p in (root / pkg).glob("*.py"))
+    return files
+
+
+def code_digest(root: Path = ROOT) -> str:
+    """SHA-256 over the train stage's code files (name and bytes; a missing file counts as missing)."""
+    digest = hashlib.sha256()
+    for rel in train_code_files(root):
+        try:
+            content = (root / rel).read_bytes()
+        except OSError:
+            content = None
+        digest.update(json.dumps([rel, None if content is None else hashlib.sha256(content).hexdigest()]).encode())
+    return digest.hexdigest()
+
+
 def fingerprint(
     train: TrainParams,
     loader: LoaderParams,
@@ -45,15 +107,16 @@ def fingerprint(
     train_manifest: Manifest,
     test_manifest: Manifest,
     architecture: str,
+    code: str | None = None,
 ) -> str:
+    """What a checkpoint must match to be resumed; ``code`` defaults to :func:`code_digest`."""
     doc = {
         "format": FORMAT,
         "architecture": architecture,
-        "lr": train.lr,
-        "seed": train.seed,
+        "params": result_params(train, loader),
         "device": device.type,
-        "batch_size": loader.batch_size,
-        "shuffle": loader.shuffle,
+        "torch": torch.__version__,
+        "code": code_digest() if code is None else code,
         "train_shards": [s.sha256 for s in train_manifest.shards],
         "test_shards": [s.sha256 for s in test_manifest.shards],
     }
@@ -107,7 +170,7 @@ class _Unusable(Exception):
     pass
 
 
-def _read_meta(directory: Path, run_fingerprint: str, max_epoch: int) -> dict[str, Any]:
+def _read_meta(directory: Path, run_fingerprint: str, max_epoch: int, metrics: Sequence[str]) -> dict[str, Any]:
     try:
         meta = json.loads((directory / META).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -115,17 +178,20 @@ def _read_meta(directory: Path, run_fingerprint: str, max_epoch: int) -> dict[st
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _Unusable(f"{META}: expected format {FORMAT}")
     if meta.get("fingerprint") != run_fingerprint:
-        raise _Unusable("it was made with other params or data")
+        raise _Unusable("it was made with other params, data, code or torch version")
     epoch = meta.get("epoch")
     if type(epoch) is not int or not 1 <= epoch <= max_epoch:
         raise _Unusable(f"{META}: epoch: expected 1..{max_epoch}, found {epoch!r}")
     history = meta.get("history")
-    if (
-        not isinstance(history, list)
-        or len(history) != epoch
-        or not all(isinstance(h, dict) and all(isinstance(v, (int, float)) for v in h.values()) for h in history)
-    ):
-        raise _Unusable(f"{META}: history: expected {epoch} entries of numbers")
+    if not isinstance(history, list) or len(history) != epoch:
+        raise _Unusable(f"{META}: history: expected {epoch} entries")
+    names = set(metrics)
+    for i, entry in enumerate(history):
+        if not isinstance(entry, dict) or set(entry) != names:
+            found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise _Unusable(f"{META}: history[{i}]: expected the metrics {sorted(names)}, found {found}"[:300])
+        if not all(type(v) in (int, float) for v in entry.values()):
+            raise _Unusable(f"{META}: history[{i}]: expected numbers")
     return meta
 
 
@@ -148,14 +214,18 @@ def load_checkpoint(
     device: torch.device,
     run_fingerprint: str,
     max_epoch: int,
+    metrics: Sequence[str],
     notice: Callable[[str], None] = print,
 ) -> Resumed | None:
-    """Restore model, optimizer and RNG state in place; ``None`` (nothing touched) if not resumable."""
+    """Restore model, optimizer and RNG state in place; ``None`` (nothing touched) if not resumable.
+
+    ``metrics`` are the names every history entry must carry, no more, no fewer.
+    """
     directory = Path(directory)
     if not (directory / META).exists():
         return None
     try:
-        meta = _read_meta(directory, run_fingerprint, max_epoch)
+        meta = _read_meta(directory, run_fingerprint, max_epoch, metrics)
         try:
             blob = (directory / TENSORS).read_bytes()
         except OSError as exc:

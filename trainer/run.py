@@ -10,18 +10,11 @@ deletes a stage's metrics and plots before rerunning it, and a killed run may
 have logged epochs past its last checkpoint, so the checkpoint (not whatever
 is left in ``dvclive/``) is the record the logs must agree with. The result has
 exactly one row per epoch in every ``dvclive/plots/metrics/*.tsv``.
-
-Test hook: with the environment variable ``TRAINER_TEST_PAUSE_AFTER_EPOCH=k``
-the run prints ``paused after epoch k`` once epoch k is logged and
-checkpointed, then sleeps until killed; the resume test uses it to SIGKILL a
-real run at a known point. It has no other effect.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,7 +43,6 @@ METRICS = (
 )
 # Metrics that measure the machine rather than the model; they differ between identical runs.
 MACHINE_METRICS = frozenset({"epoch_seconds", "samples_per_second", "data_wait_fraction", "peak_memory_mb"})
-PAUSE_ENV = "TRAINER_TEST_PAUSE_AFTER_EPOCH"
 
 
 def _stderr(message: str) -> None:
@@ -63,13 +55,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ParamsError("train.device: expected a usable CUDA device for 'cuda', found none (use 'auto' or 'cpu')")
     return torch.device(name)
-
-
-def _pause_for_tests(completed_epochs: int) -> None:
-    if os.environ.get(PAUSE_ENV) == str(completed_epochs):
-        print(f"paused after epoch {completed_epochs}", flush=True)
-        while True:
-            time.sleep(60)
 
 
 def _log(live: Live, entry: dict[str, float]) -> None:
@@ -122,6 +107,7 @@ def fit(
         device=device,
         run_fingerprint=run_fingerprint,
         max_epoch=train.epochs,
+        metrics=METRICS,
         notice=notice,
     )
     history = list(resumed.history) if resumed else []
@@ -170,7 +156,6 @@ def fit(
                     run_fingerprint=run_fingerprint,
                     history=history,
                 )
-            _pause_for_tests(done)
     except PipelineError as exc:
         # A shard replaced mid-run is detected in the worker that maps it.
         raise unwrap_worker_error(exc) from None
