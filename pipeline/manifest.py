@@ -97,9 +97,12 @@ def parse_manifest(text: str, where: str) -> Manifest:
     if (normalization.kind not in ("unit", "standard") or not normalization.std > 0
             or not math.isfinite(mean) or not math.isfinite(std)):
         raise ShardError(f"{nw}: expected kind unit|standard, finite mean and std > 0, found {norm!r:.120}")
+    listed = _need(doc, "shards", list, where)
+    if not listed:  # an empty split would only fail later, inside training, with a traceback
+        raise ShardError(f"{where}: shards: expected at least one shard, found an empty list")
     shards = []
     names = set()
-    for i, entry in enumerate(_need(doc, "shards", list, where)):
+    for i, entry in enumerate(listed):
         sw = f"{where}: shards[{i}]"
         if not isinstance(entry, dict):
             raise ShardError(f"{sw}: expected an object, found {entry!r:.80}")
@@ -129,6 +132,8 @@ def parse_manifest(text: str, where: str) -> Manifest:
         normalization=normalization,
         shards=tuple(shards),
     )
+    if manifest.num_samples < 1:
+        raise ShardError(f"{where}: num_samples: expected an integer >= 1, found {manifest.num_samples}")
     total = sum(s.num_samples for s in shards)
     if total != manifest.num_samples:
         raise ShardError(f"{where}: num_samples is {manifest.num_samples} but the shards hold {total}")

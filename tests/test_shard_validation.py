@@ -142,6 +142,13 @@ CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
      lambda s: save_manifest(s, {**(d := manifest_of(s)), "num_samples": 119,
                                  "shards": [{**d["shards"][0], "num_samples": 49}, *d["shards"][1:]]}),
      ("[49, 1, 28, 28]", "[50, 1, 28, 28]")),
+    ("manifest-empty", lambda s: ([p.unlink() for p in s.glob("*.safetensors")],
+                                   save_manifest(s, {**manifest_of(s), "shards": [], "num_samples": 0})),
+     ("shards: expected at least one shard, found an empty list",)),
+    ("manifest-empty-shards-listed",
+     lambda s: save_manifest(s, {**manifest_of(s), "shards": [], "num_samples": 0}), ("expected at least one shard",)),
+    ("manifest-num-samples-zero", lambda s: save_manifest(s, {**manifest_of(s), "num_samples": 0}),
+     ("num_samples: expected an integer >= 1, found 0",)),
     ("manifest-missing", lambda s: (s / "manifest.json").unlink(), ("manifest not found",)),
     ("manifest-not-json", lambda s: (s / "manifest.json").write_text("{"), ("not valid JSON",)),
     ("manifest-a-list", lambda s: (s / "manifest.json").write_text("[]"), ("expected a JSON object",)),
@@ -226,7 +233,7 @@ def test_arbitrary_shard_bytes_raise_only_shard_errors(pristine: tuple[Path, byt
     assert images.shape == (120, 1, 28, 28) and bool(((labels >= 0) & (labels < 10)).all())
 
 
-@pytest.mark.parametrize("case", ["truncated", "label-too-large", "manifest-wrong-version", "shard-extra"])
+@pytest.mark.parametrize("case", ["truncated", "label-too-large", "manifest-wrong-version", "shard-extra", "manifest-empty"])
 def test_train_stage_reports_shard_errors_in_one_line(case: str, tmp_path: Path, monkeypatch, capsys) -> None:
     make_split(tmp_path / "train", 120, split="train", shard_size=50)
     make_split(tmp_path / "test", 60, split="test", shard_size=50)
