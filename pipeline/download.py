@@ -4,6 +4,14 @@ A source is a base URL (``http(s)://``) or a local folder. For each file the
 sources are tried in order; a 404, time-out, reset, truncated or oversized
 body, bad gzip, wrong SHA-256 or wrong IDX header moves on to the next one.
 If every source fails, one error lists each source and what went wrong.
+
+Two limits bound a slow source (``data.timeout_s``, ``data.min_rate_kbps``):
+no single network operation may block longer than ``timeout_s``, and over any
+``timeout_s``-second window of a transfer at least ``min_rate_kbps`` kilobits
+per second must arrive. Reads use ``read1``, which returns whatever has
+arrived, so a server dripping a byte at a time is measured (and cut off)
+after at most about twice ``timeout_s``; a link that is slow but steady above
+the rate may take as long as it needs.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -30,6 +39,8 @@ from pipeline.sources import DatasetSpec, IdxFile
 
 CHUNK = 1 << 16
 SOURCE_RECORD = "source.json"
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_MIN_RATE_KBPS = 64.0
 
 
 class FetchError(Exception):
@@ -59,8 +70,41 @@ def max_compressed_size(file: IdxFile) -> int:
     return file.size + file.size // 500 + 4096
 
 
-def _http_get(url: str, limit: int, timeout: float, progress: bool, opener: urllib.request.OpenerDirector) -> bytes:
-    deadline = time.monotonic() + max(timeout * 10, 60.0)  # bounds a server that trickles bytes
+class RateGuard:
+    """Refuse a transfer whose last ``window_s`` seconds brought fewer than ``min_rate_kbps`` kilobits/s.
+
+    Nothing is judged before the first full window has passed; after that every
+    read is checked against the bytes received since ``window_s`` seconds ago.
+    """
+
+    def __init__(self, window_s: float, min_rate_kbps: float, clock=time.monotonic) -> None:
+        self.window_s = window_s
+        self.min_bytes = min_rate_kbps * 1000 / 8 * window_s
+        self.clock = clock
+        self.start = clock()
+        self.received = 0
+        self._marks: deque[tuple[float, int]] = deque([(self.start, 0)])  # (time, bytes received by then)
+
+    def update(self, nbytes: int) -> None:
+        now = self.clock()
+        self.received += nbytes
+        self._marks.append((now, self.received))
+        # Keep the newest mark at or before the window's start: the reference to count from.
+        while len(self._marks) > 1 and self._marks[1][0] <= now - self.window_s:
+            self._marks.popleft()
+        if self.min_bytes <= 0 or now - self.start < self.window_s:
+            return
+        got = self.received - self._marks[0][1]
+        if got < self.min_bytes:
+            raise FetchError(
+                f"transfer too slow: {got} bytes in the last {self.window_s:g} s, below the minimum of "
+                f"{self.min_bytes * 8 / 1000 / self.window_s:g} kbit/s (data.min_rate_kbps)"
+            )
+
+
+def _http_get(url: str, limit: int, timeout: float, min_rate_kbps: float, progress: bool,
+              opener: urllib.request.OpenerDirector) -> bytes:
+    guard = RateGuard(timeout, min_rate_kbps)
     try:
         with opener.open(url, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
@@ -71,12 +115,12 @@ def _http_get(url: str, limit: int, timeout: float, progress: bool, opener: urll
             total = int(length) if length and length.isdigit() else None
             with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
                       disable=None if progress else True, file=sys.stderr, leave=False) as bar:
-                while chunk := resp.read(CHUNK):
+                # read1 returns as soon as any bytes arrive: a drip cannot hold one call for a whole chunk.
+                while chunk := resp.read1(CHUNK):
                     received += len(chunk)
                     if received > limit:
                         raise FetchError(f"body exceeds the largest valid file ({limit} bytes)")
-                    if time.monotonic() > deadline:
-                        raise FetchError("transfer too slow: gave up")
+                    guard.update(len(chunk))
                     parts.append(chunk)
                     bar.update(len(chunk))
             if total is not None and received != total:
@@ -118,13 +162,14 @@ def _read_folder(folder: Path, name: str, limit: int) -> bytes:
 
 
 def read_source(source: str, file: IdxFile, *, timeout: float, progress: bool,
+                min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS,
                 opener: urllib.request.OpenerDirector | None = None) -> bytes:
     """The raw bytes of ``file`` from one source (URL base or folder), size-bounded."""
     limit = max_compressed_size(file)
     scheme = urlparse(source).scheme
     if scheme in ("http", "https"):
         url = source.rstrip("/") + "/" + file.name
-        return _http_get(url, limit, timeout, progress, opener or build_opener())
+        return _http_get(url, limit, timeout, min_rate_kbps, progress, opener or build_opener())
     if "://" in source:
         raise FetchError(f"unsupported source scheme {scheme!r}: use http(s) URLs or plain folder paths")
     return _read_folder(Path(source), file.name, limit)
@@ -170,13 +215,15 @@ def verify(file: IdxFile, blob: bytes) -> None:
         raise FetchError(f"IDX shape {list(shape)}, expected {list(file.shape)}")
 
 
-def fetch_file(file: IdxFile, sources: tuple[str, ...], *, timeout: float = 30.0, progress: bool = True,
+def fetch_file(file: IdxFile, sources: tuple[str, ...], *, timeout: float = DEFAULT_TIMEOUT_S,
+               min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS, progress: bool = True,
                opener: urllib.request.OpenerDirector | None = None) -> Fetched:
     """The first source's bytes that verify; DownloadError listing every failure otherwise."""
     failures = []
     for source in sources:
         try:
-            blob = read_source(source, file, timeout=timeout, progress=progress, opener=opener)
+            blob = read_source(source, file, timeout=timeout, min_rate_kbps=min_rate_kbps, progress=progress,
+                               opener=opener)
             verify(file, blob)
             return Fetched(blob, source)
         except FetchError as exc:
@@ -185,8 +232,8 @@ def fetch_file(file: IdxFile, sources: tuple[str, ...], *, timeout: float = 30.0
 
 
 def fetch_dataset(spec: DatasetSpec, out_dir: Path | str, *, mirrors: tuple[str, ...] = (),
-                  timeout: float = 30.0, progress: bool = True,
-                  opener: urllib.request.OpenerDirector | None = None) -> dict:
+                  timeout: float = DEFAULT_TIMEOUT_S, min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS,
+                  progress: bool = True, opener: urllib.request.OpenerDirector | None = None) -> dict:
     """Write the four verified ``.gz`` files and ``source.json`` into ``out_dir`` atomically."""
     sources = tuple(mirrors) + spec.sources
     record: dict = {"dataset": spec.name, "files": {}}
@@ -198,7 +245,8 @@ def fetch_dataset(spec: DatasetSpec, out_dir: Path | str, *, mirrors: tuple[str,
                     f"{split.labels.name} has {split.labels.shape[0]} labels"
                 )
             for file in (split.images, split.labels):
-                got = fetch_file(file, sources, timeout=timeout, progress=progress, opener=opener)
+                got = fetch_file(file, sources, timeout=timeout, min_rate_kbps=min_rate_kbps, progress=progress,
+                                 opener=opener)
                 (tmp / file.name).write_bytes(got.data)
                 record["files"][file.name] = {"source": got.source, "sha256_decompressed": file.sha256}
         (tmp / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

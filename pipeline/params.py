@@ -38,8 +38,16 @@ class DataParams:
     mirrors: tuple[str, ...] = ()
     train_csv: str = "data/user/train.csv"
     test_csv: str = "data/user/test.csv"
+    timeout_s: float = 30.0
+    min_rate_kbps: float = 64.0
 
     def check(self, where: str) -> None:
+        if not (0 < self.timeout_s < float("inf")):
+            raise ParamsError(f"{where}: data.timeout_s: expected a positive finite number, found {self.timeout_s}")
+        if not (0 <= self.min_rate_kbps < float("inf")):
+            raise ParamsError(
+                f"{where}: data.min_rate_kbps: expected a finite number >= 0, found {self.min_rate_kbps}"
+            )
         for i, mirror in enumerate(self.mirrors):
             if not mirror.strip():
                 raise ParamsError(f"{where}: data.mirrors[{i}]: expected a URL or folder, found an empty string")

@@ -14,14 +14,17 @@ from pipeline.sources import DATASETS
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--out", type=Path, required=True, help="output folder (data/raw)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per network operation")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds per network operation and rate window; overrides data.timeout_s for a run by hand")
     args = p.parse_args(argv)
     data = load_section("data", args.params)
     if data.dataset == "csv":
         write_skipped(args.out, data.dataset)
         print("download: skipped (data.dataset is csv)")
         return
-    record = fetch_dataset(DATASETS[data.dataset], args.out, mirrors=data.mirrors, timeout=args.timeout)
+    timeout = data.timeout_s if args.timeout is None else args.timeout
+    record = fetch_dataset(DATASETS[data.dataset], args.out, mirrors=data.mirrors, timeout=timeout,
+                           min_rate_kbps=data.min_rate_kbps)
     for name, info in record["files"].items():
         print(f"download: {name} verified, from {info['source']}")
 

@@ -159,6 +159,22 @@ class LocalServer:
 
         self.route(path, fn)
 
+    def paced(self, path: str, body: bytes, *, chunk: int, interval: float) -> None:
+        """Send ``body`` ``chunk`` bytes at a time, ``interval`` seconds apart (a drip, or a slow link)."""
+        release = self._srv.release
+
+        def fn(h: BaseHTTPRequestHandler) -> None:
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            for start in range(0, len(body), chunk):
+                h.wfile.write(body[start:start + chunk])
+                if release.wait(interval):
+                    break
+            h.close_connection = True
+
+        self.route(path, fn)
+
     def redirect(self, path: str, location: str, code: int = 302) -> None:
         def fn(h: BaseHTTPRequestHandler) -> None:
             h.send_response(code)

@@ -25,6 +25,7 @@ import synth
 from pipeline.download import (
     SOURCE_RECORD,
     FetchError,
+    RateGuard,
     build_opener,
     fetch_dataset,
     fetch_file,
@@ -45,8 +46,8 @@ def ds() -> synth.SynthDataset:
     return synth.dataset(n_train=120, n_test=40, seed=3)
 
 
-def fetch(ds: synth.SynthDataset, out: Path, *sources: str, timeout: float = 5.0, opener=None) -> dict:
-    return fetch_dataset(ds.spec, out, mirrors=sources, timeout=timeout, progress=False, opener=opener)
+def fetch(ds: synth.SynthDataset, out: Path, *sources: str, timeout: float = 5.0, opener=None, **kw) -> dict:
+    return fetch_dataset(ds.spec, out, mirrors=sources, timeout=timeout, progress=False, opener=opener, **kw)
 
 
 def assert_nothing_written(out: Path) -> None:
@@ -231,6 +232,53 @@ def test_server_that_stalls_mid_body_then_next_source(ds, http_server, tmp_path)
     record = fetch(ds, tmp_path / "raw", http_server.url("/m"), str(folder), timeout=0.5)
     assert time.monotonic() - start < 4
     assert record["files"][IMAGES]["source"] == str(folder)
+
+
+def test_server_that_drips_bytes_is_cut_off_by_the_minimum_rate(ds, http_server, tmp_path):
+    """8 bytes every 0.05 s (1.3 kbit/s) never lets one read wait for the socket timeout: the rate check stops it."""
+    body = ds.gz(IMAGES)
+    http_server.paced(f"/m/{IMAGES}", body, chunk=8, interval=0.05)
+    start = time.monotonic()
+    message = download_error(ds, tmp_path, http_server.url("/m"), timeout=0.5, min_rate_kbps=64)
+    elapsed = time.monotonic() - start
+    reason = failure_lines(message)[http_server.url("/m")]
+    assert reason.startswith("transfer too slow: ") and "in the last 0.5 s, below the minimum of 64 kbit/s" in reason
+    assert "data.min_rate_kbps" in reason
+    assert elapsed < 3, elapsed  # one window (0.5 s) and a read, not the 5+ s the whole drip would take
+
+
+def test_slow_link_above_the_minimum_rate_succeeds(tmp_path, http_server):
+    """About 160 kbit/s against a floor of 32: the transfer spans many rate windows and per-read timeouts."""
+    small = synth.dataset(n_train=24, n_test=8, seed=5)
+    body = small.gz(IMAGES)
+    http_server.paced(f"/m/{IMAGES}", body, chunk=1000, interval=0.05)
+    for name in small.names:
+        if name != IMAGES:
+            http_server.serve(f"/m/{name}", small.gz(name))
+    start = time.monotonic()
+    record = fetch(small, tmp_path / "raw", http_server.url("/m"), timeout=0.2, min_rate_kbps=32)
+    elapsed = time.monotonic() - start
+    assert record["files"][IMAGES]["source"] == http_server.url("/m")
+    assert (tmp_path / "raw" / IMAGES).read_bytes() == body
+    assert elapsed > 4 * 0.2, f"{len(body)} bytes in {elapsed:.2f} s: too fast to prove anything"
+
+
+def test_rate_guard_uses_a_sliding_window():
+    now = [0.0]
+    guard = RateGuard(window_s=1.0, min_rate_kbps=8, clock=lambda: now[0])  # 1000 bytes per window
+    for t in (0.1, 0.5, 0.9):  # nothing is judged before one full window
+        now[0] = t
+        guard.update(10)
+    now[0] = 1.0
+    guard.update(970)  # 1000 bytes in (0, 1]
+    now[0] = 1.6
+    guard.update(600)  # 1570 in (0.6, 1.6]: 970 + 600
+    now[0] = 2.05
+    with pytest.raises(FetchError, match=r"transfer too slow: 600 bytes in the last 1 s"):
+        guard.update(0)  # (1.05, 2.05] holds only the 600: a burst long ago no longer counts
+    off = RateGuard(window_s=1.0, min_rate_kbps=0, clock=lambda: now[0])
+    now[0] = 100.0
+    off.update(1)  # 0 disables the rate check
 
 
 def test_all_sources_failing_lists_every_source_and_reason(ds, http_server, tmp_path):
@@ -556,6 +604,19 @@ def test_stage_timeout_option(ds, http_server, tmp_path):
     proc = stage(tmp_path, ds, "--out", "data/raw", "--timeout", "0.5", mirrors=[http_server.url("/m")])
     assert time.monotonic() - start < 15
     assert proc.returncode == 2 and "timed out" in proc.stderr and "Traceback" not in proc.stderr
+    assert synth.leftovers(tmp_path / "data") == []
+
+
+def test_stage_takes_its_limits_from_params(ds, http_server, tmp_path):
+    http_server.paced(f"/m/{IMAGES}", ds.gz(IMAGES), chunk=8, interval=0.05)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(spec=synth.spec_to_json(ds.spec)))
+    params = synth.write_params(tmp_path / "params.yaml", data={"dataset": "mnist", "mirrors": [http_server.url("/m")],
+                                                                 "timeout_s": 0.3, "min_rate_kbps": 100})
+    proc = synth.run_stage("download", "--params", params, "--out", "data/raw", cwd=tmp_path, extra_path=[site])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "transfer too slow: " in proc.stderr and "in the last 0.3 s, below the minimum of 100 kbit/s" in proc.stderr
     assert synth.leftovers(tmp_path / "data") == []
 
 

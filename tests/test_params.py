@@ -84,6 +84,8 @@ RANGES: dict[tuple[str, str], tuple[list, list]] = {
     ("data", "mirrors"): ([[""], ["ok", "   "]], [[], ["http://127.0.0.1/x", "/a/folder"]]),
     ("data", "train_csv"): (["", "  "], ["a.csv"]),
     ("data", "test_csv"): (["", "\t"], ["b.csv"]),
+    ("data", "timeout_s"): ([0, -1, math.inf, math.nan], [0.001, 30]),
+    ("data", "min_rate_kbps"): ([-1, math.inf, math.nan], [0, 64.0]),
     ("prep", "row_group_size"): ([0, -1], [1, 65536]),
     ("prep", "shard_size"): ([0, -10], [1, 10000]),
     ("prep", "compression_level"): ([0, 23, -1], [None, 1, 22]),  # with the default codec, zstd
