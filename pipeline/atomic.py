@@ -4,11 +4,21 @@ A reader (or DVC) therefore sees either the old complete output or the new
 complete one, never a half-written file, even if the writer is SIGKILLed.
 Temporaries left behind by a killed writer are named ``.<name>.tmp-*`` in the
 target's folder and are removed by the next writer of the same target.
+
+A folder replaces a folder in one step with ``renameat2(RENAME_EXCHANGE)``
+(Linux >= 3.15 on ext4, xfs, btrfs, tmpfs...). Where the C library or the
+filesystem lacks it, the old folder is first renamed aside to
+``.<name>.old-*`` and the new one moved in: a kill between those two renames
+leaves no ``<name>`` for a moment, and the next writer of the same target
+moves the complete old folder back before it starts. After every swap the
+parent folder is fsynced, so the new name survives a power cut.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import secrets
 import shutil
@@ -18,21 +28,68 @@ from pathlib import Path
 from pipeline.errors import OutputError
 
 _TMP_MARK = ".tmp-"
+_OLD_MARK = ".old-"  # a previous output set aside by the fallback swap: restored, never just deleted
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 1 << 1
+# The kernel (ENOSYS) or the filesystem (EINVAL, EOPNOTSUPP) cannot exchange: use the fallback.
+_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
-def _tmp_name(target: Path) -> Path:
-    return target.parent / f".{target.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+def _tmp_name(target: Path, mark: str = _TMP_MARK) -> Path:
+    return target.parent / f".{target.name}{mark}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _discard(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(target: Path) -> None:
-    """Delete temporaries a killed writer of ``target`` left in its folder."""
+    """Clean up after a killed writer of ``target``: restore a set-aside old output, delete temporaries."""
     if not target.parent.is_dir():
         return
-    for stale in target.parent.glob(f".{target.name}{_TMP_MARK}*"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+    olds = sorted(target.parent.glob(f".{target.name}{_OLD_MARK}*"))
+    if olds and not (target.exists() or target.is_symlink()):
+        os.replace(olds.pop(0), target)  # killed between the fallback's two renames
+        fsync_dir(target.parent)
+    for stale in [*olds, *target.parent.glob(f".{target.name}{_TMP_MARK}*")]:
+        _discard(stale)
+
+
+def _libc_renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _libc_renameat2()
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically; ``False`` (nothing changed) where the system cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_EXCHANGE:
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames inside ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -94,14 +151,16 @@ def atomic_file(target: Path | str) -> Iterator[Path]:
         yield tmp
         fsync_path(tmp)
         os.replace(tmp, target)
+        fsync_dir(target.parent)
 
 
 @contextlib.contextmanager
 def atomic_dir(target: Path | str) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; on success it becomes ``target``.
 
-    ``rename(2)`` cannot replace a non-empty folder, so an existing ``target`` is
-    first renamed aside and deleted only after the new folder is in place.
+    ``rename(2)`` cannot replace a non-empty folder: an existing ``target`` is
+    exchanged with the new folder in one step (see the module docstring for the
+    fallback) and deleted only once the new folder is in place.
     """
     target = _prepare(target)
     tmp = _tmp_name(target)
@@ -114,13 +173,18 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
         for child in tmp.iterdir():
             if child.is_file():
                 fsync_path(child)
-        if target.exists() or target.is_symlink():
-            old = _tmp_name(target)
+        if not (target.exists() or target.is_symlink()):
+            os.replace(tmp, target)
+            old = None
+        elif exchange(tmp, target):
+            old = tmp  # the previous output now lives under the temporary name
+        else:
+            old = _tmp_name(target, _OLD_MARK)
             os.replace(target, old)
             os.replace(tmp, target)
-            _remove(old)
-        else:
-            os.replace(tmp, target)
+        fsync_dir(target.parent)
+        if old is not None:
+            _discard(old)  # best effort: the new output is in place; the next writer retries
 
 
 def write_bytes_atomic(target: Path | str, data: bytes) -> None:
