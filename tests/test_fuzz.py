@@ -102,10 +102,10 @@ def csv_lines(draw):
 @FUZZ
 @given(st.lists(st.binary(max_size=60), max_size=5))
 def test_find_problem_arbitrary_lines(lines):
+    """Lines of at most 60 bytes can never hold the 785-column header: every input must be reported, not raised."""
     problem = find_problem(lines, "fuzz.csv")
-    assert problem is None or isinstance(problem, DataError)
-    if problem is not None:
-        assert str(problem).startswith("fuzz.csv: ")
+    assert isinstance(problem, DataError), f"accepted a CSV whose header is {lines[:1]!r}"
+    assert str(problem).startswith("fuzz.csv: ")
 
 
 @FUZZ
@@ -127,12 +127,79 @@ def test_find_problem_structured(lines):
 @FUZZ
 @given(st.binary(max_size=200))
 def test_check_header_arbitrary_bytes(line):
+    """200 bytes cannot hold the 6 KB header: always a DataError naming the header row, never another exception."""
+    with pytest.raises(DataError, match=r"^h: row 1 \(header\)"):
+        check_header(line, "h")
+
+
+ZERO_BASED_LINE = (",".join(["label", *(f"pixel{i}" for i in range(784))]) + "\n").encode()
+
+
+@st.composite
+def header_like(draw):
+    """A valid header in one of its accepted spellings, then 0..3 byte or column edits."""
+    names = draw(st.sampled_from([HEADER_LINE, ZERO_BASED_LINE])).rstrip(b"\n").split(b",")
+    quote = draw(st.sampled_from([b"", b'"']))
+    pad = draw(st.sampled_from([b"", b" ", b"\t"]))
+    line = draw(st.sampled_from([b"", b"\xef\xbb\xbf"])) + b",".join(pad + quote + n + quote + pad for n in names)
+    line += draw(st.sampled_from([b"\n", b"\r\n", b""]))
+    for _ in range(draw(st.sampled_from([0, 0, 1, 1, 2, 3]))):
+        at = draw(st.integers(0, len(line) - 1))
+        edit = draw(st.sampled_from(["set", "delete", "insert", "drop-column", "swap-columns"]))
+        byte = bytes([draw(st.sampled_from([*b"0123456789,\" \t\rx\xff", 0]))])
+        if edit == "set":
+            line = line[:at] + byte + line[at + 1:]
+        elif edit == "delete":
+            line = line[:at] + line[at + 1:]
+        elif edit == "insert":
+            line = line[:at] + byte + line[at:]
+        else:
+            cells = line.split(b",")
+            i, j = draw(st.integers(0, len(cells) - 1)), draw(st.integers(0, len(cells) - 1))
+            if edit == "drop-column":
+                del cells[i]
+            else:
+                cells[i], cells[j] = cells[j], cells[i]
+            line = b",".join(cells)
+    return line
+
+
+def _names(line: bytes) -> list[str]:
+    """The header's column names as the README defines them: BOM, line end, blanks and quotes ignored."""
+    text = line.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n").decode("utf-8", "replace")
+    return [n.strip().strip('"') for n in text.split(",")]
+
+
+@FUZZ
+@given(header_like())
+def test_check_header_structured(line):
+    """Accepted exactly when the names are label,pixel1..pixel784 or label,pixel0..pixel783."""
+    valid = _names(line) in (list(HEADER), _names(ZERO_BASED_LINE))
     try:
         check_header(line, "h")
-    except DataError:
+    except DataError as exc:
+        assert not valid, f"refused a valid header: {exc}"
+        assert str(exc).startswith("h: row 1 (header)") and len(str(exc)) < 300
         return
-    names = [n.strip().strip('"') for n in line.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n").decode("utf-8", "replace").split(",")]
-    assert len(names) == len(HEADER)  # never reached with 200 bytes: accepting would be a bug
+    assert valid, "accepted a header whose names are wrong"
+
+
+def test_header_fuzz_reaches_both_outcomes():
+    """Control for the test above: its inputs include headers that are accepted and headers that are refused."""
+    accepted = refused = 0
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(header_like())
+    def count(line):
+        nonlocal accepted, refused
+        try:
+            check_header(line, "h")
+            accepted += 1
+        except DataError:
+            refused += 1
+
+    count()
+    assert accepted >= 20 and refused >= 20, (accepted, refused)
 
 
 # ============================================================================ shard header
