@@ -1,8 +1,9 @@
-"""``dvc repro`` then ``dvc exp run -S loader.num_workers=2`` in a temporary git repo holding only the train stage.
+"""``dvc repro`` then ``dvc exp run -S loader.num_workers=2`` in a copy of the repository, with its real dvc.yaml.
 
-The shard folders are generated up front and committed to git directly, so
-the repo needs no data stages; ``dvc exp show --json`` must then carry the
-DVCLive metrics of both runs, with the same ``test_acc``.
+The copy (tests/repo_copy.make_csv_repo) holds the project's own dvc.yaml,
+params.yaml and code, configured for ``data.dataset: csv`` on a small
+generated CSV, so every stage runs as written; ``dvc exp show --json`` must
+then carry the DVCLive metrics of both runs, with the same ``test_acc``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,70 +18,10 @@ from typing import Any
 
 import pytest
 
-from tests.test_trainer import make_split
+from tests.repo_copy import ROOT as REPO_ROOT
+from tests.repo_copy import make_csv_repo, set_params
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
-# The train stage's code, as listed in the project's dvc.yaml.
-TRAIN_CODE = [
-    "stages/train.py",
-    "pipeline/atomic.py",
-    "pipeline/cli.py",
-    "pipeline/errors.py",
-    "pipeline/manifest.py",
-    "pipeline/params.py",
-    "pipeline/shards.py",
-    "trainer/checkpoint.py",
-    "trainer/data.py",
-    "trainer/export.py",
-    "trainer/loader.py",
-    "trainer/loop.py",
-    "trainer/memory.py",
-    "trainer/model.py",
-    "trainer/run.py",
-    "trainer/verify.py",
-]
-PARAMS = """\
-loader:
-  batch_size: 64
-  num_workers: 0
-  persistent_workers: false
-  pin_memory: true
-  prefetch_factor: null
-  shuffle: true
-train:
-  epochs: 2
-  lr: 0.001
-  seed: 42
-  device: cpu
-  free_graph: true
-  verify: full
-  checkpoint_every: 1
-"""
-
-
-def dvc_yaml() -> str:
-    deps = "\n".join(f"      - {d}" for d in ["data/tensors/train", "data/tensors/test", *TRAIN_CODE])
-    return f"""\
-stages:
-  train:
-    cmd: python -m stages.train --train data/tensors/train --test data/tensors/test --model models --checkpoints checkpoints --live dvclive
-    deps:
-{deps}
-    params:
-      - loader
-      - train
-    outs:
-      - models
-    metrics:
-      - dvclive/metrics.json:
-          cache: false
-    plots:
-      - dvclive/plots/metrics:
-          x: step
-          cache: false
-"""
 
 
 def run(repo: Path, *cmd: str) -> subprocess.CompletedProcess:
@@ -119,25 +59,14 @@ def metric_rows(doc: Any) -> list[tuple[dict, dict]]:
 
 
 def test_dvc_exp_run_with_other_loader_settings_reports_the_same_accuracy(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    for rel in TRAIN_CODE:
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, repo / rel)
-    for package in ("pipeline", "stages", "trainer"):
-        shutil.copy2(ROOT / package / "__init__.py", repo / package / "__init__.py")
-    make_split(repo / "data" / "tensors" / "train", 256, split="train", shard_size=100, seed=1)
-    make_split(repo / "data" / "tensors" / "test", 128, split="test", shard_size=100, seed=2)
-    (repo / "params.yaml").write_text(PARAMS)
-    (repo / "dvc.yaml").write_text(dvc_yaml())
-    (repo / ".gitignore").write_text("/checkpoints\n__pycache__/\n")
-
-    run(repo, "git", "init", "-q")
-    dvc(repo, "init", "-q")
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "train stage on committed shards")
+    repo = make_csv_repo(tmp_path)
+    assert (repo / "dvc.yaml").read_bytes() == (REPO_ROOT / "dvc.yaml").read_bytes()  # the real stages, verbatim
+    set_params(repo, **{"train.epochs": 2, "train.device": "cpu", "train.verify": "full", "loader.num_workers": 0})
+    run(repo, "git", "commit", "-qam", "two epochs on the CPU")
 
     first = dvc(repo, "repro")
-    assert "Running stage 'train'" in first.stdout
+    assert set(re.findall(r"Running stage '([^']+)'", first.stdout)) == {"download", "csv", "parquet", "tensorize",
+                                                                          "train"}, first.stdout
     baseline = json.loads((repo / "dvclive" / "metrics.json").read_text())
     assert {"train_loss", "test_loss", "test_acc", "epoch_seconds", "samples_per_second",
             "data_wait_fraction", "peak_memory_mb"} <= set(baseline)
