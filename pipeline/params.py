@@ -1,9 +1,17 @@
-"""``params.yaml`` sections as frozen dataclasses that reject unknown keys and bad values.
+"""``params.yaml`` sections as frozen pydantic dataclasses that reject unknown keys and bad values.
 
-Each stage reads the section(s) it needs with :func:`load_section`. Values are
-checked by the dataclass field's annotation (``bool`` is never accepted as a
-number, ``int`` is accepted where a float is expected) and then by the class's
-``check`` method for ranges. Messages name the file and the dotted key.
+Each stage reads the section(s) it needs with :func:`load_section`. pydantic
+(v2, strict mode) checks every value against its field's annotation: ``bool``
+is never accepted as a number, ``int`` is accepted (and stored as ``float``)
+where a float is expected, ranges come from ``Field`` constraints. A key is
+one line: a name, a type (the aliases below carry the common ranges) and a
+default. Messages are one line naming the file and the dotted key, what was
+expected and what was found.
+
+Two things stay hand-written: the message text (pydantic's own names the
+field, not ``section.key``, spreads over several lines and echoes inputs in
+full, which a YAML alias bomb makes endless), and checks across fields
+(``prep.compression_level`` depends on the codec), in a class's ``check``.
 
 params.yaml is parsed as YAML 1.2 (ruamel, as DVC itself does), so ``1e-3`` is
 a float here exactly as it is in ``dvc exp show``.
@@ -11,117 +19,115 @@ a float here exactly as it is in ``dvc exp show``.
 
 from __future__ import annotations
 
-import dataclasses
 import reprlib
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from pipeline.errors import ParamsError
 
 DEFAULT_PARAMS = Path("params.yaml")
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1  # torch.manual_seed overflows past 2**64 - 1; keep it in int64
 
 T = TypeVar("T")
 
 
-@dataclasses.dataclass(frozen=True)
+class Expect:
+    """The 'expected ...' text for a value of the right type that breaks the field's constraint."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _list_to_tuple(value: Any) -> Any:
+    return tuple(value) if type(value) is list else value  # YAML gives lists; frozen params hold tuples
+
+
+IntAtLeast0 = Annotated[int, Field(ge=0), Expect("an integer >= 0")]
+IntAtLeast1 = Annotated[int, Field(ge=1), Expect("an integer >= 1")]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED), Expect(f"an integer 0..{MAX_SEED}")]
+PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False), Expect("a positive finite number")]
+NonNegativeFinite = Annotated[float, Field(ge=0, allow_inf_nan=False), Expect("a finite number >= 0")]
+FilePath = Annotated[str, Field(pattern=r"\S"), Expect("a file path")]
+Source = Annotated[str, Field(pattern=r"\S"), Expect("a URL or folder")]
+Sources = Annotated[tuple[Source, ...], BeforeValidator(_list_to_tuple)]
+
+_CONFIG = ConfigDict(strict=True, extra="forbid")
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class DataParams:
     """``data``: which dataset, and where to get it."""
 
     dataset: Literal["fashion-mnist", "mnist", "csv"] = "fashion-mnist"
-    mirrors: tuple[str, ...] = ()
-    train_csv: str = "data/user/train.csv"
-    test_csv: str = "data/user/test.csv"
-    timeout_s: float = 30.0
-    min_rate_kbps: float = 64.0
-
-    def check(self, where: str) -> None:
-        if not (0 < self.timeout_s < float("inf")):
-            raise ParamsError(f"{where}: data.timeout_s: expected a positive finite number, found {self.timeout_s}")
-        if not (0 <= self.min_rate_kbps < float("inf")):
-            raise ParamsError(
-                f"{where}: data.min_rate_kbps: expected a finite number >= 0, found {self.min_rate_kbps}"
-            )
-        for i, mirror in enumerate(self.mirrors):
-            if not mirror.strip():
-                raise ParamsError(f"{where}: data.mirrors[{i}]: expected a URL or folder, found an empty string")
-        for key in ("train_csv", "test_csv"):
-            if not getattr(self, key).strip():
-                raise ParamsError(f"{where}: data.{key}: expected a file path, found an empty string")
+    mirrors: Sources = ()
+    train_csv: FilePath = "data/user/train.csv"
+    test_csv: FilePath = "data/user/test.csv"
+    timeout_s: PositiveFinite = 30.0
+    min_rate_kbps: NonNegativeFinite = 64.0
 
 
-@dataclasses.dataclass(frozen=True)
+_LEVELS = {"zstd": (1, 22), "gzip": (0, 9), "brotli": (0, 11)}
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class PrepParams:
     """``prep``: Parquet encoding and tensor sharding."""
 
     compression: Literal["zstd", "snappy", "lz4", "gzip", "brotli", "uncompressed"] = "zstd"
     compression_level: int | None = None
-    row_group_size: int = 65536
-    shard_size: int = 65536
+    row_group_size: IntAtLeast1 = 65536
+    shard_size: IntAtLeast1 = 65536
     normalize: Literal["unit", "standard"] = "unit"
 
     def check(self, where: str) -> None:
-        _at_least(where, "prep.row_group_size", self.row_group_size, 1)
-        _at_least(where, "prep.shard_size", self.shard_size, 1)
-        if self.compression_level is not None:
-            levels = {"zstd": (1, 22), "gzip": (0, 9), "brotli": (0, 11)}
-            if self.compression not in levels:
-                raise ParamsError(
-                    f"{where}: prep.compression_level: codec {self.compression!r} takes no level; "
-                    f"expected null, found {self.compression_level}"
-                )
-            lo, hi = levels[self.compression]
-            if not lo <= self.compression_level <= hi:
-                raise ParamsError(
-                    f"{where}: prep.compression_level: expected {lo}..{hi} for {self.compression}, "
-                    f"found {self.compression_level}"
-                )
+        """The level's range depends on the codec: a check across two fields."""
+        if self.compression_level is None:
+            return
+        if self.compression not in _LEVELS:
+            raise ParamsError(
+                f"{where}: prep.compression_level: codec {self.compression!r} takes no level; "
+                f"expected null, found {self.compression_level}"
+            )
+        lo, hi = _LEVELS[self.compression]
+        if not lo <= self.compression_level <= hi:
+            raise ParamsError(
+                f"{where}: prep.compression_level: expected {lo}..{hi} for {self.compression}, "
+                f"found {self.compression_level}"
+            )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class LoaderParams:
     """``loader``: DataLoader settings. They change speed, never results."""
 
-    batch_size: int = 512
-    num_workers: int = 0
+    batch_size: IntAtLeast1 = 512
+    num_workers: IntAtLeast0 = 0
     persistent_workers: bool = False
     pin_memory: bool = True
-    prefetch_factor: int | None = None
+    prefetch_factor: IntAtLeast1 | None = None
     shuffle: bool = True
 
-    def check(self, where: str) -> None:
-        _at_least(where, "loader.batch_size", self.batch_size, 1)
-        _at_least(where, "loader.num_workers", self.num_workers, 0)
-        if self.prefetch_factor is not None:
-            _at_least(where, "loader.prefetch_factor", self.prefetch_factor, 1)
 
-
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class TrainParams:
     """``train``: optimisation, device and checkpointing."""
 
-    epochs: int = 5
-    lr: float = 0.001
-    seed: int = 42
+    epochs: IntAtLeast1 = 5
+    lr: PositiveFinite = 0.001
+    seed: Seed = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     free_graph: bool = True
     verify: Literal["header", "full"] = "header"
-    checkpoint_every: int = 1
-
-    def check(self, where: str) -> None:
-        _at_least(where, "train.epochs", self.epochs, 1)
-        _at_least(where, "train.seed", self.seed, 0)
-        if self.seed > MAX_SEED:  # torch.manual_seed overflows past 2**64 - 1; keep it in int64
-            raise ParamsError(f"{where}: train.seed: expected an integer 0..{MAX_SEED}, found {_show(self.seed)}")
-        _at_least(where, "train.checkpoint_every", self.checkpoint_every, 0)
-        if not (self.lr > 0 and self.lr < float("inf")):
-            raise ParamsError(f"{where}: train.lr: expected a positive finite number, found {self.lr}")
+    checkpoint_every: IntAtLeast0 = 1
 
 
 SECTIONS: dict[str, type] = {
@@ -132,17 +138,14 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _at_least(where: str, key: str, value: int, low: int) -> None:
-    if value < low:
-        raise ParamsError(f"{where}: {key}: expected an integer >= {low}, found {_show(value)}")
-
-
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
 
 
 def _show(value: Any) -> str:
     """repr() bounded in size: YAML aliases can build a "billion laughs" value whose full repr never ends."""
+    if isinstance(value, str) and not value.strip():
+        return "an empty string"
     return _REPR.repr(value)
 
 
@@ -159,40 +162,31 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
-def _coerce(tp: Any, value: Any) -> tuple[bool, Any]:
-    """Return (ok, value converted to the field's Python type)."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return (type(value) is str and value in typing.get_args(tp)), value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, converted = _coerce(arg, value)
-            if ok:
-                return True, converted
-        return False, value
-    if origin is tuple:
-        (item,) = typing.get_args(tp)[:1]
-        if not isinstance(value, list):
-            return False, value
-        out = []
-        for v in value:
-            ok, converted = _coerce(item, v)
-            if not ok:
-                return False, value
-            out.append(converted)
-        return True, tuple(out)
-    if tp is type(None):
-        return value is None, None
-    if tp is bool:
-        return type(value) is bool, value
-    if tp is int:
-        return (isinstance(value, int) and not isinstance(value, bool)), value
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if tp is str:
-        return isinstance(value, str), value
-    raise TypeError(f"unsupported params annotation {tp!r}")
+def _expectation(tp: Any) -> str | None:
+    """The :class:`Expect` text in an annotation, looking inside unions and tuples."""
+    if typing.get_origin(tp) is Annotated:
+        found = [m.text for m in tp.__metadata__ if isinstance(m, Expect)]
+        return found[0] if found else _expectation(typing.get_args(tp)[0])
+    for arg in typing.get_args(tp):
+        if (text := _expectation(arg)) is not None:
+            return text
+    return None
+
+
+# pydantic error types for a value of the right type that breaks a constraint; any other is a wrong type.
+_CONSTRAINT_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
+                      "string_pattern_mismatch", "too_short", "too_long"}
+
+
+def _message(cls: type, section: str, values: Mapping, exc: ValidationError, where: str) -> str:
+    error = exc.errors(include_url=False, include_context=False)[0]
+    key = str(error["loc"][0])
+    if error["type"] in _CONSTRAINT_ERRORS:
+        at = key + "".join(f"[{i}]" for i in error["loc"][1:])
+        expected = _expectation(typing.get_type_hints(cls, include_extras=True)[key])
+        return f"{where}: {section}.{at}: expected {expected}, found {_show(error['input'])}"
+    # A wrong type anywhere inside a value: name the key's whole type and show the value it was given.
+    return f"{where}: {section}.{key}: expected {_type_name(typing.get_type_hints(cls)[key])}, found {_show(values[key])}"
 
 
 def parse_section(cls: type[T], section: str, values: Any, where: str = "params.yaml") -> T:
@@ -201,21 +195,17 @@ def parse_section(cls: type[T], section: str, values: Any, where: str = "params.
         values = {}
     if not isinstance(values, Mapping):
         raise ParamsError(f"{where}: {section}: expected a mapping of keys, found {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k) for k in values if k not in fields)
-    if unknown:
-        raise ParamsError(
-            f"{where}: {section}.{unknown[0]}: unknown key; known keys of {section!r} are {', '.join(sorted(fields))}"
-        )
-    kwargs = {}
-    for key, value in values.items():
-        ok, converted = _coerce(hints[key], value)
-        if not ok:
-            raise ParamsError(f"{where}: {section}.{key}: expected {_type_name(hints[key])}, found {_show(value)}")
-        kwargs[key] = converted
-    obj = cls(**kwargs)
-    obj.check(where)  # type: ignore[attr-defined]
+    known = sorted(f.name for f in fields(cls))
+    unknown = sorted(str(k) for k in values if k not in known)
+    if unknown:  # checked first: a typo is reported as a typo, with the keys it could have meant
+        raise ParamsError(f"{where}: {section}.{unknown[0]}: unknown key; known keys of {section!r} are {', '.join(known)}")
+    try:
+        obj = cls(**values)
+    except ValidationError as exc:
+        raise ParamsError(_message(cls, section, values, exc, where)) from None
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(where)
     return obj
 
 
