@@ -52,7 +52,7 @@ def check_user_csv_location(path: Path, folder: Path, key: str, where: str = "pa
     """Refuse a user CSV outside ``folder``: dvc.yaml tracks that folder, so edits elsewhere would go unseen."""
     if not path.resolve().is_relative_to(folder.resolve()):
         raise ParamsError(
-            f"{where}: {key}: {path} is outside {folder}/, the folder dvc.yaml tracks, so `dvc repro` would "
+            f"{where}: {key}: {path} is outside {folder}/, the folder dvc.yaml tracks, so dvc repro would "
             f"not notice when the file changes: copy it to {folder / path.name} and set {key}: {folder / path.name}"
         )
 

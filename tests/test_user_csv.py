@@ -80,7 +80,7 @@ def test_csv_outside_the_tracked_folder_is_refused(tmp_path, where):
     assert proc.returncode == 2
     assert proc.stderr == (
         f"error: {tmp_path / 'p.yaml'}: data.train_csv: {given} is outside data/user/, the folder dvc.yaml "
-        "tracks, so `dvc repro` would not notice when the file changes: copy it to data/user/train.csv and "
+        "tracks, so dvc repro would not notice when the file changes: copy it to data/user/train.csv and "
         "set data.train_csv: data/user/train.csv\n")
     assert synth.leftovers(tmp_path / "out") == []
 
