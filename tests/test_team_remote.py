@@ -9,9 +9,16 @@ fresh ``git clone`` of origin, as a colleague would.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import pty
+import shlex
 import shutil
+import struct
+import sys
+import termios
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +27,7 @@ import pytest
 import yaml
 from sshd import Sshd, keygen, start_sshd
 
-from tests.repo_copy import dvc, make_csv_repo, run
+from tests.repo_copy import ROOT, dvc, make_csv_repo, run
 
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 EXP = "lr-high"
@@ -130,6 +137,7 @@ def test_experiment_shared_through_git(world: World) -> None:
     assert data["metrics"]["dvclive/metrics.json"]["data"]["test_acc"] == world.exp_metrics["test_acc"]
     assert data["params"]["params.yaml"]["data"]["train"]["lr"] == 0.01
     assert not (repo / "models").exists()  # nothing pulled besides the experiment
+    check_readme_exp_show_in_80_columns(repo, world.exp_metrics)
     dvc(repo, "exp", "apply", EXP)
     dvc(repo, "checkout")
     assert (repo / "models/model.safetensors").read_bytes() == world.exp_model
@@ -179,3 +187,53 @@ def test_corrupted_remote_file_is_detected_and_not_checked_out(world: World) -> 
     model = repo / "models/model.safetensors"
     assert not model.exists() or model.read_bytes() != bytes(data)
     assert "failed to pull data from the cloud" in out and "models" in out, out
+
+
+def readme_exp_show_command() -> list[str]:
+    """The readable `dvc exp show` line README's "Comparing experiments" section gives."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Comparing experiments in an 80-column terminal", 1)[1].split("\n##", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("dvc exp show ")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0])
+
+
+def in_terminal(cmd: list[str], cwd: Path, columns: int = 80) -> str:
+    """Run ``cmd`` on a pseudo-terminal ``columns`` wide (as a person at a narrow terminal would)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: only exec or exit
+        try:
+            os.chdir(cwd)
+            os.environ.update(COLUMNS=str(columns), LINES="40", TERM="xterm-256color")
+            os.execvp(sys.executable, [sys.executable, "-m", *cmd])
+        finally:
+            os._exit(127)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    text = out.decode("utf-8", "replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    return text
+
+
+def check_readme_exp_show_in_80_columns(repo: Path, metrics: dict) -> None:
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", in_terminal(readme_exp_show_command(), repo))
+    row = next((ln for ln in text.splitlines() if f"[{EXP}]" in ln), None)
+    assert row is not None, text
+    assert "…" not in text, text
+    cells = row.split()
+    for metric in ("test_loss", "test_acc"):
+        assert f"{metrics[metric]:.5g}" in cells, (metric, text)  # DVC prints 5 significant digits
+    assert "0.01" in cells, text  # the changed param, train.lr
+    assert max(len(ln) for ln in text.splitlines()) <= 80, text
