@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pty
+import re
 import shlex
 import shutil
 import struct
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sshd import Sshd, keygen, start_sshd
+from sshd import Sshd, free_port, keygen, start_sshd
 
 from tests.repo_copy import ROOT, dvc, make_csv_repo, run
 
@@ -150,7 +151,7 @@ def test_failed_pull_says_why_and_leaves_the_workspace_as_it_was(world: World, p
         repo = clone(world, problem, key=keygen(world.tmp / "stranger_ed25519"))
     else:
         repo = clone(world, problem)
-        closed = world.sshd.url(world.storage).replace(f":{world.sshd.port}/", f":{free_closed_port()}/")
+        closed = world.sshd.url(world.storage).replace(f":{world.sshd.port}/", f":{free_port()}/")  # nobody listens
         dvc(repo, "remote", "modify", "--local", "storage", "url", closed)
     before = files(repo)
     res = dvc(repo, "pull", check=False)
@@ -158,12 +159,6 @@ def test_failed_pull_says_why_and_leaves_the_workspace_as_it_was(world: World, p
     out = res.stdout + res.stderr
     assert "ERROR" in out and ("failed to" in out or "Connection refused" in out), out
     assert files(repo) == before
-
-
-def free_closed_port() -> int:
-    from sshd import free_port
-
-    return free_port()
 
 
 def test_corrupted_remote_file_is_detected_and_not_checked_out(world: World) -> None:
@@ -226,8 +221,6 @@ def in_terminal(cmd: list[str], cwd: Path, columns: int = 80) -> str:
 
 
 def check_readme_exp_show_in_80_columns(repo: Path, metrics: dict) -> None:
-    import re
-
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", in_terminal(readme_exp_show_command(), repo))
     row = next((ln for ln in text.splitlines() if f"[{EXP}]" in ln), None)
     assert row is not None, text
