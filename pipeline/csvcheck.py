@@ -8,7 +8,7 @@ which row and column broke the schema, and what was expected.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from pipeline.errors import DataError
 from pipeline.tabular import HEADER, NUM_PIXELS, PIXEL_COLUMNS, PIXEL_COLUMNS_ZERO_BASED
@@ -25,6 +25,13 @@ def _show(value: bytes, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def header_names(line: bytes) -> list[str]:
+    """The column names of a header line as the file spells them (BOM, quotes, blanks removed)."""
+    if line.startswith(BOM):
+        line = line[len(BOM):]
+    return [n.strip().strip('"') for n in line.rstrip(b"\r\n").decode("utf-8", "replace").split(",")]
+
+
 def check_header(line: bytes, where: str) -> None:
     """Accept ``label,pixel1..pixel784`` or Kaggle MNIST's ``label,pixel0..pixel783``."""
     if len(line) > MAX_HEADER_BYTES:
@@ -32,9 +39,7 @@ def check_header(line: bytes, where: str) -> None:
             f"{where}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; expected "
             f"{len(HEADER)} columns label,pixel1..pixel{NUM_PIXELS}"
         )
-    if line.startswith(BOM):
-        line = line[len(BOM):]
-    names = [n.strip().strip('"') for n in line.rstrip(b"\r\n").decode("utf-8", "replace").split(",")]
+    names = header_names(line)
     if names == list(HEADER) or names == ["label", *PIXEL_COLUMNS_ZERO_BASED]:
         return
     if len(names) != len(HEADER):
@@ -48,8 +53,12 @@ def check_header(line: bytes, where: str) -> None:
     raise DataError(f"{where}: row 1 (header), column {col + 1}: expected {expected[col]!r}, found {names[col]!r:.40}")
 
 
-def check_row(line: bytes, row: int, where: str) -> None:
-    """Check one data line (``row`` counts data rows from 1; the file line is row + 1)."""
+def check_row(line: bytes, row: int, where: str, names: Sequence[str] = HEADER) -> None:
+    """Check one data line (``row`` counts data rows from 1; the file line is row + 1).
+
+    ``names`` are the file's own column names, so a message points at the column as the user's
+    header spells it (Kaggle MNIST counts pixels from 0).
+    """
     line = line.rstrip(b"\r\n")
     at = f"{where}: row {row} (line {row + 1})"
     if not line:
@@ -59,7 +68,7 @@ def check_row(line: bytes, row: int, where: str) -> None:
         raise DataError(f"{at}: expected {len(HEADER)} values, found {count}")
     cells = line.split(b",")
     for col, cell in enumerate(cells):
-        name = HEADER[col]
+        name = names[col]
         hi = 9 if col == 0 else 255
         m = _INT.fullmatch(cell)
         if not cell.strip():
@@ -82,9 +91,10 @@ def find_problem(lines: Iterable[bytes], where: str) -> DataError | None:
         return DataError(f"{where}: file is empty; expected a header line label,pixel1..pixel{NUM_PIXELS}")
     try:
         check_header(header, where)
+        names = header_names(header)
         rows = 0
         for rows, line in enumerate(it, start=1):
-            check_row(line, rows, where)
+            check_row(line, rows, where, names)
     except DataError as exc:
         return exc
     if rows == 0:

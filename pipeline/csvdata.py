@@ -1,7 +1,9 @@
 """The ``csv`` stage: IDX -> Kaggle-layout CSV, or the user's own CSV made canonical.
 
 Canonical means header ``label,pixel1..pixel784``, LF line ends, no BOM.
-Values are checked by the Parquet stage, which reads every cell anyway.
+Values are checked by the Parquet stage, which reads every cell anyway; the
+user's own CSV is also checked here (``check_values``), so that a bad cell is
+reported against the user's file, line and column name, not against the copy.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import numpy as np
 import polars as pl
 
 from pipeline.atomic import atomic_file
-from pipeline.csvcheck import BOM, MAX_HEADER_BYTES, check_header
-from pipeline.errors import DataError
+from pipeline.csvcheck import BOM, MAX_HEADER_BYTES, check_header, find_problem
+from pipeline.errors import DataError, ParamsError
 from pipeline.idx import decode_idx
 from pipeline.tabular import HEADER, HEADER_LINE, NUM_PIXELS
 
@@ -46,26 +48,67 @@ def idx_to_csv(images_gz: Path, labels_gz: Path, out_csv: Path) -> int:
     return len(frame)
 
 
-def import_user_csv(src: Path, out_csv: Path) -> None:
-    """Copy the user's CSV with a canonical header and LF line ends, in bounded memory."""
+def check_user_csv_location(path: Path, folder: Path, key: str, where: str = "params.yaml") -> None:
+    """Refuse a user CSV outside ``folder``: dvc.yaml tracks that folder, so edits elsewhere would go unseen."""
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ParamsError(
+            f"{where}: {key}: {path} is outside {folder}/, the folder dvc.yaml tracks, so dvc repro would "
+            f"not notice when the file changes: copy it to {folder / path.name} and set {key}: {folder / path.name}"
+        )
+
+
+def _values_in_range(canonical_csv: Path) -> bool:
+    """One streaming Polars pass: every row complete, label 0..9, pixels 0..255, at least one row."""
+    frame = pl.scan_csv(canonical_csv, schema={c: pl.Int32 for c in HEADER}, has_header=False, skip_lines=1)
+    pixels = pl.exclude("label")
+    try:
+        stats = frame.select(
+            rows=pl.len(),
+            nulls=pl.sum_horizontal(pl.all().null_count()),
+            low=pl.min_horizontal(pl.all().min()),
+            label_high=pl.col("label").max(),
+            pixel_high=pl.max_horizontal(pixels.max()),
+        ).collect(engine="streaming").row(0, named=True)
+    except pl.exceptions.PolarsError:  # a cell that is not an integer, too many cells: find_problem says which
+        return False
+    return (stats["rows"] > 0 and stats["nulls"] == 0 and stats["low"] >= 0 and stats["label_high"] <= 9
+            and stats["pixel_high"] <= 255)
+
+
+def _lines(path: Path):
+    with open(path, "rb") as f:
+        yield from f
+
+
+def import_user_csv(src: Path, out_csv: Path, *, check_values: bool = False) -> None:
+    """Copy the user's CSV with a canonical header and LF line ends, in bounded memory.
+
+    With ``check_values`` every cell is checked too, and a problem is reported against ``src``
+    (its line, its own column name); nothing is written then.
+    """
     if not src.exists():
         raise DataError(f"{src}: file not found (data.dataset is csv; set data.train_csv / data.test_csv)")
     if not src.is_file():
         raise DataError(f"{src}: expected a CSV file, found a directory or special file")
     try:
-        with open(src, "rb") as f, atomic_file(out_csv) as tmp, open(tmp, "wb") as out:
-            header = f.readline(MAX_HEADER_BYTES + 1)
-            if not header.strip(BOM + b" \r\n"):
-                raise DataError(f"{src}: file is empty; expected a header line label,pixel1..pixel{NUM_PIXELS}")
-            check_header(header, str(src))  # also refuses a header longer than MAX_HEADER_BYTES
-            out.write(HEADER_LINE)
-            carry = b""
-            while block := f.read(COPY_CHUNK):
-                block = carry + block
-                # a CR at the end of a block may be half of a CRLF split across blocks
-                carry = b"\r" if block.endswith(b"\r") else b""
-                out.write(block[: len(block) - len(carry)].replace(b"\r\n", b"\n"))
-            if carry:
-                out.write(b"\n")
+        with open(src, "rb") as f, atomic_file(out_csv) as tmp:
+            with open(tmp, "wb") as out:
+                header = f.readline(MAX_HEADER_BYTES + 1)
+                if not header.strip(BOM + b" \r\n"):
+                    raise DataError(f"{src}: file is empty; expected a header line label,pixel1..pixel{NUM_PIXELS}")
+                check_header(header, str(src))  # also refuses a header longer than MAX_HEADER_BYTES
+                out.write(HEADER_LINE)
+                carry = b""
+                while block := f.read(COPY_CHUNK):
+                    block = carry + block
+                    # a CR at the end of a block may be half of a CRLF split across blocks
+                    carry = b"\r" if block.endswith(b"\r") else b""
+                    out.write(block[: len(block) - len(carry)].replace(b"\r\n", b"\n"))
+                if carry:
+                    out.write(b"\n")
+            # the fast pass reads the canonical copy; only on failure is the user's file re-read line by line
+            if check_values and not _values_in_range(tmp):
+                raise find_problem(_lines(src), str(src)) or DataError(
+                    f"{src}: Polars could not read it as label,pixel1..pixel{NUM_PIXELS} integers")
     except OSError as exc:
         raise DataError(f"{src}: cannot copy to {out_csv}: {exc}") from None

@@ -1,0 +1,104 @@
+"""The user's own CSV (data.dataset: csv) is never used stale, and its errors point into the user's file.
+
+dvc.yaml's `csv` stage depends on the folder data/user; the stage refuses a
+data.train_csv / data.test_csv outside it (an edit there would go unseen by
+DVC), and checks every cell of the user's file itself, so a bad value is
+reported against the user's path, line and column name, not against the
+canonical copy in data/csv/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import synth
+
+from tests.repo_copy import dvc, make_csv_repo, set_params
+
+ARGS = ("--raw", "raw", "--user", "data/user", "--train", "out/train.csv", "--test", "out/test.csv")
+
+
+def _stage(tmp_path: Path, train: str, test: str = "data/user/test.csv"):
+    if not (tmp_path / "data/user/test.csv").exists():
+        synth.write_csv(tmp_path / "data/user/test.csv", synth.split(5, seed=3))
+    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": train, "test_csv": test})
+    return synth.run_stage("csv", "--params", params, *ARGS, cwd=tmp_path)
+
+
+def _bad_train(tmp_path: Path, row: int, col: int, cell: str, **kw) -> Path:
+    """data/user/train.csv of 6 rows whose data row ``row``, column ``col`` (1-based) reads ``cell``."""
+    path = synth.write_csv(tmp_path / "data/user/train.csv", synth.split(6, seed=1), **kw)
+    newline = kw.get("newline", "\n").encode()
+    lines = path.read_bytes().split(newline)
+    cells = lines[row].split(b",")
+    cells[col - 1] = cell.encode()
+    lines[row] = b",".join(cells)
+    path.write_bytes(newline.join(lines))
+    return path
+
+
+@pytest.mark.parametrize(
+    "row, col, cell, kw, expected",
+    [
+        (3, 6, "256", dict(zero_based=True, newline="\r\n", bom=True),
+         "row 3 (line 4), column 6 (pixel4): expected an integer 0..255, found 256"),
+        (2, 6, "256", dict(), "row 2 (line 3), column 6 (pixel5): expected an integer 0..255, found 256"),
+        (5, 1, "10", dict(zero_based=True), "row 5 (line 6), column 1 (label): expected an integer 0..9, found 10"),
+        (1, 785, "x", dict(zero_based=True), "row 1 (line 2), column 785 (pixel783): expected an integer 0..255, "
+                                             "found 'x'"),
+        (4, 300, "", dict(), "row 4 (line 5), column 300 (pixel299): expected an integer 0..255, found an empty cell"),
+        (6, 2, "-1", dict(zero_based=True), "row 6 (line 7), column 2 (pixel0): expected an integer 0..255, "
+                                            "found -1"),
+        (2, 785, "0,0", dict(), "row 2 (line 3): expected 785 values, found 786"),
+    ],
+    ids=["zero-based-crlf-bom", "canonical", "label", "not-a-number", "empty-cell", "negative", "extra-cell"],
+)
+def test_bad_cell_is_reported_in_the_users_file_and_words(tmp_path, row, col, cell, kw, expected):
+    src = _bad_train(tmp_path, row, col, cell, **kw)
+    proc = _stage(tmp_path, "data/user/train.csv")
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr == f"error: data/user/train.csv: {expected}\n"
+    assert synth.leftovers(tmp_path / "out") == []
+    assert src.exists()
+
+
+def test_valid_user_csv_passes_the_value_check(tmp_path):
+    tr = synth.split(40, seed=4)
+    synth.write_csv(tmp_path / "data/user/train.csv", tr, zero_based=True, newline="\r\n")
+    proc = _stage(tmp_path, "data/user/train.csv")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out/train.csv").read_bytes() == synth.csv_bytes(tr)
+
+
+@pytest.mark.parametrize("where", ["elsewhere/train.csv", "data/user/../train.csv", "absolute"])
+def test_csv_outside_the_tracked_folder_is_refused(tmp_path, where):
+    path = tmp_path / "train.csv" if where == "absolute" else tmp_path / where
+    synth.write_csv(path, synth.split(4))
+    given = str(path) if where == "absolute" else where
+    proc = _stage(tmp_path, given)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"error: {tmp_path / 'p.yaml'}: data.train_csv: {given} is outside data/user/, the folder dvc.yaml "
+        "tracks, so dvc repro would not notice when the file changes: copy it to data/user/train.csv and "
+        "set data.train_csv: data/user/train.csv\n")
+    assert synth.leftovers(tmp_path / "out") == []
+
+
+def test_dvc_reruns_csv_when_the_user_edits_the_file_and_refuses_one_elsewhere(tmp_path):
+    repo = make_csv_repo(tmp_path, n_train=20, n_test=10)
+    dvc(repo, "repro", "csv")
+    before = (repo / "data/csv/train.csv").read_bytes()
+    user = repo / "data/user/train.csv"
+    user.write_bytes(user.read_bytes() + synth.row_line(7, [9] * 784).encode() + b"\n")
+    res = dvc(repo, "repro", "csv")
+    assert "Running stage 'csv'" in res.stdout
+    after = (repo / "data/csv/train.csv").read_bytes()
+    assert after.startswith(before) and after.count(b"\n") == before.count(b"\n") + 1
+
+    outside = tmp_path / "mine.csv"
+    outside.write_bytes(user.read_bytes())
+    set_params(repo, **{"data.train_csv": str(outside)})
+    res = dvc(repo, "repro", "csv", check=False)
+    assert res.returncode != 0
+    assert f"data.train_csv: {outside} is outside data/user/" in res.stdout + res.stderr
