@@ -105,6 +105,8 @@ class TrainParams:
     free_graph: bool = True
     verify: Literal["header", "full"] = "header"
     checkpoint_every: int = 1
+    processes: int = 1
+    max_restarts: int = 3
 
     def check(self, where: str) -> None:
         _at_least(where, "train.epochs", self.epochs, 1)
@@ -112,6 +114,8 @@ class TrainParams:
         if self.seed > MAX_SEED:  # torch.manual_seed overflows past 2**64 - 1; keep it in int64
             raise ParamsError(f"{where}: train.seed: expected an integer 0..{MAX_SEED}, found {_show(self.seed)}")
         _at_least(where, "train.checkpoint_every", self.checkpoint_every, 0)
+        _at_least(where, "train.processes", self.processes, 1)
+        _at_least(where, "train.max_restarts", self.max_restarts, 0)
         if not (self.lr > 0 and self.lr < float("inf")):
             raise ParamsError(f"{where}: train.lr: expected a positive finite number, found {self.lr}")
 

@@ -34,11 +34,14 @@ TRAIN_CODE = [
     "pipeline/shards.py",
     "trainer/checkpoint.py",
     "trainer/data.py",
+    "trainer/distributed.py",
     "trainer/export.py",
     "trainer/loader.py",
+    "trainer/lock.py",
     "trainer/loop.py",
     "trainer/memory.py",
     "trainer/model.py",
+    "trainer/rank_split.py",
     "trainer/run.py",
     "trainer/verify.py",
 ]
@@ -58,6 +61,8 @@ train:
   free_graph: true
   verify: full
   checkpoint_every: 1
+  processes: 1
+  max_restarts: 3
 """
 
 

@@ -8,7 +8,8 @@ two files always belong together.
 
 The fingerprint covers everything that changes the training trajectory: the
 train params that affect results, ``loader.batch_size`` and ``loader.shuffle``,
-the device type and both manifests' shard hashes. ``train.epochs`` is left out
+the device type, the number of training processes (the world size changes
+the order of float sums) and both manifests' shard hashes. ``train.epochs`` is left out
 on purpose: without a schedule, epoch k of a 5-epoch run is epoch k of a
 10-epoch run, so raising ``epochs`` after an interruption still resumes.
 A checkpoint that is missing, from another run, or damaged is ignored with a
@@ -45,6 +46,7 @@ def fingerprint(
     train_manifest: Manifest,
     test_manifest: Manifest,
     architecture: str,
+    world_size: int = 1,
 ) -> str:
     doc = {
         "format": FORMAT,
@@ -54,6 +56,7 @@ def fingerprint(
         "device": device.type,
         "batch_size": loader.batch_size,
         "shuffle": loader.shuffle,
+        "processes": world_size,
         "train_shards": [s.sha256 for s in train_manifest.shards],
         "test_shards": [s.sha256 for s in test_manifest.shards],
     }
@@ -66,7 +69,8 @@ class Resumed:
     history: list[dict[str, float]]
 
 
-def _flatten(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, torch.Tensor]:
+def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, torch.Tensor]:
+    """Model, optimizer and RNG state as named CPU tensors (what a checkpoint stores)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
@@ -90,7 +94,7 @@ def save_checkpoint(
     history: list[dict[str, float]],
 ) -> None:
     """Write the state after ``epoch`` completed epochs; the folder is replaced atomically."""
-    tensors = _flatten(model, optimizer, device)
+    tensors = state_tensors(model, optimizer, device)
     with atomic_dir(directory) as tmp:
         safetensors.torch.save_file(tensors, str(tmp / TENSORS), metadata={"format": str(FORMAT)})
         meta = {
@@ -130,7 +134,7 @@ def _read_meta(directory: Path, run_fingerprint: str, max_epoch: int) -> dict[st
 
 
 def _expected(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Names, dtypes and shapes a checkpoint of this model and (Adam) optimizer must hold."""
+    """Names, dtypes and shapes a checkpoint of this model and (Adam) optimizer must hold (RNG aside)."""
     out = {f"model.{k}": (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, p in enumerate(params):
@@ -181,6 +185,24 @@ def load_checkpoint(
         notice(f"notice: not resuming from {directory}: {exc}; training from scratch")
         return None
     # Everything is validated: from here on nothing can fail halfway.
+    restore_state(tensors, model=model, optimizer=optimizer, device=device)
+    history = [{k: float(v) for k, v in h.items()} for h in meta["history"]]
+    return Resumed(meta["epoch"], history)
+
+
+def empty_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, torch.Tensor]:
+    """Uninitialised tensors named, typed and shaped as :func:`state_tensors` returns them after a step:
+    what a rank receives rank 0's restored state into."""
+    out = {name: torch.empty(shape, dtype=dtype) for name, (dtype, shape) in _expected(model, optimizer).items()}
+    out["rng.cpu"] = torch.empty_like(torch.get_rng_state())
+    if device.type == "cuda":
+        out["rng.cuda"] = torch.empty_like(torch.cuda.get_rng_state(device))
+    return out
+
+
+def restore_state(tensors: dict[str, torch.Tensor], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  device: torch.device) -> None:
+    """Load validated state tensors (names as :func:`state_tensors` gives them) into model, optimizer and RNG."""
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
@@ -191,8 +213,6 @@ def load_checkpoint(
     torch.set_rng_state(tensors["rng.cpu"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-    history = [{k: float(v) for k, v in h.items()} for h in meta["history"]]
-    return Resumed(meta["epoch"], history)
 
 
 def remove_checkpoint(directory: Path | str) -> None:
