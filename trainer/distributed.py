@@ -15,6 +15,7 @@ Only tensor collectives are used (``all_reduce``, ``broadcast``): the
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -92,8 +93,15 @@ def launch(module: str, args: Sequence[str], *, processes: int, max_restarts: in
     child_env = {**os.environ, **(env or {})}
     # torchrun would otherwise set 1 with a warning; each rank sets its own count anyway (see threads()).
     child_env.setdefault("OMP_NUM_THREADS", str(default_threads(processes)))
-    return subprocess.run(launch_command(module, args, processes=processes, max_restarts=max_restarts),
-                          env=child_env, check=False).returncode
+    agent = subprocess.Popen(launch_command(module, args, processes=processes, max_restarts=max_restarts),
+                             env=child_env)
+    # A SIGTERM for the stage (dvc, a scheduler) must reach the agent, which stops its ranks;
+    # Ctrl-C reaches them all through the terminal's process group anyway.
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: agent.send_signal(signum))
+    try:
+        return agent.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def join(device: torch.device, environ: Mapping[str, str] = os.environ) -> Group:

@@ -29,6 +29,7 @@ real run at a known point. It has no other effect.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 import contextlib
@@ -215,6 +216,9 @@ def _fit(
     notice: Callable[[str], None],
 ) -> dict[str, float]:
     device, main = group.device, group.is_main
+    if group.world_size > 1:
+        notice(f"notice: rank 0 of {group.world_size} processes runs on {socket.gethostname()}: "
+               f"it alone writes {model_dir}, {live_dir} and {checkpoint_dir}")
     threads = distributed.threads(group)
     if threads is not None:
         torch.set_num_threads(threads)
