@@ -27,11 +27,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from pipeline.errors import ParamsError
 from pipeline.normalize import make_normalization
 from pipeline.tensorize import write_split
 from tests.repo_copy import dvc, make_csv_repo, set_params
 from tests.test_train_stage import MODEL_METRICS, history, read_tsv, stage_cmd, stage_env, train_argv
-from trainer.distributed import default_threads
+from trainer.distributed import check_gpus, default_threads
+from trainer.lock import CheckpointBusy, checkpoint_lock, lock_path
 from trainer.loader import EpochBatchSampler
 from trainer.model import SimpleCNN
 from trainer.rank_split import RankBatches, rank_range
@@ -136,6 +138,24 @@ def test_scaled_rank_losses_average_to_the_global_gradient(n: int, world: int) -
             t += p.grad
     for t, e in zip(total, expected):
         torch.testing.assert_close(t / world, e, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoint_lock_refuses_a_second_holder_and_is_released(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    with checkpoint_lock(folder):
+        with pytest.raises(CheckpointBusy, match="another training is running on this checkpoint folder"):
+            with checkpoint_lock(folder):
+                pass
+    with checkpoint_lock(folder):  # released on exit
+        pass
+    assert lock_path(folder) == tmp_path / ".checkpoints.lock" and not folder.exists()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs for 2 processes")
+def test_more_processes_than_gpus_is_refused() -> None:
+    with pytest.raises(ParamsError, match=r"^train\.processes: expected at most \d+ processes"):
+        check_gpus(torch.device("cuda"), 2)
+    check_gpus(torch.device("cpu"), 64)  # no such limit on the CPU
 
 
 def test_threads_share_the_cores() -> None:
