@@ -24,6 +24,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from benchmarks.ddp import ddp_rows
 from benchmarks.disk import disk_usage
 from benchmarks.memory import run_loader_memory, run_scenarios
 from benchmarks.naive import NaiveDataset, PerSampleShards, PrecomputedDataset
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parquet", type=Path, default=Path("data/parquet"))
     p.add_argument("--csv", type=Path, default=Path("data/csv"))
     p.add_argument("--out", type=Path, default=Path("bench"))
+    p.add_argument("--skip-ddp", action="store_true", help="leave out rows ddp-1 and ddp-2 (benchmarks.ddp)")
     cfg = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # 8 workers on 2 cores is the point
     cfg.samples = cfg.samples or (6000 if cfg.quick else EPOCH_SAMPLES)
@@ -274,15 +276,16 @@ def main(argv: list[str] | None = None) -> None:
         del source
         print(f"{row.name:<20} loader {loader_s:8.3f} s  train {train_s * scale:7.2f} s  wait {wait:.3f}", flush=True)
     naive_s = rows[0].result["loader_epoch_s"]
-    for row in rows:
-        row.result["speedup_vs_naive"] = naive_s / row.result["loader_epoch_s"]
+    ddp = [] if cfg.skip_ddp else ddp_rows(cfg.tensors, cfg.params, cfg.samples, cfg.repeats, device=device.type)
+    for row in [r.result for r in rows] + ddp:
+        row["speedup_vs_naive"] = naive_s / row["loader_epoch_s"]
 
     results = {
         "machine": machine(device),
         "settings": {"repeats": cfg.repeats, "samples": cfg.samples, "naive_samples": cfg.naive_samples,
                      "quick": cfg.quick, "epoch_samples": EPOCH_SAMPLES},
         "floors": fl,
-        "rows": [r.result for r in rows],
+        "rows": [r.result for r in rows] + ddp,
         "memory": {"loader_process_tree": run_loader_memory(cfg.memory_workers, cfg.samples, cfg.tensors,
                                                             cfg.parquet),
                    "training_habits": run_scenarios(str(device), steps=cfg.habit_steps, batch=512)},

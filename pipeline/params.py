@@ -128,6 +128,8 @@ class TrainParams:
     free_graph: bool = True
     verify: Literal["header", "full"] = "header"
     checkpoint_every: IntAtLeast0 = 1
+    processes: IntAtLeast1 = 1
+    max_restarts: IntAtLeast0 = 3
 
 
 SECTIONS: dict[str, type] = {

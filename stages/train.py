@@ -1,13 +1,20 @@
-"""Stage ``train``: SimpleCNN on the tensor shards, metrics into DVCLive, model as safetensors."""
+"""Stage ``train``: SimpleCNN on the tensor shards, metrics into DVCLive, model as safetensors.
+
+With ``train.processes > 1`` (and not already started by torchrun) the stage
+runs itself again as that many DDP processes under torchrun and exits with
+its exit code.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.cli import parser, run_stage
 from pipeline.params import load_section
-from trainer.run import fit
+from trainer.distributed import under_launcher
+from trainer.run import fit, launch
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -21,6 +28,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Both sections are checked before any data is touched.
     loader = load_section("loader", args.params)
     train = load_section("train", args.params)
+    if train.processes > 1 and not under_launcher():
+        args_again = list(sys.argv[1:] if argv is None else argv)
+        sys.exit(launch(args_again, train_dir=args.train, test_dir=args.test, checkpoint_dir=args.checkpoints,
+                        train=train))
     fit(
         train_dir=args.train,
         test_dir=args.test,

@@ -15,7 +15,7 @@ from pipeline.tensorize import tensorize
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ["naive", "naive-bs512", "+num_workers", "+persistent_workers", "+pin_memory", "precomputed",
-        "mmap-per-sample", "default", "resident"]
+        "mmap-per-sample", "default", "resident", "ddp-1", "ddp-2"]
 
 
 @pytest.mark.slow

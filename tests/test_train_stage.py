@@ -230,6 +230,10 @@ BAD_PARAMS = [
     ({"train": {"verify": "maybe"}}, "train.verify"),
     ({"train": {"checkpoint_every": -1}}, "train.checkpoint_every"),
     ({"train": {"device": "tpu"}}, "train.device"),
+    ({"train": {"processes": 0}}, "train.processes"),
+    ({"train": {"processes": -1}}, "train.processes"),
+    ({"train": {"processes": "two"}}, "train.processes"),
+    ({"train": {"max_restarts": -1}}, "train.max_restarts"),
     ({"trian": {"epochs": 1}}, "trian"),
 ]
 

@@ -9,7 +9,8 @@ two files always belong together.
 The fingerprint covers everything that changes the training trajectory: every
 ``train`` and ``loader`` param except the ones listed in :data:`SPEED_ONLY`
 (so a param added later is covered without anyone remembering to add it),
-the device type, both manifests' shard hashes, the torch version and a digest
+the device type, the number of training processes (the world size changes
+the order of float sums), both manifests' shard hashes, the torch version and a digest
 of the train stage's code (:func:`code_digest`). ``train.epochs`` is left out
 on purpose: without a schedule, epoch k of a 5-epoch run is epoch k of a
 10-epoch run, so raising ``epochs`` after an interruption still resumes.
@@ -53,6 +54,7 @@ SPEED_ONLY = frozenset({
     "train.epochs",
     "train.verify",
     "train.checkpoint_every",
+    "train.max_restarts",  # how often a killed group is restarted, not what it computes
 })
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_STAGE = "train"
@@ -108,6 +110,7 @@ def fingerprint(
     test_manifest: Manifest,
     architecture: str,
     code: str | None = None,
+    world_size: int = 1,
 ) -> str:
     """What a checkpoint must match to be resumed; ``code`` defaults to :func:`code_digest`."""
     doc = {
@@ -117,6 +120,7 @@ def fingerprint(
         "device": device.type,
         "torch": torch.__version__,
         "code": code_digest() if code is None else code,
+        "processes": world_size,
         "train_shards": [s.sha256 for s in train_manifest.shards],
         "test_shards": [s.sha256 for s in test_manifest.shards],
     }
@@ -129,7 +133,8 @@ class Resumed:
     history: list[dict[str, float]]
 
 
-def _flatten(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, torch.Tensor]:
+def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, torch.Tensor]:
+    """Model, optimizer and RNG state as named CPU tensors (what a checkpoint stores)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
@@ -153,7 +158,7 @@ def save_checkpoint(
     history: list[dict[str, float]],
 ) -> None:
     """Write the state after ``epoch`` completed epochs; the folder is replaced atomically."""
-    tensors = _flatten(model, optimizer, device)
+    tensors = state_tensors(model, optimizer, device)
     with atomic_dir(directory) as tmp:
         safetensors.torch.save_file(tensors, str(tmp / TENSORS), metadata={"format": str(FORMAT)})
         meta = {
@@ -196,7 +201,7 @@ def _read_meta(directory: Path, run_fingerprint: str, max_epoch: int, metrics: S
 
 
 def _expected(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Names, dtypes and shapes a checkpoint of this model and (Adam) optimizer must hold."""
+    """Names, dtypes and shapes a checkpoint of this model and (Adam) optimizer must hold (RNG aside)."""
     out = {f"model.{k}": (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, p in enumerate(params):
@@ -251,6 +256,24 @@ def load_checkpoint(
         notice(f"notice: not resuming from {directory}: {exc}; training from scratch")
         return None
     # Everything is validated: from here on nothing can fail halfway.
+    restore_state(tensors, model=model, optimizer=optimizer, device=device)
+    history = [{k: float(v) for k, v in h.items()} for h in meta["history"]]
+    return Resumed(meta["epoch"], history)
+
+
+def empty_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, torch.Tensor]:
+    """Uninitialised tensors named, typed and shaped as :func:`state_tensors` returns them after a step:
+    what a rank receives rank 0's restored state into."""
+    out = {name: torch.empty(shape, dtype=dtype) for name, (dtype, shape) in _expected(model, optimizer).items()}
+    out["rng.cpu"] = torch.empty_like(torch.get_rng_state())
+    if device.type == "cuda":
+        out["rng.cuda"] = torch.empty_like(torch.cuda.get_rng_state(device))
+    return out
+
+
+def restore_state(tensors: dict[str, torch.Tensor], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  device: torch.device) -> None:
+    """Load validated state tensors (names as :func:`state_tensors` gives them) into model, optimizer and RNG."""
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
@@ -261,8 +284,6 @@ def load_checkpoint(
     torch.set_rng_state(tensors["rng.cpu"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-    history = [{k: float(v) for k, v in h.items()} for h in meta["history"]]
-    return Resumed(meta["epoch"], history)
 
 
 def remove_checkpoint(directory: Path | str) -> None:

@@ -4,11 +4,17 @@ Losses are accumulated as Python floats (``loss.item()``), never as tensors,
 so nothing keeps a step's autograd graph alive; with ``free_graph`` the loop
 also drops its own references to the loss and logits before the next forward,
 so two graphs never coexist.
+
+With several processes each rank trains on its slice of the global batch
+(``trainer.rank_split``): its summed loss is divided by ``global / world``, so
+DDP's average of the ranks' gradients is the gradient of the global batch's
+mean loss. Stats are returned as sums, for the caller to reduce over ranks.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +28,14 @@ _BAR_EVERY = 10  # batches between progress-bar refreshes; tqdm's own cost is no
 
 @dataclass(frozen=True)
 class TrainStats:
-    loss: float
+    loss_sum: float
     samples: int
     seconds: float
     data_wait_seconds: float
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.samples, 1)
 
     @property
     def samples_per_second(self) -> float:
@@ -38,8 +48,17 @@ class TrainStats:
 
 @dataclass(frozen=True)
 class EvalStats:
-    loss: float
-    accuracy: float
+    loss_sum: float
+    correct: int
+    samples: int
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.samples, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.samples, 1)
 
 
 def train_one_epoch(
@@ -51,13 +70,21 @@ def train_one_epoch(
     non_blocking: bool,
     free_graph: bool,
     description: str = "train",
+    global_size: Callable[[int], int] | None = None,
+    world_size: int = 1,
+    progress: bool = True,
 ) -> TrainStats:
-    """One pass over ``loader``; time blocked in ``next()`` on the loader is reported as data wait."""
+    """One pass over ``loader``; time blocked in ``next()`` on the loader is reported as data wait.
+
+    ``global_size(step)`` is the step's batch size over all ``world_size``
+    ranks; without it the loader's batch is the whole batch.
+    """
     model.train()
     loss_sum = 0.0
     samples = 0
     wait = 0.0
-    bar = tqdm(total=len(loader), desc=description, unit="batch", disable=None, dynamic_ncols=True)
+    bar = tqdm(total=len(loader), desc=description, unit="batch", disable=None if progress else True,
+               dynamic_ncols=True)
     start = time.perf_counter()
     batches = iter(loader)
     step = 0
@@ -72,15 +99,18 @@ def train_one_epoch(
         labels = labels.to(device, non_blocking=non_blocking)
         optimizer.zero_grad(set_to_none=True)
         logits = model(images)
-        loss = F.cross_entropy(logits, labels)
+        k = labels.shape[0]
+        summed = F.cross_entropy(logits, labels, reduction="sum")
+        share = (global_size(step) if global_size is not None else k) / world_size
+        loss = summed / share
         loss.backward()
         optimizer.step()
-        k = labels.shape[0]
-        batch_loss = loss.item()
-        loss_sum += batch_loss * k
+        batch_sum = summed.item()
+        batch_loss = batch_sum / max(k, 1)
+        loss_sum += batch_sum
         samples += k
         if free_graph:
-            del logits, loss
+            del logits, loss, summed
         step += 1
         if step % _BAR_EVERY == 0 or step == len(loader):
             elapsed = time.perf_counter() - start
@@ -88,11 +118,11 @@ def train_one_epoch(
             bar.update(step - bar.n)
     seconds = time.perf_counter() - start
     bar.close()
-    return TrainStats(loss_sum / max(samples, 1), samples, seconds, wait)
+    return TrainStats(loss_sum, samples, seconds, wait)
 
 
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, non_blocking: bool) -> EvalStats:
-    """Mean cross-entropy and accuracy over ``loader``."""
+    """Summed cross-entropy and correct predictions over ``loader``."""
     model.eval()
     loss_sum = 0.0
     correct = 0
@@ -105,4 +135,4 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, non_
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == labels).sum().item())
             samples += labels.shape[0]
-    return EvalStats(loss_sum / max(samples, 1), correct / max(samples, 1))
+    return EvalStats(loss_sum, correct, samples)

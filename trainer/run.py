@@ -10,12 +10,24 @@ deletes a stage's metrics and plots before rerunning it, and a killed run may
 have logged epochs past its last checkpoint, so the checkpoint (not whatever
 is left in ``dvclive/``) is the record the logs must agree with. The result has
 exactly one row per epoch in every ``dvclive/plots/metrics/*.tsv``.
+
+Several processes (``train.processes > 1``, or a user's own ``torchrun``):
+:func:`launch` starts the group through the elastic agent; each rank runs
+:func:`fit`, trains on its slice of every global batch (``trainer.rank_split``)
+and evaluates its slice of the test set; the epoch's sums are all-reduced, so
+every metric covers all samples (timings and memory: the maximum over ranks).
+Rank 0 alone reads and writes the checkpoint, DVCLive and the model; on a
+resume it broadcasts the restored state, so the other ranks (on other
+machines too) need no access to the checkpoint folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -23,14 +35,25 @@ from dvclive import Live
 
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.params import LoaderParams, TrainParams
-from trainer.checkpoint import fingerprint, load_checkpoint, remove_checkpoint, save_checkpoint
+from trainer import distributed
+from trainer.checkpoint import (
+    empty_state,
+    fingerprint,
+    load_checkpoint,
+    remove_checkpoint,
+    restore_state,
+    save_checkpoint,
+    state_tensors,
+)
 from trainer.data import ShardDataset
 from trainer.export import save_model
 from trainer.loader import EpochBatchSampler, make_loader, resolve_settings, unwrap_worker_error
+from trainer.lock import LOCK_HELD_ENV, checkpoint_lock
 from trainer.loop import evaluate, train_one_epoch
 from trainer.memory import PeakMemory
 from trainer.model import ARCHITECTURE, SimpleCNN
-from trainer.verify import check_compatible, validate_split
+from trainer.rank_split import RankBatches
+from trainer.verify import ValidSplit, check_compatible, validate_split
 
 METRICS = (
     "train_loss",
@@ -40,6 +63,7 @@ METRICS = (
     "samples_per_second",
     "data_wait_fraction",
     "peak_memory_mb",
+    "processes",
 )
 # Metrics that measure the machine rather than the model; they differ between identical runs.
 MACHINE_METRICS = frozenset({"epoch_seconds", "samples_per_second", "data_wait_fraction", "peak_memory_mb"})
@@ -59,7 +83,8 @@ def resolve_device(name: str) -> torch.device:
 
 def _log(live: Live, entry: dict[str, float]) -> None:
     for name in METRICS:
-        live.log_metric(name, entry[name])
+        value = entry[name]
+        live.log_metric(name, int(value) if name == "processes" else value)  # a count, also after a resume
     live.next_step()
 
 
@@ -70,6 +95,75 @@ def _report(epoch: int, epochs: int, m: dict[str, float]) -> None:
         f"data wait {m['data_wait_fraction']:.1%}  peak {m['peak_memory_mb']:.0f} MB",
         flush=True,
     )
+
+
+def check_inputs(train_dir: Path | str, test_dir: Path | str, train: TrainParams) -> tuple[torch.device, ValidSplit, ValidSplit]:
+    """Device and both splits, checked before anything is built (and before any process is started)."""
+    device = resolve_device(train.device)
+    train_split = validate_split(train_dir, expected_split="train", verify=train.verify)
+    test_split = validate_split(test_dir, expected_split="test", verify=train.verify)
+    check_compatible(train_split, test_split)
+    return device, train_split, test_split
+
+
+def launch(
+    args: Sequence[str],
+    *,
+    train_dir: Path | str,
+    test_dir: Path | str,
+    checkpoint_dir: Path | str,
+    train: TrainParams,
+    module: str = "stages.train",
+    notice: Callable[[str], None] = _stderr,
+) -> int:
+    """Run ``python -m module args`` as ``train.processes`` ranks under torchrun; the agent's exit code.
+
+    Inputs and GPUs are checked here first, so a user error is one line and
+    exit 2 instead of every rank failing (and being restarted) alike. The
+    checkpoint lock is held here, across the agent's restarts of the group.
+    """
+    device, _, _ = check_inputs(train_dir, test_dir, train)
+    distributed.check_gpus(device, train.processes)
+    with checkpoint_lock(checkpoint_dir):
+        code = distributed.launch(module, args, processes=train.processes, max_restarts=train.max_restarts,
+                                  env={LOCK_HELD_ENV: "1"})
+    if code != 0:
+        notice(f"error: the {train.processes} training processes failed (torchrun exit {code}, "
+               f"train.max_restarts {train.max_restarts}); see their output above")
+    return code
+
+
+def _resume_everywhere(
+    checkpoint_dir: Path | str,
+    group: distributed.Group,
+    *,
+    model: SimpleCNN,
+    optimizer: torch.optim.Optimizer,
+    run_fingerprint: str,
+    max_epoch: int,
+    notice: Callable[[str], None],
+) -> list[dict[str, float]]:
+    """Rank 0 restores the checkpoint, every other rank receives it; the metrics history so far.
+
+    The history is rank 0's (it alone logs); elsewhere only its length, the
+    epochs done, is meaningful.
+    """
+    resumed = None
+    if group.is_main:
+        resumed = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, device=group.device,
+                                  run_fingerprint=run_fingerprint, max_epoch=max_epoch, metrics=METRICS,
+                                  notice=notice)
+    done = distributed.broadcast_int(resumed.epoch if resumed else 0, group)
+    if done and group.world_size > 1:
+        tensors = (state_tensors(model, optimizer, group.device) if group.is_main
+                   else empty_state(model, optimizer, group.device))
+        distributed.broadcast_tensors(tensors, group)
+        if not group.is_main:
+            restore_state(tensors, model=model, optimizer=optimizer, device=group.device)
+    if resumed:
+        notice(f"notice: resuming after epoch {resumed.epoch} from {checkpoint_dir}")
+        return list(resumed.history)
+    return [{}] * done  # placeholders on ranks > 0: only the count matters there
 
 
 def fit(
@@ -83,69 +177,101 @@ def fit(
     train: TrainParams,
     notice: Callable[[str], None] = _stderr,
 ) -> dict[str, float]:
-    """Train SimpleCNN on the shard folders; return the last epoch's metrics."""
-    device = resolve_device(train.device)
-    train_split = validate_split(train_dir, expected_split="train", verify=train.verify)
-    test_split = validate_split(test_dir, expected_split="test", verify=train.verify)
-    check_compatible(train_split, test_split)
+    """Train SimpleCNN on the shard folders; return the last epoch's metrics (rank 0's view: all ranks)."""
+    device, train_split, test_split = check_inputs(train_dir, test_dir, train)
+    group = distributed.join(device)
+    try:
+        owns_lock = group.is_main and not os.environ.get(LOCK_HELD_ENV)
+        with checkpoint_lock(checkpoint_dir) if owns_lock else contextlib.nullcontext():
+            return _fit(group, train_split, test_split, model_dir=model_dir, checkpoint_dir=checkpoint_dir,
+                        live_dir=live_dir, loader=loader, train=train,
+                        notice=notice if group.is_main else (lambda _message: None))
+    finally:
+        distributed.leave(group)
 
+
+def _fit(
+    group: distributed.Group,
+    train_split: ValidSplit,
+    test_split: ValidSplit,
+    *,
+    model_dir: Path | str,
+    checkpoint_dir: Path | str,
+    live_dir: Path | str,
+    loader: LoaderParams,
+    train: TrainParams,
+    notice: Callable[[str], None],
+) -> dict[str, float]:
+    device, main = group.device, group.is_main
+    if group.world_size > 1:
+        notice(f"notice: rank 0 of {group.world_size} processes runs on {socket.gethostname()}: "
+               f"it alone writes {model_dir}, {live_dir} and {checkpoint_dir}")
+    threads = distributed.threads(group)
+    if threads is not None:
+        torch.set_num_threads(threads)
     settings = resolve_settings(loader, device, notice)
-    train_sampler = EpochBatchSampler(train_split.num_samples, settings.batch_size, shuffle=settings.shuffle, seed=train.seed)
-    test_sampler = EpochBatchSampler(test_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed)
-    train_loader = make_loader(ShardDataset(train_split), train_sampler, settings)
-    test_loader = make_loader(ShardDataset(test_split), test_sampler, settings)
+    train_batches = RankBatches(
+        EpochBatchSampler(train_split.num_samples, settings.batch_size, shuffle=settings.shuffle, seed=train.seed),
+        group.rank, group.world_size)
+    test_batches = RankBatches(
+        EpochBatchSampler(test_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed),
+        group.rank, group.world_size)
+    train_loader = make_loader(ShardDataset(train_split), train_batches, settings)
+    test_loader = make_loader(ShardDataset(test_split), test_batches, settings)
     non_blocking = settings.pin_memory and device.type == "cuda"
 
     torch.manual_seed(train.seed)
     model = SimpleCNN(num_classes=train_split.manifest.num_classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
-    run_fingerprint = fingerprint(train, loader, device, train_split.manifest, test_split.manifest, ARCHITECTURE)
-    resumed = load_checkpoint(
-        checkpoint_dir,
-        model=model,
-        optimizer=optimizer,
-        device=device,
-        run_fingerprint=run_fingerprint,
-        max_epoch=train.epochs,
-        metrics=METRICS,
-        notice=notice,
-    )
-    history = list(resumed.history) if resumed else []
-    if resumed:
-        notice(f"notice: resuming after epoch {resumed.epoch} from {checkpoint_dir}")
+    run_fingerprint = fingerprint(train, loader, device, train_split.manifest, test_split.manifest, ARCHITECTURE,
+                                  world_size=group.world_size)
+    history = _resume_everywhere(checkpoint_dir, group, model=model, optimizer=optimizer,
+                                 run_fingerprint=run_fingerprint, max_epoch=train.epochs, notice=notice)
+    # After the resume: DDP broadcasts rank 0's parameters when it wraps the model.
+    trained = distributed.wrap(model, group)
 
-    live = Live(dir=str(live_dir), resume=False, dvcyaml=False, save_dvc_exp=False, report=None)
-    for entry in history:
+    live = Live(dir=str(live_dir), resume=False, dvcyaml=False, save_dvc_exp=False, report=None) if main else None
+    for entry in history if live else ():
         _log(live, entry)
 
     memory = PeakMemory(device)
     try:
         for epoch in range(len(history), train.epochs):
-            train_sampler.set_epoch(epoch)
+            train_batches.set_epoch(epoch)
             memory.reset()
             stats = train_one_epoch(
-                model,
+                trained,
                 train_loader,
                 optimizer,
                 device,
                 non_blocking=non_blocking,
                 free_graph=train.free_graph,
                 description=f"epoch {epoch + 1}/{train.epochs}",
+                global_size=train_batches.global_size,
+                world_size=group.world_size,
+                progress=main,
             )
             result = evaluate(model, test_loader, device, non_blocking=non_blocking)
+            loss_sum, samples, test_sum, correct, test_samples = distributed.all_sum(
+                [stats.loss_sum, stats.samples, result.loss_sum, result.correct, result.samples], group)
+            seconds, wait, peak = distributed.all_max(
+                [stats.seconds, stats.data_wait_fraction, memory.peak_mb()], group)
             entry = {
-                "train_loss": stats.loss,
-                "test_loss": result.loss,
-                "test_acc": result.accuracy,
-                "epoch_seconds": stats.seconds,
-                "samples_per_second": stats.samples_per_second,
-                "data_wait_fraction": stats.data_wait_fraction,
-                "peak_memory_mb": memory.peak_mb(),
+                "train_loss": loss_sum / max(samples, 1),
+                "test_loss": test_sum / max(test_samples, 1),
+                "test_acc": correct / max(test_samples, 1),
+                "epoch_seconds": seconds,
+                "samples_per_second": samples / seconds if seconds > 0 else 0.0,
+                "data_wait_fraction": wait,
+                "peak_memory_mb": peak,
+                "processes": group.world_size,
             }
             history.append(entry)
-            _log(live, entry)
-            _report(epoch + 1, train.epochs, entry)
             done = epoch + 1
+            if not main:
+                continue
+            _log(live, entry)
+            _report(done, train.epochs, entry)
             if train.checkpoint_every and done % train.checkpoint_every == 0 and done < train.epochs:
                 save_checkpoint(
                     checkpoint_dir,
@@ -160,7 +286,8 @@ def fit(
         # A shard replaced mid-run is detected in the worker that maps it.
         raise unwrap_worker_error(exc) from None
 
-    save_model(model_dir, model, manifest=train_split.manifest, train=train)
-    live.end()
-    remove_checkpoint(checkpoint_dir)
+    if main:
+        save_model(model_dir, model, manifest=train_split.manifest, train=train)
+        live.end()
+        remove_checkpoint(checkpoint_dir)
     return history[-1]

@@ -1,0 +1,328 @@
+"""Several training processes (DDP over gloo on 127.0.0.1), as real torchrun process groups.
+
+The runs are shared by the assertions (module-scoped): one plain process, two
+processes launched by the stage itself (twice), two one-process "machines"
+joined by a c10d rendezvous, and a two-process run whose rank 1 is SIGKILLed
+mid-run while a second training tries the same checkpoint folder.
+
+The data are chosen so the split is uneven: 257 train samples in batches of 64
+end with a global batch of 1 sample (rank 1 gets none), and 131 test samples
+end with a batch of 3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from pipeline.errors import ParamsError
+from pipeline.normalize import make_normalization
+from pipeline.tensorize import write_split
+from tests.repo_copy import dvc, make_csv_repo, set_params
+from tests.test_train_stage import MODEL_METRICS, history, read_tsv, stage_cmd, stage_env, train_argv
+from trainer.distributed import check_gpus, default_threads
+from trainer.lock import CheckpointBusy, checkpoint_lock, lock_path
+from trainer.loader import EpochBatchSampler
+from trainer.model import SimpleCNN
+from trainer.rank_split import RankBatches, rank_range
+from trainer.run import METRICS
+
+EPOCHS = 3
+N_TEST = 131
+PARAMS = {"loader": {"batch_size": 64}, "train": {"epochs": EPOCHS, "lr": 0.005, "device": "cpu"}}
+
+
+def _params(path: Path, processes: int, **loader: object) -> Path:
+    doc = {"loader": {**PARAMS["loader"], **loader}, "train": {**PARAMS["train"], "processes": processes}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _run(data: Path, work: Path, processes: int) -> subprocess.CompletedProcess:
+    work.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(stage_cmd(data, work, _params(work / "params.yaml", processes)), cwd=work,
+                         env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def _learnable_split(directory: Path, n: int, *, split: str, seed: int) -> None:
+    """Every pixel carries the label (plus noise): a few steps already learn it, so accuracies move."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    pixels = (labels[:, None] * 20 + rng.integers(0, 60, (n, 784))).astype(np.uint8)
+    write_split([(pixels, labels)], directory, dataset="fashion-mnist", split=split, shard_size=100,
+                normalization=make_normalization("unit", None))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    _learnable_split(root / "train", 257, split="train", seed=1)
+    _learnable_split(root / "test", N_TEST, split="test", seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def one(data: Path, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("one")
+    _run(data, work, 1)
+    return work
+
+
+@pytest.fixture(scope="module")
+def two(data: Path, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("two")
+    res = _run(data, work, 2)
+    assert res.stderr.count("loader.pin_memory ignored") == 1, res.stderr  # rank 0 alone speaks
+    assert res.stdout.count(f"epoch {EPOCHS}/{EPOCHS}") == 1, res.stdout
+    return work
+
+
+def _model_bytes(work: Path) -> bytes:
+    return (work / "models" / "model.safetensors").read_bytes()
+
+
+# ----------------------------------------------------------------------------- the split itself (no processes)
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 64])
+def test_rank_slices_tile_the_batch_in_order(n: int, world: int) -> None:
+    ranges = [rank_range(n, r, world) for r in range(world)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [stop - start for start, stop in ranges]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_rank_batches_cover_the_global_batches_exactly() -> None:
+    sampler = EpochBatchSampler(257, 64, shuffle=True, seed=3)
+    sampler.set_epoch(2)
+    parts = [list(RankBatches(sampler, r, 3)) for r in range(3)]
+    for step, batch in enumerate(sampler):
+        assert torch.equal(torch.cat([p[step] for p in parts]), batch)
+        assert RankBatches(sampler, 0, 3).global_size(step) == len(batch)
+    assert [len(p[-1]) for p in parts] == [1, 0, 0]
+    with pytest.raises(ValueError):
+        RankBatches(sampler, 2, 2)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("n", [64, 7, 2])
+def test_scaled_rank_losses_average_to_the_global_gradient(n: int, world: int) -> None:
+    """What DDP computes (the mean over ranks of each rank's gradient of sum/(n/world)) is the
+    gradient of the global batch's mean loss, also for uneven and empty slices."""
+    torch.manual_seed(0)
+    model = SimpleCNN()
+    x, y = torch.rand(n, 1, 28, 28), torch.randint(0, 10, (n,))
+    F.cross_entropy(model(x), y).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for rank in range(world):
+        model.zero_grad()
+        start, stop = rank_range(n, rank, world)
+        (F.cross_entropy(model(x[start:stop]), y[start:stop], reduction="sum") / (n / world)).backward()
+        for t, p in zip(total, model.parameters()):
+            t += p.grad
+    for t, e in zip(total, expected):
+        torch.testing.assert_close(t / world, e, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoint_lock_refuses_a_second_holder_and_is_released(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    with checkpoint_lock(folder):
+        with pytest.raises(CheckpointBusy, match="another training is running on this checkpoint folder"):
+            with checkpoint_lock(folder):
+                pass
+    with checkpoint_lock(folder):  # released on exit
+        pass
+    assert lock_path(folder) == tmp_path / ".checkpoints.lock" and not folder.exists()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs for 2 processes")
+def test_more_processes_than_gpus_is_refused() -> None:
+    with pytest.raises(ParamsError, match=r"^train\.processes: expected at most \d+ processes"):
+        check_gpus(torch.device("cuda"), 2)
+    check_gpus(torch.device("cpu"), 64)  # no such limit on the CPU
+
+
+def test_threads_share_the_cores() -> None:
+    assert default_threads(2, cores=2) == 1 and default_threads(2, cores=16) == 8
+    assert default_threads(3, cores=2) == 1 and default_threads(1, cores=4) == 4
+
+
+# ----------------------------------------------------------------------------- real process groups
+
+def test_two_processes_match_one(one: Path, two: Path) -> None:
+    a, b = history(one), history(two)
+    for name in ("train_loss", "test_loss"):
+        for (sa, va), (sb, vb) in zip(a[name], b[name], strict=True):
+            assert sa == sb and abs(va - vb) <= 1e-4 * abs(va), (name, va, vb)
+    # The same global batches, but float sums in another order: a test sample whose two best
+    # logits are within rounding of each other may flip, so allow one sample, no more.
+    for (_, va), (_, vb) in zip(a["test_acc"], b["test_acc"], strict=True):
+        assert abs(va - vb) * N_TEST <= 1 + 1e-9, (va, vb)
+    assert [v for _, v in a["processes"]] == [1] * EPOCHS and [v for _, v in b["processes"]] == [2] * EPOCHS
+    assert a["test_acc"][-1][1] > 0.2, "the model must learn something for the comparison to mean anything"
+    assert sorted(p.name for p in (two / "dvclive").iterdir()) == ["metrics.json", "plots"]
+    assert not (two / "checkpoints").exists()
+
+
+def test_two_processes_are_bit_identical_run_to_run(data: Path, two: Path, tmp_path: Path) -> None:
+    _run(data, tmp_path, 2)
+    a, b = history(two), history(tmp_path)
+    for name in MODEL_METRICS:
+        assert a[name] == b[name], name
+    assert _model_bytes(two) == _model_bytes(tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_match_two_local_processes(data: Path, two: Path, tmp_path: Path) -> None:
+    """Two torchrun agents, one process each, meet at a c10d rendezvous as two machines would.
+
+    Each "machine" gets half of this machine's cores, as each of the two
+    local processes does, so every rank runs the same number of threads.
+    """
+    params = _params(tmp_path / "params.yaml", 2)
+    port = _free_port()
+    cores = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cores) // 2)
+    agents = []
+    for node in range(2):
+        share = set(cores[node * half:(node + 1) * half]) or set(cores)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               "--rdzv-id", "test-ddp", "--max-restarts", "0",
+               "-m", "stages.train", *train_argv(data, tmp_path, params)]
+        agents.append(subprocess.Popen(cmd, cwd=tmp_path, env=stage_env(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True,
+                                       preexec_fn=lambda share=share: os.sched_setaffinity(0, share)))
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], outputs
+    assert sum(out.count(f"epoch {EPOCHS}/{EPOCHS}") for out in outputs) == 1, outputs  # one writer
+    a, b = history(two), history(tmp_path)
+    for name in MODEL_METRICS:
+        assert a[name] == b[name], name
+    assert _model_bytes(two) == _model_bytes(tmp_path)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _rank_pid(root: int, rank: int) -> int | None:
+    """The process under ``root`` whose environment says RANK=rank (a torchrun worker)."""
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            env = []
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+        todo += _children(pid)
+    return None
+
+
+def _checkpoint_epoch(work: Path) -> int:
+    try:
+        return json.loads((work / "checkpoints" / "checkpoint.json").read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's pid in /proc")
+def test_killed_rank_restarts_the_group_and_ends_like_an_uninterrupted_run(data: Path, two: Path,
+                                                                           tmp_path: Path) -> None:
+    """Also with other loader settings than the uninterrupted run: with a fixed number of processes
+    they change speed only, so the results must still be bit-identical."""
+    params = _params(tmp_path / "params.yaml", 2, num_workers=1, persistent_workers=True, prefetch_factor=2)
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen(stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(), stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    second = None
+    try:
+        deadline = time.monotonic() + 240
+        victim = None
+        while victim is None:
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()
+            victim = _rank_pid(first.pid, 1)
+            time.sleep(0.05)
+        # The first run's launcher holds the lock from before its ranks start until they are done.
+        second = subprocess.Popen(stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while _checkpoint_epoch(tmp_path) < 1:
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        os.kill(victim, signal.SIGKILL)
+        assert first.wait(timeout=240) == 0, log.read_text()
+        refused_out, refused_err = second.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)  # launcher, agent and ranks share its session
+        first.wait()
+        if second is not None and second.poll() is None:
+            second.kill()
+            second.wait()
+    assert second.returncode == 2, refused_out + refused_err
+    assert refused_err.startswith("error: ") and refused_err.count("\n") == 1, refused_err
+    assert "another training is running on this checkpoint folder" in refused_err
+
+    text = log.read_text()
+    assert "resuming after epoch" in text, text
+    a, b = history(two), history(tmp_path)
+    for name in METRICS:
+        assert [s for s, _ in b[name]] == list(range(EPOCHS)), name  # exactly one row per epoch
+    for name in MODEL_METRICS:
+        assert a[name] == b[name], name
+    assert _model_bytes(two) == _model_bytes(tmp_path)
+    summary = json.loads((tmp_path / "dvclive" / "metrics.json").read_text())
+    assert summary["step"] == EPOCHS - 1 and summary["test_acc"] == a["test_acc"][-1][1]
+    assert not (tmp_path / "checkpoints").exists()
+    for tsv in (tmp_path / "dvclive" / "plots" / "metrics").glob("*.tsv"):
+        assert len(read_tsv(tsv)) == EPOCHS, tsv
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_with_two_processes_reruns_only_train(tmp_path: Path) -> None:
+    repo = make_csv_repo(tmp_path, n_train=257, n_test=100)
+    set_params(repo, **{"train.device": "cpu"})
+    dvc(repo, "repro")
+    baseline = json.loads((repo / "dvclive" / "metrics.json").read_text())
+    assert baseline["processes"] == 1
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, capture_output=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline"], cwd=repo,
+                   check=True, capture_output=True)
+    exp = dvc(repo, "exp", "run", "-S", "train.processes=2")
+    assert re.findall(r"Running stage '([^']+)'", exp.stdout) == ["train"], exp.stdout
+    metrics = json.loads((repo / "dvclive" / "metrics.json").read_text())
+    assert metrics["processes"] == 2
+    assert abs(metrics["train_loss"] - baseline["train_loss"]) <= 1e-4 * baseline["train_loss"]
+    assert abs(metrics["test_acc"] - baseline["test_acc"]) * 100 <= 1 + 1e-9

@@ -1,0 +1,188 @@
+"""Several training processes (DDP): launch through torchrun, join the group, reduce the figures.
+
+With ``train.processes > 1`` the stage starts itself again under PyTorch's own
+elastic launcher (``python -m torch.distributed.run --standalone``), which
+starts one process per rank, and restarts the whole group up to
+``train.max_restarts`` times when one of them dies. A process started by a
+launcher (ours, or the user's own ``torchrun`` across machines) finds its rank
+and the rendezvous in the environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``...) and joins the group from there.
+
+Only tensor collectives are used (``all_reduce``, ``broadcast``): the
+``*_object`` collectives pickle, and this project never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.errors import ParamsError
+
+# Set by torchrun (and torch.distributed.run) in every process it starts.
+LAUNCHER_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place among the training processes (rank 0 of 1 when there is no launcher)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    launched: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def under_launcher(environ: Mapping[str, str] = os.environ) -> bool:
+    return any(name in environ for name in LAUNCHER_ENV)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_threads(local_processes: int, cores: int | None = None) -> int:
+    """Intra-op threads per training process on the CPU: the cores shared out, so N processes never
+    oversubscribe them (an explicit thread count, where one is configured, wins over this)."""
+    return max(1, (cores if cores is not None else available_cores()) // max(1, local_processes))
+
+
+def check_gpus(device: torch.device, local_processes: int) -> None:
+    """One GPU per process: more processes on this machine than GPUs is refused."""
+    if device.type != "cuda":
+        return
+    gpus = torch.cuda.device_count()
+    if local_processes > gpus:
+        raise ParamsError(
+            f"train.processes: expected at most {gpus} processes on this machine (one per CUDA device), "
+            f"found {local_processes}"
+        )
+
+
+def launch_command(module: str, args: Sequence[str], *, processes: int, max_restarts: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node", str(processes),
+        "--max-restarts", str(max_restarts),
+        "-m", module, *args,
+    ]
+
+
+def launch(module: str, args: Sequence[str], *, processes: int, max_restarts: int,
+           env: Mapping[str, str] | None = None) -> int:
+    """Run ``python -m module args`` as ``processes`` ranks under the elastic agent; its exit code."""
+    child_env = {**os.environ, **(env or {})}
+    # torchrun would otherwise set 1 with a warning; each rank sets its own count anyway (see threads()).
+    child_env.setdefault("OMP_NUM_THREADS", str(default_threads(processes)))
+    agent = subprocess.Popen(launch_command(module, args, processes=processes, max_restarts=max_restarts),
+                             env=child_env)
+    # A SIGTERM for the stage (dvc, a scheduler) must reach the agent, which stops its ranks;
+    # Ctrl-C reaches them all through the terminal's process group anyway.
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: agent.send_signal(signum))
+    try:
+        return agent.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def join(device: torch.device, environ: Mapping[str, str] = os.environ) -> Group:
+    """Join the process group the launcher describes; without a launcher, a group of one (nothing started)."""
+    if not under_launcher(environ):
+        return Group(0, 1, 0, 1, device, launched=False)
+    rank, world = int(environ["RANK"]), int(environ["WORLD_SIZE"])
+    local_rank = int(environ["LOCAL_RANK"])
+    local_world = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        check_gpus(device, local_world)
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        # The elastic agent keeps one TCP store across its restarts of the group, and the process
+        # group's keys carry no attempt number: a restarted rank could read a dead peer's address
+        # and fail to connect. Each attempt therefore gets its own key prefix.
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
+        attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt-{attempt}/", store), rank=rank,
+                                world_size=world)
+    return Group(rank, world, local_rank, local_world, device, launched=True)
+
+
+def leave(group: Group) -> None:
+    if group.launched and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def threads(group: Group, explicit: int | None = None) -> int | None:
+    """The intra-op thread count to set, or None to keep PyTorch's own choice (one plain process)."""
+    if explicit is not None:
+        return explicit
+    if group.device.type == "cpu" and group.launched:
+        return default_threads(group.local_world_size)
+    return None
+
+
+def wrap(model: nn.Module, group: Group) -> nn.Module:
+    """DDP around ``model`` when there is more than one process (its gradients are averaged over ranks)."""
+    if group.world_size == 1:
+        return model
+    ids = [group.device.index] if group.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def _reduce(values: Sequence[float], group: Group, op: dist.ReduceOp) -> list[float]:
+    if group.world_size == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=group.device)
+    dist.all_reduce(t, op=op)
+    return t.cpu().tolist()
+
+
+def all_sum(values: Sequence[float], group: Group) -> list[float]:
+    return _reduce(values, group, dist.ReduceOp.SUM)
+
+
+def all_max(values: Sequence[float], group: Group) -> list[float]:
+    return _reduce(values, group, dist.ReduceOp.MAX)
+
+
+def broadcast_int(value: int, group: Group) -> int:
+    """Rank 0's ``value`` on every rank."""
+    if group.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=group.device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def broadcast_tensors(tensors: Mapping[str, torch.Tensor], group: Group) -> None:
+    """Overwrite every rank's tensors, in place, with rank 0's (same names, dtypes and shapes everywhere)."""
+    if group.world_size == 1:
+        return
+    for name in sorted(tensors):
+        local = tensors[name]
+        on_device = local.to(group.device).contiguous()
+        dist.broadcast(on_device, src=0)
+        if on_device.data_ptr() != local.data_ptr():
+            local.copy_(on_device)
