@@ -86,12 +86,15 @@ class LoaderParams:
     pin_memory: bool = True
     prefetch_factor: int | None = None
     shuffle: bool = True
+    shuffle_window: int | None = None  # shards shuffled together; None = one global shuffle
 
     def check(self, where: str) -> None:
         _at_least(where, "loader.batch_size", self.batch_size, 1)
         _at_least(where, "loader.num_workers", self.num_workers, 0)
         if self.prefetch_factor is not None:
             _at_least(where, "loader.prefetch_factor", self.prefetch_factor, 1)
+        if self.shuffle_window is not None:
+            _at_least(where, "loader.shuffle_window", self.shuffle_window, 1)
 
 
 @dataclasses.dataclass(frozen=True)

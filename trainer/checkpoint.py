@@ -7,7 +7,7 @@ history logged so far). The folder is replaced atomically as a whole, so the
 two files always belong together.
 
 The fingerprint covers everything that changes the training trajectory: the
-train params that affect results, ``loader.batch_size`` and ``loader.shuffle``,
+train params that affect results, ``loader.batch_size``, ``loader.shuffle`` and ``shuffle_window``,
 the device type and both manifests' shard hashes. ``train.epochs`` is left out
 on purpose: without a schedule, epoch k of a 5-epoch run is epoch k of a
 10-epoch run, so raising ``epochs`` after an interruption still resumes.
@@ -54,6 +54,7 @@ def fingerprint(
         "device": device.type,
         "batch_size": loader.batch_size,
         "shuffle": loader.shuffle,
+        "shuffle_window": loader.shuffle_window,
         "train_shards": [s.sha256 for s in train_manifest.shards],
         "test_shards": [s.sha256 for s in test_manifest.shards],
     }

@@ -105,7 +105,9 @@ def fit(
     check_compatible(train_split, test_split)
 
     settings = resolve_settings(loader, device, notice)
-    train_sampler = EpochBatchSampler(train_split.num_samples, settings.batch_size, shuffle=settings.shuffle, seed=train.seed)
+    train_sampler = EpochBatchSampler(train_split.num_samples, settings.batch_size, shuffle=settings.shuffle, seed=train.seed,
+                                      shard_sizes=[s.num_samples for s in train_split.shards],
+                                      shuffle_window=settings.shuffle_window)
     test_sampler = EpochBatchSampler(test_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed)
     train_loader = make_loader(ShardDataset(train_split), train_sampler, settings)
     test_loader = make_loader(ShardDataset(test_split), test_sampler, settings)
