@@ -181,10 +181,6 @@ def render_markdown(r: dict) -> str:
                          f"{g['memory_vs_1x']:.2f} | {'yes' if g['memory_ok'] else 'NO'} |")
     lines += ["", "Loader USS counts the shard pages the process has mapped (file-backed, reclaimable page cache);"
               " anon is its own heap and tensors, the part that must stay flat."]
-    if "cold" in r:
-        from benchmarks.cold import render_markdown as cold_markdown
-
-        lines += ["", cold_markdown(r["cold"])]
     return "\n".join(lines) + "\n"
 
 
@@ -228,7 +224,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader workers for the memory figure")
     p.add_argument("--idx", type=Path, default=FASHION_DIR, help="folder of FashionMNIST's IDX .gz files")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one; K=16 needs ~6 GB)")
-    p.add_argument("--cold", action="store_true", help="also the beyond-RAM experiment at the largest K")
     p.add_argument("--out", type=Path, default=ROOT / "bench")
     p.add_argument("--note", default="Measured under load (shared machine).")
     args = p.parse_args(argv)
@@ -244,10 +239,6 @@ def main(argv: list[str] | None = None) -> None:
             row = measure_scale(work, scale, args.base_samples, args.shard_size, args.idx, args.workers)
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-            if args.cold and scale == args.scale[-1]:
-                from benchmarks.cold import run_cold
-
-                results["cold"] = run_cold(work / "data" / "tensors" / "train")
         finally:
             shutil.rmtree(work, ignore_errors=True)
     results["goals"] = goals(results["rows"])
