@@ -108,3 +108,18 @@ def test_bad_last_cell_of_a_4x_csv_named_fast_in_bounded_memory(tmp_path: Path) 
                              "expected an integer 0..255, found 'x7'\n")
     assert seconds <= 2 * ok_seconds, (seconds, ok_seconds)
     assert peak < 400 * MB and ok_peak < 400 * MB
+
+
+def test_cold_epoch_bounded_resident_set(tmp_path: Path) -> None:
+    """The beyond-RAM measurement runs whole epochs; with a bound, the windowed order evicts far less often."""
+    from benchmarks.cold import build_shards, cold_epoch
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (1000, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 1000, dtype=np.uint8)
+    build_shards(tmp_path / "train", images, labels, 6, 1000, "train")  # 6 shards of 3 MB
+    free = cold_epoch(tmp_path / "train", None, None)
+    assert free["fraction_of_epoch"] == 1 and free["shards"] == 6 and free["evictions"] == 0
+    glob = cold_epoch(tmp_path / "train", None, 3)
+    windowed = cold_epoch(tmp_path / "train", 2, 3)
+    assert windowed["evictions"] <= 2 < glob["evictions"]
