@@ -65,6 +65,18 @@ def evict(paths: list[Path]) -> None:
             os.close(fd)
 
 
+def read_ahead_kb(path: Path) -> int | None:
+    """The block device's readahead for the filesystem holding ``path`` (what one page fault may read)."""
+    dev = os.stat(path).st_dev
+    block = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    for queue in (block / "queue", block / ".." / "queue"):  # a partition's queue is its disk's
+        try:
+            return int((queue / "read_ahead_kb").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def _read_bytes() -> int:
     for line in Path("/proc/self/io").read_text().splitlines():
         if line.startswith("read_bytes:"):
@@ -150,7 +162,7 @@ def render_markdown(r: dict) -> str:
         "",
         f"`python -m benchmarks.cold --scale {s['scale']} --window {s['window']} --budget-shards {s['budget_shards']}`: "
         f"{r['epochs'][0]['shards']} shards of {s['shard_size']:,} samples ({r['epochs'][0]['data_mb']:.0f} MB), one "
-        f"loader-only epoch each, page cache evicted first. {s['note']}",
+        f"loader-only epoch each, page cache evicted first; device readahead {s.get('read_ahead_kb')} KiB. {s['note']}",
         "",
         "| order | resident set | seconds | read from disk MB | read / data | major faults | evictions |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -191,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         images, labels = load_idx_split(args.idx, "train")
         images, labels = images[: args.base_samples], labels[: args.base_samples]
         build_shards(work / "train", images, labels, args.scale, args.shard_size, "train")
+        results["settings"]["read_ahead_kb"] = read_ahead_kb(work / "train")
         results["epochs"] = []
         for budget in (None, args.budget_shards):
             for window in (None, args.window):

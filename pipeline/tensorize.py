@@ -63,6 +63,7 @@ def iter_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.n
                 raise DataError(f"{path}: row {row + 1}, column {name!r}: expected a UInt8 value, found null")
         labels = df.get_column("label").to_numpy()
         pixels = df.select(PIXEL_COLUMNS).to_numpy()
+        del df  # not held while the consumer builds a shard from this chunk
         if labels.max(initial=0) >= NUM_CLASSES:
             row = start + int(np.argmax(labels >= NUM_CLASSES))
             raise DataError(f"{path}: row {row + 1}, column 'label': expected 0..{NUM_CLASSES - 1}, found {labels[row - start]}")
@@ -75,6 +76,9 @@ def _rechunk(chunks: Iterable[tuple[np.ndarray, np.ndarray]], size: int) -> Iter
     buf_l: list[np.ndarray] = []
     held = 0
     for pixels, labels in chunks:
+        if not held and len(labels) == size:  # already a whole shard: no copy
+            yield pixels, labels
+            continue
         buf_p.append(pixels)
         buf_l.append(labels)
         held += len(labels)
