@@ -173,6 +173,13 @@ def render_markdown(r: dict) -> str:
         part = "" if e["fraction_of_epoch"] == 1 else f" (from {e['fraction_of_epoch']:.0%} of the epoch)"
         lines.append(f"| {order} | {bound} | {e['seconds']:.1f}{part} | {e['read_mb']:.0f} | {e['read_vs_data']:.2f} | "
                      f"{e['major_faults']:,} | {e['evictions']} |")
+    lines += ["", "The data fits in RAM here, so the unbounded rows only show the first touch of every page. The "
+              "bounded rows emulate a page cache smaller than the data: whenever the shard pages the process has "
+              "mapped exceed the budget, every shard is unmapped and evicted (POSIX_FADV_DONTNEED). The rule is the "
+              "same for both orders and cruder than the kernel's LRU (it also drops the window in use, so the "
+              "windowed figure is pessimistic); under uniform random access every replacement policy keeps a hit "
+              "rate of about budget / shards, so the global figure is fair. Each fault reads up to the device "
+              "readahead around the page: pages the global order then evicts unused are read again."]
     if r.get("accuracy"):
         acc = ", ".join(f"{k} {v:.4f}" for k, v in r["accuracy"].items())
         lines += ["", f"Test accuracy after {s['accuracy_epochs']} epochs on 1x FashionMNIST in shards of "

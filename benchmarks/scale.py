@@ -9,8 +9,8 @@ own peak resident memory (VmHWM, read by the stage process itself at exit, so
 the benchmark's memory never leaks into the figure). Then a loader-only epoch
 over the K x shards (global shuffle, batch 512, page cache warm from tensorize)
 and the loader's process-tree memory at 0 and 2 workers
-(:mod:`benchmarks.memory`, a fresh interpreter each). ``--cold`` adds the
-beyond-RAM experiment of :mod:`benchmarks.cold` at the largest K.
+(:mod:`benchmarks.memory`, a fresh interpreter each). The beyond-RAM
+experiment is :mod:`benchmarks.cold`; ``scale.md`` includes its ``cold.md``.
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ def goals(rows: list[dict]) -> dict:
     return out
 
 
-def render_markdown(r: dict) -> str:
+def render_markdown(r: dict, cold_md: Path | None = None) -> str:
+    """The table and goals; with ``cold_md`` (written by ``benchmarks.cold``), its section appended."""
     lines = [
         "# Cost as data grows",
         "",
@@ -181,6 +182,8 @@ def render_markdown(r: dict) -> str:
                          f"{g['memory_vs_1x']:.2f} | {'yes' if g['memory_ok'] else 'NO'} |")
     lines += ["", "Loader USS counts the shard pages the process has mapped (file-backed, reclaimable page cache);"
               " anon is its own heap and tensors, the part that must stay flat."]
+    if cold_md is not None and cold_md.is_file():
+        lines += ["", "#" + cold_md.read_text().strip()]  # one level down, under this page's title
     return "\n".join(lines) + "\n"
 
 
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
                           "python": platform.python_version()}
     args.out.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(args.out / "scale.json", (json.dumps(results, indent=2) + "\n").encode())
-    write_bytes_atomic(args.out / "scale.md", render_markdown(results).encode())
+    write_bytes_atomic(args.out / "scale.md", render_markdown(results, args.out / "cold.md").encode())
     render_plot(results, args.out / "scale.png")
     print(render_markdown(results))
 
