@@ -104,6 +104,10 @@ class _BlockReader:
         with open(self.path, "rb") as f:
             f.seek(self.data_start)
             for block in _blocks(f, BLOCK_BYTES):
+                if len(block) > BLOCK_BYTES:  # one over-long line: Polars takes seconds to refuse 10 M cells
+                    self.problem = find_problem_in_lines(_lines(block, 0, len(block)), first_row, str(self.path))
+                    if self.problem is not None:
+                        raise _Refused()
                 try:
                     df = _parse(block)
                 except pl.exceptions.PolarsError as exc:
