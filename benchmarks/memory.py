@@ -62,6 +62,14 @@ def memory_kib(pid: int) -> tuple[int, int]:
     return uss, _kib("Pss", text)
 
 
+def anonymous_kib(pid: int) -> int:
+    """Anonymous memory of one process in KiB (heap, stacks, tensors; no file pages); 0 if it has exited."""
+    try:
+        return _kib("Anonymous", Path(f"/proc/{pid}/smaps_rollup").read_text())
+    except OSError:
+        return 0
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants."""
     out, todo = [], [pid]
@@ -83,6 +91,7 @@ class TreeMemorySampler:
         self.interval = interval
         self.peak_uss_kib = 0
         self.peak_pss_kib = 0
+        self.peak_anon_kib = 0
         self.max_processes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -92,6 +101,7 @@ class TreeMemorySampler:
         sizes = [memory_kib(p) for p in pids]
         self.peak_uss_kib = max(self.peak_uss_kib, sum(s[0] for s in sizes))
         self.peak_pss_kib = max(self.peak_pss_kib, sum(s[1] for s in sizes))
+        self.peak_anon_kib = max(self.peak_anon_kib, sum(anonymous_kib(p) for p in pids))
         self.max_processes = max(self.max_processes, len(pids))
 
     def _run(self) -> None:
@@ -119,6 +129,7 @@ def measure_tree(run: Callable[[], None]) -> dict[str, float]:
         "baseline_uss_mb": round(base_uss / 1024, 1),
         "peak_uss_mb": round(s.peak_uss_kib / 1024, 1),
         "peak_pss_mb": round(s.peak_pss_kib / 1024, 1),
+        "peak_anon_mb": round(s.peak_anon_kib / 1024, 1),
         "processes": s.max_processes,
     }
 
@@ -176,7 +187,7 @@ def _scenario(name: str, steps: int, batch: int, device: torch.device) -> dict[s
     return {"peak_above_start_mb": round((peak - base) / 2**20, 1), "measure": kind}
 
 
-def _subprocess_json(args: list[str], env: dict[str, str] | None = None) -> dict:
+def subprocess_json(args: list[str], env: dict[str, str] | None = None) -> dict:
     res = subprocess.run([sys.executable, "-m", "benchmarks.memory", *args], capture_output=True, text=True,
                          check=True, env={**os.environ, **(env or {})})
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -186,7 +197,7 @@ def run_scenarios(device: str, steps: int, batch: int) -> dict[str, dict]:
     """Each habit in its own interpreter; returns {name: {peak_above_start_mb, measure, what}}."""
     out = {}
     for name, what in SCENARIOS.items():
-        res = _subprocess_json(["habit", name, "--device", device, "--steps", str(steps), "--batch", str(batch)],
+        res = subprocess_json(["habit", name, "--device", device, "--steps", str(steps), "--batch", str(batch)],
                                env={"MALLOC_MMAP_THRESHOLD_": "65536"})
         out[name] = {**res, "what": what}
     return out
@@ -224,7 +235,7 @@ def run_loader_memory(workers: list[int], samples: int, tensors: Path, parquet: 
     out = {}
     for n in workers:
         for kind in LOADER_KINDS:
-            out[f"{kind}/workers={n}"] = _subprocess_json(
+            out[f"{kind}/workers={n}"] = subprocess_json(
                 ["loader", kind, "--workers", str(n), "--samples", str(samples),
                  "--tensors", str(tensors), "--parquet", str(parquet)])
     return out

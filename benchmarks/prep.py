@@ -34,7 +34,7 @@ def path_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _stage_commands(work: Path) -> list[tuple[str, list[str]]]:
+def stage_commands(work: Path) -> list[tuple[str, list[str]]]:
     """The dvc.yaml commands with ``data/`` redirected into ``work``."""
     with open(ROOT / "dvc.yaml", encoding="utf-8") as f:
         stages = yaml.safe_load(f)["stages"]
@@ -53,7 +53,7 @@ def run(params: Path, repeats: int) -> dict:
         with tempfile.TemporaryDirectory(prefix="prep-bench-") as tmp:
             work = Path(tmp)
             shutil.copytree(ROOT / "data" / "user", work / "data" / "user", dirs_exist_ok=True)
-            for name, argv in _stage_commands(work):
+            for name, argv in stage_commands(work):
                 t0 = time.perf_counter()
                 subprocess.run([*argv, "--params", str(params)], cwd=ROOT, check=True,
                                stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})

@@ -1,8 +1,8 @@
 """Strict checks of the ``label,pixel1..pixel784`` CSV layout (pure: bytes in, messages out).
 
-The Parquet conversion runs Polars' fast streaming reader first; only when it
-fails does :func:`find_problem` re-read the file line by line to say exactly
-which row and column broke the schema, and what was expected.
+The Parquet conversion parses blocks of lines with Polars; only the few lines
+of a block Polars refused are re-read here (:func:`find_problem_in_lines`) to
+say exactly which row and column broke the schema, and what was expected.
 """
 
 from __future__ import annotations
@@ -81,6 +81,16 @@ def check_row(line: bytes, row: int, where: str, names: Sequence[str] = HEADER) 
         value = int(digits)
         if not 0 <= value <= hi:
             raise DataError(f"{at}, column {col + 1} ({name}): expected an integer 0..{hi}, found {value}")
+
+
+def find_problem_in_lines(lines: Iterable[bytes], first_row: int, where: str) -> DataError | None:
+    """The first violation in data lines whose first is data row ``first_row``, or None."""
+    try:
+        for row, line in enumerate(lines, start=first_row):
+            check_row(line, row, where)
+    except DataError as exc:
+        return exc
+    return None
 
 
 def find_problem(lines: Iterable[bytes], where: str) -> DataError | None:

@@ -115,6 +115,7 @@ class LoaderParams:
     pin_memory: bool = True
     prefetch_factor: IntAtLeast1 | None = None
     shuffle: bool = True
+    shuffle_window: IntAtLeast1 | None = None  # shards shuffled together; None = one global shuffle
 
 
 @dataclass(frozen=True, config=_CONFIG)

@@ -63,6 +63,7 @@ def iter_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.n
                 raise DataError(f"{path}: row {row + 1}, column {name!r}: expected a UInt8 value, found null")
         labels = df.get_column("label").to_numpy()
         pixels = df.select(PIXEL_COLUMNS).to_numpy()
+        del df  # not held while the consumer builds a shard from this chunk
         if labels.max(initial=0) >= NUM_CLASSES:
             row = start + int(np.argmax(labels >= NUM_CLASSES))
             raise DataError(f"{path}: row {row + 1}, column 'label': expected 0..{NUM_CLASSES - 1}, found {labels[row - start]}")
@@ -75,6 +76,9 @@ def _rechunk(chunks: Iterable[tuple[np.ndarray, np.ndarray]], size: int) -> Iter
     buf_l: list[np.ndarray] = []
     held = 0
     for pixels, labels in chunks:
+        if not held and len(labels) == size:  # already a whole shard: no copy
+            yield pixels, labels
+            continue
         buf_p.append(pixels)
         buf_l.append(labels)
         held += len(labels)
@@ -87,16 +91,17 @@ def _rechunk(chunks: Iterable[tuple[np.ndarray, np.ndarray]], size: int) -> Iter
 
 
 def _canonical_header(blob: bytes) -> bytes:
-    """Re-emit a safetensors header with sorted keys (same length, same offsets).
+    """The first ``8 + n`` bytes of a safetensors blob, its header re-emitted with sorted keys (same length).
 
     safetensors writes ``__metadata__`` in hash-map order, so the same samples gave
     different shard bytes (and SHA-256s, and DVC hashes) from one run to the next.
+    Only the header is returned, so the data after it is never copied.
     """
     n = int.from_bytes(blob[:8], "little")
     text = json.dumps(json.loads(blob[8 : 8 + n]), separators=(",", ":"), sort_keys=True).encode()
     if len(text) > n:  # only if escaping grew it (non-ASCII metadata): keep safetensors' bytes
-        return blob
-    return blob[:8] + text.ljust(n) + blob[8 + n :]
+        return blob[: 8 + n]
+    return blob[:8] + text.ljust(n)
 
 
 def write_split(
@@ -116,10 +121,19 @@ def write_split(
                 "images": normalize(pixels, normalization),
                 "labels": labels.astype(np.int64),
             }
-            blob = _canonical_header(safetensors.numpy.save(tensors, metadata={"dataset": dataset, "split": split}))
+            del pixels
+            blob = safetensors.numpy.save(tensors, metadata={"dataset": dataset, "split": split})
+            del tensors  # the float32 images are in the blob now; one copy of a shard at a time
+            header = _canonical_header(blob)
+            data = memoryview(blob)[len(header) :]
             name = SHARD_PATTERN.format(index)
-            (tmp / name).write_bytes(blob)
-            entries.append(ShardEntry(name, len(labels), len(blob), hashlib.sha256(blob).hexdigest()))
+            with open(tmp / name, "wb") as f:
+                f.write(header)
+                f.write(data)
+            digest = hashlib.sha256(header)
+            digest.update(data)
+            entries.append(ShardEntry(name, len(labels), len(blob), digest.hexdigest()))
+            del data, blob  # before the next shard is built, not after
         if not entries:
             raise DataError(f"{split}: no samples to write")
         manifest = Manifest(

@@ -192,33 +192,15 @@ def run_stage(stage: str, *args: str | os.PathLike, cwd: Path, extra_path: list[
                           capture_output=True, text=True, timeout=timeout)
 
 
-# Reports the stage's own peak RSS at exit. ru_maxrss from wait4 would not do: Linux
-# folds the forking parent's high-water mark into the child's at exec, so a large
-# pytest process would inflate every figure.
-_PEAK_WRAPPER = """
-import atexit, runpy, sys
-out = sys.argv[1]
-def _report():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            open(out, "w").write(line.split()[1])
-atexit.register(_report)
-sys.argv = sys.argv[2:]
-runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-"""
-
-
 def run_stage_measured(stage: str, *args: str | os.PathLike, cwd: Path, timeout: float = 120,
                        ) -> tuple[subprocess.CompletedProcess, int]:
     """Like :func:`run_stage`, also returning the stage process's own peak resident memory in bytes (Linux)."""
+    from benchmarks.scale import run_module_measured
+
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                PYTHONDONTWRITEBYTECODE="1")
-    peak_file = cwd / ".peak_kib"
-    argv = [sys.executable, "-c", _PEAK_WRAPPER, str(peak_file), f"stages.{stage}", *map(str, args)]
-    result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    peak = int(peak_file.read_text()) * 1024
-    peak_file.unlink()
-    return result, peak
+    return run_module_measured(f"stages.{stage}", [str(a) for a in args], cwd=cwd, env=env,
+                               peak_file=cwd / ".peak_kib", timeout=timeout)
 
 
 def refused_fast_in_bounded_memory(call: Any, error: type[Exception], seconds: float = 2,

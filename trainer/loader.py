@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -27,16 +28,52 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class EpochBatchSampler(Sampler[torch.Tensor]):
-    """Yields int64 index tensors of ``batch_size`` (the last may be shorter)."""
+def epoch_order(shard_sizes: Sequence[int], *, shuffle: bool, seed: int, epoch: int,
+                window: int | None = None) -> torch.Tensor:
+    """The order in which one epoch visits the samples (int64 global indices, manifest shard order).
 
-    def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool, seed: int) -> None:
+    ``window=None`` (or at least the number of shards) is one global permutation.
+    With a window of W shards the shards are permuted first, then the samples of
+    each run of W consecutive shards (in that permuted order) are permuted among
+    themselves, so an epoch reads W shards at a time from disk. One generator,
+    seeded by ``(seed, epoch)``, draws everything.
+    """
+    sizes = [int(s) for s in shard_sizes]
+    if not sizes or min(sizes) < 0 or sum(sizes) < 1:
+        raise ValueError(f"need shard sizes >= 0 with at least one sample, got {sizes}")
+    if window is not None and window < 1:
+        raise ValueError(f"need a shuffle window >= 1 or None, got {window}")
+    total = sum(sizes)
+    if not shuffle:
+        return torch.arange(total)
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    if window is None or window >= len(sizes):
+        return torch.randperm(total, generator=generator)
+    starts = [0, *itertools.accumulate(sizes)]
+    shards = torch.randperm(len(sizes), generator=generator).tolist()
+    parts = []
+    for first in range(0, len(shards), window):
+        members = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in shards[first : first + window]])
+        parts.append(members[torch.randperm(len(members), generator=generator)])
+    return torch.cat(parts)
+
+
+class EpochBatchSampler(Sampler[torch.Tensor]):
+    """Yields int64 index tensors of ``batch_size`` (the last may be shorter), in :func:`epoch_order`."""
+
+    def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool, seed: int,
+                 shard_sizes: Sequence[int] | None = None, shuffle_window: int | None = None) -> None:
         if num_samples < 1 or batch_size < 1:
             raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples} and {batch_size}")
+        shard_sizes = [num_samples] if shard_sizes is None else list(shard_sizes)
+        if sum(shard_sizes) != num_samples:
+            raise ValueError(f"shard sizes {shard_sizes} do not add up to num_samples {num_samples}")
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        self.shard_sizes = tuple(shard_sizes)
+        self.shuffle_window = shuffle_window
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -46,11 +83,8 @@ class EpochBatchSampler(Sampler[torch.Tensor]):
         return math.ceil(self.num_samples / self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-            order = torch.randperm(self.num_samples, generator=generator)
-        else:
-            order = torch.arange(self.num_samples)
+        order = epoch_order(self.shard_sizes, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
+                            window=self.shuffle_window)
         # Clones, so a batch sent to a worker does not drag the whole permutation along.
         for batch in order.split(self.batch_size):
             yield batch.clone()
@@ -66,6 +100,7 @@ class LoaderSettings:
     persistent_workers: bool
     pin_memory: bool
     prefetch_factor: int | None
+    shuffle_window: int | None = None
 
 
 def resolve_settings(params: LoaderParams, device: torch.device, notice: Callable[[str], None] = print) -> LoaderSettings:
@@ -81,7 +116,8 @@ def resolve_settings(params: LoaderParams, device: torch.device, notice: Callabl
     if pin and device.type != "cuda":
         notice(f"notice: loader.pin_memory ignored: the model runs on {device.type}, not an accelerator")
         pin = False
-    return LoaderSettings(params.batch_size, params.shuffle, params.num_workers, persistent, pin, prefetch)
+    return LoaderSettings(params.batch_size, params.shuffle, params.num_workers, persistent, pin, prefetch,
+                          params.shuffle_window)
 
 
 def unwrap_worker_error(exc: PipelineError) -> PipelineError:

@@ -211,7 +211,9 @@ def _fit(
         torch.set_num_threads(threads)
     settings = resolve_settings(loader, device, notice)
     train_batches = RankBatches(
-        EpochBatchSampler(train_split.num_samples, settings.batch_size, shuffle=settings.shuffle, seed=train.seed),
+        EpochBatchSampler(train_split.num_samples, settings.batch_size, shuffle=settings.shuffle, seed=train.seed,
+                          shard_sizes=[s.num_samples for s in train_split.shards],
+                          shuffle_window=settings.shuffle_window),
         group.rank, group.world_size)
     test_batches = RankBatches(
         EpochBatchSampler(test_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed),

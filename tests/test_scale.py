@@ -1,0 +1,125 @@
+"""Cost as data grows: the scaling benchmark end to end on tiny data, and a large bad CSV named fast."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import synth
+from benchmarks.scalecsv import FASHION_DIR, csv_lines, load_idx_split, transformed_copy, write_scaled_csv
+from pipeline.tabular import HEADER_LINE
+
+ROOT = Path(__file__).resolve().parent.parent
+MB = 1 << 20
+
+
+def _idx_folder(tmp: Path) -> Path:
+    """FashionMNIST's IDX files, or tiny synthetic ones with the same names where the mirror is absent."""
+    if (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
+        return FASHION_DIR
+    import gzip
+
+    from pipeline.idx import encode_idx
+
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 600), ("t10k", 100)):
+        (tmp / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(encode_idx(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))))
+        (tmp / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress(encode_idx(rng.integers(0, 10, n, dtype=np.uint8))))
+    return tmp
+
+
+def test_scaled_csv_is_k_transformed_copies_with_labels_kept(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 20, dtype=np.uint8)
+    path = tmp_path / "t.csv"
+    assert write_scaled_csv(path, images, labels, 4) == 80
+    lines = path.read_bytes().split(b"\n")
+    assert lines[0] + b"\n" == HEADER_LINE and lines[-1] == b""
+    table = np.array([[int(c) for c in line.split(b",")] for line in lines[1:-1]])
+    for k in range(4):
+        part = table[20 * k : 20 * (k + 1)]
+        np.testing.assert_array_equal(part[:, 0], labels)
+        np.testing.assert_array_equal(part[:, 1:].reshape(20, 28, 28), transformed_copy(images, k))
+    copies = {transformed_copy(images, k).tobytes() for k in range(16)}
+    assert len(copies) == 16  # no two copies byte-identical
+    assert csv_lines(np.array([[0, 255, 7]], dtype=np.uint8)) == b"0,255,7\n"
+
+
+def test_scale_benchmark_writes_its_three_files(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale", "--scale", "1", "2", "--base-samples", "300", "--shard-size", "128",
+         "--workers", "0", "--idx", str(_idx_folder(tmp_path)), "--work", str(tmp_path / "work"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    results = json.loads((out / "scale.json").read_text())
+    assert [(r["scale"], r["samples"]) for r in results["rows"]] == [(1, 300), (2, 600)]
+    for row in results["rows"]:
+        assert set(row["stages"]) == {"download", "csv", "parquet", "tensorize"}
+        for stage in row["stages"].values():
+            assert stage["seconds"] > 0 and 20 < stage["peak_rss_mb"] < 2000
+        assert row["loader_epoch_s"] > 0 and set(row["loader_uss_mb"]) == {"0"}
+        assert row["bytes"]["shards_train"] > row["samples"] * 784 * 4
+    assert set(results["goals"]) == {f"{s}@2x" for s in ("download", "csv", "parquet", "tensorize")}
+    assert "| 2 | 600 |" in (out / "scale.md").read_text()
+    assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "work").iterdir()) == []  # scratch removed
+
+
+def test_bad_last_cell_of_a_4x_csv_named_fast_in_bounded_memory(tmp_path: Path) -> None:
+    """240,000 rows (~530 MB): the stage names the last row's bad cell in at most 2x a good conversion."""
+    images, labels = load_idx_split(_idx_folder(tmp_path), "train")
+    reps = -(-240_000 // len(labels))
+    images, labels = np.tile(images, (reps, 1, 1))[:240_000], np.tile(labels, reps)[:240_000]
+    good = tmp_path / "good.csv"
+    write_scaled_csv(good, images, labels, 1)
+    bad = tmp_path / "bad.csv"
+    data = good.read_bytes()
+    last = data.rstrip(b"\n").rfind(b"\n") + 1
+    cells = data[last:].split(b",")
+    cells[500] = b"x7"
+    bad.write_bytes(data[:last] + b",".join(cells))
+    del data
+    test = synth.write_csv(tmp_path / "test.csv", synth.split(20))
+    params = synth.write_params(tmp_path / "params.yaml", prep={})
+
+    def run(src: Path) -> tuple[subprocess.CompletedProcess, int, float]:
+        start = time.monotonic()
+        proc, peak = synth.run_stage_measured("parquet", "--params", params, "--train-csv", src, "--test-csv", test,
+                                              "--train", "out/train.parquet", "--test", "out/test.parquet",
+                                              cwd=tmp_path, timeout=300)
+        return proc, peak, time.monotonic() - start
+
+    ok, ok_peak, ok_seconds = run(good)
+    assert ok.returncode == 0, ok.stderr
+    failed, peak, seconds = run(bad)
+    assert failed.returncode == 2
+    assert failed.stderr == (f"error: {bad}: row 240000 (line 240001), column 501 (pixel500): "
+                             "expected an integer 0..255, found 'x7'\n")
+    assert seconds <= 2 * ok_seconds, (seconds, ok_seconds)
+    assert peak < 400 * MB and ok_peak < 400 * MB
+
+
+def test_cold_epoch_bounded_resident_set(tmp_path: Path) -> None:
+    """The beyond-RAM measurement runs whole epochs; with a bound, the windowed order evicts far less often."""
+    from benchmarks.cold import build_shards, cold_epoch
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (1000, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 1000, dtype=np.uint8)
+    build_shards(tmp_path / "train", images, labels, 6, 1000, "train")  # 6 shards of 3 MB
+    free = cold_epoch(tmp_path / "train", None, None)
+    assert free["fraction_of_epoch"] == 1 and free["shards"] == 6 and free["evictions"] == 0
+    glob = cold_epoch(tmp_path / "train", None, 3)
+    windowed = cold_epoch(tmp_path / "train", 2, 3)
+    assert windowed["evictions"] <= 2 < glob["evictions"]
