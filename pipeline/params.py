@@ -86,6 +86,7 @@ class LoaderParams:
     pin_memory: bool = True
     prefetch_factor: int | None = None
     shuffle: bool = True
+    device_resident: bool = False
 
     def check(self, where: str) -> None:
         _at_least(where, "loader.batch_size", self.batch_size, 1)
@@ -105,6 +106,7 @@ class TrainParams:
     free_graph: bool = True
     verify: Literal["header", "full"] = "header"
     checkpoint_every: int = 1
+    threads: int | None = None
 
     def check(self, where: str) -> None:
         _at_least(where, "train.epochs", self.epochs, 1)
@@ -112,6 +114,8 @@ class TrainParams:
         if self.seed > MAX_SEED:  # torch.manual_seed overflows past 2**64 - 1; keep it in int64
             raise ParamsError(f"{where}: train.seed: expected an integer 0..{MAX_SEED}, found {_show(self.seed)}")
         _at_least(where, "train.checkpoint_every", self.checkpoint_every, 0)
+        if self.threads is not None:
+            _at_least(where, "train.threads", self.threads, 1)
         if not (self.lr > 0 and self.lr < float("inf")):
             raise ParamsError(f"{where}: train.lr: expected a positive finite number, found {self.lr}")
 

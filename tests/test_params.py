@@ -94,6 +94,7 @@ RANGES: dict[tuple[str, str], tuple[list, list]] = {
     ("train", "lr"): ([0, -0.001, 0.0, math.inf, -math.inf, math.nan], [1e-9, 1, 0.5]),
     ("train", "seed"): ([-1, 2**63, 2**64, 10**30], [0, 2**63 - 1]),
     ("train", "checkpoint_every"): ([-1], [0, 3]),
+    ("train", "threads"): ([0, -1], [None, 1, 2]),
 }
 
 

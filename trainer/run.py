@@ -30,6 +30,7 @@ from dvclive import Live
 
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.params import LoaderParams, TrainParams
+from trainer.allocator import retain_freed_memory
 from trainer.checkpoint import fingerprint, load_checkpoint, remove_checkpoint, save_checkpoint
 from trainer.data import ShardDataset
 from trainer.export import save_model
@@ -47,9 +48,11 @@ METRICS = (
     "samples_per_second",
     "data_wait_fraction",
     "peak_memory_mb",
+    "threads",
 )
-# Metrics that measure the machine rather than the model; they differ between identical runs.
-MACHINE_METRICS = frozenset({"epoch_seconds", "samples_per_second", "data_wait_fraction", "peak_memory_mb"})
+# Metrics that measure the machine rather than the model; they differ between identical runs
+# (threads: with train.threads null it is PyTorch's choice for this machine).
+MACHINE_METRICS = frozenset({"epoch_seconds", "samples_per_second", "data_wait_fraction", "peak_memory_mb", "threads"})
 PAUSE_ENV = "TRAINER_TEST_PAUSE_AFTER_EPOCH"
 
 
@@ -100,6 +103,9 @@ def fit(
 ) -> dict[str, float]:
     """Train SimpleCNN on the shard folders; return the last epoch's metrics."""
     device = resolve_device(train.device)
+    if train.threads is not None:
+        torch.set_num_threads(train.threads)
+    retain_freed_memory()
     train_split = validate_split(train_dir, expected_split="train", verify=train.verify)
     test_split = validate_split(test_dir, expected_split="test", verify=train.verify)
     check_compatible(train_split, test_split)
@@ -155,6 +161,7 @@ def fit(
                 "samples_per_second": stats.samples_per_second,
                 "data_wait_fraction": stats.data_wait_fraction,
                 "peak_memory_mb": memory.peak_mb(),
+                "threads": torch.get_num_threads(),
             }
             history.append(entry)
             _log(live, entry)
