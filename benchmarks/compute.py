@@ -100,11 +100,13 @@ def train_paired(sources: dict[str, tuple[Source, bool]], repeats: int, device: 
 
 
 def one_warm_batch(tensors: Path, samples: int, batch_size: int, device: torch.device) -> Source:
-    """The compute floor's source: ``samples / batch_size`` steps, every one on the same resident batch."""
+    """The compute floor's source: an epoch's batch sizes (``samples`` split by ``batch_size``), every
+    step on (a prefix of) the same resident, cache-warm batch."""
     dataset = ShardDataset(validate_split(tensors / "train", expected_split="train"))
     x, y = (t.to(device) for t in dataset[torch.arange(min(batch_size, len(dataset)))])
-    steps = math.ceil(samples / batch_size)
-    return lambda epoch: [(x, y)] * steps
+    full, rest = divmod(samples, batch_size)
+    epoch = [(x, y)] * full + ([(x[:rest], y[:rest])] if rest else [])
+    return lambda _epoch: epoch
 
 
 def memcpy_floor(repeats: int) -> float:

@@ -4,7 +4,10 @@ Everything runs in one process and one invocation, on the pipeline's own
 FashionMNIST shards and Parquet. Each timing is the minimum over ``--repeats``
 epochs. Rows too slow to run on a whole epoch (the article's per-item
 DataFrame dataset) run on a prefix of the split and are scaled to 60,000
-samples; ``--quick`` does that for every row. Results go to
+samples; ``--quick`` does that for every row. The training timings, the
+floors (memcpy, compute, FLOP) and the page-fault experiment are in
+``benchmarks/compute.py``; like ``trainer.run.fit``, this process keeps freed
+memory (``trainer/allocator.py``) before it trains. Results go to
 ``bench/results.{json,md,png}``.
 """
 

@@ -67,8 +67,9 @@ def _allocator_section(a: dict) -> list[str]:
         "## Page faults: why pre-gathered batches trained slower than loader-fed ones",
         "",
         "The original model trained on the `default` loader's batches, epochs interleaved, each setting in a "
-        "fresh interpreter: `pre-gathered` holds the whole epoch's batches (118 live buffers) before the clock "
-        "starts, as the old compute floor did; `loader-fed` gathers one batch per step. Page faults are minor "
+        "fresh interpreter: `pre-gathered` holds all of the epoch's batches (118 live buffers at 60,000 samples) "
+        "before the clock starts, as the old compute floor did; `loader-fed` gathers one batch per step. "
+        "Page faults are minor "
         "faults (`ru_minflt`) per step: each is a 4 KiB page the kernel zero-fills because glibc returned "
         "freed memory to it after the previous step.",
         "",

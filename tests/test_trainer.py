@@ -288,3 +288,68 @@ def test_model_folder_round_trip(split, tmp_path: Path) -> None:
     loaded, _ = load_model(tmp_path / "models")
     x = torch.rand(2, 1, 28, 28)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_pool_before_relu_is_the_same_function_and_gradient_exactly() -> None:
+    # The identity the fast layout rests on: ReLU and max-pooling commute, values and gradients bit for bit.
+    x = torch.randn(4, 3, 8, 8)
+    x[0, 0, :2, :2] = -1.0  # a window with no positive value: no gradient either way
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    pa = torch.nn.functional.relu(torch.nn.functional.max_pool2d(a, 2))
+    pb = torch.nn.functional.max_pool2d(torch.nn.functional.relu(b), 2)
+    assert torch.equal(pa, pb)
+    g = torch.randn_like(pa)
+    pa.backward(g)
+    pb.backward(g)
+    assert torch.equal(a.grad, b.grad) and a.grad[0, 0, :2, :2].eq(0).all()
+
+
+def test_fast_layout_learns_what_the_reference_layout_learns(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    fast = SimpleCNN()
+    torch.manual_seed(3)
+    reference = SimpleCNN(reference_layout=True)
+    assert list(fast.state_dict()) == list(reference.state_dict())  # same names: model.safetensors fits both
+    assert all(torch.equal(p, q) for p, q in zip(fast.parameters(), reference.parameters()))  # same init
+    assert fast.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    for model in (fast, reference):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert torch.allclose(fast(x), reference(x), atol=1e-5)
+    for (name, p), q in zip(fast.named_parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name  # convolution sums may round differently
+    reference.load_state_dict(fast.state_dict())  # and back: weights move freely between layouts
+    assert torch.allclose(fast(x), reference(x), atol=1e-5)
+
+
+def test_epoch_loss_is_the_per_step_item_sum_bit_for_bit(split) -> None:
+    model, optimizer, loader = _tiny_run(split[0])
+    stats = train_one_epoch(model, loader, optimizer, CPU, non_blocking=False, free_graph=True)
+    model, optimizer, loader = _tiny_run(split[0])
+    loss_sum, samples = 0.0, 0
+    for images, labels in loader:  # the loop's arithmetic before the loss moved to the device
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * labels.shape[0]
+        samples += labels.shape[0]
+    assert samples == stats.samples == 250
+    assert stats.loss == loss_sum / samples
+
+
+def test_device_resident_batches_equal_the_memory_mapped_ones(split) -> None:
+    dataset = ShardDataset(validate_split(split[0], expected_split="train"))
+    sampler = EpochBatchSampler(len(dataset), 64, shuffle=True, seed=1)
+    notices: list[str] = []
+    resident = resolve_settings(LoaderParams(batch_size=64, num_workers=2, device_resident=True), CPU, notices.append)
+    assert resident.resident_device == CPU and resident.num_workers == 0
+    assert len(notices) == 2 and "loader.num_workers ignored" in notices[1]  # [0]: pin_memory on a CPU
+    on_device = make_loader(dataset, sampler, resident)
+    mapped = make_loader(dataset, sampler, resolve_settings(LoaderParams(batch_size=64, pin_memory=False), CPU))
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        pairs = list(zip(on_device, mapped, strict=True))
+        assert len(pairs) == len(on_device) == 4
+        for (xa, ya), (xb, yb) in pairs:
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -51,6 +51,7 @@ def fingerprint(
         "architecture": architecture,
         "lr": train.lr,
         "seed": train.seed,
+        "threads": train.threads,  # intra-op threads change the float rounding of a run
         "device": device.type,
         "batch_size": loader.batch_size,
         "shuffle": loader.shuffle,
