@@ -109,6 +109,29 @@ def one_warm_batch(tensors: Path, samples: int, batch_size: int, device: torch.d
     return lambda _epoch: epoch
 
 
+def threads_experiment(source: Source, repeats: int, device: torch.device, seed: int,
+                       counts: tuple[int, ...] = (1, 2)) -> dict[str, object]:
+    """Compute-floor epochs with each intra-op thread count (``train.threads``), interleaved; and whether
+    the models, trained from the same initialisation on the same steps, end bit-identical."""
+    before = torch.get_num_threads()
+    state = {}
+    for n in counts:
+        torch.manual_seed(seed)
+        model = SimpleCNN().to(device)
+        state[n] = (model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    best = dict.fromkeys(counts, math.inf)
+    try:
+        for epoch in range(repeats):
+            for n in counts:
+                torch.set_num_threads(n)
+                best[n] = min(best[n], train_epoch(*state[n], source(epoch), device)[0])
+    finally:
+        torch.set_num_threads(before)
+    weights = [list(model.state_dict().values()) for model, _ in state.values()]
+    identical = all(torch.equal(a, b) for other in weights[1:] for a, b in zip(weights[0], other, strict=True))
+    return {"epoch_s": {str(n): best[n] for n in counts}, "bit_identical": identical}
+
+
 def memcpy_floor(repeats: int) -> float:
     """Seconds to copy one epoch's image bytes (60,000 x 784 float32) once in RAM."""
     src = torch.rand(EPOCH_SAMPLES * 784)

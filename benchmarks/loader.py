@@ -28,7 +28,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.compute import (EPOCH_SAMPLES, Source, allocator_experiment, as_pair, epoch_flops,
-                                matmul_gflops, memcpy_floor, one_warm_batch, train_paired)
+                                matmul_gflops, memcpy_floor, one_warm_batch, threads_experiment,
+                                train_paired)
 from benchmarks.disk import disk_usage
 from benchmarks.memory import run_loader_memory, run_scenarios
 from benchmarks.naive import NaiveDataset, PerSampleShards, PrecomputedDataset
@@ -183,9 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = _loader_rows(cfg, device, seed)
     # The compute floor and the rows it must stay under are timed epoch by epoch, interleaved.
     paired_names = ("default", "reference-layout", "resident")
-    paired: dict[str, tuple[Source, bool]] = {
-        "compute": (one_warm_batch(cfg.tensors, cfg.samples, load_section("loader", cfg.params).batch_size, device),
-                    False)}
+    warm = one_warm_batch(cfg.tensors, cfg.samples, load_section("loader", cfg.params).batch_size, device)
+    paired: dict[str, tuple[Source, bool]] = {"compute": (warm, False)}
     loader_s: dict[str, float] = {}
     for row in rows:
         source = row.make()
@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
         del source
     trained_together = train_paired(paired, cfg.repeats, device, seed)
     fl["compute_epoch_s"] = trained_together["compute"]["seconds"] * EPOCH_SAMPLES / cfg.samples
+    threads = threads_experiment(warm, cfg.repeats, device, seed)
+    threads["epoch_s"] = {n: v * EPOCH_SAMPLES / cfg.samples for n, v in threads["epoch_s"].items()}
     for row in rows:
         if row.name in paired_names:
             _record(row, loader_s[row.name], trained_together[row.name], EPOCH_SAMPLES / row.samples)
@@ -216,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         "floors": fl,
         "rows": [r.result for r in rows],
         "allocator": allocator,
+        "threads": threads,
         "memory": {"loader_process_tree": run_loader_memory(cfg.memory_workers, cfg.samples, cfg.tensors,
                                                             cfg.parquet),
                    "training_habits": run_scenarios(str(device), steps=cfg.habit_steps, batch=512)},

@@ -41,6 +41,13 @@ def render_markdown(r: dict) -> str:
         f"| naive / default loader epoch | {g['naive_over_default_loader']:.0f}x | >= 39x |",
         "",
         *_allocator_section(r["allocator"]),
+        "## Intra-op threads (`train.threads`)",
+        "",
+        "Compute-floor epochs (one warm batch), thread counts interleaved: "
+        + ", ".join(f"{n} thread(s) {s:.2f} s" for n, s in r["threads"]["epoch_s"].items())
+        + ". Trained from the same initialisation on the same steps, the models end "
+        + ("bit-identical." if r["threads"]["bit_identical"] else "with different bits (float rounding)."),
+        "",
         "## Memory: loader process tree (peak over one epoch, MiB)",
         "",
         "Each line runs in a fresh interpreter; baseline is the main process after imports, before the dataset.",

@@ -51,6 +51,7 @@ def test_bench_writes_results(tmp_path: Path) -> None:
     assert results["goals"]["default_train_over_flops"] == by["default"]["train_epoch_s"] / floors["flop_epoch_s"]
     assert set(results["allocator"]) == {"glibc_default", "retain_freed_memory"}
     assert all(set(v) == {"pre-gathered", "loader-fed"} for v in results["allocator"].values())
+    assert set(results["threads"]["epoch_s"]) == {"1", "2"} and isinstance(results["threads"]["bit_identical"], bool)
     assert results["rows"][0]["speedup_vs_naive"] == 1.0
     assert set(results["memory"]["loader_process_tree"]) == {
         f"{kind}/workers={n}" for kind in ("default-mmap", "precomputed-in-ram") for n in (0, 2)}
