@@ -7,7 +7,7 @@ trimmed back to the kernel; either way the next step touches fresh pages and
 the kernel zero-fills them. Measured on the 2-core reference VM that is about
 14,000 page faults (55 MB) per step and a quarter of the step's time (see
 ``bench/results.md``, "Page faults"). Raising glibc's mmap and trim
-thresholds makes freed blocks stay in the heap and be reused: after the first
+thresholds makes freed blocks stay in the heap and be reused: after a few
 step no step faults. The process keeps its high-water mark of memory instead of
 returning it between steps; the peak itself does not change. Results do not
 change either: only where the bytes live.
