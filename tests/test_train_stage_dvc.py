@@ -32,6 +32,7 @@ TRAIN_CODE = [
     "pipeline/manifest.py",
     "pipeline/params.py",
     "pipeline/shards.py",
+    "trainer/allocator.py",
     "trainer/checkpoint.py",
     "trainer/data.py",
     "trainer/export.py",
