@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import resource
@@ -110,27 +111,26 @@ def one_warm_batch(tensors: Path, samples: int, batch_size: int, device: torch.d
     return lambda _epoch: epoch
 
 
-def threads_experiment(source: Source, repeats: int, device: torch.device, seed: int,
+def _experiment(cfg: argparse.Namespace, device: torch.device, seed: int, repeats: int, setting: str,
+                *extra: str) -> dict:
+    """One setting in a fresh interpreter (``python -m benchmarks.compute``); its one JSON line."""
+    args = [sys.executable, "-m", "benchmarks.compute", setting, *extra, "--tensors", str(cfg.tensors),
+            "--params", str(cfg.params), "--samples", str(cfg.samples), "--repeats", str(repeats),
+            "--device", str(device), "--seed", str(seed)]
+    res = subprocess.run(args, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{setting} experiment failed: {res.stderr.strip()[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def threads_experiment(cfg: argparse.Namespace, device: torch.device, seed: int, repeats: int,
                        counts: tuple[int, ...] = (1, 2)) -> dict[str, object]:
-    """Compute-floor epochs with each intra-op thread count (``train.threads``), interleaved; and whether
-    the models, trained from the same initialisation on the same steps, end bit-identical."""
-    before = torch.get_num_threads()
-    state = {}
-    for n in counts:
-        torch.manual_seed(seed)
-        model = SimpleCNN().to(device)
-        state[n] = (model, torch.optim.Adam(model.parameters(), lr=1e-3))
-    best = dict.fromkeys(counts, math.inf)
-    try:
-        for epoch in range(repeats):
-            for n in counts:
-                torch.set_num_threads(n)
-                best[n] = min(best[n], train_epoch(*state[n], source(epoch), device)[0])
-    finally:
-        torch.set_num_threads(before)
-    weights = [list(model.state_dict().values()) for model, _ in state.values()]
-    identical = all(torch.equal(a, b) for other in weights[1:] for a, b in zip(weights[0], other, strict=True))
-    return {"epoch_s": {str(n): best[n] for n in counts}, "bit_identical": identical}
+    """Compute-floor epochs with each intra-op thread count (``train.threads``), each in a fresh interpreter
+    (switching counts inside one process slows the larger count down); and whether the models, trained from
+    the same initialisation on the same steps, end bit-identical."""
+    runs = {n: _experiment(cfg, device, seed, repeats, "threads", "--threads", str(n)) for n in counts}
+    return {"epoch_s": {str(n): r["seconds"] for n, r in runs.items()},
+            "bit_identical": len({r["weights_sha256"] for r in runs.values()}) == 1}
 
 
 def memcpy_floor(repeats: int) -> float:
@@ -190,21 +190,14 @@ def default_batches(tensors: Path, params: Path, samples: int, device: torch.dev
 def allocator_experiment(cfg: argparse.Namespace, device: torch.device, seed: int, repeats: int) -> dict[str, dict]:
     """Pre-gathered vs loader-fed batches, epochs interleaved, with glibc's defaults and with
     :func:`retain_freed_memory`; each setting in a fresh interpreter, so heap history is comparable."""
-    out = {}
-    for setting in ("glibc_default", "retain_freed_memory"):
-        args = [sys.executable, "-m", "benchmarks.compute", setting, "--tensors", str(cfg.tensors),
-                "--params", str(cfg.params), "--samples", str(cfg.samples), "--repeats", str(repeats),
-                "--device", str(device), "--seed", str(seed)]
-        res = subprocess.run(args, capture_output=True, text=True, check=False)
-        if res.returncode != 0:
-            raise RuntimeError(f"allocator experiment ({setting}) failed: {res.stderr.strip()[-2000:]}")
-        out[setting] = json.loads(res.stdout.strip().splitlines()[-1])
-    return out
+    return {setting: _experiment(cfg, device, seed, repeats, setting)
+            for setting in ("glibc_default", "retain_freed_memory")}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="one setting of the allocator experiment; prints one JSON line")
-    p.add_argument("setting", choices=["glibc_default", "retain_freed_memory"])
+    p = argparse.ArgumentParser(description="one setting of the allocator or threads experiment; one JSON line")
+    p.add_argument("setting", choices=["glibc_default", "retain_freed_memory", "threads"])
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tensors", type=Path, required=True)
     p.add_argument("--params", type=Path, required=True)
     p.add_argument("--samples", type=int, required=True)
@@ -212,16 +205,32 @@ def main() -> None:
     p.add_argument("--device", required=True)
     p.add_argument("--seed", type=int, required=True)
     a = p.parse_args()
-    if a.setting == "retain_freed_memory":
-        retain_freed_memory()
     device = torch.device(a.device)
+    scale = EPOCH_SAMPLES / a.samples
+    if a.setting != "glibc_default":
+        retain_freed_memory()
+    if a.setting == "threads":
+        torch.set_num_threads(a.threads)
+        batch_size = load_section("loader", a.params).batch_size
+        warm = one_warm_batch(a.tensors, a.samples, batch_size, device)
+        torch.manual_seed(a.seed)
+        model = SimpleCNN().to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        best = math.inf
+        for epoch in range(1 + a.repeats):  # the first epoch is untimed
+            seconds = train_epoch(model, optimizer, warm(epoch), device)[0]
+            best = min(best, seconds) if epoch else best
+        digest = hashlib.sha256()
+        for value in model.state_dict().values():
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        print(json.dumps({"seconds": best * scale, "weights_sha256": digest.hexdigest()}))
+        return
     sources = {
         name: (default_batches(a.tensors, a.params, a.samples, device, a.seed, pregather=name == "pre-gathered"),
                True)  # the original model, as when the committed floor came out slower
         for name in ("pre-gathered", "loader-fed")
     }
     best = train_paired(sources, a.repeats, device, a.seed, warmup=1)  # the heap's first growth is not the point
-    scale = EPOCH_SAMPLES / a.samples
     print(json.dumps({name: {**v, "seconds": v["seconds"] * scale} for name, v in best.items()}))
 
 

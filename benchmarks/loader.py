@@ -199,8 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         del source
     trained_together = train_paired(paired, cfg.repeats, device, seed)
     fl["compute_epoch_s"] = trained_together["compute"]["seconds"] * EPOCH_SAMPLES / cfg.samples
-    threads = threads_experiment(warm, cfg.repeats, device, seed)
-    threads["epoch_s"] = {n: v * EPOCH_SAMPLES / cfg.samples for n, v in threads["epoch_s"].items()}
+    threads = threads_experiment(cfg, device, seed, repeats=cfg.repeats)
     for row in rows:
         if row.name in paired_names:
             _record(row, loader_s[row.name], trained_together[row.name], EPOCH_SAMPLES / row.samples)

@@ -43,7 +43,7 @@ def render_markdown(r: dict) -> str:
         *_allocator_section(r["allocator"]),
         "## Intra-op threads (`train.threads`)",
         "",
-        "Compute-floor epochs (one warm batch), thread counts interleaved: "
+        "Compute-floor epochs (one warm batch), each thread count in a fresh interpreter: "
         + ", ".join(f"{n} thread(s) {s:.2f} s" for n, s in r["threads"]["epoch_s"].items())
         + ". Trained from the same initialisation on the same steps, the models end "
         + ("bit-identical." if r["threads"]["bit_identical"] else "with different bits (float rounding)."),
