@@ -29,7 +29,7 @@ def render_markdown(r: dict) -> str:
         "",
         f"Floors: memcpy of one epoch's images {fl['memcpy_epoch_s']:.4f} s; compute (every step of an epoch "
         f"on one cache-warm batch, timed interleaved with `default`, `reference-layout` and `resident`; on "
-        f"the CPU at most the fastest single step times the epoch's steps) "
+        f"the CPU at most the fastest step's time per sample times 60,000) "
         f"{fl['compute_epoch_s']:.2f} s; FLOP floor {fl['flop_epoch_s']:.2f} s = {fl['epoch_gflop']:.0f} GFLOP "
         f"per epoch (forward + backward, counted by FlopCounterMode) at {fl['matmul_gflops']:.0f} GFLOP/s "
         "(2048x2048 fp32 matmul, best of 10, same run).",
