@@ -4,26 +4,32 @@ Everything runs in one process and one invocation, on the pipeline's own
 FashionMNIST shards and Parquet. Each timing is the minimum over ``--repeats``
 epochs. Rows too slow to run on a whole epoch (the article's per-item
 DataFrame dataset) run on a prefix of the split and are scaled to 60,000
-samples; ``--quick`` does that for every row. Results go to
+samples; ``--quick`` does that for every row. The training timings, the
+floors (memcpy, compute, FLOP) and the page-fault experiment are in
+``benchmarks/compute.py``; like ``trainer.run.fit``, this process keeps freed
+memory (``trainer/allocator.py``) before it trains. Results go to
 ``bench/results.{json,md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from benchmarks.compute import (EPOCH_SAMPLES, Source, allocator_experiment, as_pair, epoch_flops,
+                                matmul_gflops, memcpy_floor, one_warm_batch, threads_experiment,
+                                train_paired)
 from benchmarks.ddp import ddp_rows
 from benchmarks.disk import disk_usage
 from benchmarks.memory import run_loader_memory, run_scenarios
@@ -31,13 +37,10 @@ from benchmarks.naive import NaiveDataset, PerSampleShards, PrecomputedDataset
 from benchmarks.report import render_markdown, render_plot
 from pipeline.atomic import write_bytes_atomic
 from pipeline.params import load_section
+from trainer.allocator import retain_freed_memory
 from trainer.data import ShardDataset
 from trainer.loader import EpochBatchSampler, make_loader, resolve_settings
-from trainer.model import SimpleCNN
 from trainer.verify import validate_split
-
-EPOCH_SAMPLES = 60_000
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -47,12 +50,7 @@ class Row:
     samples: int
     note: str = ""
     result: dict = field(default_factory=dict)
-
-
-def _as_pair(batch: object) -> Batch:
-    if isinstance(batch, dict):
-        return batch["image"], batch["label"]
-    return batch  # type: ignore[return-value]
+    reference_layout: bool = False  # train the original NCHW, ReLU-then-pool model instead of the trainer's
 
 
 def _subset(n: int, limit: int, seed: int, epoch: int) -> torch.Tensor:
@@ -88,27 +86,18 @@ def _loader_rows(cfg: argparse.Namespace, device: torch.device, seed: int) -> li
         loader = DataLoader(ds, batch_size=512, sampler=sampler)
         return lambda epoch: loader
 
-    def default():
-        params = load_section("loader", cfg.params)
-        settings = resolve_settings(params, device, notice=lambda _m: None)
-        sampler = EpochBatchSampler(fs, settings.batch_size, shuffle=settings.shuffle, seed=seed)
-        loader = make_loader(ShardDataset(train), sampler, settings)
+    def loader_from_params(**override):
+        def make():
+            params = dataclasses.replace(load_section("loader", cfg.params), **override)
+            settings = resolve_settings(params, device, notice=lambda _m: None)
+            sampler = EpochBatchSampler(fs, settings.batch_size, shuffle=settings.shuffle, seed=seed)
+            loader = make_loader(ShardDataset(train), sampler, settings)
 
-        def epoch_iter(epoch: int):
-            sampler.set_epoch(epoch)
-            return loader
-        return epoch_iter
-
-    def resident():
-        x, y = ShardDataset(train)[torch.arange(fs)]
-        x, y = x.to(device), y.to(device)
-
-        def epoch_iter(epoch: int) -> Iterator[Batch]:
-            perm = torch.randperm(fs, generator=torch.Generator().manual_seed(seed + epoch)).to(device)
-            for i in range(0, fs, 512):
-                idx = perm[i : i + 512]
-                yield x[idx], y[idx]
-        return epoch_iter
+            def epoch_iter(epoch: int):
+                sampler.set_epoch(epoch)
+                return loader
+            return epoch_iter
+        return make
 
     pin_note = "" if pin else "pin_memory has no effect without an accelerator"
     return [
@@ -119,8 +108,11 @@ def _loader_rows(cfg: argparse.Namespace, device: torch.device, seed: int) -> li
         Row("+pin_memory", naive(512, cores, True, pin), ns, "v1, + pin_memory; " + pin_note),
         Row("precomputed", precomputed, fs, f"article v2, tensors built in __init__, {cores} persistent workers"),
         Row("mmap-per-sample", per_sample, fs, "our shards, one __getitem__ per sample + collate"),
-        Row("default", default, fs, "this pipeline's loader as params.yaml sets it"),
-        Row("resident", resident, fs, "whole split on the device, randperm + slices, no DataLoader"),
+        Row("default", loader_from_params(), fs, "this pipeline's loader and model as params.yaml sets them"),
+        Row("reference-layout", loader_from_params(), fs, "same loader; the original NCHW, ReLU-then-pool model",
+            reference_layout=True),
+        Row("resident", loader_from_params(device_resident=True), fs,
+            "loader.device_resident: whole split on the device, one index_select per batch"),
     ]
 
 
@@ -129,88 +121,10 @@ def _time_loader(source: Callable[[int], Iterable], repeats: int) -> float:
     for epoch in range(repeats):
         start = time.perf_counter()
         for batch in source(epoch):
-            x, y = _as_pair(batch)
+            x, y = as_pair(batch)
             _ = x.view(-1)[-1].item() + int(y[-1])  # touch the data: nothing stays lazy
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable,
-                 device: torch.device) -> tuple[float, float]:
-    """(seconds, seconds blocked waiting for the next batch) of one training epoch."""
-    model.train()
-    wait = 0.0
-    start = time.perf_counter()
-    it = iter(batches)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        wait += time.perf_counter() - t0
-        x, y = _as_pair(batch)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        del loss
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, wait
-
-
-def _time_train_paired(sources: dict[str, Callable[[int], Iterable]], repeats: int, device: torch.device,
-                       seed: int) -> dict[str, tuple[float, float]]:
-    """Best epoch time and its data-wait fraction per source, their epochs interleaved.
-
-    Interleaving matters on a shared machine whose speed drifts by 10-25 %
-    over minutes: two sources compared epoch by epoch see the same drift.
-    """
-    state = {}
-    for name in sources:
-        torch.manual_seed(seed)
-        model = SimpleCNN().to(device)
-        state[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-3))
-    best = {name: (float("inf"), 0.0) for name in sources}
-    for epoch in range(repeats):
-        for name, source in sources.items():
-            seconds, wait = _train_epoch(*state[name], source(epoch), device)
-            if seconds < best[name][0]:
-                best[name] = (seconds, wait / seconds)
-    return best
-
-
-def _time_train(source: Callable[[int], Iterable], repeats: int, device: torch.device, seed: int) -> tuple[float, float]:
-    return _time_train_paired({"row": source}, repeats, device, seed)["row"]
-
-
-def memcpy_floor(repeats: int) -> float:
-    """Seconds to copy one epoch's image bytes (60,000 x 784 float32) once in RAM."""
-    src = torch.rand(EPOCH_SAMPLES * 784)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # first touch: page faults are not part of a copy
-    best = float("inf")
-    for _ in range(max(repeats, 5)):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def resident_epochs(cfg: argparse.Namespace, device: torch.device, seed: int) -> Callable[[int], list[Batch]]:
-    """For the compute floor: epoch e's batches exactly as the ``default`` loader yields them,
-    gathered onto the device before the epoch's clock starts. A model trained on them
-    follows the default row's model step for step, so the two differ only by the loader."""
-    dataset = ShardDataset(validate_split(cfg.tensors / "train", expected_split="train"))
-    params = load_section("loader", cfg.params)
-    sampler = EpochBatchSampler(cfg.samples, params.batch_size, shuffle=params.shuffle, seed=seed)
-
-    def batches(epoch: int) -> list[Batch]:
-        sampler.set_epoch(epoch)
-        return [tuple(t.to(device) for t in dataset[b]) for b in sampler]  # type: ignore[misc]
-    return batches
 
 
 def machine(device: torch.device) -> dict:
@@ -227,6 +141,15 @@ def machine(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _record(row: Row, loader_s: float, trained: dict[str, float], scale: float) -> None:
+    row.result = {"name": row.name, "loader_epoch_s": loader_s, "train_epoch_s": trained["seconds"] * scale,
+                  "data_wait_fraction": trained["data_wait_fraction"],
+                  "page_faults_per_step": trained["page_faults_per_step"], "samples_measured": row.samples,
+                  "scaled": row.samples != EPOCH_SAMPLES, "note": row.note}
+    print(f"{row.name:<20} loader {loader_s:8.3f} s  train {row.result['train_epoch_s']:7.2f} s  "
+          f"wait {trained['data_wait_fraction']:.3f}  faults/step {trained['page_faults_per_step']:.0f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,28 +176,44 @@ def main(argv: list[str] | None = None) -> None:
     seed = load_section("train", cfg.params).seed
     started = time.perf_counter()
 
-    fl = {"memcpy_epoch_s": memcpy_floor(cfg.repeats)}
-    compute_source = resident_epochs(cfg, device, seed)
+    # Before this process changes its allocator: each setting runs in a fresh interpreter.
+    allocator = allocator_experiment(cfg, device, seed, repeats=min(cfg.repeats, 2))
+    retain_freed_memory()  # as trainer.run.fit does
+    gflops = matmul_gflops(device)
+    flops = epoch_flops(load_section("loader", cfg.params).batch_size, device)
+    fl = {"memcpy_epoch_s": memcpy_floor(cfg.repeats), "matmul_gflops": gflops, "epoch_gflop": flops / 1e9,
+          "flop_epoch_s": flops / (gflops * 1e9)}
     rows = _loader_rows(cfg, device, seed)
+    # The compute floor and the rows it must stay under are timed epoch by epoch, interleaved.
+    paired_names = ("default", "reference-layout", "resident")
+    warm = one_warm_batch(cfg.tensors, cfg.samples, load_section("loader", cfg.params).batch_size, device)
+    paired: dict[str, tuple[Source, bool]] = {"compute": (warm, False)}
+    loader_s: dict[str, float] = {}
     for row in rows:
         source = row.make()
         scale = EPOCH_SAMPLES / row.samples
-        loader_s = _time_loader(source, cfg.repeats) * scale
-        if row.name == "default":
-            # the compute floor is measured epoch by epoch alongside the row it judges
-            paired = _time_train_paired({"compute": compute_source, "default": source},
-                                        cfg.repeats, device, seed)
-            fl["compute_epoch_s"] = paired["compute"][0] * EPOCH_SAMPLES / cfg.samples
-            train_s, wait = paired["default"]
-            print(f"floors: memcpy {fl['memcpy_epoch_s']:.4f} s/epoch, "
-                  f"compute {fl['compute_epoch_s']:.2f} s/epoch", flush=True)
-        else:
-            train_s, wait = _time_train(source, cfg.repeats, device, seed)
-        row.result = {"name": row.name, "loader_epoch_s": loader_s, "train_epoch_s": train_s * scale,
-                      "data_wait_fraction": wait, "samples_measured": row.samples,
-                      "scaled": row.samples != EPOCH_SAMPLES, "note": row.note}
+        loader_s[row.name] = _time_loader(source, cfg.repeats) * scale
+        if row.name in paired_names:
+            paired[row.name] = (source, row.reference_layout)
+            continue
+        trained = train_paired({row.name: (source, row.reference_layout)}, cfg.repeats, device, seed)[row.name]
+        _record(row, loader_s[row.name], trained, scale)
         del source
-        print(f"{row.name:<20} loader {loader_s:8.3f} s  train {train_s * scale:7.2f} s  wait {wait:.3f}", flush=True)
+    trained_together = train_paired(paired, cfg.repeats, device, seed)
+    compute = trained_together["compute"]
+    fl["compute_epoch_s"] = compute["seconds"] * EPOCH_SAMPLES / cfg.samples
+    if device.type == "cpu":
+        # Every sample at the fastest per-sample speed seen for one step: a bound that a burst of load on this shared
+        # machine cannot lift, where one whole epoch needs every one of its steps undisturbed.
+        step_bound = compute["fastest_step_s_per_sample"] * EPOCH_SAMPLES
+        fl["compute_epoch_s"] = min(fl["compute_epoch_s"], step_bound)
+    threads = threads_experiment(cfg, device, seed, repeats=cfg.repeats)
+    for row in rows:
+        if row.name in paired_names:
+            _record(row, loader_s[row.name], trained_together[row.name], EPOCH_SAMPLES / row.samples)
+    print(f"floors: memcpy {fl['memcpy_epoch_s']:.4f} s, compute {fl['compute_epoch_s']:.2f} s, "
+          f"FLOP {fl['flop_epoch_s']:.2f} s ({fl['epoch_gflop']:.0f} GFLOP at {gflops:.0f} GFLOP/s) per epoch",
+          flush=True)
     naive_s = rows[0].result["loader_epoch_s"]
     ddp = [] if cfg.skip_ddp else ddp_rows(cfg.tensors, cfg.params, cfg.samples, cfg.repeats, device=device.type)
     for row in [r.result for r in rows] + ddp:
@@ -286,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
                      "quick": cfg.quick, "epoch_samples": EPOCH_SAMPLES},
         "floors": fl,
         "rows": [r.result for r in rows] + ddp,
+        "allocator": allocator,
+        "threads": threads,
         "memory": {"loader_process_tree": run_loader_memory(cfg.memory_workers, cfg.samples, cfg.tensors,
                                                             cfg.parquet),
                    "training_habits": run_scenarios(str(device), steps=cfg.habit_steps, batch=512)},
@@ -294,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     by = {r["name"]: r for r in results["rows"]}
     results["goals"] = {
         "default_train_over_compute": by["default"]["train_epoch_s"] / fl["compute_epoch_s"],
+        "default_train_over_flops": by["default"]["train_epoch_s"] / fl["flop_epoch_s"],
         "default_loader_over_memcpy": by["default"]["loader_epoch_s"] / fl["memcpy_epoch_s"],
         "naive_over_default_loader": naive_s / by["default"]["loader_epoch_s"],
     }

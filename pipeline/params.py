@@ -116,6 +116,7 @@ class LoaderParams:
     prefetch_factor: IntAtLeast1 | None = None
     shuffle: bool = True
     shuffle_window: IntAtLeast1 | None = None  # shards shuffled together; None = one global shuffle
+    device_resident: bool = False  # the whole split on the training device; batches are index ops there
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -131,6 +132,7 @@ class TrainParams:
     checkpoint_every: IntAtLeast0 = 1
     processes: IntAtLeast1 = 1
     max_restarts: IntAtLeast0 = 3
+    threads: IntAtLeast1 | None = None  # intra-op threads; None = PyTorch's choice
 
 
 SECTIONS: dict[str, type] = {

@@ -15,7 +15,7 @@ from pipeline.tensorize import tensorize
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ["naive", "naive-bs512", "+num_workers", "+persistent_workers", "+pin_memory", "precomputed",
-        "mmap-per-sample", "default", "resident", "ddp-1", "ddp-2"]
+        "mmap-per-sample", "default", "reference-layout", "resident", "ddp-1", "ddp-2"]
 
 
 @pytest.mark.slow
@@ -38,10 +38,20 @@ def test_bench_writes_results(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["rows"]] == ROWS
-    assert set(results["floors"]) == {"memcpy_epoch_s", "compute_epoch_s"}
+    floors = results["floors"]
+    assert set(floors) == {"memcpy_epoch_s", "compute_epoch_s", "flop_epoch_s", "matmul_gflops", "epoch_gflop"}
+    assert floors["epoch_gflop"] == pytest.approx(7.082496e-3 * 60_000)  # FlopCounterMode's count for SimpleCNN
+    assert floors["flop_epoch_s"] == pytest.approx(floors["epoch_gflop"] / floors["matmul_gflops"])
     for row in results["rows"]:
         assert row["loader_epoch_s"] > 0 and row["train_epoch_s"] > 0 and 0 <= row["data_wait_fraction"] < 1
+        assert row["page_faults_per_step"] >= 0
         assert set(row) >= {"name", "loader_epoch_s", "train_epoch_s", "speedup_vs_naive", "data_wait_fraction"}
+    by = {r["name"]: r for r in results["rows"]}
+    assert set(results["goals"]) >= {"default_train_over_compute", "default_train_over_flops"}
+    assert results["goals"]["default_train_over_flops"] == by["default"]["train_epoch_s"] / floors["flop_epoch_s"]
+    assert set(results["allocator"]) == {"glibc_default", "retain_freed_memory"}
+    assert all(set(v) == {"pre-gathered", "loader-fed"} for v in results["allocator"].values())
+    assert set(results["threads"]["epoch_s"]) == {"1", "2"} and isinstance(results["threads"]["bit_identical"], bool)
     assert results["rows"][0]["speedup_vs_naive"] == 1.0
     assert set(results["memory"]["loader_process_tree"]) == {
         f"{kind}/workers={n}" for kind in ("default-mmap", "precomputed-in-ram") for n in (0, 2)}

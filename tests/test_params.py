@@ -99,6 +99,7 @@ RANGES: dict[tuple[str, str], tuple[list, list]] = {
     ("train", "checkpoint_every"): ([-1], [0, 3]),
     ("train", "processes"): ([0, -1], [1, 2]),
     ("train", "max_restarts"): ([-1], [0, 3]),
+    ("train", "threads"): ([0, -1], [None, 1, 2]),
 }
 
 

@@ -161,6 +161,20 @@ def test_loader_settings_change_speed_never_results(data: Path, baseline, tmp_pa
 
 
 @pytest.mark.slow
+def test_device_resident_gives_bit_identical_results(data: Path, baseline, tmp_path: Path) -> None:
+    work0, _ = baseline
+    threads = torch.get_num_threads()  # what the baseline's train.threads null resolved to in its process
+    res = run_train(data, tmp_path, write_params(tmp_path / "params.yaml", loader={"device_resident": True},
+                                                 train={"threads": threads}))
+    assert res.returncode == 0, res.stderr
+    a, b = history(work0), history(tmp_path)
+    for name in MODEL_METRICS:
+        assert a[name] == b[name], name
+    assert a["threads"] == b["threads"] == [(0, threads), (1, threads)]  # recorded, every epoch
+    assert (work0 / "models" / "model.safetensors").read_bytes() == (tmp_path / "models" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(data: Path, baseline, tmp_path: Path) -> None:
     work0, _ = baseline
     params = write_params(tmp_path / "params.yaml", train={"checkpoint_every": 1})

@@ -396,3 +396,100 @@ def test_code_digest_covers_every_train_code_file_in_dvc_yaml(tmp_path: Path) ->
     assert code_digest(tmp_path) == digest
     (tmp_path / "dvc.yaml").unlink()  # no dvc.yaml: every module of the packages counts
     assert set(train_code_files(tmp_path)) == set(files)
+
+
+def test_pool_before_relu_is_the_same_function_and_gradient_exactly() -> None:
+    # The identity the fast layout rests on: ReLU and max-pooling commute, values and gradients bit for bit.
+    x = torch.randn(4, 3, 8, 8)
+    x[0, 0, :2, :2] = -1.0  # a window with no positive value: no gradient either way
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    pa = torch.nn.functional.relu(torch.nn.functional.max_pool2d(a, 2))
+    pb = torch.nn.functional.max_pool2d(torch.nn.functional.relu(b), 2)
+    assert torch.equal(pa, pb)
+    g = torch.randn_like(pa)
+    pa.backward(g)
+    pb.backward(g)
+    assert torch.equal(a.grad, b.grad) and a.grad[0, 0, :2, :2].eq(0).all()
+
+
+def test_fast_layout_learns_what_the_reference_layout_learns(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    fast = SimpleCNN()
+    torch.manual_seed(3)
+    reference = SimpleCNN(reference_layout=True)
+    assert list(fast.state_dict()) == list(reference.state_dict())  # same names: model.safetensors fits both
+    assert all(torch.equal(p, q) for p, q in zip(fast.parameters(), reference.parameters()))  # same init
+    assert fast.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    for model in (fast, reference):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert torch.allclose(fast(x), reference(x), atol=1e-5)
+    for (name, p), q in zip(fast.named_parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name  # convolution sums may round differently
+    reference.load_state_dict(fast.state_dict())  # and back: weights move freely between layouts
+    assert torch.allclose(fast(x), reference(x), atol=1e-5)
+
+
+def test_epoch_loss_is_the_per_step_item_sum_bit_for_bit(split) -> None:
+    model, optimizer, loader = _tiny_run(split[0])
+    stats = train_one_epoch(model, loader, optimizer, CPU, non_blocking=False, free_graph=True)
+    model, optimizer, loader = _tiny_run(split[0])
+    loss_sum, samples = 0.0, 0
+    for images, labels in loader:  # the loop's arithmetic before the loss moved to the device
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * labels.shape[0]
+        samples += labels.shape[0]
+    assert samples == stats.samples == 250
+    assert stats.loss == loss_sum / samples
+
+
+def test_device_resident_batches_equal_the_memory_mapped_ones(split) -> None:
+    dataset = ShardDataset(validate_split(split[0], expected_split="train"))
+    sampler = EpochBatchSampler(len(dataset), 64, shuffle=True, seed=1)
+    notices: list[str] = []
+    resident = resolve_settings(LoaderParams(batch_size=64, num_workers=2, device_resident=True), CPU, notices.append)
+    assert resident.resident_device == CPU and resident.num_workers == 0
+    assert len(notices) == 2 and "loader.num_workers ignored" in notices[1]  # [0]: pin_memory on a CPU
+    on_device = make_loader(dataset, sampler, resident)
+    mapped = make_loader(dataset, sampler, resolve_settings(LoaderParams(batch_size=64, pin_memory=False), CPU))
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        pairs = list(zip(on_device, mapped, strict=True))
+        assert len(pairs) == len(on_device) == 4
+        for (xa, ya), (xb, yb) in pairs:
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from trainer.allocator import retain_freed_memory
+applied = retain_freed_memory() if sys.argv[1] == "retain" else None
+def step():  # a training step's pattern: a large buffer written, then freed
+    torch.empty(8 * 2**20).fill_(1.0)  # 32 MiB
+for _ in range(20):  # the heap settles within a few steps once freed blocks are kept
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+@pytest.mark.parametrize("mode", ["retain", "glibc-default"])
+def test_retained_memory_stops_per_step_page_faults(mode: str) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], cwd=root, capture_output=True, text=True,
+                         timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)})
+    assert res.returncode == 0, res.stderr
+    applied, faults = res.stdout.split()
+    pages = 32 * 2**20 // 4096
+    if mode == "retain":
+        assert applied == "True" and float(faults) < pages / 100  # reused: nothing zero-filled again
+    else:
+        assert float(faults) > pages / 2  # glibc unmaps the block on free; every step faults it back in

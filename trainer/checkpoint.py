@@ -51,6 +51,7 @@ SPEED_ONLY = frozenset({
     "loader.persistent_workers",
     "loader.pin_memory",
     "loader.prefetch_factor",
+    "loader.device_resident",  # bit-identical to the memory-mapped path (test_train_stage.py)
     "train.epochs",
     "train.verify",
     "train.checkpoint_every",

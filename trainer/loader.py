@@ -3,8 +3,14 @@
 The order of samples is decided here, in the main process, by a generator
 seeded from ``(train.seed, epoch)``: workers only gather the index batches they
 are handed. Batch composition, and so every result, is therefore the same for
-any ``num_workers``, ``persistent_workers``, ``pin_memory`` or
-``prefetch_factor``; those settings change speed only.
+any ``num_workers``, ``persistent_workers``, ``pin_memory``,
+``prefetch_factor`` or ``device_resident``; those settings change speed only.
+
+``device_resident`` replaces the DataLoader by :class:`DeviceResidentBatches`:
+the whole split is copied to the training device once and each batch is one
+``index_select`` there, in the sampler's order (the airbench approach: on a
+GPU no batch crosses the bus; on the CPU the values are the same floats the
+memory-mapped gather returns, so results are bit-identical).
 """
 
 from __future__ import annotations
@@ -101,6 +107,7 @@ class LoaderSettings:
     pin_memory: bool
     prefetch_factor: int | None
     shuffle_window: int | None = None
+    resident_device: torch.device | None = None  # set: loader.device_resident, the split lives there
 
 
 def resolve_settings(params: LoaderParams, device: torch.device, notice: Callable[[str], None] = print) -> LoaderSettings:
@@ -116,6 +123,13 @@ def resolve_settings(params: LoaderParams, device: torch.device, notice: Callabl
     if pin and device.type != "cuda":
         notice(f"notice: loader.pin_memory ignored: the model runs on {device.type}, not an accelerator")
         pin = False
+    if params.device_resident:
+        if params.num_workers > 0:
+            notice("notice: loader.num_workers ignored: with loader.device_resident each batch is one index "
+                   "operation on the device, in the main process")
+        # Nothing is loaded per batch, so nothing to pin or prefetch.
+        return LoaderSettings(params.batch_size, params.shuffle, 0, False, False, None, params.shuffle_window,
+                              resident_device=device)
     return LoaderSettings(params.batch_size, params.shuffle, params.num_workers, persistent, pin, prefetch,
                           params.shuffle_window)
 
@@ -129,7 +143,32 @@ def unwrap_worker_error(exc: PipelineError) -> PipelineError:
     return exc
 
 
-def make_loader(dataset: Dataset, sampler: EpochBatchSampler, settings: LoaderSettings) -> DataLoader:
+class DeviceResidentBatches:
+    """The whole split copied once to ``device``; iterating yields the sampler's batches, gathered there."""
+
+    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, device: torch.device) -> None:
+        images, labels = dataset[torch.arange(len(dataset))]  # type: ignore[arg-type]
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.sampler = sampler
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = list(self.sampler)
+        # One host-to-device copy of the epoch's order, not one per batch.
+        order = torch.cat(batches).to(self.device)
+        for indices in order.split([len(b) for b in batches]):
+            yield self.images.index_select(0, indices), self.labels.index_select(0, indices)
+
+
+def make_loader(
+    dataset: Dataset, sampler: EpochBatchSampler, settings: LoaderSettings
+) -> DataLoader | DeviceResidentBatches:
+    if settings.resident_device is not None:
+        return DeviceResidentBatches(dataset, sampler, settings.resident_device)
     return DataLoader(
         dataset,
         sampler=sampler,

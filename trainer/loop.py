@@ -1,9 +1,14 @@
 """One training pass and one evaluation pass.
 
-Losses are accumulated as Python floats (``loss.item()``), never as tensors,
-so nothing keeps a step's autograd graph alive; with ``free_graph`` the loop
-also drops its own references to the loss and logits before the next forward,
-so two graphs never coexist.
+The training loss is summed on the device, detached (so no step's autograd
+graph stays alive) and read once at the end of the epoch: a ``loss.item()``
+per step would make the host wait for an accelerator at every batch, which
+cancels what pinned memory and ``non_blocking`` copies buy. The sum is kept in
+float64 and each batch's float32 summed loss is widened before it is added,
+which is exactly the arithmetic of ``sum += summed.item()`` on Python floats:
+the reported loss is bit-identical to per-step reading. With ``free_graph``
+the loop also drops its own references to the loss and logits before the next
+forward, so two graphs never coexist.
 
 With several processes each rank trains on its slice of the global batch
 (``trainer.rank_split``): its summed loss is divided by ``global / world``, so
@@ -23,7 +28,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-_BAR_EVERY = 10  # batches between progress-bar refreshes; tqdm's own cost is not free
+_BAR_SECONDS = 2.0  # host seconds between progress-bar refreshes; each one reads the running loss (a sync)
 
 
 @dataclass(frozen=True)
@@ -80,12 +85,13 @@ def train_one_epoch(
     ranks; without it the loader's batch is the whole batch.
     """
     model.train()
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     samples = 0
     wait = 0.0
     bar = tqdm(total=len(loader), desc=description, unit="batch", disable=None if progress else True,
                dynamic_ncols=True)
     start = time.perf_counter()
+    next_refresh = start + _BAR_SECONDS
     batches = iter(loader)
     step = 0
     while True:
@@ -105,20 +111,21 @@ def train_one_epoch(
         loss = summed / share
         loss.backward()
         optimizer.step()
-        batch_sum = summed.item()
-        batch_loss = batch_sum / max(k, 1)
-        loss_sum += batch_sum
+        loss_sum += summed.detach().double()
         samples += k
         if free_graph:
             del logits, loss, summed
         step += 1
-        if step % _BAR_EVERY == 0 or step == len(loader):
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{batch_loss:.4f}", samples_s=f"{samples / elapsed:.0f}", refresh=False)
+        if not bar.disable and (time.perf_counter() >= next_refresh or step == len(loader)):
+            now = time.perf_counter()
+            next_refresh = now + _BAR_SECONDS
+            bar.set_postfix(loss=f"{loss_sum.item() / max(samples, 1):.4f}", samples_s=f"{samples / (now - start):.0f}",
+                            refresh=False)
             bar.update(step - bar.n)
+    epoch_loss = loss_sum.item()  # the epoch's one host read of the loss; it also waits for the last step
     seconds = time.perf_counter() - start
     bar.close()
-    return TrainStats(loss_sum, samples, seconds, wait)
+    return TrainStats(epoch_loss, samples, seconds, wait)
 
 
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, non_blocking: bool) -> EvalStats:

@@ -36,6 +36,7 @@ from dvclive import Live
 from pipeline.errors import ParamsError, PipelineError
 from pipeline.params import LoaderParams, TrainParams
 from trainer import distributed
+from trainer.allocator import retain_freed_memory
 from trainer.checkpoint import (
     empty_state,
     fingerprint,
@@ -64,9 +65,11 @@ METRICS = (
     "data_wait_fraction",
     "peak_memory_mb",
     "processes",
+    "threads",
 )
-# Metrics that measure the machine rather than the model; they differ between identical runs.
-MACHINE_METRICS = frozenset({"epoch_seconds", "samples_per_second", "data_wait_fraction", "peak_memory_mb"})
+# Metrics that measure the machine rather than the model; they differ between identical runs
+# (threads: with train.threads null it is PyTorch's choice for this machine).
+MACHINE_METRICS = frozenset({"epoch_seconds", "samples_per_second", "data_wait_fraction", "peak_memory_mb", "threads"})
 
 
 def _stderr(message: str) -> None:
@@ -206,9 +209,10 @@ def _fit(
     if group.world_size > 1:
         notice(f"notice: rank 0 of {group.world_size} processes runs on {socket.gethostname()}: "
                f"it alone writes {model_dir}, {live_dir} and {checkpoint_dir}")
-    threads = distributed.threads(group)
+    threads = distributed.threads(group, train.threads)
     if threads is not None:
         torch.set_num_threads(threads)
+    retain_freed_memory()  # every rank: no per-step page faults (trainer/allocator.py)
     settings = resolve_settings(loader, device, notice)
     train_batches = RankBatches(
         EpochBatchSampler(train_split.num_samples, settings.batch_size, shuffle=settings.shuffle, seed=train.seed,
@@ -267,6 +271,7 @@ def _fit(
                 "data_wait_fraction": wait,
                 "peak_memory_mb": peak,
                 "processes": group.world_size,
+                "threads": torch.get_num_threads(),
             }
             history.append(entry)
             done = epoch + 1
