@@ -118,6 +118,7 @@ def ddp_rows(tensors_dir: Path | str, params: Path | str, samples: int, repeats:
             "loader_epoch_s": r["gather_epoch_s"] * scale,
             "train_epoch_s": r["train_epoch_s"] * scale,
             "data_wait_fraction": r["data_wait_fraction"],
+            "page_faults_per_step": None,  # counted in-process only; these rows train in torchrun's processes
             "samples_measured": r["samples"],
             "scaled": r["samples"] != EPOCH_SAMPLES,
             "samples_per_second": r["samples"] / r["train_epoch_s"],
