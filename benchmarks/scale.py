@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.memory import subprocess_json
-from benchmarks.prep import ROOT, stage_commands, path_bytes
+from benchmarks.prep import ROOT, path_bytes, stage_commands
 from benchmarks.scalecsv import FASHION_DIR, load_idx_split, write_scaled_csv
 from pipeline.atomic import atomic_file, write_bytes_atomic
 
@@ -63,8 +63,8 @@ def run_module_measured(module: str, args: list[str], *, cwd: Path, env: dict[st
 
 def write_params(work: Path, shard_size: int) -> Path:
     """params.yaml for a user-CSV run; every other key keeps its default."""
-    doc = {"data": {"dataset": "csv", "train_csv": str(work / "user" / "train.csv"),
-                    "test_csv": str(work / "user" / "test.csv")},
+    doc = {"data": {"dataset": "csv", "train_csv": str(work / "data" / "user" / "train.csv"),
+                    "test_csv": str(work / "data" / "user" / "test.csv")},
            "prep": {"shard_size": shard_size}}
     path = work / "params.yaml"
     path.write_text(json.dumps(doc))  # JSON is YAML
@@ -72,13 +72,13 @@ def write_params(work: Path, shard_size: int) -> Path:
 
 
 def build_inputs(work: Path, scale: int, base_samples: int, idx_dir: Path) -> int:
-    """The K x train CSV and the test CSV under ``work/user``; returns the train rows."""
-    (work / "user").mkdir(parents=True, exist_ok=True)
+    """The K x train CSV and the test CSV under ``work/data/user`` (the folder the csv stage accepts user CSVs from); returns the train rows."""
+    (work / "data" / "user").mkdir(parents=True, exist_ok=True)
     images, labels = load_idx_split(idx_dir, "train")
-    rows = write_scaled_csv(work / "user" / "train.csv", images[:base_samples], labels[:base_samples], scale)
+    rows = write_scaled_csv(work / "data" / "user" / "train.csv", images[:base_samples], labels[:base_samples], scale)
     test_images, test_labels = load_idx_split(idx_dir, "test")
     keep = max(1, min(len(test_labels), base_samples // 6))
-    write_scaled_csv(work / "user" / "test.csv", test_images[:keep], test_labels[:keep], 1)
+    write_scaled_csv(work / "data" / "user" / "test.csv", test_images[:keep], test_labels[:keep], 1)
     return rows
 
 
@@ -133,7 +133,7 @@ def measure_scale(work: Path, scale: int, base_samples: int, shard_size: int, id
         "loader_epoch_s": round(loader_epoch_seconds(tensors / "train"), 3),
         "loader_uss_mb": uss,
         "loader_anon_mb": anon,
-        "bytes": {"csv_train": path_bytes(work / "user" / "train.csv"),
+        "bytes": {"csv_train": path_bytes(work / "data" / "user" / "train.csv"),
                   "parquet_train": path_bytes(work / "data" / "parquet" / "train.parquet"),
                   "shards_train": path_bytes(tensors / "train")},
     }
