@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--idx", type=Path, default=FASHION_DIR)
     p.add_argument("--work", type=Path, default=None, help="scratch folder (16x needs ~3.5 GB)")
     p.add_argument("--out", type=Path, default=ROOT / "bench")
-    p.add_argument("--note", default="Measured under load (shared machine).")
+    p.add_argument("--note", default="", help="a line about the conditions of the run, e.g. the machine's load")
     args = p.parse_args(argv)
     parent = args.work or Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)

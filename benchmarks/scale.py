@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--idx", type=Path, default=FASHION_DIR, help="folder of FashionMNIST's IDX .gz files")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one; K=16 needs ~6 GB)")
     p.add_argument("--out", type=Path, default=ROOT / "bench")
-    p.add_argument("--note", default="Measured under load (shared machine).")
+    p.add_argument("--note", default="", help="a line about the conditions of the run, e.g. the machine's load")
     args = p.parse_args(argv)
     if sorted(args.scale) != args.scale or min(args.scale) < 1:
         p.error("--scale: expected increasing factors >= 1, e.g. 1 4 16")
