@@ -1,6 +1,6 @@
 """Strict checks of the ``label,pixel1..pixel784`` CSV layout (pure: bytes in, messages out).
 
-The Parquet conversion parses blocks of lines with Polars; only the few lines
+:mod:`pipeline.csvblocks` parses blocks of lines with Polars; only the few lines
 of a block Polars refused are re-read here (:func:`find_problem_in_lines`) to
 say exactly which row and column broke the schema, and what was expected.
 """
@@ -83,11 +83,12 @@ def check_row(line: bytes, row: int, where: str, names: Sequence[str] = HEADER) 
             raise DataError(f"{at}, column {col + 1} ({name}): expected an integer 0..{hi}, found {value}")
 
 
-def find_problem_in_lines(lines: Iterable[bytes], first_row: int, where: str) -> DataError | None:
+def find_problem_in_lines(lines: Iterable[bytes], first_row: int, where: str,
+                          names: Sequence[str] = HEADER) -> DataError | None:
     """The first violation in data lines whose first is data row ``first_row``, or None."""
     try:
         for row, line in enumerate(lines, start=first_row):
-            check_row(line, row, where)
+            check_row(line, row, where, names)
     except DataError as exc:
         return exc
     return None

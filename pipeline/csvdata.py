@@ -4,6 +4,9 @@ Canonical means header ``label,pixel1..pixel784``, LF line ends, no BOM.
 Values are checked by the Parquet stage, which reads every cell anyway; the
 user's own CSV is also checked here (``check_values``), so that a bad cell is
 reported against the user's file, line and column name, not against the copy.
+The check parses the copy block by block (:mod:`pipeline.csvblocks`): Polars'
+streaming ``scan_csv`` used here before held a read-ahead that grew with the
+file (275 MB at 1x, 404 MB at 4x).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import numpy as np
 import polars as pl
 
 from pipeline.atomic import atomic_file
-from pipeline.csvcheck import BOM, MAX_HEADER_BYTES, check_header, find_problem
+from pipeline.csvblocks import parsed_blocks
+from pipeline.csvcheck import BOM, MAX_HEADER_BYTES, check_header, header_names
 from pipeline.errors import DataError, ParamsError
 from pipeline.idx import decode_idx
 from pipeline.tabular import HEADER, HEADER_LINE, NUM_PIXELS
@@ -57,27 +61,16 @@ def check_user_csv_location(path: Path, folder: Path, key: str, where: str = "pa
         )
 
 
-def _values_in_range(canonical_csv: Path) -> bool:
-    """One streaming Polars pass: every row complete, label 0..9, pixels 0..255, at least one row."""
-    frame = pl.scan_csv(canonical_csv, schema={c: pl.Int32 for c in HEADER}, has_header=False, skip_lines=1)
-    pixels = pl.exclude("label")
-    try:
-        stats = frame.select(
-            rows=pl.len(),
-            nulls=pl.sum_horizontal(pl.all().null_count()),
-            low=pl.min_horizontal(pl.all().min()),
-            label_high=pl.col("label").max(),
-            pixel_high=pl.max_horizontal(pixels.max()),
-        ).collect(engine="streaming").row(0, named=True)
-    except pl.exceptions.PolarsError:  # a cell that is not an integer, too many cells: find_problem says which
-        return False
-    return (stats["rows"] > 0 and stats["nulls"] == 0 and stats["low"] >= 0 and stats["label_high"] <= 9
-            and stats["pixel_high"] <= 255)
+def _check_values(canonical_csv: Path, src: Path, header: bytes) -> None:
+    """Parse every cell of the canonical copy in blocks; a problem is told in ``src``'s words.
 
-
-def _lines(path: Path):
-    with open(path, "rb") as f:
-        yield from f
+    The copy has the same lines as ``src`` (only line ends differ), so a row number in the copy
+    is the row in ``src``, and ``header`` gives the column names as the user's file spells them.
+    """
+    rows = sum(df.height for df in parsed_blocks(canonical_csv, len(HEADER_LINE), where=str(src),
+                                                 names=header_names(header)))
+    if rows == 0:
+        raise DataError(f"{src}: has a header but no data rows")
 
 
 def import_user_csv(src: Path, out_csv: Path, *, check_values: bool = False) -> None:
@@ -106,9 +99,7 @@ def import_user_csv(src: Path, out_csv: Path, *, check_values: bool = False) -> 
                     out.write(block[: len(block) - len(carry)].replace(b"\r\n", b"\n"))
                 if carry:
                     out.write(b"\n")
-            # the fast pass reads the canonical copy; only on failure is the user's file re-read line by line
-            if check_values and not _values_in_range(tmp):
-                raise find_problem(_lines(src), str(src)) or DataError(
-                    f"{src}: Polars could not read it as label,pixel1..pixel{NUM_PIXELS} integers")
+            if check_values:
+                _check_values(tmp, src, header)
     except OSError as exc:
         raise DataError(f"{src}: cannot copy to {out_csv}: {exc}") from None
