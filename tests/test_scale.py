@@ -123,3 +123,25 @@ def test_cold_epoch_bounded_resident_set(tmp_path: Path) -> None:
     glob = cold_epoch(tmp_path / "train", None, 3)
     windowed = cold_epoch(tmp_path / "train", 2, 3)
     assert windowed["evictions"] <= 2 < glob["evictions"]
+
+
+@pytest.mark.slow
+def test_disk_benchmark_counts_linked_outputs_once_and_copies_twice(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.reprodisk", "--scale", "1", "--base-samples", "300",
+         "--idx", str(_idx_folder(tmp_path)), "--work", str(tmp_path / "work"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    rows = {r["cache_type"]: r for r in json.loads((out / "reprodisk.json").read_text())["rows"]}
+    assert set(rows) == {"reflink,copy", "hardlink,symlink"}
+    linked, copied = rows["hardlink,symlink"], rows["reflink,copy"]
+    for row in rows.values():
+        assert row["samples"] == 300 and row["workspace_outputs_mb"] > 1 and row["user_csv_mb"] > 0.5
+    # hard links: the cache is the workspace's outputs, stored once
+    assert linked["total_mb"] <= 1.02 * linked["workspace_outputs_mb"] + 0.1
+    # DVC's default copies where there are no reflinks (st_blocks counts shared reflinked blocks twice, too)
+    assert copied["total_mb"] >= 1.9 * copied["workspace_outputs_mb"]
+    assert "| `hardlink,symlink` |" in (out / "reprodisk.md").read_text()
+    assert list((tmp_path / "work").iterdir()) == []  # scratch removed
