@@ -142,7 +142,7 @@ def atomic_file(target: Path | str) -> Iterator[Path]:
     """Yield a temporary path in ``target``'s folder; on success it replaces ``target``.
 
     The caller writes the whole file to the yielded path (by any means: our own
-    ``open``, Polars' ``sink_parquet``, safetensors' ``save_file``). On an
+    ``open``, Arrow's ``ParquetWriter``, safetensors' ``save_file``). On an
     exception the temporary is removed and ``target`` is left as it was.
     """
     target = _prepare(target)
