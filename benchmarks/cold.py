@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.prep import ROOT
+from benchmarks.report import write_results
 from benchmarks.scalecsv import FASHION_DIR, load_idx_split, transformed_copy
-from pipeline.atomic import write_bytes_atomic
 from pipeline.normalize import make_normalization
 from pipeline.tabular import NUM_PIXELS
 from pipeline.tensorize import write_split
@@ -222,10 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             results["accuracy"] = accuracy(work, args.accuracy_epochs, args.accuracy_shard_size, args.window, args.idx)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(args.out / "cold.json", (json.dumps(results, indent=2) + "\n").encode())
-    write_bytes_atomic(args.out / "cold.md", render_markdown(results).encode())
-    print(render_markdown(results))
+    write_results(args.out, "cold", results, render_markdown(results))
 
 
 if __name__ == "__main__":

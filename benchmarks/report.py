@@ -1,10 +1,19 @@
-"""Render benchmark results as a Markdown table and a bar chart."""
+"""Render benchmark results as a Markdown table and a bar chart; write any benchmark's results files."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from pipeline.atomic import atomic_file
+from pipeline.atomic import atomic_file, write_bytes_atomic
+
+
+def write_results(folder: Path, stem: str, results: dict, markdown: str) -> None:
+    """``folder/stem.json`` and ``folder/stem.md``, each written atomically; the Markdown is also printed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(folder / f"{stem}.json", (json.dumps(results, indent=2) + "\n").encode())
+    write_bytes_atomic(folder / f"{stem}.md", markdown.encode())
+    print(markdown)
 
 
 def _faults(row: dict) -> str:

@@ -26,9 +26,9 @@ from pathlib import Path
 import yaml
 
 from benchmarks.prep import ROOT
+from benchmarks.report import write_results
 from benchmarks.scale import BASE_SAMPLES, build_inputs
 from benchmarks.scalecsv import FASHION_DIR
-from pipeline.atomic import write_bytes_atomic
 
 LINK_TYPES = ("reflink,copy", "hardlink,symlink")  # DVC's default, then this repository's .dvc/config
 _SKIP = ("bench/", "tests/", "dvclive/", "dvc.lock")  # results of this checkout, not inputs of the copy
@@ -145,10 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             row = measure(parent, scale, link_type, args.base_samples, args.idx)
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(args.out / "reprodisk.json", (json.dumps(results, indent=2) + "\n").encode())
-    write_bytes_atomic(args.out / "reprodisk.md", render_markdown(results).encode())
-    print(render_markdown(results))
+    write_results(args.out, "reprodisk", results, render_markdown(results))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ from pathlib import Path
 
 from benchmarks.memory import subprocess_json
 from benchmarks.prep import ROOT, path_bytes, stage_commands
+from benchmarks.report import write_results
 from benchmarks.scalecsv import FASHION_DIR, load_idx_split, write_scaled_csv
-from pipeline.atomic import atomic_file, write_bytes_atomic
+from pipeline.atomic import atomic_file
 
 BASE_SAMPLES = 60_000
 STAGES = ("download", "csv", "parquet", "tensorize")
@@ -247,11 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     results["goals"] = goals(results["rows"])
     results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(args.out / "scale.json", (json.dumps(results, indent=2) + "\n").encode())
-    write_bytes_atomic(args.out / "scale.md", render_markdown(results, args.out / "cold.md").encode())
+    write_results(args.out, "scale", results, render_markdown(results, args.out / "cold.md"))
     render_plot(results, args.out / "scale.png")
-    print(render_markdown(results))
 
 
 if __name__ == "__main__":
