@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.prep import ROOT
-from benchmarks.report import write_results
-from benchmarks.scalecsv import FASHION_DIR, load_idx_split, transformed_copy
+from benchmarks.report import add_run_options, scratch_parent, write_results
+from benchmarks.scalecsv import load_idx_split, transformed_copy
 from pipeline.normalize import make_normalization
 from pipeline.tabular import NUM_PIXELS
 from pipeline.tensorize import write_split
@@ -197,13 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-seconds", type=float, default=300.0, help="stop an epoch after this and extrapolate")
     p.add_argument("--accuracy-epochs", type=int, default=0, help="also train global vs windowed (0: skip)")
     p.add_argument("--accuracy-shard-size", type=int, default=6000)
-    p.add_argument("--idx", type=Path, default=FASHION_DIR)
-    p.add_argument("--work", type=Path, default=None, help="scratch folder (16x needs ~3.5 GB)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench")
-    p.add_argument("--note", default="", help="a line about the conditions of the run, e.g. the machine's load")
+    add_run_options(p, "16x needs ~3.5 GB")
     args = p.parse_args(argv)
-    parent = args.work or Path(tempfile.gettempdir())
-    parent.mkdir(parents=True, exist_ok=True)
+    parent = scratch_parent(args.work)
     work = Path(tempfile.mkdtemp(prefix="cold-", dir=parent))
     results: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     try:

@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import tempfile
 from pathlib import Path
 
+from benchmarks.prep import ROOT
+from benchmarks.scalecsv import FASHION_DIR
 from pipeline.atomic import atomic_file, write_bytes_atomic
+
+
+def add_run_options(p: argparse.ArgumentParser, scratch_needs: str) -> None:
+    """``--idx``, ``--work``, ``--out``, ``--note``: the options of every benchmark on scaled FashionMNIST."""
+    p.add_argument("--idx", type=Path, default=FASHION_DIR, help="folder of FashionMNIST's IDX .gz files")
+    p.add_argument("--work", type=Path, default=None,
+                   help=f"scratch folder (default: a temporary one; {scratch_needs})")
+    p.add_argument("--out", type=Path, default=ROOT / "bench")
+    p.add_argument("--note", default="", help="a line about the conditions of the run, e.g. the machine's load")
+
+
+def scratch_parent(work: Path | None) -> Path:
+    """The folder scratch copies go under: ``--work``, or the system's temporary folder."""
+    parent = work or Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent
 
 
 def write_results(folder: Path, stem: str, results: dict, markdown: str) -> None:

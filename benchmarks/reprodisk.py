@@ -26,9 +26,8 @@ from pathlib import Path
 import yaml
 
 from benchmarks.prep import ROOT
-from benchmarks.report import write_results
+from benchmarks.report import add_run_options, scratch_parent, write_results
 from benchmarks.scale import BASE_SAMPLES, build_inputs
-from benchmarks.scalecsv import FASHION_DIR
 
 LINK_TYPES = ("reflink,copy", "hardlink,symlink")  # DVC's default, then this repository's .dvc/config
 _SKIP = ("bench/", "tests/", "dvclive/", "dvc.lock")  # results of this checkout, not inputs of the copy
@@ -130,13 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", type=int, nargs="+", default=[1, 16], help="factors K (default: 1 16)")
     p.add_argument("--base-samples", type=int, default=BASE_SAMPLES, help="train samples per K (tests use a few hundred)")
     p.add_argument("--cache-type", nargs="+", default=list(LINK_TYPES), help="DVC cache.type values to compare")
-    p.add_argument("--idx", type=Path, default=FASHION_DIR, help="folder of FashionMNIST's IDX .gz files")
-    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one; K=16 needs ~14 GB)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench")
-    p.add_argument("--note", default="", help="a line about the conditions of the run")
+    add_run_options(p, "K=16 needs ~14 GB")
     args = p.parse_args(argv)
-    parent = args.work or Path(tempfile.gettempdir())
-    parent.mkdir(parents=True, exist_ok=True)
+    parent = scratch_parent(args.work)
     results: dict = {"rows": [], "settings": {"scales": args.scale, "base_samples": args.base_samples,
                                              "note": args.note},
                      "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}}

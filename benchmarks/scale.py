@@ -28,8 +28,8 @@ from pathlib import Path
 
 from benchmarks.memory import subprocess_json
 from benchmarks.prep import ROOT, path_bytes, stage_commands
-from benchmarks.report import write_results
-from benchmarks.scalecsv import FASHION_DIR, load_idx_split, write_scaled_csv
+from benchmarks.report import add_run_options, scratch_parent, write_results
+from benchmarks.scalecsv import load_idx_split, write_scaled_csv
 from pipeline.atomic import atomic_file
 
 BASE_SAMPLES = 60_000
@@ -226,17 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base-samples", type=int, default=BASE_SAMPLES, help="train samples per K (tests use a few hundred)")
     p.add_argument("--shard-size", type=int, default=65536)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader workers for the memory figure")
-    p.add_argument("--idx", type=Path, default=FASHION_DIR, help="folder of FashionMNIST's IDX .gz files")
-    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one; K=16 needs ~6 GB)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench")
-    p.add_argument("--note", default="", help="a line about the conditions of the run, e.g. the machine's load")
+    add_run_options(p, "K=16 needs ~6 GB")
     args = p.parse_args(argv)
     if sorted(args.scale) != args.scale or min(args.scale) < 1:
         p.error("--scale: expected increasing factors >= 1, e.g. 1 4 16")
     results: dict = {"rows": [], "settings": {"base_samples": args.base_samples, "shard_size": args.shard_size,
                                              "note": args.note}}
-    parent = args.work or Path(tempfile.gettempdir())
-    parent.mkdir(parents=True, exist_ok=True)
+    parent = scratch_parent(args.work)
     for scale in args.scale:
         work = Path(tempfile.mkdtemp(prefix=f"scale-{scale}x-", dir=parent))
         try:
