@@ -1,4 +1,4 @@
-"""Strict checks of the ``label,pixel1..pixel784`` CSV layout (pure: bytes in, messages out).
+"""Strict checks of the tabular CSV layout (pure: bytes in, messages out).
 
 :mod:`pipeline.csvblocks` parses blocks of lines with Polars; only the few lines
 of a block Polars refused are re-read here (:func:`find_problem_in_lines`) to
@@ -7,17 +7,14 @@ say exactly which row and column broke the schema, and what was expected.
 
 from __future__ import annotations
 
-import re
+import csv
 from collections.abc import Iterable, Sequence
 
 from pipeline.errors import DataError
-from pipeline.tabular import HEADER, NUM_PIXELS, PIXEL_COLUMNS, PIXEL_COLUMNS_ZERO_BASED
+from pipeline.tabular import INT_CELL, INT_LABELS, LABEL, MAX_LABEL, NAME_LABELS, label_kind
 
 BOM = b"\xef\xbb\xbf"
-MAX_HEADER_BYTES = 64 * 1024  # the real header is 6.2 KB; anything far longer is not ours
-# Exactly the integer spellings Polars' CSV reader accepts (leading blanks, a sign, optional quotes),
-# so a cell Polars refuses is always explained here, and one it accepts is never blamed.
-_INT = re.compile(rb'[ \t]*([+-]?[0-9]+)|"[ \t]*([+-]?[0-9]+)"')
+MAX_HEADER_BYTES = 8 << 20  # room for 3x224x224 pixel columns; anything far longer is not an image table
 
 
 def _show(value: bytes, limit: int = 40) -> str:
@@ -32,80 +29,113 @@ def header_names(line: bytes) -> list[str]:
     return [n.strip().strip('"') for n in line.rstrip(b"\r\n").decode("utf-8", "replace").split(",")]
 
 
-def check_header(line: bytes, where: str) -> None:
-    """Accept ``label,pixel1..pixel784`` or Kaggle MNIST's ``label,pixel0..pixel783``."""
+def check_header(line: bytes, where: str, num_pixels: int | None = None) -> list[str]:
+    """Accept ``label`` then the pixel columns, whatever their names; return the names.
+
+    With ``num_pixels`` (from ``data.image_shape``) the count must match it.
+    """
     if len(line) > MAX_HEADER_BYTES:
-        raise DataError(
-            f"{where}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; expected "
-            f"{len(HEADER)} columns label,pixel1..pixel{NUM_PIXELS}"
-        )
+        raise DataError(f"{where}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; expected "
+                        f"label and one column per pixel")
     names = header_names(line)
-    if names == list(HEADER) or names == ["label", *PIXEL_COLUMNS_ZERO_BASED]:
+    if names[0] != LABEL:
+        raise DataError(f"{where}: row 1 (header), column 1: expected 'label', found {names[0]!r:.40}")
+    if len(names) < 2:
+        raise DataError(f"{where}: row 1 (header): expected label and at least one pixel column, found only 'label'")
+    if num_pixels is not None and len(names) != 1 + num_pixels:
+        raise DataError(f"{where}: row 1 (header): expected {1 + num_pixels} columns (label and {num_pixels} "
+                        f"pixels), found {len(names)}")
+    empty = next((i for i, n in enumerate(names) if not n), None)
+    if empty is not None:
+        raise DataError(f"{where}: row 1 (header), column {empty + 1}: expected a column name, found an empty one")
+    return names
+
+
+def _cells(line: bytes, names: Sequence[str], labels: str, at: str) -> list[bytes]:
+    """The cells of one data line; a quoted class name may hold commas (read by Python's csv module)."""
+    count = line.count(b",") + 1  # before splitting: a hostile line may hold millions of cells
+    if labels == NAME_LABELS and b'"' in line and count <= 2 * len(names):
+        cells = [c.encode() for c in next(csv.reader([line.decode("utf-8", "replace")]))]
+        count = len(cells)
+    elif count == len(names):
+        cells = line.split(b",")
+    if count != len(names):
+        raise DataError(f"{at}: expected {len(names)} values, found {count}")
+    return cells
+
+
+def _check_label(cell: bytes, at: str, labels: str) -> None:
+    m = INT_CELL.fullmatch(cell)
+    if labels == NAME_LABELS:
+        if not cell.strip(b' \t"'):
+            raise DataError(f"{at}, column 1 (label): expected a class name, found an empty cell")
+        if m is not None:
+            raise DataError(f"{at}, column 1 (label): expected a class name like the first row's, found the "
+                            f"integer {_show(cell)} (labels must not mix integers and names)")
         return
-    if len(names) != len(HEADER):
-        raise DataError(
-            f"{where}: row 1 (header): expected {len(HEADER)} columns (label,pixel1..pixel{NUM_PIXELS}), "
-            f"found {len(names)}"
-        )
-    zero_based = names[1:2] == ["pixel0"]
-    expected = ["label", *(PIXEL_COLUMNS_ZERO_BASED if zero_based else PIXEL_COLUMNS)]
-    col = next(i for i, (a, b) in enumerate(zip(names, expected)) if a != b)
-    raise DataError(f"{where}: row 1 (header), column {col + 1}: expected {expected[col]!r}, found {names[col]!r:.40}")
+    if not cell.strip():
+        raise DataError(f"{at}, column 1 (label): expected an integer 0..{MAX_LABEL}, found an empty cell")
+    if m is None:
+        raise DataError(f"{at}, column 1 (label): expected an integer 0..{MAX_LABEL} like the first row's, found "
+                        f"{_show(cell)} (labels must not mix integers and names)")
+    _check_int(m.group(1) or m.group(2), cell, at, 1, LABEL, MAX_LABEL)
 
 
-def check_row(line: bytes, row: int, where: str, names: Sequence[str] = HEADER) -> None:
+def _check_int(digits: bytes, cell: bytes, at: str, col: int, name: str, hi: int) -> None:
+    if len(digits.lstrip(b"+-").lstrip(b"0")) > 20:  # far out of range, and int() refuses > 4300 digits
+        raise DataError(f"{at}, column {col} ({name}): expected an integer 0..{hi}, found {_show(cell)}")
+    value = int(digits)
+    if not 0 <= value <= hi:
+        raise DataError(f"{at}, column {col} ({name}): expected an integer 0..{hi}, found {value}")
+
+
+def check_row(line: bytes, row: int, where: str, names: Sequence[str], labels: str = INT_LABELS) -> None:
     """Check one data line (``row`` counts data rows from 1; the file line is row + 1).
 
     ``names`` are the file's own column names, so a message points at the column as the user's
-    header spells it (Kaggle MNIST counts pixels from 0).
+    header spells it; ``labels`` is the file's label kind (:func:`pipeline.tabular.label_kind`).
     """
     line = line.rstrip(b"\r\n")
     at = f"{where}: row {row} (line {row + 1})"
     if not line:
-        raise DataError(f"{at}: empty line; expected {len(HEADER)} values")
-    count = line.count(b",") + 1  # before splitting: a hostile line may hold millions of cells
-    if count != len(HEADER):
-        raise DataError(f"{at}: expected {len(HEADER)} values, found {count}")
-    cells = line.split(b",")
-    for col, cell in enumerate(cells):
-        name = names[col]
-        hi = 9 if col == 0 else 255
-        m = _INT.fullmatch(cell)
+        raise DataError(f"{at}: empty line; expected {len(names)} values")
+    cells = _cells(line, names, labels, at)
+    _check_label(cells[0], at, labels)
+    for col in range(1, len(cells)):
+        cell = cells[col]
+        m = INT_CELL.fullmatch(cell)
         if not cell.strip():
-            raise DataError(f"{at}, column {col + 1} ({name}): expected an integer 0..{hi}, found an empty cell")
+            raise DataError(f"{at}, column {col + 1} ({names[col]}): expected an integer 0..255, found an empty cell")
         if m is None:
-            raise DataError(f"{at}, column {col + 1} ({name}): expected an integer 0..{hi}, found {_show(cell)}")
-        digits = m.group(1) or m.group(2)
-        if len(digits.lstrip(b"+-").lstrip(b"0")) > 20:  # far out of range, and int() refuses > 4300 digits
-            raise DataError(f"{at}, column {col + 1} ({name}): expected an integer 0..{hi}, found {_show(cell)}")
-        value = int(digits)
-        if not 0 <= value <= hi:
-            raise DataError(f"{at}, column {col + 1} ({name}): expected an integer 0..{hi}, found {value}")
+            raise DataError(f"{at}, column {col + 1} ({names[col]}): expected an integer 0..255, found {_show(cell)}")
+        _check_int(m.group(1) or m.group(2), cell, at, col + 1, names[col], 255)
 
 
-def find_problem_in_lines(lines: Iterable[bytes], first_row: int, where: str,
-                          names: Sequence[str] = HEADER) -> DataError | None:
+def find_problem_in_lines(lines: Iterable[bytes], first_row: int, where: str, names: Sequence[str],
+                          labels: str = INT_LABELS) -> DataError | None:
     """The first violation in data lines whose first is data row ``first_row``, or None."""
     try:
         for row, line in enumerate(lines, start=first_row):
-            check_row(line, row, where, names)
+            check_row(line, row, where, names, labels)
     except DataError as exc:
         return exc
     return None
 
 
-def find_problem(lines: Iterable[bytes], where: str) -> DataError | None:
-    """The first schema violation in a CSV given as lines, or None if it is valid."""
+def find_problem(lines: Iterable[bytes], where: str, num_pixels: int | None = None) -> DataError | None:
+    """The first schema violation in a CSV given as lines, or None if it is valid (the reference checker)."""
     it = iter(lines)
     header = next(it, None)
     if header is None or not header.strip():
-        return DataError(f"{where}: file is empty; expected a header line label,pixel1..pixel{NUM_PIXELS}")
+        return DataError(f"{where}: file is empty; expected a header line label,pixel1..pixelN")
     try:
-        check_header(header, where)
-        names = header_names(header)
+        names = check_header(header, where, num_pixels)
         rows = 0
+        labels = None
         for rows, line in enumerate(it, start=1):
-            check_row(line, rows, where, names)
+            if labels is None:
+                labels = label_kind(line.rstrip(b"\r\n").split(b",", 1)[0])
+            check_row(line, rows, where, names, labels)
     except DataError as exc:
         return exc
     if rows == 0:

@@ -1,12 +1,11 @@
 """The ``csv`` stage: IDX -> Kaggle-layout CSV, or the user's own CSV made canonical.
 
-Canonical means header ``label,pixel1..pixel784``, LF line ends, no BOM.
-Values are checked by the Parquet stage, which reads every cell anyway; the
-user's own CSV is also checked here (``check_values``), so that a bad cell is
-reported against the user's file, line and column name, not against the copy.
-The check parses the copy block by block (:mod:`pipeline.csvblocks`): Polars'
-streaming ``scan_csv`` used here before held a read-ahead that grew with the
-file (275 MB at 1x, 404 MB at 4x).
+Canonical means header ``label,pixel1..pixelN``, LF line ends, no BOM; the labels
+stay as the user wrote them (integers or class names). Values are checked by the
+Parquet stage, which reads every cell anyway; the user's own CSV is also checked
+here (``check_values``), so that a bad cell is reported against the user's file,
+line and column name, not against the copy. The check parses the copy block by
+block (:mod:`pipeline.csvblocks`), in memory bounded by the block size.
 """
 
 from __future__ import annotations
@@ -18,11 +17,11 @@ import numpy as np
 import polars as pl
 
 from pipeline.atomic import atomic_file
-from pipeline.csvblocks import parsed_blocks
-from pipeline.csvcheck import BOM, MAX_HEADER_BYTES, check_header, header_names
+from pipeline.csvblocks import Schema, parsed_blocks
+from pipeline.csvcheck import BOM, MAX_HEADER_BYTES, check_header
 from pipeline.errors import DataError, ParamsError
 from pipeline.idx import decode_idx
-from pipeline.tabular import HEADER, HEADER_LINE, NUM_PIXELS
+from pipeline.tabular import INT_LABELS, header, header_line, label_kind, resolve_shape
 
 COPY_CHUNK = 1 << 20
 
@@ -39,14 +38,15 @@ def idx_to_csv(images_gz: Path, labels_gz: Path, out_csv: Path) -> int:
     """Write one split as CSV; returns the number of rows."""
     images = _read_idx_gz(images_gz)
     labels = _read_idx_gz(labels_gz)
-    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-        raise DataError(f"{images_gz}: expected uint8 images [n, 28, 28], found {images.dtype} {list(images.shape)}")
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(f"{images_gz}: expected uint8 images [n, H, W], found {images.dtype} {list(images.shape)}")
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise DataError(f"{labels_gz}: expected uint8 labels [n], found {labels.dtype} {list(labels.shape)}")
     if len(images) != len(labels):
         raise DataError(f"{images_gz} has {len(images)} images but {labels_gz} has {len(labels)} labels")
-    table = np.concatenate([labels[:, None], images.reshape(len(images), NUM_PIXELS)], axis=1)
-    frame = pl.DataFrame(table, schema=list(HEADER), orient="row")
+    num_pixels = images.shape[1] * images.shape[2]
+    table = np.concatenate([labels[:, None], images.reshape(len(images), num_pixels)], axis=1)
+    frame = pl.DataFrame(table, schema=list(header(num_pixels)), orient="row")
     with atomic_file(out_csv) as tmp:
         frame.write_csv(tmp, line_terminator="\n")
     return len(frame)
@@ -61,23 +61,35 @@ def check_user_csv_location(path: Path, folder: Path, key: str, where: str = "pa
         )
 
 
-def _check_values(canonical_csv: Path, src: Path, header: bytes) -> None:
+def _check_values(canonical_csv: Path, src: Path, names: list[str], labels: str) -> None:
     """Parse every cell of the canonical copy in blocks; a problem is told in ``src``'s words.
 
     The copy has the same lines as ``src`` (only line ends differ), so a row number in the copy
-    is the row in ``src``, and ``header`` gives the column names as the user's file spells them.
+    is the row in ``src``, and ``names`` are the column names as the user's file spells them.
     """
-    rows = sum(df.height for df in parsed_blocks(canonical_csv, len(HEADER_LINE), where=str(src),
-                                                 names=header_names(header)))
+    schema = Schema(len(names) - 1, labels)
+    rows = sum(df.height for df in parsed_blocks(canonical_csv, len(header_line(schema.num_pixels)), schema,
+                                                 where=str(src), names=names))
     if rows == 0:
         raise DataError(f"{src}: has a header but no data rows")
 
 
-def import_user_csv(src: Path, out_csv: Path, *, check_values: bool = False) -> None:
+def write_empty_csv(out_csv: Path, num_pixels: int) -> None:
+    """A split with no rows (a source without a test split): just the canonical header."""
+    with atomic_file(out_csv) as tmp:
+        tmp.write_bytes(header_line(num_pixels))
+
+
+def import_user_csv(src: Path, out_csv: Path, *, image_shape: tuple[int, int, int] | None = None,
+                    check_values: bool = False) -> tuple[tuple[int, int, int], str]:
     """Copy the user's CSV with a canonical header and LF line ends, in bounded memory.
 
-    With ``check_values`` every cell is checked too, and a problem is reported against ``src``
-    (its line, its own column name); nothing is written then.
+    The image shape is ``image_shape``, or one square grey channel inferred from the column
+    count. With ``check_values`` every cell is checked too, and a problem is reported against
+    ``src`` (its line, its own column name); nothing is written then.
+
+    Returns:
+        The image shape (C, H, W) and the label kind (``int`` or ``name``, from the first row).
     """
     if not src.exists():
         raise DataError(f"{src}: file not found (data.dataset is csv; set data.train_csv / data.test_csv)")
@@ -86,20 +98,26 @@ def import_user_csv(src: Path, out_csv: Path, *, check_values: bool = False) -> 
     try:
         with open(src, "rb") as f, atomic_file(out_csv) as tmp:
             with open(tmp, "wb") as out:
-                header = f.readline(MAX_HEADER_BYTES + 1)
-                if not header.strip(BOM + b" \r\n"):
-                    raise DataError(f"{src}: file is empty; expected a header line label,pixel1..pixel{NUM_PIXELS}")
-                check_header(header, str(src))  # also refuses a header longer than MAX_HEADER_BYTES
-                out.write(HEADER_LINE)
+                line = f.readline(MAX_HEADER_BYTES + 1)
+                if not line.strip(BOM + b" \r\n"):
+                    raise DataError(f"{src}: file is empty; expected a header line label,pixel1..pixelN")
+                names = check_header(line, str(src))  # also refuses a header longer than MAX_HEADER_BYTES
+                shape = resolve_shape(image_shape, len(names) - 1, f"{src}: row 1 (header)")
+                first = f.readline(MAX_HEADER_BYTES + 1)
+                labels = label_kind(first.split(b",", 1)[0]) if first.strip() else INT_LABELS
+                out.write(header_line(len(names) - 1))
                 carry = b""
-                while block := f.read(COPY_CHUNK):
+                block = first
+                while block:
                     block = carry + block
                     # a CR at the end of a block may be half of a CRLF split across blocks
                     carry = b"\r" if block.endswith(b"\r") else b""
                     out.write(block[: len(block) - len(carry)].replace(b"\r\n", b"\n"))
+                    block = f.read(COPY_CHUNK)
                 if carry:
                     out.write(b"\n")
             if check_values:
-                _check_values(tmp, src, header)
+                _check_values(tmp, src, names, labels)
     except OSError as exc:
         raise DataError(f"{src}: cannot copy to {out_csv}: {exc}") from None
+    return shape, labels

@@ -10,10 +10,10 @@ from typing import Any
 
 from pipeline.errors import ShardError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-IMAGE_SHAPE = (1, 28, 28)
-NUM_CLASSES = 10
+SPLITS = ("train", "val", "test")
+MAX_CLASSES = 65536
 
 
 @dataclass(frozen=True)
@@ -26,16 +26,24 @@ class ShardEntry:
 
 @dataclass(frozen=True)
 class Normalization:
-    """How uint8 pixels x became floats: ``(x / 255 - mean) / std`` in float32.
+    """How uint8 pixels x of channel c became floats: ``(x / 255 - mean[c]) / std[c]`` in float32.
 
-    ``unit`` is mean 0, std 1. For ``standard`` the statistics come from the
-    train split and are stored as the float32 values that were used.
+    ``unit`` is mean 0, std 1 in every channel. For ``standard`` the statistics come from
+    the train split and are stored as the float32 values that were used.
     """
 
     kind: str
-    mean: float
-    std: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     stats_from: str
+
+
+@dataclass(frozen=True)
+class PixelStats:
+    """Mean and std of ``x / 255`` per channel over the train split (whatever the normalization)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -45,16 +53,17 @@ class Manifest:
     split: str
     num_samples: int
     num_classes: int
-    image_shape: tuple[int, ...]
+    class_names: tuple[str, ...]
+    class_counts: tuple[int, ...]  # samples of each class in this split
+    image_shape: tuple[int, int, int]  # [C, H, W]
     image_dtype: str
     label_dtype: str
     normalization: Normalization
+    train_stats: PixelStats
     shards: tuple[ShardEntry, ...]
 
     def to_json(self) -> str:
-        doc = asdict(self)
-        doc["image_shape"] = list(self.image_shape)
-        return json.dumps(doc, indent=2) + "\n"
+        return json.dumps(asdict(self), indent=2) + "\n"
 
 
 def _need(doc: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -66,43 +75,31 @@ def _need(doc: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any
     return value
 
 
-def parse_manifest(text: str, where: str) -> Manifest:
-    """Parse and check a manifest's structure; shards themselves are checked by the reader."""
+def _numbers(doc: dict, key: str, count: int, where: str) -> tuple[float, ...]:
+    values = _need(doc, key, list, where)
     try:
-        doc = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise ShardError(f"{where}: not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ShardError(f"{where}: expected a JSON object, found {type(doc).__name__}")
-    version = _need(doc, "schema_version", int, where)
-    if version != SCHEMA_VERSION:
-        raise ShardError(f"{where}: schema_version: expected {SCHEMA_VERSION}, found {version}")
-    known = {f for f in Manifest.__dataclass_fields__}
-    extra = sorted(set(doc) - known)
-    if extra:
-        raise ShardError(f"{where}: unknown key {extra[0]!r}")
+        out = tuple(float(v) for v in values if type(v) in (int, float))
+    except OverflowError:  # an integer too large for a float
+        out = ()
+    if len(out) != len(values) or len(out) != count or not all(math.isfinite(v) for v in out):
+        raise ShardError(f"{where}: {key}: expected {count} finite numbers (one per channel), found {values!r:.120}")
+    return out
+
+
+def _normalization(doc: dict, channels: int, where: str) -> Normalization:
     norm = _need(doc, "normalization", dict, where)
     nw = f"{where}: normalization"
-    try:
-        mean = float(_need(norm, "mean", (int, float), nw))
-        std = float(_need(norm, "std", (int, float), nw))
-    except OverflowError:  # an integer too large for a float
-        raise ShardError(f"{nw}: mean and std must be finite numbers, found {norm!r:.120}") from None
-    normalization = Normalization(
-        kind=_need(norm, "kind", str, nw),
-        mean=mean,
-        std=std,
-        stats_from=_need(norm, "stats_from", str, nw),
-    )
-    if (normalization.kind not in ("unit", "standard") or not normalization.std > 0
-            or not math.isfinite(mean) or not math.isfinite(std)):
-        raise ShardError(f"{nw}: expected kind unit|standard, finite mean and std > 0, found {norm!r:.120}")
-    listed = _need(doc, "shards", list, where)
-    if not listed:  # an empty split would only fail later, inside training, with a traceback
-        raise ShardError(f"{where}: shards: expected at least one shard, found an empty list")
+    out = Normalization(kind=_need(norm, "kind", str, nw), mean=_numbers(norm, "mean", channels, nw),
+                        std=_numbers(norm, "std", channels, nw), stats_from=_need(norm, "stats_from", str, nw))
+    if out.kind not in ("unit", "standard") or not all(s > 0 for s in out.std):
+        raise ShardError(f"{nw}: expected kind unit|standard and every std > 0, found {norm!r:.120}")
+    return out
+
+
+def _shards(doc: dict, where: str) -> tuple[ShardEntry, ...]:
     shards = []
     names = set()
-    for i, entry in enumerate(listed):
+    for i, entry in enumerate(_need(doc, "shards", list, where)):
         sw = f"{where}: shards[{i}]"
         if not isinstance(entry, dict):
             raise ShardError(f"{sw}: expected an object, found {entry!r:.80}")
@@ -120,30 +117,75 @@ def parse_manifest(text: str, where: str) -> Manifest:
         if count < 1 or size < 8:
             raise ShardError(f"{sw}: expected num_samples >= 1 and bytes >= 8, found {count} and {size}")
         shards.append(ShardEntry(name, count, size, sha))
+    return tuple(shards)
+
+
+def _image_shape(doc: dict, where: str) -> tuple[int, int, int]:
+    shape = _need(doc, "image_shape", list, where)
+    if len(shape) != 3 or not all(type(d) is int and 1 <= d <= 65536 for d in shape):
+        raise ShardError(f"{where}: image_shape: expected [C, H, W] of integers 1..65536, found {shape!r:.80}")
+    return (shape[0], shape[1], shape[2])
+
+
+def parse_manifest(text: str, where: str) -> Manifest:
+    """Parse and check a manifest's structure; shards themselves are checked by the reader.
+
+    A split may be empty (no shards): the validation split is when ``data.val_fraction`` is 0.
+    """
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ShardError(f"{where}: not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ShardError(f"{where}: expected a JSON object, found {type(doc).__name__}")
+    version = _need(doc, "schema_version", int, where)
+    if version != SCHEMA_VERSION:
+        raise ShardError(f"{where}: schema_version {version} is not this pipeline's {SCHEMA_VERSION}; "
+                         f"rerun `dvc repro tensorize` to rebuild the shards")
+    known = {f for f in Manifest.__dataclass_fields__}
+    extra = sorted(set(doc) - known)
+    if extra:
+        raise ShardError(f"{where}: unknown key {extra[0]!r}")
+    shape = _image_shape(doc, where)
+    stats = _need(doc, "train_stats", dict, where)
+    num_classes = _need(doc, "num_classes", int, where)
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise ShardError(f"{where}: num_classes: expected 1..{MAX_CLASSES}, found {num_classes}")
+    class_names = _need(doc, "class_names", list, where)
+    counts = _need(doc, "class_counts", list, where)
+    if (len(class_names) != num_classes or not all(isinstance(n, str) and n for n in class_names)
+            or len(set(class_names)) != num_classes):
+        raise ShardError(f"{where}: class_names: expected {num_classes} distinct non-empty names, "
+                         f"found {class_names!r:.120}")
+    if len(counts) != num_classes or not all(type(c) is int and c >= 0 for c in counts):
+        raise ShardError(f"{where}: class_counts: expected {num_classes} integers >= 0, found {counts!r:.120}")
     manifest = Manifest(
         schema_version=version,
         dataset=_need(doc, "dataset", str, where),
         split=_need(doc, "split", str, where),
         num_samples=_need(doc, "num_samples", int, where),
-        num_classes=_need(doc, "num_classes", int, where),
-        image_shape=tuple(_need(doc, "image_shape", list, where)),
+        num_classes=num_classes,
+        class_names=tuple(class_names),
+        class_counts=tuple(counts),
+        image_shape=shape,
         image_dtype=_need(doc, "image_dtype", str, where),
         label_dtype=_need(doc, "label_dtype", str, where),
-        normalization=normalization,
-        shards=tuple(shards),
+        normalization=_normalization(doc, shape[0], where),
+        train_stats=PixelStats(_numbers(stats, "mean", shape[0], f"{where}: train_stats"),
+                               _numbers(stats, "std", shape[0], f"{where}: train_stats")),
+        shards=_shards(doc, where),
     )
-    if manifest.num_samples < 1:
-        raise ShardError(f"{where}: num_samples: expected an integer >= 1, found {manifest.num_samples}")
-    total = sum(s.num_samples for s in shards)
-    if total != manifest.num_samples:
-        raise ShardError(f"{where}: num_samples is {manifest.num_samples} but the shards hold {total}")
-    if manifest.image_shape != IMAGE_SHAPE or manifest.image_dtype != "float32" or manifest.label_dtype != "int64":
-        raise ShardError(
-            f"{where}: expected images float32 {list(IMAGE_SHAPE)} and labels int64, found "
-            f"{manifest.image_dtype} {list(manifest.image_shape)} and {manifest.label_dtype}"
-        )
-    if manifest.num_classes != NUM_CLASSES:
-        raise ShardError(f"{where}: num_classes: expected {NUM_CLASSES}, found {manifest.num_classes}")
+    if manifest.split not in SPLITS:
+        raise ShardError(f"{where}: split: expected one of {', '.join(SPLITS)}, found {manifest.split!r:.40}")
+    if manifest.num_samples < 0:
+        raise ShardError(f"{where}: num_samples: expected an integer >= 0, found {manifest.num_samples}")
+    total = sum(s.num_samples for s in manifest.shards)
+    if total != manifest.num_samples or sum(counts) != manifest.num_samples:
+        raise ShardError(f"{where}: num_samples is {manifest.num_samples} but the shards hold {total} and "
+                         f"class_counts add up to {sum(counts)}")
+    if manifest.image_dtype != "float32" or manifest.label_dtype != "int64":
+        raise ShardError(f"{where}: expected images float32 and labels int64, found "
+                         f"{manifest.image_dtype} and {manifest.label_dtype}")
     return manifest
 
 

@@ -1,7 +1,7 @@
 """Pixel normalisation as a 256-entry float32 lookup table (pure functions).
 
-Every uint8 pixel value maps to exactly one float32, computed once with one
-fixed formula, ``(float32(x) / 255 - mean) / std`` in float32 arithmetic.
+Every uint8 pixel value of channel c maps to exactly one float32, computed once
+with one fixed formula, ``(float32(x) / 255 - mean[c]) / std[c]`` in float32 arithmetic.
 Shards are then a gather through the table, which is both fast and
 bit-for-bit reproducible: tests recompute any element from its source byte.
 """
@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.manifest import Normalization
+from pipeline.manifest import Normalization, PixelStats
 
 
-def pixel_histogram(pixels: np.ndarray) -> np.ndarray:
-    """Count of each value 0..255 in a uint8 array (int64, exact)."""
-    return np.bincount(pixels.reshape(-1), minlength=256).astype(np.int64)
+def pixel_histogram(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """Count of each value 0..255 per channel in uint8 rows [n, C*H*W] (int64 [C, 256], exact)."""
+    planes = pixels.reshape(len(pixels), channels, -1)
+    return np.stack([np.bincount(planes[:, c].reshape(-1), minlength=256) for c in range(channels)]).astype(np.int64)
 
 
-def standard_stats(histogram: np.ndarray) -> tuple[float, float]:
-    """Mean and std of ``x / 255`` over all pixels, from an exact histogram, as float32 values."""
+def _stats(histogram: np.ndarray) -> tuple[float, float]:
+    """Mean and std of ``x / 255`` from one channel's exact histogram, as float32 values."""
     counts = histogram.astype(np.float64)
     total = counts.sum()
     if total == 0:
@@ -31,25 +32,40 @@ def standard_stats(histogram: np.ndarray) -> tuple[float, float]:
     return float(np.float32(mean)), float(np.float32(std))
 
 
-def make_normalization(kind: str, train_histogram: np.ndarray | None) -> Normalization:
+def pixel_stats(histogram: np.ndarray) -> PixelStats:
+    """Per-channel mean and std of ``x / 255`` from a [C, 256] histogram."""
+    pairs = [_stats(h) for h in histogram]
+    return PixelStats(tuple(m for m, _ in pairs), tuple(s for _, s in pairs))
+
+
+def make_normalization(kind: str, stats: PixelStats | None, channels: int = 1) -> Normalization:
+    """``unit``: x / 255 in every channel; ``standard``: per channel, with the train split's ``stats``."""
     if kind == "unit":
-        return Normalization("unit", 0.0, 1.0, "none")
+        channels = len(stats.mean) if stats is not None else channels
+        return Normalization("unit", (0.0,) * channels, (1.0,) * channels, "none")
     if kind == "standard":
-        if train_histogram is None:
-            raise ValueError("standard normalisation needs the train split's histogram")
-        mean, std = standard_stats(train_histogram)
-        return Normalization("standard", mean, std, "train")
+        if stats is None:
+            raise ValueError("standard normalisation needs the train split's statistics")
+        return Normalization("standard", stats.mean, stats.std, "train")
     raise ValueError(f"unknown normalisation {kind!r}")
 
 
 def lookup_table(norm: Normalization) -> np.ndarray:
-    """float32[256]: the normalised value of each possible pixel byte."""
+    """float32[C, 256]: the normalised value of each possible pixel byte, per channel."""
     x = np.arange(256, dtype=np.float32) / np.float32(255)
     if norm.kind == "unit":
-        return x
-    return (x - np.float32(norm.mean)) / np.float32(norm.std)
+        return np.stack([x] * len(norm.mean))
+    return np.stack([(x - np.float32(m)) / np.float32(s) for m, s in zip(norm.mean, norm.std)])
 
 
-def normalize(pixels: np.ndarray, norm: Normalization) -> np.ndarray:
-    """uint8 [n, 784] -> float32 [n, 1, 28, 28] through the lookup table."""
-    return lookup_table(norm)[pixels].reshape(len(pixels), 1, 28, 28)
+def normalize(pixels: np.ndarray, norm: Normalization, shape: tuple[int, int, int]) -> np.ndarray:
+    """uint8 rows [n, C*H*W] -> float32 [n, C, H, W] through the per-channel lookup table."""
+    table = lookup_table(norm)
+    c, h, w = shape
+    if c == 1:
+        return table[0][pixels].reshape(len(pixels), c, h, w)
+    planes = pixels.reshape(len(pixels), c, h * w)
+    out = np.empty(planes.shape, dtype=np.float32)
+    for channel in range(c):
+        out[:, channel] = table[channel][planes[:, channel]]
+    return out.reshape(len(pixels), c, h, w)

@@ -63,16 +63,32 @@ Sources = Annotated[tuple[Source, ...], BeforeValidator(_list_to_tuple)]
 _CONFIG = ConfigDict(strict=True, extra="forbid")
 
 
+Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False), Expect("a number in [0, 1)")]
+Channels = Annotated[int, Field(ge=1, le=64), Expect("an integer 1..64 (channels)")]
+Side = Annotated[int, Field(ge=1, le=65536), Expect("an integer 1..65536")]
+ImageShape = Annotated[tuple[Channels, Side, Side], BeforeValidator(_list_to_tuple)]
+
+
 @dataclass(frozen=True, config=_CONFIG)
 class DataParams:
-    """``data``: which dataset, and where to get it."""
+    """``data``: which dataset, where to get it, its image shape and its splits."""
 
-    dataset: Literal["fashion-mnist", "mnist", "csv"] = "fashion-mnist"
+    dataset: Literal["fashion-mnist", "mnist", "csv", "images"] = "fashion-mnist"
     mirrors: Sources = ()
     train_csv: FilePath = "data/user/train.csv"
-    test_csv: FilePath = "data/user/test.csv"
+    test_csv: FilePath | None = "data/user/test.csv"  # None: test held out of train by test_fraction
+    images_dir: FilePath = "data/user/images"
+    image_shape: ImageShape | None = None  # [C, H, W]; None: from the data (square grey for a CSV)
+    test_fraction: Fraction = 0.1  # held out of train when the source has no test split
+    val_fraction: Fraction = 0.0  # held out of train for val_loss / val_acc; 0: no validation split
     timeout_s: PositiveFinite = 30.0
     min_rate_kbps: NonNegativeFinite = 64.0
+
+    def check(self, where: str) -> None:
+        """The two held-out fractions share one train split."""
+        if self.test_fraction + self.val_fraction >= 1:
+            raise ParamsError(f"{where}: data.val_fraction: expected test_fraction + val_fraction < 1, found "
+                              f"{self.test_fraction} + {self.val_fraction}")
 
 
 _LEVELS = {"zstd": (1, 22), "gzip": (0, 9), "brotli": (0, 11)}

@@ -1,47 +1,64 @@
-"""CSV -> Parquet in bounded memory: Polars parses and checks blocks of lines, one row group is written at a time.
+"""The Parquet files of the data stages, written and read in one place.
 
-The file is read in blocks of whole lines, each parsed and checked by Polars
-with a strict schema (:mod:`pipeline.csvblocks`, which also names the row and
-column of a bad cell in bounded time). The writer gathers ``row_group_size``
-rows and hands them to Arrow's ``ParquetWriter`` as one row group, so at most one
-block and one row group (twice, while it is joined) are held at any time,
-whatever the file's size.
+Two layouts (:mod:`pipeline.tabular` defines the columns):
 
-Two Polars writers were measured and rejected, both because memory grows with
-the file: ``scan_csv`` holds a read-ahead that grows before it levels off (the
-issue's 355 MB at 1x, 510 MB at 4x), and ``sink_parquet`` fed by an IO source
-keeps about 3 MB per row group until it closes the file (126, 149, 205, 250 and
-336 MB at 1, 4, 16, 32 and 64x of the same frames; Arrow's writer: 221, 219,
-220 MB at 1, 4 and 16x). Parsing on a second thread while Arrow compresses was
-measured too: 10 % faster, but the overlap cost 25 % more memory at 16x.
+- **wide**, from a CSV: ``label`` (UInt16, or String for class names) and one UInt8
+  column per pixel, ``pixel1..pixelN``. Column-wise compression suits small images:
+  each pixel position compresses on its own.
+- **image**, from an image folder: ``label`` (String), ``file`` (String) and
+  ``pixels`` (fixed-size binary of ``C*H*W`` bytes), with the shape in the file's
+  key-value metadata ``image_shape``: thousands of columns would not suit
+  larger images.
+
+Writing (CSV -> wide Parquet) runs in bounded memory: the file is read in blocks of
+whole lines, each parsed and checked by Polars with a strict schema
+(:mod:`pipeline.csvblocks`, which also names the row and column of a bad cell in
+bounded time), and Arrow's ``ParquetWriter`` receives one row group of
+``row_group_size`` rows at a time. Reading (:func:`open_table`, :func:`iter_rows`)
+checks the schema and yields uint8 pixel rows chunk by chunk.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_file
-from pipeline.csvblocks import parsed_blocks
+from pipeline.csvblocks import Schema, parsed_blocks
 from pipeline.csvcheck import MAX_HEADER_BYTES, check_header
 from pipeline.errors import DataError
-from pipeline.tabular import HEADER, NUM_PIXELS
+from pipeline.tabular import INT_LABELS, LABEL, NAME_LABELS, label_kind, pixel_columns
 
-_ARROW_SCHEMA = pa.schema([pa.field(c, pa.uint8()) for c in HEADER])
-_ARROW_CODEC = {"uncompressed": "none"}  # Polars' codec names, where Arrow's differ
+ARROW_CODEC = {"uncompressed": "none"}  # Polars' codec names, where Arrow's differ
+WIDE = "wide"
+IMAGE = "image"
+SHAPE_KEY = b"image_shape"
 
 
-def _write_row_groups(frames: Iterable[pl.DataFrame], out: Path, *, compression: str,
+def _arrow_schema(schema: Schema) -> pa.Schema:
+    label = pa.uint16() if schema.labels == INT_LABELS else pa.string()
+    return pa.schema([pa.field(LABEL, label), *(pa.field(c, pa.uint8()) for c in pixel_columns(schema.num_pixels))])
+
+
+def _write_row_groups(frames: Iterable[pl.DataFrame], out: Path, schema: pa.Schema, *, compression: str,
                       compression_level: int | None, row_group_size: int) -> int:
     """Write ``frames`` as row groups of ``row_group_size`` rows; returns the row count."""
     rows = 0
     pending: list[pl.DataFrame] = []  # fewer than row_group_size rows
     pending_rows = 0
-    with pq.ParquetWriter(out, _ARROW_SCHEMA, compression=_ARROW_CODEC.get(compression, compression),
+
+    def write(group: pl.DataFrame) -> None:
+        table = group.to_arrow()
+        writer.write_table(table if table.schema == schema else table.cast(schema), row_group_size=row_group_size)
+
+    with pq.ParquetWriter(out, schema, compression=ARROW_CODEC.get(compression, compression),
                           compression_level=compression_level) as writer:
         for df in frames:
             while pending_rows + df.height >= row_group_size:
@@ -52,34 +69,157 @@ def _write_row_groups(frames: Iterable[pl.DataFrame], out: Path, *, compression:
                 # parsed blocks are dropped before the row group is encoded, so one copy is alive.
                 group = pl.concat(pending, rechunk=True)
                 pending, pending_rows = [], 0
-                writer.write_table(group.to_arrow(), row_group_size=row_group_size)
+                write(group)
                 rows += group.height
                 del group
             if df.height:
                 pending.append(df)
                 pending_rows += df.height
         if pending_rows:
-            writer.write_table(pl.concat(pending, rechunk=True).to_arrow(), row_group_size=row_group_size)
+            write(pl.concat(pending, rechunk=True))
             rows += pending_rows
     return rows
 
 
 def csv_to_parquet(csv_path: Path, out_path: Path, *, compression: str, compression_level: int | None,
-                   row_group_size: int) -> int:
-    """Convert one canonical CSV; returns the row count. Leaves no output on failure."""
+                   row_group_size: int, allow_empty: bool = False) -> int:
+    """Convert one canonical CSV to the wide layout; returns the row count. Leaves no output on failure.
+
+    ``allow_empty``: a header without rows is a valid, empty split (a source without a test split).
+    """
     try:
         with open(csv_path, "rb") as f:
             header = f.readline(MAX_HEADER_BYTES + 1)
+            first = f.readline(MAX_HEADER_BYTES + 1)
     except OSError as exc:
         raise DataError(f"{csv_path}: cannot read: {exc}") from None
     if not header.strip():
-        raise DataError(f"{csv_path}: file is empty; expected a header line label,pixel1..pixel{NUM_PIXELS}")
-    # The header may be Kaggle's pixel0..pixel783, quoted, or carry a BOM; the values are read by position.
-    check_header(header, str(csv_path))
+        raise DataError(f"{csv_path}: file is empty; expected a header line label,pixel1..pixelN")
+    # The header may name the pixels as it likes, be quoted, or carry a BOM; the values are read by position.
+    names = check_header(header, str(csv_path))
+    schema = Schema(len(names) - 1, label_kind(first.split(b",", 1)[0]) if first.strip() else INT_LABELS)
     with atomic_file(out_path) as tmp:  # an OSError here (disk full) becomes an OutputError
-        rows = _write_row_groups(parsed_blocks(csv_path, len(header)), tmp,
+        rows = _write_row_groups(parsed_blocks(csv_path, len(header), schema), tmp, _arrow_schema(schema),
                                  compression=compression, compression_level=compression_level,
                                  row_group_size=row_group_size)
-        if rows == 0:
+        if rows == 0 and not allow_empty:
             raise DataError(f"{csv_path}: has a header but no data rows")
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+@dataclass(frozen=True)
+class Table:
+    """A checked Parquet split: its layout, size and label kind."""
+
+    path: Path
+    layout: str  # WIDE or IMAGE
+    rows: int
+    num_pixels: int
+    labels: str  # INT_LABELS or NAME_LABELS
+    image_shape: tuple[int, int, int] | None  # from the file (image layout); None: from the params
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A chunk of rows in file order: uint8 pixels [k, C*H*W], labels (uint16, or str objects), file names."""
+
+    pixels: np.ndarray
+    labels: np.ndarray
+    files: list[str] | None  # image layout: each row's path in the image folder
+
+
+def _image_shape(meta: dict[bytes, bytes] | None, width: int, where: str) -> tuple[int, int, int]:
+    try:
+        shape = json.loads((meta or {})[SHAPE_KEY])
+        c, h, w = (int(d) for d in shape)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DataError(f"{where}: key-value metadata image_shape: expected [C, H, W], found {exc}") from None
+    if c * h * w != width:
+        raise DataError(f"{where}: image_shape {[c, h, w]} does not match pixels of {width} bytes")
+    return (c, h, w)
+
+
+def open_table(path: Path) -> Table:
+    """Check a Parquet split's schema (either layout) and return what it holds."""
+    try:
+        file = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: cannot read Parquet: {exc}") from None
+    schema, rows = file.schema_arrow, file.metadata.num_rows
+    names = schema.names
+    if not names or names[0] != LABEL:
+        raise DataError(f"{path}: column 1: expected 'label', found {names[0] if names else '<no columns>'!r}")
+    label = schema.field(LABEL).type
+    if pa.types.is_string(label) or pa.types.is_large_string(label):
+        labels = NAME_LABELS
+    elif label in (pa.uint8(), pa.uint16()):
+        labels = INT_LABELS
+    else:
+        raise DataError(f"{path}: column 'label': expected UInt16 or String, found {label}")
+    if names[1:] == ["file", "pixels"] and pa.types.is_fixed_size_binary(schema.field("pixels").type):
+        width = schema.field("pixels").type.byte_width
+        shape = _image_shape(schema.metadata, width, str(path))
+        return Table(path, IMAGE, rows, width, labels, shape)
+    expected = [LABEL, *pixel_columns(len(names) - 1)]
+    if len(names) < 2 or names != expected:
+        first = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b), 1)
+        found = names[first] if first < len(names) else "<end of columns>"
+        raise DataError(f"{path}: column {first + 1}: expected {expected[first] if len(names) > 1 else 'pixel1'!r}, "
+                        f"found {found!r}")
+    for field in schema:
+        if field.name != LABEL and field.type != pa.uint8():
+            raise DataError(f"{path}: column {field.name!r}: expected UInt8, found {field.type}")
+    return Table(path, WIDE, rows, len(names) - 1, labels, None)
+
+
+def read_labels(table: Table) -> np.ndarray:
+    """The whole label column (uint16, or str objects): one column of a columnar file, cheap."""
+    column = pq.read_table(table.path, columns=[LABEL]).column(LABEL)
+    if column.null_count:
+        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{table.path}: row {row + 1}, column 'label': expected a value, found null")
+    return column.to_numpy(zero_copy_only=False)
+
+
+def _null_check(table: Table, batch: pa.RecordBatch, start: int) -> None:
+    for name, column in zip(batch.schema.names, batch.columns):
+        if column.null_count:  # to_numpy would turn them into NaN and then silently into 0
+            row = start + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{table.path}: row {row + 1}, column {name!r}: expected a value, found null")
+
+
+def _pixels(column: pa.Array, width: int) -> np.ndarray:
+    """A fixed-size-binary column as uint8 rows [k, width], viewing Arrow's buffer without a copy."""
+    data = np.frombuffer(column.buffers()[1], dtype=np.uint8)
+    return data[column.offset * width : (column.offset + len(column)) * width].reshape(len(column), width)
+
+
+def _wide_rows(table: Table, chunk_rows: int) -> Iterator[Rows]:
+    """Polars gathers hundreds of UInt8 columns into rows several times faster than a column loop."""
+    pixels = pixel_columns(table.num_pixels)
+    for start in range(0, table.rows, chunk_rows):
+        df = pl.scan_parquet(table.path).slice(start, chunk_rows).collect()
+        for name, nulls in zip(df.columns, df.null_count().row(0)):
+            if nulls:  # to_numpy would turn them into NaN and then silently into 0
+                row = start + int(df.get_column(name).is_null().arg_max())
+                raise DataError(f"{table.path}: row {row + 1}, column {name!r}: expected a value, found null")
+        labels = df.get_column(LABEL).to_numpy()
+        rows = np.ascontiguousarray(df.select(pixels).to_numpy(), dtype=np.uint8)
+        del df
+        yield Rows(rows, labels, None)
+
+
+def _image_rows(table: Table, chunk_rows: int) -> Iterator[Rows]:
+    start = 0
+    for batch in pq.ParquetFile(table.path).iter_batches(batch_size=chunk_rows):
+        _null_check(table, batch, start)
+        labels = batch.column(0).to_numpy(zero_copy_only=False)
+        yield Rows(_pixels(batch.column(2), table.num_pixels), labels, batch.column(1).to_pylist())
+        start += batch.num_rows
+
+
+def iter_rows(table: Table, chunk_rows: int) -> Iterator[Rows]:
+    """The rows in file order, ``chunk_rows`` at a time, in bounded memory."""
+    return _image_rows(table, chunk_rows) if table.layout == IMAGE else _wide_rows(table, chunk_rows)

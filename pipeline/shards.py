@@ -1,20 +1,30 @@
-"""The safetensors shard format: pure header encode/parse, kept apart from file I/O.
+"""The safetensors shard format, written and read in one place.
 
-A shard is ``u64-le header length N`` + ``N bytes of JSON`` + the data buffer.
-:func:`parse_header` trusts nothing in the header: a crafted shard is refused
-with a :class:`ShardError` before any byte of its data is interpreted, so the
-memory-mapped dataset can view the buffer without further checks.
+A shard is ``u64-le header length N`` + ``N bytes of JSON`` + the data buffer,
+holding two tensors: ``images`` float32 [n, C, H, W] and ``labels`` int64 [n],
+with ``__metadata__`` naming the dataset and split.
+
+- :func:`write_shard` writes one with a canonical header (sorted keys), so the
+  same samples always give the same bytes (and SHA-256, and DVC hash).
+- :func:`parse_header` trusts nothing in the header: a crafted shard is refused
+  with a :class:`ShardError` before any byte of its data is interpreted;
+  :func:`check_tensors` then checks it holds exactly the two tensors the
+  manifest promises, and :func:`view_tensors` views them in a memory map
+  without copying.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+import safetensors.numpy
 
 from pipeline.errors import ShardError
 
@@ -166,3 +176,64 @@ def read_layout(path: Path | str) -> ShardLayout:
     except OSError as exc:
         raise ShardError(f"{path}: cannot read shard: {exc}") from None
     return parse_header(prefix, size, str(path))
+
+
+IMAGES = "images"
+LABELS = "labels"
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """The first ``8 + n`` bytes of a safetensors blob, its header re-emitted with sorted keys (same length).
+
+    safetensors writes ``__metadata__`` in hash-map order, so the same samples gave
+    different shard bytes from one run to the next. Only the header is returned, so
+    the data after it is never copied.
+    """
+    n = int.from_bytes(blob[:8], "little")
+    text = json.dumps(json.loads(blob[8 : 8 + n]), separators=(",", ":"), sort_keys=True).encode()
+    if len(text) > n:  # only if escaping grew it (non-ASCII metadata): keep safetensors' bytes
+        return blob[: 8 + n]
+    return blob[:8] + text.ljust(n)
+
+
+def write_shard(out: BinaryIO, images: np.ndarray, labels: np.ndarray, metadata: dict[str, str]) -> tuple[int, str]:
+    """Write ``images`` (float32 [n, C, H, W]) and ``labels`` (int64 [n]) as one shard; return (bytes, SHA-256)."""
+    blob = safetensors.numpy.save({IMAGES: images, LABELS: labels}, metadata=metadata)
+    header = _canonical_header(blob)
+    data = memoryview(blob)[len(header) :]
+    out.write(header)
+    out.write(data)
+    digest = hashlib.sha256(header)
+    digest.update(data)
+    return len(blob), digest.hexdigest()
+
+
+def _check_tensor(where: str, info: TensorInfo | None, name: str, dtype: str, shape: tuple[int, ...]) -> TensorInfo:
+    if info is None:
+        raise ShardError(f"{where}: tensor {name!r} is missing")
+    if info.dtype != dtype or info.shape != shape:
+        raise ShardError(
+            f"{where}: tensor {name!r}: expected {DTYPE_NAMES[dtype]} {list(shape)} as the manifest says, "
+            f"found {DTYPE_NAMES.get(info.dtype, info.dtype)} {list(info.shape)}"
+        )
+    return info
+
+
+def check_tensors(where: str, layout: ShardLayout, num_samples: int,
+                  image_shape: tuple[int, ...]) -> tuple[TensorInfo, TensorInfo]:
+    """The shard holds exactly ``images`` float32 [n, *image_shape] and ``labels`` int64 [n]."""
+    extra = sorted(set(layout.tensors) - {IMAGES, LABELS})
+    if extra:
+        raise ShardError(f"{where}: unexpected tensor {extra[0]!r}; a shard holds only {IMAGES!r} and {LABELS!r}")
+    images = _check_tensor(where, layout.tensors.get(IMAGES), IMAGES, "F32", (num_samples, *image_shape))
+    labels = _check_tensor(where, layout.tensors.get(LABELS), LABELS, "I64", (num_samples,))
+    return images, labels
+
+
+def view_tensors(raw: np.ndarray, images_offset: int, labels_offset: int, num_samples: int,
+                 image_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-copy views of a mapped shard's bytes at offsets :func:`check_tensors` validated."""
+    items = math.prod(image_shape)
+    images = raw[images_offset : images_offset + num_samples * items * 4].view("<f4")
+    labels = raw[labels_offset : labels_offset + num_samples * 8].view("<i8")
+    return images.reshape(num_samples, *image_shape), labels

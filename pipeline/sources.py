@@ -33,6 +33,7 @@ class DatasetSpec:
     train: SplitFiles
     test: SplitFiles
     sources: tuple[str, ...]  # base URLs (https://...) or local folders
+    class_names: tuple[str, ...] = tuple(str(d) for d in range(10))  # label i is class_names[i]
 
     @property
     def files(self) -> tuple[IdxFile, ...]:
@@ -74,6 +75,8 @@ DATASETS: dict[str, DatasetSpec] = {
             "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion",
             "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion",
         ),
+        class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
     ),
     "mnist": DatasetSpec(
         "mnist",

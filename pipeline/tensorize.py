@@ -1,107 +1,153 @@
-"""Parquet -> normalised float32 safetensors shards plus ``manifest.json``.
+"""Parquet -> normalised float32 safetensors shards plus ``manifest.json``, per split.
 
-Each split folder is built in a temporary folder beside it and renamed into
-place, so a killed run never leaves a folder whose manifest and shards disagree.
+The shape, the classes and the statistics come from the data and are recorded in
+each split's manifest, which is all the trainer reads about them:
+
+- image shape: the image layout's own metadata, or ``data.image_shape`` (null: one
+  square grey channel) for the wide layout;
+- classes: a built-in dataset's names; integer labels 0..largest (named "0", "1",
+  ...); or class names, whose indices follow their sorted order;
+- splits: the source's test split, or one held out of train by ``test_fraction``
+  when the source has none; a validation split held out of train by
+  ``val_fraction`` (:mod:`pipeline.splits`, stable under added samples).
+
+Every split folder is built in a temporary folder beside it and renamed into place,
+so a killed run never leaves a folder whose manifest and shards disagree. Rows are
+read chunk by chunk and each split keeps at most one shard of uint8 rows, so memory
+is bounded by the shard size, not the data.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterable, Iterator
+import contextlib
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-import polars as pl
-import safetensors.numpy
 
 from pipeline.atomic import atomic_dir
 from pipeline.errors import DataError
-from pipeline.manifest import (
-    IMAGE_SHAPE,
-    MANIFEST_NAME,
-    NUM_CLASSES,
-    SCHEMA_VERSION,
-    Manifest,
-    Normalization,
-    ShardEntry,
-)
-from pipeline.normalize import make_normalization, normalize, pixel_histogram
-from pipeline.tabular import PIXEL_COLUMNS
+from pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, Normalization, PixelStats, ShardEntry
+from pipeline.normalize import make_normalization, normalize, pixel_histogram, pixel_stats
+from pipeline.parquet import IMAGE, Table, iter_rows, open_table, read_labels
+from pipeline.shards import write_shard
+from pipeline.sources import DATASETS
+from pipeline.splits import TEST, TRAIN, VAL, assign, file_keys, hash_unit, row_keys
+from pipeline.tabular import INT_LABELS, resolve_shape
 
 SHARD_PATTERN = "shard-{:05d}.safetensors"
+_CODES = {"train": TRAIN, "val": VAL, "test": TEST}
 
 
-def check_parquet_schema(path: Path) -> int:
-    """Check the Parquet file has label + 784 pixels, all UInt8; return its row count."""
-    try:
-        schema = pl.read_parquet_schema(path)
-        rows = pl.scan_parquet(path).select(pl.len()).collect().item()
-    except (OSError, pl.exceptions.PolarsError) as exc:
-        raise DataError(f"{path}: cannot read Parquet: {exc}") from None
-    expected = ["label", *PIXEL_COLUMNS]
-    names = list(schema)
-    if names != expected:
-        first = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b), min(len(names), len(expected)))
-        found = names[first] if first < len(names) else "<end of columns>"
-        want = expected[first] if first < len(expected) else "<end of columns>"
-        raise DataError(f"{path}: column {first + 1}: expected {want!r}, found {found!r}")
-    for name, dtype in schema.items():
-        if dtype != pl.UInt8:
-            raise DataError(f"{path}: column {name!r}: expected UInt8, found {dtype}")
-    return rows
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
-def iter_parquet(path: Path, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (pixels uint8 [k, 784], labels uint8 [k]) in file order, ``chunk_rows`` at a time."""
-    rows = check_parquet_schema(path)
-    for start in range(0, rows, chunk_rows):
-        df = pl.scan_parquet(path).slice(start, chunk_rows).collect()
-        for name, nulls in zip(df.columns, df.null_count().row(0)):
-            if nulls:  # to_numpy would turn them into NaN and then silently into 0
-                row = start + int(df.get_column(name).is_null().arg_max())
-                raise DataError(f"{path}: row {row + 1}, column {name!r}: expected a UInt8 value, found null")
-        labels = df.get_column("label").to_numpy()
-        pixels = df.select(PIXEL_COLUMNS).to_numpy()
-        del df  # not held while the consumer builds a shard from this chunk
-        if labels.max(initial=0) >= NUM_CLASSES:
-            row = start + int(np.argmax(labels >= NUM_CLASSES))
-            raise DataError(f"{path}: row {row + 1}, column 'label': expected 0..{NUM_CLASSES - 1}, found {labels[row - start]}")
-        yield np.ascontiguousarray(pixels, dtype=np.uint8), labels.astype(np.uint8, copy=False)
+def _class_names(train: Table, test: Table, dataset: str) -> tuple[str, ...]:
+    """The classes, from the label columns only (a cheap columnar read)."""
+    if train.labels != test.labels and test.rows:
+        raise DataError(f"{test.path}: labels are {test.labels}s but the train split's are {train.labels}s")
+    train_labels = read_labels(train)
+    test_labels = read_labels(test)
+    if train.labels == INT_LABELS:
+        largest = max(int(train_labels.max(initial=0)), int(test_labels.max(initial=0)))
+        if dataset in DATASETS:
+            names = DATASETS[dataset].class_names
+            if largest >= len(names):
+                table = train if int(train_labels.max(initial=0)) == largest else test
+                labels = train_labels if table is train else test_labels
+                row = int(np.argmax(labels == largest))
+                raise DataError(f"{table.path}: row {row + 1}, column 'label': expected 0..{len(names) - 1}, "
+                                f"found {largest}")
+            return names
+        return tuple(str(c) for c in range(largest + 1))
+    names = tuple(sorted(set(train_labels.tolist())))
+    unknown = sorted(set(test_labels.tolist()) - set(names))
+    if unknown:
+        row = int(np.flatnonzero(test_labels == unknown[0])[0])
+        raise DataError(f"{test.path}: row {row + 1}, column 'label': class {unknown[0]!r} has no train samples; "
+                        f"the train split's classes are {', '.join(names)}"[:400])
+    return names
 
 
-def _rechunk(chunks: Iterable[tuple[np.ndarray, np.ndarray]], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Regroup (pixels, labels) chunks into groups of exactly ``size`` rows (the last may be short)."""
-    buf_p: list[np.ndarray] = []
-    buf_l: list[np.ndarray] = []
-    held = 0
-    for pixels, labels in chunks:
-        if not held and len(labels) == size:  # already a whole shard: no copy
-            yield pixels, labels
-            continue
-        buf_p.append(pixels)
-        buf_l.append(labels)
-        held += len(labels)
-        while held >= size:
-            p, lab = np.concatenate(buf_p), np.concatenate(buf_l)
-            yield p[:size], lab[:size]
-            buf_p, buf_l, held = [p[size:]], [lab[size:]], held - size
-    if held:
-        yield np.concatenate(buf_p), np.concatenate(buf_l)
+def _indices(labels: np.ndarray, names: tuple[str, ...], kind: str) -> np.ndarray:
+    if kind == INT_LABELS:
+        return labels.astype(np.int64)
+    index = {name: i for i, name in enumerate(names)}
+    return np.fromiter((index[name] for name in labels.tolist()), dtype=np.int64, count=len(labels))
 
 
-def _canonical_header(blob: bytes) -> bytes:
-    """The first ``8 + n`` bytes of a safetensors blob, its header re-emitted with sorted keys (same length).
+def _routes(table: Table, rows, labels: np.ndarray, test_fraction: float, val_fraction: float) -> np.ndarray:
+    """The split of each train row; no hashing at all when nothing is held out."""
+    if not test_fraction and not val_fraction:
+        return np.full(len(labels), TRAIN, dtype=np.uint8)
+    keys = file_keys(rows.files) if table.layout == IMAGE else row_keys(rows.labels, rows.pixels)
+    return assign(hash_unit(keys), test_fraction=test_fraction, val_fraction=val_fraction)
 
-    safetensors writes ``__metadata__`` in hash-map order, so the same samples gave
-    different shard bytes (and SHA-256s, and DVC hashes) from one run to the next.
-    Only the header is returned, so the data after it is never copied.
-    """
-    n = int.from_bytes(blob[:8], "little")
-    text = json.dumps(json.loads(blob[8 : 8 + n]), separators=(",", ":"), sort_keys=True).encode()
-    if len(text) > n:  # only if escaping grew it (non-ASCII metadata): keep safetensors' bytes
-        return blob[: 8 + n]
-    return blob[:8] + text.ljust(n)
+
+class _SplitWriter:
+    """Collects one split's rows and writes them as shards of ``shard_size`` samples into ``folder``."""
+
+    def __init__(self, folder: Path, *, split: str, dataset: str, shard_size: int, shape: tuple[int, int, int],
+                 norm: Normalization, num_classes: int, keep_stats: bool) -> None:
+        self.folder, self.split, self.dataset, self.shard_size = folder, split, dataset, shard_size
+        self.shape, self.norm, self.keep_stats = shape, norm, keep_stats
+        self.counts = np.zeros(num_classes, dtype=np.int64)
+        self.histogram = np.zeros((shape[0], 256), dtype=np.int64)
+        self.entries: list[ShardEntry] = []
+        self._pixels: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._held = 0
+
+    def add(self, pixels: np.ndarray, labels: np.ndarray) -> None:
+        if not len(labels):
+            return
+        self.counts += np.bincount(labels, minlength=len(self.counts))
+        if self.keep_stats:  # the train split's statistics, which every manifest records
+            self.histogram += pixel_histogram(pixels, self.shape[0])
+        self._pixels.append(pixels)
+        self._labels.append(labels)
+        self._held += len(labels)
+        while self._held >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, size: int) -> None:
+        # A chunk of exactly one shard is written without a copy.
+        pixels = self._pixels[0] if len(self._pixels) == 1 else np.concatenate(self._pixels)
+        labels = self._labels[0] if len(self._labels) == 1 else np.concatenate(self._labels)
+        self._pixels, self._labels = [pixels[size:]], [labels[size:]]
+        self._held -= size
+        self._write(pixels[:size], labels[:size])
+
+    def _write(self, pixels: np.ndarray, labels: np.ndarray) -> None:
+        name = SHARD_PATTERN.format(len(self.entries))
+        images = normalize(np.ascontiguousarray(pixels), self.norm, self.shape)
+        with open(self.folder / name, "wb") as f:
+            size, sha = write_shard(f, images, labels.astype(np.int64),
+                                    {"dataset": self.dataset, "split": self.split})
+        self.entries.append(ShardEntry(name, len(labels), size, sha))
+
+    def close(self, names: tuple[str, ...], stats: PixelStats) -> Manifest:
+        if self._held:
+            self._flush(self._held)
+        manifest = Manifest(
+            schema_version=SCHEMA_VERSION,
+            dataset=self.dataset,
+            split=self.split,
+            num_samples=sum(e.num_samples for e in self.entries),
+            num_classes=len(names),
+            class_names=names,
+            class_counts=tuple(int(c) for c in self.counts),
+            image_shape=self.shape,
+            image_dtype="float32",
+            label_dtype="int64",
+            normalization=self.norm,
+            train_stats=stats,
+            shards=tuple(self.entries),
+        )
+        (self.folder / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        return manifest
 
 
 def write_split(
@@ -112,44 +158,42 @@ def write_split(
     split: str,
     shard_size: int,
     normalization: Normalization,
+    image_shape: tuple[int, int, int] = (1, 28, 28),
+    class_names: tuple[str, ...] | None = None,
 ) -> Manifest:
-    """Write shards of ``shard_size`` samples and the manifest into ``out_dir`` atomically."""
-    entries = []
+    """Write one split from (uint8 pixel rows, labels) chunks into ``out_dir`` atomically.
+
+    For building shards outside the stage (benchmarks, tests); ``class_names`` defaults to a
+    built-in dataset's names, or "0".."9". The manifest's ``train_stats`` are this split's.
+    """
+    names = class_names or (DATASETS[dataset].class_names if dataset in DATASETS else tuple(map(str, range(10))))
     with atomic_dir(out_dir) as tmp:
-        for index, (pixels, labels) in enumerate(_rechunk(chunks, shard_size)):
-            tensors = {
-                "images": normalize(pixels, normalization),
-                "labels": labels.astype(np.int64),
-            }
-            del pixels
-            blob = safetensors.numpy.save(tensors, metadata={"dataset": dataset, "split": split})
-            del tensors  # the float32 images are in the blob now; one copy of a shard at a time
-            header = _canonical_header(blob)
-            data = memoryview(blob)[len(header) :]
-            name = SHARD_PATTERN.format(index)
-            with open(tmp / name, "wb") as f:
-                f.write(header)
-                f.write(data)
-            digest = hashlib.sha256(header)
-            digest.update(data)
-            entries.append(ShardEntry(name, len(labels), len(blob), digest.hexdigest()))
-            del data, blob  # before the next shard is built, not after
-        if not entries:
+        writer = _SplitWriter(tmp, split=split, dataset=dataset, shard_size=shard_size, shape=image_shape,
+                              norm=normalization, num_classes=len(names), keep_stats=True)
+        for pixels, labels in chunks:
+            writer.add(pixels, labels.astype(np.int64))
+        if not writer.counts.sum():
             raise DataError(f"{split}: no samples to write")
-        manifest = Manifest(
-            schema_version=SCHEMA_VERSION,
-            dataset=dataset,
-            split=split,
-            num_samples=sum(e.num_samples for e in entries),
-            num_classes=NUM_CLASSES,
-            image_shape=IMAGE_SHAPE,
-            image_dtype="float32",
-            label_dtype="int64",
-            normalization=normalization,
-            shards=tuple(entries),
-        )
-        (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-    return manifest
+        return writer.close(names, pixel_stats(writer.histogram))
+
+
+def _image_shape(train: Table, test: Table, image_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    if test.rows and (test.layout, test.num_pixels) != (train.layout, train.num_pixels):
+        raise DataError(f"{test.path}: expected rows of {train.num_pixels} pixels like the train split, "
+                        f"found {test.num_pixels}")
+    if train.image_shape is not None:
+        return train.image_shape
+    return resolve_shape(image_shape, train.num_pixels, str(train.path))
+
+
+def _train_histogram(train: Table, chunk: int, test_fraction: float, val_fraction: float,
+                     channels: int) -> np.ndarray:
+    """Pixel histogram of the rows that will train (a first pass, for ``standard`` normalisation)."""
+    histogram = np.zeros((channels, 256), dtype=np.int64)
+    for rows in iter_rows(train, chunk):
+        keep = _routes(train, rows, rows.labels, test_fraction, val_fraction) == TRAIN
+        histogram += pixel_histogram(rows.pixels[keep], channels)
+    return histogram
 
 
 def tensorize(
@@ -157,28 +201,67 @@ def tensorize(
     test_parquet: Path,
     train_out: Path,
     test_out: Path,
+    val_out: Path | None = None,
     *,
     dataset: str,
     shard_size: int,
     normalize_kind: str,
-) -> tuple[Manifest, Manifest]:
-    """Shard both splits; ``standard`` statistics come from the train split only."""
-    histogram = None
+    image_shape: tuple[int, int, int] | None = None,
+    test_fraction: float = 0.1,
+    val_fraction: float = 0.0,
+    notice: Callable[[str], None] = _stderr,
+) -> dict[str, Manifest]:
+    """Shard the splits; return their manifests by split name.
+
+    Args:
+        train_parquet, test_parquet: the parquet stage's outputs (either layout); an empty test
+            file means the source has no test split, so one is held out of train.
+        train_out, test_out, val_out: the split folders to write (``val_out`` None: no val split).
+        dataset: ``data.dataset``, recorded in the manifests (and naming a built-in's classes).
+        shard_size: samples per shard.
+        normalize_kind: ``unit`` or ``standard`` (per-channel statistics of the train split).
+        image_shape: ``data.image_shape`` for the wide layout (None: square grey).
+        test_fraction, val_fraction: held-out shares of the train file (:mod:`pipeline.splits`).
+    Returns:
+        ``{"train": ..., "val": ..., "test": ...}`` (no ``val`` without ``val_out``).
+    """
+    train, test = open_table(train_parquet), open_table(test_parquet)
+    if train.rows == 0:
+        raise DataError(f"{train_parquet}: has no rows; the train split needs samples")
+    if val_fraction and val_out is None:
+        raise ValueError("val_fraction > 0 needs a val_out folder")
+    shape = _image_shape(train, test, image_shape)
+    names = _class_names(train, test, dataset)
+    test_fraction = test_fraction if test.rows == 0 else 0.0
     if normalize_kind == "standard":
-        histogram = np.zeros(256, dtype=np.int64)
-        for pixels, _ in iter_parquet(train_parquet, shard_size):
-            histogram += pixel_histogram(pixels)
-    norm = make_normalization(normalize_kind, histogram)
-    manifests = []
-    for split, src, out in (("train", train_parquet, train_out), ("test", test_parquet, test_out)):
-        manifests.append(
-            write_split(
-                iter_parquet(src, shard_size),
-                out,
-                dataset=dataset,
-                split=split,
-                shard_size=shard_size,
-                normalization=norm,
-            )
-        )
-    return manifests[0], manifests[1]
+        stats = pixel_stats(_train_histogram(train, shard_size, test_fraction, val_fraction, shape[0]))
+    else:
+        stats = None  # computed while the train split is written
+    norm = make_normalization(normalize_kind, stats, shape[0])
+    outs = {"train": train_out, "test": test_out, **({"val": val_out} if val_out is not None else {})}
+    with contextlib.ExitStack() as stack:
+        writers = {split: _SplitWriter(stack.enter_context(atomic_dir(out)), split=split, dataset=dataset,
+                                       shard_size=shard_size, shape=shape, norm=norm, num_classes=len(names),
+                                       keep_stats=split == "train")
+                   for split, out in outs.items()}
+        for rows in iter_rows(train, shard_size):
+            labels = _indices(rows.labels, names, train.labels)
+            routes = _routes(train, rows, rows.labels, test_fraction, val_fraction)
+            for split, writer in writers.items():
+                take = routes == _CODES[split]
+                if take.all():
+                    writer.add(rows.pixels, labels)
+                elif take.any():
+                    writer.add(rows.pixels[take], labels[take])
+            del rows
+        for rows in iter_rows(test, shard_size):
+            writers["test"].add(rows.pixels, _indices(rows.labels, names, train.labels))
+        stats = stats or pixel_stats(writers["train"].histogram)
+        for split in ("train", "test"):
+            if not writers[split].counts.sum():
+                raise DataError(f"{train_parquet}: the {split} split would be empty; with few samples raise "
+                                f"data.test_fraction or add samples")
+        missing = [n for n, c in zip(names, writers["train"].counts) if c == 0]
+        if missing:
+            notice(f"notice: {len(missing)} class(es) have no train samples: {', '.join(missing)}"[:300])
+        return {split: writer.close(names, stats) for split, writer in writers.items()}

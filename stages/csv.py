@@ -1,14 +1,54 @@
-"""DVC stage `csv`: IDX -> label,pixel1..pixel784 CSV, or the user's CSV (data.dataset: csv)."""
+"""DVC stage `csv`: one canonical table per split.
+
+- fashion-mnist / mnist: the IDX files as ``label,pixel1..pixel784`` CSV;
+- csv: the user's CSVs, checked cell by cell and copied with the canonical header;
+- images: the listing ``label,file`` of the image folder's train and test splits
+  (headers checked; the parquet stage decodes the pixels).
+A source without a test split gets a test table with no rows.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline import images
 from pipeline.cli import parser, run_stage
-from pipeline.csvdata import check_user_csv_location, idx_to_csv, import_user_csv
-from pipeline.params import load_section
+from pipeline.csvdata import check_user_csv_location, idx_to_csv, import_user_csv, write_empty_csv
+from pipeline.errors import DataError
+from pipeline.params import DataParams, load_section
 from pipeline.sources import DATASETS
+
+
+def _user_csv(data: DataParams, user: Path | None, outputs: dict[str, Path], where: str) -> None:
+    sources = {"train": Path(data.train_csv), "test": None if data.test_csv is None else Path(data.test_csv)}
+    if user is not None:
+        for split, src in sources.items():
+            if src is not None:
+                check_user_csv_location(src, user, f"data.{split}_csv", where)
+    shape, labels = import_user_csv(sources["train"], outputs["train"], image_shape=data.image_shape,
+                                    check_values=True)
+    print(f"csv: train: {sources['train']} -> {outputs['train']} ({labels} labels, images {list(shape)})")
+    if sources["test"] is None:
+        write_empty_csv(outputs["test"], shape[0] * shape[1] * shape[2])
+        print(f"csv: test: none (data.test_csv is null): held out of train by data.test_fraction "
+              f"{data.test_fraction}")
+        return
+    _, test_labels = import_user_csv(sources["test"], outputs["test"], image_shape=shape, check_values=True)
+    if test_labels != labels:
+        raise DataError(f"{sources['test']}: labels are {test_labels}s but {sources['train']}'s are {labels}s; "
+                        f"labels must not mix integers and names")
+    print(f"csv: test: {sources['test']} -> {outputs['test']}")
+
+
+def _image_folder(data: DataParams, outputs: dict[str, Path]) -> None:
+    root = Path(data.images_dir)
+    train = images.scan_split(root, "train")
+    test = images.scan_split(root, "test", images.class_names(train))
+    shape = images.check_images(root, [*train, *test], data.image_shape)
+    for split, entries in (("train", train), ("test", test)):
+        images.write_listing(entries, outputs[split])
+        print(f"csv: {split}: {len(entries)} images of {root} listed -> {outputs[split]} (images {list(shape)})")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -22,13 +62,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = load_section("data", args.params)
     outputs = {"train": args.train, "test": args.test}
     if data.dataset == "csv":
-        sources = {"train": Path(data.train_csv), "test": Path(data.test_csv)}
-        if args.user is not None:
-            for split, src in sources.items():
-                check_user_csv_location(src, args.user, f"data.{split}_csv", args.params)
-        for split, out in outputs.items():
-            import_user_csv(sources[split], out, check_values=True)
-            print(f"csv: {split}: {sources[split]} -> {out}")
+        _user_csv(data, args.user, outputs, args.params)
+        return
+    if data.dataset == "images":
+        _image_folder(data, outputs)
         return
     spec = DATASETS[data.dataset]
     for split, out in outputs.items():

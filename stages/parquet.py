@@ -1,10 +1,15 @@
-"""DVC stage `parquet`: CSV -> Parquet (Polars streaming, strict UInt8 schema)."""
+"""DVC stage `parquet`: each split's table -> Parquet (strict schema, bounded memory).
+
+CSV tables become the wide layout; an image folder's listings are decoded with
+Pillow into the image layout (``pipeline/parquet.py`` describes both).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline import images
 from pipeline.cli import parser, run_stage
 from pipeline.params import load_section
 from pipeline.parquet import csv_to_parquet
@@ -17,10 +22,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--train", type=Path, required=True, help="output train Parquet")
     p.add_argument("--test", type=Path, required=True, help="output test Parquet")
     args = p.parse_args(argv)
+    data = load_section("data", args.params)
     prep = load_section("prep", args.params)
-    for src, out in ((args.train_csv, args.train), (args.test_csv, args.test)):
-        rows = csv_to_parquet(src, out, compression=prep.compression, compression_level=prep.compression_level,
-                              row_group_size=prep.row_group_size)
+    codec = {"compression": prep.compression, "compression_level": prep.compression_level,
+             "row_group_size": prep.row_group_size}
+    for split, src, out in (("train", args.train_csv, args.train), ("test", args.test_csv, args.test)):
+        if data.dataset == "images":
+            rows = images.images_to_parquet(src, Path(data.images_dir), out, image_shape=data.image_shape, **codec)
+        else:  # a source without a test split has an empty test table
+            rows = csv_to_parquet(src, out, allow_empty=split == "test", **codec)
         print(f"parquet: {src} -> {out}: {rows} rows, {out.stat().st_size} bytes")
 
 

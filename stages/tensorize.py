@@ -1,4 +1,4 @@
-"""DVC stage `tensorize`: Parquet -> normalised float32 safetensors shards + manifest.json."""
+"""DVC stage `tensorize`: Parquet -> normalised float32 safetensors shards + manifest.json per split."""
 
 from __future__ import annotations
 
@@ -16,13 +16,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--test-parquet", type=Path, required=True)
     p.add_argument("--train", type=Path, required=True, help="output folder for train shards")
     p.add_argument("--test", type=Path, required=True, help="output folder for test shards")
+    p.add_argument("--val", type=Path, default=None, help="output folder for validation shards (data.val_fraction)")
     args = p.parse_args(argv)
     data = load_section("data", args.params)
     prep = load_section("prep", args.params)
-    train, test = tensorize(args.train_parquet, args.test_parquet, args.train, args.test,
-                            dataset=data.dataset, shard_size=prep.shard_size, normalize_kind=prep.normalize)
-    for m, out in ((train, args.train), (test, args.test)):
-        print(f"tensorize: {m.split}: {m.num_samples} samples in {len(m.shards)} shards -> {out}")
+    manifests = tensorize(args.train_parquet, args.test_parquet, args.train, args.test, args.val,
+                          dataset=data.dataset, shard_size=prep.shard_size, normalize_kind=prep.normalize,
+                          image_shape=data.image_shape, test_fraction=data.test_fraction,
+                          val_fraction=data.val_fraction)
+    for split, m in manifests.items():
+        print(f"tensorize: {split}: {m.num_samples} samples of {m.num_classes} classes, "
+              f"{list(m.image_shape)}, in {len(m.shards)} shards")
 
 
 if __name__ == "__main__":

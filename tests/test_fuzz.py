@@ -22,7 +22,7 @@ from pipeline.csvcheck import check_header, find_problem
 from pipeline.download import FetchError, gunzip_bounded, verify
 from pipeline.errors import DataError, ParamsError, PipelineError, ShardError
 from pipeline.idx import DTYPE_CODES, decode_idx, encode_idx
-from pipeline.manifest import IMAGE_SHAPE, SCHEMA_VERSION, Manifest, parse_manifest
+from pipeline.manifest import SCHEMA_VERSION, Manifest, parse_manifest
 from pipeline.params import SECTIONS, parse_section
 from pipeline.shards import DTYPES, ShardLayout, parse_header
 from pipeline.tabular import HEADER, HEADER_LINE
@@ -118,7 +118,7 @@ def test_find_problem_structured(lines):
             cells = line.rstrip(b"\r\n").split(b",")
             assert len(cells) == len(HEADER)
             values = [int(c.strip(b' \t"')) for c in cells]
-            assert 0 <= values[0] <= 9 and all(0 <= v <= 255 for v in values[1:])
+            assert 0 <= values[0] <= 65535 and all(0 <= v <= 255 for v in values[1:])
     else:
         assert isinstance(problem, DataError) and str(problem).startswith("fuzz.csv: ")
         assert len(str(problem)) < 400  # a hostile cell is quoted briefly, not echoed in full
@@ -127,9 +127,13 @@ def test_find_problem_structured(lines):
 @FUZZ
 @given(st.binary(max_size=200))
 def test_check_header_arbitrary_bytes(line):
-    """200 bytes cannot hold the 6 KB header: always a DataError naming the header row, never another exception."""
-    with pytest.raises(DataError, match=r"^h: row 1 \(header\)"):
-        check_header(line, "h")
+    """Accepted only as label and named pixel columns; otherwise a DataError naming the header row, never another."""
+    try:
+        names = check_header(line, "h")
+    except DataError as exc:
+        assert str(exc).startswith("h: row 1 (header)")
+        return
+    assert names == _names(line) and names[0] == "label" and len(names) >= 2 and all(names)
 
 
 ZERO_BASED_LINE = (",".join(["label", *(f"pixel{i}" for i in range(784))]) + "\n").encode()
@@ -173,10 +177,11 @@ def _names(line: bytes) -> list[str]:
 @FUZZ
 @given(header_like())
 def test_check_header_structured(line):
-    """Accepted exactly when the names are label,pixel1..pixel784 or label,pixel0..pixel783."""
-    valid = _names(line) in (list(HEADER), _names(ZERO_BASED_LINE))
+    """With 784 pixels expected: accepted exactly when there are 785 names, the first 'label', none empty."""
+    names = _names(line)
+    valid = len(names) == 785 and names[0] == "label" and all(names)
     try:
-        check_header(line, "h")
+        check_header(line, "h", num_pixels=784)
     except DataError as exc:
         assert not valid, f"refused a valid header: {exc}"
         assert str(exc).startswith("h: row 1 (header)") and len(str(exc)) < 300
@@ -193,7 +198,7 @@ def test_header_fuzz_reaches_both_outcomes():
     def count(line):
         nonlocal accepted, refused
         try:
-            check_header(line, "h")
+            check_header(line, "h", num_pixels=784)
             accepted += 1
         except DataError:
             refused += 1
@@ -277,9 +282,12 @@ def test_the_valid_shard_header_is_accepted():
 # ============================================================================ manifest
 
 def _valid_manifest() -> dict:
-    return {"schema_version": SCHEMA_VERSION, "dataset": "d", "split": "train", "num_samples": 5, "num_classes": 10,
-            "image_shape": list(IMAGE_SHAPE), "image_dtype": "float32", "label_dtype": "int64",
-            "normalization": {"kind": "standard", "mean": 0.28, "std": 0.35, "stats_from": "train"},
+    return {"schema_version": SCHEMA_VERSION, "dataset": "d", "split": "train", "num_samples": 5, "num_classes": 3,
+            "class_names": ["a", "b", "c"], "class_counts": [2, 0, 3],
+            "image_shape": [3, 8, 8], "image_dtype": "float32", "label_dtype": "int64",
+            "normalization": {"kind": "standard", "mean": [0.28, 0.3, 0.1], "std": [0.35, 0.2, 0.25],
+                              "stats_from": "train"},
+            "train_stats": {"mean": [0.28, 0.3, 0.1], "std": [0.35, 0.2, 0.25]},
             "shards": [{"file": "shard-00000.safetensors", "num_samples": 3, "bytes": 9500, "sha256": "a" * 64},
                        {"file": "shard-00001.safetensors", "num_samples": 2, "bytes": 6400, "sha256": "b" * 64}]}
 
@@ -306,7 +314,7 @@ def test_manifest_arbitrary_json(doc):
 def mutated_manifest(draw):
     doc = _valid_manifest()
     for _ in range(draw(st.integers(1, 3))):
-        targets = {"top": doc, "normalization": doc.get("normalization"),
+        targets = {"top": doc, "normalization": doc.get("normalization"), "train_stats": doc.get("train_stats"),
                    "shard": doc["shards"][0] if isinstance(doc.get("shards"), list) and doc["shards"] else None}
         obj = targets[draw(st.sampled_from(sorted(targets)))]
         if not isinstance(obj, dict):
@@ -331,7 +339,10 @@ def test_manifest_structured(text):
     assert m.num_samples == sum(s.num_samples for s in m.shards)
     assert len({s.file for s in m.shards}) == len(m.shards)
     assert all("/" not in s.file and not s.file.startswith(".") for s in m.shards)
-    assert math.isfinite(m.normalization.mean) and math.isfinite(m.normalization.std) and m.normalization.std > 0
+    norm = m.normalization
+    assert len(norm.mean) == len(norm.std) == m.image_shape[0]
+    assert all(math.isfinite(v) for v in (*norm.mean, *norm.std)) and min(norm.std) > 0
+    assert len(m.class_names) == len(m.class_counts) == m.num_classes and sum(m.class_counts) == m.num_samples
 
 
 def test_the_valid_manifest_is_accepted():
@@ -342,12 +353,12 @@ def test_the_valid_manifest_is_accepted():
     "text, fragment",
     [
         ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
-        (json.dumps({**_valid_manifest(), "normalization": {**_valid_manifest()["normalization"], "mean": 10**400}}),
+        (json.dumps({**_valid_manifest(), "normalization": {**_valid_manifest()["normalization"], "mean": [0.1, 10**400, 0.2]}}),
          "normalization"),
         (json.dumps({**_valid_manifest(), "normalization": {**_valid_manifest()["normalization"],
-                                                              "std": float("inf")}}), "normalization"),
+                                                              "std": [1.0, 1.0, float("inf")]}}), "normalization"),
         (json.dumps({**_valid_manifest(), "normalization": {**_valid_manifest()["normalization"],
-                                                              "mean": float("nan")}}), "normalization"),
+                                                              "mean": [float("nan"), 0.0, 0.0]}}), "normalization"),
     ],
     ids=["deep-nesting", "huge-int-mean", "infinite-std", "nan-mean"],
 )

@@ -83,7 +83,11 @@ def test_wrong_type_refused_with_key_name(section, key, value):
 RANGES: dict[tuple[str, str], tuple[list, list]] = {
     ("data", "mirrors"): ([[""], ["ok", "   "]], [[], ["http://127.0.0.1/x", "/a/folder"]]),
     ("data", "train_csv"): (["", "  "], ["a.csv"]),
-    ("data", "test_csv"): (["", "\t"], ["b.csv"]),
+    ("data", "test_csv"): (["", "\t"], ["b.csv", None]),
+    ("data", "images_dir"): (["", " "], ["data/user/images"]),
+    ("data", "image_shape"): ([[0, 8, 8], [1, 0, 8], [65, 2, 2], [1, 8, 70000]], [None, [1, 8, 8], [3, 32, 32]]),
+    ("data", "test_fraction"): ([-0.1, 1, 1.5, math.nan, math.inf], [0, 0.1, 0.5]),
+    ("data", "val_fraction"): ([-0.1, 1, math.nan], [0, 0.2]),
     ("data", "timeout_s"): ([0, -1, math.inf, math.nan], [0.001, 30]),
     ("data", "min_rate_kbps"): ([-1, math.inf, math.nan], [0, 64.0]),
     ("prep", "row_group_size"): ([0, -1], [1, 65536]),

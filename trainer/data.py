@@ -7,7 +7,7 @@ object pickles to paths and offsets only (``__getstate__`` drops the maps), so
 spawn-started DataLoader workers never receive data through a pipe.
 
 ``dataset[indices]`` takes a whole batch of indices and returns
-``(images float32 [k, 1, 28, 28], labels int64 [k])`` in the given order, with
+``(images float32 [k, C, H, W], labels int64 [k])`` in the given order, with
 one gather per shard the batch touches, so the DataLoader runs with
 ``batch_size=None`` and no per-sample ``__getitem__`` + collate.
 """
@@ -21,22 +21,18 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.errors import ShardError
-from pipeline.manifest import IMAGE_SHAPE
+from pipeline.shards import view_tensors
 from trainer.verify import ValidShard, ValidSplit, still_same
 
-_IMAGE_ITEMS = int(np.prod(IMAGE_SHAPE))
 
-
-def _map_shard(shard: ValidShard) -> tuple[torch.Tensor, torch.Tensor]:
+def _map_shard(shard: ValidShard, image_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     still_same(shard)
     raw = np.memmap(shard.path, dtype=np.uint8, mode="c")
     if raw.shape[0] != shard.size:
         raise ShardError(f"{shard.path}: mapped {raw.shape[0]} bytes, validated {shard.size}")
-    n = shard.num_samples
     # Offsets were checked to be aligned to the item size and inside the file, so
     # these are zero-copy views of the mapping.
-    images = raw[shard.images_offset : shard.images_offset + n * _IMAGE_ITEMS * 4].view("<f4").reshape(n, *IMAGE_SHAPE)
-    labels = raw[shard.labels_offset : shard.labels_offset + n * 8].view("<i8")
+    images, labels = view_tensors(raw, shard.images_offset, shard.labels_offset, shard.num_samples, image_shape)
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
@@ -45,6 +41,7 @@ class ShardDataset(Dataset):
 
     def __init__(self, split: ValidSplit) -> None:
         self.split = split
+        self.image_shape = tuple(split.manifest.image_shape)
         counts = [s.num_samples for s in split.shards]
         self._starts = np.array([0, *np.cumsum(counts).tolist()], dtype=np.int64)
         self._maps: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -61,7 +58,7 @@ class ShardDataset(Dataset):
 
     def _open(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._maps is None:
-            self._maps = [_map_shard(s) for s in self.split.shards]
+            self._maps = [_map_shard(s, self.image_shape) for s in self.split.shards]
             # NumPy views of the same mappings, for the multi-shard gather.
             self._arrays = [(images.numpy().reshape(len(images), -1), labels.numpy()) for images, labels in self._maps]
         return self._maps
@@ -82,7 +79,7 @@ class ShardDataset(Dataset):
         # per-call overhead than the equivalent torch ops, which keeps the whole
         # gather within a few times memcpy (see bench/results.md).
         shard_of = np.searchsorted(self._starts[1:-1], idx, side="right")
-        out_images = np.empty((idx.size, _IMAGE_ITEMS), dtype=np.float32)
+        out_images = np.empty((idx.size, int(np.prod(self.image_shape))), dtype=np.float32)
         out_labels = np.empty(idx.size, dtype=np.int64)
         for s in np.unique(shard_of):
             positions = np.flatnonzero(shard_of == s)
@@ -90,4 +87,4 @@ class ShardDataset(Dataset):
             images, labels = self._arrays[s]  # type: ignore[index]
             out_images[positions] = np.take(images, local, axis=0)
             out_labels[positions] = labels[local]
-        return torch.from_numpy(out_images).view(idx.size, *IMAGE_SHAPE), torch.from_numpy(out_labels)
+        return torch.from_numpy(out_images).view(idx.size, *self.image_shape), torch.from_numpy(out_labels)

@@ -16,19 +16,13 @@ from safetensors import SafetensorError
 
 from pipeline.atomic import atomic_dir
 from pipeline.errors import PipelineError
-from pipeline.manifest import IMAGE_SHAPE, Manifest
+from pipeline.manifest import Manifest
 from pipeline.params import TrainParams
 from trainer.model import ARCHITECTURE, SimpleCNN, count_parameters
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
-FORMAT = 1
-
-CLASS_NAMES: dict[str, list[str]] = {
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
-    "mnist": [str(d) for d in range(10)],
-}
+FORMAT = 2  # 2: input_shape from the data, class_names
 
 
 def save_model(model_dir: Path | str, model: SimpleCNN, *, manifest: Manifest, train: TrainParams) -> dict[str, Any]:
@@ -38,10 +32,10 @@ def save_model(model_dir: Path | str, model: SimpleCNN, *, manifest: Manifest, t
         "architecture": ARCHITECTURE,
         "parameters": count_parameters(model),
         "weights": WEIGHTS,
-        "input_shape": list(IMAGE_SHAPE),
+        "input_shape": list(manifest.image_shape),
         "input_dtype": "float32",
         "num_classes": manifest.num_classes,
-        "classes": CLASS_NAMES.get(manifest.dataset, [str(c) for c in range(manifest.num_classes)]),
+        "class_names": list(manifest.class_names),  # output i of the model is class_names[i]
         "dataset": manifest.dataset,
         "normalization": dataclasses.asdict(manifest.normalization),
         "training": {"epochs": train.epochs, "lr": train.lr, "seed": train.seed, "optimizer": "Adam",
@@ -64,7 +58,11 @@ def load_model(model_dir: Path | str) -> tuple[SimpleCNN, dict[str, Any]]:
         raise PipelineError(f"{model_dir}: cannot load model: {exc}") from None
     if not isinstance(config, dict) or config.get("architecture") != ARCHITECTURE:
         raise PipelineError(f"{model_dir / CONFIG}: architecture: expected {ARCHITECTURE!r}")
-    model = SimpleCNN(num_classes=int(config.get("num_classes", 10)))
+    try:
+        channels, height, width = (int(d) for d in config["input_shape"])
+        model = SimpleCNN(channels, height, width, int(config["num_classes"]))
+    except (KeyError, TypeError, ValueError, PipelineError) as exc:
+        raise PipelineError(f"{model_dir / CONFIG}: expected input_shape [C, H, W] and num_classes: {exc}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -1,7 +1,12 @@
-"""The reference model: a two-block CNN for 28x28 grey images, 206,922 parameters.
+"""The reference model: a two-block CNN sized from the data (206,922 parameters for 1x28x28, 10 classes).
 
-The layers, their order in ``state_dict`` and every parameter name are those of
-the original network, so ``model.safetensors`` files load either way. What
+Two blocks of 3x3 convolution (padding 1, so the size is kept) and 2x2 max-pooling
+(which floors: an odd row or column at the edge is dropped, as ``nn.MaxPool2d``
+does), then a classifier whose first layer takes ``32 * (H // 4) * (W // 4)``
+features. Images smaller than 4x4 leave nothing after two poolings and are refused
+(:func:`check_input_size`). For 1x28x28 and 10 classes the layers, their order in
+``state_dict`` and every parameter name are those of the original network, so
+``model.safetensors`` files load either way. What
 ``forward`` does differently (unless ``reference_layout=True``) is internal
 and computes the same function:
 
@@ -23,18 +28,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.errors import DataError
+
 ARCHITECTURE = "SimpleCNN"
-NUM_PARAMETERS = 206_922
+NUM_PARAMETERS = 206_922  # for 1x28x28 and 10 classes
+MIN_SIDE = 4  # two 2x2 poolings
+
+
+def check_input_size(image_shape: tuple[int, ...], where: str) -> None:
+    """Refuse images that two 2x2 poolings would reduce to nothing."""
+    c, h, w = image_shape
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise DataError(f"{where}: images of {c}x{h}x{w} are too small for SimpleCNN's two 2x2 poolings; "
+                        f"expected at least {MIN_SIDE}x{MIN_SIDE} (set data.image_shape to resize)")
 
 
 class SimpleCNN(nn.Module):
-    """Conv(1→16) → ReLU → pool → Conv(16→32) → ReLU → pool → FC(1568→128) → ReLU → FC(128→10)."""
+    """Conv(C→16) → ReLU → pool → Conv(16→32) → ReLU → pool → FC(32·H/4·W/4→128) → ReLU → FC(128→classes)."""
 
-    def __init__(self, num_classes: int = 10, *, reference_layout: bool = False) -> None:
+    def __init__(self, channels: int = 1, height: int = 28, width: int = 28, num_classes: int = 10, *,
+                 reference_layout: bool = False) -> None:
         super().__init__()
+        check_input_size((channels, height, width), "SimpleCNN")
+        self.input_shape = (channels, height, width)
         # Indices are the state_dict keys (features.0, features.3, classifier.1, classifier.3).
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, kernel_size=3, padding=1),
+            nn.Conv2d(channels, 16, kernel_size=3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(16, 32, kernel_size=3, padding=1),
@@ -43,7 +62,7 @@ class SimpleCNN(nn.Module):
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(32 * 7 * 7, 128),
+            nn.Linear(32 * (height // 4) * (width // 4), 128),
             nn.ReLU(),
             nn.Linear(128, num_classes),
         )

@@ -52,7 +52,7 @@ from trainer.loader import EpochBatchSampler, make_loader, resolve_settings, unw
 from trainer.lock import LOCK_HELD_ENV, checkpoint_lock
 from trainer.loop import evaluate, train_one_epoch
 from trainer.memory import PeakMemory
-from trainer.model import ARCHITECTURE, SimpleCNN
+from trainer.model import ARCHITECTURE, SimpleCNN, check_input_size
 from trainer.rank_split import RankBatches
 from trainer.verify import ValidSplit, check_compatible, validate_split
 
@@ -67,6 +67,7 @@ METRICS = (
     "processes",
     "threads",
 )
+VAL_METRICS = ("val_loss", "val_acc")  # logged when there is a validation split (data.val_fraction > 0)
 # Metrics that measure the machine rather than the model; they differ between identical runs
 # (threads: with train.threads null it is PyTorch's choice for this machine).
 MACHINE_METRICS = frozenset({"epoch_seconds", "samples_per_second", "data_wait_fraction", "peak_memory_mb", "threads"})
@@ -84,8 +85,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def metric_names(has_val: bool) -> tuple[str, ...]:
+    """The metrics every epoch logs: :data:`METRICS`, plus :data:`VAL_METRICS` with a validation split."""
+    return METRICS + VAL_METRICS if has_val else METRICS
+
+
 def _log(live: Live, entry: dict[str, float]) -> None:
-    for name in METRICS:
+    for name in entry:
         value = entry[name]
         live.log_metric(name, int(value) if name == "processes" else value)  # a count, also after a resume
     live.next_step()
@@ -94,19 +100,32 @@ def _log(live: Live, entry: dict[str, float]) -> None:
 def _report(epoch: int, epochs: int, m: dict[str, float]) -> None:
     print(
         f"epoch {epoch}/{epochs}: train_loss {m['train_loss']:.4f}  test_loss {m['test_loss']:.4f}  "
-        f"test_acc {m['test_acc']:.4f}  {m['epoch_seconds']:.2f} s  {m['samples_per_second']:.0f} samples/s  "
+        f"test_acc {m['test_acc']:.4f}  "
+        + (f"val_loss {m['val_loss']:.4f}  val_acc {m['val_acc']:.4f}  " if "val_loss" in m else "")
+        + f"{m['epoch_seconds']:.2f} s  {m['samples_per_second']:.0f} samples/s  "
         f"data wait {m['data_wait_fraction']:.1%}  peak {m['peak_memory_mb']:.0f} MB",
         flush=True,
     )
 
 
-def check_inputs(train_dir: Path | str, test_dir: Path | str, train: TrainParams) -> tuple[torch.device, ValidSplit, ValidSplit]:
-    """Device and both splits, checked before anything is built (and before any process is started)."""
+def check_inputs(train_dir: Path | str, test_dir: Path | str, train: TrainParams,
+                 val_dir: Path | str | None = None) -> tuple[torch.device, ValidSplit, ValidSplit, ValidSplit | None]:
+    """Device and the splits, checked before anything is built (and before any process is started).
+
+    The validation split is None when ``val_dir`` is None or holds no samples.
+    """
     device = resolve_device(train.device)
     train_split = validate_split(train_dir, expected_split="train", verify=train.verify)
+    check_input_size(train_split.manifest.image_shape, str(Path(train_dir) / "manifest.json"))
     test_split = validate_split(test_dir, expected_split="test", verify=train.verify)
     check_compatible(train_split, test_split)
-    return device, train_split, test_split
+    val_split = None
+    if val_dir is not None:
+        val_split = validate_split(val_dir, expected_split="val", verify=train.verify)
+        check_compatible(train_split, val_split)
+        if val_split.num_samples == 0:
+            val_split = None
+    return device, train_split, test_split, val_split
 
 
 def launch(
@@ -116,6 +135,7 @@ def launch(
     test_dir: Path | str,
     checkpoint_dir: Path | str,
     train: TrainParams,
+    val_dir: Path | str | None = None,
     module: str = "stages.train",
     notice: Callable[[str], None] = _stderr,
 ) -> int:
@@ -125,7 +145,7 @@ def launch(
     exit 2 instead of every rank failing (and being restarted) alike. The
     checkpoint lock is held here, across the agent's restarts of the group.
     """
-    device, _, _ = check_inputs(train_dir, test_dir, train)
+    device, *_ = check_inputs(train_dir, test_dir, train, val_dir)
     distributed.check_gpus(device, train.processes)
     with checkpoint_lock(checkpoint_dir):
         code = distributed.launch(module, args, processes=train.processes, max_restarts=train.max_restarts,
@@ -144,6 +164,7 @@ def _resume_everywhere(
     optimizer: torch.optim.Optimizer,
     run_fingerprint: str,
     max_epoch: int,
+    metrics: Sequence[str],
     notice: Callable[[str], None],
 ) -> list[dict[str, float]]:
     """Rank 0 restores the checkpoint, every other rank receives it; the metrics history so far.
@@ -154,7 +175,7 @@ def _resume_everywhere(
     resumed = None
     if group.is_main:
         resumed = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, device=group.device,
-                                  run_fingerprint=run_fingerprint, max_epoch=max_epoch, metrics=METRICS,
+                                  run_fingerprint=run_fingerprint, max_epoch=max_epoch, metrics=metrics,
                                   notice=notice)
     done = distributed.broadcast_int(resumed.epoch if resumed else 0, group)
     if done and group.world_size > 1:
@@ -178,15 +199,16 @@ def fit(
     live_dir: Path | str,
     loader: LoaderParams,
     train: TrainParams,
+    val_dir: Path | str | None = None,
     notice: Callable[[str], None] = _stderr,
 ) -> dict[str, float]:
     """Train SimpleCNN on the shard folders; return the last epoch's metrics (rank 0's view: all ranks)."""
-    device, train_split, test_split = check_inputs(train_dir, test_dir, train)
+    device, train_split, test_split, val_split = check_inputs(train_dir, test_dir, train, val_dir)
     group = distributed.join(device)
     try:
         owns_lock = group.is_main and not os.environ.get(LOCK_HELD_ENV)
         with checkpoint_lock(checkpoint_dir) if owns_lock else contextlib.nullcontext():
-            return _fit(group, train_split, test_split, model_dir=model_dir, checkpoint_dir=checkpoint_dir,
+            return _fit(group, train_split, test_split, val_split, model_dir=model_dir, checkpoint_dir=checkpoint_dir,
                         live_dir=live_dir, loader=loader, train=train,
                         notice=notice if group.is_main else (lambda _message: None))
     finally:
@@ -197,6 +219,7 @@ def _fit(
     group: distributed.Group,
     train_split: ValidSplit,
     test_split: ValidSplit,
+    val_split: ValidSplit | None,
     *,
     model_dir: Path | str,
     checkpoint_dir: Path | str,
@@ -224,15 +247,23 @@ def _fit(
         group.rank, group.world_size)
     train_loader = make_loader(ShardDataset(train_split), train_batches, settings)
     test_loader = make_loader(ShardDataset(test_split), test_batches, settings)
+    val_loader = None
+    if val_split is not None:
+        val_batches = RankBatches(
+            EpochBatchSampler(val_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed),
+            group.rank, group.world_size)
+        val_loader = make_loader(ShardDataset(val_split), val_batches, settings)
+    metrics = metric_names(val_loader is not None)
     non_blocking = settings.pin_memory and device.type == "cuda"
 
     torch.manual_seed(train.seed)
-    model = SimpleCNN(num_classes=train_split.manifest.num_classes).to(device)
+    model = SimpleCNN(*train_split.manifest.image_shape, train_split.manifest.num_classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
     run_fingerprint = fingerprint(train, loader, device, train_split.manifest, test_split.manifest, ARCHITECTURE,
                                   world_size=group.world_size)
     history = _resume_everywhere(checkpoint_dir, group, model=model, optimizer=optimizer,
-                                 run_fingerprint=run_fingerprint, max_epoch=train.epochs, notice=notice)
+                                 run_fingerprint=run_fingerprint, max_epoch=train.epochs, metrics=metrics,
+                                 notice=notice)
     # After the resume: DDP broadcasts rank 0's parameters when it wraps the model.
     trained = distributed.wrap(model, group)
 
@@ -260,6 +291,10 @@ def _fit(
             result = evaluate(model, test_loader, device, non_blocking=non_blocking)
             loss_sum, samples, test_sum, correct, test_samples = distributed.all_sum(
                 [stats.loss_sum, stats.samples, result.loss_sum, result.correct, result.samples], group)
+            if val_loader is not None:
+                val = evaluate(model, val_loader, device, non_blocking=non_blocking)
+                val_sum, val_correct, val_samples = distributed.all_sum([val.loss_sum, val.correct, val.samples],
+                                                                        group)
             seconds, wait, peak = distributed.all_max(
                 [stats.seconds, stats.data_wait_fraction, memory.peak_mb()], group)
             entry = {
@@ -273,6 +308,9 @@ def _fit(
                 "processes": group.world_size,
                 "threads": torch.get_num_threads(),
             }
+            if val_loader is not None:
+                entry["val_loss"] = val_sum / max(val_samples, 1)
+                entry["val_acc"] = val_correct / max(val_samples, 1)
             history.append(entry)
             done = epoch + 1
             if not main:

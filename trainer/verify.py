@@ -3,8 +3,8 @@
 What the trainer trusts after :func:`validate_split` returns: every listed shard
 is a regular file of the size the manifest records, its safetensors header is
 well-formed (``pipeline.shards.parse_header``: lengths, offsets, alignment),
-it holds exactly ``images`` float32 [n, 1, 28, 28] and ``labels`` int64 [n]
-with the manifest's ``n``, every label is a valid class, and its metadata (when
+it holds exactly ``images`` float32 [n, C, H, W] and ``labels`` int64 [n]
+with the manifest's ``n`` and image shape, every label is a valid class, and its metadata (when
 present) names the manifest's dataset and split. ``verify="full"`` adds the
 SHA-256 of every shard against the manifest. The memory-mapped dataset then
 views the data buffer at the validated offsets without further checks.
@@ -21,11 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ShardError
-from pipeline.manifest import IMAGE_SHAPE, MANIFEST_NAME, Manifest, read_manifest
-from pipeline.shards import DTYPE_NAMES, ShardLayout, TensorInfo, read_layout
+from pipeline.manifest import MANIFEST_NAME, Manifest, read_manifest
+from pipeline.shards import ShardLayout, TensorInfo, check_tensors, read_layout
 
-IMAGES = "images"
-LABELS = "labels"
 _HASH_CHUNK = 1 << 20
 
 
@@ -52,23 +50,8 @@ class ValidSplit:
         return self.manifest.num_samples
 
 
-def _check_tensor(where: str, info: TensorInfo | None, name: str, dtype: str, shape: tuple[int, ...]) -> TensorInfo:
-    if info is None:
-        raise ShardError(f"{where}: tensor {name!r} is missing")
-    if info.dtype != dtype or info.shape != shape:
-        raise ShardError(
-            f"{where}: tensor {name!r}: expected {DTYPE_NAMES[dtype]} {list(shape)} as the manifest says, "
-            f"found {DTYPE_NAMES.get(info.dtype, info.dtype)} {list(info.shape)}"
-        )
-    return info
-
-
 def _check_layout(where: str, layout: ShardLayout, manifest: Manifest, num_samples: int) -> tuple[TensorInfo, TensorInfo]:
-    extra = sorted(set(layout.tensors) - {IMAGES, LABELS})
-    if extra:
-        raise ShardError(f"{where}: unexpected tensor {extra[0]!r}; a shard holds only {IMAGES!r} and {LABELS!r}")
-    images = _check_tensor(where, layout.tensors.get(IMAGES), IMAGES, "F32", (num_samples, *IMAGE_SHAPE))
-    labels = _check_tensor(where, layout.tensors.get(LABELS), LABELS, "I64", (num_samples,))
+    images, labels = check_tensors(where, layout, num_samples, manifest.image_shape)
     for key in ("dataset", "split"):
         found = layout.metadata.get(key)
         if found is not None and found != getattr(manifest, key):
@@ -96,7 +79,10 @@ def sha256_file(path: Path) -> str:
 
 
 def validate_split(split_dir: Path | str, *, expected_split: str, verify: str = "header") -> ValidSplit:
-    """Validate ``split_dir`` (manifest + every shard); raise :class:`ShardError` on the first problem."""
+    """Validate ``split_dir`` (manifest + every shard); raise :class:`ShardError` on the first problem.
+
+    Only the validation split may be empty (``data.val_fraction`` 0).
+    """
     if verify not in ("header", "full"):
         raise ValueError(f"verify must be 'header' or 'full', not {verify!r}")
     directory = Path(split_dir).absolute()
@@ -106,6 +92,8 @@ def validate_split(split_dir: Path | str, *, expected_split: str, verify: str = 
     where_manifest = directory / MANIFEST_NAME
     if manifest.split != expected_split:
         raise ShardError(f"{where_manifest}: split: expected {expected_split!r}, found {manifest.split!r}")
+    if manifest.num_samples == 0 and expected_split != "val":
+        raise ShardError(f"{where_manifest}: expected at least one sample in the {expected_split} split, found none")
     shards = []
     for entry in manifest.shards:
         path = directory / entry.file
@@ -129,18 +117,13 @@ def validate_split(split_dir: Path | str, *, expected_split: str, verify: str = 
     return ValidSplit(directory, manifest, tuple(shards))
 
 
-def check_compatible(train: ValidSplit, test: ValidSplit) -> None:
-    """Train and test must come from the same dataset with the same pixel normalisation."""
-    a, b = train.manifest, test.manifest
-    if a.dataset != b.dataset:
-        raise ShardError(
-            f"{test.directory / MANIFEST_NAME}: dataset: expected {a.dataset!r} like the train split, found {b.dataset!r}"
-        )
-    if a.normalization != b.normalization:
-        raise ShardError(
-            f"{test.directory / MANIFEST_NAME}: normalization: expected {a.normalization} like the train split, "
-            f"found {b.normalization}"
-        )
+def check_compatible(train: ValidSplit, other: ValidSplit) -> None:
+    """Another split must come from the train split's dataset, shape, classes and normalisation."""
+    a, b = train.manifest, other.manifest
+    for key in ("dataset", "image_shape", "class_names", "normalization"):
+        if getattr(a, key) != getattr(b, key):
+            raise ShardError(f"{other.directory / MANIFEST_NAME}: {key}: expected {getattr(a, key)!r:.120} like the "
+                             f"train split, found {getattr(b, key)!r:.120}")
 
 
 def still_same(shard: ValidShard) -> None:
