@@ -50,7 +50,6 @@ from pipeline.errors import DataError
 
 SPLITS = ("train", "test")
 SUFFIXES = (".png", ".jpg", ".jpeg")
-FORMATS = ("PNG", "JPEG")
 ACCEPTED = "PNG or JPEG (.png, .jpg, .jpeg)"
 MODES = {1: "L", 3: "RGB"}  # channels -> the Pillow mode the pixels are stored in
 CHANNELS = {mode: c for c, mode in MODES.items()}
@@ -262,7 +261,10 @@ def _entry_from_row(row: list[str], at: str) -> ImageEntry:
 
 
 def read_listing(csv_path: Path) -> list[ImageEntry]:
-    """Read a listing :func:`write_listing` wrote; refuse anything else, naming the row."""
+    """Read a listing :func:`write_listing` wrote; refuse anything else, naming the row.
+
+    Rows are CSV records counted from the header's 1 (a quoted newline does not start a row).
+    """
     try:
         with open(csv_path, encoding="utf-8", newline="") as f:
             rows = list(csv.reader(f, strict=True))
@@ -283,7 +285,10 @@ def read_listing(csv_path: Path) -> list[ImageEntry]:
 
 @contextlib.contextmanager
 def _strict_decoding() -> Iterator[None]:
-    """A truncated image is an error while we decode, whatever another library set globally."""
+    """A truncated image is an error while we decode, whatever another library set globally.
+
+    Pillow has only this global switch; another thread that sets it True meanwhile is not guarded against.
+    """
     before = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
@@ -302,7 +307,8 @@ def decode_image(path: Path, image_shape: tuple[int, int, int] | None) -> np.nda
         if image_shape is None:
             _check_plain_mode(path, im.mode)
         try:
-            im.load()
+            with _strict_decoding():
+                im.load()
             if image_shape is not None:
                 channels, height, width = image_shape
                 if im.mode != MODES[channels]:
@@ -364,7 +370,7 @@ def images_to_parquet(listing_csv: Path, images_dir: Path, out: Path, *, image_s
     row_bytes = schema.field("pixels").type.byte_width
     group_rows = max(1, min(row_group_size, _MAX_GROUP_BYTES // row_bytes))
     codec = _ARROW_CODEC.get(compression, compression)
-    with _strict_decoding(), atomic_file(out) as tmp, \
+    with atomic_file(out) as tmp, \
             pq.ParquetWriter(tmp, schema, compression=codec, compression_level=compression_level) as writer:
         for batch in _batches(entries, group_rows):
             pixels = np.empty((len(batch), *image_shape), dtype=np.uint8)

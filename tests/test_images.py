@@ -112,6 +112,17 @@ def test_jpeg_decodes_close_to_what_was_saved(tmp_path: Path, channels: int) -> 
         assert np.abs(got.astype(int) - chw).mean() < 3
 
 
+def test_multi_picture_jpeg_from_a_camera_is_a_jpeg(tmp_path: Path) -> None:
+    frames = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)) for v in (40, 200)]
+    path = tmp_path / "images/train/a/camera.jpg"
+    path.parent.mkdir(parents=True)
+    frames[0].save(path, format="MPO", save_all=True, append_images=frames[1:])
+    with Image.open(path) as im:
+        assert im.format == "MPO"
+    _, pixels = to_parquet(tmp_path / "images", None)
+    assert np.abs(pixels[0].astype(int) - 40).max() <= 2  # the first frame
+
+
 def triangle_weights(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) weights of an antialiased bilinear (triangle) filter, widened by the shrink factor."""
     scale = n_in / n_out
