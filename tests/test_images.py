@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import os
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -413,3 +414,24 @@ def test_rows_are_written_in_row_groups_in_listing_order(tmp_path: Path) -> None
     assert [ImageEntry(*r, key=r[1].split("/", 2)[2]) for r in zip(table.column("label").to_pylist(),
                                                                     table.column("file").to_pylist())] \
         == scan_split(root, "train")
+
+
+def test_memory_holds_one_row_group_not_every_image(tmp_path: Path) -> None:
+    """numpy's buffers are traced by tracemalloc: the decoded pixels alive at once are one row group's."""
+    root = tmp_path / "images"
+    for i in range(400):
+        save(root / f"train/c{i % 4}/{i}.png", noise((64, 64, 3), i), compress_level=0)
+    entries = scan_split(root, "train")
+    write_listing(entries[:1], tmp_path / "warm.csv")  # Pillow's plugins and Arrow's modules load on first use
+    images_to_parquet(tmp_path / "warm.csv", root, tmp_path / "warm.parquet", image_shape=None,
+                      compression="zstd", compression_level=None, row_group_size=8)
+    write_listing(entries, tmp_path / "train.csv")
+    tracemalloc.start()
+    try:
+        images_to_parquet(tmp_path / "train.csv", root, tmp_path / "train.parquet", image_shape=None,
+                          compression="zstd", compression_level=None, row_group_size=8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert pq.ParquetFile(tmp_path / "train.parquet").metadata.num_row_groups == 50
+    assert peak < 400 * 64 * 64 * 3 / 4, peak  # all the pixels would be 4.9 MB; one row group is 98 KB
