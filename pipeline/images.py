@@ -1,0 +1,394 @@
+"""The image-folder source: ``train/<class>/<image>`` (and optionally ``test/...``) -> listing CSV -> Parquet.
+
+A user's images live under ``data.images_dir`` as ``train/<class>/<file>`` and
+optionally ``test/<class>/<file>``; files may sit in subfolders of a class
+folder, and hidden names (starting with ``.``) are ignored. Class names are the
+train folder names; a class's index is its position in the sorted names.
+
+The source is read in three steps, each one cheap to re-check:
+
+1. :func:`scan_split` lists the files (no image is opened) in a fixed order, the
+   SHA-256 of each path, which mixes classes so every shard sees all of them;
+2. :func:`check_images` opens each file's header only (Pillow opens lazily) to
+   refuse foreign formats and, without ``data.image_shape``, mixed sizes or modes;
+3. :func:`images_to_parquet` decodes every image fully (a truncated file is an
+   error, never a grey tail) into one Parquet file, one row group at a time.
+
+The Parquet "image layout": ``label`` and ``file`` (strings) and ``pixels``, a
+``fixed_size_binary(C*H*W)`` holding the image's bytes as channel planes, row
+major (C, H, W) order, as PyTorch wants them; the key-value metadata
+``image_shape`` is the JSON ``[C, H, W]``.
+
+Accepted files are PNG and JPEG, by suffix (.png, .jpg, .jpeg, any case) and by
+the format Pillow detects (a camera's MPO file is a JPEG with extra frames:
+accepted, its first frame is the image). With ``data.image_shape`` every image is
+converted to "L" (1 channel) or "RGB" (3) and resized with Pillow's bilinear
+filter, which antialiases when shrinking as torchvision's ``Resize`` does.
+Images of more than 8 bits per channel are refused either way: Pillow's
+conversion to 8 bits would clip them, not scale them. EXIF orientation is not
+applied, as torchvision's ``ImageFolder`` does not apply it either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageFile, ImageMode, UnidentifiedImageError
+
+from pipeline.atomic import atomic_file
+from pipeline.errors import DataError
+
+SPLITS = ("train", "test")
+SUFFIXES = (".png", ".jpg", ".jpeg")
+ACCEPTED = "PNG or JPEG (.png, .jpg, .jpeg)"
+MODES = {1: "L", 3: "RGB"}  # channels -> the Pillow mode the pixels are stored in
+CHANNELS = {mode: c for c, mode in MODES.items()}
+LISTING_HEADER = ["label", "file"]
+SHAPE_KEY = b"image_shape"  # Parquet key-value metadata: JSON [C, H, W]
+_DETECTED = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG"}  # Pillow's format -> the one we accept it as
+_ARROW_CODEC = {"uncompressed": "none"}  # Polars' codec names, where Arrow's differ (as pipeline.parquet)
+_MAX_GROUP_BYTES = 64 * 1024 * 1024  # pixels held per row group, whatever row_group_size says
+# What a broken file makes Pillow raise while opening or decoding it (UnidentifiedImageError is an OSError).
+_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image of the source."""
+
+    label: str  # class name (folder name)
+    file: str  # path relative to images_dir, posix, e.g. "train/cat/a/001.png"
+    key: str  # the path inside the class folder, e.g. "a/001.png": the identity hashed into splits
+
+
+# ============================================================================ scanning
+
+
+def _order(entry: ImageEntry) -> bytes:
+    return hashlib.sha256(entry.file.encode("utf-8")).digest()
+
+
+def _visible_children(folder: Path) -> list[Path]:
+    """The folder's entries without hidden ones, sorted so that errors do not depend on the filesystem."""
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot list folder: {exc.strerror or exc}") from None
+
+
+def _files_under(folder: Path, seen: set[str]) -> Iterator[Path]:
+    """Every visible file below ``folder``; a symlinked folder is followed once (``seen`` stops loops)."""
+    real = os.path.realpath(folder)
+    if real in seen:
+        return
+    seen.add(real)
+    for child in _visible_children(folder):
+        if child.is_dir():
+            yield from _files_under(child, seen)
+        else:
+            yield child
+
+
+def _some(names: Sequence[str], limit: int = 10) -> str:
+    """A list short enough for a one-line message."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
+def _check_name(path: Path) -> None:
+    """Refuse names the listing CSV and Parquet cannot hold as text (not UTF-8)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{path!r}: file name is not valid UTF-8; expected UTF-8 names") from None
+
+
+def _scan_class(split: str, folder: Path) -> list[ImageEntry]:
+    """The images of one class folder; any other file is refused."""
+    entries = []
+    for path in _files_under(folder, set()):
+        _check_name(path)
+        if path.suffix.lower() not in SUFFIXES:
+            raise DataError(f"{path}: not an accepted image file; expected {ACCEPTED}")
+        key = path.relative_to(folder).as_posix()
+        entries.append(ImageEntry(label=folder.name, file=f"{split}/{folder.name}/{key}", key=key))
+    if not entries:
+        raise DataError(f"{folder}: class folder holds no images; expected at least one {ACCEPTED} file")
+    return entries
+
+
+def scan_split(images_dir: Path, split: str, known_classes: Sequence[str] | None = None) -> list[ImageEntry]:
+    """List ``images_dir/split/<class>/...`` ordered by the SHA-256 of each path; no image is opened.
+
+    ``test`` may be absent (then ``[]``); with ``known_classes`` (the train
+    classes) a class folder not among them is refused.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: images folder not found; expected train/<class>/<image> inside it")
+    root = images_dir / split
+    if split == "test" and not (root.exists() or root.is_symlink()):
+        return []
+    if not root.is_dir():
+        found = "a file" if root.exists() else "nothing"
+        raise DataError(f"{root}: expected a folder of class folders {split}/<class>/<image>, found {found}")
+    entries: list[ImageEntry] = []
+    for child in _visible_children(root):
+        if not child.is_dir():
+            raise DataError(f"{child}: file directly under {split}/; expected it in a class folder "
+                            f"{split}/<class>/")
+        if known_classes is not None and child.name not in known_classes:
+            raise DataError(f"{child}: class {child.name!r} is not a train class; expected one of "
+                            f"{_some(sorted(known_classes))}")
+        entries += _scan_class(split, child)
+    if not entries:
+        raise DataError(f"{root}: no class folders; expected {split}/<class>/<image>")
+    return sorted(entries, key=_order)
+
+
+def class_names(entries: Sequence[ImageEntry]) -> list[str]:
+    """The distinct labels, sorted: a class's index is its position here."""
+    return sorted({e.label for e in entries})
+
+
+# ============================================================================ checking headers
+
+
+def _resolve_shape(image_shape: Sequence[int], where: str) -> tuple[int, int, int]:
+    """Validate a ``[C, H, W]`` (C 1 or 3, H and W positive); ``where`` names its source in the error."""
+    shape = tuple(image_shape)
+    if (len(shape) != 3 or shape[0] not in MODES
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        raise DataError(f"{where}: expected [C, H, W] with C 1 or 3 and H, W positive, found {list(image_shape)}")
+    return shape  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """Open an image lazily (header only), refusing unreadable files and formats other than PNG/JPEG."""
+    try:
+        im = Image.open(path)
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: Pillow cannot identify an image in this file; expected {ACCEPTED}") from None
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found; expected the file the listing names") from None
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"{path}: cannot open image: {exc}; expected a readable {ACCEPTED} file") from None
+    with im:
+        if im.format not in _DETECTED:
+            raise DataError(f"{path}: image is {im.format}, expected {ACCEPTED}")
+        if ImageMode.getmode(im.mode).typestr not in ("|u1", "|b1"):
+            raise DataError(f"{path}: image mode {im.mode} has more than 8 bits per channel; expected 8-bit "
+                            f"{ACCEPTED}")
+        yield im
+
+
+def _describe(size: tuple[int, int], mode: str) -> str:
+    """An image's size and mode as a person says them: "32x24 RGB" (width x height)."""
+    return f"{size[0]}x{size[1]} {mode}"
+
+
+def _check_plain_mode(path: Path, mode: str) -> None:
+    """Without data.image_shape the pixels are taken as they are: only "L" and "RGB" are."""
+    if mode not in CHANNELS:
+        raise DataError(f"{path}: image mode is {mode}, expected L or RGB; set data.image_shape [C, H, W] "
+                        f"to convert")
+
+
+def check_images(images_dir: Path, entries: Sequence[ImageEntry],
+                 image_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    """Read every image's header; return the (C, H, W) the Parquet file will hold.
+
+    With ``image_shape`` any accepted image will do (it will be converted);
+    without, all must share the first one's size and mode, "L" or "RGB".
+    """
+    images_dir = Path(images_dir)
+    if image_shape is not None:
+        image_shape = _resolve_shape(image_shape, "data.image_shape")
+        for entry in entries:
+            with _opened(images_dir / entry.file):
+                pass  # opening checks the format and bit depth
+        return image_shape
+    if not entries:
+        raise DataError(f"{images_dir}: no images to take the shape from; set data.image_shape")
+    first = images_dir / entries[0].file
+    with _opened(first) as im:
+        _check_plain_mode(first, im.mode)
+        size, mode = im.size, im.mode
+    for entry in entries[1:]:
+        path = images_dir / entry.file
+        with _opened(path) as im:
+            if (im.size, im.mode) != (size, mode):
+                raise DataError(f"{path}: image is {_describe(im.size, im.mode)}, expected {_describe(size, mode)} "
+                                f"as {first}; set data.image_shape to convert")
+    return (CHANNELS[mode], size[1], size[0])
+
+
+# ============================================================================ the listing CSV
+
+
+def write_listing(entries: Sequence[ImageEntry], out_csv: Path) -> None:
+    """Write the ``label,file`` listing atomically (UTF-8, CSV quoting for awkward names)."""
+    with atomic_file(out_csv) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(LISTING_HEADER)
+        writer.writerows((e.label, e.file) for e in entries)
+
+
+def _entry_from_row(row: list[str], at: str) -> ImageEntry:
+    """One data row -> an entry; its path must be ``<split>/<label>/<key>`` inside images_dir."""
+    if len(row) != 2:
+        raise DataError(f"{at}: expected 2 values (label,file), found {len(row)}")
+    label, file = row
+    parts = PurePosixPath(file).parts
+    if (len(parts) < 3 or parts[0] not in SPLITS or parts[1] != label or file.startswith("/")
+            or any(p in ("", ".", "..") for p in file.split("/")) or "\\" in file):
+        raise DataError(f"{at}: expected a file train/<label>/<path> or test/<label>/<path> with label "
+                        f"{label!r}, found {file!r}")
+    return ImageEntry(label=label, file=file, key="/".join(parts[2:]))
+
+
+def read_listing(csv_path: Path) -> list[ImageEntry]:
+    """Read a listing :func:`write_listing` wrote; refuse anything else, naming the row.
+
+    Rows are CSV records counted from the header's 1 (a quoted newline does not start a row).
+    """
+    try:
+        with open(csv_path, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f, strict=True))
+    except FileNotFoundError:
+        raise DataError(f"{csv_path}: listing not found; expected a label,file CSV") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{csv_path}: byte {exc.start} is not UTF-8; expected a UTF-8 label,file CSV") from None
+    except csv.Error as exc:
+        raise DataError(f"{csv_path}: not a valid CSV ({exc}); expected a label,file CSV") from None
+    if not rows or rows[0] != LISTING_HEADER:
+        found = ",".join(rows[0]) if rows else "an empty file"
+        raise DataError(f"{csv_path}: row 1 (header): expected label,file, found {found!r:.60}")
+    return [_entry_from_row(row, f"{csv_path}: row {n}") for n, row in enumerate(rows[1:], start=2)]
+
+
+# ============================================================================ decoding into Parquet
+
+
+@contextlib.contextmanager
+def _strict_decoding() -> Iterator[None]:
+    """A truncated image is an error while we decode, whatever another library set globally.
+
+    Pillow has only this global switch; another thread that sets it True meanwhile is not guarded against.
+    """
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def decode_image(path: Path, image_shape: tuple[int, int, int] | None) -> np.ndarray:
+    """Decode one image fully into a (C, H, W) uint8 array.
+
+    With ``image_shape`` the image is converted to its mode and resized to its
+    H x W; with ``None`` it is kept as it is, and must then be "L" or "RGB".
+    """
+    with _opened(path) as im:
+        if image_shape is None:
+            _check_plain_mode(path, im.mode)
+        try:
+            with _strict_decoding():
+                im.load()
+            if image_shape is not None:
+                channels, height, width = image_shape
+                if im.mode != MODES[channels]:
+                    im = im.convert(MODES[channels])
+                if im.size != (width, height):
+                    im = im.resize((width, height), Image.Resampling.BILINEAR)
+        except _DECODE_ERRORS as exc:
+            raise DataError(f"{path}: cannot decode image: {exc}; expected a complete {ACCEPTED} file") from None
+        pixels = np.asarray(im, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    """A (C, H, W) as :func:`_describe` says it."""
+    return _describe((shape[2], shape[1]), MODES[shape[0]])
+
+
+def _schema(image_shape: tuple[int, int, int]) -> pa.Schema:
+    return pa.schema([pa.field("label", pa.string()), pa.field("file", pa.string()),
+                      pa.field("pixels", pa.binary(int(np.prod(image_shape))))],
+                     metadata={SHAPE_KEY: json.dumps(list(image_shape)).encode()})
+
+
+def _row_group(entries: Sequence[ImageEntry], pixels: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """Wrap a block of rows as a table; the pixel buffer is handed to Arrow without a copy."""
+    blob = pa.FixedSizeBinaryArray.from_buffers(schema.field("pixels").type, len(entries),
+                                               [None, pa.py_buffer(pixels)])
+    return pa.table([pa.array([e.label for e in entries], pa.string()),
+                     pa.array([e.file for e in entries], pa.string()), blob], schema=schema)
+
+
+def _batches(entries: Sequence[ImageEntry], size: int) -> Iterable[Sequence[ImageEntry]]:
+    for start in range(0, len(entries), size):
+        yield entries[start:start + size]
+
+
+def images_to_parquet(listing_csv: Path, images_dir: Path, out: Path, *, image_shape: tuple[int, int, int] | None,
+                      compression: str, compression_level: int | None, row_group_size: int) -> int:
+    """Decode every listed image into one Parquet file (image layout), atomically; returns the row count.
+
+    ``image_shape`` is normally what :func:`check_images` returned for train
+    and test together; ``None`` keeps the images as they are (one size and
+    mode, the first image's), and then an empty listing is refused, having no
+    shape to record (an empty listing with a shape gives a valid file of 0
+    rows). At most one row group of pixels is held, and a row group holds at
+    most 64 MiB of pixels whatever ``row_group_size`` says.
+    """
+    entries = read_listing(listing_csv)
+    images_dir = Path(images_dir)
+    convert = image_shape is not None
+    if convert:
+        image_shape = _resolve_shape(image_shape, "image_shape")
+    elif entries:  # the first image decides the shape written into the schema
+        image_shape = decode_image(images_dir / entries[0].file, None).shape
+    else:
+        raise DataError(f"{listing_csv}: listing is empty and data.image_shape is not set; expected one "
+                        f"or the other")
+    schema = _schema(image_shape)
+    row_bytes = schema.field("pixels").type.byte_width
+    group_rows = max(1, min(row_group_size, _MAX_GROUP_BYTES // row_bytes))
+    codec = _ARROW_CODEC.get(compression, compression)
+    with atomic_file(out) as tmp, \
+            pq.ParquetWriter(tmp, schema, compression=codec, compression_level=compression_level) as writer:
+        for batch in _batches(entries, group_rows):
+            pixels = np.empty((len(batch), *image_shape), dtype=np.uint8)
+            for i, entry in enumerate(batch):
+                path = images_dir / entry.file
+                image = decode_image(path, image_shape if convert else None)
+                if image.shape != image_shape:
+                    raise DataError(f"{path}: image is {_shape_text(image.shape)}, expected "
+                                    f"{_shape_text(image_shape)} as {images_dir / entries[0].file}; "
+                                    f"set data.image_shape to convert")
+                pixels[i] = image
+            writer.write_table(_row_group(batch, pixels, schema), row_group_size=group_rows)
+    return len(entries)
+
+
+def read_image_shape(parquet_path: Path) -> tuple[int, int, int]:
+    """The ``image_shape`` metadata of an image-layout Parquet file."""
+    meta = pq.read_schema(parquet_path).metadata or {}
+    if SHAPE_KEY not in meta:
+        raise DataError(f"{parquet_path}: no image_shape metadata; expected an image-layout Parquet file")
+    return _resolve_shape(json.loads(meta[SHAPE_KEY]), f"{parquet_path}: image_shape metadata")

@@ -1,0 +1,437 @@
+"""The image-folder source (pipeline.images): scanning, header checks, the listing CSV, decoding to Parquet.
+
+Every image is a tiny one this file writes with Pillow into ``tmp_path``; the
+expected pixels and messages are spelled out here, not computed by the module.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageFile
+
+from pipeline.errors import DataError
+from pipeline.images import (
+    ImageEntry,
+    check_images,
+    class_names,
+    images_to_parquet,
+    read_image_shape,
+    read_listing,
+    scan_split,
+    write_listing,
+)
+
+ACCEPTED = "PNG or JPEG (.png, .jpg, .jpeg)"
+
+
+def noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def save(path: Path, pixels: np.ndarray | Image.Image, **kwargs) -> Path:
+    """Write an image (an HWC/HW uint8 array or a Pillow image); the format follows the suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    image.save(path, **kwargs)
+    return path
+
+
+def to_parquet(root: Path, image_shape, *, row_group_size: int = 64) -> tuple[pa.Table, np.ndarray]:
+    """Scan train, write listing and Parquet; return the table and its pixels as (N, C, H, W)."""
+    entries = scan_split(root, "train")
+    write_listing(entries, root.parent / "train.csv")
+    rows = images_to_parquet(root.parent / "train.csv", root, root.parent / "train.parquet", image_shape=image_shape,
+                             compression="zstd", compression_level=None, row_group_size=row_group_size)
+    table = pq.read_table(root.parent / "train.parquet")
+    assert rows == table.num_rows == len(entries)
+    c, h, w = read_image_shape(root.parent / "train.parquet")
+    pixels = np.frombuffer(table.column("pixels").combine_chunks().buffers()[1], dtype=np.uint8)
+    return table, pixels[: rows * c * h * w].reshape(rows, c, h, w)
+
+
+def by_file(table: pa.Table, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    return dict(zip(table.column("file").to_pylist(), pixels))
+
+
+def refused(fn, *args, **kwargs) -> str:
+    with pytest.raises(DataError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def sha_order(files: list[str]) -> list[str]:
+    return sorted(files, key=lambda f: hashlib.sha256(f.encode()).hexdigest())
+
+
+# ============================================================================ decoding
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_decodes_exactly_into_channel_planes(tmp_path: Path, channels: int) -> None:
+    root = tmp_path / "images"
+    shape_hwc = (5, 7, 3) if channels == 3 else (5, 7)  # H != W, so a swapped axis cannot pass
+    saved = {f"train/{label}/{i}.png": noise(shape_hwc, seed=10 * i + len(label))
+             for label in ("cat", "dog") for i in range(3)}
+    for file, array in saved.items():
+        save(root / file, array)
+    entries = scan_split(root, "train")
+    assert check_images(root, entries, None) == (channels, 5, 7)
+    table, pixels = to_parquet(root, None)
+    assert table.schema.field("pixels").type == pa.binary(channels * 5 * 7)
+    assert table.schema.field("label").type == table.schema.field("file").type == pa.string()
+    assert json.loads(pq.read_metadata(tmp_path / "train.parquet").metadata[b"image_shape"]) == [channels, 5, 7]
+    for file, got in by_file(table, pixels).items():
+        chw = saved[file][None] if channels == 1 else saved[file].transpose(2, 0, 1)
+        np.testing.assert_array_equal(got, chw)
+    assert table.column("label").to_pylist() == [f.split("/")[1] for f in table.column("file").to_pylist()]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jpeg_decodes_close_to_what_was_saved(tmp_path: Path, channels: int) -> None:
+    y, x = np.mgrid[0:16, 0:24]
+    smooth = np.stack([x * 10, y * 15, (x + y) * 6], axis=-1).astype(np.uint8)  # JPEG keeps gradients well
+    array = smooth if channels == 3 else smooth[..., 0]
+    save(tmp_path / "images/train/a/x.JPG", array, format="JPEG", quality=95)
+    save(tmp_path / "images/train/b/y.jpeg", array, quality=95)
+    table, pixels = to_parquet(tmp_path / "images", None)
+    assert pixels.shape == (2, channels, 16, 24)
+    chw = array[None] if channels == 1 else array.transpose(2, 0, 1)
+    for got in pixels:
+        assert np.abs(got.astype(int) - chw).mean() < 3
+
+
+def test_multi_picture_jpeg_from_a_camera_is_a_jpeg(tmp_path: Path) -> None:
+    frames = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)) for v in (40, 200)]
+    path = tmp_path / "images/train/a/camera.jpg"
+    path.parent.mkdir(parents=True)
+    frames[0].save(path, format="MPO", save_all=True, append_images=frames[1:])
+    with Image.open(path) as im:
+        assert im.format == "MPO"
+    _, pixels = to_parquet(tmp_path / "images", None)
+    assert np.abs(pixels[0].astype(int) - 40).max() <= 2  # the first frame
+
+
+def triangle_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of an antialiased bilinear (triangle) filter, widened by the shrink factor."""
+    scale = n_in / n_out
+    centres = (np.arange(n_out) + 0.5) * scale
+    distance = np.abs(np.arange(n_in)[None, :] + 0.5 - centres[:, None]) / max(scale, 1.0)
+    weights = np.clip(1 - distance, 0, None)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def test_set_shape_resizes_with_antialiasing_and_converts_grey_to_rgb(tmp_path: Path) -> None:
+    quadrants = np.zeros((16, 24), np.uint8)
+    quadrants[:8, 12:], quadrants[8:, :12], quadrants[8:, 12:] = 80, 160, 240
+    save(tmp_path / "images/train/q/quadrants.png", quadrants)
+    save(tmp_path / "images/train/n/noise.png", noise((32, 32, 3), seed=1))
+    table, pixels = to_parquet(tmp_path / "images", (3, 4, 6))
+    got = by_file(table, pixels)
+    expected = triangle_weights(16, 4) @ quadrants @ triangle_weights(24, 6).T
+    for plane in got["train/q/quadrants.png"]:  # grey becomes three equal planes
+        assert np.abs(plane - expected).max() <= 1, plane
+    # 8x shrink: an antialiased filter averages ~16x16 inputs (std ~74/8); plain bilinear only 2x2 (~37)
+    assert got["train/n/noise.png"].std() < 20
+
+
+def test_set_shape_converts_rgb_to_grey_luma_and_palette_to_rgb(tmp_path: Path) -> None:
+    red = np.zeros((3, 5, 3), np.uint8)
+    red[..., 0] = 255
+    save(tmp_path / "images/train/r/red.png", red)
+    table, pixels = to_parquet(tmp_path / "images", (1, 3, 5))
+    np.testing.assert_array_equal(pixels[0], np.full((1, 3, 5), 76))  # ITU-R 601-2: 255 * 299/1000
+
+    palette = Image.new("P", (4, 2))
+    palette.putpalette([0, 0, 0, 10, 20, 30])
+    palette.putpixel((1, 0), 1)
+    save(tmp_path / "pal/train/p/p.png", palette)
+    table, pixels = to_parquet(tmp_path / "pal", (3, 2, 4))
+    assert pixels[0][:, 0, 1].tolist() == [10, 20, 30] and pixels[0][:, 1, 1].tolist() == [0, 0, 0]
+
+
+def test_files_in_subfolders_get_their_path_as_key_and_hidden_names_are_ignored(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    save(root / "train/cat/a/b/001.png", noise((2, 2), 0))
+    save(root / "train/cat/002.PNG", noise((2, 2), 1))
+    (root / "train/cat/.DS_Store").write_bytes(b"junk")
+    (root / "train/.cache").mkdir()
+    (root / "train/.cache/x.txt").write_text("junk")
+    (root / "train/cat/.thumbs").mkdir()
+    (root / "train/cat/.thumbs/t.txt").write_text("junk")
+    (root / "train/cat/loop").symlink_to(root / "train/cat")  # followed once, not forever
+    entries = scan_split(root, "train")
+    assert sorted(e.key for e in entries) == ["002.PNG", "a/b/001.png"]
+    assert {e.file for e in entries} == {"train/cat/a/b/001.png", "train/cat/002.PNG"}
+    assert class_names(entries) == ["cat"]
+
+
+# ============================================================================ order
+
+
+def test_order_is_the_sha256_of_the_path_whatever_the_filesystem_lists(tmp_path: Path) -> None:
+    names = [f"train/c{i % 3}/{i:03d}.png" for i in range(24)]
+    for folder, order in (("fwd", names), ("rev", names[::-1])):  # created in opposite orders
+        for name in order:
+            save(tmp_path / folder / name, noise((2, 2), 0))
+    forward = scan_split(tmp_path / "fwd", "train")
+    assert [e.file for e in forward] == sha_order(names)
+    assert forward == scan_split(tmp_path / "rev", "train")
+    assert {e.label for e in forward[:6]} == {"c0", "c1", "c2"}  # classes mixed from the start
+
+
+# ============================================================================ refusals while scanning
+
+
+def test_missing_folders_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    assert refused(scan_split, root, "train") == (
+        f"{root}: images folder not found; expected train/<class>/<image> inside it")
+    root.mkdir()
+    assert refused(scan_split, root, "train") == (
+        f"{root / 'train'}: expected a folder of class folders train/<class>/<image>, found nothing")
+    (root / "train").write_text("")
+    assert refused(scan_split, root, "train") == (
+        f"{root / 'train'}: expected a folder of class folders train/<class>/<image>, found a file")
+    assert scan_split(root, "test") == []
+    (root / "test").mkdir()
+    assert refused(scan_split, root, "test") == f"{root / 'test'}: no class folders; expected test/<class>/<image>"
+
+
+def test_empty_class_folder_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    save(root / "train/cat/1.png", noise((2, 2), 0))
+    (root / "train/dog/.hidden").mkdir(parents=True)
+    assert refused(scan_split, root, "train") == (
+        f"{root / 'train/dog'}: class folder holds no images; expected at least one {ACCEPTED} file")
+
+
+def test_file_directly_under_train_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    save(root / "train/cat/1.png", noise((2, 2), 0))
+    save(root / "train/stray.png", noise((2, 2), 0))
+    assert refused(scan_split, root, "train") == (
+        f"{root / 'train/stray.png'}: file directly under train/; expected it in a class folder train/<class>/")
+
+
+def test_non_image_file_is_refused_by_suffix(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    save(root / "train/cat/1.png", noise((2, 2), 0))
+    (root / "train/cat/sub").mkdir()
+    (root / "train/cat/sub/notes.txt").write_text("hello")
+    assert refused(scan_split, root, "train") == (
+        f"{root / 'train/cat/sub/notes.txt'}: not an accepted image file; expected {ACCEPTED}")
+
+
+def test_name_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    save(root / "train/cat/1.png", noise((2, 2), 0))
+    bad = os.fsencode(root / "train/cat") + b"/caf\xe9.png"
+    with open(bad, "wb") as f:
+        f.write(b"x")
+    message = refused(scan_split, root, "train")
+    assert message == f"{Path(os.fsdecode(bad))!r}: file name is not valid UTF-8; expected UTF-8 names"
+
+
+def test_test_class_unknown_to_train_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    for file in ("train/cat/1.png", "train/dog/1.png", "test/cat/2.png", "test/cow/3.png"):
+        save(root / file, noise((2, 2), 0))
+    classes = class_names(scan_split(root, "train"))
+    assert classes == ["cat", "dog"]
+    assert refused(scan_split, root, "test", classes) == (
+        f"{root / 'test/cow'}: class 'cow' is not a train class; expected one of 'cat', 'dog'")
+    (root / "test/cow/3.png").unlink()
+    (root / "test/cow").rmdir()
+    assert [e.file for e in scan_split(root, "test", classes)] == ["test/cat/2.png"]
+
+
+# ============================================================================ refusals while reading images
+
+
+def one_odd_image(root: Path, odd, normal=None) -> Path:
+    """Two train images; the one second in file order is ``odd``; returns its path."""
+    first, second = sha_order(["train/a/1.png", "train/b/2.png"])
+    save(root / first, normal if normal is not None else noise((4, 6, 3), 0))
+    save(root / second, odd)
+    return root / second
+
+
+def check_both(root: Path, image_shape, message: str) -> None:
+    """The header check and the full decode refuse the same file with the same message."""
+    entries = scan_split(root, "train")
+    assert refused(check_images, root, entries, image_shape) == message
+    write_listing(entries, root.parent / "l.csv")
+    assert refused(images_to_parquet, root.parent / "l.csv", root, root.parent / "o.parquet", image_shape=image_shape,
+                   compression="zstd", compression_level=None, row_group_size=8) == message
+    assert not (root.parent / "o.parquet").exists()
+
+
+def test_other_size_without_shape_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    odd = one_odd_image(root, noise((4, 5, 3), 1))
+    first = root / sha_order(["train/a/1.png", "train/b/2.png"])[0]
+    check_both(root, None, f"{odd}: image is 5x4 RGB, expected 6x4 RGB as {first}; set data.image_shape to convert")
+    to_parquet(root, (3, 4, 6))  # with a shape the odd one is resized
+
+
+def test_other_mode_without_shape_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    odd = one_odd_image(root, noise((4, 6), 1))
+    first = root / sha_order(["train/a/1.png", "train/b/2.png"])[0]
+    check_both(root, None, f"{odd}: image is 6x4 L, expected 6x4 RGB as {first}; set data.image_shape to convert")
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA", "LA", "1"])
+def test_mode_other_than_l_or_rgb_without_shape_is_refused(tmp_path: Path, mode: str) -> None:
+    root = tmp_path / "images"
+    first = root / sha_order(["train/a/1.png", "train/b/2.png"])[0]
+    one_odd_image(root, noise((4, 6, 3), 1), normal=Image.new(mode, (6, 4)))
+    check_both(root, None, f"{first}: image mode is {mode}, expected L or RGB; set data.image_shape [C, H, W] "
+                           f"to convert")
+    to_parquet(root, (3, 4, 6))
+
+
+def test_sixteen_bit_image_is_refused_even_with_a_shape(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    odd = one_odd_image(root, Image.fromarray(np.full((4, 6), 1000, np.uint16)))
+    check_both(root, (1, 4, 6), f"{odd}: image mode I;16 has more than 8 bits per channel; expected 8-bit {ACCEPTED}")
+
+
+def test_other_format_behind_an_image_suffix_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    odd = one_odd_image(root, noise((4, 6, 3), 1))
+    Image.fromarray(noise((4, 6, 3), 1)).save(odd, format="GIF")
+    check_both(root, (3, 4, 6), f"{odd}: image is GIF, expected {ACCEPTED}")
+
+
+def test_file_pillow_cannot_identify_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    odd = one_odd_image(root, noise((4, 6, 3), 1))
+    odd.write_bytes(b"not an image at all")
+    check_both(root, (3, 4, 6), f"{odd}: Pillow cannot identify an image in this file; expected {ACCEPTED}")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_truncated_image_fails_the_decode_even_if_pillow_was_told_to_allow_it(tmp_path: Path, suffix: str,
+                                                                           monkeypatch) -> None:
+    root = tmp_path / "images"
+    names = [f"train/{c}/{i}{suffix}" for c in "ab" for i in range(3)]
+    for i, name in enumerate(names):
+        save(root / name, noise((64, 64, 3), i))  # big enough that half of it is past the headers
+    bad = root / sha_order(names)[3]  # in the middle: earlier row groups were already written
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    entries = scan_split(root, "train")
+    assert check_images(root, entries, None) == (3, 64, 64)  # headers are intact: only decoding can tell
+    write_listing(entries, tmp_path / "train.csv")
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some other library might have set it
+    message = refused(images_to_parquet, tmp_path / "train.csv", root, tmp_path / "out/train.parquet",
+                      image_shape=(3, 64, 64), compression="zstd", compression_level=None, row_group_size=1)
+    assert message.startswith(f"{bad}: cannot decode image: image file is truncated")
+    assert message.endswith(f"; expected a complete {ACCEPTED} file")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the setting is restored
+    assert os.listdir(tmp_path / "out") == []  # no Parquet file, no temporaries
+
+
+def test_bad_image_shape_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    save(root / "train/a/1.png", noise((2, 2), 0))
+    assert refused(check_images, root, scan_split(root, "train"), (2, 4, 4)) == (
+        "data.image_shape: expected [C, H, W] with C 1 or 3 and H, W positive, found [2, 4, 4]")
+
+
+# ============================================================================ the listing and empty outputs
+
+
+def test_listing_round_trip_with_awkward_class_names(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    labels = ["a,b", 'say "hi"', "ünïcødé 猫", " spaced ", "new\nline"]
+    for i, label in enumerate(labels):
+        save(root / "train" / label / f"x,{i}.png", noise((2, 2), i))
+    entries = scan_split(root, "train")
+    write_listing(entries, tmp_path / "listing.csv")
+    assert read_listing(tmp_path / "listing.csv") == entries
+    assert class_names(entries) == sorted(labels)
+    other = pl.read_csv(tmp_path / "listing.csv")  # another CSV reader agrees on the cells
+    assert other.columns == ["label", "file"] and other["label"].to_list() == [e.label for e in entries]
+    assert other["file"].to_list() == [f"train/{e.label}/{e.key}" for e in entries]
+
+
+def write_rows(path: Path, rows: list[list[str]]) -> Path:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ([["label", "path"]], "row 1 (header): expected label,file, found 'label,path'"),
+    ([["label", "file"], ["cat", "train/cat/1.png"], ["cat", "train/cat/2.png", "x"]],
+     "row 3: expected 2 values (label,file), found 3"),
+    ([["label", "file"], ["cat", "train/dog/1.png"]],
+     "row 2: expected a file train/<label>/<path> or test/<label>/<path> with label 'cat', found 'train/dog/1.png'"),
+    ([["label", "file"], ["cat", "train/cat/../../../etc/passwd"]],
+     "row 2: expected a file train/<label>/<path> or test/<label>/<path> with label 'cat', "
+     "found 'train/cat/../../../etc/passwd'"),
+])
+def test_listing_is_read_strictly(tmp_path: Path, rows: list[list[str]], message: str) -> None:
+    path = write_rows(tmp_path / "listing.csv", rows)
+    assert refused(read_listing, path) == f"{path}: {message}"
+
+
+def test_empty_listing_gives_a_parquet_file_with_no_rows_and_the_shape(tmp_path: Path) -> None:
+    write_listing([], tmp_path / "test.csv")
+    assert read_listing(tmp_path / "test.csv") == []
+    rows = images_to_parquet(tmp_path / "test.csv", tmp_path, tmp_path / "test.parquet", image_shape=(3, 8, 6),
+                             compression="uncompressed", compression_level=None, row_group_size=16)
+    table = pq.read_table(tmp_path / "test.parquet")
+    assert rows == table.num_rows == 0
+    assert table.schema.field("pixels").type == pa.binary(3 * 8 * 6)
+    assert read_image_shape(tmp_path / "test.parquet") == (3, 8, 6)
+    assert refused(images_to_parquet, tmp_path / "test.csv", tmp_path, tmp_path / "none.parquet", image_shape=None,
+                   compression="zstd", compression_level=None, row_group_size=16) == (
+        f"{tmp_path / 'test.csv'}: listing is empty and data.image_shape is not set; expected one or the other")
+
+
+def test_rows_are_written_in_row_groups_in_listing_order(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    for i in range(5):
+        save(root / f"train/c{i % 2}/{i}.png", noise((3, 3), i))
+    table, _ = to_parquet(root, None, row_group_size=2)
+    assert pq.ParquetFile(tmp_path / "train.parquet").metadata.num_row_groups == 3
+    assert table.column("file").to_pylist() == [e.file for e in read_listing(tmp_path / "train.csv")]
+    assert [ImageEntry(*r, key=r[1].split("/", 2)[2]) for r in zip(table.column("label").to_pylist(),
+                                                                    table.column("file").to_pylist())] \
+        == scan_split(root, "train")
+
+
+def test_memory_holds_one_row_group_not_every_image(tmp_path: Path) -> None:
+    """numpy's buffers are traced by tracemalloc: the decoded pixels alive at once are one row group's."""
+    root = tmp_path / "images"
+    for i in range(400):
+        save(root / f"train/c{i % 4}/{i}.png", noise((64, 64, 3), i), compress_level=0)
+    entries = scan_split(root, "train")
+    write_listing(entries[:1], tmp_path / "warm.csv")  # Pillow's plugins and Arrow's modules load on first use
+    images_to_parquet(tmp_path / "warm.csv", root, tmp_path / "warm.parquet", image_shape=None,
+                      compression="zstd", compression_level=None, row_group_size=8)
+    write_listing(entries, tmp_path / "train.csv")
+    tracemalloc.start()
+    try:
+        images_to_parquet(tmp_path / "train.csv", root, tmp_path / "train.parquet", image_shape=None,
+                          compression="zstd", compression_level=None, row_group_size=8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert pq.ParquetFile(tmp_path / "train.parquet").metadata.num_row_groups == 50
+    assert peak < 400 * 64 * 64 * 3 / 4, peak  # all the pixels would be 4.9 MB; one row group is 98 KB
