@@ -34,15 +34,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
-import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageFile, ImageMode, UnidentifiedImageError
 
 from pipeline.atomic import atomic_file
@@ -54,10 +51,7 @@ ACCEPTED = "PNG or JPEG (.png, .jpg, .jpeg)"
 MODES = {1: "L", 3: "RGB"}  # channels -> the Pillow mode the pixels are stored in
 CHANNELS = {mode: c for c, mode in MODES.items()}
 LISTING_HEADER = ["label", "file"]
-SHAPE_KEY = b"image_shape"  # Parquet key-value metadata: JSON [C, H, W]
 _DETECTED = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG"}  # Pillow's format -> the one we accept it as
-_ARROW_CODEC = {"uncompressed": "none"}  # Polars' codec names, where Arrow's differ (as pipeline.parquet)
-_MAX_GROUP_BYTES = 64 * 1024 * 1024  # pixels held per row group, whatever row_group_size says
 # What a broken file makes Pillow raise while opening or decoding it (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError)
 
@@ -326,69 +320,32 @@ def _shape_text(shape: tuple[int, ...]) -> str:
     return _describe((shape[2], shape[1]), MODES[shape[0]])
 
 
-def _schema(image_shape: tuple[int, int, int]) -> pa.Schema:
-    return pa.schema([pa.field("label", pa.string()), pa.field("file", pa.string()),
-                      pa.field("pixels", pa.binary(int(np.prod(image_shape))))],
-                     metadata={SHAPE_KEY: json.dumps(list(image_shape)).encode()})
+def image_shape_of(listing: Sequence[ImageEntry], images_dir: Path,
+                   image_shape: tuple[int, int, int] | None, where: str) -> tuple[int, int, int]:
+    """The shape the images of ``listing`` are stored in: ``image_shape``, or the first image's own."""
+    if image_shape is not None:
+        return _resolve_shape(image_shape, "image_shape")
+    if not listing:
+        raise DataError(f"{where}: listing is empty and data.image_shape is not set; expected one or the other")
+    return decode_image(Path(images_dir) / listing[0].file, None).shape
 
 
-def _row_group(entries: Sequence[ImageEntry], pixels: np.ndarray, schema: pa.Schema) -> pa.Table:
-    """Wrap a block of rows as a table; the pixel buffer is handed to Arrow without a copy."""
-    blob = pa.FixedSizeBinaryArray.from_buffers(schema.field("pixels").type, len(entries),
-                                               [None, pa.py_buffer(pixels)])
-    return pa.table([pa.array([e.label for e in entries], pa.string()),
-                     pa.array([e.file for e in entries], pa.string()), blob], schema=schema)
+def decoded_batches(entries: Sequence[ImageEntry], images_dir: Path, image_shape: tuple[int, int, int],
+                    convert: bool, rows: int) -> Iterator[tuple[Sequence[ImageEntry], np.ndarray]]:
+    """The images of ``entries`` decoded, ``rows`` at a time: (entries, uint8 pixels [k, C, H, W]).
 
-
-def _batches(entries: Sequence[ImageEntry], size: int) -> Iterable[Sequence[ImageEntry]]:
-    for start in range(0, len(entries), size):
-        yield entries[start:start + size]
-
-
-def images_to_parquet(listing_csv: Path, images_dir: Path, out: Path, *, image_shape: tuple[int, int, int] | None,
-                      compression: str, compression_level: int | None, row_group_size: int) -> int:
-    """Decode every listed image into one Parquet file (image layout), atomically; returns the row count.
-
-    ``image_shape`` is normally what :func:`check_images` returned for train
-    and test together; ``None`` keeps the images as they are (one size and
-    mode, the first image's), and then an empty listing is refused, having no
-    shape to record (an empty listing with a shape gives a valid file of 0
-    rows). At most one row group of pixels is held, and a row group holds at
-    most 64 MiB of pixels whatever ``row_group_size`` says.
+    Without ``convert`` every image must already have ``image_shape`` (the first differing one is named).
     """
-    entries = read_listing(listing_csv)
     images_dir = Path(images_dir)
-    convert = image_shape is not None
-    if convert:
-        image_shape = _resolve_shape(image_shape, "image_shape")
-    elif entries:  # the first image decides the shape written into the schema
-        image_shape = decode_image(images_dir / entries[0].file, None).shape
-    else:
-        raise DataError(f"{listing_csv}: listing is empty and data.image_shape is not set; expected one "
-                        f"or the other")
-    schema = _schema(image_shape)
-    row_bytes = schema.field("pixels").type.byte_width
-    group_rows = max(1, min(row_group_size, _MAX_GROUP_BYTES // row_bytes))
-    codec = _ARROW_CODEC.get(compression, compression)
-    with atomic_file(out) as tmp, \
-            pq.ParquetWriter(tmp, schema, compression=codec, compression_level=compression_level) as writer:
-        for batch in _batches(entries, group_rows):
-            pixels = np.empty((len(batch), *image_shape), dtype=np.uint8)
-            for i, entry in enumerate(batch):
-                path = images_dir / entry.file
-                image = decode_image(path, image_shape if convert else None)
-                if image.shape != image_shape:
-                    raise DataError(f"{path}: image is {_shape_text(image.shape)}, expected "
-                                    f"{_shape_text(image_shape)} as {images_dir / entries[0].file}; "
-                                    f"set data.image_shape to convert")
-                pixels[i] = image
-            writer.write_table(_row_group(batch, pixels, schema), row_group_size=group_rows)
-    return len(entries)
-
-
-def read_image_shape(parquet_path: Path) -> tuple[int, int, int]:
-    """The ``image_shape`` metadata of an image-layout Parquet file."""
-    meta = pq.read_schema(parquet_path).metadata or {}
-    if SHAPE_KEY not in meta:
-        raise DataError(f"{parquet_path}: no image_shape metadata; expected an image-layout Parquet file")
-    return _resolve_shape(json.loads(meta[SHAPE_KEY]), f"{parquet_path}: image_shape metadata")
+    for start in range(0, len(entries), rows):
+        batch = entries[start:start + rows]
+        pixels = np.empty((len(batch), *image_shape), dtype=np.uint8)
+        for i, entry in enumerate(batch):
+            path = images_dir / entry.file
+            image = decode_image(path, image_shape if convert else None)
+            if image.shape != image_shape:
+                raise DataError(f"{path}: image is {_shape_text(image.shape)}, expected "
+                                f"{_shape_text(image_shape)} as {images_dir / entries[0].file}; "
+                                f"set data.image_shape to convert")
+            pixels[i] = image
+        yield batch, pixels

@@ -23,6 +23,8 @@ LABEL = "label"
 MAX_LABEL = 65535  # integer labels are stored as UInt16
 INT_LABELS = "int"
 NAME_LABELS = "name"
+SHAPE_KEY = b"image_shape"  # the image layout's Parquet key-value metadata: JSON [C, H, W]
+ARROW_CODEC = {"uncompressed": "none"}  # Polars' codec names (params.yaml), where Arrow's differ
 # Integer spellings Polars' CSV reader accepts (leading blanks, a sign, optional quotes).
 INT_CELL = re.compile(rb'[ \t]*([+-]?[0-9]+)|"[ \t]*([+-]?[0-9]+)"')
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline import images
 from pipeline.cli import parser, run_stage
 from pipeline.params import load_section
-from pipeline.parquet import csv_to_parquet
+from pipeline.parquet import csv_to_parquet, images_to_parquet, open_table
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -27,8 +26,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     codec = {"compression": prep.compression, "compression_level": prep.compression_level,
              "row_group_size": prep.row_group_size}
     for split, src, out in (("train", args.train_csv, args.train), ("test", args.test_csv, args.test)):
-        if data.dataset == "images":
-            rows = images.images_to_parquet(src, Path(data.images_dir), out, image_shape=data.image_shape, **codec)
+        if data.dataset == "images":  # test images take the train split's shape (an empty test split has none)
+            shape = data.image_shape if split == "train" else open_table(args.train).image_shape
+            rows = images_to_parquet(src, Path(data.images_dir), out, image_shape=shape, **codec)
         else:  # a source without a test split has an empty test table
             rows = csv_to_parquet(src, out, allow_empty=split == "test", **codec)
         print(f"parquet: {src} -> {out}: {rows} rows, {out.stat().st_size} bytes")

@@ -25,12 +25,11 @@ from pipeline.images import (
     ImageEntry,
     check_images,
     class_names,
-    images_to_parquet,
-    read_image_shape,
     read_listing,
     scan_split,
     write_listing,
 )
+from pipeline.parquet import images_to_parquet, open_table
 
 ACCEPTED = "PNG or JPEG (.png, .jpg, .jpeg)"
 
@@ -55,7 +54,7 @@ def to_parquet(root: Path, image_shape, *, row_group_size: int = 64) -> tuple[pa
                              compression="zstd", compression_level=None, row_group_size=row_group_size)
     table = pq.read_table(root.parent / "train.parquet")
     assert rows == table.num_rows == len(entries)
-    c, h, w = read_image_shape(root.parent / "train.parquet")
+    c, h, w = open_table(root.parent / "train.parquet").image_shape
     pixels = np.frombuffer(table.column("pixels").combine_chunks().buffers()[1], dtype=np.uint8)
     return table, pixels[: rows * c * h * w].reshape(rows, c, h, w)
 
@@ -398,7 +397,7 @@ def test_empty_listing_gives_a_parquet_file_with_no_rows_and_the_shape(tmp_path:
     table = pq.read_table(tmp_path / "test.parquet")
     assert rows == table.num_rows == 0
     assert table.schema.field("pixels").type == pa.binary(3 * 8 * 6)
-    assert read_image_shape(tmp_path / "test.parquet") == (3, 8, 6)
+    assert open_table(tmp_path / "test.parquet").image_shape == (3, 8, 6)
     assert refused(images_to_parquet, tmp_path / "test.csv", tmp_path, tmp_path / "none.parquet", image_shape=None,
                    compression="zstd", compression_level=None, row_group_size=16) == (
         f"{tmp_path / 'test.csv'}: listing is empty and data.image_shape is not set; expected one or the other")
