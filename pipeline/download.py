@@ -254,9 +254,9 @@ def fetch_dataset(spec: DatasetSpec, out_dir: Path | str, *, mirrors: tuple[str,
 
 
 def write_skipped(out_dir: Path | str, dataset: str) -> None:
-    """With ``data.dataset: csv`` nothing is downloaded; the output folder records why."""
+    """With the user's own data (``csv``, ``images``) nothing is downloaded; the output folder records why."""
     with atomic_dir(out_dir) as tmp:
         (tmp / SOURCE_RECORD).write_text(
-            json.dumps({"dataset": dataset, "files": {}, "skipped": "data.dataset is csv"}, indent=2) + "\n",
+            json.dumps({"dataset": dataset, "files": {}, "skipped": f"data.dataset is {dataset}"}, indent=2) + "\n",
             encoding="utf-8",
         )
