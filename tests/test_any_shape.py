@@ -227,3 +227,26 @@ def test_too_small_for_two_poolings_is_refused():
     with pytest.raises(DataError, match=r"images of 1x3x9 are too small for SimpleCNN's two 2x2 poolings; "
                                         r"expected at least 4x4"):
         SimpleCNN(1, 3, 9, 2)
+
+
+# ============================================================================ manifest and params
+
+def test_a_manifest_of_the_previous_schema_is_refused_with_the_way_forward(tmp_path):
+    from pipeline.manifest import read_manifest
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1, "dataset": "fashion-mnist"}))
+    with pytest.raises(Exception) as err:
+        read_manifest(tmp_path)
+    assert str(err.value) == (f"{tmp_path / 'manifest.json'}: schema_version 1 is not this pipeline's 2; "
+                              f"rerun `dvc repro tensorize` to rebuild the shards")
+
+
+def test_held_out_fractions_must_leave_a_train_split(tmp_path):
+    from pipeline.errors import ParamsError
+    from pipeline.params import load_section
+
+    params = synth.write_params(tmp_path / "params.yaml", data={"test_fraction": 0.5, "val_fraction": 0.5})
+    with pytest.raises(ParamsError) as err:
+        load_section("data", params)
+    assert str(err.value) == (f"{params}: data.val_fraction: expected test_fraction + val_fraction < 1, "
+                              f"found 0.5 + 0.5")
