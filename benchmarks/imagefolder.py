@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.atomic import atomic_dir
-from pipeline.images import images_to_parquet, scan_split, write_listing
+from pipeline.images import scan_split, write_listing
+from pipeline.parquet import images_to_parquet
 
 ROW_GROUP_SIZE = 65536  # params.yaml's prep.row_group_size (the image writer caps it at 64 MiB of pixels)
 CODEC = "zstd"  # params.yaml's prep.compression
