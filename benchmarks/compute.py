@@ -142,9 +142,10 @@ def threads_experiment(cfg: argparse.Namespace, device: torch.device, seed: int,
             "bit_identical": len({r["weights_sha256"] for r in runs.values()}) == 1}
 
 
-def memcpy_floor(repeats: int) -> float:
-    """Seconds to copy one epoch's image bytes (60,000 x 784 float32) once in RAM."""
-    src = torch.rand(EPOCH_SAMPLES * 784)
+def memcpy_floor(repeats: int, nbytes: int = EPOCH_SAMPLES * 784 * 4) -> float:
+    """Seconds to copy ``nbytes`` of float32 once in RAM, best of ``repeats`` (at least 5); by default one
+    epoch's image bytes (60,000 x 784 float32), the floor any loader epoch is judged against."""
+    src = torch.rand(nbytes // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch: page faults are not part of a copy
     best = math.inf

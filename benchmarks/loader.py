@@ -35,6 +35,7 @@ from benchmarks.disk import disk_usage
 from benchmarks.memory import run_loader_memory, run_scenarios
 from benchmarks.naive import NaiveDataset, PerSampleShards, PrecomputedDataset
 from benchmarks.report import render_markdown, render_plot
+from benchmarks.shapes import loader_vs_memcpy
 from pipeline.atomic import write_bytes_atomic
 from pipeline.params import load_section
 from trainer.allocator import retain_freed_memory
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                                                             cfg.parquet),
                    "training_habits": run_scenarios(str(device), steps=cfg.habit_steps, batch=512)},
         "disk": disk_usage(cfg.csv, cfg.parquet, cfg.tensors),
+        "shapes": loader_vs_memcpy(cfg.samples, cfg.repeats, cfg.params),  # random pixels, 1x28x28 and 3x32x32
     }
     by = {r["name"]: r for r in results["rows"]}
     results["goals"] = {
@@ -238,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         "default_train_over_flops": by["default"]["train_epoch_s"] / fl["flop_epoch_s"],
         "default_loader_over_memcpy": by["default"]["loader_epoch_s"] / fl["memcpy_epoch_s"],
         "naive_over_default_loader": naive_s / by["default"]["loader_epoch_s"],
+        "rgb32_loader_over_memcpy": next(row["loader_over_memcpy"] for row in results["shapes"]["rows"]
+                                         if row["shape"] == "3x32x32"),
     }
     results["wall_seconds"] = time.perf_counter() - started
     cfg.out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -26,6 +29,58 @@ def scratch_parent(work: Path | None) -> Path:
     parent = work or Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     return parent
+
+
+LOAD_LIMIT = 1.5  # a 1-minute load average above this on the 2-core machine marks a result "measured under load"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run_conditions() -> dict:
+    """CPU model, cores, load averages (1, 5, 15 min) and UTC time, recorded with each result: on a shared
+    machine other people's work moves every figure, so a result says how busy the machine was."""
+    load = os.getloadavg()
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg": [round(x, 2) for x in load],
+            "under_load": load[0] > LOAD_LIMIT,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def conditions_text(c: dict) -> str:
+    """One line of :func:`run_conditions`, for a Markdown page."""
+    load = "/".join(f"{x:.2f}" for x in c["loadavg"])
+    return (f"{c['cpu']}, {c['cores']} cores, load average {load} (1/5/15 min)"
+            + (", **measured under load**" if c["under_load"] else "") + f", {c['date']}")
+
+
+def load_text(c: dict) -> str:
+    """The 1-minute load average of :func:`run_conditions`, flagged when over :data:`LOAD_LIMIT`."""
+    return f"{c['loadavg'][0]:.2f}" + (" (under load)" if c["under_load"] else "")
+
+
+def loader_shapes_lines(loader: dict) -> list[str]:
+    """Markdown of :func:`benchmarks.shapes.loader_vs_memcpy`'s result (shared by shapes.md and results.md)."""
+    lines = ["## Loader-only epoch against memcpy, per image shape", "",
+             "Random uint8 pixels written by `pipeline.tensorize.write_split` (shards of 65,536, unit normalisation); "
+             f"one epoch with params.yaml's loader (the trainer's dataset, sampler and loader, on the CPU), fastest "
+             f"of {loader['repeats']}, against a memcpy of the same float32 bytes (fastest of at least 5). "
+             f"Goal: loader / memcpy <= {loader['goal']}.", "",
+             "| shape | samples | float32 MB | loader epoch s | memcpy s | loader / memcpy | goal met | load (1 min) |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for row in loader["rows"]:
+        lines.append(f"| {row['shape']} | {row['samples']:,} | {row['float32_bytes'] / 1e6:,.1f} | "
+                     f"{row['loader_epoch_s']:.4f} | {row['memcpy_s']:.4f} | {row['loader_over_memcpy']:.2f} | "
+                     f"{'yes' if row['goal_met'] else 'NO'} | {load_text(row['conditions'])} |")
+    return [*lines, ""]
 
 
 def write_results(folder: Path, stem: str, results: dict, markdown: str) -> None:
@@ -75,7 +130,10 @@ def render_markdown(r: dict) -> str:
         f"| default train epoch / compute floor | {g['default_train_over_compute']:.3f} | >= 1 (a floor) |",
         f"| default loader epoch / memcpy floor | {g['default_loader_over_memcpy']:.2f} | <= 4 |",
         f"| naive / default loader epoch | {g['naive_over_default_loader']:.0f}x | >= 39x |",
+        *([f"| 3x32x32 loader epoch / memcpy (section below) | {g['rgb32_loader_over_memcpy']:.2f} | "
+           f"<= {r['shapes']['goal']} |"] if "rgb32_loader_over_memcpy" in g else []),
         "",
+        *(loader_shapes_lines(r["shapes"]) if "shapes" in r else []),
         *_allocator_section(r["allocator"]),
         "## Intra-op threads (`train.threads`)",
         "",

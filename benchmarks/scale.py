@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.memory import subprocess_json
@@ -83,15 +84,17 @@ def build_inputs(work: Path, scale: int, base_samples: int, idx_dir: Path) -> in
     return rows
 
 
-def run_stages(work: Path, params: Path) -> dict[str, dict[str, float]]:
-    """Each data stage as dvc.yaml runs it, outputs under ``work/data`` (empty before it runs)."""
+def run_stages(work: Path, params: Path, names: Sequence[str] = STAGES, cwd: Path = ROOT,
+               ) -> dict[str, dict[str, float]]:
+    """Each stage of ``names`` as dvc.yaml runs it (by default the data stages), outputs under ``work``
+    (empty before it runs), in ``cwd``; its seconds and its own peak RSS."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     out = {}
-    for name, argv in stage_commands(work):
+    for name, argv in stage_commands(work, names):
         assert argv[1] == "-m", argv
         t0 = time.perf_counter()
-        res, peak = run_module_measured(argv[2], [*argv[3:], "--params", str(params)], cwd=ROOT, env=env,
+        res, peak = run_module_measured(argv[2], [*argv[3:], "--params", str(params)], cwd=cwd, env=env,
                                         peak_file=work / f".peak-{name}")
         seconds = time.perf_counter() - t0
         if res.returncode != 0:

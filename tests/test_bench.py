@@ -60,3 +60,57 @@ def test_bench_writes_results(tmp_path: Path) -> None:
     assert results["disk"]["csv_train"] == (tmp_path / "csv/train.csv").stat().st_size
     assert "| default |" in (out / "results.md").read_text()
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shapes_bench_writes_results(tmp_path: Path) -> None:
+    """benchmarks.shapes on tiny data: both loader shapes, a CSV case and an image folder with held-out val/test."""
+    out = tmp_path / "bench"
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.shapes", "--cases", "fashion-8x8", "synthetic-17x23",
+         "--train-samples", "300", "--test-samples", "50", "--synthetic-train", "200", "--epochs", "1",
+         "--loader-samples", "600", "--repeats", "1", "--work", str(tmp_path / "work"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    results = json.loads((out / "shapes.json").read_text())
+    loader = results["loader"]
+    assert [r["shape"] for r in loader["rows"]] == ["1x28x28", "3x32x32"] and loader["goal"] == 2.5
+    for row in loader["rows"]:
+        assert row["loader_epoch_s"] > 0 and row["memcpy_s"] > 0 and row["samples"] == 600
+        assert row["loader_over_memcpy"] == pytest.approx(row["loader_epoch_s"] / row["memcpy_s"], rel=0.05)
+        assert set(row["conditions"]) >= {"cpu", "loadavg", "under_load", "date"}
+    by = {r["case"]: r for r in results["accuracy"]}
+    assert by["fashion-8x8"]["shape"] == [1, 8, 8] and by["fashion-8x8"]["samples"]["test"] == 50
+    assert by["fashion-8x8"]["val_acc"] is None and 0 <= by["fashion-8x8"]["test_acc"] <= 1
+    synthetic = by["synthetic-17x23"]
+    assert synthetic["shape"] == [3, 17, 23] and synthetic["classes"] == 10
+    assert sum(synthetic["samples"].values()) == 200 and synthetic["samples"]["val"] > 0
+    assert 0 <= synthetic["val_acc"] <= 1
+    assert "| synthetic-17x23 |" in (out / "shapes.md").read_text()
+    assert not list((tmp_path / "work").iterdir())  # every scratch folder removed
+
+
+def test_prep_bench_image_folder(tmp_path: Path) -> None:
+    """benchmarks.prep's image-folder part on a tiny folder, generated once and then reused; the skipped
+    FashionMNIST part keeps the existing prep.json's figures."""
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "prep.json").write_text(json.dumps({"stages": {"csv": 1.0}, "repeats": 3, "bytes": {"csv_train": 1},
+                                               "total_seconds": 1.0}))
+    argv = [sys.executable, "-m", "benchmarks.prep", "--skip-fashion", "--images", "120", "--images-test", "30",
+            "--images-dir", str(tmp_path / "folder"), "--work", str(tmp_path / "work"), "--out", str(out)]
+    for run in range(2):
+        res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        results = json.loads((out / "prep.json").read_text())
+        images = results["image_folder"]
+        assert (images["generated_seconds"] is None) == (run == 1)  # the second run reuses the folder
+    assert results["stages"] == {"csv": 1.0}
+    assert list(images["stages"]) == ["download", "csv", "parquet", "tensorize"]
+    assert images["train_images"] == 120 and images["image_shape"] == [3, 32, 32]
+    for stage in images["stages"].values():
+        assert stage["seconds"] > 0 and stage["peak_rss_mb"] > 0
+    shards_train, shards_test = images["stages"]["tensorize"]["bytes"]
+    assert shards_train > 120 * 3 * 32 * 32 * 4 and shards_test > 30 * 3 * 32 * 32 * 4
+    assert images["folder_bytes"] > 0 and set(images["conditions"]) >= {"cpu", "loadavg"}
+    assert "| parquet |" in (out / "prep.md").read_text()
