@@ -245,12 +245,18 @@ def _wide_rows(table: Table, chunk_rows: int) -> Iterator[Rows]:
 
 
 def _image_rows(table: Table, chunk_rows: int) -> Iterator[Rows]:
+    """One row group at a time (the writer keeps them under 64 MiB), read without Arrow's pre-buffering,
+    which holds several row groups' pages at once."""
     start = 0
-    for batch in pq.ParquetFile(table.path).iter_batches(batch_size=chunk_rows):
-        _null_check(table, batch, start)
-        labels = batch.column(0).to_numpy(zero_copy_only=False)
-        yield Rows(_pixels(batch.column(2), table.num_pixels), labels, batch.column(1).to_pylist())
-        start += batch.num_rows
+    file = pq.ParquetFile(table.path, pre_buffer=False)
+    for group in range(file.num_row_groups):
+        data = file.read_row_group(group, use_threads=False)
+        for batch in data.to_batches(max_chunksize=chunk_rows):
+            _null_check(table, batch, start)
+            labels = batch.column(0).to_numpy(zero_copy_only=False)
+            yield Rows(_pixels(batch.column(2), table.num_pixels), labels, batch.column(1).to_pylist())
+            start += batch.num_rows
+        del data
 
 
 def iter_rows(table: Table, chunk_rows: int) -> Iterator[Rows]:

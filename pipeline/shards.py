@@ -5,7 +5,8 @@ holding two tensors: ``images`` float32 [n, C, H, W] and ``labels`` int64 [n],
 with ``__metadata__`` naming the dataset and split.
 
 - :func:`write_shard` writes one with a canonical header (sorted keys), so the
-  same samples always give the same bytes (and SHA-256, and DVC hash).
+  same samples always give the same bytes (and SHA-256, and DVC hash), streaming
+  the images chunk by chunk.
 - :func:`parse_header` trusts nothing in the header: a crafted shard is refused
   with a :class:`ShardError` before any byte of its data is interpreted;
   :func:`check_tensors` then checks it holds exactly the two tensors the
@@ -16,15 +17,16 @@ with ``__metadata__`` naming the dataset and split.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import BinaryIO
 
 import numpy as np
-import safetensors.numpy
 
 from pipeline.errors import ShardError
 
@@ -182,30 +184,47 @@ IMAGES = "images"
 LABELS = "labels"
 
 
-def _canonical_header(blob: bytes) -> bytes:
-    """The first ``8 + n`` bytes of a safetensors blob, its header re-emitted with sorted keys (same length).
+def shard_header(num_samples: int, image_shape: tuple[int, ...], metadata: dict[str, str]) -> bytes:
+    """The first bytes of a shard: the length, then the JSON header with sorted keys, padded to 8 bytes.
 
-    safetensors writes ``__metadata__`` in hash-map order, so the same samples gave
-    different shard bytes from one run to the next. Only the header is returned, so
-    the data after it is never copied.
+    Byte for byte what ``safetensors.numpy.save`` writes for these two tensors (labels first: it
+    orders the buffer by alignment, then name), except that its ``__metadata__`` comes in hash-map
+    order; sorted keys make the same samples give the same bytes, SHA-256 and DVC hash every time.
     """
-    n = int.from_bytes(blob[:8], "little")
-    text = json.dumps(json.loads(blob[8 : 8 + n]), separators=(",", ":"), sort_keys=True).encode()
-    if len(text) > n:  # only if escaping grew it (non-ASCII metadata): keep safetensors' bytes
-        return blob[: 8 + n]
-    return blob[:8] + text.ljust(n)
+    labels_bytes = num_samples * 8
+    images_bytes = num_samples * math.prod(image_shape) * 4
+    doc = {
+        "__metadata__": metadata,
+        LABELS: {"dtype": "I64", "shape": [num_samples], "data_offsets": [0, labels_bytes]},
+        IMAGES: {"dtype": "F32", "shape": [num_samples, *image_shape],
+                 "data_offsets": [labels_bytes, labels_bytes + images_bytes]},
+    }
+    text = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    padded = -(-len(text) // 8) * 8
+    return struct.pack("<Q", padded) + text.ljust(padded)
 
 
-def write_shard(out: BinaryIO, images: np.ndarray, labels: np.ndarray, metadata: dict[str, str]) -> tuple[int, str]:
-    """Write ``images`` (float32 [n, C, H, W]) and ``labels`` (int64 [n]) as one shard; return (bytes, SHA-256)."""
-    blob = safetensors.numpy.save({IMAGES: images, LABELS: labels}, metadata=metadata)
-    header = _canonical_header(blob)
-    data = memoryview(blob)[len(header) :]
-    out.write(header)
-    out.write(data)
+def write_shard(out: BinaryIO, image_chunks: Iterable[np.ndarray], labels: np.ndarray,
+                image_shape: tuple[int, ...], metadata: dict[str, str]) -> tuple[int, str]:
+    """Write one shard, its float32 images given in chunks of rows; return (bytes, SHA-256).
+
+    Streaming the images keeps one chunk of floats in memory, not the shard's.
+    """
+    header = shard_header(len(labels), image_shape, metadata)
     digest = hashlib.sha256(header)
-    digest.update(data)
-    return len(blob), digest.hexdigest()
+    out.write(header)
+    size = len(header)
+    for part in itertools.chain([np.ascontiguousarray(labels, dtype="<i8")], image_chunks):  # lazily
+        if part.dtype.kind == "f" and (part.dtype != np.dtype("<f4") or part.shape[1:] != tuple(image_shape)):
+            raise ValueError(f"image chunk {part.dtype} {list(part.shape)} is not float32 [k, {image_shape}]")
+        data = memoryview(np.ascontiguousarray(part)).cast("B")
+        out.write(data)
+        digest.update(data)
+        size += len(data)
+    expected = len(header) + len(labels) * (8 + math.prod(image_shape) * 4)
+    if size != expected:
+        raise ValueError(f"shard of {len(labels)} samples: wrote {size} bytes, expected {expected}")
+    return size, digest.hexdigest()
 
 
 def _check_tensor(where: str, info: TensorInfo | None, name: str, dtype: str, shape: tuple[int, ...]) -> TensorInfo:

@@ -37,6 +37,7 @@ from pipeline.splits import TEST, TRAIN, VAL, assign, file_keys, hash_unit, row_
 from pipeline.tabular import INT_LABELS, resolve_shape
 
 SHARD_PATTERN = "shard-{:05d}.safetensors"
+_CHUNK_BYTES = 16 << 20  # float32 images held at once while a shard is written
 _CODES = {"train": TRAIN, "val": VAL, "test": TEST}
 
 
@@ -122,9 +123,10 @@ class _SplitWriter:
 
     def _write(self, pixels: np.ndarray, labels: np.ndarray) -> None:
         name = SHARD_PATTERN.format(len(self.entries))
-        images = normalize(np.ascontiguousarray(pixels), self.norm, self.shape)
+        rows = max(1, _CHUNK_BYTES // (pixels.shape[1] * 4))  # normalised a chunk at a time, as it is written
+        chunks = (normalize(pixels[i : i + rows], self.norm, self.shape) for i in range(0, len(pixels), rows))
         with open(self.folder / name, "wb") as f:
-            size, sha = write_shard(f, images, labels.astype(np.int64),
+            size, sha = write_shard(f, chunks, labels.astype(np.int64), self.shape,
                                     {"dataset": self.dataset, "split": self.split})
         self.entries.append(ShardEntry(name, len(labels), size, sha))
 

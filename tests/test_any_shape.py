@@ -250,3 +250,29 @@ def test_held_out_fractions_must_leave_a_train_split(tmp_path):
         load_section("data", params)
     assert str(err.value) == (f"{params}: data.val_fraction: expected test_fraction + val_fraction < 1, "
                               f"found 0.5 + 0.5")
+
+
+@pytest.mark.parametrize("shape, n", [((1, 28, 28), 5), ((3, 5, 7), 3), ((2, 4, 4), 1)])
+def test_streamed_shard_is_safetensors_own_bytes_with_sorted_header(tmp_path, shape, n):
+    """write_shard streams the images; the file is what safetensors writes, header keys sorted."""
+    import io
+    import struct
+
+    from pipeline.shards import write_shard
+
+    rng = np.random.default_rng(n)
+    images = rng.random((n, *shape), dtype=np.float32)
+    labels = rng.integers(0, 9, n).astype(np.int64)
+    out = io.BytesIO()
+    chunks = (images[i:i + 2] for i in range(0, n, 2))
+    size, sha = write_shard(out, chunks, labels, shape, {"split": "train", "dataset": "d"})
+    blob = safetensors.numpy.save({"images": images, "labels": labels}, metadata={"split": "train", "dataset": "d"})
+    header_len = struct.unpack("<Q", blob[:8])[0]
+    ours = out.getvalue()
+    assert size == len(ours) == len(blob) and ours[8 + header_len:] == blob[8 + header_len:]
+    assert json.loads(ours[8:8 + header_len]) == json.loads(blob[8:8 + header_len])
+    assert list(json.loads(ours[8:8 + header_len])) == sorted(json.loads(blob[8:8 + header_len]))
+    import hashlib
+    assert sha == hashlib.sha256(ours).hexdigest()
+    loaded = safetensors.numpy.load(ours)
+    assert np.array_equal(loaded["images"], images) and np.array_equal(loaded["labels"], labels)
