@@ -108,7 +108,7 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _raise_as_output_error(target: Path, exc: BaseException) -> None:
+def raise_as_output_error(target: Path, exc: BaseException) -> None:
     """An OSError while producing an output (disk full, permissions) is the user's to fix: say so plainly."""
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc)
@@ -123,7 +123,7 @@ def _discard_on_failure(target: Path, tmp: Path) -> Iterator[None]:
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             _remove(tmp)
-        _raise_as_output_error(target, exc)
+        raise_as_output_error(target, exc)
         raise
 
 
@@ -133,7 +133,7 @@ def _prepare(target: Path | str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(target)
     except OSError as exc:
-        _raise_as_output_error(target, exc)
+        raise_as_output_error(target, exc)
     return target
 
 
@@ -167,7 +167,7 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     try:
         tmp.mkdir()
     except OSError as exc:
-        _raise_as_output_error(target, exc)
+        raise_as_output_error(target, exc)
     with _discard_on_failure(target, tmp):
         yield tmp
         for child in tmp.iterdir():

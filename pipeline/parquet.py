@@ -89,13 +89,13 @@ def csv_to_parquet(csv_path: Path, out_path: Path, *, compression: str, compress
     try:
         with open(csv_path, "rb") as f:
             header = f.readline(MAX_HEADER_BYTES + 1)
+            if not header.strip():
+                raise DataError(f"{csv_path}: file is empty; expected a header line label,pixel1..pixelN")
+            # The header may name the pixels as it likes, be quoted, or carry a BOM; the values are read by position.
+            names = check_header(header, str(csv_path))
             first = f.readline(MAX_HEADER_BYTES + 1)
     except OSError as exc:
         raise DataError(f"{csv_path}: cannot read: {exc}") from None
-    if not header.strip():
-        raise DataError(f"{csv_path}: file is empty; expected a header line label,pixel1..pixelN")
-    # The header may name the pixels as it likes, be quoted, or carry a BOM; the values are read by position.
-    names = check_header(header, str(csv_path))
     schema = Schema(len(names) - 1, label_kind(first.split(b",", 1)[0]) if first.strip() else INT_LABELS)
     with atomic_file(out_path) as tmp:  # an OSError here (disk full) becomes an OutputError
         rows = _write_row_groups(parsed_blocks(csv_path, len(header), schema), tmp, _arrow_schema(schema),

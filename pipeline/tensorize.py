@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import atomic_dir, raise_as_output_error
 from pipeline.errors import DataError
 from pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, Normalization, PixelStats, ShardEntry
 from pipeline.normalize import make_normalization, normalize, pixel_histogram, pixel_stats
@@ -90,9 +90,10 @@ def _routes(table: Table, rows, labels: np.ndarray, test_fraction: float, val_fr
 class _SplitWriter:
     """Collects one split's rows and writes them as shards of ``shard_size`` samples into ``folder``."""
 
-    def __init__(self, folder: Path, *, split: str, dataset: str, shard_size: int, shape: tuple[int, int, int],
-                 norm: Normalization, num_classes: int, keep_stats: bool) -> None:
-        self.folder, self.split, self.dataset, self.shard_size = folder, split, dataset, shard_size
+    def __init__(self, folder: Path, target: Path, *, split: str, dataset: str, shard_size: int,
+                 shape: tuple[int, int, int], norm: Normalization, num_classes: int, keep_stats: bool) -> None:
+        self.folder, self.target, self.split, self.dataset = folder, target, split, dataset
+        self.shard_size = shard_size
         self.shape, self.norm, self.keep_stats = shape, norm, keep_stats
         self.counts = np.zeros(num_classes, dtype=np.int64)
         self.histogram = np.zeros((shape[0], 256), dtype=np.int64)
@@ -125,9 +126,13 @@ class _SplitWriter:
         name = SHARD_PATTERN.format(len(self.entries))
         rows = max(1, _CHUNK_BYTES // (pixels.shape[1] * 4))  # normalised a chunk at a time, as it is written
         chunks = (normalize(pixels[i : i + rows], self.norm, self.shape) for i in range(0, len(pixels), rows))
-        with open(self.folder / name, "wb") as f:
-            size, sha = write_shard(f, chunks, labels.astype(np.int64), self.shape,
-                                    {"dataset": self.dataset, "split": self.split})
+        try:
+            with open(self.folder / name, "wb") as f:
+                size, sha = write_shard(f, chunks, labels.astype(np.int64), self.shape,
+                                        {"dataset": self.dataset, "split": self.split})
+        except OSError as exc:  # named here: the splits' folders are open together, the last would be blamed
+            raise_as_output_error(Path(self.target), exc)
+            raise
         self.entries.append(ShardEntry(name, len(labels), size, sha))
 
     def close(self, names: tuple[str, ...], stats: PixelStats) -> Manifest:
@@ -148,7 +153,11 @@ class _SplitWriter:
             train_stats=stats,
             shards=tuple(self.entries),
         )
-        (self.folder / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        try:
+            (self.folder / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        except OSError as exc:
+            raise_as_output_error(Path(self.target), exc)
+            raise
         return manifest
 
 
@@ -170,7 +179,7 @@ def write_split(
     """
     names = class_names or (DATASETS[dataset].class_names if dataset in DATASETS else tuple(map(str, range(10))))
     with atomic_dir(out_dir) as tmp:
-        writer = _SplitWriter(tmp, split=split, dataset=dataset, shard_size=shard_size, shape=image_shape,
+        writer = _SplitWriter(tmp, Path(out_dir), split=split, dataset=dataset, shard_size=shard_size, shape=image_shape,
                               norm=normalization, num_classes=len(names), keep_stats=True)
         for pixels, labels in chunks:
             writer.add(pixels, labels.astype(np.int64))
@@ -242,7 +251,7 @@ def tensorize(
     norm = make_normalization(normalize_kind, stats, shape[0])
     outs = {"train": train_out, "test": test_out, **({"val": val_out} if val_out is not None else {})}
     with contextlib.ExitStack() as stack:
-        writers = {split: _SplitWriter(stack.enter_context(atomic_dir(out)), split=split, dataset=dataset,
+        writers = {split: _SplitWriter(stack.enter_context(atomic_dir(out)), Path(out), split=split, dataset=dataset,
                                        shard_size=shard_size, shape=shape, norm=norm, num_classes=len(names),
                                        keep_stats=split == "train")
                    for split, out in outs.items()}

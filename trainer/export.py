@@ -37,7 +37,8 @@ def save_model(model_dir: Path | str, model: SimpleCNN, *, manifest: Manifest, t
         "num_classes": manifest.num_classes,
         "class_names": list(manifest.class_names),  # output i of the model is class_names[i]
         "dataset": manifest.dataset,
-        "normalization": dataclasses.asdict(manifest.normalization),
+        "normalization": {k: list(v) if isinstance(v, tuple) else v
+                          for k, v in dataclasses.asdict(manifest.normalization).items()},
         "training": {"epochs": train.epochs, "lr": train.lr, "seed": train.seed, "optimizer": "Adam",
                      "loss": "cross_entropy"},
     }
