@@ -10,10 +10,11 @@ import pytest
 import synth
 
 from pipeline import csvdata
+from pipeline.csvcheck import MAX_HEADER_BYTES
 from pipeline.csvdata import idx_to_csv, import_user_csv
 from pipeline.errors import DataError
 from pipeline.idx import encode_idx
-from pipeline.tabular import HEADER_LINE
+from pipeline.tabular import HEADER_LINE, INT_LABELS, NAME_LABELS, header_line
 
 MB = 1 << 20
 
@@ -55,17 +56,33 @@ def test_idx_to_csv_values_parse_back(train, tmp_path):
     np.testing.assert_array_equal(table[:, 1:], train.pixels)
 
 
+@pytest.mark.parametrize("shape", [(27, 27), (5, 9), (1, 1)], ids=["27x27", "5x9", "1x1"])
+def test_idx_to_csv_any_image_size(tmp_path, shape):
+    """Any uint8 [n, H, W] IDX images: label then H*W pixel columns pixel1..pixelN in C order."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (6, *shape), dtype=np.uint8)
+    labels = np.array([0, 1, 9, 3, 4, 5], np.uint8)
+    out = tmp_path / "csv" / "train.csv"
+    assert idx_to_csv(write_gz(tmp_path / "img.gz", images), write_gz(tmp_path / "lbl.gz", labels), out) == 6
+    data = out.read_bytes()
+    assert data.startswith(header_line(shape[0] * shape[1]))
+    table = np.loadtxt(out, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+    np.testing.assert_array_equal(table[:, 0], labels)
+    np.testing.assert_array_equal(table[:, 1:], images.reshape(6, -1))
+
+
 @pytest.mark.parametrize(
     "images, labels, fragment",
     [
-        (np.zeros((4, 27, 27), np.uint8), np.zeros(4, np.uint8), "expected uint8 images [n, 28, 28], found uint8 [4, 27, 27]"),
-        (np.zeros((4, 784), np.uint8), np.zeros(4, np.uint8), "expected uint8 images [n, 28, 28], found uint8 [4, 784]"),
-        (np.zeros((4, 28, 28), ">i2"), np.zeros(4, np.uint8), "expected uint8 images [n, 28, 28], found int16 [4, 28, 28]"),
+        (np.zeros((4, 784), np.uint8), np.zeros(4, np.uint8), "expected uint8 images [n, H, W], found uint8 [4, 784]"),
+        (np.zeros((4, 28, 28), ">i2"), np.zeros(4, np.uint8), "expected uint8 images [n, H, W], found int16 [4, 28, 28]"),
+        (np.zeros((4, 3, 28, 28), np.uint8), np.zeros(4, np.uint8),
+         "expected uint8 images [n, H, W], found uint8 [4, 3, 28, 28]"),
         (np.zeros((4, 28, 28), np.uint8), np.zeros((4, 1), np.uint8), "expected uint8 labels [n], found uint8 [4, 1]"),
         (np.zeros((4, 28, 28), np.uint8), np.zeros(4, ">f4"), "expected uint8 labels [n], found float32 [4]"),
         (np.zeros((4, 28, 28), np.uint8), np.zeros(5, np.uint8), "has 4 images but"),
     ],
-    ids=["27x27", "flat", "int16", "labels-2d", "labels-float", "count-mismatch"],
+    ids=["flat", "int16", "4d", "labels-2d", "labels-float", "count-mismatch"],
 )
 def test_idx_to_csv_refuses_wrong_arrays(tmp_path, images, labels, fragment):
     img = write_gz(tmp_path / "img.gz", images)
@@ -156,7 +173,8 @@ def test_import_leaves_values_for_the_parquet_stage(tmp_path):
     assert (tmp_path / "o.csv").read_bytes() == body
 
 
-def _header_error(tmp_path: Path, content: bytes | None, *, directory: bool = False) -> tuple[str, Path, Path]:
+def _header_error(tmp_path: Path, content: bytes | None, *, directory: bool = False,
+                  image_shape: tuple[int, int, int] | None = None) -> tuple[str, Path, Path]:
     src = tmp_path / "user" / "train.csv"
     if directory:
         src.mkdir(parents=True)
@@ -165,7 +183,7 @@ def _header_error(tmp_path: Path, content: bytes | None, *, directory: bool = Fa
         src.write_bytes(content)
     out = tmp_path / "csv" / "train.csv"
     with pytest.raises(DataError) as err:
-        import_user_csv(src, out)
+        import_user_csv(src, out, image_shape=image_shape)
     assert_no_output(out)
     return str(err.value), src, out
 
@@ -184,34 +202,81 @@ def test_import_directory(tmp_path):
                          ids=["empty", "lf", "crlf", "bom-only", "bom-crlf", "spaces"])
 def test_import_empty_file(tmp_path, content):
     msg, src, _ = _header_error(tmp_path, content)
-    assert msg == f"{src}: file is empty; expected a header line label,pixel1..pixel784"
+    assert msg == f"{src}: file is empty; expected a header line label,pixel1..pixelN"
 
 
 @pytest.mark.parametrize(
     "header, expected",
     [
-        (b"label,pixel1,pixel2\n", "row 1 (header): expected 785 columns (label,pixel1..pixel784), found 3"),
-        (HEADER_LINE.replace(b"pixel5,", b"pixel5x,"), "row 1 (header), column 6: expected 'pixel5', found 'pixel5x'"),
+        (b"label,pixel1,pixel2\n", "row 1 (header): 2 pixel columns are not a square grey image; "
+                                    "set data.image_shape to [C, H, W] in params.yaml"),
         (HEADER_LINE.replace(b"label,", b"class,"), "row 1 (header), column 1: expected 'label', found 'class'"),
-        (HEADER_LINE.replace(b"pixel784", b"pixel785"), "row 1 (header), column 785: expected 'pixel784', found 'pixel785'"),
         (b"label," + b",".join(b"pixel%d" % i for i in range(784)) + b",pixel784\n",
-         "row 1 (header): expected 785 columns (label,pixel1..pixel784), found 786"),
+         "row 1 (header): 785 pixel columns are not a square grey image; "
+         "set data.image_shape to [C, H, W] in params.yaml"),
         (b"1," + b",".join([b"0"] * 784) + b"\n", "row 1 (header), column 1: expected 'label', found '1'"),
+        (HEADER_LINE.replace(b"pixel5,", b",", 1), "row 1 (header), column 6: expected a column name, found an empty one"),
+        (HEADER_LINE.replace(b",pixel784", b",", 1),
+         "row 1 (header), column 785: expected a column name, found an empty one"),
+        (b"label\n", "row 1 (header): expected label and at least one pixel column, found only 'label'"),
+        (b" label \n", "row 1 (header): expected label and at least one pixel column, found only 'label'"),
     ],
-    ids=["3-columns", "name", "label-name", "last-name", "786-columns", "no-header"],
+    ids=["3-columns", "label-name", "786-columns", "no-header", "empty-name", "empty-last-name", "label-only",
+         "label-only-spaced"],
 )
 def test_import_wrong_header(tmp_path, header, expected):
     msg, src, _ = _header_error(tmp_path, header + b"1" + b",0" * 784 + b"\n")
     assert msg == f"{src}: {expected}"
 
 
+@pytest.mark.parametrize(
+    "header",
+    [HEADER_LINE.replace(b"pixel5,", b"pixel5x,"), HEADER_LINE.replace(b"pixel784", b"pixel785"),
+     b"label," + b",".join(b"pixel%d" % i for i in range(784)) + b"\n",
+     b"label," + b",".join(b"x%d_%d" % (r, c) for r in range(28) for c in range(28)) + b"\n",
+     b"label," + b",".join([b"same"] * 784) + b"\n"],
+    ids=["one-renamed", "last-renamed", "zero-based", "row-col-names", "repeated-names"],
+)
+def test_import_accepts_any_pixel_column_names(train, tmp_path, header):
+    """Pixel names are free: the copy has the canonical header and the values verbatim."""
+    small = synth.Split(train.images[:3], train.labels[:3])
+    rest = synth.csv_bytes(small).split(b"\n", 1)[1]
+    (tmp_path / "u.csv").write_bytes(header + rest)
+    assert import_user_csv(tmp_path / "u.csv", tmp_path / "o.csv", check_values=True) == ((1, 28, 28), INT_LABELS)
+    assert (tmp_path / "o.csv").read_bytes() == synth.csv_bytes(small)
+
+
+@pytest.mark.parametrize("shape, image_shape", [((1, 4, 4), None), ((1, 5, 5), None), ((3, 2, 4), (3, 2, 4)),
+                                                ((1, 28, 28), (1, 28, 28))])
+def test_import_returns_the_image_shape_and_label_kind(tmp_path, shape, image_shape):
+    n = int(np.prod(shape))
+    rows = [f"{lab}," + ",".join(str((i * 7 + r) % 256) for i in range(n)) for r, lab in enumerate([3, 11, 65535])]
+    body = ("label," + ",".join(f"c{i}" for i in range(n)) + "\n" + "\n".join(rows) + "\n").encode()
+    (tmp_path / "u.csv").write_bytes(body)
+    got = import_user_csv(tmp_path / "u.csv", tmp_path / "o.csv", image_shape=image_shape, check_values=True)
+    assert got == (shape, INT_LABELS)
+    assert (tmp_path / "o.csv").read_bytes() == header_line(n) + body.split(b"\n", 1)[1]
+    names = body.replace(b"\n3,", b"\ncat,").replace(b"\n11,", b"\ndog,").replace(b"\n65535,", b"\nbird,")
+    (tmp_path / "n.csv").write_bytes(names)
+    assert import_user_csv(tmp_path / "n.csv", tmp_path / "n.out", image_shape=image_shape,
+                           check_values=True) == (shape, NAME_LABELS)
+    assert (tmp_path / "n.out").read_bytes() == header_line(n) + names.split(b"\n", 1)[1]
+
+
+def test_import_refuses_a_count_that_is_not_the_set_image_shape(tmp_path):
+    msg, src, _ = _header_error(tmp_path, HEADER_LINE + b"1" + b",0" * 784 + b"\n", image_shape=(3, 28, 28))
+    assert msg == f"{src}: row 1 (header): expected 3x28x28 = 2352 pixel columns as data.image_shape says, found 784"
+
+
 def test_import_header_with_10_million_columns_fails_fast_in_bounded_memory(tmp_path):
     src = synth.write_wide_header(tmp_path / "wide.csv", 10_000_000)
-    assert src.stat().st_size > 19 * MB
+    assert src.stat().st_size > 19 * MB > 2 * MAX_HEADER_BYTES
     out = tmp_path / "csv" / "train.csv"
-    err = synth.refused_fast_in_bounded_memory(lambda: import_user_csv(src, out), DataError)
-    assert str(err) == (f"{src}: row 1 (header) is longer than 65536 bytes; "
-                              "expected 785 columns label,pixel1..pixel784")
+    # refused after reading MAX_HEADER_BYTES of the header (readline's buffer doubles it), never all of it
+    err = synth.refused_fast_in_bounded_memory(lambda: import_user_csv(src, out), DataError,
+                                               max_bytes=2 * MAX_HEADER_BYTES + (2 << 20))
+    assert str(err) == (f"{src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
+                        "expected label and one column per pixel")
     assert_no_output(out)
 
 
@@ -260,6 +325,36 @@ def test_stage_user_csv_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out/train.csv").read_bytes() == synth.csv_bytes(tr)
     assert (tmp_path / "out/test.csv").read_bytes() == synth.csv_bytes(te)
+    assert "csv: train: user/train.csv -> out/train.csv (int labels, images [1, 28, 28])" in proc.stdout
+
+
+def test_stage_user_csv_without_test_split(tmp_path):
+    """data.test_csv null: the test table is the canonical header alone (held out later by test_fraction)."""
+    tr = synth.split(40, seed=1)
+    synth.write_csv(tmp_path / "user" / "train.csv", tr, zero_based=True)
+    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": "user/train.csv",
+                                                           "test_csv": None})
+    proc = synth.run_stage("csv", "--params", params, "--raw", "nonexistent", "--train", "out/train.csv",
+                           "--test", "out/test.csv", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out/train.csv").read_bytes() == synth.csv_bytes(tr)
+    assert (tmp_path / "out/test.csv").read_bytes() == HEADER_LINE
+    assert "csv: test: none (data.test_csv is null)" in proc.stdout
+
+
+def test_stage_user_csv_test_labels_must_be_of_the_train_kind(tmp_path):
+    user = tmp_path / "user"
+    synth.write_csv(user / "train.csv", synth.split(10))
+    names = b"\n".join(b"cat" + line[line.index(b","):] if i else line
+                       for i, line in enumerate(synth.csv_bytes(synth.split(5)).rstrip(b"\n").split(b"\n"))) + b"\n"
+    (user / "test.csv").write_bytes(names)
+    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": str(user / "train.csv"),
+                                                           "test_csv": str(user / "test.csv")})
+    proc = synth.run_stage("csv", "--params", params, "--raw", "raw", "--train", "out/train.csv",
+                           "--test", "out/test.csv", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"error: {user / 'test.csv'}: labels are names but {user / 'train.csv'}'s are ints; "
+                           f"labels must not mix integers and names\n")
 
 
 @pytest.mark.parametrize("problem", ["directory", "missing", "empty", "wrong-header"])
@@ -274,10 +369,11 @@ def test_stage_user_csv_errors(tmp_path, problem):
         expected = f"error: {train}: file not found (data.dataset is csv; set data.train_csv / data.test_csv)\n"
     elif problem == "empty":
         train.write_bytes(b"")
-        expected = f"error: {train}: file is empty; expected a header line label,pixel1..pixel784\n"
+        expected = f"error: {train}: file is empty; expected a header line label,pixel1..pixelN\n"
     else:
         train.write_bytes(b"label,a,b\n1,2,3\n")
-        expected = f"error: {train}: row 1 (header): expected 785 columns (label,pixel1..pixel784), found 3\n"
+        expected = (f"error: {train}: row 1 (header): 2 pixel columns are not a square grey image; "
+                    f"set data.image_shape to [C, H, W] in params.yaml\n")
     synth.write_csv(user / "test.csv", synth.split(10))
     params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": str(train),
                                                            "test_csv": str(user / "test.csv")})
@@ -311,8 +407,8 @@ def test_stage_10_million_column_header_bounded_memory(tmp_path):
                                           "--test", "out/test.csv", cwd=tmp_path)
     assert time.monotonic() - start < 20
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == (f"error: {src}: row 1 (header) is longer than 65536 bytes; "
-                           "expected 785 columns label,pixel1..pixel784\n")
+    assert proc.stderr == (f"error: {src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
+                           "expected label and one column per pixel\n")
     assert peak < 400 * MB, f"peak RSS {peak / MB:.0f} MB"
     assert synth.leftovers(tmp_path / "out") == []
 

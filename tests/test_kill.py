@@ -53,6 +53,9 @@ def _check_outputs(repo: Path) -> None:
                                  for s in manifest.shards])
     assert np.array_equal(images.reshape(len(images), -1), pixels.astype(np.float32) / np.float32(255))
     assert np.array_equal(got_labels, labels)
+    # the other splits of the same run: the source's test split, and no val split (data.val_fraction 0)
+    assert read_manifest(repo / "data/tensors/test").num_samples == 200
+    assert read_manifest(repo / "data/tensors/val").num_samples == 0
     status = dvc(repo, "status").stdout
     assert "up to date" in status, status
 
@@ -81,5 +84,7 @@ def test_sigkill_mid_write_then_repro(tmp_path: Path, stage: str) -> None:
 
     rerun = dvc(repo, "repro")
     assert f"Running stage '{stage}'" in rerun.stdout
-    assert not _temporaries(out_dir, name), "the rerun should clean up the killed writer's temporary"
+    # tensorize writes every split folder at once: none of their temporaries may survive the rerun
+    for split in (name,) if stage == "parquet" else ("train", "val", "test"):
+        assert not _temporaries(out_dir, split), f"the rerun should clean up the killed writer's {split} temporary"
     _check_outputs(repo)

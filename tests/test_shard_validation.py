@@ -26,6 +26,9 @@ from hypothesis import strategies as st
 
 from pipeline.cli import run_stage
 from pipeline.errors import ShardError
+from pipeline.manifest import PixelStats
+from pipeline.normalize import make_normalization
+from pipeline.tensorize import write_split
 from stages.train import main
 from tests.test_trainer import make_split
 from trainer.data import ShardDataset
@@ -93,6 +96,19 @@ def _offsets(split: Path, images: list[int], labels: list[int]) -> None:
 IMG = 50 * 784 * 4
 LAB = 50 * 8
 
+
+def _emptied(doc: dict) -> dict:
+    """``doc`` as a consistent manifest of a split without samples."""
+    return {**doc, "shards": [], "num_samples": 0, "class_counts": [0] * doc["num_classes"]}
+
+
+def _first_shard_one_short(doc: dict) -> dict:
+    """The first shard's entry says 49 samples and the totals agree, so only the shard itself disagrees."""
+    counts = list(doc["class_counts"])
+    counts[next(i for i, c in enumerate(counts) if c)] -= 1
+    return {**doc, "num_samples": doc["num_samples"] - 1, "class_counts": counts,
+            "shards": [{**doc["shards"][0], "num_samples": 49}, *doc["shards"][1:]]}
+
 # (id, damage, words the message must contain)
 CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
     ("truncated", lambda s: put_shard(s, original(s)[:-100], fix_manifest=False), ("bytes, the manifest says",)),
@@ -138,21 +154,39 @@ CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
     ("metadata-other-dataset", lambda s: put_shard(s, safetensors.numpy.save(tensors(), metadata={"dataset": "mnist"})),
      ("metadata dataset",)),
     ("manifest-count-mismatch", lambda s: save_manifest(s, {**manifest_of(s), "num_samples": 121}), ("num_samples",)),
-    ("manifest-shard-count-mismatch",
-     lambda s: save_manifest(s, {**(d := manifest_of(s)), "num_samples": 119,
-                                 "shards": [{**d["shards"][0], "num_samples": 49}, *d["shards"][1:]]}),
+    ("manifest-shard-count-mismatch", lambda s: save_manifest(s, _first_shard_one_short(manifest_of(s))),
      ("[49, 1, 28, 28]", "[50, 1, 28, 28]")),
-    ("manifest-empty", lambda s: ([p.unlink() for p in s.glob("*.safetensors")],
-                                   save_manifest(s, {**manifest_of(s), "shards": [], "num_samples": 0})),
-     ("shards: expected at least one shard, found an empty list",)),
-    ("manifest-empty-shards-listed",
-     lambda s: save_manifest(s, {**manifest_of(s), "shards": [], "num_samples": 0}), ("expected at least one shard",)),
+    # only the val split may be empty (data.val_fraction 0)
+    ("manifest-empty", lambda s: ([p.unlink() for p in s.glob("*.safetensors")], save_manifest(s, _emptied(manifest_of(s)))),
+     ("expected at least one sample in the train split, found none",)),
+    ("manifest-empty-shards-listed", lambda s: save_manifest(s, _emptied(manifest_of(s))),
+     ("shard-00000.safetensors", "not listed in the manifest")),
     ("manifest-num-samples-zero", lambda s: save_manifest(s, {**manifest_of(s), "num_samples": 0}),
-     ("num_samples: expected an integer >= 1, found 0",)),
+     ("num_samples is 0 but the shards hold 120 and class_counts add up to 120",)),
+    ("manifest-class-counts-sum", lambda s: save_manifest(s, {**(d := manifest_of(s)),
+                                                              "class_counts": [c + 1 for c in d["class_counts"]]}),
+     ("num_samples is 120 but the shards hold 120 and class_counts add up to 130",)),
+    ("manifest-class-counts-length", lambda s: save_manifest(s, {**(d := manifest_of(s)),
+                                                                 "class_counts": d["class_counts"][:9]}),
+     ("class_counts: expected 10 integers >= 0",)),
+    ("manifest-class-names-duplicate", lambda s: save_manifest(s, {**(d := manifest_of(s)),
+                                                                   "class_names": ["a"] * 10}),
+     ("class_names: expected 10 distinct non-empty names",)),
+    ("manifest-image-shape-other", lambda s: save_manifest(s, {**manifest_of(s), "image_shape": [1, 14, 56]}),
+     ("'images'", "float32 [50, 1, 14, 56]", "[50, 1, 28, 28]")),
+    ("manifest-image-shape-zero", lambda s: save_manifest(s, {**manifest_of(s), "image_shape": [0, 28, 28]}),
+     ("image_shape: expected [C, H, W] of integers 1..65536",)),
+    ("manifest-normalization-scalar", lambda s: save_manifest(s, {**(d := manifest_of(s)), "normalization": {
+        **d["normalization"], "mean": 0.0}}), ("normalization: mean: expected list, found 0.0",)),
+    ("manifest-train-stats-per-channel", lambda s: save_manifest(s, {**manifest_of(s), "train_stats": {
+        "mean": [0.5, 0.5, 0.5], "std": [0.3, 0.3, 0.3]}}), ("train_stats: mean: expected 1 finite numbers",)),
     ("manifest-missing", lambda s: (s / "manifest.json").unlink(), ("manifest not found",)),
     ("manifest-not-json", lambda s: (s / "manifest.json").write_text("{"), ("not valid JSON",)),
     ("manifest-a-list", lambda s: (s / "manifest.json").write_text("[]"), ("expected a JSON object",)),
-    ("manifest-wrong-version", lambda s: save_manifest(s, {**manifest_of(s), "schema_version": 2}), ("schema_version",)),
+    ("manifest-wrong-version", lambda s: save_manifest(s, {**manifest_of(s), "schema_version": 1}),
+     ("manifest.json: schema_version 1 is not this pipeline's 2; rerun `dvc repro tensorize` to rebuild the shards",)),
+    ("manifest-future-version", lambda s: save_manifest(s, {**manifest_of(s), "schema_version": 3}),
+     ("schema_version 3 is not this pipeline's 2",)),
     ("manifest-unknown-key", lambda s: save_manifest(s, {**manifest_of(s), "exec": "rm -rf /"}), ("unknown key 'exec'",)),
     ("manifest-path-traversal",
      lambda s: save_manifest(s, {**(d := manifest_of(s)), "shards": [{**d["shards"][0], "file": "../train/" + SHARD}, *d["shards"][1:]]}),
@@ -185,17 +219,49 @@ def test_tampered_bytes_pass_the_header_check_and_fail_the_full_check(split: Pat
         validate_split(split, expected_split="train", verify="full")
 
 
-def test_train_and_test_must_share_dataset_and_normalization(tmp_path: Path) -> None:
+FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+@pytest.mark.parametrize("key, overrides, found", [
+    ("dataset", dict(dataset="mnist"), "'mnist'"),
+    ("normalization", dict(normalization=make_normalization("standard", PixelStats((0.5,), (0.25,)))),
+     "Normalization(kind='standard', mean=(0.5,), std=(0.25,), stats_from='train')"),
+    ("class_names", dict(class_names=tuple(f"c{i}" for i in range(10))), "('c0', 'c1', "),
+    ("image_shape", dict(image_shape=(3, 28, 28), normalization=make_normalization("unit", None, 3)), "(3, 28, 28)"),
+], ids=["dataset", "normalization", "class_names", "image_shape"])
+def test_train_and_test_must_share_dataset_and_normalization(tmp_path: Path, key, overrides, found) -> None:
+    """And their classes and image shape: each test split below is valid on its own but unlike the train split."""
     make_split(tmp_path / "train", 60, split="train", shard_size=50)
-    make_split(tmp_path / "test", 60, split="test", shard_size=50)
     train = validate_split(tmp_path / "train", expected_split="train")
-    doc = manifest_of(tmp_path / "test")
-    save_manifest(tmp_path / "test", {**doc, "normalization": {"kind": "standard", "mean": 0.3, "std": 0.35, "stats_from": "train"}})
-    with pytest.raises(ShardError, match="normalization"):
-        check_compatible(train, validate_split(tmp_path / "test", expected_split="test"))
-    save_manifest(tmp_path / "test", {**doc, "dataset": "mnist"})
-    with pytest.raises(ShardError, match="dataset"):
-        check_compatible(train, validate_split(tmp_path / "test", expected_split="test"))
+    make_split(tmp_path / "same", 20, split="test", shard_size=50, seed=3)
+    check_compatible(train, validate_split(tmp_path / "same", expected_split="test"))
+    shape = overrides.get("image_shape", (1, 28, 28))
+    rng = np.random.default_rng(0)
+    kw = {"dataset": "fashion-mnist", "normalization": make_normalization("unit", None), "class_names": FASHION,
+          **overrides}
+    write_split([(rng.integers(0, 256, (20, int(np.prod(shape))), dtype=np.uint8), rng.integers(0, 10, 20))],
+                tmp_path / "test", split="test", shard_size=50, **kw)
+    test = validate_split(tmp_path / "test", expected_split="test")
+    with pytest.raises(ShardError) as exc:
+        check_compatible(train, test)
+    message = str(exc.value)
+    assert message.startswith(f"{tmp_path / 'test' / 'manifest.json'}: {key}: expected "), message
+    assert f" like the train split, found {found}" in message, message
+
+
+def test_only_the_val_split_may_be_empty(tmp_path: Path) -> None:
+    make_split(tmp_path / "val", 60, split="val", shard_size=50)
+    doc = manifest_of(tmp_path / "val")
+    for p in (tmp_path / "val").glob("*.safetensors"):
+        p.unlink()
+    save_manifest(tmp_path / "val", _emptied(doc))
+    valid = validate_split(tmp_path / "val", expected_split="val", verify="full")
+    assert valid.num_samples == 0 and valid.shards == ()
+    save_manifest(tmp_path / "val", {**_emptied(doc), "split": "test"})
+    with pytest.raises(ShardError) as exc:
+        validate_split(tmp_path / "val", expected_split="test")
+    assert str(exc.value) == (f"{tmp_path / 'val' / 'manifest.json'}: expected at least one sample in the test split, "
+                              f"found none")
 
 
 def test_shard_replaced_after_validation_is_not_mapped(split: Path) -> None:

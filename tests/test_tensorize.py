@@ -87,7 +87,7 @@ def test_unit_values_are_exact(splits, parquets, tmp_path):
         expected = unit_expected(s.pixels).reshape(-1, 1, 28, 28)
         np.testing.assert_array_equal(bits(images), bits(expected))  # bit for bit
         np.testing.assert_array_equal(labels, s.labels.astype(np.int64))
-        assert manifest["normalization"] == {"kind": "unit", "mean": 0.0, "std": 1.0, "stats_from": "none"}
+        assert manifest["normalization"] == {"kind": "unit", "mean": [0.0], "std": [1.0], "stats_from": "none"}
     assert images.min() == 0.0 and load_split(tmp_path / "t" / "train")[0].max() == 1.0
 
 
@@ -100,7 +100,9 @@ def test_standard_values_are_exact_and_use_train_statistics(splits, parquets, tm
         np.testing.assert_array_equal(bits(images), bits(expected.reshape(-1, 1, 28, 28)))
         np.testing.assert_array_equal(labels, s.labels.astype(np.int64))
         norm = manifest["normalization"]
-        assert norm == {"kind": "standard", "mean": float(mean), "std": float(std), "stats_from": "train"}
+        assert norm == {"kind": "standard", "mean": [float(mean)], "std": [float(std)], "stats_from": "train"}
+        # every split records the train split's statistics (here the ones the normalisation used)
+        assert manifest["train_stats"] == {"mean": [float(mean)], "std": [float(std)]}
     # the test split's own statistics differ: using them would have produced other values
     test_mean, _ = standard_stats_float64(splits[1].pixels)
     assert abs(float(test_mean) - float(mean)) > 0.1
@@ -126,10 +128,19 @@ def test_manifest_content_and_shard_files(splits, parquets, tmp_path):
     run(parquets, tmp_path / "t", shard_size=64, dataset="mnist")
     folder = tmp_path / "t" / "train"
     manifest = json.loads((folder / "manifest.json").read_text())
+    mean, std = standard_stats_float64(splits[0].pixels)
     assert {k: v for k, v in manifest.items() if k not in ("shards", "normalization")} == {
-        "schema_version": 1, "dataset": "mnist", "split": "train", "num_samples": N_TRAIN, "num_classes": 10,
+        "schema_version": 2, "dataset": "mnist", "split": "train", "num_samples": N_TRAIN, "num_classes": 10,
+        "class_names": [str(d) for d in range(10)],
+        "class_counts": np.bincount(splits[0].labels, minlength=10).tolist(),
         "image_shape": [1, 28, 28], "image_dtype": "float32", "label_dtype": "int64",
+        # of x/255 over the train split, whatever the normalisation (unit here)
+        "train_stats": {"mean": [float(mean)], "std": [float(std)]},
     }
+    assert manifest["normalization"] == {"kind": "unit", "mean": [0.0], "std": [1.0], "stats_from": "none"}
+    test_manifest = json.loads((tmp_path / "t" / "test" / "manifest.json").read_text())
+    assert test_manifest["class_counts"] == np.bincount(splits[1].labels, minlength=10).tolist()
+    assert test_manifest["train_stats"] == manifest["train_stats"]  # the train split's, not the test split's
     assert [s["file"] for s in manifest["shards"]] == [f"shard-{i:05d}.safetensors" for i in range(3)]
     assert [s["num_samples"] for s in manifest["shards"]] == [64, 64, 22]
     for entry in manifest["shards"]:
@@ -147,6 +158,15 @@ def test_manifest_content_and_shard_files(splits, parquets, tmp_path):
     assert synth.leftovers(tmp_path / "t") == sorted(
         ["test", "train", *(f"train/{p.name}" for p in folder.iterdir()),
          *(f"test/{p.name}" for p in (tmp_path / "t" / "test").iterdir())])
+
+
+def test_builtin_dataset_records_its_class_names(parquets, tmp_path):
+    run(parquets, tmp_path / "t", dataset="fashion-mnist")
+    for split in ("train", "test"):
+        manifest = read_manifest(tmp_path / "t" / split)
+        assert manifest.class_names == ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+        assert manifest.num_classes == 10
 
 
 def test_shard_order_is_source_order(splits, parquets, tmp_path):
@@ -221,12 +241,13 @@ def test_all_stages_chained_on_generated_idx(tmp_path):
 
 # ============================================================================ bad input
 
-def _bad(splits, tmp_path, make) -> tuple[str, Path]:
+def _bad(splits, tmp_path, make, dataset: str = "fashion-mnist") -> tuple[str, Path]:
+    """``make`` writes the train Parquet; a built-in dataset, so labels must be 0..9."""
     train = make(tmp_path / "pq" / "train.parquet", splits[0])
     test = write_parquet(tmp_path / "pq" / "test.parquet", splits[1])
     out = tmp_path / "tensors"
     with pytest.raises(DataError) as err:
-        tensorize(train, test, out / "train", out / "test", dataset="d", shard_size=64, normalize_kind="unit")
+        tensorize(train, test, out / "train", out / "test", dataset=dataset, shard_size=64, normalize_kind="unit")
     assert synth.leftovers(out) == [], "no split folder, no temporary"
     return str(err.value), train
 
@@ -248,31 +269,93 @@ def _write(df: pl.DataFrame):
     "change, expected",
     [
         (lambda df: df.rename({"pixel5": "pixelX"}), "column 6: expected 'pixel5', found 'pixelX'"),
-        (lambda df: df.drop("pixel784"), "column 785: expected 'pixel784', found '<end of columns>'"),
-        (lambda df: df.with_columns(pl.lit(0, pl.UInt8).alias("extra")), "column 786: expected '<end of columns>', found 'extra'"),
+        (lambda df: df.drop("pixel5"), "column 6: expected 'pixel5', found 'pixel6'"),
+        (lambda df: df.with_columns(pl.lit(0, pl.UInt8).alias("extra")), "column 786: expected 'pixel785', found 'extra'"),
         (lambda df: df.select(["pixel1", "label", *HEADER[2:]]), "column 1: expected 'label', found 'pixel1'"),
-        (lambda df: df.with_columns(pl.col("pixel9").cast(pl.Int64)), "column 'pixel9': expected UInt8, found Int64"),
-        (lambda df: df.with_columns(pl.col("label").cast(pl.Float32)), "column 'label': expected UInt8, found Float32"),
+        (lambda df: df.with_columns(pl.col("pixel9").cast(pl.Int64)), "column 'pixel9': expected UInt8, found int64"),
+        (lambda df: df.with_columns(pl.col("pixel9").cast(pl.UInt16)), "column 'pixel9': expected UInt8, found uint16"),
+        (lambda df: df.with_columns(pl.col("label").cast(pl.Float32)),
+         "column 'label': expected UInt16 or String, found float"),
+        (lambda df: df.with_columns(pl.col("label").cast(pl.Int64)),
+         "column 'label': expected UInt16 or String, found int64"),
         (lambda df: df.with_columns(pl.when(pl.int_range(pl.len()) == 99).then(10).otherwise(pl.col("label"))
                                     .cast(pl.UInt8).alias("label")), "row 100, column 'label': expected 0..9, found 10"),
         (lambda df: df.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(255).otherwise(pl.col("label"))
                                     .cast(pl.UInt8).alias("label")), "row 1, column 'label': expected 0..9, found 255"),
+        (lambda df: df.with_columns(pl.when(pl.int_range(pl.len()) == 42).then(65535).otherwise(pl.col("label"))
+                                    .cast(pl.UInt16).alias("label")), "row 43, column 'label': expected 0..9, found 65535"),
         (lambda df: df.with_columns(pl.when(pl.int_range(pl.len()) == 70).then(None).otherwise(pl.col("pixel7"))
-                                    .alias("pixel7")), "row 71, column 'pixel7': expected a UInt8 value, found null"),
+                                    .alias("pixel7")), "row 71, column 'pixel7': expected a value, found null"),
         (lambda df: df.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("label"))
-                                    .alias("label")), "row 4, column 'label': expected a UInt8 value, found null"),
+                                    .alias("label")), "row 4, column 'label': expected a value, found null"),
     ],
-    ids=["renamed", "missing-column", "extra-column", "reordered", "int64-pixel", "float-label", "label-10",
-         "label-255", "null-pixel", "null-label"],
+    ids=["renamed", "missing-column", "extra-column", "reordered", "int64-pixel", "uint16-pixel", "float-label",
+         "int64-label", "label-10", "label-255", "uint16-label-65535", "null-pixel", "null-label"],
 )
 def test_bad_parquet_refused(splits, tmp_path, change, expected):
     msg, path = _bad(splits, tmp_path, _write(change(_frame(splits[0]))))
     assert msg == f"{path}: {expected}"
 
 
+@pytest.mark.parametrize("label", [10, 255, 65535])
+def test_labels_past_9_make_more_classes_for_other_datasets(splits, tmp_path, label):
+    """Only a built-in dataset (10 classes) refuses a label >= 10; otherwise the classes are 0..largest."""
+    df = _frame(splits[0]).with_columns(pl.col("label").cast(pl.UInt16))
+    df = df.with_columns(pl.when(pl.int_range(pl.len()) == 99).then(label).otherwise(pl.col("label"))
+                         .cast(pl.UInt16).alias("label"))
+    train = _write(df)(tmp_path / "pq" / "train.parquet", splits[0])
+    test = write_parquet(tmp_path / "pq" / "test.parquet", splits[1])
+    out = tmp_path / "tensors"
+    manifests = tensorize(train, test, out / "train", out / "test", dataset="d", shard_size=64,
+                          normalize_kind="unit", notice=lambda _m: None)
+    assert manifests["train"].num_classes == label + 1
+    assert manifests["train"].class_names == tuple(str(c) for c in range(label + 1))
+    assert manifests["train"].class_counts[label] == 1
+    _, labels, _ = load_split(out / "train")
+    expected = splits[0].labels.astype(np.int64)
+    expected[99] = label
+    np.testing.assert_array_equal(labels, expected)
+
+
 def test_empty_parquet_refused(splits, tmp_path):
-    msg, _ = _bad(splits, tmp_path, _write(_frame(splits[0]).head(0)))
-    assert msg == "train: no samples to write"
+    msg, path = _bad(splits, tmp_path, _write(_frame(splits[0]).head(0)))
+    assert msg == f"{path}: has no rows; the train split needs samples"
+
+
+def test_train_and_test_pixel_counts_must_agree(splits, tmp_path):
+    train = write_parquet(tmp_path / "pq" / "train.parquet", splits[0])
+    test = tmp_path / "pq" / "test.parquet"
+    _frame(splits[1]).drop("pixel784").write_parquet(test)
+    with pytest.raises(DataError) as err:
+        tensorize(train, test, tmp_path / "t" / "train", tmp_path / "t" / "test", dataset="d", shard_size=64,
+                  normalize_kind="unit")
+    assert str(err.value) == f"{test}: expected rows of 784 pixels like the train split, found 783"
+    assert synth.leftovers(tmp_path / "t") == []
+
+
+def test_non_square_pixel_count_needs_an_image_shape(splits, tmp_path):
+    """783 columns (pixel784 dropped from both splits) are no square grey image; an image_shape makes them one."""
+    paths = []
+    for s, name in zip(splits, ("train", "test")):
+        paths.append(tmp_path / "pq" / f"{name}.parquet")
+        paths[-1].parent.mkdir(parents=True, exist_ok=True)
+        _frame(s).drop("pixel784").write_parquet(paths[-1])
+    out = tmp_path / "t"
+    with pytest.raises(DataError) as err:
+        tensorize(*paths, out / "train", out / "test", dataset="d", shard_size=64, normalize_kind="unit")
+    assert str(err.value) == (f"{paths[0]}: 783 pixel columns are not a square grey image; set data.image_shape "
+                              f"to [C, H, W] in params.yaml")
+    assert synth.leftovers(out) == []
+    with pytest.raises(DataError) as err:
+        tensorize(*paths, out / "train", out / "test", dataset="d", shard_size=64, normalize_kind="unit",
+                  image_shape=(1, 28, 28))
+    assert str(err.value) == f"{paths[0]}: expected 1x28x28 = 784 pixel columns as data.image_shape says, found 783"
+    manifests = tensorize(*paths, out / "train", out / "test", dataset="d", shard_size=64, normalize_kind="unit",
+                          image_shape=(3, 1, 261))
+    assert manifests["train"].image_shape == (3, 1, 261)
+    images, _, _ = load_split(out / "train")
+    expected = unit_expected(splits[0].pixels[:, :783]).reshape(-1, 3, 1, 261)
+    np.testing.assert_array_equal(bits(images), bits(expected))
 
 
 @pytest.mark.parametrize("content", [None, b"label,pixel1\n1,2\n", b"PAR1" + bytes(100) + b"PAR1"],
@@ -295,7 +378,8 @@ def test_bad_test_split_leaves_no_test_folder(splits, tmp_path):
         tensorize(train, test, tmp_path / "t" / "train", tmp_path / "t" / "test", dataset="d", shard_size=64,
                   normalize_kind="unit")
     assert not (tmp_path / "t" / "test").exists()
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) in ([], ["train"])  # no temporaries
+    # both files are checked before any folder is made: no split folder, no temporary
+    assert synth.leftovers(tmp_path / "t") == []
 
 
 def test_failure_keeps_the_previous_complete_folder(splits, parquets, tmp_path):
@@ -324,7 +408,8 @@ def test_stage_standard(splits, parquets, tmp_path):
         np.testing.assert_array_equal(labels, s.labels)
         assert manifest["dataset"] == "mnist"
         assert all(e["num_samples"] <= 50 for e in manifest["shards"])
-    assert f"tensorize: train: {N_TRAIN} samples in 3 shards" in proc.stdout
+    assert f"tensorize: train: {N_TRAIN} samples of 10 classes, [1, 28, 28], in 3 shards" in proc.stdout
+    assert f"tensorize: test: {N_TEST} samples of 10 classes, [1, 28, 28], in 1 shards" in proc.stdout
 
 
 def test_stage_bad_input_exit_2(splits, tmp_path):

@@ -23,7 +23,7 @@ from pipeline.cli import run_stage
 from stages.train import main
 from tests.test_trainer import make_split
 from trainer.export import load_model
-from trainer.run import MACHINE_METRICS, METRICS
+from trainer.run import MACHINE_METRICS, METRICS, VAL_METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_METRICS = [m for m in METRICS if m not in MACHINE_METRICS]
@@ -104,9 +104,9 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
-def history(work: Path) -> dict[str, list[tuple[int, float]]]:
+def history(work: Path, names: tuple[str, ...] = METRICS) -> dict[str, list[tuple[int, float]]]:
     out = {}
-    for name in METRICS:
+    for name in names:
         rows = read_tsv(work / "dvclive" / "plots" / "metrics" / f"{name}.tsv")
         out[name] = [(int(r["step"]), float(r[name])) for r in rows]
     return out
@@ -143,8 +143,79 @@ def test_train_stage_end_to_end(baseline) -> None:
     assert sorted(p.name for p in (work / "models").iterdir()) == ["model.json", "model.safetensors"]
     model, config = load_model(work / "models")
     assert config["parameters"] == 206_922 and config["training"]["epochs"] == 2
+    assert config["format"] == 2 and config["input_shape"] == [1, 28, 28]
+    assert config["class_names"] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    assert not any(name.startswith("val_") for name in summary)  # no --val: no validation metrics
     assert not (work / "checkpoints").exists(), "a finished run leaves no checkpoint behind"
     assert sorted(p.name for p in (work / "dvclive").iterdir()) == ["metrics.json", "plots"]
+
+
+def _empty_val(folder: Path) -> Path:
+    """A val split without samples, as tensorize writes it when data.val_fraction is 0."""
+    make_split(folder, 10, split="val", shard_size=100)
+    doc = json.loads((folder / "manifest.json").read_text())
+    for shard in folder.glob("*.safetensors"):
+        shard.unlink()
+    doc.update(shards=[], num_samples=0, class_counts=[0] * doc["num_classes"])
+    (folder / "manifest.json").write_text(json.dumps(doc))
+    return folder
+
+
+def test_val_split_adds_val_metrics_and_changes_nothing_else(data: Path, baseline, tmp_path: Path) -> None:
+    """A val split holding the test split's samples: val_* equal test_* every epoch; training is the baseline's."""
+    work0, _ = baseline
+    val = tmp_path / "val"
+    make_split(val, 128, split="val", shard_size=100, seed=2)  # the test split's samples
+    work = tmp_path / "work"
+    work.mkdir()
+    params = write_params(work / "params.yaml", loader={"num_workers": 0})
+    res = subprocess.run([*stage_cmd(data, work, params), "--val", str(val)], cwd=work, env=stage_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((work / "dvclive" / "metrics.json").read_text())
+    assert set(summary) == {*METRICS, *VAL_METRICS, "step"}
+    logged = history(work, METRICS + VAL_METRICS)
+    assert [s for s, _ in logged["val_loss"]] == [s for s, _ in logged["val_acc"]] == [0, 1]
+    assert logged["val_loss"] == [(s, v) for s, v in logged["test_loss"]]
+    assert logged["val_acc"] == [(s, v) for s, v in logged["test_acc"]]
+    assert summary["val_acc"] == logged["val_acc"][-1][1] and 0 <= summary["val_acc"] <= 1
+    assert res.stdout.count("val_loss ") == 2 and res.stdout.count("val_acc ") == 2
+    a = history(work0)
+    for name in MODEL_METRICS:
+        assert a[name] == logged[name], name
+    assert (work0 / "models" / "model.safetensors").read_bytes() == (work / "models" / "model.safetensors").read_bytes()
+
+
+def test_empty_val_split_logs_no_val_metrics(data: Path, tmp_path: Path) -> None:
+    val = _empty_val(tmp_path / "val")
+    params = write_params(tmp_path / "params.yaml", train={"epochs": 1})
+    res = subprocess.run([*stage_cmd(data, tmp_path, params), "--val", str(val)], cwd=tmp_path, env=stage_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert set(json.loads((tmp_path / "dvclive" / "metrics.json").read_text())) == {*METRICS, "step"}
+    assert not list((tmp_path / "dvclive").rglob("val_*")) and "val_loss" not in res.stdout
+
+
+@pytest.mark.parametrize("change, key", [
+    (lambda d: d.update(class_names=[f"c{i}" for i in range(10)]), "class_names"),
+    (lambda d: d.update(normalization={"kind": "standard", "mean": [0.5], "std": [0.25], "stats_from": "train"}),
+     "normalization"),
+])
+def test_val_split_unlike_train_is_refused_before_any_work(data: Path, tmp_path: Path, monkeypatch, capsys,
+                                                           change, key) -> None:
+    val = _empty_val(tmp_path / "val")
+    doc = json.loads((val / "manifest.json").read_text())
+    change(doc)
+    (val / "manifest.json").write_text(json.dumps(doc))
+    monkeypatch.chdir(tmp_path)
+    params = write_params(tmp_path / "params.yaml")
+    with pytest.raises(SystemExit) as exc:
+        run_stage(main, [*train_argv(data, tmp_path, params), "--val", str(val)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {val.absolute() / 'manifest.json'}: {key}: expected ") and err.count("\n") == 1, err
+    assert not any((tmp_path / p).exists() for p in ("models", "checkpoints", "dvclive"))
 
 
 @pytest.mark.slow

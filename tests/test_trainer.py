@@ -323,11 +323,36 @@ def test_model_folder_round_trip(split, tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "models" / CONFIG).read_text())
     assert on_disk == config
     assert on_disk["architecture"] == "SimpleCNN" and on_disk["parameters"] == 206_922
-    assert on_disk["normalization"] == {"kind": "unit", "mean": 0.0, "std": 1.0, "stats_from": "none"}
-    assert on_disk["dataset"] == "fashion-mnist" and len(on_disk["classes"]) == 10
+    assert on_disk["format"] == 2 and on_disk["input_shape"] == [1, 28, 28] and on_disk["num_classes"] == 10
+    assert on_disk["normalization"] == {"kind": "unit", "mean": [0.0], "std": [1.0], "stats_from": "none"}
+    assert on_disk["dataset"] == "fashion-mnist" and "classes" not in on_disk
+    assert on_disk["class_names"] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     loaded, _ = load_model(tmp_path / "models")
     x = torch.rand(2, 1, 28, 28)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_model_folder_round_trip_for_another_shape_and_classes(tmp_path: Path) -> None:
+    """The model and model.json follow the manifest: 3x12x20 images, 4 named classes."""
+    rng = np.random.default_rng(1)
+    names = ("bird", "cat", "dog", "fish")
+    write_split([(rng.integers(0, 256, (30, 3 * 12 * 20), dtype=np.uint8), rng.integers(0, 4, 30))],
+                tmp_path / "train", dataset="images", split="train", shard_size=16,
+                normalization=make_normalization("unit", None, 3), image_shape=(3, 12, 20), class_names=names)
+    manifest = validate_split(tmp_path / "train", expected_split="train").manifest
+    torch.manual_seed(0)
+    model = SimpleCNN(*manifest.image_shape, manifest.num_classes)
+    save_model(tmp_path / "models", model, manifest=manifest, train=TrainParams())
+    on_disk = json.loads((tmp_path / "models" / CONFIG).read_text())
+    assert on_disk["input_shape"] == [3, 12, 20] and on_disk["num_classes"] == 4
+    assert on_disk["class_names"] == list(names) and on_disk["dataset"] == "images"
+    assert on_disk["normalization"] == {"kind": "unit", "mean": [0.0] * 3, "std": [1.0] * 3, "stats_from": "none"}
+    assert on_disk["parameters"] == count_parameters(model) != NUM_PARAMETERS
+    loaded, config = load_model(tmp_path / "models")
+    assert config == on_disk and loaded.input_shape == (3, 12, 20)
+    x = torch.rand(2, 3, 12, 20)
+    assert loaded(x).shape == (2, 4) and torch.equal(loaded(x), model(x))
 
 
 # ============================================================================ what a checkpoint must match

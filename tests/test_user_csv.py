@@ -44,7 +44,10 @@ def _bad_train(tmp_path: Path, row: int, col: int, cell: str, **kw) -> Path:
         (3, 6, "256", dict(zero_based=True, newline="\r\n", bom=True),
          "row 3 (line 4), column 6 (pixel4): expected an integer 0..255, found 256"),
         (2, 6, "256", dict(), "row 2 (line 3), column 6 (pixel5): expected an integer 0..255, found 256"),
-        (5, 1, "10", dict(zero_based=True), "row 5 (line 6), column 1 (label): expected an integer 0..9, found 10"),
+        (5, 1, "65536", dict(zero_based=True),
+         "row 5 (line 6), column 1 (label): expected an integer 0..65535, found 65536"),
+        (5, 1, "cat", dict(), "row 5 (line 6), column 1 (label): expected an integer 0..65535 like the first "
+                              "row's, found 'cat' (labels must not mix integers and names)"),
         (1, 785, "x", dict(zero_based=True), "row 1 (line 2), column 785 (pixel783): expected an integer 0..255, "
                                              "found 'x'"),
         (4, 300, "", dict(), "row 4 (line 5), column 300 (pixel299): expected an integer 0..255, found an empty cell"),
@@ -52,7 +55,8 @@ def _bad_train(tmp_path: Path, row: int, col: int, cell: str, **kw) -> Path:
                                             "found -1"),
         (2, 785, "0,0", dict(), "row 2 (line 3): expected 785 values, found 786"),
     ],
-    ids=["zero-based-crlf-bom", "canonical", "label", "not-a-number", "empty-cell", "negative", "extra-cell"],
+    ids=["zero-based-crlf-bom", "canonical", "label", "mixed-label", "not-a-number", "empty-cell", "negative",
+         "extra-cell"],
 )
 def test_bad_cell_is_reported_in_the_users_file_and_words(tmp_path, row, col, cell, kw, expected):
     src = _bad_train(tmp_path, row, col, cell, **kw)
@@ -69,6 +73,42 @@ def test_valid_user_csv_passes_the_value_check(tmp_path):
     proc = _stage(tmp_path, "data/user/train.csv")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out/train.csv").read_bytes() == synth.csv_bytes(tr)
+
+
+def test_labels_past_9_pass_the_value_check(tmp_path):
+    """Integer labels are 0..65535 now (a built-in dataset's 0..9 is checked by tensorize)."""
+    src = _bad_train(tmp_path, 5, 1, "65535", zero_based=True)
+    proc = _stage(tmp_path, "data/user/train.csv")
+    assert proc.returncode == 0, proc.stderr
+    out = (tmp_path / "out/train.csv").read_bytes()
+    assert out.split(b"\n")[5].startswith(b"65535,")
+    assert out.split(b"\n", 1)[1] == src.read_bytes().split(b"\n", 1)[1]
+
+
+def _named(path: Path, names: list[bytes]) -> bytes:
+    """``path``'s rows with their labels replaced by ``names``; returns the new content."""
+    head, *rows = path.read_bytes().rstrip(b"\n").split(b"\n")
+    rows = [name + row[row.index(b","):] for name, row in zip(names, rows)]
+    path.write_bytes(b"\n".join([head, *rows]) + b"\n")
+    return path.read_bytes()
+
+
+def test_class_name_labels_pass_and_an_integer_among_them_is_reported(tmp_path):
+    src = synth.write_csv(tmp_path / "data/user/train.csv", synth.split(6, seed=1))
+    names = [b"Ankle boot", b'"boot, ankle"', b"cat", b"Ankle boot", b"dog", b"cat"]  # a quoted name may hold a comma
+    body = _named(src, names)
+    test = synth.write_csv(tmp_path / "data/user/test.csv", synth.split(2, seed=3))
+    _named(test, [b"cat", b"dog"])
+    proc = _stage(tmp_path, "data/user/train.csv")
+    assert proc.returncode == 0, proc.stderr
+    assert "(name labels, images [1, 28, 28])" in proc.stdout
+    assert (tmp_path / "out/train.csv").read_bytes().split(b"\n", 1)[1] == body.split(b"\n", 1)[1]
+    synth.write_csv(src, synth.split(6, seed=1))
+    _named(src, [*names[:3], b"4", *names[4:]])
+    proc = _stage(tmp_path, "data/user/train.csv")
+    assert proc.returncode == 2
+    assert proc.stderr == ("error: data/user/train.csv: row 4 (line 5), column 1 (label): expected a class name "
+                           "like the first row's, found the integer '4' (labels must not mix integers and names)\n")
 
 
 @pytest.mark.parametrize("where", ["elsewhere/train.csv", "data/user/../train.csv", "absolute"])
