@@ -5,7 +5,8 @@ so the lock cannot live inside it: it is an empty file beside it,
 ``.<folder>.lock``, held with ``flock`` for the whole run. The path is
 resolved first, so a folder reached through a symbolic link takes the same
 lock as the folder itself. The kernel drops the lock when its holder dies,
-however it dies, so a SIGKILLed run never leaves a stale lock behind. A
+however it dies, so a SIGKILLed run never leaves a stale lock behind (its
+forked DataLoader workers close their copies at once, see :func:`_close_in_child`). A
 second training on the same folder is refused at once with one line instead
 of racing the first for the folder.
 
@@ -29,6 +30,19 @@ from pathlib import Path
 from pipeline.errors import OutputError, PipelineError
 
 LOCK_HELD_ENV = "TRAINER_CHECKPOINT_LOCK_HELD"
+_HELD: set[int] = set()  # this process's lock descriptors
+
+
+def _close_in_child() -> None:
+    """A forked child (a DataLoader worker) drops its copies of the lock: a flock lasts while any copy
+    is open, so a worker outliving its SIGKILLed parent by a few seconds would otherwise hold it."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class CheckpointBusy(PipelineError):
@@ -65,6 +79,7 @@ def checkpoint_lock(checkpoint_dir: Path | str, *, token: str | None = None) -> 
     """
     path = lock_path(checkpoint_dir)
     fd = _open(path)
+    _HELD.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,4 +96,5 @@ def checkpoint_lock(checkpoint_dir: Path | str, *, token: str | None = None) -> 
             raise OutputError(f"{path}: cannot write the checkpoint lock ({exc.strerror or exc})") from None
         yield fresh
     finally:
+        _HELD.discard(fd)
         os.close(fd)
