@@ -19,6 +19,7 @@ from pipeline.normalize import make_normalization
 from pipeline.params import LoaderParams, TrainParams
 from pipeline.tensorize import write_split
 from trainer.checkpoint import (
+    ELASTIC,
     META,
     ROOT,
     SPEED_ONLY,
@@ -392,8 +393,10 @@ def test_every_param_is_in_the_fingerprint_unless_declared_speed_only(split, sec
                                                         **{field.name: _other_value(hints[field.name],
                                                                                     getattr(base[section], field.name))})}
         other = fingerprint(changed["train"], changed["loader"], CPU, manifest, manifest, ARCHITECTURE, code="c")
-        assert (other == fp) == (f"{section}.{field.name}" in SPEED_ONLY), field.name
-    assert {k for k in SPEED_ONLY if k.startswith(section + ".")} <= {f"{section}.{f.name}" for f in dataclasses.fields(cls)}
+        assert (other == fp) == (f"{section}.{field.name}" in SPEED_ONLY | ELASTIC), field.name
+    assert {k for k in SPEED_ONLY | ELASTIC if k.startswith(section + ".")} <= {
+        f"{section}.{f.name}" for f in dataclasses.fields(cls)}
+    assert ELASTIC == {"train.processes"}  # anything else leaving the fingerprint must be proven speed-only
 
 
 def test_fingerprint_covers_code_torch_version_device_and_data(split, monkeypatch) -> None:

@@ -69,17 +69,20 @@ SPEED_ONLY = frozenset({
     "train.checkpoint_seconds",
     "train.max_restarts",  # how often a killed group is restarted, not what it computes
 })
+# Params compared outside the fingerprint: the number of processes, which a resume may change
+# (elastic; RunShape.processes records the world size the run really had, whoever set it).
+ELASTIC = frozenset({"train.processes"})
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_STAGE = "train"
 
 
 def result_params(train: TrainParams, loader: LoaderParams) -> dict[str, Any]:
-    """Every ``loader.*`` and ``train.*`` value except :data:`SPEED_ONLY`, by dotted key."""
+    """Every ``loader.*`` and ``train.*`` value except :data:`SPEED_ONLY` and :data:`ELASTIC`, by dotted key."""
     out = {}
     for section, params in (("loader", loader), ("train", train)):
         for field in dataclasses.fields(params):
             key = f"{section}.{field.name}"
-            if key not in SPEED_ONLY:
+            if key not in SPEED_ONLY | ELASTIC:
                 value = getattr(params, field.name)
                 out[key] = list(value) if isinstance(value, tuple) else value
     return out
