@@ -230,16 +230,26 @@ def resume_everywhere(run: Run, history_names: Sequence[str], max_epoch: int) ->
     return position, list(resumed.history)
 
 
-def write_checkpoint(run: Run, position: Position, history: list[dict[str, float]]) -> None:
-    """Rank 0 writes the checkpoint; a failure (disk full, permissions) is a warning and training goes on."""
+def write_checkpoint(run: Run, position: Position, history: list[dict[str, float]]) -> bool:
+    """Rank 0 writes the checkpoint; a failure (disk full, permissions) is a warning and training goes on.
+
+    Checkpoints are a convenience: losing one costs time, never the run. Whether one was written."""
     if not run.group.is_main:
-        return
+        return False
     try:
         save_checkpoint(run.checkpoint_dir, model=run.model, optimizer=run.optimizer, device=run.device,
                         position=position, run_fingerprint=run.fingerprint, shape=run.shape, history=history)
     except (OutputError, SafetensorError) as exc:
-        run.notice(f"warning: {run.checkpoint_dir}: checkpoint not written ({' '.join(str(exc).split())[:200]}); "
-                   "training goes on")
+        run.notice(f"warning: {run.checkpoint_dir}: checkpoint not written ({_reason(exc)}); training goes on")
+        return False
+    return True
+
+
+def _reason(exc: BaseException) -> str:
+    """The OS's reason for a failed write, on one line (an OutputError's cause, or safetensors' text)."""
+    cause = exc.__cause__ if isinstance(exc, OutputError) and isinstance(exc.__cause__, OSError) else None
+    text = (cause.strerror or str(cause)) if cause is not None else str(exc)
+    return " ".join(text.split())[:200]
 
 
 def train_epoch(run: Run, epoch: int, start: Position, timer: CheckpointTimer,
@@ -289,10 +299,11 @@ def export(run: Run, model_dir: Path | str, train_split: ValidSplit, history: li
     try:
         save_model(model_dir, run.model, manifest=train_split.manifest, train=run.params)
     except (OutputError, SafetensorError) as exc:
-        write_checkpoint(run, Position(run.params.epochs, 0, 0, (0.0,) * run.group.world_size), history)
-        reason = exc.__cause__ if isinstance(exc, OutputError) and exc.__cause__ else exc
-        raise OutputError(f"{model_dir}: could not write the model ({' '.join(str(reason).split())[:200]}); nothing "
-                          f"was left behind; a rerun resumes from {run.checkpoint_dir} and only writes the model") from None
+        kept = write_checkpoint(run, Position(run.params.epochs, 0, 0, (0.0,) * run.group.world_size), history)
+        then = (f"the trained state is in {run.checkpoint_dir}: a rerun only writes the model" if kept
+                else "the trained state could not be kept either")
+        raise OutputError(f"{model_dir}: could not write the model ({_reason(exc)}); nothing was left behind; "
+                          f"{then}") from None
 
 
 def train(
