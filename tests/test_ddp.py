@@ -45,6 +45,7 @@ from tests.test_train_stage import (
 from trainer.distributed import check_gpus, default_threads
 from trainer.lock import CheckpointBusy, checkpoint_lock, lock_path
 from trainer.loader import EpochBatchSampler
+from trainer.loop import scaled_loss
 from trainer.model import SimpleCNN
 from trainer.rank_split import RankBatches, rank_range
 from trainer.run import METRICS
@@ -143,7 +144,8 @@ def test_scaled_rank_losses_average_to_the_global_gradient(n: int, world: int) -
     for rank in range(world):
         model.zero_grad()
         start, stop = rank_range(n, rank, world)
-        (F.cross_entropy(model(x[start:stop]), y[start:stop], reduction="sum") / (n / world)).backward()
+        summed = F.cross_entropy(model(x[start:stop]), y[start:stop], reduction="sum")
+        scaled_loss(summed, n, world).backward()  # the loop's own scaling, not a copy of its formula
         for t, p in zip(total, model.parameters()):
             t += p.grad
     for t, e in zip(total, expected):
