@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.cli import parser, run_stage
 from pipeline.csvdata import check_user_csv_location, idx_to_csv, import_user_csv
+from pipeline.download import verify_raw
 from pipeline.params import load_section
 from pipeline.sources import DATASETS
 
@@ -31,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"csv: {split}: {sources[split]} -> {out}")
         return
     spec = DATASETS[data.dataset]
+    verify_raw(spec, args.raw)  # data/raw may come from a remote or by hand, not through `download`
     for split, out in outputs.items():
         files = spec.train if split == "train" else spec.test
         rows = idx_to_csv(args.raw / files.images.name, args.raw / files.labels.name, out)
