@@ -34,7 +34,7 @@ import math
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,8 +158,8 @@ class Run:
     trained: torch.nn.Module  # the model, in DDP when there are several processes
     optimizer: torch.optim.Optimizer
     train_batches: RankBatches
-    train_loader: Iterator
-    test_loader: Iterator
+    train_loader: Iterable  # DataLoader or DeviceResidentBatches
+    test_loader: Iterable
     non_blocking: bool
     fingerprint: str
     shape: RunShape
