@@ -120,3 +120,24 @@ def test_every_speed_only_key_changes_no_result(data: Path, tmp_path: Path, monk
         got, got_model = _short_run(data, tmp_path / key, changed["loader"], changed["train"])
         assert got[:1] == expected, key  # train.epochs: the first epoch of a longer run is this run
         assert got_model == model or key == "train.epochs", key
+
+
+def test_a_checkpoint_from_another_thread_count_is_not_resumed(data: Path, baseline, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """train.threads null resolves at run time: killed under OMP_NUM_THREADS=1, rerun under 2, it used to
+    resume and end equal to neither uninterrupted run."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("this process has one intra-op thread: no other count to resume under")
+    work0, _ = baseline
+    params = write_params(tmp_path / "params.yaml", train=EVERY_STEP)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run_until_killed(data, tmp_path, params, "write_checkpoint", 2)
+    assert _checkpoint(tmp_path)["threads"] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # what the baseline resolved
+    res = subprocess.run(stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    notices = [line for line in res.stderr.splitlines() if "not resuming" in line]
+    assert len(notices) == 1 and f"made with 1 intra-op threads per process, this run uses " \
+        f"{torch.get_num_threads()}" in notices[0], res.stderr
+    _same_as_baseline(work0, tmp_path)  # from scratch, under the baseline's thread count
