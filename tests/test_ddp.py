@@ -448,3 +448,17 @@ def test_one_process_killed_mid_epoch_resumes_on_two(data: Path, one: Path, tmp_
     difference = _max_relative_difference(one, tmp_path)
     print(f"elastic 1 -> 2: max relative loss difference {difference:.2e} vs 1 process")
     assert difference <= ELASTIC_TOLERANCE
+
+
+def test_non_finite_loss_stops_every_process_with_one_line_and_no_restart(data: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"loader": PARAMS["loader"], "train": {**PARAMS["train"], "lr": 1.0e8,
+                                                                          "processes": 2}}))
+    res = subprocess.run(stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2, res.stdout + res.stderr
+    last = res.stderr.splitlines()[-1]
+    assert last.startswith("error: epoch 1/3, step ") and "the training loss is not finite" in last, res.stderr
+    assert res.stderr.count("error: ") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "resuming" not in res.stderr, "a restart would only fail again at the same step"
+    assert not (tmp_path / "models").exists()

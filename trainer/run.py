@@ -34,6 +34,7 @@ import math
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +42,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from pipeline.atomic import write_bytes_atomic
 from pipeline.errors import OutputError, ParamsError, PipelineError
 from pipeline.params import LoaderParams, TrainParams
 from trainer import distributed
 from trainer.allocator import retain_freed_memory
-from trainer.boundary import CheckpointTimer, StepBoundary, non_finite, weights_finite
+from trainer.boundary import CheckpointTimer, NonFiniteLoss, StepBoundary, non_finite, weights_finite
 from trainer.checkpoint import (
     RunShape,
     empty_state,
@@ -82,6 +84,8 @@ METRICS = (
 # Metrics that measure the machine rather than the model; they differ between identical runs
 # (threads: with train.threads null it is PyTorch's choice for this machine).
 MACHINE_METRICS = frozenset({"epoch_seconds", "samples_per_second", "data_wait_fraction", "peak_memory_mb", "threads"})
+# Set by train_in_processes for its ranks: where rank 0 leaves the message of a non-finite stop.
+STOP_FILE_ENV = "TRAINER_STOP_FILE"
 # On an accelerator reading the running loss makes the host wait for the device, so the step
 # boundary (non-finite check, time-based checkpoint) runs every this many steps; on the CPU every step.
 ACCELERATOR_CHECK_STEPS = 16
@@ -136,12 +140,18 @@ def train_in_processes(
     Inputs and GPUs are checked here first, so a user error is one line and
     exit 2 instead of every rank failing (and being restarted) alike. The
     checkpoint lock is held here, across the agent's restarts of the group.
+    A non-finite loss stops every rank at the same step; they end without
+    error (a restart would fail again at the same step) and rank 0 leaves
+    the message in :data:`STOP_FILE_ENV`'s file, raised here.
     """
     device, _, _ = check_inputs(train_dir, test_dir, train)
     distributed.check_gpus(device, train.processes)
-    with checkpoint_lock(checkpoint_dir) as token:
+    with checkpoint_lock(checkpoint_dir) as token, tempfile.TemporaryDirectory() as tmp:
+        stop_file = Path(tmp) / "stopped"
         code = distributed.run_torchrun(module, args, processes=train.processes, max_restarts=train.max_restarts,
-                                        env={LOCK_HELD_ENV: token})
+                                        env={LOCK_HELD_ENV: token, STOP_FILE_ENV: str(stop_file)})
+        if stop_file.exists():
+            raise NonFiniteLoss(stop_file.read_text(encoding="utf-8"))
     if code != 0:
         notice(f"error: the {train.processes} training processes failed (torchrun exit {code}, "
                f"train.max_restarts {train.max_restarts}); see their output above")
@@ -377,6 +387,13 @@ def train(
                 live.end()
                 _drop_checkpoint(checkpoint_dir, notice)
             return history[-1]
+    except NonFiniteLoss as exc:
+        stop_file = os.environ.get(STOP_FILE_ENV)
+        if not (group.launched and stop_file):
+            raise
+        if group.is_main:
+            write_bytes_atomic(stop_file, str(exc).encode("utf-8"))
+        return {}
     finally:
         distributed.leave(group)
 
