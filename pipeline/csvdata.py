@@ -11,6 +11,7 @@ block (:mod:`pipeline.csvblocks`), in memory bounded by the block size.
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +55,20 @@ def idx_to_csv(images_gz: Path, labels_gz: Path, out_csv: Path) -> int:
 
 def check_user_csv_location(path: Path, folder: Path, key: str, where: str = "params.yaml") -> None:
     """Refuse a user CSV outside ``folder``: dvc.yaml tracks that folder, so edits elsewhere would go unseen."""
-    if not path.resolve().is_relative_to(folder.resolve()):
+    resolved = path.resolve()
+    if resolved.is_relative_to(folder.resolve()):
+        return
+    if Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder)):  # inside by name, not through links
+        fix = (f"replace the link by a copy (cp --remove-destination {resolved} {path})" if path.is_symlink()
+               else f"a folder on its way is a link: make it a real folder under {folder}/ holding a copy")
         raise ParamsError(
-            f"{where}: {key}: {path} is outside {folder}/, the folder dvc.yaml tracks, so dvc repro would "
-            f"not notice when the file changes: copy it to {folder / path.name} and set {key}: {folder / path.name}"
+            f"{where}: {key}: {path} is a symbolic link to {resolved}, outside {folder}/, the folder dvc.yaml "
+            f"tracks, so dvc repro would not notice when that file changes: {fix}"
         )
+    raise ParamsError(
+        f"{where}: {key}: {path} is outside {folder}/, the folder dvc.yaml tracks, so dvc repro would "
+        f"not notice when the file changes: copy it to {folder / path.name} and set {key}: {folder / path.name}"
+    )
 
 
 def _check_values(canonical_csv: Path, src: Path, names: list[str], labels: str) -> None:

@@ -260,3 +260,32 @@ def write_skipped(out_dir: Path | str, dataset: str) -> None:
             json.dumps({"dataset": dataset, "files": {}, "skipped": f"data.dataset is {dataset}"}, indent=2) + "\n",
             encoding="utf-8",
         )
+
+
+def verify_raw(spec: DatasetSpec, raw_dir: Path | str) -> None:
+    """Check a ``data/raw`` folder as :func:`fetch_file` checks a download, wherever the folder came from.
+
+    A folder pulled from a DVC remote, restored from a cache or made by hand
+    has not been through :func:`verify`: each file must still decompress
+    (bounded by its expected size, so a gzip bomb stops there) to the expected
+    SHA-256, size and IDX shape, and ``source.json``, if present, must name
+    ``spec``'s dataset. Raises :class:`DataError` naming the file.
+    """
+    raw_dir = Path(raw_dir)
+    fix = f"it must hold what `download` verifies for {spec.name}: rerun `dvc repro download`"
+    for file in spec.files:
+        path = raw_dir / file.name
+        if not path.exists():
+            raise DataError(f"{path}: not found; {fix}")
+        try:
+            verify(file, _read_folder(raw_dir, file.name, max_compressed_size(file)))
+        except FetchError as exc:
+            raise DataError(f"{path}: {' '.join(str(exc).split())}; {fix}") from None
+    record = raw_dir / SOURCE_RECORD
+    if record.exists():
+        try:
+            named = json.loads(record.read_text(encoding="utf-8")).get("dataset")
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError) as exc:
+            raise DataError(f"{record}: cannot read it ({type(exc).__name__}); {fix}") from None
+        if named != spec.name:
+            raise DataError(f"{record}: dataset: expected {spec.name!r}, found {named!r}; {fix}")

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from pipeline.errors import ParamsError
 
@@ -56,6 +56,10 @@ IntAtLeast1 = Annotated[int, Field(ge=1), Expect("an integer >= 1")]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED), Expect(f"an integer 0..{MAX_SEED}")]
 PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False), Expect("a positive finite number")]
 NonNegativeFinite = Annotated[float, Field(ge=0, allow_inf_nan=False), Expect("a finite number >= 0")]
+# A day: longer is never meant, and past ~9.2e9 s Python's clocks overflow (OverflowError deep in socket code).
+MAX_SECONDS = 86400.0
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False),
+                    Expect(f"a number of seconds > 0 and <= {MAX_SECONDS:g}")]
 FilePath = Annotated[str, Field(pattern=r"\S"), Expect("a file path")]
 Source = Annotated[str, Field(pattern=r"\S"), Expect("a URL or folder")]
 Sources = Annotated[tuple[Source, ...], BeforeValidator(_list_to_tuple)]
@@ -81,7 +85,7 @@ class DataParams:
     image_shape: ImageShape | None = None  # [C, H, W]; None: from the data (square grey for a CSV)
     test_fraction: Fraction = 0.1  # held out of train when the source has no test split
     val_fraction: Fraction = 0.0  # held out of train for val_loss / val_acc; 0: no validation split
-    timeout_s: PositiveFinite = 30.0
+    timeout_s: Seconds = 30.0
     min_rate_kbps: NonNegativeFinite = 64.0
 
     def check(self, where: str) -> None:
@@ -146,6 +150,9 @@ class TrainParams:
     free_graph: bool = True
     verify: Literal["header", "full"] = "header"
     checkpoint_every: IntAtLeast0 = 1
+    # Also mid-epoch, at the first step boundary this long after the last checkpoint; None = off.
+    # 300 s: a preemption loses at most 5 minutes, for a write that costs well under 1 % of them (bench/checkpoint.md).
+    checkpoint_seconds: Seconds | None = 300.0
     processes: IntAtLeast1 = 1
     max_restarts: IntAtLeast0 = 3
     threads: IntAtLeast1 | None = None  # intra-op threads; None = PyTorch's choice
@@ -230,6 +237,15 @@ def parse_section(cls: type[T], section: str, values: Any, where: str = "params.
     return obj
 
 
+def _yaml_message(path: Path, exc: MarkedYAMLError) -> str:
+    """ruamel's multi-line text (``in "<unicode string>"``, a link) as one line naming file, line and column."""
+    mark = exc.problem_mark or exc.context_mark
+    where = f"{path}: line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = " ".join(str(exc.problem or exc.context or type(exc).__name__).split())
+    hint = " (YAML indents with spaces, never tabs)" if "'\\t'" in problem else ""
+    return f"{where}: not valid YAML: {problem}{hint}"[:400]
+
+
 def read_params_file(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
     """Parse params.yaml (YAML 1.2) into plain Python objects."""
     path = Path(path)
@@ -241,8 +257,10 @@ def read_params_file(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
         raise ParamsError(f"{path}: cannot read params file: {exc}") from None
     try:
         doc = YAML(typ="safe", pure=True).load(text)
+    except MarkedYAMLError as exc:
+        raise ParamsError(_yaml_message(path, exc)) from None
     except (YAMLError, ValueError, RecursionError) as exc:  # ValueError: ints over 4300 digits; deep nesting
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())[:300]}") from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):

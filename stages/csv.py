@@ -17,6 +17,7 @@ from pipeline.cli import parser, run_stage
 from pipeline.csvdata import check_user_csv_location, idx_to_csv, import_user_csv, write_empty_csv
 from pipeline.errors import DataError
 from pipeline.params import DataParams, load_section
+from pipeline.download import verify_raw
 from pipeline.sources import DATASETS
 
 
@@ -68,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _image_folder(data, outputs)
         return
     spec = DATASETS[data.dataset]
+    verify_raw(spec, args.raw)  # data/raw may come from a remote or by hand, not through `download`
     for split, out in outputs.items():
         files = spec.train if split == "train" else spec.test
         rows = idx_to_csv(args.raw / files.images.name, args.raw / files.labels.name, out)

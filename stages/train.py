@@ -14,7 +14,8 @@ from pathlib import Path
 from pipeline.cli import parser, run_stage
 from pipeline.params import load_section
 from trainer.distributed import under_launcher
-from trainer.run import fit, launch
+from trainer.run import train as train_model
+from trainer.run import train_in_processes
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -32,9 +33,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     train = load_section("train", args.params)
     if train.processes > 1 and not under_launcher():
         args_again = list(sys.argv[1:] if argv is None else argv)
-        sys.exit(launch(args_again, train_dir=args.train, test_dir=args.test, checkpoint_dir=args.checkpoints,
-                        train=train, val_dir=args.val))
-    fit(
+        sys.exit(train_in_processes(args_again, train_dir=args.train, test_dir=args.test,
+                                    checkpoint_dir=args.checkpoints, train=train, val_dir=args.val))
+    train_model(
         train_dir=args.train,
         test_dir=args.test,
         val_dir=args.val,

@@ -18,6 +18,7 @@ import pytest
 
 import pipeline.atomic as atomic
 from pipeline.atomic import atomic_dir, exchange
+from pipeline.errors import OutputError
 
 ROOT = Path(__file__).resolve().parent.parent
 OLD = {"a.bin": b"old a" * 1000, "b.bin": b"old b"}
@@ -132,3 +133,70 @@ def test_parent_folder_is_fsynced_after_the_swap(tmp_path: Path, monkeypatch) ->
     write_folder(tmp_path / "t", NEW)
     assert synced == [tmp_path, tmp_path]
     assert contents(tmp_path / "t") == NEW
+
+
+# ----------------------------------------------------------------------------- atomic_file (CSV, Parquet, plots)
+
+OLD_FILE, NEW_FILE = b"old,csv\n" * 5000, b"new,csv\n" * 4000
+
+# Child: write NEW_FILE into the target with atomic_file, SIGKILLed at `point`.
+_FILE_CHILD = """
+import os, signal, sys
+import pipeline.atomic as atomic
+target, point = sys.argv[1], sys.argv[2]
+data = {new!r}
+real_replace = os.replace
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def replace(a, b):
+    if point == "before-rename":
+        die()
+    real_replace(a, b)
+    if point == "after-rename":
+        die()
+
+os.replace = replace
+with atomic.atomic_file(target) as tmp:
+    with open(tmp, "wb") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        if point == "mid-write":
+            die()
+        f.write(data[len(data) // 2 :])
+print("finished")
+"""
+
+# (kill point, what the target holds right after the kill, whether the temporary is left behind)
+FILE_KILLS = [("mid-write", OLD_FILE, True), ("before-rename", OLD_FILE, True), ("after-rename", NEW_FILE, False),
+              ("never", NEW_FILE, False)]
+
+
+@pytest.mark.parametrize(("point", "right_after", "leaves_tmp"), FILE_KILLS, ids=[k[0] for k in FILE_KILLS])
+def test_atomic_file_killed_at_any_point_leaves_old_or_new_and_the_next_writer_cleans_up(
+        tmp_path: Path, point: str, right_after: bytes, leaves_tmp: bool) -> None:
+    target = tmp_path / "csv" / "train.csv"
+    atomic.write_bytes_atomic(target, OLD_FILE)
+    res = subprocess.run([sys.executable, "-c", _FILE_CHILD.format(new=NEW_FILE), str(target), point],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    if point == "never":
+        assert res.returncode == 0 and "finished" in res.stdout, res.stderr
+    else:
+        assert res.returncode == -signal.SIGKILL and "finished" not in res.stdout, res.stderr
+    assert target.read_bytes() == right_after
+    leftovers = [p for p in target.parent.iterdir() if p != target]
+    assert bool(leftovers) == leaves_tmp and all(p.name.startswith(".train.csv.tmp-") for p in leftovers)
+
+    atomic.write_bytes_atomic(target, b"z")  # the next writer removes the killed one's temporary first
+    assert target.read_bytes() == b"z" and [p.name for p in target.parent.iterdir()] == ["train.csv"]
+
+
+def test_atomic_file_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "plot.html"
+    atomic.write_bytes_atomic(target, OLD_FILE)
+    with pytest.raises(OutputError, match=f"^{target}: could not write output"):
+        with atomic.atomic_file(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+    assert target.read_bytes() == OLD_FILE and [p.name for p in tmp_path.iterdir()] == ["plot.html"]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import synth
+from raw_spec import run_stage_with_spec
 
 from pipeline import csvdata
 from pipeline.csvcheck import MAX_HEADER_BYTES
 from pipeline.csvdata import idx_to_csv, import_user_csv
+from pipeline.download import verify_raw
 from pipeline.errors import DataError
 from pipeline.idx import encode_idx
 from pipeline.tabular import HEADER_LINE, INT_LABELS, NAME_LABELS, header_line
@@ -296,8 +299,8 @@ def test_stage_idx_mode(tmp_path):
     ds = synth.dataset(n_train=150, n_test=60, seed=8)
     raw = ds.write_folder(tmp_path / "data" / "raw")
     params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "fashion-mnist"})
-    proc = synth.run_stage("csv", "--params", params, "--raw", raw, "--train", "data/csv/train.csv",
-                           "--test", "data/csv/test.csv", cwd=tmp_path)
+    proc = run_stage_with_spec("csv", ds.spec, "fashion-mnist", "--params", params, "--raw", raw,
+                               "--train", "data/csv/train.csv", "--test", "data/csv/test.csv", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "data/csv/train.csv").read_bytes() == synth.csv_bytes(ds.train)
     assert (tmp_path / "data/csv/test.csv").read_bytes() == synth.csv_bytes(ds.test)
@@ -310,8 +313,45 @@ def test_stage_idx_mode_missing_raw_files(tmp_path):
     proc = synth.run_stage("csv", "--params", params, "--raw", "raw", "--train", "out/train.csv",
                            "--test", "out/test.csv", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: raw/train-images-idx3-ubyte.gz: cannot read gzip IDX file")
+    assert proc.stderr.startswith("error: raw/train-images-idx3-ubyte.gz: not found; it must hold what `download` "
+                                  "verifies for mnist: rerun `dvc repro download`\n"), proc.stderr
     assert synth.leftovers(tmp_path / "out") == []
+
+
+def test_stage_refuses_a_hand_made_raw_folder_of_another_dataset(tmp_path):
+    """12 rows and a source.json naming mnist, as data/raw for fashion-mnist: it converted with exit 0."""
+    raw = synth.dataset(n_train=12, n_test=4, seed=3).write_folder(tmp_path / "raw")
+    (raw / "source.json").write_text(json.dumps({"dataset": "mnist", "files": {}}))
+    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "fashion-mnist"})
+    proc = synth.run_stage("csv", "--params", params, "--raw", "raw", "--train", "out/train.csv",
+                           "--test", "out/test.csv", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: raw/train-images-idx3-ubyte.gz: ")
+    assert "rerun `dvc repro download`" in proc.stderr
+    assert synth.leftovers(tmp_path / "out") == []
+
+
+def test_stage_refuses_a_raw_folder_whose_source_record_names_another_dataset(tmp_path):
+    ds = synth.dataset(n_train=20, n_test=10, seed=5)
+    raw = ds.write_folder(tmp_path / "raw")
+    (raw / "source.json").write_text(json.dumps({"dataset": "mnist", "files": {}}))
+    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "fashion-mnist"})
+    proc = run_stage_with_spec("csv", ds.spec, "fashion-mnist", "--params", params, "--raw", "raw",
+                               "--train", "out/train.csv", "--test", "out/test.csv", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == ("error: raw/source.json: dataset: expected 'synth', found 'mnist'; it must hold what "
+                           "`download` verifies for synth: rerun `dvc repro download`\n")
+
+
+def test_a_gzip_bomb_in_raw_is_refused_in_bounded_memory(tmp_path):
+    """A 100 KB member that inflates to 100 MB: refused at the expected size, not after inflating it all."""
+    ds = synth.dataset(n_train=150, n_test=60, seed=8)
+    raw = ds.write_folder(tmp_path / "raw")
+    bomb = synth.gzip_bomb(100 << 20)
+    assert len(bomb) < 120_000 and ds.spec.train.images.size < 200_000
+    (raw / ds.spec.train.images.name).write_bytes(bomb)
+    error = synth.refused_fast_in_bounded_memory(lambda: verify_raw(ds.spec, raw), DataError, max_bytes=2 << 20)
+    assert str(error).startswith(f"{raw / ds.spec.train.images.name}: decompresses to more than the expected")
 
 
 def test_stage_user_csv_mode(tmp_path):

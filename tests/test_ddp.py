@@ -12,9 +12,11 @@ end with a batch of 3.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,10 +33,19 @@ from pipeline.errors import ParamsError
 from pipeline.normalize import make_normalization
 from pipeline.tensorize import write_split
 from tests.repo_copy import dvc, make_csv_repo, set_params
-from tests.test_train_stage import MODEL_METRICS, history, read_tsv, stage_cmd, stage_env, train_argv
+from tests.test_train_stage import (
+    MODEL_METRICS,
+    history,
+    read_tsv,
+    run_until_killed,
+    stage_cmd,
+    stage_env,
+    train_argv,
+)
 from trainer.distributed import check_gpus, default_threads
 from trainer.lock import CheckpointBusy, checkpoint_lock, lock_path
 from trainer.loader import EpochBatchSampler
+from trainer.loop import scaled_loss
 from trainer.model import SimpleCNN
 from trainer.rank_split import RankBatches, rank_range
 from trainer.run import METRICS
@@ -133,7 +144,8 @@ def test_scaled_rank_losses_average_to_the_global_gradient(n: int, world: int) -
     for rank in range(world):
         model.zero_grad()
         start, stop = rank_range(n, rank, world)
-        (F.cross_entropy(model(x[start:stop]), y[start:stop], reduction="sum") / (n / world)).backward()
+        summed = F.cross_entropy(model(x[start:stop]), y[start:stop], reduction="sum")
+        scaled_loss(summed, n, world).backward()  # the loop's own scaling, not a copy of its formula
         for t, p in zip(total, model.parameters()):
             t += p.grad
     for t, e in zip(total, expected):
@@ -326,3 +338,127 @@ def test_dvc_exp_run_with_two_processes_reruns_only_train(tmp_path: Path) -> Non
     assert metrics["processes"] == 2
     assert abs(metrics["train_loss"] - baseline["train_loss"]) <= 1e-4 * baseline["train_loss"]
     assert abs(metrics["test_acc"] - baseline["test_acc"]) * 100 <= 1 + 1e-9
+
+
+# ----------------------------------------------------------------------------- resume mid-epoch, elastic
+
+EVERY_STEP = {"checkpoint_every": 0, "checkpoint_seconds": 0.001}  # speed-only: same fingerprint as PARAMS
+
+
+def _every_step_params(path: Path, processes: int) -> Path:
+    path.write_text(json.dumps({"loader": PARAMS["loader"],
+                                "train": {**PARAMS["train"], **EVERY_STEP, "processes": processes}}))
+    return path
+
+
+def _position(work: Path) -> tuple[int, int, int]:
+    meta = json.loads((work / "checkpoints" / "checkpoint.json").read_text())
+    return meta["epoch"], meta["step"], meta["processes"]
+
+
+def _kill_two_mid_epoch(data: Path, work: Path) -> tuple[int, int, int]:
+    """A 2-process run, stopped (SIGSTOP, then SIGKILL) once it has checkpointed inside epoch 2."""
+    work.mkdir(parents=True, exist_ok=True)
+    params = _every_step_params(work / "params.yaml", 2)
+    proc = subprocess.Popen(stage_cmd(data, work, params), cwd=work, env=stage_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                if _position(work)[:2] in ((1, 1), (1, 2)):
+                    break
+            time.sleep(0.002)
+        _signal_tree(proc.pid, signal.SIGSTOP)  # launcher, agent and ranks: nothing moves while we look
+        position = _position(work)
+    finally:
+        _signal_tree(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return position
+
+
+def _signal_tree(root: int, signum: int) -> None:
+    """``root`` and every descendant (torchrun starts its ranks in sessions of their own, so killpg misses them)."""
+    todo, seen = [root], []
+    while todo:
+        pid = todo.pop()
+        seen.append(pid)
+        todo += _children(pid)
+    for pid in seen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _resume(data: Path, work: Path, processes: int) -> str:
+    res = _run(data, work, processes)
+    assert "resuming in epoch 2, step" in res.stderr, res.stderr
+    return res.stderr
+
+
+def _max_relative_difference(a: Path, b: Path) -> float:
+    ha, hb = history(a), history(b)
+    return max(abs(va - vb) / abs(va) for name in ("train_loss", "test_loss")
+               for (_, va), (_, vb) in zip(ha[name], hb[name], strict=True))
+
+
+ELASTIC_TOLERANCE = 1e-4  # relative, per-epoch losses; measured: see the README ("Resume anywhere")
+
+
+@pytest.fixture(scope="module")
+def killed_two(data: Path, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("killed-two")
+    epoch, step, processes = _kill_two_mid_epoch(data, work)
+    assert (epoch, processes) == (1, 2) and 0 < step < 5, (epoch, step)  # inside epoch 2 of 3 (5 batches each)
+    return work
+
+
+def test_two_processes_killed_mid_epoch_resume_bit_identically(data: Path, two: Path, killed_two: Path,
+                                                               tmp_path: Path) -> None:
+    shutil.copytree(killed_two / "checkpoints", tmp_path / "checkpoints")
+    stderr = _resume(data, tmp_path, 2)
+    assert "elastic" not in stderr
+    a, b = history(two), history(tmp_path)
+    for name in MODEL_METRICS:
+        assert a[name] == b[name], name
+    assert _model_bytes(two) == _model_bytes(tmp_path)
+
+
+def test_two_processes_killed_mid_epoch_resume_on_one(data: Path, one: Path, two: Path, killed_two: Path,
+                                                      tmp_path: Path) -> None:
+    shutil.copytree(killed_two / "checkpoints", tmp_path / "checkpoints")
+    stderr = _resume(data, tmp_path, 1)
+    notices = [line for line in stderr.splitlines() if "elastic resume" in line]
+    assert len(notices) == 1 and "written by 2 processes, this run has 1" in notices[0], stderr
+    got = history(tmp_path)
+    assert [s for s, _ in got["train_loss"]] == list(range(EPOCHS))
+    assert [v for _, v in got["processes"]] == [2, 1, 1]
+    differences = (_max_relative_difference(two, tmp_path), _max_relative_difference(one, tmp_path))
+    print(f"elastic 2 -> 1: max relative loss difference {differences[0]:.2e} vs 2 processes, "
+          f"{differences[1]:.2e} vs 1 process")
+    assert max(differences) <= ELASTIC_TOLERANCE, differences
+
+
+def test_one_process_killed_mid_epoch_resumes_on_two(data: Path, one: Path, tmp_path: Path) -> None:
+    # 5 batches an epoch: writes 1-4 are epoch 1's steps, 5 its end, 7 is epoch 2 step 2.
+    run_until_killed(data, tmp_path, _every_step_params(tmp_path / "params.yaml", 1), "write_checkpoint", 7)
+    assert _position(tmp_path) == (1, 2, 1)
+    stderr = _resume(data, tmp_path, 2)
+    assert "elastic resume: the checkpoint was written by 1 processes, this run has 2" in stderr
+    difference = _max_relative_difference(one, tmp_path)
+    print(f"elastic 1 -> 2: max relative loss difference {difference:.2e} vs 1 process")
+    assert difference <= ELASTIC_TOLERANCE
+
+
+def test_non_finite_loss_stops_every_process_with_one_line_and_no_restart(data: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"loader": PARAMS["loader"], "train": {**PARAMS["train"], "lr": 1.0e8,
+                                                                          "processes": 2}}))
+    res = subprocess.run(stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2, res.stdout + res.stderr
+    last = res.stderr.splitlines()[-1]
+    assert last.startswith("error: epoch 1/3, step ") and "the training loss is not finite" in last, res.stderr
+    assert res.stderr.count("error: ") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "resuming" not in res.stderr, "a restart would only fail again at the same step"
+    assert not (tmp_path / "models").exists()

@@ -88,7 +88,7 @@ RANGES: dict[tuple[str, str], tuple[list, list]] = {
     ("data", "image_shape"): ([[0, 8, 8], [1, 0, 8], [65, 2, 2], [1, 8, 70000]], [None, [1, 8, 8], [3, 32, 32]]),
     ("data", "test_fraction"): ([-0.1, 1, 1.5, math.nan, math.inf], [0, 0.1, 0.5]),
     ("data", "val_fraction"): ([-0.1, 1, math.nan], [0, 0.2]),
-    ("data", "timeout_s"): ([0, -1, math.inf, math.nan], [0.001, 30]),
+    ("data", "timeout_s"): ([0, -1, math.inf, math.nan, 86400.001, 1.0e10], [0.001, 30, 86400]),
     ("data", "min_rate_kbps"): ([-1, math.inf, math.nan], [0, 64.0]),
     ("prep", "row_group_size"): ([0, -1], [1, 65536]),
     ("prep", "shard_size"): ([0, -10], [1, 10000]),
@@ -101,6 +101,7 @@ RANGES: dict[tuple[str, str], tuple[list, list]] = {
     ("train", "lr"): ([0, -0.001, 0.0, math.inf, -math.inf, math.nan], [1e-9, 1, 0.5]),
     ("train", "seed"): ([-1, 2**63, 2**64, 10**30], [0, 2**63 - 1]),
     ("train", "checkpoint_every"): ([-1], [0, 3]),
+    ("train", "checkpoint_seconds"): ([0, -1, math.inf, math.nan, 1.0e10], [None, 0.001, 300, 86400]),
     ("train", "processes"): ([0, -1], [1, 2]),
     ("train", "max_restarts"): ([-1], [0, 3]),
     ("train", "threads"): ([0, -1], [None, 1, 2]),
@@ -227,6 +228,32 @@ def test_malformed_files(tmp_path, text, fragment):
         load_section("prep", path)
     assert str(err.value).startswith(f"{path}: ")
     assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("train:\n  epochs: 2\n\tlr: 0.1\n", "line 3, column 1: not valid YAML: found character '\\t' that cannot "
+                                             "start any token (YAML indents with spaces, never tabs)"),
+        ("train:\n  epochs: 2\n  epochs: 3\n", 'line 3, column 3: not valid YAML: found duplicate key "epochs" with '
+                                              'value "3" (original value: "2")'),
+    ],
+    ids=["tab", "duplicate-key"],
+)
+def test_yaml_errors_are_one_line_naming_file_line_and_column(tmp_path, text, expected):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as err:
+        load_section("train", path)
+    assert str(err.value) == f"{path}: {expected}"  # no '<unicode string>', no link, one line
+
+
+def test_a_huge_timeout_is_refused_not_an_overflow_later(tmp_path):
+    """1e10 s passed validation and then failed in socket code with OverflowError: timestamp out of range."""
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  timeout_s: 1.0e+10\n")
+    with pytest.raises(ParamsError, match=r"data\.timeout_s: expected a number of seconds > 0 and <= 86400, found"):
+        load_section("data", path)
 
 
 def test_yaml_cannot_run_code(tmp_path):

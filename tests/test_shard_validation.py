@@ -93,6 +93,13 @@ def _offsets(split: Path, images: list[int], labels: list[int]) -> None:
     put_shard(split, raw_shard(header, data))
 
 
+def _with_pixel(sample: int, value: float) -> np.ndarray:
+    """Valid images (within a train split's [0, 1]) with one pixel of ``sample`` set to ``value``."""
+    images = np.full((50, 1, 28, 28), 0.5, np.float32)
+    images[sample, 0, 27, 3] = value
+    return images
+
+
 IMG = 50 * 784 * 4
 LAB = 50 * 8
 
@@ -149,6 +156,10 @@ CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
      ("labels[49]", "0..9", "found 10")),
     ("label-negative", lambda s: put_shard(s, safetensors.numpy.save(tensors(labels=np.r_[-1, np.zeros(49)].astype(np.int64)))),
      ("labels[0]", "found -1")),
+    ("images-nan", lambda s: put_shard(s, safetensors.numpy.save(tensors(images=_with_pixel(7, np.nan)))),
+     ("images[7]", "expected finite pixel values")),
+    ("images-infinite", lambda s: put_shard(s, safetensors.numpy.save(tensors(images=_with_pixel(49, -np.inf)))),
+     ("images[49]", "expected finite pixel values")),
     ("metadata-other-split", lambda s: put_shard(s, safetensors.numpy.save(tensors(), metadata={"split": "test"})),
      ("metadata split", "'test'")),
     ("metadata-other-dataset", lambda s: put_shard(s, safetensors.numpy.save(tensors(), metadata={"dataset": "mnist"})),

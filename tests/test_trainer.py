@@ -19,10 +19,12 @@ from pipeline.normalize import make_normalization
 from pipeline.params import LoaderParams, TrainParams
 from pipeline.tensorize import write_split
 from trainer.checkpoint import (
+    ELASTIC,
     META,
     ROOT,
     SPEED_ONLY,
     TENSORS,
+    RunShape,
     code_digest,
     fingerprint,
     load_checkpoint,
@@ -36,9 +38,12 @@ from trainer.loader import EpochBatchSampler, epoch_seed, make_loader, resolve_s
 from trainer.loop import evaluate, train_one_epoch
 from trainer.memory import PeakMemory
 from trainer.model import ARCHITECTURE, NUM_PARAMETERS, SimpleCNN, count_parameters
+from trainer.position import Position
 from trainer.verify import validate_split
 
 CPU = torch.device("cpu")
+SHAPE = RunShape(processes=1, threads=1)
+BATCHES = 4  # 250 samples in batches of 64
 
 
 def make_split(directory: Path, n: int, *, split: str, shard_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -241,8 +246,8 @@ def test_checkpoint_round_trip_continues_bit_identically(split, tmp_path: Path) 
     model, optimizer, loader = _tiny_run(split[0])
     train_one_epoch(model, loader, optimizer, CPU, non_blocking=False, free_graph=True)
     history = [{"train_loss": 1.5, "test_acc": 0.25}]
-    save_checkpoint(tmp_path / "ckpt", model=model, optimizer=optimizer, device=CPU, epoch=1,
-                    run_fingerprint=fp, history=history)
+    save_checkpoint(tmp_path / "ckpt", model=model, optimizer=optimizer, device=CPU, position=Position(1, 0, 0, (0.0,)),
+                    run_fingerprint=fp, shape=SHAPE, history=history)
     metrics = ("train_loss", "test_acc")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [META, TENSORS]
     rng_after_save = torch.get_rng_state()
@@ -251,8 +256,8 @@ def test_checkpoint_round_trip_continues_bit_identically(split, tmp_path: Path) 
     fresh, fresh_optimizer, loader2 = _tiny_run(split[0])
     torch.manual_seed(999)
     resumed = load_checkpoint(tmp_path / "ckpt", model=fresh, optimizer=fresh_optimizer, device=CPU,
-                              run_fingerprint=fp, max_epoch=5, metrics=metrics)
-    assert resumed is not None and resumed.epoch == 1 and resumed.history == history
+                              run_fingerprint=fp, shape=SHAPE, max_epoch=5, batches_per_epoch=BATCHES, metrics=metrics)
+    assert resumed is not None and resumed.position == Position(1, 0, 0, (0.0,)) and resumed.history == history
     assert torch.equal(torch.get_rng_state(), rng_after_save)
     again = train_one_epoch(fresh, loader2, fresh_optimizer, CPU, non_blocking=False, free_graph=True)
     assert again.loss == reference.loss
@@ -268,22 +273,31 @@ def test_unusable_checkpoints_are_ignored_with_a_notice(split, tmp_path: Path) -
     model, optimizer, loader = _tiny_run(split[0])
     train_one_epoch(model, loader, optimizer, CPU, non_blocking=False, free_graph=True)
     ckpt = tmp_path / "ckpt"
-    save_checkpoint(ckpt, model=model, optimizer=optimizer, device=CPU, epoch=2, run_fingerprint=fp,
-                    history=[{"a": 1.0}, {"a": 2.0}])
+    save_checkpoint(ckpt, model=model, optimizer=optimizer, device=CPU, position=Position(2, 3, 192, (7.5,), 1.0, 0.1),
+                    run_fingerprint=fp, shape=SHAPE, history=[{"a": 1.0}, {"a": 2.0}])
 
-    def attempt(run_fp: str = fp, max_epoch: int = 5, metrics: tuple[str, ...] = ("a",)) -> tuple[object, list[str]]:
+    def attempt(run_fp: str = fp, max_epoch: int = 5, metrics: tuple[str, ...] = ("a",), shape: RunShape = SHAPE,
+                batches: int = BATCHES) -> tuple[object, list[str]]:
         fresh, fresh_optimizer, _ = _tiny_run(split[0])
         before = [p.detach().clone() for p in fresh.parameters()]
         notices: list[str] = []
         out = load_checkpoint(ckpt, model=fresh, optimizer=fresh_optimizer, device=CPU,
-                              run_fingerprint=run_fp, max_epoch=max_epoch, metrics=metrics,
-                              notice=notices.append)
+                              run_fingerprint=run_fp, shape=shape, max_epoch=max_epoch, batches_per_epoch=batches,
+                              metrics=metrics, notice=notices.append)
         if out is None:  # nothing was touched
             assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters()))
             assert not fresh_optimizer.state
         return out, notices
 
-    assert attempt()[0] is not None
+    resumed = attempt()[0]
+    assert resumed is not None and resumed.position == Position(2, 3, 192, (7.5,), 1.0, 0.1)
+    # The thread count the run resolved must match when the process count does (train.threads: null).
+    out, notices = attempt(shape=RunShape(1, 2))
+    assert out is None and "made with 1 intra-op threads per process, this run uses 2" in notices[0]
+    out, notices = attempt(shape=RunShape(2, 2))  # elastic: another world size may differ in threads too
+    assert out is not None and out.processes == 1 and notices == []
+    out, notices = attempt(batches=3)  # mid-epoch step 3 of an epoch of only 3 batches
+    assert out is None and "step: expected 0..2, found 3" in notices[0]
     other = fingerprint(TrainParams(lr=0.01), loader_params, CPU, manifest, manifest, ARCHITECTURE)
     assert other != fp
     assert fingerprint(train, LoaderParams(batch_size=64, num_workers=4, pin_memory=False), CPU, manifest, manifest,
@@ -312,6 +326,26 @@ def test_unusable_checkpoints_are_ignored_with_a_notice(split, tmp_path: Path) -
     (ckpt / META).write_text("{not json")
     out, notices = attempt()
     assert out is None and len(notices) == 1
+    (ckpt / META).write_text("[" * 100_000)  # deeper than the JSON parser's recursion limit
+    out, notices = attempt()
+    assert out is None and len(notices) == 1 and "RecursionError" in notices[0] and len(notices[0]) < 400
+
+
+def test_a_checkpoint_made_with_another_seed_is_not_resumed(split, tmp_path: Path) -> None:
+    """Uses the real fingerprint and params: declaring train.seed speed-only would make this resume."""
+    train, loader_params, manifest = _params_and_manifests(split[0])
+    model, optimizer, _ = _tiny_run(split[0])
+    fp = fingerprint(train, loader_params, CPU, manifest, manifest, ARCHITECTURE)
+    save_checkpoint(tmp_path / "ckpt", model=model, optimizer=optimizer, device=CPU, position=Position(1, 0, 0, (0.0,)),
+                    run_fingerprint=fp, shape=SHAPE, history=[{"a": 1.0}])
+    other_seed = fingerprint(dataclasses.replace(train, seed=train.seed + 1), loader_params, CPU, manifest, manifest,
+                             ARCHITECTURE)
+    notices: list[str] = []
+    fresh, fresh_optimizer, _ = _tiny_run(split[0])
+    assert load_checkpoint(tmp_path / "ckpt", model=fresh, optimizer=fresh_optimizer, device=CPU,
+                           run_fingerprint=other_seed, shape=SHAPE, max_epoch=5, batches_per_epoch=BATCHES,
+                           metrics=("a",), notice=notices.append) is None
+    assert "other params" in notices[0]
 
 
 def test_model_folder_round_trip(split, tmp_path: Path) -> None:
@@ -367,7 +401,7 @@ def _other_value(tp: object, value: object) -> object:
         return (value or 0) + 1 if not isinstance(value, bool) else not value
     if tp is bool:
         return not value
-    if tp is float:
+    if tp is float or (float in args and value is not None):
         return value * 2
     raise AssertionError(f"add a case for {tp!r}")
 
@@ -384,8 +418,10 @@ def test_every_param_is_in_the_fingerprint_unless_declared_speed_only(split, sec
                                                         **{field.name: _other_value(hints[field.name],
                                                                                     getattr(base[section], field.name))})}
         other = fingerprint(changed["train"], changed["loader"], CPU, manifest, manifest, ARCHITECTURE, code="c")
-        assert (other == fp) == (f"{section}.{field.name}" in SPEED_ONLY), field.name
-    assert {k for k in SPEED_ONLY if k.startswith(section + ".")} <= {f"{section}.{f.name}" for f in dataclasses.fields(cls)}
+        assert (other == fp) == (f"{section}.{field.name}" in SPEED_ONLY | ELASTIC), field.name
+    assert {k for k in SPEED_ONLY | ELASTIC if k.startswith(section + ".")} <= {
+        f"{section}.{f.name}" for f in dataclasses.fields(cls)}
+    assert ELASTIC == {"train.processes"}  # anything else leaving the fingerprint must be proven speed-only
 
 
 def test_fingerprint_covers_code_torch_version_device_and_data(split, monkeypatch) -> None:

@@ -9,6 +9,7 @@ canonical copy in data/csv/.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,28 @@ def test_csv_outside_the_tracked_folder_is_refused(tmp_path, where):
         f"error: {tmp_path / 'p.yaml'}: data.train_csv: {given} is outside data/user/, the folder dvc.yaml "
         "tracks, so dvc repro would not notice when the file changes: copy it to data/user/train.csv and "
         "set data.train_csv: data/user/train.csv\n")
+    assert synth.leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("link", ["file", "folder"])
+def test_a_symlink_inside_the_tracked_folder_is_named_as_one(tmp_path, link):
+    """It used to say "copy it to data/user/link.csv", which is what the user had done (or thought so)."""
+    elsewhere = tmp_path / "elsewhere"
+    synth.write_csv(elsewhere / "link.csv", synth.split(4))
+    (tmp_path / "data/user").mkdir(parents=True)
+    if link == "file":
+        os.symlink(elsewhere / "link.csv", tmp_path / "data/user/link.csv")
+        given, target = "data/user/link.csv", elsewhere / "link.csv"
+        fix = f"replace the link by a copy (cp --remove-destination {target} {given})"
+    else:
+        os.symlink(elsewhere, tmp_path / "data/user/sub")
+        given, target = "data/user/sub/link.csv", elsewhere / "link.csv"
+        fix = "a folder on its way is a link: make it a real folder under data/user/ holding a copy"
+    proc = _stage(tmp_path, given)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"error: {tmp_path / 'p.yaml'}: data.train_csv: {given} is a symbolic link to {target}, outside data/user/, "
+        f"the folder dvc.yaml tracks, so dvc repro would not notice when that file changes: {fix}\n")
     assert synth.leftovers(tmp_path / "out") == []
 
 

@@ -2,18 +2,27 @@
 
 A checkpoint folder holds ``checkpoint.safetensors`` (model weights, Adam
 state flattened to named tensors, RNG state as uint8) and ``checkpoint.json``
-(completed epochs, run fingerprint, SHA-256 of the tensor file, the metrics
+(the :class:`~trainer.position.Position`: completed epochs, global batches
+done in the next one and its partial sums; the run fingerprint, the number of
+processes and intra-op threads, SHA-256 of the tensor file, the metrics
 history logged so far). The folder is replaced atomically as a whole, so the
 two files always belong together.
 
 The fingerprint covers everything that changes the training trajectory: every
 ``train`` and ``loader`` param except the ones listed in :data:`SPEED_ONLY`
 (so a param added later is covered without anyone remembering to add it),
-the device type, the number of training processes (the world size changes
-the order of float sums), both manifests' shard hashes, the torch version and a digest
+the device type, both manifests' shard hashes, the torch version and a digest
 of the train stage's code (:func:`code_digest`). ``train.epochs`` is left out
 on purpose: without a schedule, epoch k of a 5-epoch run is epoch k of a
 10-epoch run, so raising ``epochs`` after an interruption still resumes.
+
+Two things that change only the order of float sums are compared outside the
+fingerprint, so a refusal can say which one differs: the intra-op thread
+count the run resolved on the CPU (``train.threads: null`` resolves at run
+time) must match exactly whenever the number of processes matches; the
+number of processes may differ (an elastic resume: the global batch sequence
+is the same for any world size, ``trainer.rank_split``), and the caller then
+says so. That is the only reason the world size is not in the fingerprint.
 A checkpoint that is missing, from another run, or damaged is ignored with a
 notice and training starts from scratch: never wrong, at worst slower.
 """
@@ -23,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,8 +48,9 @@ from safetensors import SafetensorError
 from pipeline.atomic import atomic_dir
 from pipeline.manifest import Manifest
 from pipeline.params import LoaderParams, TrainParams
+from trainer.position import Position
 
-FORMAT = 1
+FORMAT = 2
 TENSORS = "checkpoint.safetensors"
 META = "checkpoint.json"
 
@@ -55,19 +66,23 @@ SPEED_ONLY = frozenset({
     "train.epochs",
     "train.verify",
     "train.checkpoint_every",
+    "train.checkpoint_seconds",
     "train.max_restarts",  # how often a killed group is restarted, not what it computes
 })
+# Params compared outside the fingerprint: the number of processes, which a resume may change
+# (elastic; RunShape.processes records the world size the run really had, whoever set it).
+ELASTIC = frozenset({"train.processes"})
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_STAGE = "train"
 
 
 def result_params(train: TrainParams, loader: LoaderParams) -> dict[str, Any]:
-    """Every ``loader.*`` and ``train.*`` value except :data:`SPEED_ONLY`, by dotted key."""
+    """Every ``loader.*`` and ``train.*`` value except :data:`SPEED_ONLY` and :data:`ELASTIC`, by dotted key."""
     out = {}
     for section, params in (("loader", loader), ("train", train)):
         for field in dataclasses.fields(params):
             key = f"{section}.{field.name}"
-            if key not in SPEED_ONLY:
+            if key not in SPEED_ONLY | ELASTIC:
                 value = getattr(params, field.name)
                 out[key] = list(value) if isinstance(value, tuple) else value
     return out
@@ -111,9 +126,15 @@ def fingerprint(
     test_manifest: Manifest,
     architecture: str,
     code: str | None = None,
-    world_size: int = 1,
+    val_manifest: Manifest | None = None,
 ) -> str:
-    """What a checkpoint must match to be resumed; ``code`` defaults to :func:`code_digest`."""
+    """What a checkpoint must match to be resumed; ``code`` defaults to :func:`code_digest`.
+
+    The validation split's shards count too: its metrics are part of the history a resume replays.
+
+    The number of processes is deliberately absent (elastic resume, see the
+    module docstring); the thread count is compared beside it.
+    """
     doc = {
         "format": FORMAT,
         "architecture": architecture,
@@ -121,17 +142,26 @@ def fingerprint(
         "device": device.type,
         "torch": torch.__version__,
         "code": code_digest() if code is None else code,
-        "processes": world_size,
         "train_shards": [s.sha256 for s in train_manifest.shards],
         "test_shards": [s.sha256 for s in test_manifest.shards],
+        "val_shards": [s.sha256 for s in val_manifest.shards] if val_manifest is not None else [],
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
+class RunShape:
+    """What the run resolved at start that a resume compares outside the fingerprint."""
+
+    processes: int
+    threads: int | None  # intra-op threads on the CPU; None on an accelerator, where they do not round anything
+
+
+@dataclass(frozen=True)
 class Resumed:
-    epoch: int
+    position: Position
     history: list[dict[str, float]]
+    processes: int  # the checkpoint's; differs from the run's on an elastic resume
 
 
 def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, torch.Tensor]:
@@ -154,18 +184,28 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-    epoch: int,
+    position: Position,
     run_fingerprint: str,
+    shape: RunShape,
     history: list[dict[str, float]],
 ) -> None:
-    """Write the state after ``epoch`` completed epochs; the folder is replaced atomically."""
+    """Write the state at ``position``; the folder is replaced atomically.
+
+    Raises :class:`~pipeline.errors.OutputError` (disk full, permissions) or
+    ``SafetensorError``; nothing is left half-written either way.
+    """
     tensors = state_tensors(model, optimizer, device)
     with atomic_dir(directory) as tmp:
         safetensors.torch.save_file(tensors, str(tmp / TENSORS), metadata={"format": str(FORMAT)})
         meta = {
             "format": FORMAT,
-            "epoch": epoch,
+            "epoch": position.epoch,
+            "step": position.step,
+            "partial": {"samples": position.samples, "loss_sums": list(position.loss_sums),
+                        "seconds": position.seconds, "wait_seconds": position.wait_seconds},
             "fingerprint": run_fingerprint,
+            "processes": shape.processes,
+            "threads": shape.threads,
             "tensors_sha256": hashlib.sha256((tmp / TENSORS).read_bytes()).hexdigest(),
             "history": history,
         }
@@ -176,18 +216,42 @@ class _Unusable(Exception):
     pass
 
 
-def _read_meta(directory: Path, run_fingerprint: str, max_epoch: int, metrics: Sequence[str]) -> dict[str, Any]:
+def _is_int(value: Any, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value <= hi
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _read_meta(directory: Path, run_fingerprint: str, shape: RunShape, max_epoch: int, batches_per_epoch: int,
+               metrics: Sequence[str]) -> dict[str, Any]:
     try:
         meta = json.loads((directory / META).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise _Unusable(f"cannot read {META}: {exc}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
+        raise _Unusable(f"cannot read {META}: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _Unusable(f"{META}: expected format {FORMAT}")
     if meta.get("fingerprint") != run_fingerprint:
         raise _Unusable("it was made with other params, data, code or torch version")
-    epoch = meta.get("epoch")
-    if type(epoch) is not int or not 1 <= epoch <= max_epoch:
-        raise _Unusable(f"{META}: epoch: expected 1..{max_epoch}, found {epoch!r}")
+    processes, threads = meta.get("processes"), meta.get("threads")
+    if not _is_int(processes, 1, 1 << 20) or not (threads is None or _is_int(threads, 1, 1 << 20)):
+        raise _Unusable(f"{META}: processes, threads: expected integers >= 1, found {processes!r}, {threads!r}")
+    if processes == shape.processes and threads != shape.threads:
+        raise _Unusable(f"it was made with {threads} intra-op threads per process, this run uses {shape.threads} "
+                        "(float sums would round differently; set train.threads to pin the count)")
+    epoch, step = meta.get("epoch"), meta.get("step")
+    if not _is_int(epoch, 0, max_epoch):
+        raise _Unusable(f"{META}: epoch: expected 0..{max_epoch}, found {epoch!r}")
+    last_step = batches_per_epoch - 1 if epoch < max_epoch else 0
+    if not _is_int(step, 0, last_step):
+        raise _Unusable(f"{META}: step: expected 0..{last_step}, found {step!r}")
+    partial = meta.get("partial")
+    sums = partial.get("loss_sums") if isinstance(partial, dict) else None
+    if (not isinstance(partial, dict) or not _is_int(partial.get("samples"), 0, 1 << 62)
+            or not isinstance(sums, list) or len(sums) != processes or not all(map(_is_number, sums))
+            or not _is_number(partial.get("seconds")) or not _is_number(partial.get("wait_seconds"))):
+        raise _Unusable(f"{META}: partial: expected samples, {processes} finite loss_sums, seconds, wait_seconds")
     history = meta.get("history")
     if not isinstance(history, list) or len(history) != epoch:
         raise _Unusable(f"{META}: history: expected {epoch} entries")
@@ -219,19 +283,22 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     run_fingerprint: str,
+    shape: RunShape,
     max_epoch: int,
+    batches_per_epoch: int,
     metrics: Sequence[str],
     notice: Callable[[str], None] = print,
 ) -> Resumed | None:
     """Restore model, optimizer and RNG state in place; ``None`` (nothing touched) if not resumable.
 
-    ``metrics`` are the names every history entry must carry, no more, no fewer.
+    ``metrics`` are the names every history entry must carry, no more, no fewer
+    (the caller computes them: which metrics a run logs may depend on its data).
     """
     directory = Path(directory)
     if not (directory / META).exists():
         return None
     try:
-        meta = _read_meta(directory, run_fingerprint, max_epoch, metrics)
+        meta = _read_meta(directory, run_fingerprint, shape, max_epoch, batches_per_epoch, metrics)
         try:
             blob = (directory / TENSORS).read_bytes()
         except OSError as exc:
@@ -259,7 +326,10 @@ def load_checkpoint(
     # Everything is validated: from here on nothing can fail halfway.
     restore_state(tensors, model=model, optimizer=optimizer, device=device)
     history = [{k: float(v) for k, v in h.items()} for h in meta["history"]]
-    return Resumed(meta["epoch"], history)
+    partial = meta["partial"]
+    position = Position(meta["epoch"], meta["step"], partial["samples"], tuple(float(v) for v in partial["loss_sums"]),
+                        float(partial["seconds"]), float(partial["wait_seconds"]))
+    return Resumed(position, history, meta["processes"])
 
 
 def empty_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, torch.Tensor]:

@@ -87,8 +87,8 @@ def launch_command(module: str, args: Sequence[str], *, processes: int, max_rest
     ]
 
 
-def launch(module: str, args: Sequence[str], *, processes: int, max_restarts: int,
-           env: Mapping[str, str] | None = None) -> int:
+def run_torchrun(module: str, args: Sequence[str], *, processes: int, max_restarts: int,
+                 env: Mapping[str, str] | None = None) -> int:
     """Run ``python -m module args`` as ``processes`` ranks under the elastic agent; its exit code."""
     child_env = {**os.environ, **(env or {})}
     # torchrun would otherwise set 1 with a warning; each rank sets its own count anyway (see threads()).
@@ -165,6 +165,25 @@ def all_sum(values: Sequence[float], group: Group) -> list[float]:
 
 def all_max(values: Sequence[float], group: Group) -> list[float]:
     return _reduce(values, group, dist.ReduceOp.MAX)
+
+
+def gather_floats(value: float, group: Group) -> list[float]:
+    """Every rank's ``value``, in rank order, on every rank (bit-exact: each slot adds zeros to one value)."""
+    if group.world_size == 1:
+        return [float(value)]
+    t = torch.zeros(group.world_size, dtype=torch.float64, device=group.device)
+    t[group.rank] = value
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def broadcast_floats(values: Sequence[float], group: Group) -> list[float]:
+    """Rank 0's ``values`` on every rank (the same length everywhere; integers below 2**53 stay exact)."""
+    if group.world_size == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=group.device)
+    dist.broadcast(t, src=0)
+    return t.cpu().tolist()
 
 
 def broadcast_int(value: int, group: Group) -> int:

@@ -65,7 +65,13 @@ def epoch_order(shard_sizes: Sequence[int], *, shuffle: bool, seed: int, epoch: 
 
 
 class EpochBatchSampler(Sampler[torch.Tensor]):
-    """Yields int64 index tensors of ``batch_size`` (the last may be shorter), in :func:`epoch_order`."""
+    """Yields int64 index tensors of ``batch_size`` (the last may be shorter), in :func:`epoch_order`.
+
+    ``set_epoch(epoch, start)`` skips the epoch's first ``start`` batches (a
+    resume from a mid-epoch checkpoint): the order is a function of
+    ``(seed, epoch)`` alone, so the rest of the epoch is exactly what an
+    uninterrupted run sees. The length is what remains of the epoch.
+    """
 
     def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool, seed: int,
                  shard_sizes: Sequence[int] | None = None, shuffle_window: int | None = None) -> None:
@@ -81,18 +87,26 @@ class EpochBatchSampler(Sampler[torch.Tensor]):
         self.shard_sizes = tuple(shard_sizes)
         self.shuffle_window = shuffle_window
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.batches_per_epoch:
+            raise ValueError(f"start batch {start} outside 0..{self.batches_per_epoch}")
         self.epoch = epoch
+        self.start = start
 
     def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
+        return self.batches_per_epoch - self.start
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         order = epoch_order(self.shard_sizes, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
                             window=self.shuffle_window)
         # Clones, so a batch sent to a worker does not drag the whole permutation along.
-        for batch in order.split(self.batch_size):
+        for batch in order.split(self.batch_size)[self.start:]:
             yield batch.clone()
 
 

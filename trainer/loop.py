@@ -13,7 +13,15 @@ forward, so two graphs never coexist.
 With several processes each rank trains on its slice of the global batch
 (``trainer.rank_split``): its summed loss is divided by ``global / world``, so
 DDP's average of the ranks' gradients is the gradient of the global batch's
-mean loss. Stats are returned as sums, for the caller to reduce over ranks.
+mean loss (:func:`scaled_loss`). Stats are returned as sums, for the caller to
+reduce over ranks.
+
+An epoch can start part-way (:class:`Partial`: global batches already done
+and this rank's sums so far, restored from a mid-epoch checkpoint) and hands
+its running sums to ``boundary`` after every ``check_every`` steps: the
+caller checks them (a non-finite loss stops the run there) and may write a
+checkpoint. Reading the running sum is a host wait on an accelerator, so
+there the caller checks every few steps; on the CPU it costs nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +37,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 _BAR_SECONDS = 2.0  # host seconds between progress-bar refreshes; each one reads the running loss (a sync)
+
+
+@dataclass(frozen=True)
+class Partial:
+    """One rank's progress through an epoch at a step boundary (what a mid-epoch checkpoint carries)."""
+
+    step: int = 0  # global batches done in this epoch
+    samples: int = 0  # samples this rank trained on so far
+    loss_sum: float = 0.0  # this rank's summed (not averaged) loss so far, float64
+    seconds: float = 0.0
+    wait_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,12 @@ class EvalStats:
         return self.correct / max(self.samples, 1)
 
 
+def scaled_loss(summed: torch.Tensor, global_batch: int, world_size: int) -> torch.Tensor:
+    """This rank's summed loss over its slice, scaled so DDP's mean over ranks of the gradients is
+    the gradient of the global batch's mean loss (uneven and empty slices included)."""
+    return summed / (global_batch / world_size)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -78,22 +103,29 @@ def train_one_epoch(
     global_size: Callable[[int], int] | None = None,
     world_size: int = 1,
     progress: bool = True,
+    start: Partial = Partial(),
+    boundary: Callable[[Partial], None] | None = None,
+    check_every: int = 1,
 ) -> TrainStats:
-    """One pass over ``loader``; time blocked in ``next()`` on the loader is reported as data wait.
+    """One pass over ``loader`` (which yields the batches from ``start.step`` on); time blocked in
+    ``next()`` on the loader is reported as data wait.
 
     ``global_size(step)`` is the step's batch size over all ``world_size``
-    ranks; without it the loader's batch is the whole batch.
+    ranks; without it the loader's batch is the whole batch. ``boundary`` gets
+    the running :class:`Partial` after every ``check_every``-th step and after
+    the last one. The returned stats include ``start``'s sums.
     """
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    samples = 0
-    wait = 0.0
-    bar = tqdm(total=len(loader), desc=description, unit="batch", disable=None if progress else True,
-               dynamic_ncols=True)
-    start = time.perf_counter()
-    next_refresh = start + _BAR_SECONDS
+    loss_sum = torch.tensor(start.loss_sum, dtype=torch.float64, device=device)
+    samples = start.samples
+    wait = start.wait_seconds
+    total = start.step + len(loader)  # the loader's length is what remains of the epoch
+    bar = tqdm(total=total, initial=start.step, desc=description, unit="batch",
+               disable=None if progress else True, dynamic_ncols=True)
+    began = time.perf_counter() - start.seconds
+    next_refresh = time.perf_counter() + _BAR_SECONDS
     batches = iter(loader)
-    step = 0
+    step = start.step
     while True:
         before = time.perf_counter()
         try:
@@ -107,8 +139,7 @@ def train_one_epoch(
         logits = model(images)
         k = labels.shape[0]
         summed = F.cross_entropy(logits, labels, reduction="sum")
-        share = (global_size(step) if global_size is not None else k) / world_size
-        loss = summed / share
+        loss = scaled_loss(summed, global_size(step) if global_size is not None else k, world_size)
         loss.backward()
         optimizer.step()
         loss_sum += summed.detach().double()
@@ -116,15 +147,19 @@ def train_one_epoch(
         if free_graph:
             del logits, loss, summed
         step += 1
-        if not bar.disable and (time.perf_counter() >= next_refresh or step == len(loader)):
+        if boundary is not None and step % check_every == 0:
+            boundary(Partial(step, samples, loss_sum.item(), time.perf_counter() - began, wait))
+        if not bar.disable and (time.perf_counter() >= next_refresh or step == total):
             now = time.perf_counter()
             next_refresh = now + _BAR_SECONDS
-            bar.set_postfix(loss=f"{loss_sum.item() / max(samples, 1):.4f}", samples_s=f"{samples / (now - start):.0f}",
-                            refresh=False)
+            bar.set_postfix(loss=f"{loss_sum.item() / max(samples, 1):.4f}",
+                            samples_s=f"{samples / (now - began):.0f}", refresh=False)
             bar.update(step - bar.n)
     epoch_loss = loss_sum.item()  # the epoch's one host read of the loss; it also waits for the last step
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - began
     bar.close()
+    if boundary is not None and step % check_every != 0:
+        boundary(Partial(step, samples, epoch_loss, seconds, wait))
     return TrainStats(epoch_loss, samples, seconds, wait)
 
 

@@ -39,8 +39,9 @@ class RankBatches(Sampler[torch.Tensor]):
         self.rank = rank
         self.world = world
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch to yield, from global batch ``start`` on (see :meth:`EpochBatchSampler.set_epoch`)."""
+        self.sampler.set_epoch(epoch, start)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -50,7 +51,7 @@ class RankBatches(Sampler[torch.Tensor]):
         return min(self.sampler.batch_size, self.sampler.num_samples - step * self.sampler.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for step, batch in enumerate(self.sampler):
+        for step, batch in enumerate(self.sampler, start=self.sampler.start):
             if len(batch) != self.global_size(step):
                 raise RuntimeError(f"global batch {step}: expected {self.global_size(step)} samples, found {len(batch)}")
             if self.world == 1:

@@ -1,43 +1,55 @@
 """The train stage's one library call: validate the data, train (resuming if possible), log, save.
 
-Order of work: device and shards are checked before anything is built; a
-matching checkpoint is restored; DVCLive's folder is rebuilt from the
-checkpoint's history and then extended epoch by epoch; the model folder is
-written atomically at the end and the checkpoint removed.
+:func:`train` reads top to bottom as the steps of a run: check the inputs,
+join the process group and take the checkpoint lock, set threads, build the
+loaders and the model, resume from a checkpoint if one matches
+(:func:`resume_everywhere`), rebuild DVCLive from its history, train epoch by
+epoch (:func:`train_epoch`, checkpoints at step boundaries and epoch ends),
+export the model and drop the checkpoint.
 
-DVCLive is always opened with ``resume=False`` and the history replayed: DVC
-deletes a stage's metrics and plots before rerunning it, and a killed run may
-have logged epochs past its last checkpoint, so the checkpoint (not whatever
-is left in ``dvclive/``) is the record the logs must agree with. The result has
-exactly one row per epoch in every ``dvclive/plots/metrics/*.tsv``.
+Checkpoints: every ``train.checkpoint_every`` epochs, and mid-epoch at the
+first step boundary ``train.checkpoint_seconds`` after the last one
+(``trainer.boundary``). A resume continues at the next global batch; with the
+same number of processes it ends bit-identical to an uninterrupted run. A
+checkpoint that cannot be written is a one-line warning: training goes on.
+A non-finite loss stops the run (exit 2) before anything of it is written.
 
 Several processes (``train.processes > 1``, or a user's own ``torchrun``):
-:func:`launch` starts the group through the elastic agent; each rank runs
-:func:`fit`, trains on its slice of every global batch (``trainer.rank_split``)
-and evaluates its slice of the test set; the epoch's sums are all-reduced, so
-every metric covers all samples (timings and memory: the maximum over ranks).
-Rank 0 alone reads and writes the checkpoint, DVCLive and the model; on a
-resume it broadcasts the restored state, so the other ranks (on other
-machines too) need no access to the checkpoint folder.
+:func:`train_in_processes` starts the group through the elastic agent; each
+rank runs :func:`train`, trains on its slice of every global batch
+(``trainer.rank_split``) and evaluates its slice of the test set; the epoch's
+sums are all-reduced, so every metric covers all samples (timings and memory:
+the maximum over ranks). Rank 0 alone reads and writes the checkpoint,
+DVCLive and the model; on a resume it broadcasts the restored state, so the
+other ranks (on other machines too) need no access to the checkpoint folder.
+A checkpoint from another number of processes resumes too (elastic), with a
+notice: the global batches are the same, float sums are ordered differently.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from dvclive import Live
+from safetensors import SafetensorError
 
-from pipeline.errors import ParamsError, PipelineError
+from pipeline.atomic import write_bytes_atomic
+from pipeline.errors import OutputError, ParamsError, PipelineError
 from pipeline.params import LoaderParams, TrainParams
 from trainer import distributed
 from trainer.allocator import retain_freed_memory
+from trainer.boundary import CheckpointTimer, NonFiniteLoss, StepBoundary, non_finite, weights_finite
 from trainer.checkpoint import (
+    RunShape,
     empty_state,
     fingerprint,
     load_checkpoint,
@@ -48,11 +60,13 @@ from trainer.checkpoint import (
 )
 from trainer.data import ShardDataset
 from trainer.export import save_model
+from trainer.livelog import LiveLog
 from trainer.loader import EpochBatchSampler, make_loader, resolve_settings, unwrap_worker_error
 from trainer.lock import LOCK_HELD_ENV, checkpoint_lock
 from trainer.loop import evaluate, train_one_epoch
 from trainer.memory import PeakMemory
 from trainer.model import ARCHITECTURE, SimpleCNN, check_input_size
+from trainer.position import Position
 from trainer.rank_split import RankBatches
 from trainer.verify import ValidSplit, check_compatible, validate_split
 
@@ -71,10 +85,19 @@ VAL_METRICS = ("val_loss", "val_acc")  # logged when there is a validation split
 # Metrics that measure the machine rather than the model; they differ between identical runs
 # (threads: with train.threads null it is PyTorch's choice for this machine).
 MACHINE_METRICS = frozenset({"epoch_seconds", "samples_per_second", "data_wait_fraction", "peak_memory_mb", "threads"})
+# Set by train_in_processes for its ranks: where rank 0 leaves the message of a non-finite stop.
+STOP_FILE_ENV = "TRAINER_STOP_FILE"
+# On an accelerator reading the running loss makes the host wait for the device, so the step
+# boundary (non-finite check, time-based checkpoint) runs every this many steps; on the CPU every step.
+ACCELERATOR_CHECK_STEPS = 16
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _silent(_message: str) -> None:
+    pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,13 +111,6 @@ def resolve_device(name: str) -> torch.device:
 def metric_names(has_val: bool) -> tuple[str, ...]:
     """The metrics every epoch logs: :data:`METRICS`, plus :data:`VAL_METRICS` with a validation split."""
     return METRICS + VAL_METRICS if has_val else METRICS
-
-
-def _log(live: Live, entry: dict[str, float]) -> None:
-    for name in entry:
-        value = entry[name]
-        live.log_metric(name, int(value) if name == "processes" else value)  # a count, also after a resume
-    live.next_step()
 
 
 def _report(epoch: int, epochs: int, m: dict[str, float]) -> None:
@@ -128,7 +144,7 @@ def check_inputs(train_dir: Path | str, test_dir: Path | str, train: TrainParams
     return device, train_split, test_split, val_split
 
 
-def launch(
+def train_in_processes(
     args: Sequence[str],
     *,
     train_dir: Path | str,
@@ -144,53 +160,189 @@ def launch(
     Inputs and GPUs are checked here first, so a user error is one line and
     exit 2 instead of every rank failing (and being restarted) alike. The
     checkpoint lock is held here, across the agent's restarts of the group.
+    A non-finite loss stops every rank at the same step; they end without
+    error (a restart would fail again at the same step) and rank 0 leaves
+    the message in :data:`STOP_FILE_ENV`'s file, raised here.
     """
     device, *_ = check_inputs(train_dir, test_dir, train, val_dir)
     distributed.check_gpus(device, train.processes)
-    with checkpoint_lock(checkpoint_dir):
-        code = distributed.launch(module, args, processes=train.processes, max_restarts=train.max_restarts,
-                                  env={LOCK_HELD_ENV: "1"})
+    with checkpoint_lock(checkpoint_dir) as token, tempfile.TemporaryDirectory() as tmp:
+        stop_file = Path(tmp) / "stopped"
+        code = distributed.run_torchrun(module, args, processes=train.processes, max_restarts=train.max_restarts,
+                                        env={LOCK_HELD_ENV: token, STOP_FILE_ENV: str(stop_file)})
+        if stop_file.exists():
+            raise NonFiniteLoss(stop_file.read_text(encoding="utf-8"))
     if code != 0:
         notice(f"error: the {train.processes} training processes failed (torchrun exit {code}, "
                f"train.max_restarts {train.max_restarts}); see their output above")
     return code
 
 
-def _resume_everywhere(
-    checkpoint_dir: Path | str,
-    group: distributed.Group,
-    *,
-    model: SimpleCNN,
-    optimizer: torch.optim.Optimizer,
-    run_fingerprint: str,
-    max_epoch: int,
-    metrics: Sequence[str],
-    notice: Callable[[str], None],
-) -> list[dict[str, float]]:
-    """Rank 0 restores the checkpoint, every other rank receives it; the metrics history so far.
+@dataclass(frozen=True)
+class Run:
+    """What every step of a run needs: where it runs, what it trains, where it writes."""
+
+    group: distributed.Group
+    params: TrainParams
+    model: SimpleCNN
+    trained: torch.nn.Module  # the model, in DDP when there are several processes
+    optimizer: torch.optim.Optimizer
+    train_batches: RankBatches
+    train_loader: Iterable  # DataLoader or DeviceResidentBatches
+    test_loader: Iterable
+    val_loader: Iterable | None  # None: no validation split
+    non_blocking: bool
+    fingerprint: str
+    shape: RunShape
+    checkpoint_dir: Path | str
+    notice: Callable[[str], None]
+
+    @property
+    def device(self) -> torch.device:
+        return self.group.device
+
+
+@contextlib.contextmanager
+def _lock_on_rank_0(group: distributed.Group, checkpoint_dir: Path | str) -> Iterator[None]:
+    """Rank 0 holds the checkpoint lock, or checks that its launcher does (the token in LOCK_HELD_ENV)."""
+    if not group.is_main:
+        yield
+        return
+    with checkpoint_lock(checkpoint_dir, token=os.environ.get(LOCK_HELD_ENV)):
+        yield
+
+
+def _set_threads(group: distributed.Group, train: TrainParams) -> RunShape:
+    """Set this rank's intra-op threads; the count is part of what a checkpoint must match (CPU only)."""
+    threads = distributed.threads(group, train.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return RunShape(group.world_size, torch.get_num_threads() if group.device.type == "cpu" else None)
+
+
+def build_model(train: TrainParams, train_split: ValidSplit, device: torch.device) -> SimpleCNN:
+    """The model, sized from the manifest (image shape, classes), initialised from ``train.seed``."""
+    torch.manual_seed(train.seed)
+    return SimpleCNN(*train_split.manifest.image_shape, train_split.manifest.num_classes).to(device)
+
+
+def resume_everywhere(run: Run, history_names: Sequence[str], max_epoch: int) -> tuple[Position, list[dict[str, float]]]:
+    """Rank 0 restores the checkpoint, every other rank receives it; the position and history so far.
 
     The history is rank 0's (it alone logs); elsewhere only its length, the
-    epochs done, is meaningful.
+    epochs done, is meaningful. Each rank gets its own partial sums back
+    (:meth:`Position.for_rank` maps them on an elastic resume).
     """
+    group, batches = run.group, run.train_batches.sampler.batches_per_epoch
     resumed = None
     if group.is_main:
-        resumed = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, device=group.device,
-                                  run_fingerprint=run_fingerprint, max_epoch=max_epoch, metrics=metrics,
-                                  notice=notice)
-    done = distributed.broadcast_int(resumed.epoch if resumed else 0, group)
-    if done and group.world_size > 1:
-        tensors = (state_tensors(model, optimizer, group.device) if group.is_main
-                   else empty_state(model, optimizer, group.device))
+        resumed = load_checkpoint(run.checkpoint_dir, model=run.model, optimizer=run.optimizer, device=run.device,
+                                  run_fingerprint=run.fingerprint, shape=run.shape, max_epoch=max_epoch,
+                                  batches_per_epoch=batches, metrics=history_names, notice=run.notice)
+    p = resumed.position if resumed else Position(0)
+    world = group.world_size
+    sums = p.loss_sums if len(p.loss_sums) == world else [p.for_rank(r, world).loss_sum for r in range(world)]
+    found, epoch, step, samples, seconds, wait, *sums = distributed.broadcast_floats(
+        [resumed is not None, p.epoch, p.step, p.samples, p.seconds, p.wait_seconds, *sums], group)
+    if found and world > 1:
+        tensors = (state_tensors(run.model, run.optimizer, run.device) if group.is_main
+                   else empty_state(run.model, run.optimizer, run.device))
         distributed.broadcast_tensors(tensors, group)
         if not group.is_main:
-            restore_state(tensors, model=model, optimizer=optimizer, device=group.device)
-    if resumed:
-        notice(f"notice: resuming after epoch {resumed.epoch} from {checkpoint_dir}")
-        return list(resumed.history)
-    return [{}] * done  # placeholders on ranks > 0: only the count matters there
+            restore_state(tensors, model=run.model, optimizer=run.optimizer, device=run.device)
+    position = Position(int(epoch), int(step), int(samples), tuple(sums), seconds, wait)
+    if resumed is None:
+        return position, [{}] * position.epoch
+    if resumed.processes != world:
+        run.notice(f"notice: elastic resume: the checkpoint was written by {resumed.processes} processes, this run "
+                   f"has {world}; the same global batches continue, float sums round differently")
+    at = f"epoch {p.epoch + 1}, step {p.step}" if p.mid_epoch else f"epoch {p.epoch}"
+    run.notice(f"notice: resuming {'in' if p.mid_epoch else 'after'} {at} from {run.checkpoint_dir}")
+    return position, list(resumed.history)
 
 
-def fit(
+def write_checkpoint(run: Run, position: Position, history: list[dict[str, float]]) -> bool:
+    """Rank 0 writes the checkpoint; a failure (disk full, permissions) is a warning and training goes on.
+
+    Checkpoints are a convenience: losing one costs time, never the run. Whether one was written."""
+    if not run.group.is_main:
+        return False
+    try:
+        save_checkpoint(run.checkpoint_dir, model=run.model, optimizer=run.optimizer, device=run.device,
+                        position=position, run_fingerprint=run.fingerprint, shape=run.shape, history=history)
+    except (OutputError, SafetensorError) as exc:
+        run.notice(f"warning: {run.checkpoint_dir}: checkpoint not written ({_reason(exc)}); training goes on")
+        return False
+    return True
+
+
+def _reason(exc: BaseException) -> str:
+    """The OS's reason for a failed write, on one line (an OutputError's cause, or safetensors' text)."""
+    cause = exc.__cause__ if isinstance(exc, OutputError) and isinstance(exc.__cause__, OSError) else None
+    text = (cause.strerror or str(cause)) if cause is not None else str(exc)
+    return " ".join(text.split())[:200]
+
+
+def train_epoch(run: Run, epoch: int, start: Position, timer: CheckpointTimer,
+                history: list[dict[str, float]]) -> dict[str, float]:
+    """One epoch from ``start``'s global batch on, evaluated; the metrics of all ranks together."""
+    group, train = run.group, run.params
+    batches = run.train_batches.sampler.batches_per_epoch
+
+    def save_mid_epoch(position: Position) -> None:
+        write_checkpoint(run, position, history)
+        timer.restart()
+
+    boundary = StepBoundary(group, epoch=epoch, epochs=train.epochs, batches=batches, timer=timer,
+                            model=run.model, save=save_mid_epoch, lr=train.lr)
+    run.train_batches.set_epoch(epoch, start.step)
+    memory = PeakMemory(run.device)
+    stats = train_one_epoch(
+        run.trained, run.train_loader, run.optimizer, run.device,
+        non_blocking=run.non_blocking, free_graph=train.free_graph,
+        description=f"epoch {epoch + 1}/{train.epochs}", global_size=run.train_batches.global_size,
+        world_size=group.world_size, progress=group.is_main, start=start.for_rank(group.rank, group.world_size),
+        boundary=boundary, check_every=1 if run.device.type == "cpu" else ACCELERATOR_CHECK_STEPS,
+    )
+    result = evaluate(run.model, run.test_loader, run.device, non_blocking=run.non_blocking)
+    loss_sum, samples, test_sum, correct, test_samples = distributed.all_sum(
+        [stats.loss_sum, stats.samples, result.loss_sum, result.correct, result.samples], group)
+    seconds, wait, peak = distributed.all_max([stats.seconds, stats.data_wait_fraction, memory.peak_mb()], group)
+    entry = {
+        "train_loss": loss_sum / max(samples, 1),
+        "test_loss": test_sum / max(test_samples, 1),
+        "test_acc": correct / max(test_samples, 1),
+        "epoch_seconds": seconds,
+        "samples_per_second": samples / seconds if seconds > 0 else 0.0,
+        "data_wait_fraction": wait,
+        "peak_memory_mb": peak,
+        "processes": group.world_size,
+        "threads": torch.get_num_threads(),
+    }
+    if run.val_loader is not None:
+        val = evaluate(run.model, run.val_loader, run.device, non_blocking=run.non_blocking)
+        val_sum, val_correct, val_samples = distributed.all_sum([val.loss_sum, val.correct, val.samples], group)
+        entry["val_loss"] = val_sum / max(val_samples, 1)
+        entry["val_acc"] = val_correct / max(val_samples, 1)
+    # The reduced figures and the weights are the same on every rank: every rank stops alike.
+    if not (math.isfinite(entry["test_loss"]) and weights_finite(run.model)):
+        raise non_finite(boundary.where(batches), "the test loss or a weight", train.lr)
+    return entry
+
+
+def export(run: Run, model_dir: Path | str, train_split: ValidSplit, history: list[dict[str, float]]) -> None:
+    """Write the model folder; if it cannot be written, keep the trained state as a checkpoint first."""
+    try:
+        save_model(model_dir, run.model, manifest=train_split.manifest, train=run.params)
+    except (OutputError, SafetensorError) as exc:
+        kept = write_checkpoint(run, Position(run.params.epochs, 0, 0, (0.0,) * run.group.world_size), history)
+        then = (f"the trained state is in {run.checkpoint_dir}: a rerun only writes the model" if kept
+                else "the trained state could not be kept either")
+        raise OutputError(f"{model_dir}: could not write the model ({_reason(exc)}); nothing was left behind; "
+                          f"{then}") from None
+
+
+def train(
     *,
     train_dir: Path | str,
     test_dir: Path | str,
@@ -202,137 +354,91 @@ def fit(
     val_dir: Path | str | None = None,
     notice: Callable[[str], None] = _stderr,
 ) -> dict[str, float]:
-    """Train SimpleCNN on the shard folders; return the last epoch's metrics (rank 0's view: all ranks)."""
+    """Train SimpleCNN on the shard folders; return the last epoch's metrics (rank 0's view: all ranks).
+
+    With samples in ``val_dir`` every epoch also logs ``val_loss`` and ``val_acc``.
+    """
     device, train_split, test_split, val_split = check_inputs(train_dir, test_dir, train, val_dir)
     group = distributed.join(device)
     try:
-        owns_lock = group.is_main and not os.environ.get(LOCK_HELD_ENV)
-        with checkpoint_lock(checkpoint_dir) if owns_lock else contextlib.nullcontext():
-            return _fit(group, train_split, test_split, val_split, model_dir=model_dir, checkpoint_dir=checkpoint_dir,
-                        live_dir=live_dir, loader=loader, train=train,
-                        notice=notice if group.is_main else (lambda _message: None))
+        with _lock_on_rank_0(group, checkpoint_dir):
+            notice = notice if group.is_main else _silent
+            if group.world_size > 1:
+                notice(f"notice: rank 0 of {group.world_size} processes runs on {socket.gethostname()}: "
+                       f"it alone writes {model_dir}, {live_dir} and {checkpoint_dir}")
+            shape = _set_threads(group, train)
+            retain_freed_memory()  # every rank: no per-step page faults (trainer/allocator.py)
+
+            # Data: the global batch order is EpochBatchSampler's; each rank takes its slice.
+            settings = resolve_settings(loader, device, notice)
+            train_batches = RankBatches(
+                EpochBatchSampler(train_split.num_samples, settings.batch_size, shuffle=settings.shuffle,
+                                  seed=train.seed, shard_sizes=[s.num_samples for s in train_split.shards],
+                                  shuffle_window=settings.shuffle_window),
+                group.rank, group.world_size)
+            test_batches = RankBatches(
+                EpochBatchSampler(test_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed),
+                group.rank, group.world_size)
+            val_loader = None
+            if val_split is not None:
+                val_batches = RankBatches(
+                    EpochBatchSampler(val_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed),
+                    group.rank, group.world_size)
+                val_loader = make_loader(ShardDataset(val_split), val_batches, settings)
+            metrics = metric_names(val_loader is not None)
+
+            # Model and optimizer, then whatever a matching checkpoint restores into them.
+            model = build_model(train, train_split, device)
+            optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+            run = Run(group, train, model, model, optimizer, train_batches,
+                      make_loader(ShardDataset(train_split), train_batches, settings),
+                      make_loader(ShardDataset(test_split), test_batches, settings), val_loader,
+                      settings.pin_memory and device.type == "cuda",
+                      fingerprint(train, loader, device, train_split.manifest, test_split.manifest, ARCHITECTURE,
+                                  val_manifest=val_split.manifest if val_split is not None else None),
+                      shape, checkpoint_dir, notice)
+            position, history = resume_everywhere(run, metrics, train.epochs)
+            # After the resume: DDP broadcasts rank 0's parameters when it wraps the model.
+            run = dataclasses.replace(run, trained=distributed.wrap(model, group))
+            live = LiveLog(live_dir, metrics, history) if group.is_main else None
+
+            timer = CheckpointTimer(train.checkpoint_seconds)
+            try:
+                for epoch in range(position.epoch, train.epochs):
+                    start = position if epoch == position.epoch else Position(epoch)
+                    entry = train_epoch(run, epoch, start, timer, history)
+                    history.append(entry)
+                    done = epoch + 1
+                    if live is not None:
+                        live.log(entry)
+                        _report(done, train.epochs, entry)
+                    every = train.checkpoint_every and done % train.checkpoint_every == 0
+                    if done < train.epochs and (every or timer.due()):
+                        write_checkpoint(run, Position(done, 0, 0, (0.0,) * group.world_size), history)
+                        timer.restart()
+            except PipelineError as exc:
+                # A shard replaced mid-run is detected in the worker that maps it.
+                raise unwrap_worker_error(exc) from None
+
+            if group.is_main:
+                export(run, model_dir, train_split, history)
+                live.end()
+                _drop_checkpoint(checkpoint_dir, notice)
+            return history[-1]
+    except NonFiniteLoss as exc:
+        stop_file = os.environ.get(STOP_FILE_ENV)
+        if not (group.launched and stop_file):
+            raise
+        if group.is_main:
+            write_bytes_atomic(stop_file, str(exc).encode("utf-8"))
+        return {}
     finally:
         distributed.leave(group)
 
 
-def _fit(
-    group: distributed.Group,
-    train_split: ValidSplit,
-    test_split: ValidSplit,
-    val_split: ValidSplit | None,
-    *,
-    model_dir: Path | str,
-    checkpoint_dir: Path | str,
-    live_dir: Path | str,
-    loader: LoaderParams,
-    train: TrainParams,
-    notice: Callable[[str], None],
-) -> dict[str, float]:
-    device, main = group.device, group.is_main
-    if group.world_size > 1:
-        notice(f"notice: rank 0 of {group.world_size} processes runs on {socket.gethostname()}: "
-               f"it alone writes {model_dir}, {live_dir} and {checkpoint_dir}")
-    threads = distributed.threads(group, train.threads)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    retain_freed_memory()  # every rank: no per-step page faults (trainer/allocator.py)
-    settings = resolve_settings(loader, device, notice)
-    train_batches = RankBatches(
-        EpochBatchSampler(train_split.num_samples, settings.batch_size, shuffle=settings.shuffle, seed=train.seed,
-                          shard_sizes=[s.num_samples for s in train_split.shards],
-                          shuffle_window=settings.shuffle_window),
-        group.rank, group.world_size)
-    test_batches = RankBatches(
-        EpochBatchSampler(test_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed),
-        group.rank, group.world_size)
-    train_loader = make_loader(ShardDataset(train_split), train_batches, settings)
-    test_loader = make_loader(ShardDataset(test_split), test_batches, settings)
-    val_loader = None
-    if val_split is not None:
-        val_batches = RankBatches(
-            EpochBatchSampler(val_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed),
-            group.rank, group.world_size)
-        val_loader = make_loader(ShardDataset(val_split), val_batches, settings)
-    metrics = metric_names(val_loader is not None)
-    non_blocking = settings.pin_memory and device.type == "cuda"
-
-    torch.manual_seed(train.seed)
-    model = SimpleCNN(*train_split.manifest.image_shape, train_split.manifest.num_classes).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
-    run_fingerprint = fingerprint(train, loader, device, train_split.manifest, test_split.manifest, ARCHITECTURE,
-                                  world_size=group.world_size)
-    history = _resume_everywhere(checkpoint_dir, group, model=model, optimizer=optimizer,
-                                 run_fingerprint=run_fingerprint, max_epoch=train.epochs, metrics=metrics,
-                                 notice=notice)
-    # After the resume: DDP broadcasts rank 0's parameters when it wraps the model.
-    trained = distributed.wrap(model, group)
-
-    live = Live(dir=str(live_dir), resume=False, dvcyaml=False, save_dvc_exp=False, report=None) if main else None
-    for entry in history if live else ():
-        _log(live, entry)
-
-    memory = PeakMemory(device)
+def _drop_checkpoint(checkpoint_dir: Path | str, notice: Callable[[str], None]) -> None:
+    """After a completed run; one left behind would only be resumed into the same result."""
     try:
-        for epoch in range(len(history), train.epochs):
-            train_batches.set_epoch(epoch)
-            memory.reset()
-            stats = train_one_epoch(
-                trained,
-                train_loader,
-                optimizer,
-                device,
-                non_blocking=non_blocking,
-                free_graph=train.free_graph,
-                description=f"epoch {epoch + 1}/{train.epochs}",
-                global_size=train_batches.global_size,
-                world_size=group.world_size,
-                progress=main,
-            )
-            result = evaluate(model, test_loader, device, non_blocking=non_blocking)
-            loss_sum, samples, test_sum, correct, test_samples = distributed.all_sum(
-                [stats.loss_sum, stats.samples, result.loss_sum, result.correct, result.samples], group)
-            if val_loader is not None:
-                val = evaluate(model, val_loader, device, non_blocking=non_blocking)
-                val_sum, val_correct, val_samples = distributed.all_sum([val.loss_sum, val.correct, val.samples],
-                                                                        group)
-            seconds, wait, peak = distributed.all_max(
-                [stats.seconds, stats.data_wait_fraction, memory.peak_mb()], group)
-            entry = {
-                "train_loss": loss_sum / max(samples, 1),
-                "test_loss": test_sum / max(test_samples, 1),
-                "test_acc": correct / max(test_samples, 1),
-                "epoch_seconds": seconds,
-                "samples_per_second": samples / seconds if seconds > 0 else 0.0,
-                "data_wait_fraction": wait,
-                "peak_memory_mb": peak,
-                "processes": group.world_size,
-                "threads": torch.get_num_threads(),
-            }
-            if val_loader is not None:
-                entry["val_loss"] = val_sum / max(val_samples, 1)
-                entry["val_acc"] = val_correct / max(val_samples, 1)
-            history.append(entry)
-            done = epoch + 1
-            if not main:
-                continue
-            _log(live, entry)
-            _report(done, train.epochs, entry)
-            if train.checkpoint_every and done % train.checkpoint_every == 0 and done < train.epochs:
-                save_checkpoint(
-                    checkpoint_dir,
-                    model=model,
-                    optimizer=optimizer,
-                    device=device,
-                    epoch=done,
-                    run_fingerprint=run_fingerprint,
-                    history=history,
-                )
-    except PipelineError as exc:
-        # A shard replaced mid-run is detected in the worker that maps it.
-        raise unwrap_worker_error(exc) from None
-
-    if main:
-        save_model(model_dir, model, manifest=train_split.manifest, train=train)
-        live.end()
         remove_checkpoint(checkpoint_dir)
-    return history[-1]
+    except OSError as exc:
+        notice(f"warning: {checkpoint_dir}: could not remove the finished run's checkpoint ({exc.strerror or exc})")

@@ -4,9 +4,11 @@ What the trainer trusts after :func:`validate_split` returns: every listed shard
 is a regular file of the size the manifest records, its safetensors header is
 well-formed (``pipeline.shards.parse_header``: lengths, offsets, alignment),
 it holds exactly ``images`` float32 [n, C, H, W] and ``labels`` int64 [n]
-with the manifest's ``n`` and image shape, every label is a valid class, and its metadata (when
+with the manifest's ``n`` and image shape, every label is a valid class, every pixel is a
+finite number (a NaN pixel would train a NaN model), and its metadata (when
 present) names the manifest's dataset and split. ``verify="full"`` adds the
-SHA-256 of every shard against the manifest. The memory-mapped dataset then
+SHA-256 of every shard against the manifest. The pixel check reads the
+images once, in bounded chunks: a fraction of an epoch (bench/checkpoint.md). The memory-mapped dataset then
 views the data buffer at the validated offsets without further checks.
 """
 
@@ -25,6 +27,7 @@ from pipeline.manifest import MANIFEST_NAME, Manifest, read_manifest
 from pipeline.shards import ShardLayout, TensorInfo, check_tensors, read_layout
 
 _HASH_CHUNK = 1 << 20
+_FINITE_CHUNK = 16 << 20  # bytes of pixels checked at a time: bounded memory whatever the shard size
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,19 @@ def _check_labels(where: str, path: Path, labels: TensorInfo, num_classes: int) 
         raise ShardError(f"{where}: labels[{bad[0]}]: expected 0..{num_classes - 1}, found {values[bad[0]]}")
 
 
+def _check_finite(where: str, path: Path, images: TensorInfo) -> None:
+    n, per_sample = images.shape[0], int(np.prod(images.shape[1:]))
+    if n == 0 or per_sample == 0:
+        return
+    values = np.memmap(path, dtype="<f4", mode="r", offset=images.start, shape=(n, per_sample))
+    rows = max(1, _FINITE_CHUNK // (per_sample * 4))
+    for first in range(0, n, rows):
+        ok = np.isfinite(values[first:first + rows]).all(axis=1)
+        if not ok.all():
+            raise ShardError(f"{where}: images[{first + int(np.argmin(ok))}]: expected finite pixel values, "
+                             "found NaN or infinity")
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -109,6 +125,7 @@ def validate_split(split_dir: Path | str, *, expected_split: str, verify: str = 
         layout = read_layout(path)
         images, labels = _check_layout(where, layout, manifest, entry.num_samples)
         _check_labels(where, path, labels, manifest.num_classes)
+        _check_finite(where, path, images)
         if verify == "full":
             found = sha256_file(path)
             if found != entry.sha256:
