@@ -64,6 +64,8 @@ FilePath = Annotated[str, Field(pattern=r"\S"), Expect("a file path")]
 Source = Annotated[str, Field(pattern=r"\S"), Expect("a URL or folder")]
 Sources = Annotated[tuple[Source, ...], BeforeValidator(_list_to_tuple)]
 
+Augmentations = Annotated[tuple[Literal["flip", "translate"], ...], BeforeValidator(_list_to_tuple)]
+
 _CONFIG = ConfigDict(strict=True, extra="forbid")
 
 
@@ -107,6 +109,9 @@ class PrepParams:
     row_group_size: IntAtLeast1 = 65536
     shard_size: IntAtLeast1 = 65536
     normalize: Literal["unit", "standard"] = "unit"
+    # uint8: shards hold the source bytes, normalised on the training device through the same table.
+    shard_dtype: Literal["float32", "uint8"] = "float32"
+    workers: IntAtLeast1 | None = None  # processes for the data stages' independent pieces; None = all cores
 
     def check(self, where: str) -> None:
         """The level's range depends on the codec: a check across two fields."""
@@ -156,6 +161,15 @@ class TrainParams:
     processes: IntAtLeast1 = 1
     max_restarts: IntAtLeast0 = 3
     threads: IntAtLeast1 | None = None  # intra-op threads; None = PyTorch's choice
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast; fp16 needs CUDA
+    augment: Augmentations = ()  # on-device batch transforms, seeded by (seed, epoch, global batch)
+
+    def check(self, where: str) -> None:
+        """Each augmentation at most once: a list names a set of transforms, applied in a fixed order."""
+        twice = sorted({a for a in self.augment if self.augment.count(a) > 1})
+        if twice:
+            raise ParamsError(f"{where}: train.augment: expected each of flip, translate at most once, "
+                              f"found {twice[0]!r} twice")
 
 
 SECTIONS: dict[str, type] = {

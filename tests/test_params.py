@@ -92,6 +92,7 @@ RANGES: dict[tuple[str, str], tuple[list, list]] = {
     ("data", "min_rate_kbps"): ([-1, math.inf, math.nan], [0, 64.0]),
     ("prep", "row_group_size"): ([0, -1], [1, 65536]),
     ("prep", "shard_size"): ([0, -10], [1, 10000]),
+    ("prep", "workers"): ([0, -1], [None, 1, 16]),
     ("prep", "compression_level"): ([0, 23, -1], [None, 1, 22]),  # with the default codec, zstd
     ("loader", "batch_size"): ([0, -512], [1]),
     ("loader", "num_workers"): ([-1], [0, 4]),
@@ -362,3 +363,12 @@ def test_params_path_default_is_the_working_directory(tmp_path):
     proc = synth.run_stage("download", "--out", "raw", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "raw" / "source.json").exists()
+
+
+def test_augment_names_each_transform_at_most_once(tmp_path):
+    params = synth.write_params(tmp_path / "params.yaml", train={"augment": ["flip", "translate", "flip"]})
+    with pytest.raises(ParamsError) as err:
+        load_section("train", params)
+    assert str(err.value) == f"{params}: train.augment: expected each of flip, translate at most once, found 'flip' twice"
+    ok = synth.write_params(tmp_path / "ok.yaml", train={"augment": ["translate", "flip"]})
+    assert load_section("train", ok).augment == ("translate", "flip")
