@@ -14,6 +14,7 @@ SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
 MAX_CLASSES = 65536
+IMAGE_DTYPES = ("float32", "uint8")  # uint8: the source bytes, normalised on the training device
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,8 @@ def parse_manifest(text: str, where: str) -> Manifest:
     if total != manifest.num_samples or sum(counts) != manifest.num_samples:
         raise ShardError(f"{where}: num_samples is {manifest.num_samples} but the shards hold {total} and "
                          f"class_counts add up to {sum(counts)}")
-    if manifest.image_dtype != "float32" or manifest.label_dtype != "int64":
-        raise ShardError(f"{where}: expected images float32 and labels int64, found "
+    if manifest.image_dtype not in IMAGE_DTYPES or manifest.label_dtype != "int64":
+        raise ShardError(f"{where}: expected images {' or '.join(IMAGE_DTYPES)} and labels int64, found "
                          f"{manifest.image_dtype} and {manifest.label_dtype}")
     return manifest
 

@@ -238,21 +238,27 @@ def _check_tensor(where: str, info: TensorInfo | None, name: str, dtype: str, sh
     return info
 
 
-def check_tensors(where: str, layout: ShardLayout, num_samples: int,
-                  image_shape: tuple[int, ...]) -> tuple[TensorInfo, TensorInfo]:
-    """The shard holds exactly ``images`` float32 [n, *image_shape] and ``labels`` int64 [n]."""
+# The manifest's image_dtype -> the safetensors code its shards' images must carry.
+IMAGE_CODES = {"float32": "F32", "uint8": "U8"}
+
+
+def check_tensors(where: str, layout: ShardLayout, num_samples: int, image_shape: tuple[int, ...],
+                  image_dtype: str = "float32") -> tuple[TensorInfo, TensorInfo]:
+    """The shard holds exactly ``images`` [n, *image_shape] of the manifest's ``image_dtype`` and ``labels`` int64 [n]."""
     extra = sorted(set(layout.tensors) - {IMAGES, LABELS})
     if extra:
         raise ShardError(f"{where}: unexpected tensor {extra[0]!r}; a shard holds only {IMAGES!r} and {LABELS!r}")
-    images = _check_tensor(where, layout.tensors.get(IMAGES), IMAGES, "F32", (num_samples, *image_shape))
+    images = _check_tensor(where, layout.tensors.get(IMAGES), IMAGES, IMAGE_CODES[image_dtype],
+                           (num_samples, *image_shape))
     labels = _check_tensor(where, layout.tensors.get(LABELS), LABELS, "I64", (num_samples,))
     return images, labels
 
 
 def view_tensors(raw: np.ndarray, images_offset: int, labels_offset: int, num_samples: int,
-                 image_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+                 image_shape: tuple[int, ...], image_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Zero-copy views of a mapped shard's bytes at offsets :func:`check_tensors` validated."""
+    dtype = DTYPES[IMAGE_CODES[image_dtype]]
     items = math.prod(image_shape)
-    images = raw[images_offset : images_offset + num_samples * items * 4].view("<f4")
+    images = raw[images_offset : images_offset + num_samples * items * dtype.itemsize].view(dtype)
     labels = raw[labels_offset : labels_offset + num_samples * 8].view("<i8")
     return images.reshape(num_samples, *image_shape), labels

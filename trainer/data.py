@@ -7,13 +7,20 @@ object pickles to paths and offsets only (``__getstate__`` drops the maps), so
 spawn-started DataLoader workers never receive data through a pipe.
 
 ``dataset[indices]`` takes a whole batch of indices and returns
-``(images float32 [k, C, H, W], labels int64 [k])`` in the given order, with
-one gather per shard the batch touches, so the DataLoader runs with
-``batch_size=None`` and no per-sample ``__getitem__`` + collate.
+``(images [k, C, H, W], labels int64 [k])`` in the given order, with one
+gather per shard the batch touches, so the DataLoader runs with
+``batch_size=None`` and no per-sample ``__getitem__`` + collate. Images come
+in the manifest's ``image_dtype``: float32, or the uint8 source bytes, which
+the training loop normalises on its device (``trainer.device_norm``).
+
+:meth:`ShardDataset.prefetch` is what loader workers do (``trainer.prefetch``):
+it reads one byte of every page a batch's samples lie on, so the pages are in
+the page cache when the main process gathers the batch.
 """
 
 from __future__ import annotations
 
+import mmap
 from typing import Any
 
 import numpy as np
@@ -25,15 +32,22 @@ from pipeline.shards import view_tensors
 from trainer.verify import ValidShard, ValidSplit, still_same
 
 
-def _map_shard(shard: ValidShard, image_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def _map_raw(shard: ValidShard) -> np.ndarray:
     still_same(shard)
     raw = np.memmap(shard.path, dtype=np.uint8, mode="c")
     if raw.shape[0] != shard.size:
         raise ShardError(f"{shard.path}: mapped {raw.shape[0]} bytes, validated {shard.size}")
-    # Offsets were checked to be aligned to the item size and inside the file, so
-    # these are zero-copy views of the mapping.
-    images, labels = view_tensors(raw, shard.images_offset, shard.labels_offset, shard.num_samples, image_shape)
-    return torch.from_numpy(images), torch.from_numpy(labels)
+    return raw
+
+
+def _touch(raw: np.ndarray, offset: int, item_bytes: int, local: np.ndarray) -> int:
+    """Read one byte of every page that items ``local`` of a tensor at file ``offset`` lie on; the page count."""
+    first = (offset + local * item_bytes) // mmap.PAGESIZE
+    counts = (offset + (local + 1) * item_bytes - 1) // mmap.PAGESIZE - first + 1
+    within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    pages = np.unique(np.repeat(first, counts) + within)
+    raw[pages * mmap.PAGESIZE].sum()  # the read is what faults the pages in
+    return int(pages.size)
 
 
 class ShardDataset(Dataset):
@@ -42,8 +56,10 @@ class ShardDataset(Dataset):
     def __init__(self, split: ValidSplit) -> None:
         self.split = split
         self.image_shape = tuple(split.manifest.image_shape)
+        self.image_dtype = split.manifest.image_dtype
         counts = [s.num_samples for s in split.shards]
         self._starts = np.array([0, *np.cumsum(counts).tolist()], dtype=np.int64)
+        self._raw: list[np.ndarray] | None = None
         self._maps: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
 
@@ -52,25 +68,49 @@ class ShardDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
+        state["_raw"] = None
         state["_maps"] = None
         state["_arrays"] = None
         return state
 
     def _open(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._maps is None:
-            self._maps = [_map_shard(s, self.image_shape) for s in self.split.shards]
-            # NumPy views of the same mappings, for the multi-shard gather.
-            self._arrays = [(images.numpy().reshape(len(images), -1), labels.numpy()) for images, labels in self._maps]
+            self._raw = [_map_raw(s) for s in self.split.shards]
+            # Offsets were checked to be aligned to the item size and inside the file, so
+            # these are zero-copy views of the mappings.
+            self._arrays = [view_tensors(raw, s.images_offset, s.labels_offset, s.num_samples, self.image_shape,
+                                         self.image_dtype) for raw, s in zip(self._raw, self.split.shards)]
+            self._maps = [(torch.from_numpy(images), torch.from_numpy(labels)) for images, labels in self._arrays]
+            # The same views flattened per sample, for the multi-shard gather.
+            self._arrays = [(images.reshape(len(images), -1), labels) for images, labels in self._arrays]
         return self._maps
 
-    def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _checked(self, indices: torch.Tensor | np.ndarray) -> torch.Tensor:
         indices = torch.as_tensor(indices, dtype=torch.int64)
         if indices.ndim != 1:
             raise IndexError(f"expected a 1-D tensor of sample indices, found shape {list(indices.shape)}")
-        idx = indices.numpy()
         n = int(self._starts[-1])
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
             raise IndexError(f"sample index out of range 0..{n - 1}")
+        return indices
+
+    def prefetch(self, indices: torch.Tensor | np.ndarray) -> int:
+        """Bring the pages of these samples (images and labels) into the page cache; pages read."""
+        idx = self._checked(indices).numpy()
+        self._open()
+        shard_of = np.searchsorted(self._starts[1:-1], idx, side="right")
+        item_bytes = int(np.prod(self.image_shape)) * np.dtype(self.image_dtype).itemsize
+        pages = 0
+        for s in np.unique(shard_of):
+            local = idx[shard_of == s] - self._starts[s]
+            shard, raw = self.split.shards[s], self._raw[s]  # type: ignore[index]
+            pages += _touch(raw, shard.images_offset, item_bytes, local)
+            pages += _touch(raw, shard.labels_offset, 8, local)
+        return pages
+
+    def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = self._checked(indices)
+        idx = indices.numpy()
         maps = self._open()
         if len(maps) == 1:
             images, labels = maps[0]
@@ -79,7 +119,7 @@ class ShardDataset(Dataset):
         # per-call overhead than the equivalent torch ops, which keeps the whole
         # gather within a few times memcpy (see bench/results.md).
         shard_of = np.searchsorted(self._starts[1:-1], idx, side="right")
-        out_images = np.empty((idx.size, int(np.prod(self.image_shape))), dtype=np.float32)
+        out_images = np.empty((idx.size, int(np.prod(self.image_shape))), dtype=self.image_dtype)
         out_labels = np.empty(idx.size, dtype=np.int64)
         for s in np.unique(shard_of):
             positions = np.flatnonzero(shard_of == s)

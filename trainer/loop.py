@@ -22,6 +22,10 @@ its running sums to ``boundary`` after every ``check_every`` steps: the
 caller checks them (a non-finite loss stops the run there) and may write a
 checkpoint. Reading the running sum is a host wait on an accelerator, so
 there the caller checks every few steps; on the CPU it costs nothing.
+
+``normalize`` is applied to each batch's images right after they reach the
+device: uint8 batches become the float32 values of their float32 shards
+(``trainer.device_norm``); float32 batches pass unchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from trainer.device_norm import identity
 
 _BAR_SECONDS = 2.0  # host seconds between progress-bar refreshes; each one reads the running loss (a sync)
 
@@ -106,6 +112,7 @@ def train_one_epoch(
     start: Partial = Partial(),
     boundary: Callable[[Partial], None] | None = None,
     check_every: int = 1,
+    normalize: Callable[[torch.Tensor], torch.Tensor] = identity,
 ) -> TrainStats:
     """One pass over ``loader`` (which yields the batches from ``start.step`` on); time blocked in
     ``next()`` on the loader is reported as data wait.
@@ -135,6 +142,7 @@ def train_one_epoch(
         wait += time.perf_counter() - before
         images = images.to(device, non_blocking=non_blocking)
         labels = labels.to(device, non_blocking=non_blocking)
+        images = normalize(images)
         optimizer.zero_grad(set_to_none=True)
         logits = model(images)
         k = labels.shape[0]
@@ -163,7 +171,8 @@ def train_one_epoch(
     return TrainStats(epoch_loss, samples, seconds, wait)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, non_blocking: bool) -> EvalStats:
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, non_blocking: bool,
+             normalize: Callable[[torch.Tensor], torch.Tensor] = identity) -> EvalStats:
     """Summed cross-entropy and correct predictions over ``loader``."""
     model.eval()
     loss_sum = 0.0
@@ -173,6 +182,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, non_
         for images, labels in loader:
             images = images.to(device, non_blocking=non_blocking)
             labels = labels.to(device, non_blocking=non_blocking)
+            images = normalize(images)
             logits = model(images)
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == labels).sum().item())

@@ -59,6 +59,7 @@ from trainer.checkpoint import (
     state_tensors,
 )
 from trainer.data import ShardDataset
+from trainer.device_norm import DeviceNormalizer
 from trainer.export import save_model
 from trainer.livelog import LiveLog
 from trainer.loader import EpochBatchSampler, make_loader, resolve_settings, unwrap_worker_error
@@ -196,6 +197,7 @@ class Run:
     shape: RunShape
     checkpoint_dir: Path | str
     notice: Callable[[str], None]
+    normalize: DeviceNormalizer  # uint8 batches -> float32 on the device (all splits share one normalisation)
 
     @property
     def device(self) -> torch.device:
@@ -303,8 +305,10 @@ def train_epoch(run: Run, epoch: int, start: Position, timer: CheckpointTimer,
         description=f"epoch {epoch + 1}/{train.epochs}", global_size=run.train_batches.global_size,
         world_size=group.world_size, progress=group.is_main, start=start.for_rank(group.rank, group.world_size),
         boundary=boundary, check_every=1 if run.device.type == "cpu" else ACCELERATOR_CHECK_STEPS,
+        normalize=run.normalize,
     )
-    result = evaluate(run.model, run.test_loader, run.device, non_blocking=run.non_blocking)
+    result = evaluate(run.model, run.test_loader, run.device, non_blocking=run.non_blocking,
+                      normalize=run.normalize)
     loss_sum, samples, test_sum, correct, test_samples = distributed.all_sum(
         [stats.loss_sum, stats.samples, result.loss_sum, result.correct, result.samples], group)
     seconds, wait, peak = distributed.all_max([stats.seconds, stats.data_wait_fraction, memory.peak_mb()], group)
@@ -320,7 +324,8 @@ def train_epoch(run: Run, epoch: int, start: Position, timer: CheckpointTimer,
         "threads": torch.get_num_threads(),
     }
     if run.val_loader is not None:
-        val = evaluate(run.model, run.val_loader, run.device, non_blocking=run.non_blocking)
+        val = evaluate(run.model, run.val_loader, run.device, non_blocking=run.non_blocking,
+                       normalize=run.normalize)
         val_sum, val_correct, val_samples = distributed.all_sum([val.loss_sum, val.correct, val.samples], group)
         entry["val_loss"] = val_sum / max(val_samples, 1)
         entry["val_acc"] = val_correct / max(val_samples, 1)
@@ -396,7 +401,8 @@ def train(
                       settings.pin_memory and device.type == "cuda",
                       fingerprint(train, loader, device, train_split.manifest, test_split.manifest, ARCHITECTURE,
                                   val_manifest=val_split.manifest if val_split is not None else None),
-                      shape, checkpoint_dir, notice)
+                      shape, checkpoint_dir, notice,
+                      DeviceNormalizer(train_split.manifest.normalization, device))
             position, history = resume_everywhere(run, metrics, train.epochs)
             # After the resume: DDP broadcasts rank 0's parameters when it wraps the model.
             run = dataclasses.replace(run, trained=distributed.wrap(model, group))

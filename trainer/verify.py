@@ -3,9 +3,11 @@
 What the trainer trusts after :func:`validate_split` returns: every listed shard
 is a regular file of the size the manifest records, its safetensors header is
 well-formed (``pipeline.shards.parse_header``: lengths, offsets, alignment),
-it holds exactly ``images`` float32 [n, C, H, W] and ``labels`` int64 [n]
-with the manifest's ``n`` and image shape, every label is a valid class, every pixel is a
-finite number (a NaN pixel would train a NaN model), and its metadata (when
+it holds exactly ``images`` [n, C, H, W] of the manifest's ``image_dtype``
+(float32, or uint8 source bytes) and ``labels`` int64 [n] with the manifest's
+``n`` and image shape, every label is a valid class, every float32 pixel is a
+finite number (a NaN pixel would train a NaN model; a uint8 one cannot be
+anything but a byte), and its metadata (when
 present) names the manifest's dataset and split. ``verify="full"`` adds the
 SHA-256 of every shard against the manifest. The pixel check reads the
 images once, in bounded chunks: a fraction of an epoch (bench/checkpoint.md). The memory-mapped dataset then
@@ -54,7 +56,7 @@ class ValidSplit:
 
 
 def _check_layout(where: str, layout: ShardLayout, manifest: Manifest, num_samples: int) -> tuple[TensorInfo, TensorInfo]:
-    images, labels = check_tensors(where, layout, num_samples, manifest.image_shape)
+    images, labels = check_tensors(where, layout, num_samples, manifest.image_shape, manifest.image_dtype)
     for key in ("dataset", "split"):
         found = layout.metadata.get(key)
         if found is not None and found != getattr(manifest, key):
@@ -74,6 +76,8 @@ def _check_labels(where: str, path: Path, labels: TensorInfo, num_classes: int) 
 
 
 def _check_finite(where: str, path: Path, images: TensorInfo) -> None:
+    if images.dtype != "F32":
+        return  # integer pixels are always finite
     n, per_sample = images.shape[0], int(np.prod(images.shape[1:]))
     if n == 0 or per_sample == 0:
         return
