@@ -10,7 +10,12 @@ any ``num_workers``, ``persistent_workers``, ``pin_memory``,
 the whole split is copied to the training device once and each batch is one
 ``index_select`` there, in the sampler's order (the airbench approach: on a
 GPU no batch crosses the bus; on the CPU the values are the same floats the
-memory-mapped gather returns, so results are bit-identical).
+memory-mapped gather returns, so results are bit-identical). A uint8 split
+stays uint8 there, a quarter of the memory; the loop normalises each batch.
+
+With ``num_workers`` > 0 the workers prefetch pages and the main process
+gathers (:class:`trainer.prefetch.PrefetchedBatches`): a batch gathered in a
+worker would cost more to carry over than to gather.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.errors import PipelineError
 from pipeline.params import LoaderParams
+from trainer.data import ShardDataset
+from trainer.prefetch import PrefetchedBatches
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -180,9 +187,13 @@ class DeviceResidentBatches:
 
 def make_loader(
     dataset: Dataset, sampler: EpochBatchSampler, settings: LoaderSettings
-) -> DataLoader | DeviceResidentBatches:
+) -> DataLoader | DeviceResidentBatches | PrefetchedBatches:
     if settings.resident_device is not None:
         return DeviceResidentBatches(dataset, sampler, settings.resident_device)
+    if settings.num_workers > 0 and isinstance(dataset, ShardDataset):
+        return PrefetchedBatches(dataset, sampler, num_workers=settings.num_workers,
+                                 persistent_workers=settings.persistent_workers,
+                                 prefetch_factor=settings.prefetch_factor, pin_memory=settings.pin_memory)
     return DataLoader(
         dataset,
         sampler=sampler,
