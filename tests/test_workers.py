@@ -12,9 +12,10 @@ import torch
 from pipeline.params import LoaderParams
 from tests.test_trainer import make_split
 from tests.test_uint8 import write_both
-from trainer.data import ShardDataset
+from trainer.data import ShardDataset, page_points
 from trainer.loader import EpochBatchSampler, make_loader, resolve_settings
 from trainer.prefetch import PrefetchedBatches
+from trainer.rank_split import RankBatches
 from trainer.verify import validate_split
 
 CPU = torch.device("cpu")
@@ -38,36 +39,42 @@ def test_prefetched_batches_are_the_main_process_gather_in_sampler_order(splits,
     assert isinstance(loader, PrefetchedBatches)
     for epoch, start in ((0, 0), (1, 2), (1, 0)):  # a mid-epoch start as a resume sets it
         sampler.set_epoch(epoch, start)
-        expected = [dataset[batch] for batch in sampler]
-        got = list(loader)
-        assert len(loader) == len(expected) == len(got)
-        for (images, labels), (want_images, want_labels) in zip(got, expected):
-            assert images.dtype == want_images.dtype == getattr(torch, dtype)
-            assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+        _same_batches(loader, [dataset[batch] for batch in sampler], getattr(torch, dtype))
 
 
-def test_only_index_arrays_cross_between_processes(splits) -> None:
-    """A tensor from a worker would come through a fresh shared-memory segment per batch: the slow path."""
+def _same_batches(loader: PrefetchedBatches, expected: list, dtype: torch.dtype) -> None:
+    got = list(loader)
+    assert len(loader) == len(expected) == len(got)
+    for (images, labels), (want_images, want_labels) in zip(got, expected):
+        assert images.dtype == want_images.dtype == dtype
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+
+
+def test_batches_are_sent_together_and_split_back(splits) -> None:
+    """Rank 1 of 2 over 256 samples in batches of 51: sizes 25 x 5 and an empty last batch, 3 per message."""
     dataset = splits["uint8"]
-    sampler = EpochBatchSampler(len(dataset), 64, shuffle=True, seed=1)
+    sampler = RankBatches(EpochBatchSampler(len(dataset), 51, shuffle=True, seed=1), rank=1, world=2)
     loader = PrefetchedBatches(dataset, sampler, num_workers=2, persistent_workers=False, prefetch_factor=2,
-                               pin_memory=False)
-    sent = list(loader.pages)
-    assert all(type(indices) is np.ndarray and indices.dtype == np.int64 for indices in sent)
-    assert np.array_equal(np.concatenate(sent), torch.cat(list(sampler)).numpy())
+                               pin_memory=False, samples_per_message=60)
+    sent = list(loader.pages)  # what crossed from the workers: index arrays only
+    assert all(type(a) is np.ndarray and a.dtype == np.int64 for chunk in sent for a in chunk)
+    assert [sizes.tolist() for _, sizes in sent] == [[25, 25, 25], [25, 25, 0]]
+    assert np.array_equal(np.concatenate([indices for indices, _ in sent]), torch.cat(list(sampler)).numpy())
+    _same_batches(loader, [dataset[batch] for batch in sampler], torch.uint8)
 
 
 def test_prefetch_reads_every_page_the_samples_lie_on(tmp_path: Path) -> None:
-    make_split(tmp_path / "train", 250, split="train", shard_size=100)  # 3136-byte samples: some cross a page
+    for size in (8, 3136, 3 * 32 * 32 * 4, 2 * mmap.PAGESIZE):  # labels, 1x28x28 and 3x32x32 floats, page-sized
+        for offset in (0, 8, mmap.PAGESIZE - 8):
+            local = np.array([0, 1, 5, 4, 1000])
+            points = page_points(offset, size, local)
+            wanted = {page for i in local for page in range((offset + i * size) // mmap.PAGESIZE,
+                                                             (offset + (i + 1) * size - 1) // mmap.PAGESIZE + 1)}
+            assert {p // mmap.PAGESIZE for p in points} == wanted, (size, offset)
+            starts, ends = offset + local * size, offset + (local + 1) * size
+            assert all(any(s <= p < e for s, e in zip(starts, ends)) for p in points)  # nothing outside the items
+    make_split(tmp_path / "train", 250, split="train", shard_size=100)
     dataset = ShardDataset(validate_split(tmp_path / "train", expected_split="train"))
-    indices = np.array([0, 1, 2, 99, 100, 101, 249, 1], dtype=np.int64)
-    expected = 0
-    for s, local in ((0, [0, 1, 2, 99]), (1, [0, 1]), (2, [49])):
-        shard = dataset.split.shards[s]
-        for offset, size in ((shard.images_offset, 784 * 4), (shard.labels_offset, 8)):
-            expected += len({page for i in local
-                             for page in range((offset + i * size) // mmap.PAGESIZE,
-                                               (offset + (i + 1) * size - 1) // mmap.PAGESIZE + 1)})
-    assert dataset.prefetch(indices) == expected
+    assert dataset.prefetch(np.array([0, 1, 2, 99, 100, 249])) == 6 * (2 + 2)  # 3136 and 8 bytes: 2 points each
     with pytest.raises(IndexError, match="out of range"):
         dataset.prefetch(np.array([250]))

@@ -40,14 +40,14 @@ def _map_raw(shard: ValidShard) -> np.ndarray:
     return raw
 
 
-def _touch(raw: np.ndarray, offset: int, item_bytes: int, local: np.ndarray) -> int:
-    """Read one byte of every page that items ``local`` of a tensor at file ``offset`` lie on; the page count."""
-    first = (offset + local * item_bytes) // mmap.PAGESIZE
-    counts = (offset + (local + 1) * item_bytes - 1) // mmap.PAGESIZE - first + 1
-    within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    pages = np.unique(np.repeat(first, counts) + within)
-    raw[pages * mmap.PAGESIZE].sum()  # the read is what faults the pages in
-    return int(pages.size)
+def page_points(offset: int, item_bytes: int, local: np.ndarray) -> np.ndarray:
+    """File offsets, one on every page that items ``local`` of a tensor at ``offset`` lie on (some twice).
+
+    Each item's first byte, every page-size step after it, and its last byte:
+    no page of the item is skipped, and no sorting or de-duplication is spent.
+    """
+    steps = np.append(np.arange(0, item_bytes, mmap.PAGESIZE), item_bytes - 1)
+    return ((offset + local * item_bytes)[:, None] + steps[None, :]).reshape(-1)
 
 
 class ShardDataset(Dataset):
@@ -95,18 +95,20 @@ class ShardDataset(Dataset):
         return indices
 
     def prefetch(self, indices: torch.Tensor | np.ndarray) -> int:
-        """Bring the pages of these samples (images and labels) into the page cache; pages read."""
+        """Bring the pages of these samples (images and labels) into the page cache; bytes read."""
         idx = self._checked(indices).numpy()
         self._open()
         shard_of = np.searchsorted(self._starts[1:-1], idx, side="right")
         item_bytes = int(np.prod(self.image_shape)) * np.dtype(self.image_dtype).itemsize
-        pages = 0
+        read = 0
         for s in np.unique(shard_of):
             local = idx[shard_of == s] - self._starts[s]
             shard, raw = self.split.shards[s], self._raw[s]  # type: ignore[index]
-            pages += _touch(raw, shard.images_offset, item_bytes, local)
-            pages += _touch(raw, shard.labels_offset, 8, local)
-        return pages
+            points = np.concatenate([page_points(shard.images_offset, item_bytes, local),
+                                     page_points(shard.labels_offset, 8, local)])
+            raw[points].sum()  # the read is what faults the pages in
+            read += points.size
+        return read
 
     def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         indices = self._checked(indices)

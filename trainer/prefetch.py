@@ -10,8 +10,10 @@ exactly as with ``loader.num_workers`` 0, and the workers run ahead of it
 (``prefetch_factor`` batches each) reading one byte of every page the coming
 batches lie on (:meth:`trainer.data.ShardDataset.prefetch`): whatever has to
 come from disk is read by a worker, not waited for by the training loop.
-Only index arrays cross between processes, as NumPy arrays (a pickled copy
-of a few kilobytes; a torch tensor would take the shared-memory path).
+Only index arrays cross between processes, as NumPy arrays (a pickled copy;
+a torch tensor would take the shared-memory path), several batches' worth in
+one message (:data:`SAMPLES_PER_MESSAGE`): each message costs the main
+process a wake-up and a pipe read, which would otherwise rival the gather.
 
 Batches are the dataset's own gather in the sampler's order, so results are
 bit-identical for any number of workers.
@@ -27,14 +29,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainer.data import ShardDataset
 
+# Indices of whole batches are sent to a worker together until they reach this many samples.
+SAMPLES_PER_MESSAGE = 4096
 
-def _as_is(indices: np.ndarray) -> np.ndarray:
-    """The workers' collate function: the index array goes back unchanged (not made a tensor)."""
-    return indices
+Chunk = tuple[np.ndarray, np.ndarray]  # the batches' indices, concatenated; each batch's size
+
+
+def _as_is(chunk: Chunk) -> Chunk:
+    """The workers' collate function: the index arrays go back unchanged (not made tensors)."""
+    return chunk
 
 
 class _PageToucher(Dataset):
-    """What a worker runs per batch: fault the batch's pages in, hand its indices back."""
+    """What a worker runs per message: fault the batches' pages in, hand their indices back."""
 
     def __init__(self, dataset: ShardDataset) -> None:
         self.dataset = dataset
@@ -42,44 +49,52 @@ class _PageToucher(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, indices: np.ndarray) -> np.ndarray:
-        self.dataset.prefetch(indices)
-        return indices
+    def __getitem__(self, chunk: Chunk) -> Chunk:
+        self.dataset.prefetch(chunk[0])
+        return chunk
 
 
-class _NumpyBatches(Sampler[np.ndarray]):
-    """The sampler's batches as NumPy arrays, so sending them to a worker is a small pickled copy."""
+class _Chunks(Sampler[Chunk]):
+    """The sampler's batches as NumPy arrays, consecutive ones joined until they hold ``samples_per_message``."""
 
-    def __init__(self, sampler: Sampler[torch.Tensor]) -> None:
+    def __init__(self, sampler: Sampler[torch.Tensor], samples_per_message: int) -> None:
         self.sampler = sampler
+        self.samples_per_message = samples_per_message
 
-    def __len__(self) -> int:
-        return len(self.sampler)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[Chunk]:
+        batches: list[np.ndarray] = []
         for batch in self.sampler:
-            yield batch.numpy()
+            batches.append(batch.numpy())
+            if sum(len(b) for b in batches) >= self.samples_per_message:
+                yield np.concatenate(batches), np.array([len(b) for b in batches], dtype=np.int64)
+                batches = []
+        if batches:
+            yield np.concatenate(batches), np.array([len(b) for b in batches], dtype=np.int64)
 
 
 class PrefetchedBatches:
     """Iterating yields ``dataset[batch]`` for each batch of ``sampler``, gathered here while workers prefetch."""
 
     def __init__(self, dataset: ShardDataset, sampler: Sampler[torch.Tensor], *, num_workers: int,
-                 persistent_workers: bool, prefetch_factor: int | None, pin_memory: bool) -> None:
+                 persistent_workers: bool, prefetch_factor: int | None, pin_memory: bool,
+                 samples_per_message: int = SAMPLES_PER_MESSAGE) -> None:
         if num_workers < 1:
             raise ValueError(f"need num_workers >= 1, got {num_workers}")
         self.dataset = dataset
+        self.sampler = sampler
         self.pin_memory = pin_memory
-        self.pages = DataLoader(_PageToucher(dataset), sampler=_NumpyBatches(sampler), batch_size=None,
+        self.pages = DataLoader(_PageToucher(dataset), sampler=_Chunks(sampler, samples_per_message),
+                                batch_size=None,
                                 collate_fn=_as_is, num_workers=num_workers, persistent_workers=persistent_workers,
                                 prefetch_factor=prefetch_factor)
 
     def __len__(self) -> int:
-        return len(self.pages)
+        return len(self.sampler)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for indices in self.pages:
-            images, labels = self.dataset[torch.from_numpy(indices)]
-            if self.pin_memory:  # what DataLoader's pin-memory thread would do, here in one copy
-                images, labels = images.pin_memory(), labels.pin_memory()
-            yield images, labels
+        for indices, sizes in self.pages:
+            for batch in np.split(indices, np.cumsum(sizes)[:-1]):
+                images, labels = self.dataset[torch.from_numpy(batch)]
+                if self.pin_memory:  # what DataLoader's pin-memory thread would do, here in one copy
+                    images, labels = images.pin_memory(), labels.pin_memory()
+                yield images, labels
