@@ -7,8 +7,9 @@ DataFrame dataset) run on a prefix of the split and are scaled to 60,000
 samples; ``--quick`` does that for every row. The training timings, the
 floors (memcpy, compute, FLOP) and the page-fault experiment are in
 ``benchmarks/compute.py``; like ``trainer.run.fit``, this process keeps freed
-memory (``trainer/allocator.py``) before it trains. Results go to
-``bench/results.{json,md,png}``.
+memory (``trainer/allocator.py``) before it trains. Loader workers and uint8
+shards (``benchmarks/workers.py``) add the loader-only epoch per worker count
+for both shard dtypes. Results go to ``bench/results.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from benchmarks.memory import run_loader_memory, run_scenarios
 from benchmarks.naive import NaiveDataset, PerSampleShards, PrecomputedDataset
 from benchmarks.report import render_markdown, render_plot
 from benchmarks.shapes import loader_vs_memcpy
+from benchmarks.workers import worker_epochs, workers_lines
 from pipeline.atomic import write_bytes_atomic
 from pipeline.params import load_section
 from trainer.allocator import retain_freed_memory
@@ -233,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                    "training_habits": run_scenarios(str(device), steps=cfg.habit_steps, batch=512)},
         "disk": disk_usage(cfg.csv, cfg.parquet, cfg.tensors),
         "shapes": loader_vs_memcpy(cfg.samples, cfg.repeats, cfg.params),  # random pixels, 1x28x28 and 3x32x32
+        "workers": worker_epochs(cfg.tensors / "train", max(cfg.repeats, 5)),  # rows float32/uint8 x 0, 1, 2, 4
     }
     by = {r["name"]: r for r in results["rows"]}
     results["goals"] = {
@@ -242,11 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         "naive_over_default_loader": naive_s / by["default"]["loader_epoch_s"],
         "rgb32_loader_over_memcpy": next(row["loader_over_memcpy"] for row in results["shapes"]["rows"]
                                          if row["shape"] == "3x32x32"),
+        "workers2_over_workers0": results["workers"]["workers2_over_workers0"]["float32"],
+        "uint8_workers2_over_workers0": results["workers"]["workers2_over_workers0"]["uint8"],
     }
     results["wall_seconds"] = time.perf_counter() - started
     cfg.out.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(cfg.out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
-    markdown = render_markdown(results)
+    markdown = "\n".join([render_markdown(results), *workers_lines(results["workers"])])
     write_bytes_atomic(cfg.out / "results.md", markdown.encode())
     render_plot(results, cfg.out / "results.png")
     print(markdown)

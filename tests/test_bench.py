@@ -58,7 +58,11 @@ def test_bench_writes_results(tmp_path: Path) -> None:
         f"{kind}/workers={n}" for kind in ("default-mmap", "precomputed-in-ram") for n in (0, 2)}
     assert set(results["memory"]["training_habits"]) >= {"free_graph_true", "free_graph_false"}
     assert results["disk"]["csv_train"] == (tmp_path / "csv/train.csv").stat().st_size
+    assert {r["name"] for r in results["workers"]["rows"]} >= {f"{d}-workers{w}" for d in ("float32", "uint8")
+                                                               for w in (0, 1, 2, 4)}
+    assert set(results["goals"]) >= {"workers2_over_workers0", "uint8_workers2_over_workers0"}
     assert "| default |" in (out / "results.md").read_text()
+    assert "| uint8 |" in (out / "results.md").read_text()
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

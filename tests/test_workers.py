@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import mmap
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.workers import uint8_twin
 from pipeline.params import LoaderParams
 from tests.test_trainer import make_split
 from tests.test_uint8 import write_both
@@ -78,3 +82,29 @@ def test_prefetch_reads_every_page_the_samples_lie_on(tmp_path: Path) -> None:
     assert dataset.prefetch(np.array([0, 1, 2, 99, 100, 249])) == 6 * (2 + 2)  # 3136 and 8 bytes: 2 points each
     with pytest.raises(IndexError, match="out of range"):
         dataset.prefetch(np.array([250]))
+
+
+def test_workers_benchmark_writes_both_dtypes_and_the_goal(tmp_path: Path) -> None:
+    """benchmarks.workers on a tiny split (no timing asserts): the uint8 twin it makes holds the same samples."""
+    f32, _ = write_both(tmp_path / "data")
+    res = subprocess.run([sys.executable, "-m", "benchmarks.workers", "--tensors", str(f32), "--repeats", "1",
+                          "--out", str(tmp_path / "bench")], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "bench" / "workers.json").read_text())
+    names = [row["name"] for row in result["rows"]]
+    assert names == [f"{d}-{w}" for d in ("float32", "uint8") for w in
+                     ("workers0", "workers1", "workers2", "workers4", "gather-in-worker2")]
+    assert all(row["loader_epoch_s"] > 0 for row in result["rows"])
+    assert set(result["workers2_over_workers0"]) == {"float32", "uint8"} and result["goal"] == 1.5
+    assert "| uint8 |" in (tmp_path / "bench" / "workers.md").read_text()
+
+
+def test_uint8_twin_normalises_to_the_float32_split(tmp_path: Path) -> None:
+    f32, u8 = write_both(tmp_path / "data")
+    twin = ShardDataset(validate_split(uint8_twin(f32 / "train", tmp_path / "twin"), expected_split="train"))
+    expected = ShardDataset(validate_split(u8 / "train", expected_split="train"))
+    assert twin.split.manifest.image_dtype == "uint8"
+    assert [s.num_samples for s in twin.split.shards] == [s.num_samples for s in expected.split.shards]
+    every = torch.arange(len(expected))
+    assert all(torch.equal(a, b) for a, b in zip(twin[every], expected[every]))
