@@ -78,11 +78,11 @@ class ShardDataset(Dataset):
             self._raw = [_map_raw(s) for s in self.split.shards]
             # Offsets were checked to be aligned to the item size and inside the file, so
             # these are zero-copy views of the mappings.
-            self._arrays = [view_tensors(raw, s.images_offset, s.labels_offset, s.num_samples, self.image_shape,
-                                         self.image_dtype) for raw, s in zip(self._raw, self.split.shards)]
-            self._maps = [(torch.from_numpy(images), torch.from_numpy(labels)) for images, labels in self._arrays]
+            views = [view_tensors(raw, s.images_offset, s.labels_offset, s.num_samples, self.image_shape,
+                                  self.image_dtype) for raw, s in zip(self._raw, self.split.shards)]
+            self._maps = [(torch.from_numpy(images), torch.from_numpy(labels)) for images, labels in views]
             # The same views flattened per sample, for the multi-shard gather.
-            self._arrays = [(images.reshape(len(images), -1), labels) for images, labels in self._arrays]
+            self._arrays = [(images.reshape(len(images), -1), labels) for images, labels in views]
         return self._maps
 
     def _checked(self, indices: torch.Tensor | np.ndarray) -> torch.Tensor:
