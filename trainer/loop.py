@@ -36,6 +36,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from trainer.precision import Precision
+
 _BAR_SECONDS = 2.0  # host seconds between progress-bar refreshes; each one reads the running loss (a sync)
 
 
@@ -106,6 +108,8 @@ def train_one_epoch(
     start: Partial = Partial(),
     boundary: Callable[[Partial], None] | None = None,
     check_every: int = 1,
+    precision: Precision | None = None,
+    augment: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
 ) -> TrainStats:
     """One pass over ``loader`` (which yields the batches from ``start.step`` on); time blocked in
     ``next()`` on the loader is reported as data wait.
@@ -114,7 +118,13 @@ def train_one_epoch(
     ranks; without it the loader's batch is the whole batch. ``boundary`` gets
     the running :class:`Partial` after every ``check_every``-th step and after
     the last one. The returned stats include ``start``'s sums.
+
+    ``augment(images, step, global_size)`` (``trainer.augment``) transforms
+    each batch on the device, seeded by the global batch index ``step``;
+    ``precision`` (``trainer.precision``, default fp32) wraps forward and loss
+    in its autocast and does backward and step (through fp16's scaler).
     """
+    precision = precision or Precision()
     model.train()
     loss_sum = torch.tensor(start.loss_sum, dtype=torch.float64, device=device)
     samples = start.samples
@@ -135,13 +145,16 @@ def train_one_epoch(
         wait += time.perf_counter() - before
         images = images.to(device, non_blocking=non_blocking)
         labels = labels.to(device, non_blocking=non_blocking)
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(images)
         k = labels.shape[0]
-        summed = F.cross_entropy(logits, labels, reduction="sum")
-        loss = scaled_loss(summed, global_size(step) if global_size is not None else k, world_size)
-        loss.backward()
-        optimizer.step()
+        batch = global_size(step) if global_size is not None else k
+        if augment is not None:
+            images = augment(images, step, batch)
+        optimizer.zero_grad(set_to_none=True)
+        with precision.autocast():
+            logits = model(images)
+            summed = F.cross_entropy(logits.float(), labels, reduction="sum")  # float32 in every precision
+        loss = scaled_loss(summed, batch, world_size)
+        precision.backward_step(loss, optimizer)
         loss_sum += summed.detach().double()
         samples += k
         if free_graph:
@@ -163,8 +176,10 @@ def train_one_epoch(
     return TrainStats(epoch_loss, samples, seconds, wait)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, non_blocking: bool) -> EvalStats:
-    """Summed cross-entropy and correct predictions over ``loader``."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, non_blocking: bool,
+             precision: Precision | None = None) -> EvalStats:
+    """Summed cross-entropy and correct predictions over ``loader``, under ``precision``'s autocast."""
+    precision = precision or Precision()
     model.eval()
     loss_sum = 0.0
     correct = 0
@@ -173,7 +188,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, non_
         for images, labels in loader:
             images = images.to(device, non_blocking=non_blocking)
             labels = labels.to(device, non_blocking=non_blocking)
-            logits = model(images)
+            with precision.autocast():
+                logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == labels).sum().item())
             samples += labels.shape[0]
