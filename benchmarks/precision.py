@@ -82,11 +82,12 @@ def speed(tensors: Path, batch_size: int, steps: int, repeats: int, seed: int) -
     return {name: s * EPOCH_SAMPLES / samples for name, s in best.items()}
 
 
-def accuracy(work: Path, tensors: Path, epochs: int) -> dict[str, dict]:
-    """Each of :data:`ACCURACY_RUNS` through the real train stage (or read back from ``work``); final metrics."""
+def accuracy(work: Path, tensors: Path, epochs: int, runs: tuple[str, ...] = tuple(ACCURACY_RUNS)) -> dict[str, dict]:
+    """``runs`` of :data:`ACCURACY_RUNS` through the real train stage (or read back from ``work``); final metrics."""
     work.mkdir(parents=True, exist_ok=True)
     out = {}
-    for name, extra in ACCURACY_RUNS.items():
+    for name in runs:
+        extra = ACCURACY_RUNS[name]
         doc = {"loader": {"batch_size": 512, "num_workers": 0},
                "train": {"epochs": epochs, "device": "cpu", "checkpoint_every": 0, "checkpoint_seconds": None, **extra}}
         run = name if epochs == 5 else f"{name}-{epochs}"
@@ -107,6 +108,10 @@ def accuracy(work: Path, tensors: Path, epochs: int) -> dict[str, dict]:
     return out
 
 
+def _points(a: dict, name: str) -> str:
+    return f"{100 * (a[name]['test_acc'] - a['fp32']['test_acc']):+.2f}"
+
+
 def render(r: dict) -> str:
     s, g = r["speed"], r["goals"]
     lines = ["# Training arithmetic: precision and augmentation", "",
@@ -125,17 +130,19 @@ def render(r: dict) -> str:
              f"| bf16 epoch / fp32 epoch | {g['bf16_over_fp32']:.2f} | <= {GOAL_BF16_OVER_FP32} with AMX "
              f"({'judged: AMX present' if g['amx'] else 'not judged: no AMX on this CPU'}) |",
              f"| bf16 epoch / bf16 FLOP floor | {g['bf16_over_flop_floor']:.1f} | (reported) |", ""]
-    if r.get("accuracy"):
-        a = r["accuracy"]
+    for a in r.get("accuracy", {}).values():
         epochs = next(iter(a.values()))["epochs"]
         lines += [f"## Accuracy (the train stage, {epochs} epochs, batch 512, seed 42, CPU)", "",
                   "| run | precision | augment | test_acc | test_loss |", "|---|---|---|---:|---:|"]
         for name, v in a.items():
             lines.append(f"| {name} | {v['train'].get('precision', 'fp32')} | {v['train'].get('augment', [])} | "
                          f"{v['test_acc']:.4f} | {v['test_loss']:.4f} |")
-        lines += ["", f"bf16 - fp32 test accuracy: {100 * (a['bf16']['test_acc'] - a['fp32']['test_acc']):+.2f} points "
-                  f"(goal: no more than {GOAL_ACC_POINTS} below); [flip, translate] - []: "
-                  f"{100 * (a['aug']['test_acc'] - a['fp32']['test_acc']):+.2f} points.", ""]
+        lines.append("")
+        if "bf16" in a:
+            lines += [f"bf16 - fp32 test accuracy: {_points(a, 'bf16')} points (goal: at most {GOAL_ACC_POINTS} "
+                      "below).", ""]
+        if "aug" in a:
+            lines += [f"[flip, translate] - [] test accuracy: {_points(a, 'aug')} points.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -147,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--accuracy", action="store_true", help="also the train-stage accuracy runs (minutes each)")
     p.add_argument("--epochs", type=int, default=5, help="epochs of the accuracy runs")
+    p.add_argument("--augment-epochs", type=int, default=None,
+                   help="also compare augment [] and [flip, translate] at this many epochs")
     p.add_argument("--work", type=Path, default=Path("/tmp/precision-bench"), help="accuracy runs' folder (reused)")
     p.add_argument("--out", type=Path, default=ROOT / "bench")
     cfg = p.parse_args(argv)
@@ -171,8 +180,10 @@ def main(argv: list[str] | None = None) -> None:
                   "bf16_over_flop_floor": epoch_s["bf16"] / floor["bf16_epoch_s"]},
     }
     if cfg.accuracy:
-        results["accuracy"] = accuracy(cfg.work, tensors, cfg.epochs)
-        a = results["accuracy"]
+        results["accuracy"] = {str(cfg.epochs): accuracy(cfg.work, tensors, cfg.epochs)}
+        if cfg.augment_epochs:
+            results["accuracy"][str(cfg.augment_epochs)] = accuracy(cfg.work, tensors, cfg.augment_epochs, ("fp32", "aug"))
+        a = results["accuracy"][str(cfg.epochs)]
         results["goals"]["bf16_acc_points_below_fp32"] = 100 * (a["fp32"]["test_acc"] - a["bf16"]["test_acc"])
     write_results(cfg.out, "precision", results, render(results))
 
