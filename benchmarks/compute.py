@@ -156,10 +156,10 @@ def memcpy_floor(repeats: int, nbytes: int = EPOCH_SAMPLES * 784 * 4) -> float:
     return best
 
 
-def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-``repeats`` fp32 rate of an ``n`` x ``n`` matmul: the machine's practical FLOP peak."""
-    a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
-    out = torch.empty(n, n, device=device)
+def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-``repeats`` rate of an ``n`` x ``n`` matmul in ``dtype``: the machine's practical FLOP peak."""
+    a, b = (torch.rand(n, n, device=device).to(dtype) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=dtype)
     torch.mm(a, b, out=out)  # warm-up: threads started, pages touched
     best = math.inf
     for _ in range(repeats):

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks import precision
 from benchmarks.compute import (EPOCH_SAMPLES, Source, allocator_experiment, as_pair, epoch_flops,
                                 matmul_gflops, memcpy_floor, one_warm_batch, threads_experiment,
                                 train_paired)
@@ -255,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     write_bytes_atomic(cfg.out / "results.md", markdown.encode())
     render_plot(results, cfg.out / "results.png")
     print(markdown)
+    # bf16 vs fp32 epochs and the bf16 FLOP floor: their own results files (bench/precision.{json,md}).
+    precision.main(["--tensors", str(cfg.tensors), "--params", str(cfg.params), "--out", str(cfg.out),
+                    "--repeats", str(cfg.repeats), "--steps", "4" if cfg.quick else "40"])
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ def test_bench_writes_results(tmp_path: Path) -> None:
     assert "| default |" in (out / "results.md").read_text()
     assert "| uint8 |" in (out / "results.md").read_text()
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    precision = json.loads((out / "precision.json").read_text())  # benchmarks.precision, called by the loader
+    assert set(precision["speed"]) == {"fp32", "bf16"} and precision["goals"]["bf16_over_fp32"] > 0
+    assert precision["floor"]["epoch_gflop"] == floors["epoch_gflop"]
 
 
 def test_shapes_bench_writes_results(tmp_path: Path) -> None:

@@ -397,6 +397,8 @@ def _other_value(tp: object, value: object) -> object:
     args = typing.get_args(tp)
     if typing.get_origin(tp) is typing.Literal:
         return next(a for a in args if a != value)
+    if typing.get_origin(tp) is tuple and typing.get_origin(args[0]) is typing.Literal:  # e.g. train.augment
+        return () if value else typing.get_args(args[0])[:1]
     if value is None or tp is int or int in args:
         return (value or 0) + 1 if not isinstance(value, bool) else not value
     if tp is bool:

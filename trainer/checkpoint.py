@@ -1,7 +1,8 @@
 """Resumable training checkpoints: safetensors for tensors, JSON for the rest, no pickle.
 
 A checkpoint folder holds ``checkpoint.safetensors`` (model weights, Adam
-state flattened to named tensors, RNG state as uint8) and ``checkpoint.json``
+state flattened to named tensors, RNG state as uint8; with ``train.precision``
+fp16 also the gradient scaler's scale and growth tracker) and ``checkpoint.json``
 (the :class:`~trainer.position.Position`: completed epochs, global batches
 done in the next one and its partial sums; the run fingerprint, the number of
 processes and intra-op threads, SHA-256 of the tensor file, the metrics
@@ -164,8 +165,19 @@ class Resumed:
     processes: int  # the checkpoint's; differs from the run's on an elastic resume
 
 
-def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, torch.Tensor]:
-    """Model, optimizer and RNG state as named CPU tensors (what a checkpoint stores)."""
+# fp16's torch.amp.GradScaler: what changes while training (its factors and interval are constants of the run)
+SCALER = {"scaler.scale": torch.float64, "scaler.growth_tracker": torch.int64}
+
+
+def _scaler_tensors(scaler: torch.amp.GradScaler) -> dict[str, torch.Tensor]:
+    state = scaler.state_dict()
+    return {"scaler.scale": torch.tensor(float(state["scale"]), dtype=torch.float64),
+            "scaler.growth_tracker": torch.tensor(int(state["_growth_tracker"]), dtype=torch.int64)}
+
+
+def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                  scaler: torch.amp.GradScaler | None = None) -> dict[str, torch.Tensor]:
+    """Model, optimizer, RNG and (fp16) gradient scaler state as named CPU tensors (what a checkpoint stores)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
@@ -175,6 +187,8 @@ def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, devi
     tensors["rng.cpu"] = torch.get_rng_state()
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    if scaler is not None:
+        tensors.update(_scaler_tensors(scaler))
     return tensors
 
 
@@ -184,6 +198,7 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
     position: Position,
     run_fingerprint: str,
     shape: RunShape,
@@ -194,7 +209,7 @@ def save_checkpoint(
     Raises :class:`~pipeline.errors.OutputError` (disk full, permissions) or
     ``SafetensorError``; nothing is left half-written either way.
     """
-    tensors = state_tensors(model, optimizer, device)
+    tensors = state_tensors(model, optimizer, device, scaler)
     with atomic_dir(directory) as tmp:
         safetensors.torch.save_file(tensors, str(tmp / TENSORS), metadata={"format": str(FORMAT)})
         meta = {
@@ -265,14 +280,17 @@ def _read_meta(directory: Path, run_fingerprint: str, shape: RunShape, max_epoch
     return meta
 
 
-def _expected(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Names, dtypes and shapes a checkpoint of this model and (Adam) optimizer must hold (RNG aside)."""
+def _expected(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              scaler: torch.amp.GradScaler | None = None) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Names, dtypes and shapes a checkpoint of this model, (Adam) optimizer and scaler must hold (RNG aside)."""
     out = {f"model.{k}": (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, p in enumerate(params):
         out[f"optimizer.{index}.step"] = (torch.float32, ())
         out[f"optimizer.{index}.exp_avg"] = (p.dtype, tuple(p.shape))
         out[f"optimizer.{index}.exp_avg_sq"] = (p.dtype, tuple(p.shape))
+    if scaler is not None:
+        out.update({name: (dtype, ()) for name, dtype in SCALER.items()})
     return out
 
 
@@ -282,6 +300,7 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
     run_fingerprint: str,
     shape: RunShape,
     max_epoch: int,
@@ -289,7 +308,7 @@ def load_checkpoint(
     metrics: Sequence[str],
     notice: Callable[[str], None] = print,
 ) -> Resumed | None:
-    """Restore model, optimizer and RNG state in place; ``None`` (nothing touched) if not resumable.
+    """Restore model, optimizer, RNG and scaler state in place; ``None`` (nothing touched) if not resumable.
 
     ``metrics`` are the names every history entry must carry, no more, no fewer
     (the caller computes them: which metrics a run logs may depend on its data).
@@ -309,7 +328,7 @@ def load_checkpoint(
             tensors = safetensors.torch.load(blob)
         except (SafetensorError, ValueError) as exc:
             raise _Unusable(f"{TENSORS}: {exc}") from None
-        expected = _expected(model, optimizer)
+        expected = _expected(model, optimizer, scaler)
         rng_keys = {"rng.cpu"} | ({"rng.cuda"} if device.type == "cuda" else set())
         if set(tensors) != set(expected) | rng_keys:
             raise _Unusable(f"{TENSORS}: tensor names do not match this model and optimizer")
@@ -324,7 +343,7 @@ def load_checkpoint(
         notice(f"notice: not resuming from {directory}: {exc}; training from scratch")
         return None
     # Everything is validated: from here on nothing can fail halfway.
-    restore_state(tensors, model=model, optimizer=optimizer, device=device)
+    restore_state(tensors, model=model, optimizer=optimizer, device=device, scaler=scaler)
     history = [{k: float(v) for k, v in h.items()} for h in meta["history"]]
     partial = meta["partial"]
     position = Position(meta["epoch"], meta["step"], partial["samples"], tuple(float(v) for v in partial["loss_sums"]),
@@ -332,10 +351,11 @@ def load_checkpoint(
     return Resumed(position, history, meta["processes"])
 
 
-def empty_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, torch.Tensor]:
+def empty_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                scaler: torch.amp.GradScaler | None = None) -> dict[str, torch.Tensor]:
     """Uninitialised tensors named, typed and shaped as :func:`state_tensors` returns them after a step:
     what a rank receives rank 0's restored state into."""
-    out = {name: torch.empty(shape, dtype=dtype) for name, (dtype, shape) in _expected(model, optimizer).items()}
+    out = {name: torch.empty(shape, dtype=dtype) for name, (dtype, shape) in _expected(model, optimizer, scaler).items()}
     out["rng.cpu"] = torch.empty_like(torch.get_rng_state())
     if device.type == "cuda":
         out["rng.cuda"] = torch.empty_like(torch.cuda.get_rng_state(device))
@@ -343,8 +363,8 @@ def empty_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device
 
 
 def restore_state(tensors: dict[str, torch.Tensor], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  device: torch.device) -> None:
-    """Load validated state tensors (names as :func:`state_tensors` gives them) into model, optimizer and RNG."""
+                  device: torch.device, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Load validated state tensors (names as :func:`state_tensors` gives them) into model, optimizer, RNG, scaler."""
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
@@ -355,6 +375,9 @@ def restore_state(tensors: dict[str, torch.Tensor], *, model: torch.nn.Module, o
     torch.set_rng_state(tensors["rng.cpu"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    if scaler is not None:
+        scaler.load_state_dict({**scaler.state_dict(), "scale": float(tensors["scaler.scale"]),
+                                "_growth_tracker": int(tensors["scaler.growth_tracker"])})
 
 
 def remove_checkpoint(directory: Path | str) -> None:

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from trainer.device_norm import identity
+from trainer.precision import Precision
 
 _BAR_SECONDS = 2.0  # host seconds between progress-bar refreshes; each one reads the running loss (a sync)
 
@@ -113,6 +114,8 @@ def train_one_epoch(
     boundary: Callable[[Partial], None] | None = None,
     check_every: int = 1,
     normalize: Callable[[torch.Tensor], torch.Tensor] = identity,
+    precision: Precision | None = None,
+    augment: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
 ) -> TrainStats:
     """One pass over ``loader`` (which yields the batches from ``start.step`` on); time blocked in
     ``next()`` on the loader is reported as data wait.
@@ -121,7 +124,13 @@ def train_one_epoch(
     ranks; without it the loader's batch is the whole batch. ``boundary`` gets
     the running :class:`Partial` after every ``check_every``-th step and after
     the last one. The returned stats include ``start``'s sums.
+
+    ``augment(images, step, global_size)`` (``trainer.augment``) transforms
+    each batch on the device, seeded by the global batch index ``step``;
+    ``precision`` (``trainer.precision``, default fp32) wraps forward and loss
+    in its autocast and does backward and step (through fp16's scaler).
     """
+    precision = precision or Precision()
     model.train()
     loss_sum = torch.tensor(start.loss_sum, dtype=torch.float64, device=device)
     samples = start.samples
@@ -143,13 +152,16 @@ def train_one_epoch(
         images = images.to(device, non_blocking=non_blocking)
         labels = labels.to(device, non_blocking=non_blocking)
         images = normalize(images)
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(images)
         k = labels.shape[0]
-        summed = F.cross_entropy(logits, labels, reduction="sum")
-        loss = scaled_loss(summed, global_size(step) if global_size is not None else k, world_size)
-        loss.backward()
-        optimizer.step()
+        batch = global_size(step) if global_size is not None else k
+        if augment is not None:
+            images = augment(images, step, batch)
+        optimizer.zero_grad(set_to_none=True)
+        with precision.autocast():
+            logits = model(images)
+            summed = F.cross_entropy(logits.float(), labels, reduction="sum")  # float32 in every precision
+        loss = scaled_loss(summed, batch, world_size)
+        precision.backward_step(loss, optimizer)
         loss_sum += summed.detach().double()
         samples += k
         if free_graph:
@@ -172,8 +184,10 @@ def train_one_epoch(
 
 
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, non_blocking: bool,
-             normalize: Callable[[torch.Tensor], torch.Tensor] = identity) -> EvalStats:
-    """Summed cross-entropy and correct predictions over ``loader``."""
+             normalize: Callable[[torch.Tensor], torch.Tensor] = identity,
+             precision: Precision | None = None) -> EvalStats:
+    """Summed cross-entropy and correct predictions over ``loader``, under ``precision``'s autocast."""
+    precision = precision or Precision()
     model.eval()
     loss_sum = 0.0
     correct = 0
@@ -183,7 +197,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, non_
             images = images.to(device, non_blocking=non_blocking)
             labels = labels.to(device, non_blocking=non_blocking)
             images = normalize(images)
-            logits = model(images)
+            with precision.autocast():
+                logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == labels).sum().item())
             samples += labels.shape[0]

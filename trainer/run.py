@@ -47,6 +47,7 @@ from pipeline.errors import OutputError, ParamsError, PipelineError
 from pipeline.params import LoaderParams, TrainParams
 from trainer import distributed
 from trainer.allocator import retain_freed_memory
+from trainer.augment import augmenter
 from trainer.boundary import CheckpointTimer, NonFiniteLoss, StepBoundary, non_finite, weights_finite
 from trainer.checkpoint import (
     RunShape,
@@ -68,6 +69,7 @@ from trainer.loop import evaluate, train_one_epoch
 from trainer.memory import PeakMemory
 from trainer.model import ARCHITECTURE, SimpleCNN, check_input_size
 from trainer.position import Position
+from trainer.precision import Precision, bf16_cpu_notice, check_precision, make_precision
 from trainer.rank_split import RankBatches
 from trainer.verify import ValidSplit, check_compatible, validate_split
 
@@ -132,6 +134,7 @@ def check_inputs(train_dir: Path | str, test_dir: Path | str, train: TrainParams
     The validation split is None when ``val_dir`` is None or holds no samples.
     """
     device = resolve_device(train.device)
+    check_precision(train.precision, device)
     train_split = validate_split(train_dir, expected_split="train", verify=train.verify)
     check_input_size(train_split.manifest.image_shape, str(Path(train_dir) / "manifest.json"))
     test_split = validate_split(test_dir, expected_split="test", verify=train.verify)
@@ -198,6 +201,7 @@ class Run:
     checkpoint_dir: Path | str
     notice: Callable[[str], None]
     normalize: DeviceNormalizer  # uint8 batches -> float32 on the device (all splits share one normalisation)
+    precision: Precision  # autocast and backward; fp16's gradient scaler, whose state is checkpointed
 
     @property
     def device(self) -> torch.device:
@@ -239,7 +243,8 @@ def resume_everywhere(run: Run, history_names: Sequence[str], max_epoch: int) ->
     resumed = None
     if group.is_main:
         resumed = load_checkpoint(run.checkpoint_dir, model=run.model, optimizer=run.optimizer, device=run.device,
-                                  run_fingerprint=run.fingerprint, shape=run.shape, max_epoch=max_epoch,
+                                  scaler=run.precision.scaler, run_fingerprint=run.fingerprint, shape=run.shape,
+                                  max_epoch=max_epoch,
                                   batches_per_epoch=batches, metrics=history_names, notice=run.notice)
     p = resumed.position if resumed else Position(0)
     world = group.world_size
@@ -247,11 +252,12 @@ def resume_everywhere(run: Run, history_names: Sequence[str], max_epoch: int) ->
     found, epoch, step, samples, seconds, wait, *sums = distributed.broadcast_floats(
         [resumed is not None, p.epoch, p.step, p.samples, p.seconds, p.wait_seconds, *sums], group)
     if found and world > 1:
-        tensors = (state_tensors(run.model, run.optimizer, run.device) if group.is_main
-                   else empty_state(run.model, run.optimizer, run.device))
+        scaler = run.precision.scaler
+        tensors = (state_tensors(run.model, run.optimizer, run.device, scaler) if group.is_main
+                   else empty_state(run.model, run.optimizer, run.device, scaler))
         distributed.broadcast_tensors(tensors, group)
         if not group.is_main:
-            restore_state(tensors, model=run.model, optimizer=run.optimizer, device=run.device)
+            restore_state(tensors, model=run.model, optimizer=run.optimizer, device=run.device, scaler=scaler)
     position = Position(int(epoch), int(step), int(samples), tuple(sums), seconds, wait)
     if resumed is None:
         return position, [{}] * position.epoch
@@ -271,7 +277,8 @@ def write_checkpoint(run: Run, position: Position, history: list[dict[str, float
         return False
     try:
         save_checkpoint(run.checkpoint_dir, model=run.model, optimizer=run.optimizer, device=run.device,
-                        position=position, run_fingerprint=run.fingerprint, shape=run.shape, history=history)
+                        scaler=run.precision.scaler, position=position, run_fingerprint=run.fingerprint,
+                        shape=run.shape, history=history)
     except (OutputError, SafetensorError) as exc:
         run.notice(f"warning: {run.checkpoint_dir}: checkpoint not written ({_reason(exc)}); training goes on")
         return False
@@ -306,9 +313,11 @@ def train_epoch(run: Run, epoch: int, start: Position, timer: CheckpointTimer,
         world_size=group.world_size, progress=group.is_main, start=start.for_rank(group.rank, group.world_size),
         boundary=boundary, check_every=1 if run.device.type == "cpu" else ACCELERATOR_CHECK_STEPS,
         normalize=run.normalize,
+        precision=run.precision,
+        augment=augmenter(train.augment, seed=train.seed, epoch=epoch, rank=group.rank, world=group.world_size),
     )
     result = evaluate(run.model, run.test_loader, run.device, non_blocking=run.non_blocking,
-                      normalize=run.normalize)
+                      normalize=run.normalize, precision=run.precision)
     loss_sum, samples, test_sum, correct, test_samples = distributed.all_sum(
         [stats.loss_sum, stats.samples, result.loss_sum, result.correct, result.samples], group)
     seconds, wait, peak = distributed.all_max([stats.seconds, stats.data_wait_fraction, memory.peak_mb()], group)
@@ -325,7 +334,7 @@ def train_epoch(run: Run, epoch: int, start: Position, timer: CheckpointTimer,
     }
     if run.val_loader is not None:
         val = evaluate(run.model, run.val_loader, run.device, non_blocking=run.non_blocking,
-                       normalize=run.normalize)
+                       normalize=run.normalize, precision=run.precision)
         val_sum, val_correct, val_samples = distributed.all_sum([val.loss_sum, val.correct, val.samples], group)
         entry["val_loss"] = val_sum / max(val_samples, 1)
         entry["val_acc"] = val_correct / max(val_samples, 1)
@@ -372,6 +381,9 @@ def train(
                 notice(f"notice: rank 0 of {group.world_size} processes runs on {socket.gethostname()}: "
                        f"it alone writes {model_dir}, {live_dir} and {checkpoint_dir}")
             shape = _set_threads(group, train)
+            slow_bf16 = bf16_cpu_notice(train.precision, device)
+            if slow_bf16:
+                notice(slow_bf16)
             retain_freed_memory()  # every rank: no per-step page faults (trainer/allocator.py)
 
             # Data: the global batch order is EpochBatchSampler's; each rank takes its slice.
@@ -402,7 +414,8 @@ def train(
                       fingerprint(train, loader, device, train_split.manifest, test_split.manifest, ARCHITECTURE,
                                   val_manifest=val_split.manifest if val_split is not None else None),
                       shape, checkpoint_dir, notice,
-                      DeviceNormalizer(train_split.manifest.normalization, device))
+                      DeviceNormalizer(train_split.manifest.normalization, device),
+                      make_precision(train.precision, device))
             position, history = resume_everywhere(run, metrics, train.epochs)
             # After the resume: DDP broadcasts rank 0's parameters when it wraps the model.
             run = dataclasses.replace(run, trained=distributed.wrap(model, group))

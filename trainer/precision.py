@@ -1,0 +1,116 @@
+"""Training arithmetic (``train.precision``): fp32, bf16 autocast, or fp16 autocast with a gradient scaler.
+
+- ``fp32``: no autocast, no scaler; exactly the loop as it always was.
+- ``bf16``: ``torch.autocast(device_type, dtype=torch.bfloat16)`` around the
+  forward pass and the loss, on the CPU or CUDA. bfloat16 has float32's
+  exponent range, so no loss scaling is needed.
+- ``fp16``: autocast to float16 on CUDA only, with ``torch.amp.GradScaler``
+  (float16 gradients underflow without it). The scaler's state (scale and
+  growth tracker) is part of the checkpoint, so a resume stays exact. On the
+  CPU it is refused before training starts (:func:`check_precision`).
+
+The loss is computed from float32 logits (``logits.float()``), so the
+per-batch summed loss the loop accumulates in float64 is a float32 value in
+every precision. Evaluation runs under the same autocast as training.
+
+Precision changes results, so it is part of the checkpoint fingerprint
+(it is not in ``trainer.checkpoint.SPEED_ONLY``).
+
+bf16 on a CPU without bfloat16 matrix instructions still runs, emulated and
+slower than fp32; :func:`bf16_cpu_notice` says so. It decides from the CPU
+flags in ``/proc/cpuinfo`` (``amx_bf16`` or ``avx512_bf16`` present: native);
+where that file is unreadable (not Linux) it asks PyTorch
+(``torch.cpu._is_amx_tile_supported`` / ``_is_avx512_bf16_supported``, the
+checks its own CPU kernels dispatch on), and says nothing if neither can tell.
+``torch.backends.cpu.get_cpu_capability()`` is quoted in the notice; it names
+only the vector ISA level (e.g. ``AVX512``), not bfloat16 support, so it
+alone cannot decide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import ParamsError
+
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags of native bfloat16 matrix arithmetic
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision this device cannot run (fp16 needs CUDA), in one line, before any work."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ParamsError(f"train.precision: fp16 needs a CUDA device, found {device.type}; use bf16 or fp32")
+
+
+def cpu_flags(cpuinfo: Path | str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags from ``cpuinfo`` (first ``flags`` line), or None where it cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def native_bf16(flags: set[str] | None) -> bool | None:
+    """Whether the CPU has bfloat16 matrix instructions; None when neither the flags nor PyTorch can tell."""
+    if flags is not None:
+        return any(f in flags for f in BF16_FLAGS)
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    checks = [c for c in checks if c is not None]
+    return any(c() for c in checks) if checks else None
+
+
+def bf16_cpu_notice(precision: str, device: torch.device, flags: set[str] | None = None) -> str | None:
+    """A one-line notice when bf16 will be emulated (slow) on this CPU; None otherwise.
+
+    ``flags`` defaults to :func:`cpu_flags` (tests pass their own)."""
+    if precision != "bf16" or device.type != "cpu":
+        return None
+    native = native_bf16(cpu_flags() if flags is None else flags)
+    if native is not False:
+        return None
+    return (f"notice: train.precision bf16: this CPU has no bfloat16 matrix instructions (none of "
+            f"{', '.join(BF16_FLAGS)}; PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}); "
+            "bf16 runs emulated, likely slower than fp32")
+
+
+@dataclass
+class Precision:
+    """The arithmetic of one run: an autocast context for forward and loss, and the backward + step."""
+
+    name: str = "fp32"
+    device_type: str = "cpu"
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast for forward and loss; a no-op context for fp32."""
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=_DTYPES[self.name])
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """``loss.backward()`` and ``optimizer.step()``, through the gradient scaler for fp16."""
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def make_precision(precision: str, device: torch.device) -> Precision:
+    """The run's :class:`Precision` (checked with :func:`check_precision`); fp16 gets a fresh GradScaler."""
+    check_precision(precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return Precision(precision, device.type, scaler)
+
