@@ -16,12 +16,14 @@ every precision. Evaluation runs under the same autocast as training.
 Precision changes results, so it is part of the checkpoint fingerprint
 (it is not in ``trainer.checkpoint.SPEED_ONLY``).
 
-bf16 on a CPU without bfloat16 matrix instructions still runs, emulated and
-slower than fp32; :func:`bf16_cpu_notice` says so. It decides from the CPU
-flags in ``/proc/cpuinfo`` (``amx_bf16`` or ``avx512_bf16`` present: native);
-where that file is unreadable (not Linux) it asks PyTorch
-(``torch.cpu._is_amx_tile_supported`` / ``_is_avx512_bf16_supported``, the
-checks its own CPU kernels dispatch on), and says nothing if neither can tell.
+bf16 on a CPU without bfloat16 matrix units (Intel AMX) still runs, but
+slower than fp32: ``avx512_bf16`` alone only adds vector dot products, and
+on such a CPU bf16 training was measured slower than fp32
+(``bench/precision.md``). :func:`bf16_cpu_notice` says so in one line. It
+decides from the CPU flags in ``/proc/cpuinfo`` (``amx_bf16`` present:
+matrix units); where that file is unreadable (not Linux) it asks PyTorch
+(``torch.cpu._is_amx_tile_supported``, the check its own CPU kernels
+dispatch on), and says nothing if neither can tell.
 ``torch.backends.cpu.get_cpu_capability()`` is quoted in the notice; it names
 only the vector ISA level (e.g. ``AVX512``), not bfloat16 support, so it
 alone cannot decide.
@@ -37,7 +39,7 @@ import torch
 
 from pipeline.errors import ParamsError
 
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags of native bfloat16 matrix arithmetic
+BF16_FLAGS = ("amx_bf16",)  # CPU flags of bfloat16 matrix units (AMX); avx512_bf16 is vector-only
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -61,16 +63,16 @@ def cpu_flags(cpuinfo: Path | str = "/proc/cpuinfo") -> set[str] | None:
 
 
 def native_bf16(flags: set[str] | None) -> bool | None:
-    """Whether the CPU has bfloat16 matrix instructions; None when neither the flags nor PyTorch can tell."""
+    """Whether the CPU has bfloat16 matrix units; None when neither the flags nor PyTorch can tell."""
     if flags is not None:
         return any(f in flags for f in BF16_FLAGS)
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported",)]
     checks = [c for c in checks if c is not None]
     return any(c() for c in checks) if checks else None
 
 
 def bf16_cpu_notice(precision: str, device: torch.device, flags: set[str] | None = None) -> str | None:
-    """A one-line notice when bf16 will be emulated (slow) on this CPU; None otherwise.
+    """A one-line notice when bf16 has no matrix units (slow) on this CPU; None otherwise.
 
     ``flags`` defaults to :func:`cpu_flags` (tests pass their own)."""
     if precision != "bf16" or device.type != "cpu":
@@ -78,9 +80,9 @@ def bf16_cpu_notice(precision: str, device: torch.device, flags: set[str] | None
     native = native_bf16(cpu_flags() if flags is None else flags)
     if native is not False:
         return None
-    return (f"notice: train.precision bf16: this CPU has no bfloat16 matrix instructions (none of "
-            f"{', '.join(BF16_FLAGS)}; PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}); "
-            "bf16 runs emulated, likely slower than fp32")
+    return (f"notice: train.precision bf16: this CPU has no bfloat16 matrix units (no {', '.join(BF16_FLAGS)} "
+            f"flag; PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}); bf16 runs without them, "
+            "likely slower than fp32")
 
 
 @dataclass
