@@ -183,7 +183,7 @@ def parse_manifest(text: str, where: str) -> Manifest:
     if total != manifest.num_samples or sum(counts) != manifest.num_samples:
         raise ShardError(f"{where}: num_samples is {manifest.num_samples} but the shards hold {total} and "
                          f"class_counts add up to {sum(counts)}")
-    if manifest.image_dtype != "float32" or manifest.label_dtype != "int64":
+    if manifest.image_dtype not in ("float32", "uint8") or manifest.label_dtype != "int64":
         raise ShardError(f"{where}: expected images float32 and labels int64, found "
                          f"{manifest.image_dtype} and {manifest.label_dtype}")
     return manifest

@@ -229,14 +229,14 @@ def _pixels(column: pa.Array, width: int) -> np.ndarray:
     return data[column.offset * width : (column.offset + len(column)) * width].reshape(len(column), width)
 
 
-def _wide_rows(table: Table, chunk_rows: int) -> Iterator[Rows]:
+def _wide_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:
     """Polars gathers hundreds of UInt8 columns into rows several times faster than a column loop."""
     pixels = pixel_columns(table.num_pixels)
-    for start in range(0, table.rows, chunk_rows):
-        df = pl.scan_parquet(table.path).slice(start, chunk_rows).collect()
+    for first in range(start, stop, chunk_rows):
+        df = pl.scan_parquet(table.path).slice(first, min(chunk_rows, stop - first)).collect()
         for name, nulls in zip(df.columns, df.null_count().row(0)):
             if nulls:  # to_numpy would turn them into NaN and then silently into 0
-                row = start + int(df.get_column(name).is_null().arg_max())
+                row = first + int(df.get_column(name).is_null().arg_max())
                 raise DataError(f"{table.path}: row {row + 1}, column {name!r}: expected a value, found null")
         labels = df.get_column(LABEL).to_numpy()
         rows = np.ascontiguousarray(df.select(pixels).to_numpy(), dtype=np.uint8)
@@ -244,21 +244,27 @@ def _wide_rows(table: Table, chunk_rows: int) -> Iterator[Rows]:
         yield Rows(rows, labels, None)
 
 
-def _image_rows(table: Table, chunk_rows: int) -> Iterator[Rows]:
+def _image_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:
     """One row group at a time (the writer keeps them under 64 MiB), read without Arrow's pre-buffering,
-    which holds several row groups' pages at once."""
-    start = 0
+    which holds several row groups' pages at once; row groups outside [start, stop) are not read."""
     file = pq.ParquetFile(table.path, pre_buffer=False)
+    group_start = 0
     for group in range(file.num_row_groups):
-        data = file.read_row_group(group, use_threads=False)
-        for batch in data.to_batches(max_chunksize=chunk_rows):
-            _null_check(table, batch, start)
-            labels = batch.column(0).to_numpy(zero_copy_only=False)
-            yield Rows(_pixels(batch.column(2), table.num_pixels), labels, batch.column(1).to_pylist())
-            start += batch.num_rows
-        del data
+        group_rows = file.metadata.row_group(group).num_rows
+        lo, hi = max(start, group_start), min(stop, group_start + group_rows)
+        if lo < hi:
+            data = file.read_row_group(group, use_threads=False).slice(lo - group_start, hi - lo)
+            for batch in data.to_batches(max_chunksize=chunk_rows):
+                _null_check(table, batch, lo)
+                labels = batch.column(0).to_numpy(zero_copy_only=False)
+                yield Rows(_pixels(batch.column(2), table.num_pixels), labels, batch.column(1).to_pylist())
+                lo += batch.num_rows
+            del data
+        group_start += group_rows
 
 
-def iter_rows(table: Table, chunk_rows: int) -> Iterator[Rows]:
-    """The rows in file order, ``chunk_rows`` at a time, in bounded memory."""
-    return _image_rows(table, chunk_rows) if table.layout == IMAGE else _wide_rows(table, chunk_rows)
+def iter_rows(table: Table, chunk_rows: int, start: int = 0, stop: int | None = None) -> Iterator[Rows]:
+    """Rows ``start..stop`` (default: all) in file order, ``chunk_rows`` at a time, in bounded memory."""
+    stop = table.rows if stop is None else min(stop, table.rows)
+    reader = _image_rows if table.layout == IMAGE else _wide_rows
+    return reader(table, chunk_rows, start, stop)
