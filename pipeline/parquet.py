@@ -35,6 +35,7 @@ from pipeline.csvblocks import Schema, parsed_blocks
 from pipeline.csvcheck import MAX_HEADER_BYTES, check_header
 from pipeline.errors import DataError
 from pipeline.images import decoded_batches, image_shape_of, read_listing
+from pipeline.pool import resolve_workers
 from pipeline.tabular import ARROW_CODEC, INT_LABELS, LABEL, NAME_LABELS, SHAPE_KEY, label_kind, pixel_columns
 
 WIDE = "wide"
@@ -116,13 +117,15 @@ def _image_schema(image_shape: tuple[int, int, int]) -> pa.Schema:
 
 
 def images_to_parquet(listing_csv: Path, images_dir: Path, out: Path, *, image_shape: tuple[int, int, int] | None,
-                      compression: str, compression_level: int | None, row_group_size: int) -> int:
+                      compression: str, compression_level: int | None, row_group_size: int,
+                      workers: int | None = 1) -> int:
     """Decode every image of a listing into one Parquet file (image layout), atomically; returns the row count.
 
     ``image_shape`` converts and resizes every image to it; ``None`` keeps the images as they are
     (one size and mode, the first image's), and then an empty listing is refused, having no shape to
     record. At most one row group of pixels is held, and a row group holds at most 64 MiB of pixels
-    whatever ``row_group_size`` says (65,536 images of 224x224x3 would be 9.8 GB).
+    whatever ``row_group_size`` says (65,536 images of 224x224x3 would be 9.8 GB). ``workers`` threads
+    decode (None: one per core); the file's bytes do not depend on it.
     """
     entries = read_listing(listing_csv)
     shape = image_shape_of(entries, images_dir, image_shape, str(listing_csv))
@@ -131,7 +134,8 @@ def images_to_parquet(listing_csv: Path, images_dir: Path, out: Path, *, image_s
     rows = max(1, min(row_group_size, _MAX_GROUP_BYTES // width))
     with atomic_file(out) as tmp, pq.ParquetWriter(tmp, schema, compression=ARROW_CODEC.get(compression, compression),
                                                    compression_level=compression_level) as writer:
-        for batch, pixels in decoded_batches(entries, images_dir, shape, image_shape is not None, rows):
+        for batch, pixels in decoded_batches(entries, images_dir, shape, image_shape is not None, rows,
+                                                resolve_workers(workers)):
             blob = pa.FixedSizeBinaryArray.from_buffers(schema.field("pixels").type, len(batch),
                                                        [None, pa.py_buffer(pixels)])  # no copy of the pixels
             table = pa.table([pa.array([e.label for e in batch], pa.string()),
