@@ -35,7 +35,7 @@ from pipeline.csvblocks import Schema, parsed_blocks
 from pipeline.csvcheck import MAX_HEADER_BYTES, check_header
 from pipeline.errors import DataError
 from pipeline.images import decoded_batches, image_shape_of, read_listing
-from pipeline.pool import resolve_workers
+from pipeline.pool import read_ahead, resolve_workers
 from pipeline.tabular import ARROW_CODEC, INT_LABELS, LABEL, NAME_LABELS, SHAPE_KEY, label_kind, pixel_columns
 
 WIDE = "wide"
@@ -82,10 +82,13 @@ def _write_row_groups(frames: Iterable[pl.DataFrame], out: Path, schema: pa.Sche
 
 
 def csv_to_parquet(csv_path: Path, out_path: Path, *, compression: str, compression_level: int | None,
-                   row_group_size: int, allow_empty: bool = False) -> int:
+                   row_group_size: int, allow_empty: bool = False, workers: int | None = 1) -> int:
     """Convert one canonical CSV to the wide layout; returns the row count. Leaves no output on failure.
 
     ``allow_empty``: a header without rows is a valid, empty split (a source without a test split).
+    ``workers`` > 1 (None: every core): the next row group's blocks are parsed in a thread while
+    Arrow encodes the current one (its encoder runs on one core), at most one row group ahead; the
+    file's bytes do not depend on it.
     """
     try:
         with open(csv_path, "rb") as f:
@@ -98,8 +101,11 @@ def csv_to_parquet(csv_path: Path, out_path: Path, *, compression: str, compress
     except OSError as exc:
         raise DataError(f"{csv_path}: cannot read: {exc}") from None
     schema = Schema(len(names) - 1, label_kind(first.split(b",", 1)[0]) if first.strip() else INT_LABELS)
+    blocks = parsed_blocks(csv_path, len(header), schema)
+    if resolve_workers(workers) > 1:
+        blocks = read_ahead(blocks, lambda df: df.height, row_group_size)
     with atomic_file(out_path) as tmp:  # an OSError here (disk full) becomes an OutputError
-        rows = _write_row_groups(parsed_blocks(csv_path, len(header), schema), tmp, _arrow_schema(schema),
+        rows = _write_row_groups(blocks, tmp, _arrow_schema(schema),
                                  compression=compression, compression_level=compression_level,
                                  row_group_size=row_group_size)
         if rows == 0 and not allow_empty:

@@ -1,5 +1,9 @@
 """Independent pieces of a data stage on every core, results in submission order.
 
+Two tools: :func:`ordered_map` runs pieces in worker processes, and
+:func:`read_ahead` runs a producer (a parser) in a thread beside its consumer (an
+encoder), both spending their time in native code that releases the GIL.
+
 The data stages split their work into pieces that read their own slice of the input
 and write their own output file (a shard, a row group's bytes), so a worker receives
 a few small arguments and returns a small summary: no data crosses the process
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -57,3 +62,56 @@ def ordered_map(fn: Callable[[T], R], pieces: Iterable[T], workers: int) -> Iter
         finally:
             for future in pending:  # a failure (or an abandoned generator) stops the pieces not yet started
                 future.cancel()
+
+
+def read_ahead(items: Iterable[T], weight: Callable[[T], int], budget: int) -> Iterator[T]:
+    """``items`` produced in a thread, at most ``budget`` (in ``weight`` units) ahead of the consumer.
+
+    One item is always allowed ahead, so an item heavier than the budget still flows. An
+    exception in the producer is raised here, after the items before it; a consumer that
+    stops early stops the producer at its next item.
+    """
+    ready: deque[tuple[T, int]] = deque()
+    state = {"held": 0, "done": False, "error": None, "stop": False}
+    changed = threading.Condition()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                w = weight(item)
+                with changed:
+                    changed.wait_for(lambda: state["stop"] or not ready or state["held"] + w <= budget)
+                    if state["stop"]:
+                        return
+                    ready.append((item, w))
+                    state["held"] += w
+                    changed.notify_all()
+        except BaseException as exc:  # handed to the consumer, which raises it in order
+            state["error"] = exc
+        finally:
+            if hasattr(items, "close"):  # a generator stopped early closes its file here, in its own thread
+                items.close()
+            with changed:
+                state["done"] = True
+                changed.notify_all()
+
+    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with changed:
+                changed.wait_for(lambda: ready or state["done"])
+                if not ready:
+                    break
+                item, w = ready.popleft()
+                state["held"] -= w
+                changed.notify_all()
+            yield item
+            del item
+        if state["error"] is not None:
+            raise state["error"]
+    finally:
+        with changed:
+            state["stop"] = True
+            changed.notify_all()
+        thread.join()

@@ -25,7 +25,8 @@ from pipeline.images import scan_split, write_listing
 from pipeline.manifest import read_manifest
 from pipeline.normalize import lookup_table
 from pipeline.parquet import csv_to_parquet, images_to_parquet
-from pipeline.pool import ordered_map
+from pipeline.errors import DataError
+from pipeline.pool import ordered_map, read_ahead
 from pipeline.shards import write_shard
 from pipeline.tensorize import tensorize
 
@@ -125,6 +126,32 @@ def test_image_layout_tensorize_and_parquet_bytes_do_not_depend_on_workers(tmp_p
                   normalize_kind="unit", test_fraction=0.3, val_fraction=0.2, shard_dtype="uint8", workers=n)
     assert _tree_bytes(tmp_path / "t1") == _tree_bytes(tmp_path / "t2")
     assert read_manifest(tmp_path / "t1" / "val").num_samples > 0
+
+
+def test_csv_parquet_bytes_do_not_depend_on_workers(tmp_path):
+    csv = synth.write_csv(tmp_path / "train.csv", synth.split(50, 3))
+    for n in (1, 2):
+        assert csv_to_parquet(csv, tmp_path / f"{n}.parquet", workers=n, **CODEC) == 50
+    assert (tmp_path / "1.parquet").read_bytes() == (tmp_path / "2.parquet").read_bytes()
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(csv.read_bytes() + b"3," + b"1," * 783 + b"256\n")
+    with pytest.raises(DataError, match=r"row 51 \(line 52\), column 785 \(pixel784\): expected an integer 0..255, found 256"):
+        csv_to_parquet(bad, tmp_path / "bad.parquet", workers=2, **CODEC)
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+def _items_then_failure():
+    yield from (1, 2, 3)
+    raise DataError("fourth item refused")
+
+
+def test_read_ahead_keeps_order_and_raises_the_producers_error_after_its_items():
+    got = []
+    with pytest.raises(DataError, match="fourth item refused"):
+        for item in read_ahead(_items_then_failure(), lambda x: 1, 1):
+            got.append(item)
+    assert got == [1, 2, 3]
+    assert list(read_ahead(iter(range(100)), lambda x: x, 10)) == list(range(100))
 
 
 def _slow_square(x: int) -> int:
