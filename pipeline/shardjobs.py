@@ -125,6 +125,8 @@ def _chosen_rows(table: Table, wanted: np.ndarray, chunk_rows: int) -> tuple[np.
             pixels.append(rows.pixels[take])
             labels.append(rows.labels[take])
         start = stop
+    if len(pixels) == 1:  # a contiguous shard read in one chunk is not copied again
+        return pixels[0], labels[0]
     return np.concatenate(pixels), np.concatenate(labels)
 
 

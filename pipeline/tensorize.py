@@ -166,16 +166,18 @@ def write_split(
     normalization: Normalization,
     image_shape: tuple[int, int, int] = (1, 28, 28),
     class_names: tuple[str, ...] | None = None,
+    shard_dtype: str = "float32",
 ) -> Manifest:
     """Write one split from (uint8 pixel rows, labels) chunks into ``out_dir`` atomically.
 
     For building shards outside the stage (benchmarks, tests); ``class_names`` defaults to a
     built-in dataset's names, or "0".."9". The manifest's ``train_stats`` are this split's.
+    ``shard_dtype``: ``float32`` normalised values or ``uint8`` source bytes.
     """
     names = class_names or (DATASETS[dataset].class_names if dataset in DATASETS else tuple(map(str, range(10))))
     with atomic_dir(out_dir) as tmp:
         writer = _SplitWriter(tmp, Path(out_dir), split=split, dataset=dataset, shard_size=shard_size, shape=image_shape,
-                              norm=normalization, num_classes=len(names), keep_stats=True)
+                              norm=normalization, num_classes=len(names), keep_stats=True, dtype=shard_dtype)
         for pixels, labels in chunks:
             writer.add(pixels, labels.astype(np.int64))
         if not writer.counts.sum():

@@ -28,7 +28,8 @@ from pipeline.parquet import csv_to_parquet, images_to_parquet
 from pipeline.errors import DataError
 from pipeline.pool import ordered_map, read_ahead
 from pipeline.shards import write_shard
-from pipeline.tensorize import tensorize
+from pipeline.normalize import make_normalization
+from pipeline.tensorize import tensorize, write_split
 
 CODEC = {"compression": "zstd", "compression_level": None, "row_group_size": 16}
 
@@ -78,6 +79,16 @@ def test_uint8_shard_holds_the_source_bytes_and_the_table_gives_the_float32_valu
     table = lookup_table(manifest.normalization)
     expected = np.concatenate([f["images"] for f in flt])
     assert table[0][images].view(np.uint32).tobytes() == expected.view(np.uint32).tobytes()
+
+
+def test_write_split_writes_uint8_shards(tmp_path):
+    s = synth.split(9, 4)
+    manifest = write_split([(s.pixels, s.labels)], tmp_path / "t", dataset="fashion-mnist", split="train",
+                           shard_size=4, normalization=make_normalization("unit", None), shard_dtype="uint8")
+    assert manifest.image_dtype == "uint8" and [m.num_samples for m in manifest.shards] == [4, 4, 1]
+    loaded = [safetensors.numpy.load_file(tmp_path / "t" / m.file) for m in manifest.shards]
+    assert np.array_equal(np.concatenate([x["images"] for x in loaded]), s.images[:, None])
+    assert np.array_equal(np.concatenate([x["labels"] for x in loaded]), s.labels.astype(np.int64))
 
 
 @pytest.mark.parametrize("shape, n", [((1, 28, 28), 5), ((3, 5, 7), 3)])
