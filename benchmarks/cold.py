@@ -50,9 +50,10 @@ def _scaled_chunks(images: np.ndarray, labels: np.ndarray, scale: int) -> Iterat
         yield transformed_copy(images, k).reshape(len(images), NUM_PIXELS), labels
 
 
-def build_shards(out: Path, images: np.ndarray, labels: np.ndarray, scale: int, shard_size: int, split: str) -> None:
+def build_shards(out: Path, images: np.ndarray, labels: np.ndarray, scale: int, shard_size: int, split: str,
+                 shard_dtype: str = "float32") -> None:
     write_split(_scaled_chunks(images, labels, scale), out, dataset="fashion-mnist", split=split,
-                shard_size=shard_size, normalization=make_normalization("unit", None))
+                shard_size=shard_size, normalization=make_normalization("unit", None), shard_dtype=shard_dtype)
 
 
 def evict(paths: list[Path]) -> None:
@@ -160,8 +161,10 @@ def render_markdown(r: dict) -> str:
     lines = [
         "# Beyond RAM: global shuffle against shuffle_window, cold",
         "",
-        f"`python -m benchmarks.cold --scale {s['scale']} --window {s['window']} --budget-shards {s['budget_shards']}`: "
-        f"{r['epochs'][0]['shards']} shards of {s['shard_size']:,} samples ({r['epochs'][0]['data_mb']:.0f} MB), one "
+        f"`python -m benchmarks.cold --scale {s['scale']} --window {s['window']} --budget-shards {s['budget_shards']}"
+        f"{' --shard-dtype uint8' if s.get('shard_dtype') == 'uint8' else ''}`: "
+        f"{r['epochs'][0]['shards']} {s.get('shard_dtype', 'float32')} shards of {s['shard_size']:,} samples "
+        f"({r['epochs'][0]['data_mb']:.0f} MB), one "
         f"loader-only epoch each, page cache evicted first; device readahead {s.get('read_ahead_kb')} KiB. {s['note']}",
         "",
         "| order | resident set | seconds | read from disk MB | read / data | major faults | evictions |",
@@ -197,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-seconds", type=float, default=300.0, help="stop an epoch after this and extrapolate")
     p.add_argument("--accuracy-epochs", type=int, default=0, help="also train global vs windowed (0: skip)")
     p.add_argument("--accuracy-shard-size", type=int, default=6000)
+    p.add_argument("--shard-dtype", choices=("float32", "uint8"), default="float32",
+                   help="prep.shard_dtype of the shards read cold (uint8: a quarter of the bytes)")
     add_run_options(p, "16x needs ~3.5 GB")
     args = p.parse_args(argv)
     parent = scratch_parent(args.work)
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         images, labels = load_idx_split(args.idx, "train")
         images, labels = images[: args.base_samples], labels[: args.base_samples]
-        build_shards(work / "train", images, labels, args.scale, args.shard_size, "train")
+        build_shards(work / "train", images, labels, args.scale, args.shard_size, "train", args.shard_dtype)
         results["settings"]["read_ahead_kb"] = read_ahead_kb(work / "train")
         results["epochs"] = []
         for budget in (None, args.budget_shards):

@@ -35,6 +35,7 @@ import contextlib
 import csv
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -330,22 +331,32 @@ def image_shape_of(listing: Sequence[ImageEntry], images_dir: Path,
     return decode_image(Path(images_dir) / listing[0].file, None).shape
 
 
+def _decode_into(pixels: np.ndarray, i: int, path: Path, image_shape: tuple[int, int, int], convert: bool,
+                 first: Path) -> None:
+    image = decode_image(path, image_shape if convert else None)
+    if image.shape != image_shape:
+        raise DataError(f"{path}: image is {_shape_text(image.shape)}, expected "
+                        f"{_shape_text(image_shape)} as {first}; set data.image_shape to convert")
+    pixels[i] = image
+
+
 def decoded_batches(entries: Sequence[ImageEntry], images_dir: Path, image_shape: tuple[int, int, int],
-                    convert: bool, rows: int) -> Iterator[tuple[Sequence[ImageEntry], np.ndarray]]:
+                    convert: bool, rows: int, workers: int = 1) -> Iterator[tuple[Sequence[ImageEntry], np.ndarray]]:
     """The images of ``entries`` decoded, ``rows`` at a time: (entries, uint8 pixels [k, C, H, W]).
 
     Without ``convert`` every image must already have ``image_shape`` (the first differing one is named).
+    ``workers`` threads decode each batch (Pillow releases the GIL while it decodes and resizes), each
+    image into its own row, so the pixels never depend on the thread count; a failing image is named
+    in file order, as one thread would name it.
     """
     images_dir = Path(images_dir)
-    for start in range(0, len(entries), rows):
-        batch = entries[start:start + rows]
-        pixels = np.empty((len(batch), *image_shape), dtype=np.uint8)
-        for i, entry in enumerate(batch):
-            path = images_dir / entry.file
-            image = decode_image(path, image_shape if convert else None)
-            if image.shape != image_shape:
-                raise DataError(f"{path}: image is {_shape_text(image.shape)}, expected "
-                                f"{_shape_text(image_shape)} as {images_dir / entries[0].file}; "
-                                f"set data.image_shape to convert")
-            pixels[i] = image
-        yield batch, pixels
+    first = images_dir / entries[0].file if entries else images_dir
+    with _strict_decoding(), ThreadPoolExecutor(max_workers=workers) as pool:  # set once: threads share it
+        for start in range(0, len(entries), rows):
+            batch = entries[start:start + rows]
+            pixels = np.empty((len(batch), *image_shape), dtype=np.uint8)
+            futures = [pool.submit(_decode_into, pixels, i, images_dir / e.file, image_shape, convert, first)
+                       for i, e in enumerate(batch)]
+            for future in futures:  # in order: the first failing image in the listing is the one reported
+                future.result()
+            yield batch, pixels

@@ -35,6 +35,7 @@ from pipeline.csvblocks import Schema, parsed_blocks
 from pipeline.csvcheck import MAX_HEADER_BYTES, check_header
 from pipeline.errors import DataError
 from pipeline.images import decoded_batches, image_shape_of, read_listing
+from pipeline.pool import read_ahead, resolve_workers
 from pipeline.tabular import ARROW_CODEC, INT_LABELS, LABEL, NAME_LABELS, SHAPE_KEY, label_kind, pixel_columns
 
 WIDE = "wide"
@@ -81,10 +82,13 @@ def _write_row_groups(frames: Iterable[pl.DataFrame], out: Path, schema: pa.Sche
 
 
 def csv_to_parquet(csv_path: Path, out_path: Path, *, compression: str, compression_level: int | None,
-                   row_group_size: int, allow_empty: bool = False) -> int:
+                   row_group_size: int, allow_empty: bool = False, workers: int | None = 1) -> int:
     """Convert one canonical CSV to the wide layout; returns the row count. Leaves no output on failure.
 
     ``allow_empty``: a header without rows is a valid, empty split (a source without a test split).
+    ``workers`` > 1 (None: every core): the next row group's blocks are parsed in a thread while
+    Arrow encodes the current one (its encoder runs on one core), at most one row group ahead; the
+    file's bytes do not depend on it.
     """
     try:
         with open(csv_path, "rb") as f:
@@ -97,8 +101,11 @@ def csv_to_parquet(csv_path: Path, out_path: Path, *, compression: str, compress
     except OSError as exc:
         raise DataError(f"{csv_path}: cannot read: {exc}") from None
     schema = Schema(len(names) - 1, label_kind(first.split(b",", 1)[0]) if first.strip() else INT_LABELS)
+    blocks = parsed_blocks(csv_path, len(header), schema)
+    if resolve_workers(workers) > 1:
+        blocks = read_ahead(blocks, lambda df: df.height, row_group_size)
     with atomic_file(out_path) as tmp:  # an OSError here (disk full) becomes an OutputError
-        rows = _write_row_groups(parsed_blocks(csv_path, len(header), schema), tmp, _arrow_schema(schema),
+        rows = _write_row_groups(blocks, tmp, _arrow_schema(schema),
                                  compression=compression, compression_level=compression_level,
                                  row_group_size=row_group_size)
         if rows == 0 and not allow_empty:
@@ -116,13 +123,15 @@ def _image_schema(image_shape: tuple[int, int, int]) -> pa.Schema:
 
 
 def images_to_parquet(listing_csv: Path, images_dir: Path, out: Path, *, image_shape: tuple[int, int, int] | None,
-                      compression: str, compression_level: int | None, row_group_size: int) -> int:
+                      compression: str, compression_level: int | None, row_group_size: int,
+                      workers: int | None = 1) -> int:
     """Decode every image of a listing into one Parquet file (image layout), atomically; returns the row count.
 
     ``image_shape`` converts and resizes every image to it; ``None`` keeps the images as they are
     (one size and mode, the first image's), and then an empty listing is refused, having no shape to
     record. At most one row group of pixels is held, and a row group holds at most 64 MiB of pixels
-    whatever ``row_group_size`` says (65,536 images of 224x224x3 would be 9.8 GB).
+    whatever ``row_group_size`` says (65,536 images of 224x224x3 would be 9.8 GB). ``workers`` threads
+    decode (None: one per core); the file's bytes do not depend on it.
     """
     entries = read_listing(listing_csv)
     shape = image_shape_of(entries, images_dir, image_shape, str(listing_csv))
@@ -131,7 +140,8 @@ def images_to_parquet(listing_csv: Path, images_dir: Path, out: Path, *, image_s
     rows = max(1, min(row_group_size, _MAX_GROUP_BYTES // width))
     with atomic_file(out) as tmp, pq.ParquetWriter(tmp, schema, compression=ARROW_CODEC.get(compression, compression),
                                                    compression_level=compression_level) as writer:
-        for batch, pixels in decoded_batches(entries, images_dir, shape, image_shape is not None, rows):
+        for batch, pixels in decoded_batches(entries, images_dir, shape, image_shape is not None, rows,
+                                                resolve_workers(workers)):
             blob = pa.FixedSizeBinaryArray.from_buffers(schema.field("pixels").type, len(batch),
                                                        [None, pa.py_buffer(pixels)])  # no copy of the pixels
             table = pa.table([pa.array([e.label for e in batch], pa.string()),
@@ -229,14 +239,14 @@ def _pixels(column: pa.Array, width: int) -> np.ndarray:
     return data[column.offset * width : (column.offset + len(column)) * width].reshape(len(column), width)
 
 
-def _wide_rows(table: Table, chunk_rows: int) -> Iterator[Rows]:
+def _wide_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:
     """Polars gathers hundreds of UInt8 columns into rows several times faster than a column loop."""
     pixels = pixel_columns(table.num_pixels)
-    for start in range(0, table.rows, chunk_rows):
-        df = pl.scan_parquet(table.path).slice(start, chunk_rows).collect()
+    for first in range(start, stop, chunk_rows):
+        df = pl.scan_parquet(table.path).slice(first, min(chunk_rows, stop - first)).collect()
         for name, nulls in zip(df.columns, df.null_count().row(0)):
             if nulls:  # to_numpy would turn them into NaN and then silently into 0
-                row = start + int(df.get_column(name).is_null().arg_max())
+                row = first + int(df.get_column(name).is_null().arg_max())
                 raise DataError(f"{table.path}: row {row + 1}, column {name!r}: expected a value, found null")
         labels = df.get_column(LABEL).to_numpy()
         rows = np.ascontiguousarray(df.select(pixels).to_numpy(), dtype=np.uint8)
@@ -244,21 +254,27 @@ def _wide_rows(table: Table, chunk_rows: int) -> Iterator[Rows]:
         yield Rows(rows, labels, None)
 
 
-def _image_rows(table: Table, chunk_rows: int) -> Iterator[Rows]:
+def _image_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:
     """One row group at a time (the writer keeps them under 64 MiB), read without Arrow's pre-buffering,
-    which holds several row groups' pages at once."""
-    start = 0
+    which holds several row groups' pages at once; row groups outside [start, stop) are not read."""
     file = pq.ParquetFile(table.path, pre_buffer=False)
+    group_start = 0
     for group in range(file.num_row_groups):
-        data = file.read_row_group(group, use_threads=False)
-        for batch in data.to_batches(max_chunksize=chunk_rows):
-            _null_check(table, batch, start)
-            labels = batch.column(0).to_numpy(zero_copy_only=False)
-            yield Rows(_pixels(batch.column(2), table.num_pixels), labels, batch.column(1).to_pylist())
-            start += batch.num_rows
-        del data
+        group_rows = file.metadata.row_group(group).num_rows
+        lo, hi = max(start, group_start), min(stop, group_start + group_rows)
+        if lo < hi:
+            data = file.read_row_group(group, use_threads=False).slice(lo - group_start, hi - lo)
+            for batch in data.to_batches(max_chunksize=chunk_rows):
+                _null_check(table, batch, lo)
+                labels = batch.column(0).to_numpy(zero_copy_only=False)
+                yield Rows(_pixels(batch.column(2), table.num_pixels), labels, batch.column(1).to_pylist())
+                lo += batch.num_rows
+            del data
+        group_start += group_rows
 
 
-def iter_rows(table: Table, chunk_rows: int) -> Iterator[Rows]:
-    """The rows in file order, ``chunk_rows`` at a time, in bounded memory."""
-    return _image_rows(table, chunk_rows) if table.layout == IMAGE else _wide_rows(table, chunk_rows)
+def iter_rows(table: Table, chunk_rows: int, start: int = 0, stop: int | None = None) -> Iterator[Rows]:
+    """Rows ``start..stop`` (default: all) in file order, ``chunk_rows`` at a time, in bounded memory."""
+    stop = table.rows if stop is None else min(stop, table.rows)
+    reader = _image_rows if table.layout == IMAGE else _wide_rows
+    return reader(table, chunk_rows, start, stop)

@@ -1,7 +1,9 @@
 """The safetensors shard format, written and read in one place.
 
 A shard is ``u64-le header length N`` + ``N bytes of JSON`` + the data buffer,
-holding two tensors: ``images`` float32 [n, C, H, W] and ``labels`` int64 [n],
+holding two tensors: ``images`` [n, C, H, W] (float32 normalised values, or uint8
+source bytes that the trainer normalises through the same lookup table) and
+``labels`` int64 [n],
 with ``__metadata__`` naming the dataset and split.
 
 - :func:`write_shard` writes one with a canonical header (sorted keys), so the
@@ -17,7 +19,6 @@ with ``__metadata__`` naming the dataset and split.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import struct
@@ -184,19 +185,26 @@ IMAGES = "images"
 LABELS = "labels"
 
 
-def shard_header(num_samples: int, image_shape: tuple[int, ...], metadata: dict[str, str]) -> bytes:
+# The image dtypes a shard may hold: prep.shard_dtype -> (safetensors code, numpy dtype).
+IMAGE_DTYPES: dict[str, tuple[str, np.dtype]] = {"float32": ("F32", np.dtype("<f4")), "uint8": ("U8", np.dtype("u1"))}
+
+
+def shard_header(num_samples: int, image_shape: tuple[int, ...], metadata: dict[str, str],
+                 dtype: str = "float32") -> bytes:
     """The first bytes of a shard: the length, then the JSON header with sorted keys, padded to 8 bytes.
 
     Byte for byte what ``safetensors.numpy.save`` writes for these two tensors (labels first: it
     orders the buffer by alignment, then name), except that its ``__metadata__`` comes in hash-map
     order; sorted keys make the same samples give the same bytes, SHA-256 and DVC hash every time.
+    ``dtype`` is the images' (``float32`` normalised values, or ``uint8`` source bytes).
     """
+    code, np_dtype = IMAGE_DTYPES[dtype]
     labels_bytes = num_samples * 8
-    images_bytes = num_samples * math.prod(image_shape) * 4
+    images_bytes = num_samples * math.prod(image_shape) * np_dtype.itemsize
     doc = {
         "__metadata__": metadata,
         LABELS: {"dtype": "I64", "shape": [num_samples], "data_offsets": [0, labels_bytes]},
-        IMAGES: {"dtype": "F32", "shape": [num_samples, *image_shape],
+        IMAGES: {"dtype": code, "shape": [num_samples, *image_shape],
                  "data_offsets": [labels_bytes, labels_bytes + images_bytes]},
     }
     text = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
@@ -205,23 +213,27 @@ def shard_header(num_samples: int, image_shape: tuple[int, ...], metadata: dict[
 
 
 def write_shard(out: BinaryIO, image_chunks: Iterable[np.ndarray], labels: np.ndarray,
-                image_shape: tuple[int, ...], metadata: dict[str, str]) -> tuple[int, str]:
-    """Write one shard, its float32 images given in chunks of rows; return (bytes, SHA-256).
+                image_shape: tuple[int, ...], metadata: dict[str, str], dtype: str = "float32") -> tuple[int, str]:
+    """Write one shard, its images (of ``dtype``) given in chunks of rows; return (bytes, SHA-256).
 
-    Streaming the images keeps one chunk of floats in memory, not the shard's.
+    Streaming the images keeps one chunk in memory, not the shard's.
     """
-    header = shard_header(len(labels), image_shape, metadata)
+    np_dtype = IMAGE_DTYPES[dtype][1]
+    header = shard_header(len(labels), image_shape, metadata, dtype)
     digest = hashlib.sha256(header)
     out.write(header)
     size = len(header)
-    for part in itertools.chain([np.ascontiguousarray(labels, dtype="<i8")], image_chunks):  # lazily
-        if part.dtype.kind == "f" and (part.dtype != np.dtype("<f4") or part.shape[1:] != tuple(image_shape)):
-            raise ValueError(f"image chunk {part.dtype} {list(part.shape)} is not float32 [k, {image_shape}]")
+    out.write(data := memoryview(np.ascontiguousarray(labels, dtype="<i8")).cast("B"))
+    digest.update(data)
+    size += len(data)
+    for part in image_chunks:  # lazily
+        if part.dtype != np_dtype or part.shape[1:] != tuple(image_shape):
+            raise ValueError(f"image chunk {part.dtype} {list(part.shape)} is not {dtype} [k, {image_shape}]")
         data = memoryview(np.ascontiguousarray(part)).cast("B")
         out.write(data)
         digest.update(data)
         size += len(data)
-    expected = len(header) + len(labels) * (8 + math.prod(image_shape) * 4)
+    expected = len(header) + len(labels) * (8 + math.prod(image_shape) * np_dtype.itemsize)
     if size != expected:
         raise ValueError(f"shard of {len(labels)} samples: wrote {size} bytes, expected {expected}")
     return size, digest.hexdigest()
@@ -238,17 +250,13 @@ def _check_tensor(where: str, info: TensorInfo | None, name: str, dtype: str, sh
     return info
 
 
-# The manifest's image_dtype -> the safetensors code its shards' images must carry.
-IMAGE_CODES = {"float32": "F32", "uint8": "U8"}
-
-
 def check_tensors(where: str, layout: ShardLayout, num_samples: int, image_shape: tuple[int, ...],
                   image_dtype: str = "float32") -> tuple[TensorInfo, TensorInfo]:
     """The shard holds exactly ``images`` [n, *image_shape] of the manifest's ``image_dtype`` and ``labels`` int64 [n]."""
     extra = sorted(set(layout.tensors) - {IMAGES, LABELS})
     if extra:
         raise ShardError(f"{where}: unexpected tensor {extra[0]!r}; a shard holds only {IMAGES!r} and {LABELS!r}")
-    images = _check_tensor(where, layout.tensors.get(IMAGES), IMAGES, IMAGE_CODES[image_dtype],
+    images = _check_tensor(where, layout.tensors.get(IMAGES), IMAGES, IMAGE_DTYPES[image_dtype][0],
                            (num_samples, *image_shape))
     labels = _check_tensor(where, layout.tensors.get(LABELS), LABELS, "I64", (num_samples,))
     return images, labels
@@ -257,7 +265,7 @@ def check_tensors(where: str, layout: ShardLayout, num_samples: int, image_shape
 def view_tensors(raw: np.ndarray, images_offset: int, labels_offset: int, num_samples: int,
                  image_shape: tuple[int, ...], image_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Zero-copy views of a mapped shard's bytes at offsets :func:`check_tensors` validated."""
-    dtype = DTYPES[IMAGE_CODES[image_dtype]]
+    dtype = IMAGE_DTYPES[image_dtype][1]
     items = math.prod(image_shape)
     images = raw[images_offset : images_offset + num_samples * items * dtype.itemsize].view(dtype)
     labels = raw[labels_offset : labels_offset + num_samples * 8].view("<i8")

@@ -29,15 +29,16 @@ import numpy as np
 from pipeline.atomic import atomic_dir, raise_as_output_error
 from pipeline.errors import DataError
 from pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, Normalization, PixelStats, ShardEntry
-from pipeline.normalize import make_normalization, normalize, pixel_histogram, pixel_stats
-from pipeline.parquet import IMAGE, Table, iter_rows, open_table, read_labels
+from pipeline.normalize import make_normalization, pixel_histogram, pixel_stats
+from pipeline.parquet import Table, iter_rows, open_table, read_labels
+from pipeline.pool import ordered_map, resolve_workers
+from pipeline.shardjobs import RoutePiece, ShardPiece, image_chunks, label_indices, route_piece, routes, write_piece
 from pipeline.shards import write_shard
 from pipeline.sources import DATASETS
-from pipeline.splits import TEST, TRAIN, VAL, assign, file_keys, hash_unit, row_keys
+from pipeline.splits import TEST, TRAIN, VAL
 from pipeline.tabular import INT_LABELS, resolve_shape
 
 SHARD_PATTERN = "shard-{:05d}.safetensors"
-_CHUNK_BYTES = 16 << 20  # float32 images held at once while a shard is written
 _CODES = {"train": TRAIN, "val": VAL, "test": TEST}
 
 
@@ -72,27 +73,13 @@ def _class_names(train: Table, test: Table, dataset: str) -> tuple[str, ...]:
     return names
 
 
-def _indices(labels: np.ndarray, names: tuple[str, ...], kind: str) -> np.ndarray:
-    if kind == INT_LABELS:
-        return labels.astype(np.int64)
-    index = {name: i for i, name in enumerate(names)}
-    return np.fromiter((index[name] for name in labels.tolist()), dtype=np.int64, count=len(labels))
-
-
-def _routes(table: Table, rows, labels: np.ndarray, test_fraction: float, val_fraction: float) -> np.ndarray:
-    """The split of each train row; no hashing at all when nothing is held out."""
-    if not test_fraction and not val_fraction:
-        return np.full(len(labels), TRAIN, dtype=np.uint8)
-    keys = file_keys(rows.files) if table.layout == IMAGE else row_keys(rows.labels, rows.pixels)
-    return assign(hash_unit(keys), test_fraction=test_fraction, val_fraction=val_fraction)
-
-
 class _SplitWriter:
     """Collects one split's rows and writes them as shards of ``shard_size`` samples into ``folder``."""
 
     def __init__(self, folder: Path, target: Path, *, split: str, dataset: str, shard_size: int,
-                 shape: tuple[int, int, int], norm: Normalization, num_classes: int, keep_stats: bool) -> None:
-        self.folder, self.target, self.split, self.dataset = folder, target, split, dataset
+                 shape: tuple[int, int, int], norm: Normalization, num_classes: int, keep_stats: bool,
+                 dtype: str = "float32") -> None:
+        self.folder, self.target, self.split, self.dataset, self.dtype = folder, target, split, dataset, dtype
         self.shard_size = shard_size
         self.shape, self.norm, self.keep_stats = shape, norm, keep_stats
         self.counts = np.zeros(num_classes, dtype=np.int64)
@@ -124,12 +111,11 @@ class _SplitWriter:
 
     def _write(self, pixels: np.ndarray, labels: np.ndarray) -> None:
         name = SHARD_PATTERN.format(len(self.entries))
-        rows = max(1, _CHUNK_BYTES // (pixels.shape[1] * 4))  # normalised a chunk at a time, as it is written
-        chunks = (normalize(pixels[i : i + rows], self.norm, self.shape) for i in range(0, len(pixels), rows))
+        chunks = image_chunks(pixels, self.norm, self.shape, self.dtype)  # normalised a chunk at a time
         try:
             with open(self.folder / name, "wb") as f:
                 size, sha = write_shard(f, chunks, labels.astype(np.int64), self.shape,
-                                        {"dataset": self.dataset, "split": self.split})
+                                        {"dataset": self.dataset, "split": self.split}, self.dtype)
         except OSError as exc:  # named here: the splits' folders are open together, the last would be blamed
             raise_as_output_error(Path(self.target), exc)
             raise
@@ -138,27 +124,36 @@ class _SplitWriter:
     def close(self, names: tuple[str, ...], stats: PixelStats) -> Manifest:
         if self._held:
             self._flush(self._held)
-        manifest = Manifest(
-            schema_version=SCHEMA_VERSION,
-            dataset=self.dataset,
-            split=self.split,
-            num_samples=sum(e.num_samples for e in self.entries),
-            num_classes=len(names),
-            class_names=names,
-            class_counts=tuple(int(c) for c in self.counts),
-            image_shape=self.shape,
-            image_dtype="float32",
-            label_dtype="int64",
-            normalization=self.norm,
-            train_stats=stats,
-            shards=tuple(self.entries),
-        )
-        try:
-            (self.folder / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-        except OSError as exc:
-            raise_as_output_error(Path(self.target), exc)
-            raise
-        return manifest
+        return write_manifest(self.folder, self.target, dataset=self.dataset, split=self.split, names=names,
+                              counts=self.counts, shape=self.shape, dtype=self.dtype, norm=self.norm, stats=stats,
+                              entries=self.entries)
+
+
+def write_manifest(folder: Path, target: Path, *, dataset: str, split: str, names: tuple[str, ...],
+                   counts: np.ndarray, shape: tuple[int, int, int], dtype: str, norm: Normalization,
+                   stats: PixelStats, entries: list[ShardEntry]) -> Manifest:
+    """Write a split's manifest.json into ``folder`` (the temporary beside ``target``); return it."""
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        dataset=dataset,
+        split=split,
+        num_samples=sum(e.num_samples for e in entries),
+        num_classes=len(names),
+        class_names=names,
+        class_counts=tuple(int(c) for c in counts),
+        image_shape=shape,
+        image_dtype=dtype,
+        label_dtype="int64",
+        normalization=norm,
+        train_stats=stats,
+        shards=tuple(entries),
+    )
+    try:
+        (folder / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+    except OSError as exc:
+        raise_as_output_error(Path(target), exc)
+        raise
+    return manifest
 
 
 def write_split(
@@ -171,16 +166,18 @@ def write_split(
     normalization: Normalization,
     image_shape: tuple[int, int, int] = (1, 28, 28),
     class_names: tuple[str, ...] | None = None,
+    shard_dtype: str = "float32",
 ) -> Manifest:
     """Write one split from (uint8 pixel rows, labels) chunks into ``out_dir`` atomically.
 
     For building shards outside the stage (benchmarks, tests); ``class_names`` defaults to a
     built-in dataset's names, or "0".."9". The manifest's ``train_stats`` are this split's.
+    ``shard_dtype``: ``float32`` normalised values or ``uint8`` source bytes.
     """
     names = class_names or (DATASETS[dataset].class_names if dataset in DATASETS else tuple(map(str, range(10))))
     with atomic_dir(out_dir) as tmp:
         writer = _SplitWriter(tmp, Path(out_dir), split=split, dataset=dataset, shard_size=shard_size, shape=image_shape,
-                              norm=normalization, num_classes=len(names), keep_stats=True)
+                              norm=normalization, num_classes=len(names), keep_stats=True, dtype=shard_dtype)
         for pixels, labels in chunks:
             writer.add(pixels, labels.astype(np.int64))
         if not writer.counts.sum():
@@ -202,7 +199,7 @@ def _train_histogram(train: Table, chunk: int, test_fraction: float, val_fractio
     """Pixel histogram of the rows that will train (a first pass, for ``standard`` normalisation)."""
     histogram = np.zeros((channels, 256), dtype=np.int64)
     for rows in iter_rows(train, chunk):
-        keep = _routes(train, rows, rows.labels, test_fraction, val_fraction) == TRAIN
+        keep = routes(train, rows, test_fraction, val_fraction) == TRAIN
         histogram += pixel_histogram(rows.pixels[keep], channels)
     return histogram
 
@@ -220,6 +217,8 @@ def tensorize(
     image_shape: tuple[int, int, int] | None = None,
     test_fraction: float = 0.1,
     val_fraction: float = 0.0,
+    shard_dtype: str = "float32",
+    workers: int | None = 1,
     notice: Callable[[str], None] = _stderr,
 ) -> dict[str, Manifest]:
     """Shard the splits; return their manifests by split name.
@@ -233,6 +232,9 @@ def tensorize(
         normalize_kind: ``unit`` or ``standard`` (per-channel statistics of the train split).
         image_shape: ``data.image_shape`` for the wide layout (None: square grey).
         test_fraction, val_fraction: held-out shares of the train file (:mod:`pipeline.splits`).
+        shard_dtype: ``float32`` (normalised values) or ``uint8`` (the source bytes; the manifest's
+            normalisation is applied by the trainer).
+        workers: processes writing shards in parallel (None: every core); the bytes never depend on it.
     Returns:
         ``{"train": ..., "val": ..., "test": ...}`` (no ``val`` without ``val_out``).
     """
@@ -244,35 +246,101 @@ def tensorize(
     shape = _image_shape(train, test, image_shape)
     names = _class_names(train, test, dataset)
     test_fraction = test_fraction if test.rows == 0 else 0.0
+    outs = {"train": train_out, "test": test_out, **({"val": val_out} if val_out is not None else {})}
+    workers = resolve_workers(workers)
+    run = _serial if workers == 1 else _parallel
+    return run(train, test, outs, dataset=dataset, names=names, shape=shape, shard_size=shard_size,
+               normalize_kind=normalize_kind, test_fraction=test_fraction, val_fraction=val_fraction,
+               dtype=shard_dtype, workers=workers, notice=notice)
+
+
+def _check_counts(train: Table, counts: dict[str, np.ndarray], names: tuple[str, ...],
+                  notice: Callable[[str], None]) -> None:
+    for split in ("train", "test"):
+        if not counts[split].sum():
+            raise DataError(f"{train.path}: the {split} split would be empty; with few samples raise "
+                            f"data.test_fraction or add samples")
+    missing = [n for n, c in zip(names, counts["train"]) if c == 0]
+    if missing:
+        notice(f"notice: {len(missing)} class(es) have no train samples: {', '.join(missing)}"[:300])
+
+
+def _serial(train: Table, test: Table, outs: dict[str, Path], *, dataset: str, names: tuple[str, ...],
+            shape: tuple[int, int, int], shard_size: int, normalize_kind: str, test_fraction: float,
+            val_fraction: float, dtype: str, workers: int, notice: Callable[[str], None]) -> dict[str, Manifest]:
+    """One pass in this process: rows are streamed and routed to the splits' writers (the reference path)."""
     if normalize_kind == "standard":
         stats = pixel_stats(_train_histogram(train, shard_size, test_fraction, val_fraction, shape[0]))
     else:
         stats = None  # computed while the train split is written
     norm = make_normalization(normalize_kind, stats, shape[0])
-    outs = {"train": train_out, "test": test_out, **({"val": val_out} if val_out is not None else {})}
     with contextlib.ExitStack() as stack:
         writers = {split: _SplitWriter(stack.enter_context(atomic_dir(out)), Path(out), split=split, dataset=dataset,
                                        shard_size=shard_size, shape=shape, norm=norm, num_classes=len(names),
-                                       keep_stats=split == "train")
+                                       keep_stats=split == "train", dtype=dtype)
                    for split, out in outs.items()}
         for rows in iter_rows(train, shard_size):
-            labels = _indices(rows.labels, names, train.labels)
-            routes = _routes(train, rows, rows.labels, test_fraction, val_fraction)
+            labels = label_indices(rows.labels, names, train.labels)
+            codes = routes(train, rows, test_fraction, val_fraction)
             for split, writer in writers.items():
-                take = routes == _CODES[split]
+                take = codes == _CODES[split]
                 if take.all():
                     writer.add(rows.pixels, labels)
                 elif take.any():
                     writer.add(rows.pixels[take], labels[take])
             del rows
         for rows in iter_rows(test, shard_size):
-            writers["test"].add(rows.pixels, _indices(rows.labels, names, train.labels))
+            writers["test"].add(rows.pixels, label_indices(rows.labels, names, train.labels))
         stats = stats or pixel_stats(writers["train"].histogram)
-        for split in ("train", "test"):
-            if not writers[split].counts.sum():
-                raise DataError(f"{train_parquet}: the {split} split would be empty; with few samples raise "
-                                f"data.test_fraction or add samples")
-        missing = [n for n, c in zip(names, writers["train"].counts) if c == 0]
-        if missing:
-            notice(f"notice: {len(missing)} class(es) have no train samples: {', '.join(missing)}"[:300])
+        _check_counts(train, {split: w.counts for split, w in writers.items()}, names, notice)
         return {split: writer.close(names, stats) for split, writer in writers.items()}
+
+
+def _train_codes(train: Table, shard_size: int, test_fraction: float, val_fraction: float, channels: int,
+                 need_histogram: bool, workers: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each train row's split code, and the train rows' pixel histogram (None: not needed, not read)."""
+    if not test_fraction and not val_fraction and not need_histogram:
+        return np.full(train.rows, TRAIN, dtype=np.uint8), None
+    pieces = (RoutePiece(str(train.path), start, min(start + shard_size, train.rows), test_fraction, val_fraction,
+                         channels) for start in range(0, train.rows, shard_size))
+    codes, histogram = [], np.zeros((channels, 256), dtype=np.int64)
+    for raw, part in ordered_map(route_piece, pieces, workers):
+        codes.append(np.frombuffer(raw, dtype=np.uint8))
+        histogram += np.asarray(part, dtype=np.int64)
+    return np.concatenate(codes), histogram
+
+
+def _parallel(train: Table, test: Table, outs: dict[str, Path], *, dataset: str, names: tuple[str, ...],
+              shape: tuple[int, int, int], shard_size: int, normalize_kind: str, test_fraction: float,
+              val_fraction: float, dtype: str, workers: int, notice: Callable[[str], None]) -> dict[str, Manifest]:
+    """Every shard a piece for a worker: each split's rows are chosen first (a pass over the label
+    column, and over the rows when splits are held out), then each shard is written from its rows."""
+    codes, histogram = _train_codes(train, shard_size, test_fraction, val_fraction, shape[0],
+                                    normalize_kind == "standard", workers)
+    norm = make_normalization(normalize_kind, pixel_stats(histogram) if normalize_kind == "standard" else None,
+                              shape[0])
+    train_labels = label_indices(read_labels(train), names, train.labels)
+    rows = {split: (train, np.flatnonzero(codes == _CODES[split])) for split in outs}
+    if test.rows:
+        rows["test"] = (test, np.arange(test.rows, dtype=np.int64))
+    counts = {split: np.bincount(train_labels[index] if table is train else
+                                 label_indices(read_labels(test), names, train.labels), minlength=len(names))
+              for split, (table, index) in rows.items()}
+    _check_counts(train, counts, names, notice)
+    with contextlib.ExitStack() as stack:
+        folders = {split: stack.enter_context(atomic_dir(out)) for split, out in outs.items()}
+        pieces = [ShardPiece(str(table.path), index[k : k + shard_size].astype(np.int64).tobytes(),
+                             str(folders[split]), str(outs[split]), SHARD_PATTERN.format(k // shard_size), split,
+                             dataset, shape, norm, names, dtype, shard_size)
+                  for split, (table, index) in rows.items() for k in range(0, len(index), shard_size)]
+        entries: dict[str, list[ShardEntry]] = {split: [] for split in outs}
+        train_histogram = np.zeros((shape[0], 256), dtype=np.int64)
+        for piece, done in zip(pieces, ordered_map(write_piece, pieces, workers)):
+            entries[piece.split].append(ShardEntry(done.name, done.num_samples, done.size, done.sha256))
+            if piece.split == "train":
+                train_histogram += np.asarray(done.histogram, dtype=np.int64)
+        stats = pixel_stats(train_histogram)
+        return {split: write_manifest(folders[split], Path(out), dataset=dataset, split=split, names=names,
+                                      counts=counts[split], shape=shape, dtype=dtype, norm=norm, stats=stats,
+                                      entries=entries[split])
+                for split, out in outs.items()}

@@ -1,4 +1,4 @@
-"""DVC stage `tensorize`: Parquet -> normalised float32 safetensors shards + manifest.json per split."""
+"""DVC stage `tensorize`: Parquet -> safetensors shards (normalised float32, or uint8 bytes) + manifest.json per split, on every core."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     manifests = tensorize(args.train_parquet, args.test_parquet, args.train, args.test, args.val,
                           dataset=data.dataset, shard_size=prep.shard_size, normalize_kind=prep.normalize,
                           image_shape=data.image_shape, test_fraction=data.test_fraction,
-                          val_fraction=data.val_fraction)
+                          val_fraction=data.val_fraction, shard_dtype=prep.shard_dtype, workers=prep.workers)
     for split, m in manifests.items():
         print(f"tensorize: {split}: {m.num_samples} samples of {m.num_classes} classes, "
               f"{list(m.image_shape)}, in {len(m.shards)} shards")

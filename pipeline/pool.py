@@ -1,0 +1,125 @@
+"""Independent pieces of a data stage on every core, results in submission order.
+
+Two tools: :func:`ordered_map` runs pieces in worker processes, and
+:func:`read_ahead` runs a producer (a parser) in a thread beside its consumer (an
+encoder), both spending their time in native code that releases the GIL.
+
+The data stages split their work into pieces that read their own slice of the input
+and write their own output file (a shard, a row group's bytes), so a worker receives
+a few small arguments and returns a small summary: no data crosses the process
+boundary. Workers are started with the "forkserver" context (never a fork of a
+process that already runs Polars' and Arrow's threads), and at most ``2 x workers``
+pieces are in flight, so memory stays bounded by the piece size whatever the data
+size. Results come back in the order the pieces were given, whatever order they
+finish in, so the stage's output never depends on scheduling.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+from pipeline.errors import PipelineError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def cpu_count() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def resolve_workers(workers: int | None) -> int:
+    """``prep.workers``: a count >= 1, or None for every core."""
+    return cpu_count() if workers is None else workers
+
+
+def ordered_map(fn: Callable[[T], R], pieces: Iterable[T], workers: int) -> Iterator[R]:
+    """``fn`` over ``pieces`` in ``workers`` processes (1: in this process), yielding results in order.
+
+    ``fn`` must be a module-level function; its arguments and results should be small. An
+    exception in a piece is raised here, when its turn in the order comes; a worker that dies
+    (killed, out of memory) is one :class:`PipelineError` line.
+    """
+    if workers <= 1:
+        yield from map(fn, pieces)
+        return
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([fn.__module__])  # imported once by the server, not by every worker
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending: deque[Future[R]] = deque()
+        try:
+            for piece in pieces:
+                pending.append(pool.submit(fn, piece))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool as exc:
+            raise PipelineError(f"a worker process of this stage died ({exc}); rerun with prep.workers: 1 "
+                                f"to run every piece in the stage's own process") from None
+        finally:
+            for future in pending:  # a failure (or an abandoned generator) stops the pieces not yet started
+                future.cancel()
+
+
+def read_ahead(items: Iterable[T], weight: Callable[[T], int], budget: int) -> Iterator[T]:
+    """``items`` produced in a thread, at most ``budget`` (in ``weight`` units) ahead of the consumer.
+
+    One item is always allowed ahead, so an item heavier than the budget still flows. An
+    exception in the producer is raised here, after the items before it; a consumer that
+    stops early stops the producer at its next item.
+    """
+    ready: deque[tuple[T, int]] = deque()
+    state = {"held": 0, "done": False, "error": None, "stop": False}
+    changed = threading.Condition()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                w = weight(item)
+                with changed:
+                    changed.wait_for(lambda: state["stop"] or not ready or state["held"] + w <= budget)
+                    if state["stop"]:
+                        return
+                    ready.append((item, w))
+                    state["held"] += w
+                    changed.notify_all()
+        except BaseException as exc:  # handed to the consumer, which raises it in order
+            state["error"] = exc
+        finally:
+            if hasattr(items, "close"):  # a generator stopped early closes its file here, in its own thread
+                items.close()
+            with changed:
+                state["done"] = True
+                changed.notify_all()
+
+    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with changed:
+                changed.wait_for(lambda: ready or state["done"])
+                if not ready:
+                    break
+                item, w = ready.popleft()
+                state["held"] -= w
+                changed.notify_all()
+            yield item
+            del item
+        if state["error"] is not None:
+            raise state["error"]
+    finally:
+        with changed:
+            state["stop"] = True
+            changed.notify_all()
+        thread.join()

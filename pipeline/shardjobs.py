@@ -1,0 +1,147 @@
+"""The pieces of a parallel tensorize: each reads its own rows of a Parquet split.
+
+:func:`route_piece` reads a range of train rows and says which split each goes to
+(and the pixel histogram of those that train, for ``standard`` statistics);
+:func:`write_piece` writes one shard from a list of row indices, reading only the
+rows between the first and the last, a chunk at a time, keeping the chosen ones.
+Both take and return a few small values (paths, indices as bytes, a digest), so
+they run in worker processes (:mod:`pipeline.pool`) without moving data between
+processes. The shard bytes are those of the serial path, which routes the same rows
+in the same order through the same :func:`image_chunks` and
+:func:`pipeline.shards.write_shard`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.atomic import raise_as_output_error
+from pipeline.manifest import Normalization
+from pipeline.normalize import normalize, pixel_histogram
+from pipeline.parquet import IMAGE, Rows, Table, iter_rows, open_table
+from pipeline.shards import write_shard
+from pipeline.splits import TRAIN, assign, file_keys, hash_unit, row_keys
+from pipeline.tabular import INT_LABELS
+
+CHUNK_BYTES = 16 << 20  # float32 images held at once while a shard is written
+
+
+def image_chunks(pixels: np.ndarray, norm: Normalization, shape: tuple[int, int, int],
+                 dtype: str) -> Iterator[np.ndarray]:
+    """A shard's images from uint8 rows [n, C*H*W]: normalised float32 a chunk at a time, or the bytes as they are."""
+    if dtype == "uint8":
+        yield pixels.reshape(len(pixels), *shape)
+        return
+    rows = max(1, CHUNK_BYTES // (pixels.shape[1] * 4))
+    for i in range(0, len(pixels), rows):
+        yield normalize(pixels[i : i + rows], norm, shape)
+
+
+def label_indices(labels: np.ndarray, names: tuple[str, ...], kind: str) -> np.ndarray:
+    """Class indices (int64) of a label column: the integers, or each name's position in ``names``."""
+    if kind == INT_LABELS:
+        return labels.astype(np.int64)
+    index = {name: i for i, name in enumerate(names)}
+    return np.fromiter((index[name] for name in labels.tolist()), dtype=np.int64, count=len(labels))
+
+
+def routes(table: Table, rows: Rows, test_fraction: float, val_fraction: float) -> np.ndarray:
+    """The split of each train row; no hashing at all when nothing is held out."""
+    if not test_fraction and not val_fraction:
+        return np.full(len(rows.labels), TRAIN, dtype=np.uint8)
+    keys = file_keys(rows.files) if table.layout == IMAGE else row_keys(rows.labels, rows.pixels)
+    return assign(hash_unit(keys), test_fraction=test_fraction, val_fraction=val_fraction)
+
+
+@dataclass(frozen=True)
+class RoutePiece:
+    """Train rows ``start..stop`` of ``source`` to route."""
+
+    source: str
+    start: int
+    stop: int
+    test_fraction: float
+    val_fraction: float
+    channels: int
+
+
+def route_piece(piece: RoutePiece) -> tuple[bytes, list[list[int]]]:
+    """(the uint8 split code of each row, as bytes; the [C][256] histogram of the rows that train)."""
+    table = open_table(Path(piece.source))
+    codes, histogram = [], np.zeros((piece.channels, 256), dtype=np.int64)
+    for rows in iter_rows(table, piece.stop - piece.start, piece.start, piece.stop):
+        code = routes(table, rows, piece.test_fraction, piece.val_fraction)
+        keep = rows.pixels[code == TRAIN]
+        if len(keep):  # an empty selection has no planes to reshape into
+            histogram += pixel_histogram(keep, piece.channels)
+        codes.append(code)
+    return np.concatenate(codes).tobytes(), histogram.tolist()
+
+
+@dataclass(frozen=True)
+class ShardPiece:
+    """One shard to write: rows ``indices`` (int64 bytes, ascending) of ``source`` into ``folder/name``."""
+
+    source: str
+    indices: bytes
+    folder: str
+    target: str  # the split folder the user sees, named when writing fails
+    name: str
+    split: str
+    dataset: str
+    shape: tuple[int, int, int]
+    norm: Normalization
+    class_names: tuple[str, ...]
+    dtype: str
+    chunk_rows: int
+
+
+@dataclass(frozen=True)
+class ShardDone:
+    """What the manifest needs of a written shard, and the histogram of its pixels."""
+
+    name: str
+    num_samples: int
+    size: int
+    sha256: str
+    histogram: list[list[int]]
+
+
+def _chosen_rows(table: Table, wanted: np.ndarray, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 pixels and raw labels of rows ``wanted`` (ascending), reading only the span they lie in."""
+    pixels, labels = [], []
+    start = int(wanted[0])
+    for rows in iter_rows(table, chunk_rows, start, int(wanted[-1]) + 1):
+        stop = start + len(rows.labels)
+        take = wanted[np.searchsorted(wanted, start) : np.searchsorted(wanted, stop)] - start
+        if len(take) == len(rows.labels):
+            pixels.append(rows.pixels)
+            labels.append(rows.labels)
+        elif len(take):
+            pixels.append(rows.pixels[take])
+            labels.append(rows.labels[take])
+        start = stop
+    if len(pixels) == 1:  # a contiguous shard read in one chunk is not copied again
+        return pixels[0], labels[0]
+    return np.concatenate(pixels), np.concatenate(labels)
+
+
+def write_piece(piece: ShardPiece) -> ShardDone:
+    """Write one shard; return its manifest entry's values and its pixel histogram."""
+    table = open_table(Path(piece.source))
+    pixels, raw_labels = _chosen_rows(table, np.frombuffer(piece.indices, dtype=np.int64), piece.chunk_rows)
+    labels = label_indices(raw_labels, piece.class_names, table.labels)
+    chunks = image_chunks(pixels, piece.norm, piece.shape, piece.dtype)
+    try:
+        with open(Path(piece.folder) / piece.name, "wb") as f:
+            size, sha = write_shard(f, chunks, labels, piece.shape,
+                                    {"dataset": piece.dataset, "split": piece.split}, piece.dtype)
+    except OSError as exc:
+        raise_as_output_error(Path(piece.target), exc)
+        raise
+    histogram = pixel_histogram(pixels, piece.shape[0]).tolist()
+    return ShardDone(piece.name, len(labels), size, sha, histogram)

@@ -1,0 +1,191 @@
+"""prep.shard_dtype uint8 (the write side) and prep.workers: the data stages' bytes never depend on the worker count.
+
+uint8 shards hold the source bytes exactly, and the trainer's lookup table reproduces the
+float32 shard bit for bit; the file is what safetensors writes. tensorize (float32 and
+uint8, with and without held-out splits, either layout) and parquet (images) give the same
+bytes with 1 and 2 workers; ordered_map gives results in order whatever order they finish in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import synth
+from PIL import Image
+
+from pipeline.images import scan_split, write_listing
+from pipeline.manifest import read_manifest
+from pipeline.normalize import lookup_table
+from pipeline.parquet import csv_to_parquet, images_to_parquet
+from pipeline.errors import DataError
+from pipeline.pool import ordered_map, read_ahead
+from pipeline.shards import write_shard
+from pipeline.normalize import make_normalization
+from pipeline.tensorize import tensorize, write_split
+
+CODEC = {"compression": "zstd", "compression_level": None, "row_group_size": 16}
+
+
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _wide_parquet(tmp_path: Path, n_train: int, n_test: int) -> tuple[Path, Path, synth.Split]:
+    train, test = synth.split(n_train, 1), synth.split(n_test, 2)
+    paths = []
+    for name, s in (("train", train), ("test", test)):
+        csv = synth.write_csv(tmp_path / f"{name}.csv", s)
+        paths.append(tmp_path / f"{name}.parquet")
+        csv_to_parquet(csv, paths[-1], allow_empty=True, **CODEC)
+    return paths[0], paths[1], train
+
+
+def _image_folder(root: Path, n: int) -> Path:
+    rng = np.random.default_rng(5)
+    for i in range(n):
+        path = root / "train" / f"c{i % 3}" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+def _tensorize(train_pq: Path, test_pq: Path, out: Path, **kw) -> dict:
+    return tensorize(train_pq, test_pq, out / "train", out / "test", out / "val", dataset="csv", shard_size=7,
+                     **{"normalize_kind": "unit", "test_fraction": 0.2, "val_fraction": 0.0, **kw})
+
+
+def test_uint8_shard_holds_the_source_bytes_and_the_table_gives_the_float32_values(tmp_path):
+    train_pq, test_pq, train = _wide_parquet(tmp_path, 30, 9)
+    for dtype in ("float32", "uint8"):
+        _tensorize(train_pq, test_pq, tmp_path / dtype, shard_dtype=dtype, normalize_kind="standard", workers=1)
+    manifest = read_manifest(tmp_path / "uint8" / "train")
+    floats = read_manifest(tmp_path / "float32" / "train")
+    assert manifest.image_dtype == "uint8" and manifest.normalization == floats.normalization
+    assert manifest.normalization.kind == "standard"
+    raw = [safetensors.numpy.load_file(tmp_path / "uint8" / "train" / s.file) for s in manifest.shards]
+    flt = [safetensors.numpy.load_file(tmp_path / "float32" / "train" / s.file) for s in floats.shards]
+    images = np.concatenate([r["images"] for r in raw])
+    assert images.dtype == np.uint8 and images.shape == (30, 1, 28, 28)
+    assert np.array_equal(images.reshape(30, -1), train.pixels)  # the source bytes, in order, nothing held out
+    assert all(r["labels"].dtype == np.int64 for r in raw)
+    table = lookup_table(manifest.normalization)
+    expected = np.concatenate([f["images"] for f in flt])
+    assert table[0][images].view(np.uint32).tobytes() == expected.view(np.uint32).tobytes()
+
+
+def test_write_split_writes_uint8_shards(tmp_path):
+    s = synth.split(9, 4)
+    manifest = write_split([(s.pixels, s.labels)], tmp_path / "t", dataset="fashion-mnist", split="train",
+                           shard_size=4, normalization=make_normalization("unit", None), shard_dtype="uint8")
+    assert manifest.image_dtype == "uint8" and [m.num_samples for m in manifest.shards] == [4, 4, 1]
+    loaded = [safetensors.numpy.load_file(tmp_path / "t" / m.file) for m in manifest.shards]
+    assert np.array_equal(np.concatenate([x["images"] for x in loaded]), s.images[:, None])
+    assert np.array_equal(np.concatenate([x["labels"] for x in loaded]), s.labels.astype(np.int64))
+
+
+@pytest.mark.parametrize("shape, n", [((1, 28, 28), 5), ((3, 5, 7), 3)])
+def test_uint8_shard_is_safetensors_own_bytes_with_sorted_header(shape, n):
+    rng = np.random.default_rng(n)
+    images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+    labels = rng.integers(0, 9, n).astype(np.int64)
+    out = io.BytesIO()
+    size, sha = write_shard(out, (images[i:i + 2] for i in range(0, n, 2)), labels, shape,
+                            {"split": "train", "dataset": "d"}, "uint8")
+    blob = safetensors.numpy.save({"images": images, "labels": labels}, metadata={"split": "train", "dataset": "d"})
+    header_len = struct.unpack("<Q", blob[:8])[0]
+    ours = out.getvalue()
+    assert size == len(ours) == len(blob) and ours[8 + header_len:] == blob[8 + header_len:]
+    assert json.loads(ours[8:8 + header_len]) == json.loads(blob[8:8 + header_len])
+    assert json.loads(ours[8:8 + header_len])["images"]["dtype"] == "U8"
+    assert list(json.loads(ours[8:8 + header_len])) == sorted(json.loads(blob[8:8 + header_len]))
+    assert sha == hashlib.sha256(ours).hexdigest()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+@pytest.mark.parametrize("held_out", [False, True])
+def test_tensorize_bytes_do_not_depend_on_workers(tmp_path, dtype, held_out):
+    train_pq, test_pq, _ = _wide_parquet(tmp_path, 40, 0 if held_out else 11)
+    kw = {"shard_dtype": dtype, "val_fraction": 0.25 if held_out else 0.0,
+          "normalize_kind": "standard" if held_out else "unit"}
+    one = _tensorize(train_pq, test_pq, tmp_path / "one", workers=1, **kw)
+    two = _tensorize(train_pq, test_pq, tmp_path / "two", workers=2, **kw)
+    assert one == two
+    assert len(one["train"].shards) > 1 and (one["val"].num_samples > 0) == held_out
+    assert _tree_bytes(tmp_path / "one") == _tree_bytes(tmp_path / "two")
+
+
+def test_image_layout_tensorize_and_parquet_bytes_do_not_depend_on_workers(tmp_path):
+    root = _image_folder(tmp_path / "images", 23)
+    write_listing(scan_split(root, "train"), tmp_path / "train.csv")
+    write_listing([], tmp_path / "test.csv")
+    for n in (1, 2):
+        for split in ("train", "test"):
+            images_to_parquet(tmp_path / f"{split}.csv", root, tmp_path / f"{split}-{n}.parquet",
+                              image_shape=(3, 6, 5), workers=n, **{**CODEC, "row_group_size": 5})
+    assert (tmp_path / "train-1.parquet").read_bytes() == (tmp_path / "train-2.parquet").read_bytes()
+    for n in (1, 2):
+        tensorize(tmp_path / "train-1.parquet", tmp_path / "test-1.parquet", tmp_path / f"t{n}/train",
+                  tmp_path / f"t{n}/test", tmp_path / f"t{n}/val", dataset="images", shard_size=4,
+                  normalize_kind="unit", test_fraction=0.3, val_fraction=0.2, shard_dtype="uint8", workers=n)
+    assert _tree_bytes(tmp_path / "t1") == _tree_bytes(tmp_path / "t2")
+    assert read_manifest(tmp_path / "t1" / "val").num_samples > 0
+
+
+def test_csv_parquet_bytes_do_not_depend_on_workers(tmp_path):
+    csv = synth.write_csv(tmp_path / "train.csv", synth.split(50, 3))
+    for n in (1, 2):
+        assert csv_to_parquet(csv, tmp_path / f"{n}.parquet", workers=n, **CODEC) == 50
+    assert (tmp_path / "1.parquet").read_bytes() == (tmp_path / "2.parquet").read_bytes()
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(csv.read_bytes() + b"3," + b"1," * 783 + b"256\n")
+    with pytest.raises(DataError, match=r"row 51 \(line 52\), column 785 \(pixel784\): expected an integer 0..255, found 256"):
+        csv_to_parquet(bad, tmp_path / "bad.parquet", workers=2, **CODEC)
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+def _items_then_failure():
+    yield from (1, 2, 3)
+    raise DataError("fourth item refused")
+
+
+def test_read_ahead_keeps_order_and_raises_the_producers_error_after_its_items():
+    got = []
+    with pytest.raises(DataError, match="fourth item refused"):
+        for item in read_ahead(_items_then_failure(), lambda x: 1, 1):
+            got.append(item)
+    assert got == [1, 2, 3]
+    assert list(read_ahead(iter(range(100)), lambda x: x, 10)) == list(range(100))
+
+
+def _slow_square(x: int) -> int:
+    time.sleep(0.05 * (4 - x) if x < 4 else 0)  # the first pieces finish last
+    return x * x
+
+
+def test_ordered_map_keeps_the_order_whatever_finishes_first():
+    assert list(ordered_map(_slow_square, range(6), 2)) == [x * x for x in range(6)]
+
+
+def _die(piece: int) -> int:
+    if piece == 3:
+        os._exit(9)  # a worker killed mid-piece (out of memory, a signal)
+    return piece
+
+
+def test_a_worker_that_dies_is_one_line(tmp_path):
+    from pipeline.errors import PipelineError
+    from pipeline.pool import ordered_map
+
+    with pytest.raises(PipelineError) as err:
+        list(ordered_map(_die, range(6), workers=2))
+    assert str(err.value).startswith("a worker process of this stage died (") and "\n" not in str(err.value)
+    assert str(err.value).endswith("rerun with prep.workers: 1 to run every piece in the stage's own process")
