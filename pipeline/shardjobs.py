@@ -75,9 +75,7 @@ def route_piece(piece: RoutePiece) -> tuple[bytes, list[list[int]]]:
     codes, histogram = [], np.zeros((piece.channels, 256), dtype=np.int64)
     for rows in iter_rows(table, piece.stop - piece.start, piece.start, piece.stop):
         code = routes(table, rows, piece.test_fraction, piece.val_fraction)
-        keep = rows.pixels[code == TRAIN]
-        if len(keep):  # an empty selection has no planes to reshape into
-            histogram += pixel_histogram(keep, piece.channels)
+        histogram += pixel_histogram(rows.pixels[code == TRAIN], piece.channels)
         codes.append(code)
     return np.concatenate(codes).tobytes(), histogram.tolist()
 

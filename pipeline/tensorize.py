@@ -194,16 +194,6 @@ def _image_shape(train: Table, test: Table, image_shape: tuple[int, int, int] | 
     return resolve_shape(image_shape, train.num_pixels, str(train.path))
 
 
-def _train_histogram(train: Table, chunk: int, test_fraction: float, val_fraction: float,
-                     channels: int) -> np.ndarray:
-    """Pixel histogram of the rows that will train (a first pass, for ``standard`` normalisation)."""
-    histogram = np.zeros((channels, 256), dtype=np.int64)
-    for rows in iter_rows(train, chunk):
-        keep = routes(train, rows, test_fraction, val_fraction) == TRAIN
-        histogram += pixel_histogram(rows.pixels[keep], channels)
-    return histogram
-
-
 def tensorize(
     train_parquet: Path,
     test_parquet: Path,
@@ -269,8 +259,9 @@ def _serial(train: Table, test: Table, outs: dict[str, Path], *, dataset: str, n
             shape: tuple[int, int, int], shard_size: int, normalize_kind: str, test_fraction: float,
             val_fraction: float, dtype: str, workers: int, notice: Callable[[str], None]) -> dict[str, Manifest]:
     """One pass in this process: rows are streamed and routed to the splits' writers (the reference path)."""
-    if normalize_kind == "standard":
-        stats = pixel_stats(_train_histogram(train, shard_size, test_fraction, val_fraction, shape[0]))
+    if normalize_kind == "standard":  # a first pass: the statistics of the rows that will train
+        _, histogram = _train_codes(train, shard_size, test_fraction, val_fraction, shape[0], True, workers=1)
+        stats = pixel_stats(histogram)
     else:
         stats = None  # computed while the train split is written
     norm = make_normalization(normalize_kind, stats, shape[0])

@@ -276,3 +276,13 @@ def test_streamed_shard_is_safetensors_own_bytes_with_sorted_header(tmp_path, sh
     assert sha == hashlib.sha256(ours).hexdigest()
     loaded = safetensors.numpy.load(ours)
     assert np.array_equal(loaded["images"], images) and np.array_equal(loaded["labels"], labels)
+
+
+def test_pixel_histogram_of_no_rows_is_zero():
+    """A chunk whose rows are all held out contributes nothing to the train statistics (and does not fail)."""
+    from pipeline.normalize import pixel_histogram
+
+    empty = pixel_histogram(np.zeros((0, 3 * 4 * 4), dtype=np.uint8), 3)
+    assert empty.shape == (3, 256) and not empty.any()
+    full = pixel_histogram(np.arange(48, dtype=np.uint8).reshape(1, 48), 3)
+    assert full[0, :16].tolist() == [1] * 16 and full[1, 16:32].tolist() == [1] * 16 and full.sum() == 48
