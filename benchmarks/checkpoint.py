@@ -52,21 +52,40 @@ def checkpoint_cost(work: Path, repeats: int) -> dict:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        save_checkpoint(work / "checkpoints", model=model, optimizer=optimizer, device=torch.device("cpu"),
-                        position=Position(4, 57, 29184, (12345.678,), 2.5, 0.01), run_fingerprint="0" * 64,
-                        shape=RunShape(1, torch.get_num_threads()), history=history)
+        save_checkpoint(
+            work / "checkpoints",
+            model=model,
+            optimizer=optimizer,
+            device=torch.device("cpu"),
+            position=Position(4, 57, 29184, (12345.678,), 2.5, 0.01),
+            run_fingerprint="0" * 64,
+            shape=RunShape(1, torch.get_num_threads()),
+            history=history,
+        )
         times.append(time.perf_counter() - start)
-    return {"best_s": min(times), "median_s": statistics.median(times), "bytes": _folder_bytes(work / "checkpoints")}
+    return {
+        "best_s": min(times),
+        "median_s": statistics.median(times),
+        "bytes": _folder_bytes(work / "checkpoints"),
+    }
 
 
 def epochs_with(tensors: Path, work: Path, checkpoint_seconds: float | None, epochs: int) -> list[float]:
     """``epochs`` epochs of the stage's own training with this interval; each epoch's ``epoch_seconds``."""
-    train = dataclasses.replace(TrainParams(), epochs=epochs, device="cpu", checkpoint_every=0,
-                                checkpoint_seconds=checkpoint_seconds)
+    train = dataclasses.replace(
+        TrainParams(), epochs=epochs, device="cpu", checkpoint_every=0, checkpoint_seconds=checkpoint_seconds
+    )
     out = work / f"run-{checkpoint_seconds}"
-    train_model(train_dir=tensors / "train", test_dir=tensors / "test", model_dir=out / "models",
-                checkpoint_dir=out / "checkpoints", live_dir=out / "dvclive", loader=LoaderParams(), train=train,
-                notice=lambda _message: None)
+    train_model(
+        train_dir=tensors / "train",
+        test_dir=tensors / "test",
+        model_dir=out / "models",
+        checkpoint_dir=out / "checkpoints",
+        live_dir=out / "dvclive",
+        loader=LoaderParams(),
+        train=train,
+        notice=lambda _message: None,
+    )
     rows = (out / "dvclive" / "plots" / "metrics" / "epoch_seconds.tsv").read_text().splitlines()[1:]
     return [float(row.split("\t")[1]) for row in rows]
 
@@ -105,19 +124,28 @@ def render_markdown(r: dict) -> str:
         "| `train.checkpoint_seconds` | epoch seconds (each epoch) | fastest | vs off |",
         "|---|---|---:|---:|",
     ]
-    for key, label in (("off", "null (off)"), ("default", f"{r['default_seconds']:g} (default)"),
-                       ("often", f"{r['often_seconds']:g}")):
+    for key, label in (
+        ("off", "null (off)"),
+        ("default", f"{r['default_seconds']:g} (default)"),
+        ("often", f"{r['often_seconds']:g}"),
+    ):
         times = e[key]
-        lines.append(f"| {label} | {', '.join(f'{t:.2f}' for t in times)} | {min(times):.2f} | "
-                     f"{min(times) / base - 1:+.1%} |")
+        lines.append(
+            f"| {label} | {', '.join(f'{t:.2f}' for t in times)} | {min(times):.2f} | "
+            f"{min(times) / base - 1:+.1%} |"
+        )
     spread = max(max(t) / min(t) - 1 for t in e.values())
-    lines += ["", f"At {r['often_seconds']:g} s an epoch of about {base:.0f} s writes about "
-                  f"{base / r['often_seconds']:.0f} checkpoints, about {base / r['often_seconds'] * c['median_s']:.1f} s "
-                  f"of writing at the median cost; at the default none is due within an epoch this short, so its "
-                  f"row measures the per-step boundary check alone (one host read of a CPU scalar). The same "
-                  f"setting's two epochs differ by up to {spread:.0%} here, so the rows' differences are noise: "
-                  f"the default's cost is one checkpoint per {r['default_seconds']:g} s, "
-                  f"{c['median_s'] / r['default_seconds']:.3%} of the time.", ""]
+    lines += [
+        "",
+        f"At {r['often_seconds']:g} s an epoch of about {base:.0f} s writes about "
+        f"{base / r['often_seconds']:.0f} checkpoints, about {base / r['often_seconds'] * c['median_s']:.1f} s "
+        f"of writing at the median cost; at the default none is due within an epoch this short, so its "
+        f"row measures the per-step boundary check alone (one host read of a CPU scalar). The same "
+        f"setting's two epochs differ by up to {spread:.0%} here, so the rows' differences are noise: "
+        f"the default's cost is one checkpoint per {r['default_seconds']:g} s, "
+        f"{c['median_s'] / r['default_seconds']:.3%} of the time.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -143,8 +171,10 @@ def main(argv: list[str] | None = None) -> None:
         "often_seconds": cfg.often,
         "checkpoint": checkpoint_cost(work, cfg.repeats),
         "finite": finite_check_cost(tensors, cfg.repeats),
-        "epochs": {key: epochs_with(tensors, work, seconds, cfg.epochs)
-                   for key, seconds in (("off", None), ("default", default), ("often", cfg.often))},
+        "epochs": {
+            key: epochs_with(tensors, work, seconds, cfg.epochs)
+            for key, seconds in (("off", None), ("default", default), ("often", cfg.often))
+        },
     }
     write_results(cfg.out, "checkpoint", results, render_markdown(results))
 

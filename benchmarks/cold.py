@@ -45,15 +45,31 @@ from pipeline.tabular import NUM_PIXELS
 from pipeline.tensorize import write_split
 
 
-def _scaled_chunks(images: np.ndarray, labels: np.ndarray, scale: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _scaled_chunks(
+    images: np.ndarray, labels: np.ndarray, scale: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for k in range(scale):
         yield transformed_copy(images, k).reshape(len(images), NUM_PIXELS), labels
 
 
-def build_shards(out: Path, images: np.ndarray, labels: np.ndarray, scale: int, shard_size: int, split: str,
-                 shard_dtype: str = "float32") -> None:
-    write_split(_scaled_chunks(images, labels, scale), out, dataset="fashion-mnist", split=split,
-                shard_size=shard_size, normalization=make_normalization("unit", None), shard_dtype=shard_dtype)
+def build_shards(
+    out: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    scale: int,
+    shard_size: int,
+    split: str,
+    shard_dtype: str = "float32",
+) -> None:
+    write_split(
+        _scaled_chunks(images, labels, scale),
+        out,
+        dataset="fashion-mnist",
+        split=split,
+        shard_size=shard_size,
+        normalization=make_normalization("unit", None),
+        shard_dtype=shard_dtype,
+    )
 
 
 def evict(paths: list[Path]) -> None:
@@ -92,8 +108,9 @@ def _rss_file_kib() -> int:
     return 0
 
 
-def cold_epoch(tensors: Path, window: int | None, budget_shards: float | None, seed: int = 0,
-               max_seconds: float = 600.0) -> dict:
+def cold_epoch(
+    tensors: Path, window: int | None, budget_shards: float | None, seed: int = 0, max_seconds: float = 600.0
+) -> dict:
     """One epoch from a cold page cache; with ``budget_shards``, the resident shard pages stay under that bound."""
     from trainer.data import ShardDataset
     from trainer.loader import EpochBatchSampler
@@ -103,8 +120,9 @@ def cold_epoch(tensors: Path, window: int | None, budget_shards: float | None, s
     paths = [s.path for s in split.shards]
     sizes = [s.num_samples for s in split.shards]
     budget_kib = None if budget_shards is None else int(budget_shards * split.shards[0].size / 1024)
-    sampler = EpochBatchSampler(split.num_samples, 512, shuffle=True, seed=seed, shard_sizes=sizes,
-                                shuffle_window=window)
+    sampler = EpochBatchSampler(
+        split.num_samples, 512, shuffle=True, seed=seed, shard_sizes=sizes, shuffle_window=window
+    )
     evict(paths)
     dataset = ShardDataset(split)
     base_rss = _rss_file_kib()
@@ -126,10 +144,15 @@ def cold_epoch(tensors: Path, window: int | None, budget_shards: float | None, s
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults0
     data_bytes = sum(s.size for s in split.shards)
     return {
-        "window": window, "budget_shards": budget_shards, "fraction_of_epoch": round(fraction, 4),
-        "seconds": round(seconds / fraction, 2), "read_mb": round(read / fraction / 2**20, 1),
-        "read_vs_data": round(read / fraction / data_bytes, 3), "major_faults": int(faults / fraction),
-        "evictions": int(evictions / fraction), "data_mb": round(data_bytes / 2**20, 1),
+        "window": window,
+        "budget_shards": budget_shards,
+        "fraction_of_epoch": round(fraction, 4),
+        "seconds": round(seconds / fraction, 2),
+        "read_mb": round(read / fraction / 2**20, 1),
+        "read_vs_data": round(read / fraction / data_bytes, 3),
+        "major_faults": int(faults / fraction),
+        "evictions": int(evictions / fraction),
+        "data_mb": round(data_bytes / 2**20, 1),
         "shards": len(paths),
     }
 
@@ -145,9 +168,23 @@ def accuracy(work: Path, epochs: int, shard_size: int, window: int, idx_dir: Pat
         run.mkdir(parents=True)
         params = run / "params.yaml"
         params.write_text(json.dumps({"loader": loader, "train": {"epochs": epochs}}))
-        argv = [sys.executable, "-m", "stages.train", "--params", str(params), "--train", str(work / "acc" / "train"),
-                "--test", str(work / "acc" / "test"), "--model", str(run / "models"),
-                "--checkpoints", str(run / "checkpoints"), "--live", str(run / "dvclive")]
+        argv = [
+            sys.executable,
+            "-m",
+            "stages.train",
+            "--params",
+            str(params),
+            "--train",
+            str(work / "acc" / "train"),
+            "--test",
+            str(work / "acc" / "test"),
+            "--model",
+            str(run / "models"),
+            "--checkpoints",
+            str(run / "checkpoints"),
+            "--live",
+            str(run / "dvclive"),
+        ]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1"}
         res = subprocess.run(argv, cwd=run, env=env, capture_output=True, text=True)
         if res.returncode != 0:
@@ -174,19 +211,27 @@ def render_markdown(r: dict) -> str:
         order = "global" if e["window"] is None else f"window {e['window']}"
         bound = "unbounded (fits RAM)" if e["budget_shards"] is None else f"<= {e['budget_shards']} shards"
         part = "" if e["fraction_of_epoch"] == 1 else f" (from {e['fraction_of_epoch']:.0%} of the epoch)"
-        lines.append(f"| {order} | {bound} | {e['seconds']:.1f}{part} | {e['read_mb']:.0f} | {e['read_vs_data']:.2f} | "
-                     f"{e['major_faults']:,} | {e['evictions']} |")
-    lines += ["", "The data fits in RAM here, so the unbounded rows only show the first touch of every page. The "
-              "bounded rows emulate a page cache smaller than the data: whenever the shard pages the process has "
-              "mapped exceed the budget, every shard is unmapped and evicted (POSIX_FADV_DONTNEED). The rule is the "
-              "same for both orders and cruder than the kernel's LRU (it also drops the window in use, so the "
-              "windowed figure is pessimistic); under uniform random access every replacement policy keeps a hit "
-              "rate of about budget / shards, so the global figure is fair. Each fault reads up to the device "
-              "readahead around the page: pages the global order then evicts unused are read again."]
+        lines.append(
+            f"| {order} | {bound} | {e['seconds']:.1f}{part} | {e['read_mb']:.0f} | {e['read_vs_data']:.2f} | "
+            f"{e['major_faults']:,} | {e['evictions']} |"
+        )
+    lines += [
+        "",
+        "The data fits in RAM here, so the unbounded rows only show the first touch of every page. The "
+        "bounded rows emulate a page cache smaller than the data: whenever the shard pages the process has "
+        "mapped exceed the budget, every shard is unmapped and evicted (POSIX_FADV_DONTNEED). The rule is the "
+        "same for both orders and cruder than the kernel's LRU (it also drops the window in use, so the "
+        "windowed figure is pessimistic); under uniform random access every replacement policy keeps a hit "
+        "rate of about budget / shards, so the global figure is fair. Each fault reads up to the device "
+        "readahead around the page: pages the global order then evicts unused are read again.",
+    ]
     if r.get("accuracy"):
         acc = ", ".join(f"{k} {v:.4f}" for k, v in r["accuracy"].items())
-        lines += ["", f"Test accuracy after {s['accuracy_epochs']} epochs on 1x FashionMNIST in shards of "
-                  f"{s['accuracy_shard_size']:,}: {acc}."]
+        lines += [
+            "",
+            f"Test accuracy after {s['accuracy_epochs']} epochs on 1x FashionMNIST in shards of "
+            f"{s['accuracy_shard_size']:,}: {acc}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -196,12 +241,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base-samples", type=int, default=60_000)
     p.add_argument("--shard-size", type=int, default=65536)
     p.add_argument("--window", type=int, default=2)
-    p.add_argument("--budget-shards", type=float, default=3.0, help="resident-set bound of the beyond-RAM runs")
-    p.add_argument("--max-seconds", type=float, default=300.0, help="stop an epoch after this and extrapolate")
+    p.add_argument(
+        "--budget-shards", type=float, default=3.0, help="resident-set bound of the beyond-RAM runs"
+    )
+    p.add_argument(
+        "--max-seconds", type=float, default=300.0, help="stop an epoch after this and extrapolate"
+    )
     p.add_argument("--accuracy-epochs", type=int, default=0, help="also train global vs windowed (0: skip)")
     p.add_argument("--accuracy-shard-size", type=int, default=6000)
-    p.add_argument("--shard-dtype", choices=("float32", "uint8"), default="float32",
-                   help="prep.shard_dtype of the shards read cold (uint8: a quarter of the bytes)")
+    p.add_argument(
+        "--shard-dtype",
+        choices=("float32", "uint8"),
+        default="float32",
+        help="prep.shard_dtype of the shards read cold (uint8: a quarter of the bytes)",
+    )
     add_run_options(p, "16x needs ~3.5 GB")
     args = p.parse_args(argv)
     parent = scratch_parent(args.work)
@@ -220,7 +273,9 @@ def main(argv: list[str] | None = None) -> None:
                 results["epochs"].append(e)
         shutil.rmtree(work / "train")
         if args.accuracy_epochs:
-            results["accuracy"] = accuracy(work, args.accuracy_epochs, args.accuracy_shard_size, args.window, args.idx)
+            results["accuracy"] = accuracy(
+                work, args.accuracy_epochs, args.accuracy_shard_size, args.window, args.idx
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_results(args.out, "cold", results, render_markdown(results))

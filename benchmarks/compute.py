@@ -49,8 +49,9 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable,
-                device: torch.device) -> tuple[float, float, float, float]:
+def train_epoch(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, device: torch.device
+) -> tuple[float, float, float, float]:
     """(seconds, seconds blocked waiting for the next batch, page faults per step, fastest step's seconds per
     sample) of one epoch. On a GPU the step time is only the launch time (nothing waits for the kernels)."""
     model.train()
@@ -83,8 +84,9 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batche
     return seconds, wait, (_minor_faults() - faults) / max(steps, 1), fastest
 
 
-def train_paired(sources: dict[str, tuple[Source, bool]], repeats: int, device: torch.device,
-                 seed: int, warmup: int = 0) -> dict[str, dict[str, float]]:
+def train_paired(
+    sources: dict[str, tuple[Source, bool]], repeats: int, device: torch.device, seed: int, warmup: int = 0
+) -> dict[str, dict[str, float]]:
     """Per source ``(source, reference_layout)``: best epoch seconds, its data-wait fraction and faults per step,
     over ``repeats`` timed epochs after ``warmup`` untimed ones.
 
@@ -96,8 +98,15 @@ def train_paired(sources: dict[str, tuple[Source, bool]], repeats: int, device: 
         torch.manual_seed(seed)
         model = SimpleCNN(reference_layout=reference_layout).to(device)
         state[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-3))
-    best = {name: {"seconds": math.inf, "data_wait_fraction": 0.0, "page_faults_per_step": 0.0,
-                   "fastest_step_s_per_sample": math.inf} for name in sources}
+    best = {
+        name: {
+            "seconds": math.inf,
+            "data_wait_fraction": 0.0,
+            "page_faults_per_step": 0.0,
+            "fastest_step_s_per_sample": math.inf,
+        }
+        for name in sources
+    }
     for epoch in range(warmup + repeats):
         for name, (source, _layout) in sources.items():
             seconds, wait, faults, fastest = train_epoch(*state[name], source(epoch), device)
@@ -105,7 +114,11 @@ def train_paired(sources: dict[str, tuple[Source, bool]], repeats: int, device: 
                 continue
             fastest = min(fastest, best[name]["fastest_step_s_per_sample"])
             if seconds < best[name]["seconds"]:
-                best[name] = {"seconds": seconds, "data_wait_fraction": wait / seconds, "page_faults_per_step": faults}
+                best[name] = {
+                    "seconds": seconds,
+                    "data_wait_fraction": wait / seconds,
+                    "page_faults_per_step": faults,
+                }
             best[name]["fastest_step_s_per_sample"] = fastest
     return best
 
@@ -120,26 +133,46 @@ def one_warm_batch(tensors: Path, samples: int, batch_size: int, device: torch.d
     return lambda _epoch: epoch
 
 
-def _experiment(cfg: argparse.Namespace, device: torch.device, seed: int, repeats: int, setting: str,
-                *extra: str) -> dict:
+def _experiment(
+    cfg: argparse.Namespace, device: torch.device, seed: int, repeats: int, setting: str, *extra: str
+) -> dict:
     """One setting in a fresh interpreter (``python -m benchmarks.compute``); its one JSON line."""
-    args = [sys.executable, "-m", "benchmarks.compute", setting, *extra, "--tensors", str(cfg.tensors),
-            "--params", str(cfg.params), "--samples", str(cfg.samples), "--repeats", str(repeats),
-            "--device", str(device), "--seed", str(seed)]
+    args = [
+        sys.executable,
+        "-m",
+        "benchmarks.compute",
+        setting,
+        *extra,
+        "--tensors",
+        str(cfg.tensors),
+        "--params",
+        str(cfg.params),
+        "--samples",
+        str(cfg.samples),
+        "--repeats",
+        str(repeats),
+        "--device",
+        str(device),
+        "--seed",
+        str(seed),
+    ]
     res = subprocess.run(args, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{setting} experiment failed: {res.stderr.strip()[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def threads_experiment(cfg: argparse.Namespace, device: torch.device, seed: int, repeats: int,
-                       counts: tuple[int, ...] = (1, 2)) -> dict[str, object]:
+def threads_experiment(
+    cfg: argparse.Namespace, device: torch.device, seed: int, repeats: int, counts: tuple[int, ...] = (1, 2)
+) -> dict[str, object]:
     """Compute-floor epochs with each intra-op thread count (``train.threads``), each in a fresh interpreter
     (switching counts inside one process slows the larger count down); and whether the models, trained from
     the same initialisation on the same steps, end bit-identical."""
     runs = {n: _experiment(cfg, device, seed, repeats, "threads", "--threads", str(n)) for n in counts}
-    return {"epoch_s": {str(n): r["seconds"] for n, r in runs.items()},
-            "bit_identical": len({r["weights_sha256"] for r in runs.values()}) == 1}
+    return {
+        "epoch_s": {str(n): r["seconds"] for n, r in runs.items()},
+        "bit_identical": len({r["weights_sha256"] for r in runs.values()}) == 1,
+    }
 
 
 def memcpy_floor(repeats: int, nbytes: int = EPOCH_SAMPLES * 784 * 4) -> float:
@@ -156,7 +189,9 @@ def memcpy_floor(repeats: int, nbytes: int = EPOCH_SAMPLES * 784 * 4) -> float:
     return best
 
 
-def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+def matmul_gflops(
+    device: torch.device, n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32
+) -> float:
     """Best-of-``repeats`` rate of an ``n`` x ``n`` matmul in ``dtype``: the machine's practical FLOP peak."""
     a, b = (torch.rand(n, n, device=device).to(dtype) for _ in range(2))
     out = torch.empty(n, n, device=device, dtype=dtype)
@@ -181,8 +216,9 @@ def epoch_flops(batch_size: int, device: torch.device) -> float:
     return counter.get_total_flops() * EPOCH_SAMPLES / batch_size
 
 
-def default_batches(tensors: Path, params: Path, samples: int, device: torch.device, seed: int, *,
-                    pregather: bool) -> Source:
+def default_batches(
+    tensors: Path, params: Path, samples: int, device: torch.device, seed: int, *, pregather: bool
+) -> Source:
     """Epoch e's batches exactly as the ``default`` loader (0 workers) yields them: gathered one at a
     time, or (the old compute floor) all gathered onto the device before the epoch's clock starts,
     118 live buffers at 60,000 samples."""
@@ -194,18 +230,25 @@ def default_batches(tensors: Path, params: Path, samples: int, device: torch.dev
         sampler.set_epoch(epoch)
         gathered = (tuple(t.to(device) for t in dataset[b]) for b in sampler)
         return list(gathered) if pregather else gathered  # type: ignore[return-value]
+
     return batches
 
 
-def allocator_experiment(cfg: argparse.Namespace, device: torch.device, seed: int, repeats: int) -> dict[str, dict]:
+def allocator_experiment(
+    cfg: argparse.Namespace, device: torch.device, seed: int, repeats: int
+) -> dict[str, dict]:
     """Pre-gathered vs loader-fed batches, epochs interleaved, with glibc's defaults and with
     :func:`retain_freed_memory`; each setting in a fresh interpreter, so heap history is comparable."""
-    return {setting: _experiment(cfg, device, seed, repeats, setting)
-            for setting in ("glibc_default", "retain_freed_memory")}
+    return {
+        setting: _experiment(cfg, device, seed, repeats, setting)
+        for setting in ("glibc_default", "retain_freed_memory")
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="one setting of the allocator or threads experiment; one JSON line")
+    p = argparse.ArgumentParser(
+        description="one setting of the allocator or threads experiment; one JSON line"
+    )
     p.add_argument("setting", choices=["glibc_default", "retain_freed_memory", "threads"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tensors", type=Path, required=True)
@@ -236,11 +279,15 @@ def main() -> None:
         print(json.dumps({"seconds": best * scale, "weights_sha256": digest.hexdigest()}))
         return
     sources = {
-        name: (default_batches(a.tensors, a.params, a.samples, device, a.seed, pregather=name == "pre-gathered"),
-               True)  # the original model, as when the committed floor came out slower
+        name: (
+            default_batches(a.tensors, a.params, a.samples, device, a.seed, pregather=name == "pre-gathered"),
+            True,
+        )  # the original model, as when the committed floor came out slower
         for name in ("pre-gathered", "loader-fed")
     }
-    best = train_paired(sources, a.repeats, device, a.seed, warmup=1)  # the heap's first growth is not the point
+    best = train_paired(
+        sources, a.repeats, device, a.seed, warmup=1
+    )  # the heap's first growth is not the point
     print(json.dumps({name: {**v, "seconds": v["seconds"] * scale} for name, v in best.items()}))
 
 

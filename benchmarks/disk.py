@@ -36,7 +36,9 @@ def disk_usage(csv_dir: Path, parquet_dir: Path, tensors_dir: Path) -> dict[str,
         for codec in ("zstd", "snappy"):
             for dtype in (pl.UInt8, pl.Int64):
                 path = Path(tmp) / f"{codec}-{dtype}.parquet"
-                frame.select(pl.all().cast(dtype)).write_parquet(path, compression=codec, row_group_size=65536)
+                frame.select(pl.all().cast(dtype)).write_parquet(
+                    path, compression=codec, row_group_size=65536
+                )
                 out[f"parquet_{codec}_{str(dtype).lower()}_train"] = path_bytes(path)
     out["shards_float32_train"] = path_bytes(tensors_dir / "train")
     out["dvc_cache_one_version_all_splits"] = dvc_outputs_bytes()

@@ -34,8 +34,9 @@ ROW_GROUP_SIZE = 65536  # params.yaml's prep.row_group_size (the image writer ca
 CODEC = "zstd"  # params.yaml's prep.compression
 
 
-def class_images(labels: np.ndarray, shape: tuple[int, int, int], classes: int,
-                 rng: np.random.Generator) -> np.ndarray:
+def class_images(
+    labels: np.ndarray, shape: tuple[int, int, int], classes: int, rng: np.random.Generator
+) -> np.ndarray:
     """(N, H, W, C) uint8 images: stripes at the class's angle in the class's colour, random phase, noise."""
     channels, height, width = shape
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -49,19 +50,30 @@ def class_images(labels: np.ndarray, shape: tuple[int, int, int], classes: int,
     return np.clip(images, 0, 255).astype(np.uint8)
 
 
-def _write_split(folder: Path, split: str, n: int, shape: tuple[int, int, int], classes: int, seed: int) -> None:
+def _write_split(
+    folder: Path, split: str, n: int, shape: tuple[int, int, int], classes: int, seed: int
+) -> None:
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     for k in range(classes):
         (folder / split / f"class{k:02d}").mkdir(parents=True)
     for start in range(0, n, 4096):  # a block at a time: memory stays small whatever n is
         labels = rng.integers(0, classes, min(4096, n - start))
-        for i, (label, image) in enumerate(zip(labels, class_images(labels, shape, classes, rng)), start=start):
+        for i, (label, image) in enumerate(
+            zip(labels, class_images(labels, shape, classes, rng)), start=start
+        ):
             Image.fromarray(image.squeeze(-1) if shape[0] == 1 else image).save(
-                folder / split / f"class{label:02d}" / f"{i:06d}.png", compress_level=1)
+                folder / split / f"class{label:02d}" / f"{i:06d}.png", compress_level=1
+            )
 
 
-def make_image_folder(root: Path, n_train: int, n_test: int, shape: tuple[int, int, int] = (3, 32, 32),
-                      classes: int = 10, seed: int = 0) -> None:
+def make_image_folder(
+    root: Path,
+    n_train: int,
+    n_test: int,
+    shape: tuple[int, int, int] = (3, 32, 32),
+    classes: int = 10,
+    seed: int = 0,
+) -> None:
     """Write a deterministic PNG image folder at ``root`` (replaced atomically, as one folder)."""
     with atomic_dir(root) as tmp:
         _write_split(tmp, "train", n_train, shape, classes, seed)
@@ -92,7 +104,7 @@ def _write_binary(pixels: np.ndarray, out: Path) -> None:
     rows = min(ROW_GROUP_SIZE, 64 * 1024 * 1024 // pixels.shape[1])
     with pq.ParquetWriter(out, pa.schema([pa.field("pixels", kind)]), compression=CODEC) as writer:
         for start in range(0, len(pixels), rows):
-            block = np.ascontiguousarray(pixels[start:start + rows])
+            block = np.ascontiguousarray(pixels[start : start + rows])
             array = pa.FixedSizeBinaryArray.from_buffers(kind, len(block), [None, pa.py_buffer(block)])
             writer.write_table(pa.table({"pixels": array}))
 
@@ -102,16 +114,25 @@ def _write_wide(pixels: np.ndarray, out: Path) -> None:
     rows = min(ROW_GROUP_SIZE, 64 * 1024 * 1024 // pixels.shape[1])  # the same row groups as the image writer
     with pq.ParquetWriter(out, schema, compression=CODEC) as writer:
         for start in range(0, len(pixels), rows):
-            block = pixels[start:start + rows]
-            writer.write_table(pa.table([pa.array(block[:, i]) for i in range(block.shape[1])], schema=schema))
+            block = pixels[start : start + rows]
+            writer.write_table(
+                pa.table([pa.array(block[:, i]) for i in range(block.shape[1])], schema=schema)
+            )
 
 
 def _measure(step: str, images_dir: Path, work: Path) -> dict:
     """One step, timed, in this (fresh) process."""
     if step == "decode+write binary":
         t0 = time.perf_counter()
-        images_to_parquet(work / "train.csv", images_dir, work / "binary.parquet", image_shape=None,
-                          compression=CODEC, compression_level=None, row_group_size=ROW_GROUP_SIZE)
+        images_to_parquet(
+            work / "train.csv",
+            images_dir,
+            work / "binary.parquet",
+            image_shape=None,
+            compression=CODEC,
+            compression_level=None,
+            row_group_size=ROW_GROUP_SIZE,
+        )
         seconds = time.perf_counter() - t0
     elif step in ("write binary", "write wide"):
         pixels = _pixels_of_binary(work / "binary.parquet")
@@ -140,16 +161,34 @@ def compare_layouts(images_dir: Path, work: Path) -> dict:
     write_listing(scan_split(images_dir, "train"), work / "train.csv")
     steps = []
     for step in ("imports", "decode+write binary", "write binary", "write wide", "read binary", "read wide"):
-        argv = [sys.executable, "-m", "benchmarks.imagefolder", "--step", step, "--out", str(images_dir),
-                "--work", str(work)]
+        argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.imagefolder",
+            "--step",
+            step,
+            "--out",
+            str(images_dir),
+            "--work",
+            str(work),
+        ]
         out = subprocess.run(argv, check=True, capture_output=True, text=True)
         steps.append(json.loads(out.stdout))
     same = np.array_equal(_pixels_of_binary(work / "binary.parquet"), _pixels_of_wide(work / "wide.parquet"))
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return {"images": pq.read_metadata(work / "binary.parquet").num_rows, "codec": CODEC, "cpu": cpu,
-            "bytes": {name: (work / f"{name}.parquet").stat().st_size for name in ("binary", "pixels-only", "wide")},
-            "same_pixels": same, "steps": steps}
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    return {
+        "images": pq.read_metadata(work / "binary.parquet").num_rows,
+        "codec": CODEC,
+        "cpu": cpu,
+        "bytes": {
+            name: (work / f"{name}.parquet").stat().st_size for name in ("binary", "pixels-only", "wide")
+        },
+        "same_pixels": same,
+        "steps": steps,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", type=int, default=50_000)
     p.add_argument("--test", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layouts", action="store_true", help="then compare the two Parquet layouts (JSON on stdout)")
+    p.add_argument(
+        "--layouts", action="store_true", help="then compare the two Parquet layouts (JSON on stdout)"
+    )
     p.add_argument("--work", type=Path, help="scratch folder of --layouts (default: a temporary one)")
     p.add_argument("--step", help=argparse.SUPPRESS)  # one measured step, run by compare_layouts
     args = p.parse_args(argv)
@@ -169,7 +210,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--out is required")
     t0 = time.perf_counter()
     make_image_folder(args.out, args.train, args.test, seed=args.seed)
-    print(f"wrote {args.train} + {args.test} images to {args.out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(
+        f"wrote {args.train} + {args.test} images to {args.out} in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
     if args.layouts:
         with tempfile.TemporaryDirectory(prefix="layouts-", dir=args.work) as tmp:
             print(json.dumps(compare_layouts(args.out, Path(tmp)), indent=2))

@@ -29,9 +29,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks import precision
-from benchmarks.compute import (EPOCH_SAMPLES, Source, allocator_experiment, as_pair, epoch_flops,
-                                matmul_gflops, memcpy_floor, one_warm_batch, threads_experiment,
-                                train_paired)
+from benchmarks.compute import (
+    EPOCH_SAMPLES,
+    Source,
+    allocator_experiment,
+    as_pair,
+    epoch_flops,
+    matmul_gflops,
+    memcpy_floor,
+    one_warm_batch,
+    threads_experiment,
+    train_paired,
+)
 from benchmarks.ddp import ddp_rows
 from benchmarks.disk import disk_usage
 from benchmarks.memory import run_loader_memory, run_scenarios
@@ -58,7 +67,9 @@ class Row:
 
 
 def _subset(n: int, limit: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(limit, generator=torch.Generator().manual_seed(seed * 1000 + epoch))[: min(n, limit)]
+    return torch.randperm(limit, generator=torch.Generator().manual_seed(seed * 1000 + epoch))[
+        : min(n, limit)
+    ]
 
 
 def _loader_rows(cfg: argparse.Namespace, device: torch.device, seed: int) -> list[Row]:
@@ -70,23 +81,39 @@ def _loader_rows(cfg: argparse.Namespace, device: torch.device, seed: int) -> li
     def naive(batch: int, workers: int = 0, persistent: bool = False, pin_memory: bool = False):
         def make():
             ds = NaiveDataset(parquet, limit=ns)
-            loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
-                                persistent_workers=persistent, pin_memory=pin_memory,
-                                generator=torch.Generator().manual_seed(seed))
+            loader = DataLoader(
+                ds,
+                batch_size=batch,
+                shuffle=True,
+                num_workers=workers,
+                persistent_workers=persistent,
+                pin_memory=pin_memory,
+                generator=torch.Generator().manual_seed(seed),
+            )
             return lambda epoch: loader
+
         return make
 
     def precomputed():
         ds = PrecomputedDataset(parquet, limit=fs)
-        loader = DataLoader(ds, batch_size=512, shuffle=True, num_workers=cores, persistent_workers=True,
-                            pin_memory=pin, generator=torch.Generator().manual_seed(seed))
+        loader = DataLoader(
+            ds,
+            batch_size=512,
+            shuffle=True,
+            num_workers=cores,
+            persistent_workers=True,
+            pin_memory=pin,
+            generator=torch.Generator().manual_seed(seed),
+        )
         return lambda epoch: loader
 
     train = validate_split(cfg.tensors / "train", expected_split="train")
 
     def per_sample():
         ds = PerSampleShards(ShardDataset(train))
-        sampler = torch.utils.data.SubsetRandomSampler(range(fs), generator=torch.Generator().manual_seed(seed))
+        sampler = torch.utils.data.SubsetRandomSampler(
+            range(fs), generator=torch.Generator().manual_seed(seed)
+        )
         loader = DataLoader(ds, batch_size=512, sampler=sampler)
         return lambda epoch: loader
 
@@ -100,7 +127,9 @@ def _loader_rows(cfg: argparse.Namespace, device: torch.device, seed: int) -> li
             def epoch_iter(epoch: int):
                 sampler.set_epoch(epoch)
                 return loader
+
             return epoch_iter
+
         return make
 
     pin_note = "" if pin else "pin_memory has no effect without an accelerator"
@@ -110,13 +139,27 @@ def _loader_rows(cfg: argparse.Namespace, device: torch.device, seed: int) -> li
         Row("+num_workers", naive(512, cores), ns, f"v1, batch 512, {cores} workers"),
         Row("+persistent_workers", naive(512, cores, True), ns, "v1, + persistent_workers"),
         Row("+pin_memory", naive(512, cores, True, pin), ns, "v1, + pin_memory; " + pin_note),
-        Row("precomputed", precomputed, fs, f"article v2, tensors built in __init__, {cores} persistent workers"),
+        Row(
+            "precomputed",
+            precomputed,
+            fs,
+            f"article v2, tensors built in __init__, {cores} persistent workers",
+        ),
         Row("mmap-per-sample", per_sample, fs, "our shards, one __getitem__ per sample + collate"),
         Row("default", loader_from_params(), fs, "this pipeline's loader and model as params.yaml sets them"),
-        Row("reference-layout", loader_from_params(), fs, "same loader; the original NCHW, ReLU-then-pool model",
-            reference_layout=True),
-        Row("resident", loader_from_params(device_resident=True), fs,
-            "loader.device_resident: whole split on the device, one index_select per batch"),
+        Row(
+            "reference-layout",
+            loader_from_params(),
+            fs,
+            "same loader; the original NCHW, ReLU-then-pool model",
+            reference_layout=True,
+        ),
+        Row(
+            "resident",
+            loader_from_params(device_resident=True),
+            fs,
+            "loader.device_resident: whole split on the device, one index_select per batch",
+        ),
     ]
 
 
@@ -140,27 +183,46 @@ def machine(device: torch.device) -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
 def _record(row: Row, loader_s: float, trained: dict[str, float], scale: float) -> None:
-    row.result = {"name": row.name, "loader_epoch_s": loader_s, "train_epoch_s": trained["seconds"] * scale,
-                  "data_wait_fraction": trained["data_wait_fraction"],
-                  "page_faults_per_step": trained["page_faults_per_step"], "samples_measured": row.samples,
-                  "scaled": row.samples != EPOCH_SAMPLES, "note": row.note}
-    print(f"{row.name:<20} loader {loader_s:8.3f} s  train {row.result['train_epoch_s']:7.2f} s  "
-          f"wait {trained['data_wait_fraction']:.3f}  faults/step {trained['page_faults_per_step']:.0f}", flush=True)
+    row.result = {
+        "name": row.name,
+        "loader_epoch_s": loader_s,
+        "train_epoch_s": trained["seconds"] * scale,
+        "data_wait_fraction": trained["data_wait_fraction"],
+        "page_faults_per_step": trained["page_faults_per_step"],
+        "samples_measured": row.samples,
+        "scaled": row.samples != EPOCH_SAMPLES,
+        "note": row.note,
+    }
+    print(
+        f"{row.name:<20} loader {loader_s:8.3f} s  train {row.result['train_epoch_s']:7.2f} s  "
+        f"wait {trained['data_wait_fraction']:.3f}  faults/step {trained['page_faults_per_step']:.0f}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer samples per row (scaled), under 3 minutes here")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer samples per row (scaled), under 3 minutes here"
+    )
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--samples", type=int, help="samples per epoch for the fast rows (default 60000; quick 6000)")
+    p.add_argument(
+        "--samples", type=int, help="samples per epoch for the fast rows (default 60000; quick 6000)"
+    )
     p.add_argument("--naive-samples", type=int, help="samples for the v1 rows (default 6000; quick 1000)")
     p.add_argument("--memory-workers", type=int, nargs="+", default=[0, 2, 8])
     p.add_argument("--habit-steps", type=int, default=20, help="training steps per memory-habit scenario")
@@ -172,11 +234,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("bench"))
     p.add_argument("--skip-ddp", action="store_true", help="leave out rows ddp-1 and ddp-2 (benchmarks.ddp)")
     cfg = p.parse_args(argv)
-    warnings.filterwarnings("ignore", message="This DataLoader will create")  # 8 workers on 2 cores is the point
+    warnings.filterwarnings(
+        "ignore", message="This DataLoader will create"
+    )  # 8 workers on 2 cores is the point
     cfg.samples = cfg.samples or (6000 if cfg.quick else EPOCH_SAMPLES)
     cfg.naive_samples = cfg.naive_samples or (512 if cfg.quick else 6000)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if cfg.device == "auto"
+        else cfg.device
+    )
     seed = load_section("train", cfg.params).seed
     started = time.perf_counter()
 
@@ -185,8 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     retain_freed_memory()  # as trainer.run.fit does
     gflops = matmul_gflops(device)
     flops = epoch_flops(load_section("loader", cfg.params).batch_size, device)
-    fl = {"memcpy_epoch_s": memcpy_floor(cfg.repeats), "matmul_gflops": gflops, "epoch_gflop": flops / 1e9,
-          "flop_epoch_s": flops / (gflops * 1e9)}
+    fl = {
+        "memcpy_epoch_s": memcpy_floor(cfg.repeats),
+        "matmul_gflops": gflops,
+        "epoch_gflop": flops / 1e9,
+        "flop_epoch_s": flops / (gflops * 1e9),
+    }
     rows = _loader_rows(cfg, device, seed)
     # The compute floor and the rows it must stay under are timed epoch by epoch, interleaved.
     paired_names = ("default", "reference-layout", "resident")
@@ -200,7 +273,9 @@ def main(argv: list[str] | None = None) -> None:
         if row.name in paired_names:
             paired[row.name] = (source, row.reference_layout)
             continue
-        trained = train_paired({row.name: (source, row.reference_layout)}, cfg.repeats, device, seed)[row.name]
+        trained = train_paired({row.name: (source, row.reference_layout)}, cfg.repeats, device, seed)[
+            row.name
+        ]
         _record(row, loader_s[row.name], trained, scale)
         del source
     trained_together = train_paired(paired, cfg.repeats, device, seed)
@@ -215,28 +290,46 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         if row.name in paired_names:
             _record(row, loader_s[row.name], trained_together[row.name], EPOCH_SAMPLES / row.samples)
-    print(f"floors: memcpy {fl['memcpy_epoch_s']:.4f} s, compute {fl['compute_epoch_s']:.2f} s, "
-          f"FLOP {fl['flop_epoch_s']:.2f} s ({fl['epoch_gflop']:.0f} GFLOP at {gflops:.0f} GFLOP/s) per epoch",
-          flush=True)
+    print(
+        f"floors: memcpy {fl['memcpy_epoch_s']:.4f} s, compute {fl['compute_epoch_s']:.2f} s, "
+        f"FLOP {fl['flop_epoch_s']:.2f} s ({fl['epoch_gflop']:.0f} GFLOP at {gflops:.0f} GFLOP/s) per epoch",
+        flush=True,
+    )
     naive_s = rows[0].result["loader_epoch_s"]
-    ddp = [] if cfg.skip_ddp else ddp_rows(cfg.tensors, cfg.params, cfg.samples, cfg.repeats, device=device.type)
+    ddp = (
+        []
+        if cfg.skip_ddp
+        else ddp_rows(cfg.tensors, cfg.params, cfg.samples, cfg.repeats, device=device.type)
+    )
     for row in [r.result for r in rows] + ddp:
         row["speedup_vs_naive"] = naive_s / row["loader_epoch_s"]
 
     results = {
         "machine": machine(device),
-        "settings": {"repeats": cfg.repeats, "samples": cfg.samples, "naive_samples": cfg.naive_samples,
-                     "quick": cfg.quick, "epoch_samples": EPOCH_SAMPLES},
+        "settings": {
+            "repeats": cfg.repeats,
+            "samples": cfg.samples,
+            "naive_samples": cfg.naive_samples,
+            "quick": cfg.quick,
+            "epoch_samples": EPOCH_SAMPLES,
+        },
         "floors": fl,
         "rows": [r.result for r in rows] + ddp,
         "allocator": allocator,
         "threads": threads,
-        "memory": {"loader_process_tree": run_loader_memory(cfg.memory_workers, cfg.samples, cfg.tensors,
-                                                            cfg.parquet),
-                   "training_habits": run_scenarios(str(device), steps=cfg.habit_steps, batch=512)},
+        "memory": {
+            "loader_process_tree": run_loader_memory(
+                cfg.memory_workers, cfg.samples, cfg.tensors, cfg.parquet
+            ),
+            "training_habits": run_scenarios(str(device), steps=cfg.habit_steps, batch=512),
+        },
         "disk": disk_usage(cfg.csv, cfg.parquet, cfg.tensors),
-        "shapes": loader_vs_memcpy(cfg.samples, cfg.repeats, cfg.params),  # random pixels, 1x28x28 and 3x32x32
-        "workers": worker_epochs(cfg.tensors / "train", max(cfg.repeats, 5)),  # rows float32/uint8 x 0, 1, 2, 4
+        "shapes": loader_vs_memcpy(
+            cfg.samples, cfg.repeats, cfg.params
+        ),  # random pixels, 1x28x28 and 3x32x32
+        "workers": worker_epochs(
+            cfg.tensors / "train", max(cfg.repeats, 5)
+        ),  # rows float32/uint8 x 0, 1, 2, 4
     }
     by = {r["name"]: r for r in results["rows"]}
     results["goals"] = {
@@ -244,8 +337,9 @@ def main(argv: list[str] | None = None) -> None:
         "default_train_over_flops": by["default"]["train_epoch_s"] / fl["flop_epoch_s"],
         "default_loader_over_memcpy": by["default"]["loader_epoch_s"] / fl["memcpy_epoch_s"],
         "naive_over_default_loader": naive_s / by["default"]["loader_epoch_s"],
-        "rgb32_loader_over_memcpy": next(row["loader_over_memcpy"] for row in results["shapes"]["rows"]
-                                         if row["shape"] == "3x32x32"),
+        "rgb32_loader_over_memcpy": next(
+            row["loader_over_memcpy"] for row in results["shapes"]["rows"] if row["shape"] == "3x32x32"
+        ),
         "workers2_over_workers0": results["workers"]["workers2_over_workers0"]["float32"],
         "uint8_workers2_over_workers0": results["workers"]["workers2_over_workers0"]["uint8"],
     }
@@ -257,8 +351,20 @@ def main(argv: list[str] | None = None) -> None:
     render_plot(results, cfg.out / "results.png")
     print(markdown)
     # bf16 vs fp32 epochs and the bf16 FLOP floor: their own results files (bench/precision.{json,md}).
-    precision.main(["--tensors", str(cfg.tensors), "--params", str(cfg.params), "--out", str(cfg.out),
-                    "--repeats", str(cfg.repeats), "--steps", "4" if cfg.quick else "40"])
+    precision.main(
+        [
+            "--tensors",
+            str(cfg.tensors),
+            "--params",
+            str(cfg.params),
+            "--out",
+            str(cfg.out),
+            "--repeats",
+            str(cfg.repeats),
+            "--steps",
+            "4" if cfg.quick else "40",
+        ]
+    )
 
 
 if __name__ == "__main__":

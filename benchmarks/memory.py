@@ -136,6 +136,7 @@ def measure_tree(run: Callable[[], None]) -> dict[str, float]:
 
 # --- training-loop habits -------------------------------------------------
 
+
 def _rss_kib(field: str) -> int:
     return _kib(field, Path("/proc/self/status").read_text())
 
@@ -144,8 +145,10 @@ def _scenario(name: str, steps: int, batch: int, device: torch.device) -> dict[s
     torch.manual_seed(0)
     model = SimpleCNN().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batches = [(torch.randn(batch, 1, 28, 28, device=device), torch.randint(0, 10, (batch,), device=device))
-               for _ in range(steps)]
+    batches = [
+        (torch.randn(batch, 1, 28, 28, device=device), torch.randint(0, 10, (batch,), device=device))
+        for _ in range(steps)
+    ]
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -188,8 +191,13 @@ def _scenario(name: str, steps: int, batch: int, device: torch.device) -> dict[s
 
 
 def subprocess_json(args: list[str], env: dict[str, str] | None = None) -> dict:
-    res = subprocess.run([sys.executable, "-m", "benchmarks.memory", *args], capture_output=True, text=True,
-                         check=True, env={**os.environ, **(env or {})})
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
+    )
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -197,8 +205,10 @@ def run_scenarios(device: str, steps: int, batch: int) -> dict[str, dict]:
     """Each habit in its own interpreter; returns {name: {peak_above_start_mb, measure, what}}."""
     out = {}
     for name, what in SCENARIOS.items():
-        res = subprocess_json(["habit", name, "--device", device, "--steps", str(steps), "--batch", str(batch)],
-                               env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+        res = subprocess_json(
+            ["habit", name, "--device", device, "--steps", str(steps), "--batch", str(batch)],
+            env={"MALLOC_MMAP_THRESHOLD_": "65536"},
+        )
         out[name] = {**res, "what": what}
     return out
 
@@ -211,9 +221,9 @@ LOADER_KINDS = ("default-mmap", "precomputed-in-ram")
 def _loader_epoch(kind: str, workers: int, samples: int, tensors: Path, parquet: Path) -> dict[str, float]:
     from torch.utils.data import DataLoader
 
+    from benchmarks.naive import PrecomputedDataset
     from trainer.data import ShardDataset
     from trainer.loader import EpochBatchSampler
-    from benchmarks.naive import PrecomputedDataset
     from trainer.verify import validate_split
 
     def build_and_iterate() -> None:
@@ -236,8 +246,19 @@ def run_loader_memory(workers: list[int], samples: int, tensors: Path, parquet: 
     for n in workers:
         for kind in LOADER_KINDS:
             out[f"{kind}/workers={n}"] = subprocess_json(
-                ["loader", kind, "--workers", str(n), "--samples", str(samples),
-                 "--tensors", str(tensors), "--parquet", str(parquet)])
+                [
+                    "loader",
+                    kind,
+                    "--workers",
+                    str(n),
+                    "--samples",
+                    str(samples),
+                    "--tensors",
+                    str(tensors),
+                    "--parquet",
+                    str(parquet),
+                ]
+            )
     return out
 
 

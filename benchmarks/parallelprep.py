@@ -39,9 +39,14 @@ MEMORY_SLACK = 1.25
 
 
 def _params(work: Path, shard_size: int, workers: int | None, dtype: str) -> Path:
-    doc = {"data": {"dataset": "csv", "train_csv": str(work / "data" / "user" / "train.csv"),
-                    "test_csv": str(work / "data" / "user" / "test.csv")},
-           "prep": {"shard_size": shard_size, "workers": workers, "shard_dtype": dtype}}
+    doc = {
+        "data": {
+            "dataset": "csv",
+            "train_csv": str(work / "data" / "user" / "train.csv"),
+            "test_csv": str(work / "data" / "user" / "test.csv"),
+        },
+        "prep": {"shard_size": shard_size, "workers": workers, "shard_dtype": dtype},
+    }
     path = work / f"params-{workers}-{dtype}.yaml"
     path.write_text(json.dumps(doc))  # JSON is YAML
     return path
@@ -59,9 +64,14 @@ def _run(work: Path, name: str, params: Path) -> dict:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(ROOT)}
     peak_file = work / f".peak-{name}"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", PEAK_WRAPPER, str(peak_file), argv[2], *argv[3:],
-                             "--params", str(params)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PEAK_WRAPPER, str(peak_file), argv[2], *argv[3:], "--params", str(params)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     stop, tree = threading.Event(), [0]
     sampler = threading.Thread(target=_tree_peak_pss_kib, args=(proc.pid, stop, tree), daemon=True)
     sampler.start()
@@ -73,20 +83,30 @@ def _run(work: Path, name: str, params: Path) -> dict:
         raise SystemExit(f"stage {name} failed ({proc.returncode}): {err.strip()}")
     own = int(peak_file.read_text()) / 1024 if peak_file.exists() else 0.0
     peak_file.unlink(missing_ok=True)
-    return {"seconds": round(seconds, 2), "own_peak_mb": round(own, 1), "tree_peak_pss_mb": round(tree[0] / 1024, 1)}
+    return {
+        "seconds": round(seconds, 2),
+        "own_peak_mb": round(own, 1),
+        "tree_peak_pss_mb": round(tree[0] / 1024, 1),
+    }
 
 
 def _digests(path: Path) -> dict[str, str]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {p.name if path.is_file() else p.relative_to(path).as_posix():
-            hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    return {
+        p.name if path.is_file() else p.relative_to(path).as_posix(): hashlib.sha256(
+            p.read_bytes()
+        ).hexdigest()
+        for p in files
+    }
 
 
 def _outputs(work: Path, stage: str) -> dict[str, str]:
     data = work / "data"
     if stage == "parquet":
-        return {**_digests(data / "parquet" / "train.parquet"), **{"test/" + k: v for k, v in
-                                                                     _digests(data / "parquet" / "test.parquet").items()}}
+        return {
+            **_digests(data / "parquet" / "train.parquet"),
+            **{"test/" + k: v for k, v in _digests(data / "parquet" / "test.parquet").items()},
+        }
     return _digests(data / "tensors")
 
 
@@ -103,46 +123,75 @@ def measure(work: Path, scale: int, base_samples: int, shard_size: int, idx: Pat
     float_bytes = path_bytes(work / "data" / "tensors" / "train")
     runs["tensorize/all/uint8"] = _run(work, "tensorize", _params(work, shard_size, None, "uint8"))
     uint8_bytes = path_bytes(work / "data" / "tensors" / "train")
-    return {"scale": scale, "samples": rows, "runs": runs,
-            "same_bytes": {s: digests[f"{s}/1"] == digests[f"{s}/all"] for s in MEASURED},
-            "shards_train_bytes": {"float32": float_bytes, "uint8": uint8_bytes,
-                                   "ratio": round(uint8_bytes / float_bytes, 4)}}
+    return {
+        "scale": scale,
+        "samples": rows,
+        "runs": runs,
+        "same_bytes": {s: digests[f"{s}/1"] == digests[f"{s}/all"] for s in MEASURED},
+        "shards_train_bytes": {
+            "float32": float_bytes,
+            "uint8": uint8_bytes,
+            "ratio": round(uint8_bytes / float_bytes, 4),
+        },
+    }
 
 
 def render_markdown(r: dict) -> str:
-    lines = ["# Data stages on every core", "",
-             f"`python -m benchmarks.parallelprep --scale {' '.join(str(x['scale']) for x in r['rows'])}`; "
-             f"{r['settings']['base_samples']:,} samples per K, shard_size {r['settings']['shard_size']}, "
-             f"all cores = {r['cores']}. Before: {conditions_text(r['before'])}. After: {conditions_text(r['after'])}."
-             + (f" {r['settings']['note']}" if r['settings']['note'] else ""), "",
-             "| K | stage | workers 1: s / own MB / tree MB | all cores: s / own MB / tree MB | speed-up | same bytes |",
-             "|---:|---|---:|---:|---:|---|"]
+    lines = [
+        "# Data stages on every core",
+        "",
+        f"`python -m benchmarks.parallelprep --scale {' '.join(str(x['scale']) for x in r['rows'])}`; "
+        f"{r['settings']['base_samples']:,} samples per K, shard_size {r['settings']['shard_size']}, "
+        f"all cores = {r['cores']}. Before: {conditions_text(r['before'])}. After: {conditions_text(r['after'])}."
+        + (f" {r['settings']['note']}" if r["settings"]["note"] else ""),
+        "",
+        "| K | stage | workers 1: s / own MB / tree MB | all cores: s / own MB / tree MB | speed-up | same bytes |",
+        "|---:|---|---:|---:|---:|---|",
+    ]
     for row in r["rows"]:
         for s in MEASURED:
             a, b = row["runs"][f"{s}/1"], row["runs"][f"{s}/all"]
-            lines.append(f"| {row['scale']} | {s} | {a['seconds']:.2f} / {a['own_peak_mb']:.0f} / {a['tree_peak_pss_mb']:.0f}"
-                         f" | {b['seconds']:.2f} / {b['own_peak_mb']:.0f} / {b['tree_peak_pss_mb']:.0f} | "
-                         f"{a['seconds'] / b['seconds']:.2f}x | {'yes' if row['same_bytes'][s] else 'NO'} |")
-    lines += ["", "| K | train shards float32 MB | uint8 MB | uint8 / float32 | tensorize uint8 (all cores) s |",
-              "|---:|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {row['scale']} | {s} | {a['seconds']:.2f} / {a['own_peak_mb']:.0f} / {a['tree_peak_pss_mb']:.0f}"
+                f" | {b['seconds']:.2f} / {b['own_peak_mb']:.0f} / {b['tree_peak_pss_mb']:.0f} | "
+                f"{a['seconds'] / b['seconds']:.2f}x | {'yes' if row['same_bytes'][s] else 'NO'} |"
+            )
+    lines += [
+        "",
+        "| K | train shards float32 MB | uint8 MB | uint8 / float32 | tensorize uint8 (all cores) s |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for row in r["rows"]:
         b = row["shards_train_bytes"]
-        lines.append(f"| {row['scale']} | {b['float32'] / 1e6:.0f} | {b['uint8'] / 1e6:.0f} | {b['ratio']:.3f} | "
-                     f"{row['runs']['tensorize/all/uint8']['seconds']:.2f} |")
+        lines.append(
+            f"| {row['scale']} | {b['float32'] / 1e6:.0f} | {b['uint8'] / 1e6:.0f} | {b['ratio']:.3f} | "
+            f"{row['runs']['tensorize/all/uint8']['seconds']:.2f} |"
+        )
     if len(r["rows"]) > 1:
         base, top = r["rows"][0], r["rows"][-1]
-        lines += ["", f"Goals at {top['scale']}x: speed-up >= {SPEEDUP_GOAL} (on 2 cores), tree peak / "
-                  f"{base['scale']}x <= {MEMORY_SLACK}, uint8 / float32 <= {BYTES_GOAL}:", ""]
+        lines += [
+            "",
+            f"Goals at {top['scale']}x: speed-up >= {SPEEDUP_GOAL} (on 2 cores), tree peak / "
+            f"{base['scale']}x <= {MEMORY_SLACK}, uint8 / float32 <= {BYTES_GOAL}:",
+            "",
+        ]
         for s in MEASURED:
             a, b = top["runs"][f"{s}/1"], top["runs"][f"{s}/all"]
             mem = b["tree_peak_pss_mb"] / base["runs"][f"{s}/all"]["tree_peak_pss_mb"]
-            lines.append(f"- {s}: speed-up {a['seconds'] / b['seconds']:.2f}x "
-                         f"({'met' if a['seconds'] / b['seconds'] >= SPEEDUP_GOAL else 'NOT met'}); tree peak "
-                         f"{mem:.2f}x ({'met' if mem <= MEMORY_SLACK else 'NOT met'})")
+            lines.append(
+                f"- {s}: speed-up {a['seconds'] / b['seconds']:.2f}x "
+                f"({'met' if a['seconds'] / b['seconds'] >= SPEEDUP_GOAL else 'NOT met'}); tree peak "
+                f"{mem:.2f}x ({'met' if mem <= MEMORY_SLACK else 'NOT met'})"
+            )
         ratio = top["shards_train_bytes"]["ratio"]
-        lines.append(f"- shard bytes uint8 / float32 {ratio:.3f} ({'met' if ratio <= BYTES_GOAL else 'NOT met'})")
-    lines += ["", "Own MB: the stage process's VmHWM; tree MB: the peak summed PSS of the stage and its workers "
-              "(every resident page counted once)."]
+        lines.append(
+            f"- shard bytes uint8 / float32 {ratio:.3f} ({'met' if ratio <= BYTES_GOAL else 'NOT met'})"
+        )
+    lines += [
+        "",
+        "Own MB: the stage process's VmHWM; tree MB: the peak summed PSS of the stage and its workers "
+        "(every resident page counted once).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -153,8 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-size", type=int, default=65536)
     add_run_options(p, "K=16 needs ~8 GB")
     args = p.parse_args(argv)
-    results: dict = {"rows": [], "before": run_conditions(), "cores": len(os.sched_getaffinity(0)),
-                     "settings": {"base_samples": args.base_samples, "shard_size": args.shard_size, "note": args.note}}
+    results: dict = {
+        "rows": [],
+        "before": run_conditions(),
+        "cores": len(os.sched_getaffinity(0)),
+        "settings": {"base_samples": args.base_samples, "shard_size": args.shard_size, "note": args.note},
+    }
     parent = scratch_parent(args.work)
     for scale in args.scale:
         work = Path(tempfile.mkdtemp(prefix=f"parallel-{scale}x-", dir=parent))

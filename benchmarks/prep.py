@@ -35,7 +35,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_STAGES = ("download", "csv", "parquet", "tensorize")
-TRAIN_OUTPUTS = ("models", "checkpoints", "dvclive")  # the train stage's output folders, as dvc.yaml names them
+TRAIN_OUTPUTS = (
+    "models",
+    "checkpoints",
+    "dvclive",
+)  # the train stage's output folders, as dvc.yaml names them
 IMAGE_SHAPE = (3, 32, 32)
 
 
@@ -90,16 +94,22 @@ def _image_folder_matches(folder: Path, n_train: int, n_test: int, shape: tuple[
     """A folder generated earlier with these counts and this shape (one image opened to check the shape)."""
     from PIL import Image
 
-    counts = [sum(1 for _ in (folder / split).rglob("*.png")) if (folder / split).is_dir() else 0
-              for split in ("train", "test")]
+    counts = [
+        sum(1 for _ in (folder / split).rglob("*.png")) if (folder / split).is_dir() else 0
+        for split in ("train", "test")
+    ]
     if counts != [n_train, n_test] or not n_train:
         return False
     with Image.open(next((folder / "train").rglob("*.png"))) as image:
         return image.size == (shape[2], shape[1]) and len(image.getbands()) == shape[0]
 
 
-def cached_image_folder(folder: Path, n_train: int, n_test: int, shape: tuple[int, int, int] = IMAGE_SHAPE,
-                        ) -> float | None:
+def cached_image_folder(
+    folder: Path,
+    n_train: int,
+    n_test: int,
+    shape: tuple[int, int, int] = IMAGE_SHAPE,
+) -> float | None:
     """The generated PNG folder at ``folder``: reused when its counts and shape match, else (re)generated.
     Returns the seconds spent generating it (None when reused)."""
     from benchmarks.imagefolder import make_image_folder
@@ -118,9 +128,16 @@ def measure_images(folder: Path, n_train: int, n_test: int, repeats: int, parent
     from benchmarks.scale import run_stages
 
     generated_s = cached_image_folder(folder, n_train, n_test)
-    results: dict = {"images_dir": str(folder), "train_images": n_train, "test_images": n_test,
-                     "image_shape": list(IMAGE_SHAPE), "generated_seconds": generated_s,
-                     "folder_bytes": path_bytes(folder), "stages": {}, "repeats": repeats}
+    results: dict = {
+        "images_dir": str(folder),
+        "train_images": n_train,
+        "test_images": n_test,
+        "image_shape": list(IMAGE_SHAPE),
+        "generated_seconds": generated_s,
+        "folder_bytes": path_bytes(folder),
+        "stages": {},
+        "repeats": repeats,
+    }
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="prep-images-", dir=parent) as tmp:
             work = Path(tmp)
@@ -129,10 +146,12 @@ def measure_images(folder: Path, n_train: int, n_test: int, repeats: int, parent
             params.write_text(json.dumps({"data": {"dataset": "images", "images_dir": str(folder)}}))
             runs = run_stages(work, params)
             data = work / "data"
-            outputs = {"download": [data / "raw"],
-                       "csv": [data / "csv" / "train.csv", data / "csv" / "test.csv"],
-                       "parquet": [data / "parquet" / "train.parquet", data / "parquet" / "test.parquet"],
-                       "tensorize": [data / "tensors" / "train", data / "tensors" / "test"]}
+            outputs = {
+                "download": [data / "raw"],
+                "csv": [data / "csv" / "train.csv", data / "csv" / "test.csv"],
+                "parquet": [data / "parquet" / "train.parquet", data / "parquet" / "test.parquet"],
+                "tensorize": [data / "tensors" / "train", data / "tensors" / "test"],
+            }
             for name, run in runs.items():
                 best = results["stages"].get(name)
                 if best is None or run["seconds"] < best["seconds"]:
@@ -150,34 +169,62 @@ def render_markdown(r: dict) -> str:
     """The FashionMNIST table and the image-folder table, each with the conditions it was measured in."""
     from benchmarks.report import conditions_text
 
-    lines = ["# Data preparation: `python -m benchmarks.prep`", "",
-             "Each data stage as `dvc repro` runs it (`python -m stages.<name>`, a fresh process, an empty output "
-             "folder); seconds include interpreter start and imports, peak RSS is the stage process's own "
-             "high-water mark (VmHWM).", ""]
-    fashion = r if "stages" in r else None  # the FashionMNIST part sits at the top, as before the image folder
+    lines = [
+        "# Data preparation: `python -m benchmarks.prep`",
+        "",
+        "Each data stage as `dvc repro` runs it (`python -m stages.<name>`, a fresh process, an empty output "
+        "folder); seconds include interpreter start and imports, peak RSS is the stage process's own "
+        "high-water mark (VmHWM).",
+        "",
+    ]
+    fashion = (
+        r if "stages" in r else None
+    )  # the FashionMNIST part sits at the top, as before the image folder
     if fashion:
-        lines += [f"## FashionMNIST (IDX, local mirror), fastest of {fashion['repeats']} runs", "",
-                  conditions_text(fashion["conditions"]) if "conditions" in fashion else "", "",
-                  "| stage | seconds | peak RSS MB |", "|---|---:|---:|"]
+        lines += [
+            f"## FashionMNIST (IDX, local mirror), fastest of {fashion['repeats']} runs",
+            "",
+            conditions_text(fashion["conditions"]) if "conditions" in fashion else "",
+            "",
+            "| stage | seconds | peak RSS MB |",
+            "|---|---:|---:|",
+        ]
         for name, seconds in fashion["stages"].items():
             peak = fashion.get("peak_rss_mb", {}).get(name)
             lines.append(f"| {name} | {seconds:.2f} | {'n/a' if peak is None else f'{peak:.0f}'} |")
-        lines += [f"| **total** | **{fashion['total_seconds']:.2f}** | |", "",
-                  "Bytes: " + ", ".join(f"{k} {_mb(v)} MB" for k, v in fashion["bytes"].items()) + ".", ""]
+        lines += [
+            f"| **total** | **{fashion['total_seconds']:.2f}** | |",
+            "",
+            "Bytes: " + ", ".join(f"{k} {_mb(v)} MB" for k, v in fashion["bytes"].items()) + ".",
+            "",
+        ]
     images = r.get("image_folder")
     if images:
         c, h, w = images["image_shape"]
-        lines += [f"## Image folder, {c}x{h}x{w} PNG, {images['train_images']:,} train + "
-                  f"{images['test_images']:,} test images, fastest of {images['repeats']} run(s)", "",
-                  conditions_text(images["conditions"]), "",
-                  f"Input: `benchmarks.imagefolder.make_image_folder` (class stripes plus noise, PNG level 1), "
-                  f"{_mb(images['folder_bytes'])} MB in {images['train_images'] + images['test_images']:,} files"
-                  + (", generated by an earlier run (reused)." if images["generated_seconds"] is None
-                     else f", generated in {images['generated_seconds']:.1f} s (not a stage)."),
-                  "`data.dataset: images`, `data.image_shape: null` (the shape is read from the files).", "",
-                  "| stage | seconds | peak RSS MB | output | MB train / test |", "|---|---:|---:|---|---:|"]
-        what = {"download": "source.json only", "csv": "listing `label,file`", "parquet": "pixels, decoded",
-                "tensorize": "float32 safetensors shards"}
+        lines += [
+            f"## Image folder, {c}x{h}x{w} PNG, {images['train_images']:,} train + "
+            f"{images['test_images']:,} test images, fastest of {images['repeats']} run(s)",
+            "",
+            conditions_text(images["conditions"]),
+            "",
+            f"Input: `benchmarks.imagefolder.make_image_folder` (class stripes plus noise, PNG level 1), "
+            f"{_mb(images['folder_bytes'])} MB in {images['train_images'] + images['test_images']:,} files"
+            + (
+                ", generated by an earlier run (reused)."
+                if images["generated_seconds"] is None
+                else f", generated in {images['generated_seconds']:.1f} s (not a stage)."
+            ),
+            "`data.dataset: images`, `data.image_shape: null` (the shape is read from the files).",
+            "",
+            "| stage | seconds | peak RSS MB | output | MB train / test |",
+            "|---|---:|---:|---|---:|",
+        ]
+        what = {
+            "download": "source.json only",
+            "csv": "listing `label,file`",
+            "parquet": "pixels, decoded",
+            "tensorize": "float32 safetensors shards",
+        }
         for name, s in images["stages"].items():
             sizes = " / ".join(_mb(b) for b in s["bytes"])
             lines.append(f"| {name} | {s['seconds']:.2f} | {s['peak_rss_mb']:.0f} | {what[name]} | {sizes} |")
@@ -197,17 +244,30 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.report import run_conditions, scratch_parent, write_results
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="params of the FashionMNIST part")
-    p.add_argument("--repeats", type=int, default=3, help="FashionMNIST: report the fastest of this many runs")
+    p.add_argument(
+        "--params", type=Path, default=ROOT / "params.yaml", help="params of the FashionMNIST part"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="FashionMNIST: report the fastest of this many runs"
+    )
     p.add_argument("--image-repeats", type=int, default=1, help="image folder: the fastest of this many runs")
     p.add_argument("--images", type=int, default=50_000, help="train images in the generated folder")
     p.add_argument("--images-test", type=int, default=10_000, help="test images in the generated folder")
-    p.add_argument("--images-dir", type=Path, default=None,
-                   help="where the generated folder is kept between runs (default: prep-images-3x32x32 "
-                        "under --work)")
-    p.add_argument("--skip-fashion", action="store_true", help="keep the FashionMNIST part of the existing prep.json")
-    p.add_argument("--skip-images", action="store_true", help="keep the image-folder part of the existing prep.json")
-    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: the system's temporary one)")
+    p.add_argument(
+        "--images-dir",
+        type=Path,
+        default=None,
+        help="where the generated folder is kept between runs (default: prep-images-3x32x32 under --work)",
+    )
+    p.add_argument(
+        "--skip-fashion", action="store_true", help="keep the FashionMNIST part of the existing prep.json"
+    )
+    p.add_argument(
+        "--skip-images", action="store_true", help="keep the image-folder part of the existing prep.json"
+    )
+    p.add_argument(
+        "--work", type=Path, default=None, help="scratch folder (default: the system's temporary one)"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench", help="folder of prep.json and prep.md")
     args = p.parse_args(argv)
     parent = scratch_parent(args.work)
@@ -218,9 +278,14 @@ def main(argv: list[str] | None = None) -> None:
         results["params"] = os.path.relpath(args.params.resolve(), ROOT)
     if not args.skip_images:
         folder = (args.images_dir or parent / "prep-images-3x32x32").resolve()
-        results["image_folder"] = measure_images(folder, args.images, args.images_test, args.image_repeats, parent)
-    results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version()}
+        results["image_folder"] = measure_images(
+            folder, args.images, args.images_test, args.image_repeats, parent
+        )
+    results["machine"] = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     write_results(args.out, "prep", results, render_markdown(results))
 
 

@@ -18,10 +18,13 @@ from pipeline.atomic import atomic_file, write_bytes_atomic
 def add_run_options(p: argparse.ArgumentParser, scratch_needs: str) -> None:
     """``--idx``, ``--work``, ``--out``, ``--note``: the options of every benchmark on scaled FashionMNIST."""
     p.add_argument("--idx", type=Path, default=FASHION_DIR, help="folder of FashionMNIST's IDX .gz files")
-    p.add_argument("--work", type=Path, default=None,
-                   help=f"scratch folder (default: a temporary one; {scratch_needs})")
+    p.add_argument(
+        "--work", type=Path, default=None, help=f"scratch folder (default: a temporary one; {scratch_needs})"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench")
-    p.add_argument("--note", default="", help="a line about the conditions of the run, e.g. the machine's load")
+    p.add_argument(
+        "--note", default="", help="a line about the conditions of the run, e.g. the machine's load"
+    )
 
 
 def scratch_parent(work: Path | None) -> Path:
@@ -31,7 +34,9 @@ def scratch_parent(work: Path | None) -> Path:
     return parent
 
 
-LOAD_LIMIT = 1.5  # a 1-minute load average above this on the 2-core machine marks a result "measured under load"
+LOAD_LIMIT = (
+    1.5  # a 1-minute load average above this on the 2-core machine marks a result "measured under load"
+)
 
 
 def cpu_model() -> str:
@@ -50,16 +55,23 @@ def run_conditions() -> dict:
     """CPU model, cores, load averages (1, 5, 15 min) and UTC time, recorded with each result: on a shared
     machine other people's work moves every figure, so a result says how busy the machine was."""
     load = os.getloadavg()
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg": [round(x, 2) for x in load],
-            "under_load": load[0] > LOAD_LIMIT,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "loadavg": [round(x, 2) for x in load],
+        "under_load": load[0] > LOAD_LIMIT,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def conditions_text(c: dict) -> str:
     """One line of :func:`run_conditions`, for a Markdown page."""
     load = "/".join(f"{x:.2f}" for x in c["loadavg"])
-    return (f"{c['cpu']}, {c['cores']} cores, load average {load} (1/5/15 min)"
-            + (", **measured under load**" if c["under_load"] else "") + f", {c['date']}")
+    return (
+        f"{c['cpu']}, {c['cores']} cores, load average {load} (1/5/15 min)"
+        + (", **measured under load**" if c["under_load"] else "")
+        + f", {c['date']}"
+    )
 
 
 def load_text(c: dict) -> str:
@@ -69,17 +81,23 @@ def load_text(c: dict) -> str:
 
 def loader_shapes_lines(loader: dict) -> list[str]:
     """Markdown of :func:`benchmarks.shapes.loader_vs_memcpy`'s result (shared by shapes.md and results.md)."""
-    lines = ["## Loader-only epoch against memcpy, per image shape", "",
-             "Random uint8 pixels written by `pipeline.tensorize.write_split` (shards of 65,536, unit normalisation); "
-             f"one epoch with params.yaml's loader (the trainer's dataset, sampler and loader, on the CPU), fastest "
-             f"of {loader['repeats']}, against a memcpy of the same float32 bytes (fastest of at least 5). "
-             f"Goal: loader / memcpy <= {loader['goal']}.", "",
-             "| shape | samples | float32 MB | loader epoch s | memcpy s | loader / memcpy | goal met | load (1 min) |",
-             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    lines = [
+        "## Loader-only epoch against memcpy, per image shape",
+        "",
+        "Random uint8 pixels written by `pipeline.tensorize.write_split` (shards of 65,536, unit normalisation); "
+        f"one epoch with params.yaml's loader (the trainer's dataset, sampler and loader, on the CPU), fastest "
+        f"of {loader['repeats']}, against a memcpy of the same float32 bytes (fastest of at least 5). "
+        f"Goal: loader / memcpy <= {loader['goal']}.",
+        "",
+        "| shape | samples | float32 MB | loader epoch s | memcpy s | loader / memcpy | goal met | load (1 min) |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
     for row in loader["rows"]:
-        lines.append(f"| {row['shape']} | {row['samples']:,} | {row['float32_bytes'] / 1e6:,.1f} | "
-                     f"{row['loader_epoch_s']:.4f} | {row['memcpy_s']:.4f} | {row['loader_over_memcpy']:.2f} | "
-                     f"{'yes' if row['goal_met'] else 'NO'} | {load_text(row['conditions'])} |")
+        lines.append(
+            f"| {row['shape']} | {row['samples']:,} | {row['float32_bytes'] / 1e6:,.1f} | "
+            f"{row['loader_epoch_s']:.4f} | {row['memcpy_s']:.4f} | {row['loader_over_memcpy']:.2f} | "
+            f"{'yes' if row['goal_met'] else 'NO'} | {load_text(row['conditions'])} |"
+        )
     return [*lines, ""]
 
 
@@ -112,9 +130,11 @@ def render_markdown(r: dict) -> str:
     ]
     for row in r["rows"]:
         note = row["note"] + (f" (scaled from {row['samples_measured']} samples)" if row["scaled"] else "")
-        lines.append(f"| {row['name']} | {row['loader_epoch_s']:.3f} | {row['train_epoch_s']:.2f} | "
-                     f"{row['speedup_vs_naive']:.1f}x | {row['data_wait_fraction']:.3f} | "
-                     f"{_faults(row)} | {note} |")
+        lines.append(
+            f"| {row['name']} | {row['loader_epoch_s']:.3f} | {row['train_epoch_s']:.2f} | "
+            f"{row['speedup_vs_naive']:.1f}x | {row['data_wait_fraction']:.3f} | "
+            f"{_faults(row)} | {note} |"
+        )
     lines += [
         "",
         f"Floors: memcpy of one epoch's images {fl['memcpy_epoch_s']:.4f} s; compute (every step of an epoch "
@@ -130,8 +150,14 @@ def render_markdown(r: dict) -> str:
         f"| default train epoch / compute floor | {g['default_train_over_compute']:.3f} | >= 1 (a floor) |",
         f"| default loader epoch / memcpy floor | {g['default_loader_over_memcpy']:.2f} | <= 4 |",
         f"| naive / default loader epoch | {g['naive_over_default_loader']:.0f}x | >= 39x |",
-        *([f"| 3x32x32 loader epoch / memcpy (section below) | {g['rgb32_loader_over_memcpy']:.2f} | "
-           f"<= {r['shapes']['goal']} |"] if "rgb32_loader_over_memcpy" in g else []),
+        *(
+            [
+                f"| 3x32x32 loader epoch / memcpy (section below) | {g['rgb32_loader_over_memcpy']:.2f} | "
+                f"<= {r['shapes']['goal']} |"
+            ]
+            if "rgb32_loader_over_memcpy" in g
+            else []
+        ),
         "",
         *(loader_shapes_lines(r["shapes"]) if "shapes" in r else []),
         *_allocator_section(r["allocator"]),
@@ -150,16 +176,25 @@ def render_markdown(r: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for name, v in r["memory"]["loader_process_tree"].items():
-        lines.append(f"| {name} | {v['processes']} | {v['baseline_uss_mb']} | {v['peak_uss_mb']} | "
-                     f"{v['peak_pss_mb']} |")
-    lines += ["", "## Memory: training-loop habits (peak above the start of the loop, MiB)", "",
-              "| habit | peak | measured as |", "|---|---:|---|"]
+        lines.append(
+            f"| {name} | {v['processes']} | {v['baseline_uss_mb']} | {v['peak_uss_mb']} | "
+            f"{v['peak_pss_mb']} |"
+        )
+    lines += [
+        "",
+        "## Memory: training-loop habits (peak above the start of the loop, MiB)",
+        "",
+        "| habit | peak | measured as |",
+        "|---|---:|---|",
+    ]
     for name, v in r["memory"]["training_habits"].items():
         lines.append(f"| {v['what']} | {v['peak_above_start_mb']} | {v['measure']} |")
     lines += ["", "## Disk (bytes)", "", "| form | bytes | MB |", "|---|---:|---:|"]
     for name, size in r["disk"].items():
-        lines.append(f"| {name} | {size if size is not None else 'n/a'} | "
-                     f"{f'{size / 1e6:.1f}' if size is not None else 'n/a'} |")
+        lines.append(
+            f"| {name} | {size if size is not None else 'n/a'} | "
+            f"{f'{size / 1e6:.1f}' if size is not None else 'n/a'} |"
+        )
     return "\n".join(lines) + "\n"
 
 

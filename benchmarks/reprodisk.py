@@ -62,7 +62,9 @@ def make_repo(dest: Path) -> Path:
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
-    template = ROOT / ".dvc" / "vega-offline.html"  # built by .ci/setup, ignored by git; plots need it, repro not
+    template = (
+        ROOT / ".dvc" / "vega-offline.html"
+    )  # built by .ci/setup, ignored by git; plots need it, repro not
     if template.is_file():
         shutil.copy2(template, dest / ".dvc" / template.name)
     _run(["git", "init", "-q"], dest)
@@ -96,10 +98,17 @@ def measure(parent: Path, scale: int, link_type: str, base_samples: int, idx_dir
         data = allocated_bytes(repo / "data") - user  # the stages' outputs in the workspace
         cache = allocated_bytes(repo / ".dvc" / "cache")
         both = allocated_bytes(repo / "data", repo / ".dvc" / "cache") - user
-        return {"scale": scale, "samples": rows, "cache_type": link_type, "seconds": round(seconds, 1),
-                "user_csv_mb": round(user / 1e6, 1), "workspace_outputs_mb": round(data / 1e6, 1),
-                "cache_mb": round(cache / 1e6, 1), "total_mb": round(both / 1e6, 1),
-                "reflink_possible": can_reflink(repo)}
+        return {
+            "scale": scale,
+            "samples": rows,
+            "cache_type": link_type,
+            "seconds": round(seconds, 1),
+            "user_csv_mb": round(user / 1e6, 1),
+            "workspace_outputs_mb": round(data / 1e6, 1),
+            "cache_mb": round(cache / 1e6, 1),
+            "total_mb": round(both / 1e6, 1),
+            "reflink_possible": can_reflink(repo),
+        }
     finally:
         shutil.rmtree(repo, ignore_errors=True)
 
@@ -117,8 +126,10 @@ def render_markdown(r: dict) -> str:
         "|---:|---:|---|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
-        lines.append(f"| {row['scale']} | {row['samples']:,} | `{row['cache_type']}` | {row['workspace_outputs_mb']:,.0f} "
-                     f"| {row['cache_mb']:,.0f} | {row['total_mb']:,.0f} | {row['seconds']:.1f} |")
+        lines.append(
+            f"| {row['scale']} | {row['samples']:,} | `{row['cache_type']}` | {row['workspace_outputs_mb']:,.0f} "
+            f"| {row['cache_mb']:,.0f} | {row['total_mb']:,.0f} | {row['seconds']:.1f} |"
+        )
     reflink = {row["reflink_possible"] for row in r["rows"]}
     lines += ["", "Reflinks on this filesystem: " + ("yes" if reflink == {True} else "no") + "."]
     return "\n".join(lines) + "\n"
@@ -127,14 +138,20 @@ def render_markdown(r: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", type=int, nargs="+", default=[1, 16], help="factors K (default: 1 16)")
-    p.add_argument("--base-samples", type=int, default=BASE_SAMPLES, help="train samples per K (tests use a few hundred)")
-    p.add_argument("--cache-type", nargs="+", default=list(LINK_TYPES), help="DVC cache.type values to compare")
+    p.add_argument(
+        "--base-samples", type=int, default=BASE_SAMPLES, help="train samples per K (tests use a few hundred)"
+    )
+    p.add_argument(
+        "--cache-type", nargs="+", default=list(LINK_TYPES), help="DVC cache.type values to compare"
+    )
     add_run_options(p, "K=16 needs ~14 GB")
     args = p.parse_args(argv)
     parent = scratch_parent(args.work)
-    results: dict = {"rows": [], "settings": {"scales": args.scale, "base_samples": args.base_samples,
-                                             "note": args.note},
-                     "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}}
+    results: dict = {
+        "rows": [],
+        "settings": {"scales": args.scale, "base_samples": args.base_samples, "note": args.note},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+    }
     for scale in args.scale:
         for link_type in args.cache_type:
             row = measure(parent, scale, link_type, args.base_samples, args.idx)

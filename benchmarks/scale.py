@@ -53,8 +53,15 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
-def run_module_measured(module: str, args: list[str], *, cwd: Path, env: dict[str, str], peak_file: Path,
-                        timeout: float | None = None) -> tuple[subprocess.CompletedProcess, int]:
+def run_module_measured(
+    module: str,
+    args: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    peak_file: Path,
+    timeout: float | None = None,
+) -> tuple[subprocess.CompletedProcess, int]:
     """``python -m module args`` in a fresh interpreter; returns the result and its peak RSS in bytes."""
     argv = [sys.executable, "-c", PEAK_WRAPPER, str(peak_file), module, *args]
     result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -65,9 +72,14 @@ def run_module_measured(module: str, args: list[str], *, cwd: Path, env: dict[st
 
 def write_params(work: Path, shard_size: int) -> Path:
     """params.yaml for a user-CSV run; every other key keeps its default."""
-    doc = {"data": {"dataset": "csv", "train_csv": str(work / "data" / "user" / "train.csv"),
-                    "test_csv": str(work / "data" / "user" / "test.csv")},
-           "prep": {"shard_size": shard_size}}
+    doc = {
+        "data": {
+            "dataset": "csv",
+            "train_csv": str(work / "data" / "user" / "train.csv"),
+            "test_csv": str(work / "data" / "user" / "test.csv"),
+        },
+        "prep": {"shard_size": shard_size},
+    }
     path = work / "params.yaml"
     path.write_text(json.dumps(doc))  # JSON is YAML
     return path
@@ -77,25 +89,35 @@ def build_inputs(work: Path, scale: int, base_samples: int, idx_dir: Path) -> in
     """The K x train CSV and the test CSV under ``work/data/user`` (the folder the csv stage accepts user CSVs from); returns the train rows."""
     (work / "data" / "user").mkdir(parents=True, exist_ok=True)
     images, labels = load_idx_split(idx_dir, "train")
-    rows = write_scaled_csv(work / "data" / "user" / "train.csv", images[:base_samples], labels[:base_samples], scale)
+    rows = write_scaled_csv(
+        work / "data" / "user" / "train.csv", images[:base_samples], labels[:base_samples], scale
+    )
     test_images, test_labels = load_idx_split(idx_dir, "test")
     keep = max(1, min(len(test_labels), base_samples // 6))
     write_scaled_csv(work / "data" / "user" / "test.csv", test_images[:keep], test_labels[:keep], 1)
     return rows
 
 
-def run_stages(work: Path, params: Path, names: Sequence[str] = STAGES, cwd: Path = ROOT,
-               ) -> dict[str, dict[str, float]]:
+def run_stages(
+    work: Path,
+    params: Path,
+    names: Sequence[str] = STAGES,
+    cwd: Path = ROOT,
+) -> dict[str, dict[str, float]]:
     """Each stage of ``names`` as dvc.yaml runs it (by default the data stages), outputs under ``work``
     (empty before it runs), in ``cwd``; its seconds and its own peak RSS."""
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     out = {}
     for name, argv in stage_commands(work, names):
         assert argv[1] == "-m", argv
         t0 = time.perf_counter()
-        res, peak = run_module_measured(argv[2], [*argv[3:], "--params", str(params)], cwd=cwd, env=env,
-                                        peak_file=work / f".peak-{name}")
+        res, peak = run_module_measured(
+            argv[2], [*argv[3:], "--params", str(params)], cwd=cwd, env=env, peak_file=work / f".peak-{name}"
+        )
         seconds = time.perf_counter() - t0
         if res.returncode != 0:
             raise SystemExit(f"stage {name} failed ({res.returncode}): {res.stderr.strip()}")
@@ -110,25 +132,41 @@ def loader_epoch_seconds(tensors: Path, batch_size: int = 512) -> float:
     from trainer.verify import validate_split
 
     split = validate_split(tensors, expected_split="train")
-    sampler = EpochBatchSampler(split.num_samples, batch_size, shuffle=True, seed=0,
-                                shard_sizes=[s.num_samples for s in split.shards])
-    loader = make_loader(ShardDataset(split), sampler, LoaderSettings(batch_size, True, 0, False, False, None))
+    sampler = EpochBatchSampler(
+        split.num_samples, batch_size, shuffle=True, seed=0, shard_sizes=[s.num_samples for s in split.shards]
+    )
+    loader = make_loader(
+        ShardDataset(split), sampler, LoaderSettings(batch_size, True, 0, False, False, None)
+    )
     t0 = time.perf_counter()
     for images, _ in loader:
         images.view(-1)[-1].item()
     return time.perf_counter() - t0
 
 
-def measure_scale(work: Path, scale: int, base_samples: int, shard_size: int, idx_dir: Path,
-                  workers: list[int]) -> dict:
+def measure_scale(
+    work: Path, scale: int, base_samples: int, shard_size: int, idx_dir: Path, workers: list[int]
+) -> dict:
     rows = build_inputs(work, scale, base_samples, idx_dir)
     params = write_params(work, shard_size)
     stages = run_stages(work, params)
     tensors = work / "data" / "tensors"
     uss, anon = {}, {}
     for n in workers:
-        mem = subprocess_json(["loader", "default-mmap", "--workers", str(n), "--samples", str(rows),
-                               "--tensors", str(tensors), "--parquet", str(work / "data" / "parquet")])
+        mem = subprocess_json(
+            [
+                "loader",
+                "default-mmap",
+                "--workers",
+                str(n),
+                "--samples",
+                str(rows),
+                "--tensors",
+                str(tensors),
+                "--parquet",
+                str(work / "data" / "parquet"),
+            ]
+        )
         uss[str(n)], anon[str(n)] = mem["peak_uss_mb"], mem["peak_anon_mb"]
     return {
         "scale": scale,
@@ -137,9 +175,11 @@ def measure_scale(work: Path, scale: int, base_samples: int, shard_size: int, id
         "loader_epoch_s": round(loader_epoch_seconds(tensors / "train"), 3),
         "loader_uss_mb": uss,
         "loader_anon_mb": anon,
-        "bytes": {"csv_train": path_bytes(work / "data" / "user" / "train.csv"),
-                  "parquet_train": path_bytes(work / "data" / "parquet" / "train.parquet"),
-                  "shards_train": path_bytes(tensors / "train")},
+        "bytes": {
+            "csv_train": path_bytes(work / "data" / "user" / "train.csv"),
+            "parquet_train": path_bytes(work / "data" / "parquet" / "train.parquet"),
+            "shards_train": path_bytes(tensors / "train"),
+        },
     }
 
 
@@ -153,8 +193,10 @@ def goals(rows: list[dict]) -> dict:
             t0, t = base["stages"][name]["seconds"], row["stages"][name]["seconds"]
             m0, m = base["stages"][name]["peak_rss_mb"], row["stages"][name]["peak_rss_mb"]
             out[f"{name}@{row['scale']}x"] = {
-                "time_vs_linear": round(t / (k * t0), 3), "time_ok": t <= TIME_SLACK * k * t0,
-                "memory_vs_1x": round(m / m0, 3), "memory_ok": m <= MEMORY_SLACK * m0,
+                "time_vs_linear": round(t / (k * t0), 3),
+                "time_ok": t <= TIME_SLACK * k * t0,
+                "memory_vs_1x": round(m / m0, 3),
+                "memory_ok": m <= MEMORY_SLACK * m0,
             }
     return out
 
@@ -168,7 +210,9 @@ def render_markdown(r: dict, cold_md: Path | None = None) -> str:
         f"{r['machine']['cpu_count']} cores ({r['machine']['platform']}); {r['settings']['base_samples']:,} "
         f"samples per K, shard_size {r['settings']['shard_size']}. {r['settings']['note']}",
         "",
-        "| K | samples | " + " | ".join(f"{s} s / MB" for s in STAGES) + " | loader epoch s | loader USS MB (0 / 2 workers) "
+        "| K | samples | "
+        + " | ".join(f"{s} s / MB" for s in STAGES)
+        + " | loader epoch s | loader USS MB (0 / 2 workers) "
         "| loader anon MB (0 / 2) |",
         "|---:|---:|" + "---:|" * len(STAGES) + "---:|---:|---:|",
     ]
@@ -176,16 +220,29 @@ def render_markdown(r: dict, cold_md: Path | None = None) -> str:
         cells = [f"{row['stages'][s]['seconds']:.2f} / {row['stages'][s]['peak_rss_mb']:.0f}" for s in STAGES]
         uss = " / ".join(f"{v:.0f}" for v in row["loader_uss_mb"].values())
         anon = " / ".join(f"{v:.0f}" for v in row["loader_anon_mb"].values())
-        lines.append(f"| {row['scale']} | {row['samples']:,} | " + " | ".join(cells)
-                     + f" | {row['loader_epoch_s']:.2f} | {uss} | {anon} |")
+        lines.append(
+            f"| {row['scale']} | {row['samples']:,} | "
+            + " | ".join(cells)
+            + f" | {row['loader_epoch_s']:.2f} | {uss} | {anon} |"
+        )
     if r["goals"]:
-        lines += ["", f"Goals against the smallest K: time <= {TIME_SLACK} x linear, peak RSS <= {MEMORY_SLACK} x.", "",
-                  "| stage@K | time / linear | ok | peak / 1x | ok |", "|---|---:|---|---:|---|"]
+        lines += [
+            "",
+            f"Goals against the smallest K: time <= {TIME_SLACK} x linear, peak RSS <= {MEMORY_SLACK} x.",
+            "",
+            "| stage@K | time / linear | ok | peak / 1x | ok |",
+            "|---|---:|---|---:|---|",
+        ]
         for key, g in r["goals"].items():
-            lines.append(f"| {key} | {g['time_vs_linear']:.2f} | {'yes' if g['time_ok'] else 'NO'} | "
-                         f"{g['memory_vs_1x']:.2f} | {'yes' if g['memory_ok'] else 'NO'} |")
-    lines += ["", "Loader USS counts the shard pages the process has mapped (file-backed, reclaimable page cache);"
-              " anon is its own heap and tensors, the part that must stay flat."]
+            lines.append(
+                f"| {key} | {g['time_vs_linear']:.2f} | {'yes' if g['time_ok'] else 'NO'} | "
+                f"{g['memory_vs_1x']:.2f} | {'yes' if g['memory_ok'] else 'NO'} |"
+            )
+    lines += [
+        "",
+        "Loader USS counts the shard pages the process has mapped (file-backed, reclaimable page cache);"
+        " anon is its own heap and tensors, the part that must stay flat.",
+    ]
     if cold_md is not None and cold_md.is_file():
         lines += ["", "#" + cold_md.read_text().strip()]  # one level down, under this page's title
     return "\n".join(lines) + "\n"
@@ -204,10 +261,17 @@ def render_plot(r: dict, path: Path) -> None:
         ax_m.plot(ks, [row["stages"][name]["peak_rss_mb"] for row in r["rows"]], "o-", label=name)
     ax_t.plot(ks, [row["loader_epoch_s"] for row in r["rows"]], "s--", label="loader epoch")
     for n in r["rows"][0]["loader_anon_mb"]:
-        ax_m.plot(ks, [row["loader_anon_mb"][n] for row in r["rows"]], "s--", label=f"loader anon, {n} workers")
+        ax_m.plot(
+            ks, [row["loader_anon_mb"][n] for row in r["rows"]], "s--", label=f"loader anon, {n} workers"
+        )
     t0 = r["rows"][0]
-    ax_t.plot(ks, [sum(s["seconds"] for s in t0["stages"].values()) * k / ks[0] for k in ks], ":", color="grey",
-              label="linear (all stages)")
+    ax_t.plot(
+        ks,
+        [sum(s["seconds"] for s in t0["stages"].values()) * k / ks[0] for k in ks],
+        ":",
+        color="grey",
+        label="linear (all stages)",
+    )
     for ax, title, unit in ((ax_t, "time", "seconds"), (ax_m, "peak memory", "MB")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -226,15 +290,21 @@ def render_plot(r: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", type=int, nargs="+", default=[1, 4], help="factors K (default: 1 4)")
-    p.add_argument("--base-samples", type=int, default=BASE_SAMPLES, help="train samples per K (tests use a few hundred)")
+    p.add_argument(
+        "--base-samples", type=int, default=BASE_SAMPLES, help="train samples per K (tests use a few hundred)"
+    )
     p.add_argument("--shard-size", type=int, default=65536)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader workers for the memory figure")
+    p.add_argument(
+        "--workers", type=int, nargs="+", default=[0, 2], help="loader workers for the memory figure"
+    )
     add_run_options(p, "K=16 needs ~6 GB")
     args = p.parse_args(argv)
     if sorted(args.scale) != args.scale or min(args.scale) < 1:
         p.error("--scale: expected increasing factors >= 1, e.g. 1 4 16")
-    results: dict = {"rows": [], "settings": {"base_samples": args.base_samples, "shard_size": args.shard_size,
-                                             "note": args.note}}
+    results: dict = {
+        "rows": [],
+        "settings": {"base_samples": args.base_samples, "shard_size": args.shard_size, "note": args.note},
+    }
     parent = scratch_parent(args.work)
     for scale in args.scale:
         work = Path(tempfile.mkdtemp(prefix=f"scale-{scale}x-", dir=parent))
@@ -245,8 +315,11 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     results["goals"] = goals(results["rows"])
-    results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version()}
+    results["machine"] = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     write_results(args.out, "scale", results, render_markdown(results, args.out / "cold.md"))
     render_plot(results, args.out / "scale.png")
 

@@ -59,8 +59,11 @@ def uint8_twin(split_dir: Path, out_dir: Path) -> Path:
             if not np.array_equal(table[c][pixels[:, c]], floats[:, c]):
                 raise ValueError(f"{split_dir / entry['file']}: channel {c} holds values outside the table")
         path = out_dir / entry["file"]
-        save_file({"images": pixels, "labels": labels.numpy()}, str(path),
-                  metadata={"dataset": doc["dataset"], "split": doc["split"]})
+        save_file(
+            {"images": pixels, "labels": labels.numpy()},
+            str(path),
+            metadata={"dataset": doc["dataset"], "split": doc["split"]},
+        )
         entry.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
     doc["image_dtype"] = "uint8"
     (out_dir / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
@@ -82,26 +85,55 @@ def worker_epochs(train_dir: Path, repeats: int = 5) -> dict:
     other work on a shared machine falls on all of them alike; each keeps its
     fastest epoch.
     """
-    warnings.filterwarnings("ignore", message="This DataLoader will create")  # 4 workers on 2 cores is measured
+    warnings.filterwarnings(
+        "ignore", message="This DataLoader will create"
+    )  # 4 workers on 2 cores is measured
     rows, loaders = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        splits = {"float32": validate_split(train_dir, expected_split="train"),
-                  "uint8": validate_split(uint8_twin(train_dir, Path(tmp) / "train"), expected_split="train")}
+        splits = {
+            "float32": validate_split(train_dir, expected_split="train"),
+            "uint8": validate_split(uint8_twin(train_dir, Path(tmp) / "train"), expected_split="train"),
+        }
         for dtype, split in splits.items():
             dataset = ShardDataset(split)
             for workers in WORKERS:
                 sampler = EpochBatchSampler(split.num_samples, BATCH, shuffle=True, seed=0)
-                settings = resolve_settings(LoaderParams(batch_size=BATCH, num_workers=workers,
-                                                         persistent_workers=workers > 0, pin_memory=False),
-                                            torch.device("cpu"), notice=lambda _m: None)
-                rows.append({"name": f"{dtype}-workers{workers}", "dtype": dtype, "workers": workers,
-                             "design": "prefetch" if workers else "main"})
+                settings = resolve_settings(
+                    LoaderParams(
+                        batch_size=BATCH,
+                        num_workers=workers,
+                        persistent_workers=workers > 0,
+                        pin_memory=False,
+                    ),
+                    torch.device("cpu"),
+                    notice=lambda _m: None,
+                )
+                rows.append(
+                    {
+                        "name": f"{dtype}-workers{workers}",
+                        "dtype": dtype,
+                        "workers": workers,
+                        "design": "prefetch" if workers else "main",
+                    }
+                )
                 loaders.append((make_loader(dataset, sampler, settings), sampler))
             sampler = EpochBatchSampler(split.num_samples, BATCH, shuffle=True, seed=0)
-            rows.append({"name": f"{dtype}-gather-in-worker2", "dtype": dtype, "workers": 2,
-                         "design": "gather-in-worker"})
-            loaders.append((DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=2,
-                                       persistent_workers=True), sampler))
+            rows.append(
+                {
+                    "name": f"{dtype}-gather-in-worker2",
+                    "dtype": dtype,
+                    "workers": 2,
+                    "design": "gather-in-worker",
+                }
+            )
+            loaders.append(
+                (
+                    DataLoader(
+                        dataset, sampler=sampler, batch_size=None, num_workers=2, persistent_workers=True
+                    ),
+                    sampler,
+                )
+            )
         best = [float("inf")] * len(rows)
         for epoch in range(repeats + 1):  # epoch 0 starts the persistent workers and warms the page cache
             for i, (loader, sampler) in enumerate(loaders):
@@ -112,25 +144,38 @@ def worker_epochs(train_dir: Path, repeats: int = 5) -> dict:
         row["loader_epoch_s"] = seconds
     by = {r["name"]: r["loader_epoch_s"] for r in rows}
     ratios = {dtype: by[f"{dtype}-workers2"] / by[f"{dtype}-workers0"] for dtype in splits}
-    return {"conditions": run_conditions(), "repeats": repeats, "batch_size": BATCH,
-            "samples": splits["float32"].num_samples, "rows": rows, "workers2_over_workers0": ratios,
-            "goal": GOAL_WORKERS2_OVER_WORKERS0}
+    return {
+        "conditions": run_conditions(),
+        "repeats": repeats,
+        "batch_size": BATCH,
+        "samples": splits["float32"].num_samples,
+        "rows": rows,
+        "workers2_over_workers0": ratios,
+        "goal": GOAL_WORKERS2_OVER_WORKERS0,
+    }
 
 
 def workers_lines(r: dict) -> list[str]:
     """Markdown of :func:`worker_epochs`'s result (shared by workers.md and results.md)."""
     by = {row["name"]: row["loader_epoch_s"] for row in r["rows"]}
-    lines = ["## Loader workers and uint8 shards", "",
-             f"Loader-only epoch of {r['samples']:,} FashionMNIST samples, batch {r['batch_size']}, persistent "
-             f"workers, fastest of {r['repeats']} after a warm-up epoch. Workers prefetch pages and the main process "
-             "gathers (`trainer/prefetch.py`); `gather-in-worker` is the replaced design (workers gather and send "
-             "each batch as a tensor). " + conditions_text(r["conditions"]) + ".", "",
-             "| shards | " + " | ".join(f"{w} workers" for w in WORKERS) + " | gather-in-worker, 2 | 2 over 0 "
-             f"(goal <= {r['goal']}) |", "|---" * (len(WORKERS) + 3) + "|"]
+    lines = [
+        "## Loader workers and uint8 shards",
+        "",
+        f"Loader-only epoch of {r['samples']:,} FashionMNIST samples, batch {r['batch_size']}, persistent "
+        f"workers, fastest of {r['repeats']} after a warm-up epoch. Workers prefetch pages and the main process "
+        "gathers (`trainer/prefetch.py`); `gather-in-worker` is the replaced design (workers gather and send "
+        "each batch as a tensor). " + conditions_text(r["conditions"]) + ".",
+        "",
+        "| shards | " + " | ".join(f"{w} workers" for w in WORKERS) + " | gather-in-worker, 2 | 2 over 0 "
+        f"(goal <= {r['goal']}) |",
+        "|---" * (len(WORKERS) + 3) + "|",
+    ]
     for dtype, ratio in r["workers2_over_workers0"].items():
         cells = [f"{by[f'{dtype}-workers{w}']:.4f} s" for w in WORKERS]
-        lines.append(f"| {dtype} | " + " | ".join(cells) + f" | {by[f'{dtype}-gather-in-worker2']:.4f} s | "
-                     f"{ratio:.2f} |")
+        lines.append(
+            f"| {dtype} | " + " | ".join(cells) + f" | {by[f'{dtype}-gather-in-worker2']:.4f} s | "
+            f"{ratio:.2f} |"
+        )
     return lines + [""]
 
 

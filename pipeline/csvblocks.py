@@ -125,8 +125,14 @@ def _one_long_line(block: bytes) -> bool:
     return len(block) > BLOCK_BYTES and block.find(b"\n", 0, len(block) - 1) < 0
 
 
-def parsed_blocks(path: Path, data_start: int, schema: Schema, *, where: str | None = None,
-                  names: Sequence[str] | None = None) -> Iterator[pl.DataFrame]:
+def parsed_blocks(
+    path: Path,
+    data_start: int,
+    schema: Schema,
+    *,
+    where: str | None = None,
+    names: Sequence[str] | None = None,
+) -> Iterator[pl.DataFrame]:
     """The data lines from byte ``data_start`` on, parsed block by block; raises the first refused block's DataError.
 
     The error names ``where`` (default: ``path``) and the columns as ``names`` spells them (default:
@@ -139,7 +145,9 @@ def parsed_blocks(path: Path, data_start: int, schema: Schema, *, where: str | N
         f.seek(data_start)
         for block in _blocks(f, BLOCK_BYTES):
             if _one_long_line(block):  # Polars takes seconds to refuse 10 M cells
-                problem = find_problem_in_lines(_lines(block, 0, len(block)), first_row, where, names, schema.labels)
+                problem = find_problem_in_lines(
+                    _lines(block, 0, len(block)), first_row, where, names, schema.labels
+                )
                 if problem is not None:
                     raise problem
             try:
@@ -159,8 +167,9 @@ def _lines(block: bytes, start: int, end: int) -> Iterator[bytes]:
         start = stop + 1
 
 
-def _explain_block(where: str, names: Sequence[str], schema: Schema, block: bytes, first_row: int,
-                   cause: Exception) -> DataError:
+def _explain_block(
+    where: str, names: Sequence[str], schema: Schema, block: bytes, first_row: int, cause: Exception
+) -> DataError:
     """Name the first violation in a block Polars refused, checking only a few hundred lines in Python."""
     start, row = 0, first_row
     while start < len(block):

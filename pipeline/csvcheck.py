@@ -25,7 +25,7 @@ def _show(value: bytes, limit: int = 40) -> str:
 def header_names(line: bytes) -> list[str]:
     """The column names of a header line as the file spells them (BOM, quotes, blanks removed)."""
     if line.startswith(BOM):
-        line = line[len(BOM):]
+        line = line[len(BOM) :]
     return [n.strip().strip('"') for n in line.rstrip(b"\r\n").decode("utf-8", "replace").split(",")]
 
 
@@ -35,19 +35,27 @@ def check_header(line: bytes, where: str, num_pixels: int | None = None) -> list
     With ``num_pixels`` (from ``data.image_shape``) the count must match it.
     """
     if len(line) > MAX_HEADER_BYTES:
-        raise DataError(f"{where}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; expected "
-                        f"label and one column per pixel")
+        raise DataError(
+            f"{where}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; expected "
+            f"label and one column per pixel"
+        )
     names = header_names(line)
     if names[0] != LABEL:
         raise DataError(f"{where}: row 1 (header), column 1: expected 'label', found {names[0]!r:.40}")
     if len(names) < 2:
-        raise DataError(f"{where}: row 1 (header): expected label and at least one pixel column, found only 'label'")
+        raise DataError(
+            f"{where}: row 1 (header): expected label and at least one pixel column, found only 'label'"
+        )
     if num_pixels is not None and len(names) != 1 + num_pixels:
-        raise DataError(f"{where}: row 1 (header): expected {1 + num_pixels} columns (label and {num_pixels} "
-                        f"pixels), found {len(names)}")
+        raise DataError(
+            f"{where}: row 1 (header): expected {1 + num_pixels} columns (label and {num_pixels} "
+            f"pixels), found {len(names)}"
+        )
     empty = next((i for i, n in enumerate(names) if not n), None)
     if empty is not None:
-        raise DataError(f"{where}: row 1 (header), column {empty + 1}: expected a column name, found an empty one")
+        raise DataError(
+            f"{where}: row 1 (header), column {empty + 1}: expected a column name, found an empty one"
+        )
     return names
 
 
@@ -70,14 +78,18 @@ def _check_label(cell: bytes, at: str, labels: str) -> None:
         if not cell.strip(b' \t"'):
             raise DataError(f"{at}, column 1 (label): expected a class name, found an empty cell")
         if m is not None:
-            raise DataError(f"{at}, column 1 (label): expected a class name like the first row's, found the "
-                            f"integer {_show(cell)} (labels must not mix integers and names)")
+            raise DataError(
+                f"{at}, column 1 (label): expected a class name like the first row's, found the "
+                f"integer {_show(cell)} (labels must not mix integers and names)"
+            )
         return
     if not cell.strip():
         raise DataError(f"{at}, column 1 (label): expected an integer 0..{MAX_LABEL}, found an empty cell")
     if m is None:
-        raise DataError(f"{at}, column 1 (label): expected an integer 0..{MAX_LABEL} like the first row's, found "
-                        f"{_show(cell)} (labels must not mix integers and names)")
+        raise DataError(
+            f"{at}, column 1 (label): expected an integer 0..{MAX_LABEL} like the first row's, found "
+            f"{_show(cell)} (labels must not mix integers and names)"
+        )
     _check_int(m.group(1) or m.group(2), cell, at, 1, LABEL, MAX_LABEL)
 
 
@@ -105,14 +117,19 @@ def check_row(line: bytes, row: int, where: str, names: Sequence[str], labels: s
         cell = cells[col]
         m = INT_CELL.fullmatch(cell)
         if not cell.strip():
-            raise DataError(f"{at}, column {col + 1} ({names[col]}): expected an integer 0..255, found an empty cell")
+            raise DataError(
+                f"{at}, column {col + 1} ({names[col]}): expected an integer 0..255, found an empty cell"
+            )
         if m is None:
-            raise DataError(f"{at}, column {col + 1} ({names[col]}): expected an integer 0..255, found {_show(cell)}")
+            raise DataError(
+                f"{at}, column {col + 1} ({names[col]}): expected an integer 0..255, found {_show(cell)}"
+            )
         _check_int(m.group(1) or m.group(2), cell, at, col + 1, names[col], 255)
 
 
-def find_problem_in_lines(lines: Iterable[bytes], first_row: int, where: str, names: Sequence[str],
-                          labels: str = INT_LABELS) -> DataError | None:
+def find_problem_in_lines(
+    lines: Iterable[bytes], first_row: int, where: str, names: Sequence[str], labels: str = INT_LABELS
+) -> DataError | None:
     """The first violation in data lines whose first is data row ``first_row``, or None."""
     try:
         for row, line in enumerate(lines, start=first_row):

@@ -40,7 +40,9 @@ def idx_to_csv(images_gz: Path, labels_gz: Path, out_csv: Path) -> int:
     images = _read_idx_gz(images_gz)
     labels = _read_idx_gz(labels_gz)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{images_gz}: expected uint8 images [n, H, W], found {images.dtype} {list(images.shape)}")
+        raise DataError(
+            f"{images_gz}: expected uint8 images [n, H, W], found {images.dtype} {list(images.shape)}"
+        )
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise DataError(f"{labels_gz}: expected uint8 labels [n], found {labels.dtype} {list(labels.shape)}")
     if len(images) != len(labels):
@@ -58,9 +60,14 @@ def check_user_csv_location(path: Path, folder: Path, key: str, where: str = "pa
     resolved = path.resolve()
     if resolved.is_relative_to(folder.resolve()):
         return
-    if Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder)):  # inside by name, not through links
-        fix = (f"replace the link by a copy (cp --remove-destination {resolved} {path})" if path.is_symlink()
-               else f"a folder on its way is a link: make it a real folder under {folder}/ holding a copy")
+    if Path(os.path.abspath(path)).is_relative_to(
+        os.path.abspath(folder)
+    ):  # inside by name, not through links
+        fix = (
+            f"replace the link by a copy (cp --remove-destination {resolved} {path})"
+            if path.is_symlink()
+            else f"a folder on its way is a link: make it a real folder under {folder}/ holding a copy"
+        )
         raise ParamsError(
             f"{where}: {key}: {path} is a symbolic link to {resolved}, outside {folder}/, the folder dvc.yaml "
             f"tracks, so dvc repro would not notice when that file changes: {fix}"
@@ -78,8 +85,12 @@ def _check_values(canonical_csv: Path, src: Path, names: list[str], labels: str)
     is the row in ``src``, and ``names`` are the column names as the user's file spells them.
     """
     schema = Schema(len(names) - 1, labels)
-    rows = sum(df.height for df in parsed_blocks(canonical_csv, len(header_line(schema.num_pixels)), schema,
-                                                 where=str(src), names=names))
+    rows = sum(
+        df.height
+        for df in parsed_blocks(
+            canonical_csv, len(header_line(schema.num_pixels)), schema, where=str(src), names=names
+        )
+    )
     if rows == 0:
         raise DataError(f"{src}: has a header but no data rows")
 
@@ -90,8 +101,9 @@ def write_empty_csv(out_csv: Path, num_pixels: int) -> None:
         tmp.write_bytes(header_line(num_pixels))
 
 
-def import_user_csv(src: Path, out_csv: Path, *, image_shape: tuple[int, int, int] | None = None,
-                    check_values: bool = False) -> tuple[tuple[int, int, int], str]:
+def import_user_csv(
+    src: Path, out_csv: Path, *, image_shape: tuple[int, int, int] | None = None, check_values: bool = False
+) -> tuple[tuple[int, int, int], str]:
     """Copy the user's CSV with a canonical header and LF line ends, in bounded memory.
 
     The image shape is ``image_shape``, or one square grey channel inferred from the column

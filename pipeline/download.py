@@ -102,8 +102,14 @@ class RateGuard:
             )
 
 
-def _http_get(url: str, limit: int, timeout: float, min_rate_kbps: float, progress: bool,
-              opener: urllib.request.OpenerDirector) -> bytes:
+def _http_get(
+    url: str,
+    limit: int,
+    timeout: float,
+    min_rate_kbps: float,
+    progress: bool,
+    opener: urllib.request.OpenerDirector,
+) -> bytes:
     guard = RateGuard(timeout, min_rate_kbps)
     try:
         with opener.open(url, timeout=timeout) as resp:
@@ -113,8 +119,15 @@ def _http_get(url: str, limit: int, timeout: float, min_rate_kbps: float, progre
             parts: list[bytes] = []
             received = 0
             total = int(length) if length and length.isdigit() else None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
-                      disable=None if progress else True, file=sys.stderr, leave=False) as bar:
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=url.rsplit("/", 1)[-1],
+                disable=None if progress else True,
+                file=sys.stderr,
+                leave=False,
+            ) as bar:
                 # read1 returns as soon as any bytes arrive: a drip cannot hold one call for a whole chunk.
                 while chunk := resp.read1(CHUNK):
                     received += len(chunk)
@@ -149,7 +162,9 @@ def _read_folder(folder: Path, name: str, limit: int) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise FetchError(f"{path} is not a regular file")
         if st.st_size > limit:
-            raise FetchError(f"{path} is {st.st_size} bytes, more than the largest valid file ({limit} bytes)")
+            raise FetchError(
+                f"{path} is {st.st_size} bytes, more than the largest valid file ({limit} bytes)"
+            )
         with open(path, "rb") as f:
             data = f.read(limit + 1)
         if len(data) > limit:
@@ -161,9 +176,15 @@ def _read_folder(folder: Path, name: str, limit: int) -> bytes:
         raise FetchError(f"cannot read {path}: {exc}") from None
 
 
-def read_source(source: str, file: IdxFile, *, timeout: float, progress: bool,
-                min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS,
-                opener: urllib.request.OpenerDirector | None = None) -> bytes:
+def read_source(
+    source: str,
+    file: IdxFile,
+    *,
+    timeout: float,
+    progress: bool,
+    min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS,
+    opener: urllib.request.OpenerDirector | None = None,
+) -> bytes:
     """The raw bytes of ``file`` from one source (URL base or folder), size-bounded."""
     limit = max_compressed_size(file)
     scheme = urlparse(source).scheme
@@ -215,15 +236,22 @@ def verify(file: IdxFile, blob: bytes) -> None:
         raise FetchError(f"IDX shape {list(shape)}, expected {list(file.shape)}")
 
 
-def fetch_file(file: IdxFile, sources: tuple[str, ...], *, timeout: float = DEFAULT_TIMEOUT_S,
-               min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS, progress: bool = True,
-               opener: urllib.request.OpenerDirector | None = None) -> Fetched:
+def fetch_file(
+    file: IdxFile,
+    sources: tuple[str, ...],
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS,
+    progress: bool = True,
+    opener: urllib.request.OpenerDirector | None = None,
+) -> Fetched:
     """The first source's bytes that verify; DownloadError listing every failure otherwise."""
     failures = []
     for source in sources:
         try:
-            blob = read_source(source, file, timeout=timeout, min_rate_kbps=min_rate_kbps, progress=progress,
-                               opener=opener)
+            blob = read_source(
+                source, file, timeout=timeout, min_rate_kbps=min_rate_kbps, progress=progress, opener=opener
+            )
             verify(file, blob)
             return Fetched(blob, source)
         except FetchError as exc:
@@ -231,9 +259,16 @@ def fetch_file(file: IdxFile, sources: tuple[str, ...], *, timeout: float = DEFA
     raise DownloadError(f"could not get {file.name} from any source:\n" + "\n".join(failures))
 
 
-def fetch_dataset(spec: DatasetSpec, out_dir: Path | str, *, mirrors: tuple[str, ...] = (),
-                  timeout: float = DEFAULT_TIMEOUT_S, min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS,
-                  progress: bool = True, opener: urllib.request.OpenerDirector | None = None) -> dict:
+def fetch_dataset(
+    spec: DatasetSpec,
+    out_dir: Path | str,
+    *,
+    mirrors: tuple[str, ...] = (),
+    timeout: float = DEFAULT_TIMEOUT_S,
+    min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS,
+    progress: bool = True,
+    opener: urllib.request.OpenerDirector | None = None,
+) -> dict:
     """Write the four verified ``.gz`` files and ``source.json`` into ``out_dir`` atomically."""
     sources = tuple(mirrors) + spec.sources
     record: dict = {"dataset": spec.name, "files": {}}
@@ -245,8 +280,14 @@ def fetch_dataset(spec: DatasetSpec, out_dir: Path | str, *, mirrors: tuple[str,
                     f"{split.labels.name} has {split.labels.shape[0]} labels"
                 )
             for file in (split.images, split.labels):
-                got = fetch_file(file, sources, timeout=timeout, min_rate_kbps=min_rate_kbps, progress=progress,
-                                 opener=opener)
+                got = fetch_file(
+                    file,
+                    sources,
+                    timeout=timeout,
+                    min_rate_kbps=min_rate_kbps,
+                    progress=progress,
+                    opener=opener,
+                )
                 (tmp / file.name).write_bytes(got.data)
                 record["files"][file.name] = {"source": got.source, "sha256_decompressed": file.sha256}
         (tmp / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -257,7 +298,8 @@ def write_skipped(out_dir: Path | str, dataset: str) -> None:
     """With the user's own data (``csv``, ``images``) nothing is downloaded; the output folder records why."""
     with atomic_dir(out_dir) as tmp:
         (tmp / SOURCE_RECORD).write_text(
-            json.dumps({"dataset": dataset, "files": {}, "skipped": f"data.dataset is {dataset}"}, indent=2) + "\n",
+            json.dumps({"dataset": dataset, "files": {}, "skipped": f"data.dataset is {dataset}"}, indent=2)
+            + "\n",
             encoding="utf-8",
         )
 

@@ -54,7 +54,9 @@ def decode_idx(data: bytes, where: str = "<idx>") -> np.ndarray:
     dtype, shape, offset = parse_idx_header(data, where)
     try:
         array = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
-    except ValueError as exc:  # e.g. [0, 2**32-1, 2**32-1]: zero bytes, but more elements than numpy can index
+    except (
+        ValueError
+    ) as exc:  # e.g. [0, 2**32-1, 2**32-1]: zero bytes, but more elements than numpy can index
         raise DataError(f"{where}: IDX shape {list(shape)} cannot be represented: {exc}") from None
     if dtype.itemsize > 1:
         array = array.astype(dtype.newbyteorder("="))

@@ -35,8 +35,8 @@ import contextlib
 import csv
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -142,11 +142,14 @@ def scan_split(images_dir: Path, split: str, known_classes: Sequence[str] | None
     entries: list[ImageEntry] = []
     for child in _visible_children(root):
         if not child.is_dir():
-            raise DataError(f"{child}: file directly under {split}/; expected it in a class folder "
-                            f"{split}/<class>/")
+            raise DataError(
+                f"{child}: file directly under {split}/; expected it in a class folder {split}/<class>/"
+            )
         if known_classes is not None and child.name not in known_classes:
-            raise DataError(f"{child}: class {child.name!r} is not a train class; expected one of "
-                            f"{_some(sorted(known_classes))}")
+            raise DataError(
+                f"{child}: class {child.name!r} is not a train class; expected one of "
+                f"{_some(sorted(known_classes))}"
+            )
         entries += _scan_class(split, child)
     if not entries:
         raise DataError(f"{root}: no class folders; expected {split}/<class>/<image>")
@@ -164,9 +167,14 @@ def class_names(entries: Sequence[ImageEntry]) -> list[str]:
 def _resolve_shape(image_shape: Sequence[int], where: str) -> tuple[int, int, int]:
     """Validate a ``[C, H, W]`` (C 1 or 3, H and W positive); ``where`` names its source in the error."""
     shape = tuple(image_shape)
-    if (len(shape) != 3 or shape[0] not in MODES
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
-        raise DataError(f"{where}: expected [C, H, W] with C 1 or 3 and H, W positive, found {list(image_shape)}")
+    if (
+        len(shape) != 3
+        or shape[0] not in MODES
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    ):
+        raise DataError(
+            f"{where}: expected [C, H, W] with C 1 or 3 and H, W positive, found {list(image_shape)}"
+        )
     return shape  # type: ignore[return-value]
 
 
@@ -176,7 +184,9 @@ def _opened(path: Path) -> Iterator[Image.Image]:
     try:
         im = Image.open(path)
     except UnidentifiedImageError:
-        raise DataError(f"{path}: Pillow cannot identify an image in this file; expected {ACCEPTED}") from None
+        raise DataError(
+            f"{path}: Pillow cannot identify an image in this file; expected {ACCEPTED}"
+        ) from None
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found; expected the file the listing names") from None
     except _DECODE_ERRORS as exc:
@@ -185,8 +195,9 @@ def _opened(path: Path) -> Iterator[Image.Image]:
         if im.format not in _DETECTED:
             raise DataError(f"{path}: image is {im.format}, expected {ACCEPTED}")
         if ImageMode.getmode(im.mode).typestr not in ("|u1", "|b1"):
-            raise DataError(f"{path}: image mode {im.mode} has more than 8 bits per channel; expected 8-bit "
-                            f"{ACCEPTED}")
+            raise DataError(
+                f"{path}: image mode {im.mode} has more than 8 bits per channel; expected 8-bit {ACCEPTED}"
+            )
         yield im
 
 
@@ -198,12 +209,14 @@ def _describe(size: tuple[int, int], mode: str) -> str:
 def _check_plain_mode(path: Path, mode: str) -> None:
     """Without data.image_shape the pixels are taken as they are: only "L" and "RGB" are."""
     if mode not in CHANNELS:
-        raise DataError(f"{path}: image mode is {mode}, expected L or RGB; set data.image_shape [C, H, W] "
-                        f"to convert")
+        raise DataError(
+            f"{path}: image mode is {mode}, expected L or RGB; set data.image_shape [C, H, W] to convert"
+        )
 
 
-def check_images(images_dir: Path, entries: Sequence[ImageEntry],
-                 image_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
+def check_images(
+    images_dir: Path, entries: Sequence[ImageEntry], image_shape: tuple[int, int, int] | None
+) -> tuple[int, int, int]:
     """Read every image's header; return the (C, H, W) the Parquet file will hold.
 
     With ``image_shape`` any accepted image will do (it will be converted);
@@ -226,8 +239,10 @@ def check_images(images_dir: Path, entries: Sequence[ImageEntry],
         path = images_dir / entry.file
         with _opened(path) as im:
             if (im.size, im.mode) != (size, mode):
-                raise DataError(f"{path}: image is {_describe(im.size, im.mode)}, expected {_describe(size, mode)} "
-                                f"as {first}; set data.image_shape to convert")
+                raise DataError(
+                    f"{path}: image is {_describe(im.size, im.mode)}, expected {_describe(size, mode)} "
+                    f"as {first}; set data.image_shape to convert"
+                )
     return (CHANNELS[mode], size[1], size[0])
 
 
@@ -248,10 +263,18 @@ def _entry_from_row(row: list[str], at: str) -> ImageEntry:
         raise DataError(f"{at}: expected 2 values (label,file), found {len(row)}")
     label, file = row
     parts = PurePosixPath(file).parts
-    if (len(parts) < 3 or parts[0] not in SPLITS or parts[1] != label or file.startswith("/")
-            or any(p in ("", ".", "..") for p in file.split("/")) or "\\" in file):
-        raise DataError(f"{at}: expected a file train/<label>/<path> or test/<label>/<path> with label "
-                        f"{label!r}, found {file!r}")
+    if (
+        len(parts) < 3
+        or parts[0] not in SPLITS
+        or parts[1] != label
+        or file.startswith("/")
+        or any(p in ("", ".", "..") for p in file.split("/"))
+        or "\\" in file
+    ):
+        raise DataError(
+            f"{at}: expected a file train/<label>/<path> or test/<label>/<path> with label "
+            f"{label!r}, found {file!r}"
+        )
     return ImageEntry(label=label, file=file, key="/".join(parts[2:]))
 
 
@@ -266,7 +289,9 @@ def read_listing(csv_path: Path) -> list[ImageEntry]:
     except FileNotFoundError:
         raise DataError(f"{csv_path}: listing not found; expected a label,file CSV") from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"{csv_path}: byte {exc.start} is not UTF-8; expected a UTF-8 label,file CSV") from None
+        raise DataError(
+            f"{csv_path}: byte {exc.start} is not UTF-8; expected a UTF-8 label,file CSV"
+        ) from None
     except csv.Error as exc:
         raise DataError(f"{csv_path}: not a valid CSV ({exc}); expected a label,file CSV") from None
     if not rows or rows[0] != LISTING_HEADER:
@@ -311,7 +336,9 @@ def decode_image(path: Path, image_shape: tuple[int, int, int] | None) -> np.nda
                 if im.size != (width, height):
                     im = im.resize((width, height), Image.Resampling.BILINEAR)
         except _DECODE_ERRORS as exc:
-            raise DataError(f"{path}: cannot decode image: {exc}; expected a complete {ACCEPTED} file") from None
+            raise DataError(
+                f"{path}: cannot decode image: {exc}; expected a complete {ACCEPTED} file"
+            ) from None
         pixels = np.asarray(im, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
@@ -321,27 +348,39 @@ def _shape_text(shape: tuple[int, ...]) -> str:
     return _describe((shape[2], shape[1]), MODES[shape[0]])
 
 
-def image_shape_of(listing: Sequence[ImageEntry], images_dir: Path,
-                   image_shape: tuple[int, int, int] | None, where: str) -> tuple[int, int, int]:
+def image_shape_of(
+    listing: Sequence[ImageEntry], images_dir: Path, image_shape: tuple[int, int, int] | None, where: str
+) -> tuple[int, int, int]:
     """The shape the images of ``listing`` are stored in: ``image_shape``, or the first image's own."""
     if image_shape is not None:
         return _resolve_shape(image_shape, "image_shape")
     if not listing:
-        raise DataError(f"{where}: listing is empty and data.image_shape is not set; expected one or the other")
+        raise DataError(
+            f"{where}: listing is empty and data.image_shape is not set; expected one or the other"
+        )
     return decode_image(Path(images_dir) / listing[0].file, None).shape
 
 
-def _decode_into(pixels: np.ndarray, i: int, path: Path, image_shape: tuple[int, int, int], convert: bool,
-                 first: Path) -> None:
+def _decode_into(
+    pixels: np.ndarray, i: int, path: Path, image_shape: tuple[int, int, int], convert: bool, first: Path
+) -> None:
     image = decode_image(path, image_shape if convert else None)
     if image.shape != image_shape:
-        raise DataError(f"{path}: image is {_shape_text(image.shape)}, expected "
-                        f"{_shape_text(image_shape)} as {first}; set data.image_shape to convert")
+        raise DataError(
+            f"{path}: image is {_shape_text(image.shape)}, expected "
+            f"{_shape_text(image_shape)} as {first}; set data.image_shape to convert"
+        )
     pixels[i] = image
 
 
-def decoded_batches(entries: Sequence[ImageEntry], images_dir: Path, image_shape: tuple[int, int, int],
-                    convert: bool, rows: int, workers: int = 1) -> Iterator[tuple[Sequence[ImageEntry], np.ndarray]]:
+def decoded_batches(
+    entries: Sequence[ImageEntry],
+    images_dir: Path,
+    image_shape: tuple[int, int, int],
+    convert: bool,
+    rows: int,
+    workers: int = 1,
+) -> Iterator[tuple[Sequence[ImageEntry], np.ndarray]]:
     """The images of ``entries`` decoded, ``rows`` at a time: (entries, uint8 pixels [k, C, H, W]).
 
     Without ``convert`` every image must already have ``image_shape`` (the first differing one is named).
@@ -353,10 +392,12 @@ def decoded_batches(entries: Sequence[ImageEntry], images_dir: Path, image_shape
     first = images_dir / entries[0].file if entries else images_dir
     with _strict_decoding(), ThreadPoolExecutor(max_workers=workers) as pool:  # set once: threads share it
         for start in range(0, len(entries), rows):
-            batch = entries[start:start + rows]
+            batch = entries[start : start + rows]
             pixels = np.empty((len(batch), *image_shape), dtype=np.uint8)
-            futures = [pool.submit(_decode_into, pixels, i, images_dir / e.file, image_shape, convert, first)
-                       for i, e in enumerate(batch)]
+            futures = [
+                pool.submit(_decode_into, pixels, i, images_dir / e.file, image_shape, convert, first)
+                for i, e in enumerate(batch)
+            ]
             for future in futures:  # in order: the first failing image in the listing is the one reported
                 future.result()
             yield batch, pixels

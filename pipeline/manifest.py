@@ -83,15 +83,21 @@ def _numbers(doc: dict, key: str, count: int, where: str) -> tuple[float, ...]:
     except OverflowError:  # an integer too large for a float
         out = ()
     if len(out) != len(values) or len(out) != count or not all(math.isfinite(v) for v in out):
-        raise ShardError(f"{where}: {key}: expected {count} finite numbers (one per channel), found {values!r:.120}")
+        raise ShardError(
+            f"{where}: {key}: expected {count} finite numbers (one per channel), found {values!r:.120}"
+        )
     return out
 
 
 def _normalization(doc: dict, channels: int, where: str) -> Normalization:
     norm = _need(doc, "normalization", dict, where)
     nw = f"{where}: normalization"
-    out = Normalization(kind=_need(norm, "kind", str, nw), mean=_numbers(norm, "mean", channels, nw),
-                        std=_numbers(norm, "std", channels, nw), stats_from=_need(norm, "stats_from", str, nw))
+    out = Normalization(
+        kind=_need(norm, "kind", str, nw),
+        mean=_numbers(norm, "mean", channels, nw),
+        std=_numbers(norm, "std", channels, nw),
+        stats_from=_need(norm, "stats_from", str, nw),
+    )
     if out.kind not in ("unit", "standard") or not all(s > 0 for s in out.std):
         raise ShardError(f"{nw}: expected kind unit|standard and every std > 0, found {norm!r:.120}")
     return out
@@ -124,7 +130,9 @@ def _shards(doc: dict, where: str) -> tuple[ShardEntry, ...]:
 def _image_shape(doc: dict, where: str) -> tuple[int, int, int]:
     shape = _need(doc, "image_shape", list, where)
     if len(shape) != 3 or not all(type(d) is int and 1 <= d <= 65536 for d in shape):
-        raise ShardError(f"{where}: image_shape: expected [C, H, W] of integers 1..65536, found {shape!r:.80}")
+        raise ShardError(
+            f"{where}: image_shape: expected [C, H, W] of integers 1..65536, found {shape!r:.80}"
+        )
     return (shape[0], shape[1], shape[2])
 
 
@@ -141,8 +149,10 @@ def parse_manifest(text: str, where: str) -> Manifest:
         raise ShardError(f"{where}: expected a JSON object, found {type(doc).__name__}")
     version = _need(doc, "schema_version", int, where)
     if version != SCHEMA_VERSION:
-        raise ShardError(f"{where}: schema_version {version} is not this pipeline's {SCHEMA_VERSION}; "
-                         f"rerun `dvc repro tensorize` to rebuild the shards")
+        raise ShardError(
+            f"{where}: schema_version {version} is not this pipeline's {SCHEMA_VERSION}; "
+            f"rerun `dvc repro tensorize` to rebuild the shards"
+        )
     known = {f for f in Manifest.__dataclass_fields__}
     extra = sorted(set(doc) - known)
     if extra:
@@ -154,12 +164,19 @@ def parse_manifest(text: str, where: str) -> Manifest:
         raise ShardError(f"{where}: num_classes: expected 1..{MAX_CLASSES}, found {num_classes}")
     class_names = _need(doc, "class_names", list, where)
     counts = _need(doc, "class_counts", list, where)
-    if (len(class_names) != num_classes or not all(isinstance(n, str) and n for n in class_names)
-            or len(set(class_names)) != num_classes):
-        raise ShardError(f"{where}: class_names: expected {num_classes} distinct non-empty names, "
-                         f"found {class_names!r:.120}")
+    if (
+        len(class_names) != num_classes
+        or not all(isinstance(n, str) and n for n in class_names)
+        or len(set(class_names)) != num_classes
+    ):
+        raise ShardError(
+            f"{where}: class_names: expected {num_classes} distinct non-empty names, "
+            f"found {class_names!r:.120}"
+        )
     if len(counts) != num_classes or not all(type(c) is int and c >= 0 for c in counts):
-        raise ShardError(f"{where}: class_counts: expected {num_classes} integers >= 0, found {counts!r:.120}")
+        raise ShardError(
+            f"{where}: class_counts: expected {num_classes} integers >= 0, found {counts!r:.120}"
+        )
     manifest = Manifest(
         schema_version=version,
         dataset=_need(doc, "dataset", str, where),
@@ -172,8 +189,10 @@ def parse_manifest(text: str, where: str) -> Manifest:
         image_dtype=_need(doc, "image_dtype", str, where),
         label_dtype=_need(doc, "label_dtype", str, where),
         normalization=_normalization(doc, shape[0], where),
-        train_stats=PixelStats(_numbers(stats, "mean", shape[0], f"{where}: train_stats"),
-                               _numbers(stats, "std", shape[0], f"{where}: train_stats")),
+        train_stats=PixelStats(
+            _numbers(stats, "mean", shape[0], f"{where}: train_stats"),
+            _numbers(stats, "std", shape[0], f"{where}: train_stats"),
+        ),
         shards=_shards(doc, where),
     )
     if manifest.split not in SPLITS:
@@ -182,11 +201,15 @@ def parse_manifest(text: str, where: str) -> Manifest:
         raise ShardError(f"{where}: num_samples: expected an integer >= 0, found {manifest.num_samples}")
     total = sum(s.num_samples for s in manifest.shards)
     if total != manifest.num_samples or sum(counts) != manifest.num_samples:
-        raise ShardError(f"{where}: num_samples is {manifest.num_samples} but the shards hold {total} and "
-                         f"class_counts add up to {sum(counts)}")
+        raise ShardError(
+            f"{where}: num_samples is {manifest.num_samples} but the shards hold {total} and "
+            f"class_counts add up to {sum(counts)}"
+        )
     if manifest.image_dtype not in IMAGE_DTYPES or manifest.label_dtype != "int64":
-        raise ShardError(f"{where}: expected images {' or '.join(IMAGE_DTYPES)} and labels int64, found "
-                         f"{manifest.image_dtype} and {manifest.label_dtype}")
+        raise ShardError(
+            f"{where}: expected images {' or '.join(IMAGE_DTYPES)} and labels int64, found "
+            f"{manifest.image_dtype} and {manifest.label_dtype}"
+        )
     return manifest
 
 
@@ -204,7 +227,11 @@ def read_manifest(split_dir: Path | str) -> Manifest:
     listed = {s.file for s in manifest.shards}
     present = {p.name for p in split_dir.glob("*.safetensors")}
     if listed - present:
-        raise ShardError(f"{path}: shard {sorted(listed - present)[0]!r} is listed but missing from {split_dir}")
+        raise ShardError(
+            f"{path}: shard {sorted(listed - present)[0]!r} is listed but missing from {split_dir}"
+        )
     if present - listed:
-        raise ShardError(f"{path}: shard {sorted(present - listed)[0]!r} is in {split_dir} but not listed in the manifest")
+        raise ShardError(
+            f"{path}: shard {sorted(present - listed)[0]!r} is in {split_dir} but not listed in the manifest"
+        )
     return manifest

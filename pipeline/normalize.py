@@ -16,7 +16,9 @@ from pipeline.manifest import Normalization, PixelStats
 def pixel_histogram(pixels: np.ndarray, channels: int) -> np.ndarray:
     """Count of each value 0..255 per channel in uint8 rows [n, C*H*W] (int64 [C, 256], exact)."""
     planes = pixels.reshape(len(pixels), channels, pixels.shape[1] // channels)  # explicit: 0 rows too
-    return np.stack([np.bincount(planes[:, c].reshape(-1), minlength=256) for c in range(channels)]).astype(np.int64)
+    return np.stack([np.bincount(planes[:, c].reshape(-1), minlength=256) for c in range(channels)]).astype(
+        np.int64
+    )
 
 
 def _stats(histogram: np.ndarray) -> tuple[float, float]:

@@ -58,8 +58,11 @@ PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False), Expect("a po
 NonNegativeFinite = Annotated[float, Field(ge=0, allow_inf_nan=False), Expect("a finite number >= 0")]
 # A day: longer is never meant, and past ~9.2e9 s Python's clocks overflow (OverflowError deep in socket code).
 MAX_SECONDS = 86400.0
-Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False),
-                    Expect(f"a number of seconds > 0 and <= {MAX_SECONDS:g}")]
+Seconds = Annotated[
+    float,
+    Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False),
+    Expect(f"a number of seconds > 0 and <= {MAX_SECONDS:g}"),
+]
 FilePath = Annotated[str, Field(pattern=r"\S"), Expect("a file path")]
 Source = Annotated[str, Field(pattern=r"\S"), Expect("a URL or folder")]
 Sources = Annotated[tuple[Source, ...], BeforeValidator(_list_to_tuple)]
@@ -93,8 +96,10 @@ class DataParams:
     def check(self, where: str) -> None:
         """The two held-out fractions share one train split."""
         if self.test_fraction + self.val_fraction >= 1:
-            raise ParamsError(f"{where}: data.val_fraction: expected test_fraction + val_fraction < 1, found "
-                              f"{self.test_fraction} + {self.val_fraction}")
+            raise ParamsError(
+                f"{where}: data.val_fraction: expected test_fraction + val_fraction < 1, found "
+                f"{self.test_fraction} + {self.val_fraction}"
+            )
 
 
 _LEVELS = {"zstd": (1, 22), "gzip": (0, 9), "brotli": (0, 11)}
@@ -168,8 +173,10 @@ class TrainParams:
         """Each augmentation at most once: a list names a set of transforms, applied in a fixed order."""
         twice = sorted({a for a in self.augment if self.augment.count(a) > 1})
         if twice:
-            raise ParamsError(f"{where}: train.augment: expected each of flip, translate at most once, "
-                              f"found {twice[0]!r} twice")
+            raise ParamsError(
+                f"{where}: train.augment: expected each of flip, translate at most once, "
+                f"found {twice[0]!r} twice"
+            )
 
 
 SECTIONS: dict[str, type] = {
@@ -216,8 +223,16 @@ def _expectation(tp: Any) -> str | None:
 
 
 # pydantic error types for a value of the right type that breaks a constraint; any other is a wrong type.
-_CONSTRAINT_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
-                      "string_pattern_mismatch", "too_short", "too_long"}
+_CONSTRAINT_ERRORS = {
+    "greater_than",
+    "greater_than_equal",
+    "less_than",
+    "less_than_equal",
+    "finite_number",
+    "string_pattern_mismatch",
+    "too_short",
+    "too_long",
+}
 
 
 def _message(cls: type, section: str, values: Mapping, exc: ValidationError, where: str) -> str:
@@ -240,7 +255,9 @@ def parse_section(cls: type[T], section: str, values: Any, where: str = "params.
     known = sorted(f.name for f in fields(cls))
     unknown = sorted(str(k) for k in values if k not in known)
     if unknown:  # checked first: a typo is reported as a typo, with the keys it could have meant
-        raise ParamsError(f"{where}: {section}.{unknown[0]}: unknown key; known keys of {section!r} are {', '.join(known)}")
+        raise ParamsError(
+            f"{where}: {section}.{unknown[0]}: unknown key; known keys of {section!r} are {', '.join(known)}"
+        )
     try:
         obj = cls(**values)
     except ValidationError as exc:

@@ -44,11 +44,20 @@ IMAGE = "image"
 
 def _arrow_schema(schema: Schema) -> pa.Schema:
     label = pa.uint16() if schema.labels == INT_LABELS else pa.string()
-    return pa.schema([pa.field(LABEL, label), *(pa.field(c, pa.uint8()) for c in pixel_columns(schema.num_pixels))])
+    return pa.schema(
+        [pa.field(LABEL, label), *(pa.field(c, pa.uint8()) for c in pixel_columns(schema.num_pixels))]
+    )
 
 
-def _write_row_groups(frames: Iterable[pl.DataFrame], out: Path, schema: pa.Schema, *, compression: str,
-                      compression_level: int | None, row_group_size: int) -> int:
+def _write_row_groups(
+    frames: Iterable[pl.DataFrame],
+    out: Path,
+    schema: pa.Schema,
+    *,
+    compression: str,
+    compression_level: int | None,
+    row_group_size: int,
+) -> int:
     """Write ``frames`` as row groups of ``row_group_size`` rows; returns the row count."""
     rows = 0
     pending: list[pl.DataFrame] = []  # fewer than row_group_size rows
@@ -56,10 +65,16 @@ def _write_row_groups(frames: Iterable[pl.DataFrame], out: Path, schema: pa.Sche
 
     def write(group: pl.DataFrame) -> None:
         table = group.to_arrow()
-        writer.write_table(table if table.schema == schema else table.cast(schema), row_group_size=row_group_size)
+        writer.write_table(
+            table if table.schema == schema else table.cast(schema), row_group_size=row_group_size
+        )
 
-    with pq.ParquetWriter(out, schema, compression=ARROW_CODEC.get(compression, compression),
-                          compression_level=compression_level) as writer:
+    with pq.ParquetWriter(
+        out,
+        schema,
+        compression=ARROW_CODEC.get(compression, compression),
+        compression_level=compression_level,
+    ) as writer:
         for df in frames:
             while pending_rows + df.height >= row_group_size:
                 take = row_group_size - pending_rows
@@ -81,8 +96,16 @@ def _write_row_groups(frames: Iterable[pl.DataFrame], out: Path, schema: pa.Sche
     return rows
 
 
-def csv_to_parquet(csv_path: Path, out_path: Path, *, compression: str, compression_level: int | None,
-                   row_group_size: int, allow_empty: bool = False, workers: int | None = 1) -> int:
+def csv_to_parquet(
+    csv_path: Path,
+    out_path: Path,
+    *,
+    compression: str,
+    compression_level: int | None,
+    row_group_size: int,
+    allow_empty: bool = False,
+    workers: int | None = 1,
+) -> int:
     """Convert one canonical CSV to the wide layout; returns the row count. Leaves no output on failure.
 
     ``allow_empty``: a header without rows is a valid, empty split (a source without a test split).
@@ -105,9 +128,14 @@ def csv_to_parquet(csv_path: Path, out_path: Path, *, compression: str, compress
     if resolve_workers(workers) > 1:
         blocks = read_ahead(blocks, lambda df: df.height, row_group_size)
     with atomic_file(out_path) as tmp:  # an OSError here (disk full) becomes an OutputError
-        rows = _write_row_groups(blocks, tmp, _arrow_schema(schema),
-                                 compression=compression, compression_level=compression_level,
-                                 row_group_size=row_group_size)
+        rows = _write_row_groups(
+            blocks,
+            tmp,
+            _arrow_schema(schema),
+            compression=compression,
+            compression_level=compression_level,
+            row_group_size=row_group_size,
+        )
         if rows == 0 and not allow_empty:
             raise DataError(f"{csv_path}: has a header but no data rows")
     return rows
@@ -117,14 +145,27 @@ _MAX_GROUP_BYTES = 64 << 20  # pixels held per image row group, whatever row_gro
 
 
 def _image_schema(image_shape: tuple[int, int, int]) -> pa.Schema:
-    return pa.schema([pa.field(LABEL, pa.string()), pa.field("file", pa.string()),
-                      pa.field("pixels", pa.binary(int(np.prod(image_shape))))],
-                     metadata={SHAPE_KEY: json.dumps(list(image_shape)).encode()})
+    return pa.schema(
+        [
+            pa.field(LABEL, pa.string()),
+            pa.field("file", pa.string()),
+            pa.field("pixels", pa.binary(int(np.prod(image_shape)))),
+        ],
+        metadata={SHAPE_KEY: json.dumps(list(image_shape)).encode()},
+    )
 
 
-def images_to_parquet(listing_csv: Path, images_dir: Path, out: Path, *, image_shape: tuple[int, int, int] | None,
-                      compression: str, compression_level: int | None, row_group_size: int,
-                      workers: int | None = 1) -> int:
+def images_to_parquet(
+    listing_csv: Path,
+    images_dir: Path,
+    out: Path,
+    *,
+    image_shape: tuple[int, int, int] | None,
+    compression: str,
+    compression_level: int | None,
+    row_group_size: int,
+    workers: int | None = 1,
+) -> int:
     """Decode every image of a listing into one Parquet file (image layout), atomically; returns the row count.
 
     ``image_shape`` converts and resizes every image to it; ``None`` keeps the images as they are
@@ -138,19 +179,35 @@ def images_to_parquet(listing_csv: Path, images_dir: Path, out: Path, *, image_s
     schema = _image_schema(shape)
     width = schema.field("pixels").type.byte_width
     rows = max(1, min(row_group_size, _MAX_GROUP_BYTES // width))
-    with atomic_file(out) as tmp, pq.ParquetWriter(tmp, schema, compression=ARROW_CODEC.get(compression, compression),
-                                                   compression_level=compression_level) as writer:
-        for batch, pixels in decoded_batches(entries, images_dir, shape, image_shape is not None, rows,
-                                                resolve_workers(workers)):
-            blob = pa.FixedSizeBinaryArray.from_buffers(schema.field("pixels").type, len(batch),
-                                                       [None, pa.py_buffer(pixels)])  # no copy of the pixels
-            table = pa.table([pa.array([e.label for e in batch], pa.string()),
-                              pa.array([e.file for e in batch], pa.string()), blob], schema=schema)
+    with (
+        atomic_file(out) as tmp,
+        pq.ParquetWriter(
+            tmp,
+            schema,
+            compression=ARROW_CODEC.get(compression, compression),
+            compression_level=compression_level,
+        ) as writer,
+    ):
+        for batch, pixels in decoded_batches(
+            entries, images_dir, shape, image_shape is not None, rows, resolve_workers(workers)
+        ):
+            blob = pa.FixedSizeBinaryArray.from_buffers(
+                schema.field("pixels").type, len(batch), [None, pa.py_buffer(pixels)]
+            )  # no copy of the pixels
+            table = pa.table(
+                [
+                    pa.array([e.label for e in batch], pa.string()),
+                    pa.array([e.file for e in batch], pa.string()),
+                    blob,
+                ],
+                schema=schema,
+            )
             writer.write_table(table, row_group_size=rows)
     return len(entries)
 
 
 # ---------------------------------------------------------------------------------------------- reading
+
 
 @dataclass(frozen=True)
 class Table:
@@ -193,7 +250,9 @@ def open_table(path: Path) -> Table:
     schema, rows = file.schema_arrow, file.metadata.num_rows
     names = schema.names
     if not names or names[0] != LABEL:
-        raise DataError(f"{path}: column 1: expected 'label', found {names[0] if names else '<no columns>'!r}")
+        raise DataError(
+            f"{path}: column 1: expected 'label', found {names[0] if names else '<no columns>'!r}"
+        )
     label = schema.field(LABEL).type
     if pa.types.is_string(label) or pa.types.is_large_string(label):
         labels = NAME_LABELS
@@ -209,8 +268,10 @@ def open_table(path: Path) -> Table:
     if len(names) < 2 or names != expected:
         first = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b), 1)
         found = names[first] if first < len(names) else "<end of columns>"
-        raise DataError(f"{path}: column {first + 1}: expected {expected[first] if len(names) > 1 else 'pixel1'!r}, "
-                        f"found {found!r}")
+        raise DataError(
+            f"{path}: column {first + 1}: expected {expected[first] if len(names) > 1 else 'pixel1'!r}, "
+            f"found {found!r}"
+        )
     for field in schema:
         if field.name != LABEL and field.type != pa.uint8():
             raise DataError(f"{path}: column {field.name!r}: expected UInt8, found {field.type}")

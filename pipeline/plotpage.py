@@ -73,7 +73,9 @@ class PlotPageError(PipelineError):
 def build_template(bundle: str) -> str:
     """The page template around ``bundle`` (JavaScript that ends by running the queue snippet)."""
     if "</script" in bundle.lower():
-        raise PlotPageError("the JavaScript bundle contains '</script', which would end the inline <script> early")
+        raise PlotPageError(
+            "the JavaScript bundle contains '</script', which would end the inline <script> early"
+        )
     inside = [p for p in PLACEHOLDERS if p in bundle]
     if inside:
         raise PlotPageError(f"the JavaScript bundle contains {inside}, which DVC would replace")
@@ -85,8 +87,9 @@ def javascript_bundle() -> str:
     try:
         import vl_convert
     except ImportError:
-        raise PlotPageError('vl-convert-python is not installed: pip install -e ".[plots]" '
-                            "(or run bash .ci/setup)") from None
+        raise PlotPageError(
+            'vl-convert-python is not installed: pip install -e ".[plots]" (or run bash .ci/setup)'
+        ) from None
     return vl_convert.javascript_bundle(_SNIPPET)
 
 

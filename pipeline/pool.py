@@ -65,8 +65,10 @@ def ordered_map(fn: Callable[[T], R], pieces: Iterable[T], workers: int) -> Iter
             while pending:
                 yield pending.popleft().result()
         except BrokenProcessPool as exc:
-            raise PipelineError(f"a worker process of this stage died ({exc}); rerun with prep.workers: 1 "
-                                f"to run every piece in the stage's own process") from None
+            raise PipelineError(
+                f"a worker process of this stage died ({exc}); rerun with prep.workers: 1 "
+                f"to run every piece in the stage's own process"
+            ) from None
         finally:
             for future in pending:  # a failure (or an abandoned generator) stops the pieces not yet started
                 future.cancel()

@@ -30,8 +30,9 @@ from pipeline.tabular import INT_LABELS
 CHUNK_BYTES = 16 << 20  # float32 images held at once while a shard is written
 
 
-def image_chunks(pixels: np.ndarray, norm: Normalization, shape: tuple[int, int, int],
-                 dtype: str) -> Iterator[np.ndarray]:
+def image_chunks(
+    pixels: np.ndarray, norm: Normalization, shape: tuple[int, int, int], dtype: str
+) -> Iterator[np.ndarray]:
     """A shard's images from uint8 rows [n, C*H*W]: normalised float32 a chunk at a time, or the bytes as they are."""
     if dtype == "uint8":
         yield pixels.reshape(len(pixels), *shape)
@@ -136,8 +137,9 @@ def write_piece(piece: ShardPiece) -> ShardDone:
     chunks = image_chunks(pixels, piece.norm, piece.shape, piece.dtype)
     try:
         with open(Path(piece.folder) / piece.name, "wb") as f:
-            size, sha = write_shard(f, chunks, labels, piece.shape,
-                                    {"dataset": piece.dataset, "split": piece.split}, piece.dtype)
+            size, sha = write_shard(
+                f, chunks, labels, piece.shape, {"dataset": piece.dataset, "split": piece.split}, piece.dtype
+            )
     except OSError as exc:
         raise_as_output_error(Path(piece.target), exc)
         raise

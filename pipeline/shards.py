@@ -22,9 +22,9 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable
 from typing import BinaryIO
 
 import numpy as np
@@ -45,8 +45,17 @@ DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-DTYPE_NAMES = {"F32": "float32", "I64": "int64", "U8": "uint8", "F64": "float64", "F16": "float16",
-               "I32": "int32", "I16": "int16", "I8": "int8", "BOOL": "bool"}
+DTYPE_NAMES = {
+    "F32": "float32",
+    "I64": "int64",
+    "U8": "uint8",
+    "F64": "float64",
+    "F16": "float16",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "BOOL": "bool",
+}
 
 
 @dataclass(frozen=True)
@@ -130,19 +139,25 @@ def parse_header(prefix: bytes, file_size: int, where: str = "<shard>") -> Shard
     entries = []
     for name, info in doc.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise ShardError(f"{where}: tensor {name!r}: expected keys dtype, shape, data_offsets, found {info!r:.200}")
+            raise ShardError(
+                f"{where}: tensor {name!r}: expected keys dtype, shape, data_offsets, found {info!r:.200}"
+            )
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ShardError(f"{where}: tensor {name!r}: unsupported dtype {dtype!r:.50}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 8:
-            raise ShardError(f"{where}: tensor {name!r}: shape must be a list of at most 8 non-negative integers, found {shape!r:.200}")
+            raise ShardError(
+                f"{where}: tensor {name!r}: shape must be a list of at most 8 non-negative integers, found {shape!r:.200}"
+            )
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(type(o) is int and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise ShardError(f"{where}: tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, found {offsets!r:.200}")
+            raise ShardError(
+                f"{where}: tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, found {offsets!r:.200}"
+            )
         itemsize = DTYPES[dtype].itemsize
         expected = math.prod(shape) * itemsize
         if offsets[1] - offsets[0] != expected:
@@ -150,14 +165,20 @@ def parse_header(prefix: bytes, file_size: int, where: str = "<shard>") -> Shard
                 f"{where}: tensor {name!r}: {dtype} {shape} needs {expected} bytes, offsets span {offsets[1] - offsets[0]}"
             )
         if (data_start + offsets[0]) % itemsize:
-            raise ShardError(f"{where}: tensor {name!r}: file offset {data_start + offsets[0]} is not aligned to {itemsize} bytes")
-        entries.append(TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1]))
+            raise ShardError(
+                f"{where}: tensor {name!r}: file offset {data_start + offsets[0]} is not aligned to {itemsize} bytes"
+            )
+        entries.append(
+            TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+        )
     entries.sort(key=lambda t: (t.start, t.end))
     cursor = data_start
     for t in entries:
         if t.start != cursor:
             kind = "overlaps the previous tensor" if t.start < cursor else "leaves a gap before it"
-            raise ShardError(f"{where}: tensor {t.name!r}: data starts at byte {t.start - data_start}, which {kind} (expected {cursor - data_start})")
+            raise ShardError(
+                f"{where}: tensor {t.name!r}: data starts at byte {t.start - data_start}, which {kind} (expected {cursor - data_start})"
+            )
         cursor = t.end
     if cursor - data_start != buffer_len:
         raise ShardError(
@@ -186,11 +207,15 @@ LABELS = "labels"
 
 
 # The image dtypes a shard may hold: prep.shard_dtype -> (safetensors code, numpy dtype).
-IMAGE_DTYPES: dict[str, tuple[str, np.dtype]] = {"float32": ("F32", np.dtype("<f4")), "uint8": ("U8", np.dtype("u1"))}
+IMAGE_DTYPES: dict[str, tuple[str, np.dtype]] = {
+    "float32": ("F32", np.dtype("<f4")),
+    "uint8": ("U8", np.dtype("u1")),
+}
 
 
-def shard_header(num_samples: int, image_shape: tuple[int, ...], metadata: dict[str, str],
-                 dtype: str = "float32") -> bytes:
+def shard_header(
+    num_samples: int, image_shape: tuple[int, ...], metadata: dict[str, str], dtype: str = "float32"
+) -> bytes:
     """The first bytes of a shard: the length, then the JSON header with sorted keys, padded to 8 bytes.
 
     Byte for byte what ``safetensors.numpy.save`` writes for these two tensors (labels first: it
@@ -204,16 +229,25 @@ def shard_header(num_samples: int, image_shape: tuple[int, ...], metadata: dict[
     doc = {
         "__metadata__": metadata,
         LABELS: {"dtype": "I64", "shape": [num_samples], "data_offsets": [0, labels_bytes]},
-        IMAGES: {"dtype": code, "shape": [num_samples, *image_shape],
-                 "data_offsets": [labels_bytes, labels_bytes + images_bytes]},
+        IMAGES: {
+            "dtype": code,
+            "shape": [num_samples, *image_shape],
+            "data_offsets": [labels_bytes, labels_bytes + images_bytes],
+        },
     }
     text = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
     padded = -(-len(text) // 8) * 8
     return struct.pack("<Q", padded) + text.ljust(padded)
 
 
-def write_shard(out: BinaryIO, image_chunks: Iterable[np.ndarray], labels: np.ndarray,
-                image_shape: tuple[int, ...], metadata: dict[str, str], dtype: str = "float32") -> tuple[int, str]:
+def write_shard(
+    out: BinaryIO,
+    image_chunks: Iterable[np.ndarray],
+    labels: np.ndarray,
+    image_shape: tuple[int, ...],
+    metadata: dict[str, str],
+    dtype: str = "float32",
+) -> tuple[int, str]:
     """Write one shard, its images (of ``dtype``) given in chunks of rows; return (bytes, SHA-256).
 
     Streaming the images keeps one chunk in memory, not the shard's.
@@ -239,7 +273,9 @@ def write_shard(out: BinaryIO, image_chunks: Iterable[np.ndarray], labels: np.nd
     return size, digest.hexdigest()
 
 
-def _check_tensor(where: str, info: TensorInfo | None, name: str, dtype: str, shape: tuple[int, ...]) -> TensorInfo:
+def _check_tensor(
+    where: str, info: TensorInfo | None, name: str, dtype: str, shape: tuple[int, ...]
+) -> TensorInfo:
     if info is None:
         raise ShardError(f"{where}: tensor {name!r} is missing")
     if info.dtype != dtype or info.shape != shape:
@@ -250,20 +286,34 @@ def _check_tensor(where: str, info: TensorInfo | None, name: str, dtype: str, sh
     return info
 
 
-def check_tensors(where: str, layout: ShardLayout, num_samples: int, image_shape: tuple[int, ...],
-                  image_dtype: str = "float32") -> tuple[TensorInfo, TensorInfo]:
+def check_tensors(
+    where: str,
+    layout: ShardLayout,
+    num_samples: int,
+    image_shape: tuple[int, ...],
+    image_dtype: str = "float32",
+) -> tuple[TensorInfo, TensorInfo]:
     """The shard holds exactly ``images`` [n, *image_shape] of the manifest's ``image_dtype`` and ``labels`` int64 [n]."""
     extra = sorted(set(layout.tensors) - {IMAGES, LABELS})
     if extra:
-        raise ShardError(f"{where}: unexpected tensor {extra[0]!r}; a shard holds only {IMAGES!r} and {LABELS!r}")
-    images = _check_tensor(where, layout.tensors.get(IMAGES), IMAGES, IMAGE_DTYPES[image_dtype][0],
-                           (num_samples, *image_shape))
+        raise ShardError(
+            f"{where}: unexpected tensor {extra[0]!r}; a shard holds only {IMAGES!r} and {LABELS!r}"
+        )
+    images = _check_tensor(
+        where, layout.tensors.get(IMAGES), IMAGES, IMAGE_DTYPES[image_dtype][0], (num_samples, *image_shape)
+    )
     labels = _check_tensor(where, layout.tensors.get(LABELS), LABELS, "I64", (num_samples,))
     return images, labels
 
 
-def view_tensors(raw: np.ndarray, images_offset: int, labels_offset: int, num_samples: int,
-                 image_shape: tuple[int, ...], image_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+def view_tensors(
+    raw: np.ndarray,
+    images_offset: int,
+    labels_offset: int,
+    num_samples: int,
+    image_shape: tuple[int, ...],
+    image_dtype: str = "float32",
+) -> tuple[np.ndarray, np.ndarray]:
     """Zero-copy views of a mapped shard's bytes at offsets :func:`check_tensors` validated."""
     dtype = IMAGE_DTYPES[image_dtype][1]
     items = math.prod(image_shape)

@@ -23,8 +23,10 @@ _PERSON = b"split-v1"
 
 def hash_unit(keys: Iterable[bytes]) -> np.ndarray:
     """float64 in [0, 1) for each key: the first 53 bits of its BLAKE2b-64 digest."""
-    out = [int.from_bytes(hashlib.blake2b(k, digest_size=8, person=_PERSON).digest(), "little") >> 11
-           for k in keys]
+    out = [
+        int.from_bytes(hashlib.blake2b(k, digest_size=8, person=_PERSON).digest(), "little") >> 11
+        for k in keys
+    ]
     return np.asarray(out, dtype=np.float64) / float(1 << 53)
 
 

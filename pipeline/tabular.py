@@ -48,18 +48,24 @@ def label_kind(first_cell: bytes) -> str:
     return INT_LABELS if INT_CELL.fullmatch(first_cell) else NAME_LABELS
 
 
-def resolve_shape(image_shape: tuple[int, int, int] | None, num_pixels: int, where: str) -> tuple[int, int, int]:
+def resolve_shape(
+    image_shape: tuple[int, int, int] | None, num_pixels: int, where: str
+) -> tuple[int, int, int]:
     """The ``(C, H, W)`` of rows with ``num_pixels`` values: ``image_shape``, or one square grey channel."""
     if image_shape is not None:
         c, h, w = image_shape
         if c * h * w != num_pixels:
-            raise DataError(f"{where}: expected {c}x{h}x{w} = {c * h * w} pixel columns as data.image_shape "
-                            f"says, found {num_pixels}")
+            raise DataError(
+                f"{where}: expected {c}x{h}x{w} = {c * h * w} pixel columns as data.image_shape "
+                f"says, found {num_pixels}"
+            )
         return (c, h, w)
     side = math.isqrt(num_pixels)
     if num_pixels < 1 or side * side != num_pixels:
-        raise DataError(f"{where}: {num_pixels} pixel columns are not a square grey image; set data.image_shape "
-                        f"to [C, H, W] in params.yaml")
+        raise DataError(
+            f"{where}: {num_pixels} pixel columns are not a square grey image; set data.image_shape "
+            f"to [C, H, W] in params.yaml"
+        )
     return (1, side, side)
 
 

@@ -32,7 +32,15 @@ from pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, Normaliza
 from pipeline.normalize import make_normalization, pixel_histogram, pixel_stats
 from pipeline.parquet import Table, iter_rows, open_table, read_labels
 from pipeline.pool import ordered_map, resolve_workers
-from pipeline.shardjobs import RoutePiece, ShardPiece, image_chunks, label_indices, route_piece, routes, write_piece
+from pipeline.shardjobs import (
+    RoutePiece,
+    ShardPiece,
+    image_chunks,
+    label_indices,
+    route_piece,
+    routes,
+    write_piece,
+)
 from pipeline.shards import write_shard
 from pipeline.sources import DATASETS
 from pipeline.splits import TEST, TRAIN, VAL
@@ -60,25 +68,40 @@ def _class_names(train: Table, test: Table, dataset: str) -> tuple[str, ...]:
                 table = train if int(train_labels.max(initial=0)) == largest else test
                 labels = train_labels if table is train else test_labels
                 row = int(np.argmax(labels == largest))
-                raise DataError(f"{table.path}: row {row + 1}, column 'label': expected 0..{len(names) - 1}, "
-                                f"found {largest}")
+                raise DataError(
+                    f"{table.path}: row {row + 1}, column 'label': expected 0..{len(names) - 1}, "
+                    f"found {largest}"
+                )
             return names
         return tuple(str(c) for c in range(largest + 1))
     names = tuple(sorted(set(train_labels.tolist())))
     unknown = sorted(set(test_labels.tolist()) - set(names))
     if unknown:
         row = int(np.flatnonzero(test_labels == unknown[0])[0])
-        raise DataError(f"{test.path}: row {row + 1}, column 'label': class {unknown[0]!r} has no train samples; "
-                        f"the train split's classes are {', '.join(names)}"[:400])
+        raise DataError(
+            f"{test.path}: row {row + 1}, column 'label': class {unknown[0]!r} has no train samples; "
+            f"the train split's classes are {', '.join(names)}"[:400]
+        )
     return names
 
 
 class _SplitWriter:
     """Collects one split's rows and writes them as shards of ``shard_size`` samples into ``folder``."""
 
-    def __init__(self, folder: Path, target: Path, *, split: str, dataset: str, shard_size: int,
-                 shape: tuple[int, int, int], norm: Normalization, num_classes: int, keep_stats: bool,
-                 dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        folder: Path,
+        target: Path,
+        *,
+        split: str,
+        dataset: str,
+        shard_size: int,
+        shape: tuple[int, int, int],
+        norm: Normalization,
+        num_classes: int,
+        keep_stats: bool,
+        dtype: str = "float32",
+    ) -> None:
         self.folder, self.target, self.split, self.dataset, self.dtype = folder, target, split, dataset, dtype
         self.shard_size = shard_size
         self.shape, self.norm, self.keep_stats = shape, norm, keep_stats
@@ -114,8 +137,14 @@ class _SplitWriter:
         chunks = image_chunks(pixels, self.norm, self.shape, self.dtype)  # normalised a chunk at a time
         try:
             with open(self.folder / name, "wb") as f:
-                size, sha = write_shard(f, chunks, labels.astype(np.int64), self.shape,
-                                        {"dataset": self.dataset, "split": self.split}, self.dtype)
+                size, sha = write_shard(
+                    f,
+                    chunks,
+                    labels.astype(np.int64),
+                    self.shape,
+                    {"dataset": self.dataset, "split": self.split},
+                    self.dtype,
+                )
         except OSError as exc:  # named here: the splits' folders are open together, the last would be blamed
             raise_as_output_error(Path(self.target), exc)
             raise
@@ -124,14 +153,35 @@ class _SplitWriter:
     def close(self, names: tuple[str, ...], stats: PixelStats) -> Manifest:
         if self._held:
             self._flush(self._held)
-        return write_manifest(self.folder, self.target, dataset=self.dataset, split=self.split, names=names,
-                              counts=self.counts, shape=self.shape, dtype=self.dtype, norm=self.norm, stats=stats,
-                              entries=self.entries)
+        return write_manifest(
+            self.folder,
+            self.target,
+            dataset=self.dataset,
+            split=self.split,
+            names=names,
+            counts=self.counts,
+            shape=self.shape,
+            dtype=self.dtype,
+            norm=self.norm,
+            stats=stats,
+            entries=self.entries,
+        )
 
 
-def write_manifest(folder: Path, target: Path, *, dataset: str, split: str, names: tuple[str, ...],
-                   counts: np.ndarray, shape: tuple[int, int, int], dtype: str, norm: Normalization,
-                   stats: PixelStats, entries: list[ShardEntry]) -> Manifest:
+def write_manifest(
+    folder: Path,
+    target: Path,
+    *,
+    dataset: str,
+    split: str,
+    names: tuple[str, ...],
+    counts: np.ndarray,
+    shape: tuple[int, int, int],
+    dtype: str,
+    norm: Normalization,
+    stats: PixelStats,
+    entries: list[ShardEntry],
+) -> Manifest:
     """Write a split's manifest.json into ``folder`` (the temporary beside ``target``); return it."""
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
@@ -174,10 +224,22 @@ def write_split(
     built-in dataset's names, or "0".."9". The manifest's ``train_stats`` are this split's.
     ``shard_dtype``: ``float32`` normalised values or ``uint8`` source bytes.
     """
-    names = class_names or (DATASETS[dataset].class_names if dataset in DATASETS else tuple(map(str, range(10))))
+    names = class_names or (
+        DATASETS[dataset].class_names if dataset in DATASETS else tuple(map(str, range(10)))
+    )
     with atomic_dir(out_dir) as tmp:
-        writer = _SplitWriter(tmp, Path(out_dir), split=split, dataset=dataset, shard_size=shard_size, shape=image_shape,
-                              norm=normalization, num_classes=len(names), keep_stats=True, dtype=shard_dtype)
+        writer = _SplitWriter(
+            tmp,
+            Path(out_dir),
+            split=split,
+            dataset=dataset,
+            shard_size=shard_size,
+            shape=image_shape,
+            norm=normalization,
+            num_classes=len(names),
+            keep_stats=True,
+            dtype=shard_dtype,
+        )
         for pixels, labels in chunks:
             writer.add(pixels, labels.astype(np.int64))
         if not writer.counts.sum():
@@ -187,8 +249,10 @@ def write_split(
 
 def _image_shape(train: Table, test: Table, image_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
     if test.rows and (test.layout, test.num_pixels) != (train.layout, train.num_pixels):
-        raise DataError(f"{test.path}: expected rows of {train.num_pixels} pixels like the train split, "
-                        f"found {test.num_pixels}")
+        raise DataError(
+            f"{test.path}: expected rows of {train.num_pixels} pixels like the train split, "
+            f"found {test.num_pixels}"
+        )
     if train.image_shape is not None:
         return train.image_shape
     return resolve_shape(image_shape, train.num_pixels, str(train.path))
@@ -239,25 +303,53 @@ def tensorize(
     outs = {"train": train_out, "test": test_out, **({"val": val_out} if val_out is not None else {})}
     workers = resolve_workers(workers)
     run = _serial if workers == 1 else _parallel
-    return run(train, test, outs, dataset=dataset, names=names, shape=shape, shard_size=shard_size,
-               normalize_kind=normalize_kind, test_fraction=test_fraction, val_fraction=val_fraction,
-               dtype=shard_dtype, workers=workers, notice=notice)
+    return run(
+        train,
+        test,
+        outs,
+        dataset=dataset,
+        names=names,
+        shape=shape,
+        shard_size=shard_size,
+        normalize_kind=normalize_kind,
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        dtype=shard_dtype,
+        workers=workers,
+        notice=notice,
+    )
 
 
-def _check_counts(train: Table, counts: dict[str, np.ndarray], names: tuple[str, ...],
-                  notice: Callable[[str], None]) -> None:
+def _check_counts(
+    train: Table, counts: dict[str, np.ndarray], names: tuple[str, ...], notice: Callable[[str], None]
+) -> None:
     for split in ("train", "test"):
         if not counts[split].sum():
-            raise DataError(f"{train.path}: the {split} split would be empty; with few samples raise "
-                            f"data.test_fraction or add samples")
+            raise DataError(
+                f"{train.path}: the {split} split would be empty; with few samples raise "
+                f"data.test_fraction or add samples"
+            )
     missing = [n for n, c in zip(names, counts["train"]) if c == 0]
     if missing:
         notice(f"notice: {len(missing)} class(es) have no train samples: {', '.join(missing)}"[:300])
 
 
-def _serial(train: Table, test: Table, outs: dict[str, Path], *, dataset: str, names: tuple[str, ...],
-            shape: tuple[int, int, int], shard_size: int, normalize_kind: str, test_fraction: float,
-            val_fraction: float, dtype: str, workers: int, notice: Callable[[str], None]) -> dict[str, Manifest]:
+def _serial(
+    train: Table,
+    test: Table,
+    outs: dict[str, Path],
+    *,
+    dataset: str,
+    names: tuple[str, ...],
+    shape: tuple[int, int, int],
+    shard_size: int,
+    normalize_kind: str,
+    test_fraction: float,
+    val_fraction: float,
+    dtype: str,
+    workers: int,
+    notice: Callable[[str], None],
+) -> dict[str, Manifest]:
     """One pass in this process: rows are streamed and routed to the splits' writers (the reference path)."""
     if normalize_kind == "standard":  # a first pass: the statistics of the rows that will train
         _, histogram = _train_codes(train, shard_size, test_fraction, val_fraction, shape[0], True, workers=1)
@@ -266,10 +358,21 @@ def _serial(train: Table, test: Table, outs: dict[str, Path], *, dataset: str, n
         stats = None  # computed while the train split is written
     norm = make_normalization(normalize_kind, stats, shape[0])
     with contextlib.ExitStack() as stack:
-        writers = {split: _SplitWriter(stack.enter_context(atomic_dir(out)), Path(out), split=split, dataset=dataset,
-                                       shard_size=shard_size, shape=shape, norm=norm, num_classes=len(names),
-                                       keep_stats=split == "train", dtype=dtype)
-                   for split, out in outs.items()}
+        writers = {
+            split: _SplitWriter(
+                stack.enter_context(atomic_dir(out)),
+                Path(out),
+                split=split,
+                dataset=dataset,
+                shard_size=shard_size,
+                shape=shape,
+                norm=norm,
+                num_classes=len(names),
+                keep_stats=split == "train",
+                dtype=dtype,
+            )
+            for split, out in outs.items()
+        }
         for rows in iter_rows(train, shard_size):
             labels = label_indices(rows.labels, names, train.labels)
             codes = routes(train, rows, test_fraction, val_fraction)
@@ -287,13 +390,24 @@ def _serial(train: Table, test: Table, outs: dict[str, Path], *, dataset: str, n
         return {split: writer.close(names, stats) for split, writer in writers.items()}
 
 
-def _train_codes(train: Table, shard_size: int, test_fraction: float, val_fraction: float, channels: int,
-                 need_histogram: bool, workers: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _train_codes(
+    train: Table,
+    shard_size: int,
+    test_fraction: float,
+    val_fraction: float,
+    channels: int,
+    need_histogram: bool,
+    workers: int,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Each train row's split code, and the train rows' pixel histogram (None: not needed, not read)."""
     if not test_fraction and not val_fraction and not need_histogram:
         return np.full(train.rows, TRAIN, dtype=np.uint8), None
-    pieces = (RoutePiece(str(train.path), start, min(start + shard_size, train.rows), test_fraction, val_fraction,
-                         channels) for start in range(0, train.rows, shard_size))
+    pieces = (
+        RoutePiece(
+            str(train.path), start, min(start + shard_size, train.rows), test_fraction, val_fraction, channels
+        )
+        for start in range(0, train.rows, shard_size)
+    )
     codes, histogram = [], np.zeros((channels, 256), dtype=np.int64)
     for raw, part in ordered_map(route_piece, pieces, workers):
         codes.append(np.frombuffer(raw, dtype=np.uint8))
@@ -301,29 +415,62 @@ def _train_codes(train: Table, shard_size: int, test_fraction: float, val_fracti
     return np.concatenate(codes), histogram
 
 
-def _parallel(train: Table, test: Table, outs: dict[str, Path], *, dataset: str, names: tuple[str, ...],
-              shape: tuple[int, int, int], shard_size: int, normalize_kind: str, test_fraction: float,
-              val_fraction: float, dtype: str, workers: int, notice: Callable[[str], None]) -> dict[str, Manifest]:
+def _parallel(
+    train: Table,
+    test: Table,
+    outs: dict[str, Path],
+    *,
+    dataset: str,
+    names: tuple[str, ...],
+    shape: tuple[int, int, int],
+    shard_size: int,
+    normalize_kind: str,
+    test_fraction: float,
+    val_fraction: float,
+    dtype: str,
+    workers: int,
+    notice: Callable[[str], None],
+) -> dict[str, Manifest]:
     """Every shard a piece for a worker: each split's rows are chosen first (a pass over the label
     column, and over the rows when splits are held out), then each shard is written from its rows."""
-    codes, histogram = _train_codes(train, shard_size, test_fraction, val_fraction, shape[0],
-                                    normalize_kind == "standard", workers)
-    norm = make_normalization(normalize_kind, pixel_stats(histogram) if normalize_kind == "standard" else None,
-                              shape[0])
+    codes, histogram = _train_codes(
+        train, shard_size, test_fraction, val_fraction, shape[0], normalize_kind == "standard", workers
+    )
+    norm = make_normalization(
+        normalize_kind, pixel_stats(histogram) if normalize_kind == "standard" else None, shape[0]
+    )
     train_labels = label_indices(read_labels(train), names, train.labels)
     rows = {split: (train, np.flatnonzero(codes == _CODES[split])) for split in outs}
     if test.rows:
         rows["test"] = (test, np.arange(test.rows, dtype=np.int64))
-    counts = {split: np.bincount(train_labels[index] if table is train else
-                                 label_indices(read_labels(test), names, train.labels), minlength=len(names))
-              for split, (table, index) in rows.items()}
+    counts = {
+        split: np.bincount(
+            train_labels[index] if table is train else label_indices(read_labels(test), names, train.labels),
+            minlength=len(names),
+        )
+        for split, (table, index) in rows.items()
+    }
     _check_counts(train, counts, names, notice)
     with contextlib.ExitStack() as stack:
         folders = {split: stack.enter_context(atomic_dir(out)) for split, out in outs.items()}
-        pieces = [ShardPiece(str(table.path), index[k : k + shard_size].astype(np.int64).tobytes(),
-                             str(folders[split]), str(outs[split]), SHARD_PATTERN.format(k // shard_size), split,
-                             dataset, shape, norm, names, dtype, shard_size)
-                  for split, (table, index) in rows.items() for k in range(0, len(index), shard_size)]
+        pieces = [
+            ShardPiece(
+                str(table.path),
+                index[k : k + shard_size].astype(np.int64).tobytes(),
+                str(folders[split]),
+                str(outs[split]),
+                SHARD_PATTERN.format(k // shard_size),
+                split,
+                dataset,
+                shape,
+                norm,
+                names,
+                dtype,
+                shard_size,
+            )
+            for split, (table, index) in rows.items()
+            for k in range(0, len(index), shard_size)
+        ]
         entries: dict[str, list[ShardEntry]] = {split: [] for split in outs}
         train_histogram = np.zeros((shape[0], 256), dtype=np.int64)
         for piece, done in zip(pieces, ordered_map(write_piece, pieces, workers)):
@@ -331,7 +478,19 @@ def _parallel(train: Table, test: Table, outs: dict[str, Path], *, dataset: str,
             if piece.split == "train":
                 train_histogram += np.asarray(done.histogram, dtype=np.int64)
         stats = pixel_stats(train_histogram)
-        return {split: write_manifest(folders[split], Path(out), dataset=dataset, split=split, names=names,
-                                      counts=counts[split], shape=shape, dtype=dtype, norm=norm, stats=stats,
-                                      entries=entries[split])
-                for split, out in outs.items()}
+        return {
+            split: write_manifest(
+                folders[split],
+                Path(out),
+                dataset=dataset,
+                split=split,
+                names=names,
+                counts=counts[split],
+                shape=shape,
+                dtype=dtype,
+                norm=norm,
+                stats=stats,
+                entries=entries[split],
+            )
+            for split, out in outs.items()
+        }

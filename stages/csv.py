@@ -15,9 +15,9 @@ from pathlib import Path
 from pipeline import images
 from pipeline.cli import parser, run_stage
 from pipeline.csvdata import check_user_csv_location, idx_to_csv, import_user_csv, write_empty_csv
+from pipeline.download import verify_raw
 from pipeline.errors import DataError
 from pipeline.params import DataParams, load_section
-from pipeline.download import verify_raw
 from pipeline.sources import DATASETS
 
 
@@ -27,18 +27,23 @@ def _user_csv(data: DataParams, user: Path | None, outputs: dict[str, Path], whe
         for split, src in sources.items():
             if src is not None:
                 check_user_csv_location(src, user, f"data.{split}_csv", where)
-    shape, labels = import_user_csv(sources["train"], outputs["train"], image_shape=data.image_shape,
-                                    check_values=True)
+    shape, labels = import_user_csv(
+        sources["train"], outputs["train"], image_shape=data.image_shape, check_values=True
+    )
     print(f"csv: train: {sources['train']} -> {outputs['train']} ({labels} labels, images {list(shape)})")
     if sources["test"] is None:
         write_empty_csv(outputs["test"], shape[0] * shape[1] * shape[2])
-        print(f"csv: test: none (data.test_csv is null): held out of train by data.test_fraction "
-              f"{data.test_fraction}")
+        print(
+            f"csv: test: none (data.test_csv is null): held out of train by data.test_fraction "
+            f"{data.test_fraction}"
+        )
         return
     _, test_labels = import_user_csv(sources["test"], outputs["test"], image_shape=shape, check_values=True)
     if test_labels != labels:
-        raise DataError(f"{sources['test']}: labels are {test_labels}s but {sources['train']}'s are {labels}s; "
-                        f"labels must not mix integers and names")
+        raise DataError(
+            f"{sources['test']}: labels are {test_labels}s but {sources['train']}'s are {labels}s; "
+            f"labels must not mix integers and names"
+        )
     print(f"csv: test: {sources['test']} -> {outputs['test']}")
 
 
@@ -49,7 +54,9 @@ def _image_folder(data: DataParams, outputs: dict[str, Path]) -> None:
     shape = images.check_images(root, [*train, *test], data.image_shape)
     for split, entries in (("train", train), ("test", test)):
         images.write_listing(entries, outputs[split])
-        print(f"csv: {split}: {len(entries)} images of {root} listed -> {outputs[split]} (images {list(shape)})")
+        print(
+            f"csv: {split}: {len(entries)} images of {root} listed -> {outputs[split]} (images {list(shape)})"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -57,8 +64,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--raw", type=Path, required=True, help="folder of the download stage (data/raw)")
     p.add_argument("--train", type=Path, required=True, help="output train CSV")
     p.add_argument("--test", type=Path, required=True, help="output test CSV")
-    p.add_argument("--user", type=Path, default=None,
-                   help="folder dvc.yaml tracks for the user's CSVs (data/user); with it, a CSV elsewhere is refused")
+    p.add_argument(
+        "--user",
+        type=Path,
+        default=None,
+        help="folder dvc.yaml tracks for the user's CSVs (data/user); with it, a CSV elsewhere is refused",
+    )
     args = p.parse_args(argv)
     data = load_section("data", args.params)
     outputs = {"train": args.train, "test": args.test}

@@ -14,8 +14,12 @@ from pipeline.sources import DATASETS
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--out", type=Path, required=True, help="output folder (data/raw)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds per network operation and rate window; overrides data.timeout_s for a run by hand")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per network operation and rate window; overrides data.timeout_s for a run by hand",
+    )
     args = p.parse_args(argv)
     data = load_section("data", args.params)
     if data.dataset not in DATASETS:  # the user's own csv or images
@@ -23,8 +27,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"download: skipped (data.dataset is {data.dataset})")
         return
     timeout = data.timeout_s if args.timeout is None else args.timeout
-    record = fetch_dataset(DATASETS[data.dataset], args.out, mirrors=data.mirrors, timeout=timeout,
-                           min_rate_kbps=data.min_rate_kbps)
+    record = fetch_dataset(
+        DATASETS[data.dataset],
+        args.out,
+        mirrors=data.mirrors,
+        timeout=timeout,
+        min_rate_kbps=data.min_rate_kbps,
+    )
     for name, info in record["files"].items():
         print(f"download: {name} verified, from {info['source']}")
 

@@ -23,12 +23,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     data = load_section("data", args.params)
     prep = load_section("prep", args.params)
-    codec = {"compression": prep.compression, "compression_level": prep.compression_level,
-             "row_group_size": prep.row_group_size}
+    codec = {
+        "compression": prep.compression,
+        "compression_level": prep.compression_level,
+        "row_group_size": prep.row_group_size,
+    }
     for split, src, out in (("train", args.train_csv, args.train), ("test", args.test_csv, args.test)):
-        if data.dataset == "images":  # test images take the train split's shape (an empty test split has none)
+        if (
+            data.dataset == "images"
+        ):  # test images take the train split's shape (an empty test split has none)
             shape = data.image_shape if split == "train" else open_table(args.train).image_shape
-            rows = images_to_parquet(src, Path(data.images_dir), out, image_shape=shape, workers=prep.workers, **codec)
+            rows = images_to_parquet(
+                src, Path(data.images_dir), out, image_shape=shape, workers=prep.workers, **codec
+            )
         else:  # a source without a test split has an empty test table
             rows = csv_to_parquet(src, out, allow_empty=split == "test", workers=prep.workers, **codec)
         print(f"parquet: {src} -> {out}: {rows} rows, {out.stat().st_size} bytes")

@@ -22,10 +22,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--train", type=Path, required=True, help="train split folder (manifest.json + shards)")
     p.add_argument("--test", type=Path, required=True, help="test split folder (manifest.json + shards)")
-    p.add_argument("--val", type=Path, default=None,
-                   help="validation split folder; with samples in it, val_loss and val_acc are logged")
-    p.add_argument("--model", type=Path, required=True, help="output folder for model.safetensors + model.json")
-    p.add_argument("--checkpoints", type=Path, required=True, help="folder for resumable checkpoints (not a DVC output)")
+    p.add_argument(
+        "--val",
+        type=Path,
+        default=None,
+        help="validation split folder; with samples in it, val_loss and val_acc are logged",
+    )
+    p.add_argument(
+        "--model", type=Path, required=True, help="output folder for model.safetensors + model.json"
+    )
+    p.add_argument(
+        "--checkpoints", type=Path, required=True, help="folder for resumable checkpoints (not a DVC output)"
+    )
     p.add_argument("--live", type=Path, required=True, help="DVCLive folder (metrics.json, plots/metrics)")
     args = p.parse_args(argv)
     # Both sections are checked before any data is touched.
@@ -33,8 +41,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     train = load_section("train", args.params)
     if train.processes > 1 and not under_launcher():
         args_again = list(sys.argv[1:] if argv is None else argv)
-        sys.exit(train_in_processes(args_again, train_dir=args.train, test_dir=args.test,
-                                    checkpoint_dir=args.checkpoints, train=train, val_dir=args.val))
+        sys.exit(
+            train_in_processes(
+                args_again,
+                train_dir=args.train,
+                test_dir=args.test,
+                checkpoint_dir=args.checkpoints,
+                train=train,
+                val_dir=args.val,
+            )
+        )
     train_model(
         train_dir=args.train,
         test_dir=args.test,

@@ -7,11 +7,18 @@ import subprocess
 from pathlib import Path
 
 OFFLINE_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     "--hide-scrollbars",
     # no name resolves and every proxied request goes to a closed port: nothing leaves the machine
-    "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--proxy-server=127.0.0.1:9",
     # let the page's scripts run to completion before dumping or shooting (virtual time, not wall time)
     "--virtual-time-budget=15000",
 )

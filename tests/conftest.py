@@ -31,7 +31,7 @@ Route = Callable[[BaseHTTPRequestHandler], None]
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         self.server.hits.append(path)
         route = self.server.routes.get(path)
@@ -66,8 +66,9 @@ class LocalServer:
             self._srv.socket = tls.wrap_socket(self._srv.socket, server_side=True)
         self.scheme = "https" if tls is not None else "http"
         self.port = self._srv.server_address[1]
-        self._thread = threading.Thread(target=self._srv.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
 
     # -- addresses
@@ -91,8 +92,15 @@ class LocalServer:
         self._srv.server_close()
 
     # -- behaviours
-    def serve(self, path: str, body: bytes, *, status: int = 200, content_length: bool = True,
-              headers: dict[str, str] | None = None) -> None:
+    def serve(
+        self,
+        path: str,
+        body: bytes,
+        *,
+        status: int = 200,
+        content_length: bool = True,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         """A normal response; without Content-Length the body ends when the connection closes."""
 
         def fn(h: BaseHTTPRequestHandler) -> None:
@@ -144,7 +152,9 @@ class LocalServer:
 
         self.route(path, fn)
 
-    def stall(self, path: str, *, seconds: float = 10.0, after: bytes | None = None, claimed: int = 0) -> None:
+    def stall(
+        self, path: str, *, seconds: float = 10.0, after: bytes | None = None, claimed: int = 0
+    ) -> None:
         """Send nothing (or headers and ``after`` bytes), then wait without closing."""
         release = self._srv.release
 
@@ -168,7 +178,7 @@ class LocalServer:
             h.send_header("Content-Length", str(len(body)))
             h.end_headers()
             for start in range(0, len(body), chunk):
-                h.wfile.write(body[start:start + chunk])
+                h.wfile.write(body[start : start + chunk])
                 if release.wait(interval):
                     break
             h.close_connection = True
@@ -202,6 +212,7 @@ def http_server2() -> Iterator[LocalServer]:
 
 # ----------------------------------------------------------------------------- TLS
 
+
 def _self_signed(folder: Path) -> tuple[Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -219,15 +230,22 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                    x509.DNSName("localhost")]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = folder / "cert.pem", folder / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return cert_path, key_path
 
 

@@ -23,8 +23,13 @@ DATASETS[{key!r}] = DatasetSpec(_doc["name"], SplitFiles(*map(_f, _doc["train"])
 """
 
 
-def run_stage_with_spec(stage: str, spec: DatasetSpec, key: str, *args: str | Path, cwd: Path,
-                        ) -> subprocess.CompletedProcess:
+def run_stage_with_spec(
+    stage: str,
+    spec: DatasetSpec,
+    key: str,
+    *args: str | Path,
+    cwd: Path,
+) -> subprocess.CompletedProcess:
     """``python -m stages.<stage> ARGS`` in ``cwd`` with ``DATASETS[key]`` replaced by ``spec``."""
     site = cwd / "site"
     site.mkdir(exist_ok=True)

@@ -25,8 +25,9 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.Compl
 
 def copy_repo(dest: Path) -> Path:
     """Copy tracked and untracked-not-ignored files (no data, no cache) into ``dest``."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split("\n")
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     for rel in filter(None, listed):
         src = ROOT / rel
         if not src.is_file() or rel.startswith(("bench/", "tests/")):
@@ -60,10 +61,12 @@ def make_csv_repo(tmp: Path, n_train: int = 300, n_test: int = 100, seed: int = 
     repo = copy_repo(tmp / "repo")
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("test", n_test)):
-        write_csv(repo / "data" / "user" / f"{split}.csv",
-                  rng.integers(0, 256, (n, 784)), rng.integers(0, 10, n))
-    set_params(repo, **{"data.dataset": "csv", "prep.shard_size": 128, "train.epochs": 1,
-                        "loader.batch_size": 64})
+        write_csv(
+            repo / "data" / "user" / f"{split}.csv", rng.integers(0, 256, (n, 784)), rng.integers(0, 10, n)
+        )
+    set_params(
+        repo, **{"data.dataset": "csv", "prep.shard_size": 128, "train.epochs": 1, "loader.batch_size": 64}
+    )
     run(["git", "init", "-q"], repo)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], repo)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], repo)

@@ -26,8 +26,11 @@ def free_port() -> int:
 
 
 def keygen(path: Path) -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
+        check=True,
+        capture_output=True,
+    )
     return path
 
 
@@ -64,8 +67,8 @@ def start_sshd(folder: Path) -> Sshd:
 Port {port}
 ListenAddress 127.0.0.1
 HostKey {host_key}
-PidFile {folder / 'sshd.pid'}
-AuthorizedKeysFile {folder / 'authorized_keys'}
+PidFile {folder / "sshd.pid"}
+AuthorizedKeysFile {folder / "authorized_keys"}
 # CI runs as root; keys only, never passwords
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes

@@ -34,6 +34,7 @@ IDX_NAMES = {
 
 # --------------------------------------------------------------------------- samples
 
+
 def images(n: int, seed: int = 0) -> np.ndarray:
     """uint8 [n, 28, 28] covering the whole 0..255 range (first image holds 0..255 in order)."""
     rng = np.random.default_rng(seed)
@@ -67,6 +68,7 @@ def split(n: int, seed: int = 0) -> Split:
 
 # --------------------------------------------------------------------------- IDX / gzip
 
+
 def gz(data: bytes, level: int = 9, mtime: int = 0) -> bytes:
     return gzip.compress(data, compresslevel=level, mtime=mtime)
 
@@ -98,16 +100,20 @@ class SynthDataset:
         return [f.name for f in self.spec.files]
 
 
-def dataset(n_train: int = 120, n_test: int = 40, seed: int = 0, sources: tuple[str, ...] = (),
-            name: str = "synth") -> SynthDataset:
+def dataset(
+    n_train: int = 120, n_test: int = 40, seed: int = 0, sources: tuple[str, ...] = (), name: str = "synth"
+) -> SynthDataset:
     tr, te = split(n_train, seed), split(n_test, seed + 1)
     raw: dict[str, bytes] = {}
     splits = []
     for (img_name, lbl_name), s in zip(IDX_NAMES.values(), (tr, te)):
         img_raw, lbl_raw = encode_idx(s.images), encode_idx(s.labels)
         raw[img_name], raw[lbl_name] = img_raw, lbl_raw
-        splits.append(SplitFiles(idx_file(img_name, img_raw, s.images.shape),
-                                 idx_file(lbl_name, lbl_raw, s.labels.shape)))
+        splits.append(
+            SplitFiles(
+                idx_file(img_name, img_raw, s.images.shape), idx_file(lbl_name, lbl_raw, s.labels.shape)
+            )
+        )
     spec = DatasetSpec(name, splits[0], splits[1], sources=tuple(sources))
     return SynthDataset(spec, raw, tr, te)
 
@@ -116,9 +122,14 @@ def spec_to_json(spec: DatasetSpec) -> str:
     def f(x: IdxFile) -> dict:
         return {"name": x.name, "sha256": x.sha256, "size": x.size, "shape": list(x.shape)}
 
-    return json.dumps({"name": spec.name, "sources": list(spec.sources),
-                       "train": [f(spec.train.images), f(spec.train.labels)],
-                       "test": [f(spec.test.images), f(spec.test.labels)]})
+    return json.dumps(
+        {
+            "name": spec.name,
+            "sources": list(spec.sources),
+            "train": [f(spec.train.images), f(spec.train.labels)],
+            "test": [f(spec.test.images), f(spec.test.labels)],
+        }
+    )
 
 
 def gzip_bomb(decompressed: int, chunk: int = 1 << 20) -> bytes:
@@ -136,6 +147,7 @@ def gzip_bomb(decompressed: int, chunk: int = 1 << 20) -> bytes:
 
 
 # --------------------------------------------------------------------------- CSV
+
 
 def header_line(zero_based: bool = False) -> str:
     names = ("label", *PIXEL_COLUMNS_ZERO_BASED) if zero_based else HEADER
@@ -162,6 +174,7 @@ def row_line(label: int | str, pixels: list | None = None) -> str:
 
 # --------------------------------------------------------------------------- params
 
+
 def params_yaml(**sections: dict) -> str:
     """A params.yaml with only the given sections/keys (the rest take their defaults)."""
     out = []
@@ -179,8 +192,14 @@ def write_params(path: Path, **sections: dict) -> Path:
 
 # --------------------------------------------------------------------------- subprocess
 
-def run_stage(stage: str, *args: str | os.PathLike, cwd: Path, extra_path: list[Path] | None = None,
-              timeout: float = 120) -> subprocess.CompletedProcess:
+
+def run_stage(
+    stage: str,
+    *args: str | os.PathLike,
+    cwd: Path,
+    extra_path: list[Path] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess:
     """Run ``python -m stages.<stage> ARGS`` in ``cwd`` with the repo importable."""
     env = dict(os.environ)
     paths = [str(p) for p in (extra_path or [])] + [str(REPO)]
@@ -188,23 +207,43 @@ def run_stage(stage: str, *args: str | os.PathLike, cwd: Path, extra_path: list[
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def run_stage_measured(stage: str, *args: str | os.PathLike, cwd: Path, timeout: float = 120,
-                       ) -> tuple[subprocess.CompletedProcess, int]:
+def run_stage_measured(
+    stage: str,
+    *args: str | os.PathLike,
+    cwd: Path,
+    timeout: float = 120,
+) -> tuple[subprocess.CompletedProcess, int]:
     """Like :func:`run_stage`, also returning the stage process's own peak resident memory in bytes (Linux)."""
     from benchmarks.scale import run_module_measured
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               PYTHONDONTWRITEBYTECODE="1")
-    return run_module_measured(f"stages.{stage}", [str(a) for a in args], cwd=cwd, env=env,
-                               peak_file=cwd / ".peak_kib", timeout=timeout)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    return run_module_measured(
+        f"stages.{stage}",
+        [str(a) for a in args],
+        cwd=cwd,
+        env=env,
+        peak_file=cwd / ".peak_kib",
+        timeout=timeout,
+    )
 
 
-def refused_fast_in_bounded_memory(call: Any, error: type[Exception], seconds: float = 2,
-                                   max_bytes: int = 2 << 20) -> Exception:
+def refused_fast_in_bounded_memory(
+    call: Any, error: type[Exception], seconds: float = 2, max_bytes: int = 2 << 20
+) -> Exception:
     """Run ``call()``, which must raise ``error`` within ``seconds`` while allocating at most
     ``max_bytes`` of Python memory (tracemalloc); return the error."""
     import time

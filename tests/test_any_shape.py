@@ -21,8 +21,15 @@ from trainer.model import NUM_PARAMETERS, SimpleCNN, count_parameters
 CODEC = {"compression": "zstd", "compression_level": None, "row_group_size": 64}
 
 
-def shaped_csv(path: Path, n: int, shape: tuple[int, int, int], *, labels: list | None = None, seed: int = 0,
-               names: list[str] | None = None) -> tuple[np.ndarray, list]:
+def shaped_csv(
+    path: Path,
+    n: int,
+    shape: tuple[int, int, int],
+    *,
+    labels: list | None = None,
+    seed: int = 0,
+    names: list[str] | None = None,
+) -> tuple[np.ndarray, list]:
     """A CSV of ``n`` random images of ``shape`` (pixel columns named ``names``, default p0..); returns pixels, labels."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (n, int(np.prod(shape))), dtype=np.uint8)
@@ -55,10 +62,15 @@ def load(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     parts = [safetensors.numpy.load_file(folder / s["file"]) for s in manifest["shards"]]
     if not parts:
         return np.zeros((0, *manifest["image_shape"]), np.float32), np.zeros(0, np.int64), manifest
-    return (np.concatenate([p["images"] for p in parts]), np.concatenate([p["labels"] for p in parts]), manifest)
+    return (
+        np.concatenate([p["images"] for p in parts]),
+        np.concatenate([p["labels"] for p in parts]),
+        manifest,
+    )
 
 
 # ============================================================================ splits
+
 
 def test_split_of_a_sample_never_moves_when_samples_are_added():
     keys = [f"img/{i}.png".encode() for i in range(3000)]
@@ -79,8 +91,17 @@ def test_held_out_test_and_val_are_stratified_and_stable(tmp_path):
     pixels, _ = shaped_csv(tmp_path / "train.csv", n, (1, 4, 4), labels=labels, seed=1)
     pq = to_parquet(tmp_path / "a", tmp_path / "train.csv", None)
     out = tmp_path / "t"
-    manifests = tensorize(*pq, out / "train", out / "test", out / "val", dataset="csv", shard_size=300,
-                          normalize_kind="unit", test_fraction=0.1, val_fraction=0.15)
+    manifests = tensorize(
+        *pq,
+        out / "train",
+        out / "test",
+        out / "val",
+        dataset="csv",
+        shard_size=300,
+        normalize_kind="unit",
+        test_fraction=0.1,
+        val_fraction=0.15,
+    )
     counts = {s: np.array(m.class_counts) for s, m in manifests.items()}
     assert sum(int(c.sum()) for c in counts.values()) == n
     for split, frac in (("test", 0.1), ("val", 0.15)):
@@ -93,8 +114,17 @@ def test_held_out_test_and_val_are_stratified_and_stable(tmp_path):
     (tmp_path / "train2.csv").write_text(rows)
     pq2 = to_parquet(tmp_path / "b", tmp_path / "train2.csv", None)
     out2 = tmp_path / "t2"
-    tensorize(*pq2, out2 / "train", out2 / "test", out2 / "val", dataset="csv", shard_size=300,
-              normalize_kind="unit", test_fraction=0.1, val_fraction=0.15)
+    tensorize(
+        *pq2,
+        out2 / "train",
+        out2 / "test",
+        out2 / "val",
+        dataset="csv",
+        shard_size=300,
+        normalize_kind="unit",
+        test_fraction=0.1,
+        val_fraction=0.15,
+    )
     for split in ("train", "val", "test"):
         old = {bytes(x.tobytes()) for x in (load(out / split)[0] * 255).round().astype(np.uint8)}
         new = {bytes(x.tobytes()) for x in (load(out2 / split)[0] * 255).round().astype(np.uint8)}
@@ -105,12 +135,20 @@ def test_empty_train_or_held_out_split_refused(tmp_path):
     shaped_csv(tmp_path / "train.csv", 3, (1, 4, 4), labels=[0, 1, 0])
     pq = to_parquet(tmp_path, tmp_path / "train.csv", None)
     with pytest.raises(DataError, match="the test split would be empty"):
-        tensorize(*pq, tmp_path / "o/train", tmp_path / "o/test", dataset="csv", shard_size=8,
-                  normalize_kind="unit", test_fraction=0.01)
+        tensorize(
+            *pq,
+            tmp_path / "o/train",
+            tmp_path / "o/test",
+            dataset="csv",
+            shard_size=8,
+            normalize_kind="unit",
+            test_fraction=0.01,
+        )
     assert not (tmp_path / "o").exists() or synth.leftovers(tmp_path / "o") == []
 
 
 # ============================================================================ shapes and classes
+
 
 def test_rgb_17x23_named_classes_per_channel_standard(tmp_path):
     shape = (3, 17, 23)
@@ -120,8 +158,16 @@ def test_rgb_17x23_named_classes_per_channel_standard(tmp_path):
     test_pixels, _ = shaped_csv(tmp_path / "test.csv", 12, shape, labels=["ant", "bee"] * 6, seed=3)
     pq = to_parquet(tmp_path, tmp_path / "train.csv", tmp_path / "test.csv", shape=shape)
     out = tmp_path / "t"
-    m = tensorize(*pq, out / "train", out / "test", out / "val", dataset="csv", shard_size=25,
-                  normalize_kind="standard", image_shape=shape)
+    m = tensorize(
+        *pq,
+        out / "train",
+        out / "test",
+        out / "val",
+        dataset="csv",
+        shard_size=25,
+        normalize_kind="standard",
+        image_shape=shape,
+    )
     assert m["train"].class_names == ("ant", "bee", "cat, wild", "zebra")  # sorted names; indices follow
     assert m["train"].image_shape == shape and m["test"].class_counts == (6, 6, 0, 0)
     images, got, manifest = load(out / "train")
@@ -132,8 +178,9 @@ def test_rgb_17x23_named_classes_per_channel_standard(tmp_path):
         mean, std = np.float32(planes[:, c].mean()), np.float32(planes[:, c].std())
         assert m["train"].normalization.mean[c] == pytest.approx(float(mean), abs=1e-6)
         assert m["train"].normalization.std[c] == pytest.approx(float(std), abs=1e-6)
-        table = (np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(m["train"].normalization.mean[c])) \
-            / np.float32(m["train"].normalization.std[c])
+        table = (
+            np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(m["train"].normalization.mean[c])
+        ) / np.float32(m["train"].normalization.std[c])
         expected = table[pixels.reshape(60, 3, -1)[:, c]]
         assert np.array_equal(images.reshape(60, 3, -1)[:, c].view(np.uint32), expected.view(np.uint32))
     test_images, _, _ = load(out / "test")
@@ -145,8 +192,15 @@ def test_integer_labels_make_classes_up_to_the_largest_with_a_notice(tmp_path, c
     shaped_csv(tmp_path / "test.csv", 5, (1, 8, 8), labels=[0, 1, 2, 3, 5], seed=4)
     pq = to_parquet(tmp_path, tmp_path / "train.csv", tmp_path / "test.csv")
     notes = []
-    m = tensorize(*pq, tmp_path / "o/train", tmp_path / "o/test", dataset="csv", shard_size=8,
-                  normalize_kind="unit", notice=notes.append)
+    m = tensorize(
+        *pq,
+        tmp_path / "o/train",
+        tmp_path / "o/test",
+        dataset="csv",
+        shard_size=8,
+        normalize_kind="unit",
+        notice=notes.append,
+    )
     assert m["train"].class_names == ("0", "1", "2", "3", "4", "5") and m["train"].class_counts[4] == 0
     assert notes == ["notice: 1 class(es) have no train samples: 4"]
 
@@ -156,37 +210,64 @@ def test_test_class_unknown_to_train_is_refused(tmp_path):
     shaped_csv(tmp_path / "test.csv", 3, (1, 4, 4), labels=["a", "c", "b"])
     pq = to_parquet(tmp_path, tmp_path / "train.csv", tmp_path / "test.csv")
     with pytest.raises(DataError) as err:
-        tensorize(*pq, tmp_path / "o/train", tmp_path / "o/test", dataset="csv", shard_size=8, normalize_kind="unit")
-    assert str(err.value) == (f"{pq[1]}: row 2, column 'label': class 'c' has no train samples; "
-                              f"the train split's classes are a, b")
+        tensorize(
+            *pq, tmp_path / "o/train", tmp_path / "o/test", dataset="csv", shard_size=8, normalize_kind="unit"
+        )
+    assert str(err.value) == (
+        f"{pq[1]}: row 2, column 'label': class 'c' has no train samples; the train split's classes are a, b"
+    )
     assert synth.leftovers(tmp_path / "o") == []
 
 
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda p: shaped_csv(p, 3, (1, 4, 5)),
-         "{p}: row 1 (header): 20 pixel columns are not a square grey image; set data.image_shape to [C, H, W] "
-         "in params.yaml"),
-        (lambda p: p.write_text("label,a,b,c,d\n1,2,3,4,5\n,1,2,3,4\n"),
-         "{p}: row 2 (line 3), column 1 (label): expected an integer 0..65535, found an empty cell"),
-        (lambda p: p.write_text("label,a,b,c,d\ncat,2,3,4,5\n ,1,2,3,4\n"),
-         "{p}: row 2 (line 3), column 1 (label): expected a class name, found an empty cell"),
-        (lambda p: p.write_text("label,a,b,c,d\n1,2,3,4,5\ncat,1,2,3,4\n"),
-         "{p}: row 2 (line 3), column 1 (label): expected an integer 0..65535 like the first row's, found 'cat' "
-         "(labels must not mix integers and names)"),
-        (lambda p: p.write_text("label,a,b,c,d\ncat,2,3,4,5\n7,1,2,3,4\n"),
-         "{p}: row 2 (line 3), column 1 (label): expected a class name like the first row's, found the integer '7' "
-         "(labels must not mix integers and names)"),
-        (lambda p: p.write_text("label,a,b,c,d\n1,2,3,4,5\n1,2,3,4\n"),
-         "{p}: row 2 (line 3): expected 5 values, found 4"),
-        (lambda p: p.write_text("label,a,b,c,d\n1,2,3,4,5\n65536,1,2,3,4\n"),
-         "{p}: row 2 (line 3), column 1 (label): expected an integer 0..65535, found 65536"),
-        (lambda p: p.write_text("label,a,b,c,d\n1,2,3,4,5\n1,2,3,4,256\n"),
-         "{p}: row 2 (line 3), column 5 (d): expected an integer 0..255, found 256"),
+        (
+            lambda p: shaped_csv(p, 3, (1, 4, 5)),
+            "{p}: row 1 (header): 20 pixel columns are not a square grey image; set data.image_shape to [C, H, W] "
+            "in params.yaml",
+        ),
+        (
+            lambda p: p.write_text("label,a,b,c,d\n1,2,3,4,5\n,1,2,3,4\n"),
+            "{p}: row 2 (line 3), column 1 (label): expected an integer 0..65535, found an empty cell",
+        ),
+        (
+            lambda p: p.write_text("label,a,b,c,d\ncat,2,3,4,5\n ,1,2,3,4\n"),
+            "{p}: row 2 (line 3), column 1 (label): expected a class name, found an empty cell",
+        ),
+        (
+            lambda p: p.write_text("label,a,b,c,d\n1,2,3,4,5\ncat,1,2,3,4\n"),
+            "{p}: row 2 (line 3), column 1 (label): expected an integer 0..65535 like the first row's, found 'cat' "
+            "(labels must not mix integers and names)",
+        ),
+        (
+            lambda p: p.write_text("label,a,b,c,d\ncat,2,3,4,5\n7,1,2,3,4\n"),
+            "{p}: row 2 (line 3), column 1 (label): expected a class name like the first row's, found the integer '7' "
+            "(labels must not mix integers and names)",
+        ),
+        (
+            lambda p: p.write_text("label,a,b,c,d\n1,2,3,4,5\n1,2,3,4\n"),
+            "{p}: row 2 (line 3): expected 5 values, found 4",
+        ),
+        (
+            lambda p: p.write_text("label,a,b,c,d\n1,2,3,4,5\n65536,1,2,3,4\n"),
+            "{p}: row 2 (line 3), column 1 (label): expected an integer 0..65535, found 65536",
+        ),
+        (
+            lambda p: p.write_text("label,a,b,c,d\n1,2,3,4,5\n1,2,3,4,256\n"),
+            "{p}: row 2 (line 3), column 5 (d): expected an integer 0..255, found 256",
+        ),
     ],
-    ids=["not-square", "empty-int-label", "empty-name", "name-after-ints", "int-after-names", "short-row",
-         "label-too-large", "pixel-256"],
+    ids=[
+        "not-square",
+        "empty-int-label",
+        "empty-name",
+        "name-after-ints",
+        "int-after-names",
+        "short-row",
+        "label-too-large",
+        "pixel-256",
+    ],
 )
 def test_hostile_csv_refused_in_one_line_with_nothing_written(tmp_path, make, message):
     src = tmp_path / "user.csv"
@@ -201,14 +282,24 @@ def test_set_shape_must_match_the_column_count(tmp_path):
     shaped_csv(tmp_path / "u.csv", 2, (3, 4, 4))
     with pytest.raises(DataError) as err:
         import_user_csv(tmp_path / "u.csv", tmp_path / "o.csv", image_shape=(3, 4, 5))
-    assert str(err.value) == (f"{tmp_path / 'u.csv'}: row 1 (header): expected 3x4x5 = 60 pixel columns as "
-                              f"data.image_shape says, found 48")
+    assert str(err.value) == (
+        f"{tmp_path / 'u.csv'}: row 1 (header): expected 3x4x5 = 60 pixel columns as "
+        f"data.image_shape says, found 48"
+    )
 
 
 # ============================================================================ model
 
-@pytest.mark.parametrize("shape, classes, features", [((1, 8, 8), 3, 32 * 2 * 2), ((3, 17, 23), 24, 32 * 4 * 5),
-                                                      ((3, 32, 32), 10, 32 * 8 * 8), ((1, 4, 4), 2, 32)])
+
+@pytest.mark.parametrize(
+    "shape, classes, features",
+    [
+        ((1, 8, 8), 3, 32 * 2 * 2),
+        ((3, 17, 23), 24, 32 * 4 * 5),
+        ((3, 32, 32), 10, 32 * 8 * 8),
+        ((1, 4, 4), 2, 32),
+    ],
+)
 def test_model_follows_the_data(shape, classes, features):
     model = SimpleCNN(*shape, classes)
     assert model.classifier[1].in_features == features
@@ -218,18 +309,29 @@ def test_model_follows_the_data(shape, classes, features):
 def test_model_for_28x28_grey_keeps_its_names_and_size():
     model = SimpleCNN(1, 28, 28, 10)
     assert count_parameters(model) == NUM_PARAMETERS == 206_922
-    assert list(model.state_dict()) == ["features.0.weight", "features.0.bias", "features.3.weight",
-                                        "features.3.bias", "classifier.1.weight", "classifier.1.bias",
-                                        "classifier.3.weight", "classifier.3.bias"]
+    assert list(model.state_dict()) == [
+        "features.0.weight",
+        "features.0.bias",
+        "features.3.weight",
+        "features.3.bias",
+        "classifier.1.weight",
+        "classifier.1.bias",
+        "classifier.3.weight",
+        "classifier.3.bias",
+    ]
 
 
 def test_too_small_for_two_poolings_is_refused():
-    with pytest.raises(DataError, match=r"images of 1x3x9 are too small for SimpleCNN's two 2x2 poolings; "
-                                        r"expected at least 4x4"):
+    with pytest.raises(
+        DataError,
+        match=r"images of 1x3x9 are too small for SimpleCNN's two 2x2 poolings; "
+        r"expected at least 4x4",
+    ):
         SimpleCNN(1, 3, 9, 2)
 
 
 # ============================================================================ manifest and params
+
 
 def test_a_manifest_of_the_previous_schema_is_refused_with_the_way_forward(tmp_path):
     from pipeline.manifest import read_manifest
@@ -237,8 +339,10 @@ def test_a_manifest_of_the_previous_schema_is_refused_with_the_way_forward(tmp_p
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1, "dataset": "fashion-mnist"}))
     with pytest.raises(Exception) as err:
         read_manifest(tmp_path)
-    assert str(err.value) == (f"{tmp_path / 'manifest.json'}: schema_version 1 is not this pipeline's 2; "
-                              f"rerun `dvc repro tensorize` to rebuild the shards")
+    assert str(err.value) == (
+        f"{tmp_path / 'manifest.json'}: schema_version 1 is not this pipeline's 2; "
+        f"rerun `dvc repro tensorize` to rebuild the shards"
+    )
 
 
 def test_held_out_fractions_must_leave_a_train_split(tmp_path):
@@ -248,8 +352,9 @@ def test_held_out_fractions_must_leave_a_train_split(tmp_path):
     params = synth.write_params(tmp_path / "params.yaml", data={"test_fraction": 0.5, "val_fraction": 0.5})
     with pytest.raises(ParamsError) as err:
         load_section("data", params)
-    assert str(err.value) == (f"{params}: data.val_fraction: expected test_fraction + val_fraction < 1, "
-                              f"found 0.5 + 0.5")
+    assert str(err.value) == (
+        f"{params}: data.val_fraction: expected test_fraction + val_fraction < 1, found 0.5 + 0.5"
+    )
 
 
 @pytest.mark.parametrize("shape, n", [((1, 28, 28), 5), ((3, 5, 7), 3), ((2, 4, 4), 1)])
@@ -264,15 +369,18 @@ def test_streamed_shard_is_safetensors_own_bytes_with_sorted_header(tmp_path, sh
     images = rng.random((n, *shape), dtype=np.float32)
     labels = rng.integers(0, 9, n).astype(np.int64)
     out = io.BytesIO()
-    chunks = (images[i:i + 2] for i in range(0, n, 2))
+    chunks = (images[i : i + 2] for i in range(0, n, 2))
     size, sha = write_shard(out, chunks, labels, shape, {"split": "train", "dataset": "d"})
-    blob = safetensors.numpy.save({"images": images, "labels": labels}, metadata={"split": "train", "dataset": "d"})
+    blob = safetensors.numpy.save(
+        {"images": images, "labels": labels}, metadata={"split": "train", "dataset": "d"}
+    )
     header_len = struct.unpack("<Q", blob[:8])[0]
     ours = out.getvalue()
-    assert size == len(ours) == len(blob) and ours[8 + header_len:] == blob[8 + header_len:]
-    assert json.loads(ours[8:8 + header_len]) == json.loads(blob[8:8 + header_len])
-    assert list(json.loads(ours[8:8 + header_len])) == sorted(json.loads(blob[8:8 + header_len]))
+    assert size == len(ours) == len(blob) and ours[8 + header_len :] == blob[8 + header_len :]
+    assert json.loads(ours[8 : 8 + header_len]) == json.loads(blob[8 : 8 + header_len])
+    assert list(json.loads(ours[8 : 8 + header_len])) == sorted(json.loads(blob[8 : 8 + header_len]))
     import hashlib
+
     assert sha == hashlib.sha256(ours).hexdigest()
     loaded = safetensors.numpy.load(ours)
     assert np.array_equal(loaded["images"], images) and np.array_equal(loaded["labels"], labels)

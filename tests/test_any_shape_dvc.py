@@ -20,10 +20,14 @@ def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def write_csv(path: Path, n: int, shape: tuple[int, int, int], labels: list, names: list[str], seed: int) -> None:
+def write_csv(
+    path: Path, n: int, shape: tuple[int, int, int], labels: list, names: list[str], seed: int
+) -> None:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (n, int(np.prod(shape))))
-    lines = [",".join(["label", *names])] + [",".join(map(str, [lab, *row])) for lab, row in zip(labels, pixels.tolist())]
+    lines = [",".join(["label", *names])] + [
+        ",".join(map(str, [lab, *row])) for lab, row in zip(labels, pixels.tolist())
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
@@ -65,7 +69,15 @@ def outputs(repo: Path) -> tuple[dict, dict, dict]:
 CASES = [
     # name, shape, image_shape param, labels, column names, test file?, val_fraction
     ("1x8x8-kaggle-names", (1, 8, 8), None, "int", [f"pixel{i}" for i in range(64)], True, 0.0),
-    ("3x32x32-held-out-test-and-val", (3, 32, 32), [3, 32, 32], "int", [f"c{i}" for i in range(3072)], False, 0.2),
+    (
+        "3x32x32-held-out-test-and-val",
+        (3, 32, 32),
+        [3, 32, 32],
+        "int",
+        [f"c{i}" for i in range(3072)],
+        False,
+        0.2,
+    ),
     ("3x17x23", (3, 17, 23), [3, 17, 23], "int", [f"v{i}" for i in range(1173)], True, 0.0),
     ("1x28x28-class-names", (1, 28, 28), None, "name", [f"pixel{i}" for i in range(1, 785)], True, 0.0),
 ]
@@ -78,8 +90,15 @@ def test_csv_of_any_shape_through_dvc_repro(repo, name, shape, param, kind, colu
     write_csv(repo / "data/user/train.csv", 240, shape, labels, columns, seed=len(name))
     if has_test:
         write_csv(repo / "data/user/test.csv", 60, shape, labels[:60], columns, seed=len(name) + 1)
-    set_params(repo, **{"data.dataset": "csv", "data.image_shape": param,
-                        "data.test_csv": "data/user/test.csv" if has_test else None, "data.val_fraction": val})
+    set_params(
+        repo,
+        **{
+            "data.dataset": "csv",
+            "data.image_shape": param,
+            "data.test_csv": "data/user/test.csv" if has_test else None,
+            "data.val_fraction": val,
+        },
+    )
     dvc(repo, "repro")
     model, metrics, manifest = outputs(repo)
     assert model["input_shape"] == list(shape) and manifest["image_shape"] == list(shape)
@@ -92,8 +111,15 @@ def test_csv_of_any_shape_through_dvc_repro(repo, name, shape, param, kind, colu
 
 def test_image_folder_through_dvc_repro_and_an_added_image_reruns_only_data_stages(repo):
     write_images(repo / "data/user/images", per_class=20)
-    set_params(repo, **{"data.dataset": "images", "data.image_shape": [3, 16, 16], "data.val_fraction": 0.0,
-                        "data.test_csv": "data/user/test.csv"})
+    set_params(
+        repo,
+        **{
+            "data.dataset": "images",
+            "data.image_shape": [3, 16, 16],
+            "data.val_fraction": 0.0,
+            "data.test_csv": "data/user/test.csv",
+        },
+    )
     dvc(repo, "repro")
     model, metrics, manifest = outputs(repo)
     assert model["class_names"] == ["cat", "dog", "hot dog"] and model["input_shape"] == [3, 16, 16]

@@ -68,8 +68,13 @@ def contents(path: Path) -> dict[str, bytes] | None:
 
 
 def killed_writer(target: Path, mode: str, kill_after: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _CHILD.format(new=NEW), str(target), mode, str(kill_after)],
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", _CHILD.format(new=NEW), str(target), mode, str(kill_after)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 # (mode, kill after step k, what the target holds right after the kill)
@@ -82,9 +87,12 @@ KILLS = [
 ]
 
 
-@pytest.mark.parametrize(("mode", "kill_after", "right_after"), KILLS, ids=[f"{m}-after-step-{k}" for m, k, _ in KILLS])
+@pytest.mark.parametrize(
+    ("mode", "kill_after", "right_after"), KILLS, ids=[f"{m}-after-step-{k}" for m, k, _ in KILLS]
+)
 def test_killed_between_the_steps_leaves_old_or_new_and_the_next_writer_cleans_up(
-        tmp_path: Path, mode: str, kill_after: int, right_after) -> None:
+    tmp_path: Path, mode: str, kill_after: int, right_after
+) -> None:
     target = tmp_path / "out" / "train"
     write_folder(target, OLD)
     res = killed_writer(target, mode, kill_after)
@@ -99,7 +107,9 @@ def test_killed_between_the_steps_leaves_old_or_new_and_the_next_writer_cleans_u
     assert contents(target) == (OLD if right_after is None else right_after)
     assert sorted(p.name for p in target.parent.iterdir()) == ["train"]
     write_folder(target, {"z.bin": b"z"})
-    assert contents(target) == {"z.bin": b"z"} and sorted(p.name for p in target.parent.iterdir()) == ["train"]
+    assert contents(target) == {"z.bin": b"z"} and sorted(p.name for p in target.parent.iterdir()) == [
+        "train"
+    ]
 
 
 def test_a_completed_writer_swaps_in_the_new_folder_and_leaves_nothing(tmp_path: Path) -> None:
@@ -169,17 +179,27 @@ print("finished")
 """
 
 # (kill point, what the target holds right after the kill, whether the temporary is left behind)
-FILE_KILLS = [("mid-write", OLD_FILE, True), ("before-rename", OLD_FILE, True), ("after-rename", NEW_FILE, False),
-              ("never", NEW_FILE, False)]
+FILE_KILLS = [
+    ("mid-write", OLD_FILE, True),
+    ("before-rename", OLD_FILE, True),
+    ("after-rename", NEW_FILE, False),
+    ("never", NEW_FILE, False),
+]
 
 
 @pytest.mark.parametrize(("point", "right_after", "leaves_tmp"), FILE_KILLS, ids=[k[0] for k in FILE_KILLS])
 def test_atomic_file_killed_at_any_point_leaves_old_or_new_and_the_next_writer_cleans_up(
-        tmp_path: Path, point: str, right_after: bytes, leaves_tmp: bool) -> None:
+    tmp_path: Path, point: str, right_after: bytes, leaves_tmp: bool
+) -> None:
     target = tmp_path / "csv" / "train.csv"
     atomic.write_bytes_atomic(target, OLD_FILE)
-    res = subprocess.run([sys.executable, "-c", _FILE_CHILD.format(new=NEW_FILE), str(target), point],
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-c", _FILE_CHILD.format(new=NEW_FILE), str(target), point],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if point == "never":
         assert res.returncode == 0 and "finished" in res.stdout, res.stderr
     else:

@@ -32,7 +32,9 @@ AUGMENT = ["flip", "translate"]
 
 def _grid(c: int = 1, h: int = 4, w: int = 4, n: int = 1) -> torch.Tensor:
     """Sample i, channel k, pixel (y, x) holds 1000 i + 100 k + 10 y + x: every value names its origin."""
-    i, k, y, x = torch.meshgrid(torch.arange(n), torch.arange(c), torch.arange(h), torch.arange(w), indexing="ij")
+    i, k, y, x = torch.meshgrid(
+        torch.arange(n), torch.arange(c), torch.arange(h), torch.arange(w), indexing="ij"
+    )
     return (1000 * i + 100 * k + 10 * y + x).float()
 
 
@@ -50,15 +52,19 @@ def test_translate_shifts_with_two_reflected_pixels_of_border() -> None:
     assert out[0, 0].tolist() == [[12, 11, 10, 11], [22, 21, 20, 21], [32, 31, 30, 31], [22, 21, 20, 21]]
     assert torch.equal(out[1], x[1])
     # dy -2: rows 2, 1 (reflected at the top), 0, 1; dx 2: columns 2, 3, 2, 1 (reflected at the right).
-    assert out[2, 0].tolist() == [[v + 2000 for v in row] for row in
-                                  [[22, 23, 22, 21], [12, 13, 12, 11], [2, 3, 2, 1], [12, 13, 12, 11]]]
+    assert out[2, 0].tolist() == [
+        [v + 2000 for v in row]
+        for row in [[22, 23, 22, 21], [12, 13, 12, 11], [2, 3, 2, 1], [12, 13, 12, 11]]
+    ]
 
 
 def test_both_transforms_run_flip_then_translate_whatever_the_listed_order() -> None:
     x = _grid(c=3, h=5, w=6, n=2)
     params = BatchDraw(torch.tensor([True, True]), torch.tensor([[0, 1], [1, -1]]))
     expected = translate(flip(x, params.flips), params.shifts)
-    assert not torch.equal(expected, flip(translate(x, params.shifts), params.flips))  # the order is observable
+    assert not torch.equal(
+        expected, flip(translate(x, params.shifts), params.flips)
+    )  # the order is observable
     assert torch.equal(apply(x, ("translate", "flip"), params), expected)
     assert torch.equal(apply(x, ("flip", "translate"), params), expected)
     assert torch.equal(apply(x, ("flip",), params), flip(x, params.flips))
@@ -96,14 +102,24 @@ def test_empty_augment_and_fp32_are_the_plain_training_step() -> None:
     """train.augment [] builds no augmenter; the loop with none (and default fp32) is the plain step, bit for bit."""
     assert augmenter((), seed=42, epoch=0) is None
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.rand(16, 1, 8, 8, generator=generator), torch.randint(0, 3, (16,), generator=generator))
-               for _ in range(3)]
+    batches = [
+        (torch.rand(16, 1, 8, 8, generator=generator), torch.randint(0, 3, (16,), generator=generator))
+        for _ in range(3)
+    ]
     torch.manual_seed(0)
     looped = SimpleCNN(1, 8, 8, 3)
     plain = SimpleCNN(1, 8, 8, 3)
     plain.load_state_dict(looped.state_dict())
-    train_one_epoch(looped, batches, torch.optim.Adam(looped.parameters()), torch.device("cpu"),
-                    non_blocking=False, free_graph=True, progress=False, augment=None)
+    train_one_epoch(
+        looped,
+        batches,
+        torch.optim.Adam(looped.parameters()),
+        torch.device("cpu"),
+        non_blocking=False,
+        free_graph=True,
+        progress=False,
+        augment=None,
+    )
     optimizer = torch.optim.Adam(plain.parameters())
     for images, labels in batches:
         optimizer.zero_grad(set_to_none=True)
@@ -117,12 +133,18 @@ def test_loader_settings_cannot_change_augmented_training(data: Path, tmp_path: 
     monkeypatch.chdir(tmp_path)
     train = TrainParams(epochs=1, device="cpu", augment=tuple(AUGMENT))
     expected, model = _short_run(data, tmp_path / "w0", LoaderParams(batch_size=64, num_workers=0), train)
-    for name, loader in [("w2", LoaderParams(batch_size=64, num_workers=2)),
-                         ("resident", LoaderParams(batch_size=64, num_workers=0, device_resident=True))]:
+    for name, loader in [
+        ("w2", LoaderParams(batch_size=64, num_workers=2)),
+        ("resident", LoaderParams(batch_size=64, num_workers=0, device_resident=True)),
+    ]:
         got, got_model = _short_run(data, tmp_path / name, loader, train)
         assert got == expected and got_model == model, name
-    plain, plain_model = _short_run(data, tmp_path / "plain", LoaderParams(batch_size=64, num_workers=0),
-                                    TrainParams(epochs=1, device="cpu"))
+    plain, plain_model = _short_run(
+        data,
+        tmp_path / "plain",
+        LoaderParams(batch_size=64, num_workers=0),
+        TrainParams(epochs=1, device="cpu"),
+    )
     assert plain_model != model  # the augmentation did something
 
 
@@ -135,13 +157,22 @@ def test_killed_mid_epoch_with_augment_resumes_bit_identically(data: Path, tmp_p
     work = tmp_path / "work"
     work.mkdir()
     params = write_params(tmp_path / "params.yaml", train={"augment": AUGMENT, **EVERY_STEP})
-    run_until_killed(data, work, params, "write_checkpoint", 6,
-                     inspect=lambda: _checkpoint(work)["step"] == 2 or pytest.fail(str(_checkpoint(work))))
-    res = subprocess.run(stage_cmd(data, work, params), cwd=work, env=stage_env(), capture_output=True, text=True,
-                         timeout=300)
+    run_until_killed(
+        data,
+        work,
+        params,
+        "write_checkpoint",
+        6,
+        inspect=lambda: _checkpoint(work)["step"] == 2 or pytest.fail(str(_checkpoint(work))),
+    )
+    res = subprocess.run(
+        stage_cmd(data, work, params), cwd=work, env=stage_env(), capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     assert "resuming in epoch 2, step 2" in res.stderr
     a, b = history(base), history(work)
     for name in MODEL_METRICS:
         assert a[name] == b[name], name
-    assert (base / "models" / "model.safetensors").read_bytes() == (work / "models" / "model.safetensors").read_bytes()
+    assert (base / "models" / "model.safetensors").read_bytes() == (
+        work / "models" / "model.safetensors"
+    ).read_bytes()

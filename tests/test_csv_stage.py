@@ -39,6 +39,7 @@ def assert_no_output(out: Path) -> None:
 
 # ============================================================================ IDX -> CSV
 
+
 def test_idx_to_csv_exact_content(train, tmp_path):
     img = write_gz(tmp_path / "img.gz", train.images)
     lbl = write_gz(tmp_path / "lbl.gz", train.labels)
@@ -77,11 +78,26 @@ def test_idx_to_csv_any_image_size(tmp_path, shape):
 @pytest.mark.parametrize(
     "images, labels, fragment",
     [
-        (np.zeros((4, 784), np.uint8), np.zeros(4, np.uint8), "expected uint8 images [n, H, W], found uint8 [4, 784]"),
-        (np.zeros((4, 28, 28), ">i2"), np.zeros(4, np.uint8), "expected uint8 images [n, H, W], found int16 [4, 28, 28]"),
-        (np.zeros((4, 3, 28, 28), np.uint8), np.zeros(4, np.uint8),
-         "expected uint8 images [n, H, W], found uint8 [4, 3, 28, 28]"),
-        (np.zeros((4, 28, 28), np.uint8), np.zeros((4, 1), np.uint8), "expected uint8 labels [n], found uint8 [4, 1]"),
+        (
+            np.zeros((4, 784), np.uint8),
+            np.zeros(4, np.uint8),
+            "expected uint8 images [n, H, W], found uint8 [4, 784]",
+        ),
+        (
+            np.zeros((4, 28, 28), ">i2"),
+            np.zeros(4, np.uint8),
+            "expected uint8 images [n, H, W], found int16 [4, 28, 28]",
+        ),
+        (
+            np.zeros((4, 3, 28, 28), np.uint8),
+            np.zeros(4, np.uint8),
+            "expected uint8 images [n, H, W], found uint8 [4, 3, 28, 28]",
+        ),
+        (
+            np.zeros((4, 28, 28), np.uint8),
+            np.zeros((4, 1), np.uint8),
+            "expected uint8 labels [n], found uint8 [4, 1]",
+        ),
         (np.zeros((4, 28, 28), np.uint8), np.zeros(4, ">f4"), "expected uint8 labels [n], found float32 [4]"),
         (np.zeros((4, 28, 28), np.uint8), np.zeros(5, np.uint8), "has 4 images but"),
     ],
@@ -123,10 +139,16 @@ def test_idx_to_csv_refuses_unreadable_files(train, tmp_path, content, fragment)
 
 # ============================================================================ user CSV import
 
+
 @pytest.mark.parametrize(
     "variant",
-    [dict(), dict(zero_based=True), dict(newline="\r\n"), dict(bom=True),
-     dict(zero_based=True, newline="\r\n", bom=True)],
+    [
+        dict(),
+        dict(zero_based=True),
+        dict(newline="\r\n"),
+        dict(bom=True),
+        dict(zero_based=True, newline="\r\n", bom=True),
+    ],
     ids=["canonical", "pixel0..783", "crlf", "bom", "all-three"],
 )
 def test_import_makes_canonical(train, tmp_path, variant):
@@ -176,8 +198,13 @@ def test_import_leaves_values_for_the_parquet_stage(tmp_path):
     assert (tmp_path / "o.csv").read_bytes() == body
 
 
-def _header_error(tmp_path: Path, content: bytes | None, *, directory: bool = False,
-                  image_shape: tuple[int, int, int] | None = None) -> tuple[str, Path, Path]:
+def _header_error(
+    tmp_path: Path,
+    content: bytes | None,
+    *,
+    directory: bool = False,
+    image_shape: tuple[int, int, int] | None = None,
+) -> tuple[str, Path, Path]:
     src = tmp_path / "user" / "train.csv"
     if directory:
         src.mkdir(parents=True)
@@ -201,8 +228,11 @@ def test_import_directory(tmp_path):
     assert msg == f"{src}: expected a CSV file, found a directory or special file"
 
 
-@pytest.mark.parametrize("content", [b"", b"\n", b"\r\n", b"\xef\xbb\xbf", b"\xef\xbb\xbf\r\n", b"   \n"],
-                         ids=["empty", "lf", "crlf", "bom-only", "bom-crlf", "spaces"])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\n", b"\r\n", b"\xef\xbb\xbf", b"\xef\xbb\xbf\r\n", b"   \n"],
+    ids=["empty", "lf", "crlf", "bom-only", "bom-crlf", "spaces"],
+)
 def test_import_empty_file(tmp_path, content):
     msg, src, _ = _header_error(tmp_path, content)
     assert msg == f"{src}: file is empty; expected a header line label,pixel1..pixelN"
@@ -211,21 +241,42 @@ def test_import_empty_file(tmp_path, content):
 @pytest.mark.parametrize(
     "header, expected",
     [
-        (b"label,pixel1,pixel2\n", "row 1 (header): 2 pixel columns are not a square grey image; "
-                                    "set data.image_shape to [C, H, W] in params.yaml"),
-        (HEADER_LINE.replace(b"label,", b"class,"), "row 1 (header), column 1: expected 'label', found 'class'"),
-        (b"label," + b",".join(b"pixel%d" % i for i in range(784)) + b",pixel784\n",
-         "row 1 (header): 785 pixel columns are not a square grey image; "
-         "set data.image_shape to [C, H, W] in params.yaml"),
+        (
+            b"label,pixel1,pixel2\n",
+            "row 1 (header): 2 pixel columns are not a square grey image; "
+            "set data.image_shape to [C, H, W] in params.yaml",
+        ),
+        (
+            HEADER_LINE.replace(b"label,", b"class,"),
+            "row 1 (header), column 1: expected 'label', found 'class'",
+        ),
+        (
+            b"label," + b",".join(b"pixel%d" % i for i in range(784)) + b",pixel784\n",
+            "row 1 (header): 785 pixel columns are not a square grey image; "
+            "set data.image_shape to [C, H, W] in params.yaml",
+        ),
         (b"1," + b",".join([b"0"] * 784) + b"\n", "row 1 (header), column 1: expected 'label', found '1'"),
-        (HEADER_LINE.replace(b"pixel5,", b",", 1), "row 1 (header), column 6: expected a column name, found an empty one"),
-        (HEADER_LINE.replace(b",pixel784", b",", 1),
-         "row 1 (header), column 785: expected a column name, found an empty one"),
+        (
+            HEADER_LINE.replace(b"pixel5,", b",", 1),
+            "row 1 (header), column 6: expected a column name, found an empty one",
+        ),
+        (
+            HEADER_LINE.replace(b",pixel784", b",", 1),
+            "row 1 (header), column 785: expected a column name, found an empty one",
+        ),
         (b"label\n", "row 1 (header): expected label and at least one pixel column, found only 'label'"),
         (b" label \n", "row 1 (header): expected label and at least one pixel column, found only 'label'"),
     ],
-    ids=["3-columns", "label-name", "786-columns", "no-header", "empty-name", "empty-last-name", "label-only",
-         "label-only-spaced"],
+    ids=[
+        "3-columns",
+        "label-name",
+        "786-columns",
+        "no-header",
+        "empty-name",
+        "empty-last-name",
+        "label-only",
+        "label-only-spaced",
+    ],
 )
 def test_import_wrong_header(tmp_path, header, expected):
     msg, src, _ = _header_error(tmp_path, header + b"1" + b",0" * 784 + b"\n")
@@ -234,10 +285,13 @@ def test_import_wrong_header(tmp_path, header, expected):
 
 @pytest.mark.parametrize(
     "header",
-    [HEADER_LINE.replace(b"pixel5,", b"pixel5x,"), HEADER_LINE.replace(b"pixel784", b"pixel785"),
-     b"label," + b",".join(b"pixel%d" % i for i in range(784)) + b"\n",
-     b"label," + b",".join(b"x%d_%d" % (r, c) for r in range(28) for c in range(28)) + b"\n",
-     b"label," + b",".join([b"same"] * 784) + b"\n"],
+    [
+        HEADER_LINE.replace(b"pixel5,", b"pixel5x,"),
+        HEADER_LINE.replace(b"pixel784", b"pixel785"),
+        b"label," + b",".join(b"pixel%d" % i for i in range(784)) + b"\n",
+        b"label," + b",".join(b"x%d_%d" % (r, c) for r in range(28) for c in range(28)) + b"\n",
+        b"label," + b",".join([b"same"] * 784) + b"\n",
+    ],
     ids=["one-renamed", "last-renamed", "zero-based", "row-col-names", "repeated-names"],
 )
 def test_import_accepts_any_pixel_column_names(train, tmp_path, header):
@@ -245,15 +299,22 @@ def test_import_accepts_any_pixel_column_names(train, tmp_path, header):
     small = synth.Split(train.images[:3], train.labels[:3])
     rest = synth.csv_bytes(small).split(b"\n", 1)[1]
     (tmp_path / "u.csv").write_bytes(header + rest)
-    assert import_user_csv(tmp_path / "u.csv", tmp_path / "o.csv", check_values=True) == ((1, 28, 28), INT_LABELS)
+    assert import_user_csv(tmp_path / "u.csv", tmp_path / "o.csv", check_values=True) == (
+        (1, 28, 28),
+        INT_LABELS,
+    )
     assert (tmp_path / "o.csv").read_bytes() == synth.csv_bytes(small)
 
 
-@pytest.mark.parametrize("shape, image_shape", [((1, 4, 4), None), ((1, 5, 5), None), ((3, 2, 4), (3, 2, 4)),
-                                                ((1, 28, 28), (1, 28, 28))])
+@pytest.mark.parametrize(
+    "shape, image_shape",
+    [((1, 4, 4), None), ((1, 5, 5), None), ((3, 2, 4), (3, 2, 4)), ((1, 28, 28), (1, 28, 28))],
+)
 def test_import_returns_the_image_shape_and_label_kind(tmp_path, shape, image_shape):
     n = int(np.prod(shape))
-    rows = [f"{lab}," + ",".join(str((i * 7 + r) % 256) for i in range(n)) for r, lab in enumerate([3, 11, 65535])]
+    rows = [
+        f"{lab}," + ",".join(str((i * 7 + r) % 256) for i in range(n)) for r, lab in enumerate([3, 11, 65535])
+    ]
     body = ("label," + ",".join(f"c{i}" for i in range(n)) + "\n" + "\n".join(rows) + "\n").encode()
     (tmp_path / "u.csv").write_bytes(body)
     got = import_user_csv(tmp_path / "u.csv", tmp_path / "o.csv", image_shape=image_shape, check_values=True)
@@ -261,14 +322,18 @@ def test_import_returns_the_image_shape_and_label_kind(tmp_path, shape, image_sh
     assert (tmp_path / "o.csv").read_bytes() == header_line(n) + body.split(b"\n", 1)[1]
     names = body.replace(b"\n3,", b"\ncat,").replace(b"\n11,", b"\ndog,").replace(b"\n65535,", b"\nbird,")
     (tmp_path / "n.csv").write_bytes(names)
-    assert import_user_csv(tmp_path / "n.csv", tmp_path / "n.out", image_shape=image_shape,
-                           check_values=True) == (shape, NAME_LABELS)
+    assert import_user_csv(
+        tmp_path / "n.csv", tmp_path / "n.out", image_shape=image_shape, check_values=True
+    ) == (shape, NAME_LABELS)
     assert (tmp_path / "n.out").read_bytes() == header_line(n) + names.split(b"\n", 1)[1]
 
 
 def test_import_refuses_a_count_that_is_not_the_set_image_shape(tmp_path):
     msg, src, _ = _header_error(tmp_path, HEADER_LINE + b"1" + b",0" * 784 + b"\n", image_shape=(3, 28, 28))
-    assert msg == f"{src}: row 1 (header): expected 3x28x28 = 2352 pixel columns as data.image_shape says, found 784"
+    assert (
+        msg
+        == f"{src}: row 1 (header): expected 3x28x28 = 2352 pixel columns as data.image_shape says, found 784"
+    )
 
 
 def test_import_header_with_10_million_columns_fails_fast_in_bounded_memory(tmp_path):
@@ -276,10 +341,13 @@ def test_import_header_with_10_million_columns_fails_fast_in_bounded_memory(tmp_
     assert src.stat().st_size > 19 * MB > 2 * MAX_HEADER_BYTES
     out = tmp_path / "csv" / "train.csv"
     # refused after reading MAX_HEADER_BYTES of the header (readline's buffer doubles it), never all of it
-    err = synth.refused_fast_in_bounded_memory(lambda: import_user_csv(src, out), DataError,
-                                               max_bytes=2 * MAX_HEADER_BYTES + (2 << 20))
-    assert str(err) == (f"{src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
-                        "expected label and one column per pixel")
+    err = synth.refused_fast_in_bounded_memory(
+        lambda: import_user_csv(src, out), DataError, max_bytes=2 * MAX_HEADER_BYTES + (2 << 20)
+    )
+    assert str(err) == (
+        f"{src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
+        "expected label and one column per pixel"
+    )
     assert_no_output(out)
 
 
@@ -295,12 +363,25 @@ def test_import_failure_keeps_previous_output(train, tmp_path):
 
 # ============================================================================ the stage, as a process
 
+
 def test_stage_idx_mode(tmp_path):
     ds = synth.dataset(n_train=150, n_test=60, seed=8)
     raw = ds.write_folder(tmp_path / "data" / "raw")
     params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "fashion-mnist"})
-    proc = run_stage_with_spec("csv", ds.spec, "fashion-mnist", "--params", params, "--raw", raw,
-                               "--train", "data/csv/train.csv", "--test", "data/csv/test.csv", cwd=tmp_path)
+    proc = run_stage_with_spec(
+        "csv",
+        ds.spec,
+        "fashion-mnist",
+        "--params",
+        params,
+        "--raw",
+        raw,
+        "--train",
+        "data/csv/train.csv",
+        "--test",
+        "data/csv/test.csv",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "data/csv/train.csv").read_bytes() == synth.csv_bytes(ds.train)
     assert (tmp_path / "data/csv/test.csv").read_bytes() == synth.csv_bytes(ds.test)
@@ -310,11 +391,23 @@ def test_stage_idx_mode(tmp_path):
 def test_stage_idx_mode_missing_raw_files(tmp_path):
     params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "mnist"})
     (tmp_path / "raw").mkdir()
-    proc = synth.run_stage("csv", "--params", params, "--raw", "raw", "--train", "out/train.csv",
-                           "--test", "out/test.csv", cwd=tmp_path)
+    proc = synth.run_stage(
+        "csv",
+        "--params",
+        params,
+        "--raw",
+        "raw",
+        "--train",
+        "out/train.csv",
+        "--test",
+        "out/test.csv",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: raw/train-images-idx3-ubyte.gz: not found; it must hold what `download` "
-                                  "verifies for mnist: rerun `dvc repro download`\n"), proc.stderr
+    assert proc.stderr.startswith(
+        "error: raw/train-images-idx3-ubyte.gz: not found; it must hold what `download` "
+        "verifies for mnist: rerun `dvc repro download`\n"
+    ), proc.stderr
     assert synth.leftovers(tmp_path / "out") == []
 
 
@@ -323,9 +416,21 @@ def test_stage_refuses_a_hand_made_raw_folder_of_another_dataset(tmp_path):
     raw = synth.dataset(n_train=12, n_test=4, seed=3).write_folder(tmp_path / "raw")
     (raw / "source.json").write_text(json.dumps({"dataset": "mnist", "files": {}}))
     params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "fashion-mnist"})
-    proc = synth.run_stage("csv", "--params", params, "--raw", "raw", "--train", "out/train.csv",
-                           "--test", "out/test.csv", cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    proc = synth.run_stage(
+        "csv",
+        "--params",
+        params,
+        "--raw",
+        "raw",
+        "--train",
+        "out/train.csv",
+        "--test",
+        "out/test.csv",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, (
+        proc.stderr
+    )
     assert proc.stderr.startswith("error: raw/train-images-idx3-ubyte.gz: ")
     assert "rerun `dvc repro download`" in proc.stderr
     assert synth.leftovers(tmp_path / "out") == []
@@ -336,11 +441,25 @@ def test_stage_refuses_a_raw_folder_whose_source_record_names_another_dataset(tm
     raw = ds.write_folder(tmp_path / "raw")
     (raw / "source.json").write_text(json.dumps({"dataset": "mnist", "files": {}}))
     params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "fashion-mnist"})
-    proc = run_stage_with_spec("csv", ds.spec, "fashion-mnist", "--params", params, "--raw", "raw",
-                               "--train", "out/train.csv", "--test", "out/test.csv", cwd=tmp_path)
+    proc = run_stage_with_spec(
+        "csv",
+        ds.spec,
+        "fashion-mnist",
+        "--params",
+        params,
+        "--raw",
+        "raw",
+        "--train",
+        "out/train.csv",
+        "--test",
+        "out/test.csv",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == ("error: raw/source.json: dataset: expected 'synth', found 'mnist'; it must hold what "
-                           "`download` verifies for synth: rerun `dvc repro download`\n")
+    assert proc.stderr == (
+        "error: raw/source.json: dataset: expected 'synth', found 'mnist'; it must hold what "
+        "`download` verifies for synth: rerun `dvc repro download`\n"
+    )
 
 
 def test_a_gzip_bomb_in_raw_is_refused_in_bounded_memory(tmp_path):
@@ -350,7 +469,9 @@ def test_a_gzip_bomb_in_raw_is_refused_in_bounded_memory(tmp_path):
     bomb = synth.gzip_bomb(100 << 20)
     assert len(bomb) < 120_000 and ds.spec.train.images.size < 200_000
     (raw / ds.spec.train.images.name).write_bytes(bomb)
-    error = synth.refused_fast_in_bounded_memory(lambda: verify_raw(ds.spec, raw), DataError, max_bytes=2 << 20)
+    error = synth.refused_fast_in_bounded_memory(
+        lambda: verify_raw(ds.spec, raw), DataError, max_bytes=2 << 20
+    )
     assert str(error).startswith(f"{raw / ds.spec.train.images.name}: decompresses to more than the expected")
 
 
@@ -358,10 +479,26 @@ def test_stage_user_csv_mode(tmp_path):
     tr, te = synth.split(120, seed=1), synth.split(30, seed=2)
     synth.write_csv(tmp_path / "user" / "train.csv", tr, zero_based=True, newline="\r\n", bom=True)
     synth.write_csv(tmp_path / "user" / "test.csv", te)
-    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": "user/train.csv",
-                                                           "test_csv": str(tmp_path / "user" / "test.csv")})
-    proc = synth.run_stage("csv", "--params", params, "--raw", "nonexistent", "--train", "out/train.csv",
-                           "--test", "out/test.csv", cwd=tmp_path)
+    params = synth.write_params(
+        tmp_path / "p.yaml",
+        data={
+            "dataset": "csv",
+            "train_csv": "user/train.csv",
+            "test_csv": str(tmp_path / "user" / "test.csv"),
+        },
+    )
+    proc = synth.run_stage(
+        "csv",
+        "--params",
+        params,
+        "--raw",
+        "nonexistent",
+        "--train",
+        "out/train.csv",
+        "--test",
+        "out/test.csv",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out/train.csv").read_bytes() == synth.csv_bytes(tr)
     assert (tmp_path / "out/test.csv").read_bytes() == synth.csv_bytes(te)
@@ -372,10 +509,21 @@ def test_stage_user_csv_without_test_split(tmp_path):
     """data.test_csv null: the test table is the canonical header alone (held out later by test_fraction)."""
     tr = synth.split(40, seed=1)
     synth.write_csv(tmp_path / "user" / "train.csv", tr, zero_based=True)
-    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": "user/train.csv",
-                                                           "test_csv": None})
-    proc = synth.run_stage("csv", "--params", params, "--raw", "nonexistent", "--train", "out/train.csv",
-                           "--test", "out/test.csv", cwd=tmp_path)
+    params = synth.write_params(
+        tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": "user/train.csv", "test_csv": None}
+    )
+    proc = synth.run_stage(
+        "csv",
+        "--params",
+        params,
+        "--raw",
+        "nonexistent",
+        "--train",
+        "out/train.csv",
+        "--test",
+        "out/test.csv",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out/train.csv").read_bytes() == synth.csv_bytes(tr)
     assert (tmp_path / "out/test.csv").read_bytes() == HEADER_LINE
@@ -385,16 +533,35 @@ def test_stage_user_csv_without_test_split(tmp_path):
 def test_stage_user_csv_test_labels_must_be_of_the_train_kind(tmp_path):
     user = tmp_path / "user"
     synth.write_csv(user / "train.csv", synth.split(10))
-    names = b"\n".join(b"cat" + line[line.index(b","):] if i else line
-                       for i, line in enumerate(synth.csv_bytes(synth.split(5)).rstrip(b"\n").split(b"\n"))) + b"\n"
+    names = (
+        b"\n".join(
+            b"cat" + line[line.index(b",") :] if i else line
+            for i, line in enumerate(synth.csv_bytes(synth.split(5)).rstrip(b"\n").split(b"\n"))
+        )
+        + b"\n"
+    )
     (user / "test.csv").write_bytes(names)
-    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": str(user / "train.csv"),
-                                                           "test_csv": str(user / "test.csv")})
-    proc = synth.run_stage("csv", "--params", params, "--raw", "raw", "--train", "out/train.csv",
-                           "--test", "out/test.csv", cwd=tmp_path)
+    params = synth.write_params(
+        tmp_path / "p.yaml",
+        data={"dataset": "csv", "train_csv": str(user / "train.csv"), "test_csv": str(user / "test.csv")},
+    )
+    proc = synth.run_stage(
+        "csv",
+        "--params",
+        params,
+        "--raw",
+        "raw",
+        "--train",
+        "out/train.csv",
+        "--test",
+        "out/test.csv",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
-    assert proc.stderr == (f"error: {user / 'test.csv'}: labels are names but {user / 'train.csv'}'s are ints; "
-                           f"labels must not mix integers and names\n")
+    assert proc.stderr == (
+        f"error: {user / 'test.csv'}: labels are names but {user / 'train.csv'}'s are ints; "
+        f"labels must not mix integers and names\n"
+    )
 
 
 @pytest.mark.parametrize("problem", ["directory", "missing", "empty", "wrong-header"])
@@ -406,19 +573,35 @@ def test_stage_user_csv_errors(tmp_path, problem):
         train.mkdir()
         expected = f"error: {train}: expected a CSV file, found a directory or special file\n"
     elif problem == "missing":
-        expected = f"error: {train}: file not found (data.dataset is csv; set data.train_csv / data.test_csv)\n"
+        expected = (
+            f"error: {train}: file not found (data.dataset is csv; set data.train_csv / data.test_csv)\n"
+        )
     elif problem == "empty":
         train.write_bytes(b"")
         expected = f"error: {train}: file is empty; expected a header line label,pixel1..pixelN\n"
     else:
         train.write_bytes(b"label,a,b\n1,2,3\n")
-        expected = (f"error: {train}: row 1 (header): 2 pixel columns are not a square grey image; "
-                    f"set data.image_shape to [C, H, W] in params.yaml\n")
+        expected = (
+            f"error: {train}: row 1 (header): 2 pixel columns are not a square grey image; "
+            f"set data.image_shape to [C, H, W] in params.yaml\n"
+        )
     synth.write_csv(user / "test.csv", synth.split(10))
-    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": str(train),
-                                                           "test_csv": str(user / "test.csv")})
-    proc = synth.run_stage("csv", "--params", params, "--raw", "raw", "--train", "out/train.csv",
-                           "--test", "out/test.csv", cwd=tmp_path)
+    params = synth.write_params(
+        tmp_path / "p.yaml",
+        data={"dataset": "csv", "train_csv": str(train), "test_csv": str(user / "test.csv")},
+    )
+    proc = synth.run_stage(
+        "csv",
+        "--params",
+        params,
+        "--raw",
+        "raw",
+        "--train",
+        "out/train.csv",
+        "--test",
+        "out/test.csv",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr == expected
     assert proc.stdout == ""
@@ -428,10 +611,22 @@ def test_stage_user_csv_errors(tmp_path, problem):
 def test_stage_bad_test_csv_leaves_no_test_output(tmp_path):
     user = tmp_path / "user"
     synth.write_csv(user / "train.csv", synth.split(10))
-    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": str(user / "train.csv"),
-                                                           "test_csv": str(user / "nope.csv")})
-    proc = synth.run_stage("csv", "--params", params, "--raw", "raw", "--train", "out/train.csv",
-                           "--test", "out/test.csv", cwd=tmp_path)
+    params = synth.write_params(
+        tmp_path / "p.yaml",
+        data={"dataset": "csv", "train_csv": str(user / "train.csv"), "test_csv": str(user / "nope.csv")},
+    )
+    proc = synth.run_stage(
+        "csv",
+        "--params",
+        params,
+        "--raw",
+        "raw",
+        "--train",
+        "out/train.csv",
+        "--test",
+        "out/test.csv",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and f"{user / 'nope.csv'}: file not found" in proc.stderr
     assert not (tmp_path / "out" / "test.csv").exists()
     assert synth.leftovers(tmp_path / "out") in ([], ["train.csv"])  # at most the complete train file
@@ -440,15 +635,29 @@ def test_stage_bad_test_csv_leaves_no_test_output(tmp_path):
 def test_stage_10_million_column_header_bounded_memory(tmp_path):
     src = synth.write_wide_header(tmp_path / "wide.csv", 10_000_000)
     synth.write_csv(tmp_path / "test.csv", synth.split(5))
-    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": str(src),
-                                                           "test_csv": str(tmp_path / "test.csv")})
+    params = synth.write_params(
+        tmp_path / "p.yaml",
+        data={"dataset": "csv", "train_csv": str(src), "test_csv": str(tmp_path / "test.csv")},
+    )
     start = time.monotonic()
-    proc, peak = synth.run_stage_measured("csv", "--params", params, "--raw", "raw", "--train", "out/train.csv",
-                                          "--test", "out/test.csv", cwd=tmp_path)
+    proc, peak = synth.run_stage_measured(
+        "csv",
+        "--params",
+        params,
+        "--raw",
+        "raw",
+        "--train",
+        "out/train.csv",
+        "--test",
+        "out/test.csv",
+        cwd=tmp_path,
+    )
     assert time.monotonic() - start < 20
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == (f"error: {src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
-                           "expected label and one column per pixel\n")
+    assert proc.stderr == (
+        f"error: {src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
+        "expected label and one column per pixel\n"
+    )
     assert peak < 400 * MB, f"peak RSS {peak / MB:.0f} MB"
     assert synth.leftovers(tmp_path / "out") == []
 

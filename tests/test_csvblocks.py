@@ -46,12 +46,19 @@ def test_parsed_blocks_speak_of_the_given_file_and_column_names(tmp_path: Path) 
     path.write_bytes(HEADER_LINE + b"\n".join(body))
     names = ["label", *(f"pixel{i}" for i in range(784))]  # Kaggle's zero-based spelling
     with pytest.raises(DataError) as err:
-        list(csvblocks.parsed_blocks(path, len(HEADER_LINE), csvblocks.Schema(784), where="user.csv", names=names))
-    assert str(err.value) == ("user.csv: row 25 (line 26), column 785 (pixel783): "
-                              "expected an integer 0..255, found 256")
+        list(
+            csvblocks.parsed_blocks(
+                path, len(HEADER_LINE), csvblocks.Schema(784), where="user.csv", names=names
+            )
+        )
+    assert str(err.value) == (
+        "user.csv: row 25 (line 26), column 785 (pixel783): expected an integer 0..255, found 256"
+    )
     good = tmp_path / "good.csv"
     good.write_bytes(HEADER_LINE + _rows(30))
-    assert sum(df.height for df in csvblocks.parsed_blocks(good, len(HEADER_LINE), csvblocks.Schema(784))) == 30
+    assert (
+        sum(df.height for df in csvblocks.parsed_blocks(good, len(HEADER_LINE), csvblocks.Schema(784))) == 30
+    )
 
 
 def test_integer_labels_span_uint16_and_one_past_is_refused(tmp_path: Path) -> None:
@@ -64,8 +71,15 @@ def test_integer_labels_span_uint16_and_one_past_is_refused(tmp_path: Path) -> N
     assert df.row(2) == (65535, 255, 255, 255, 255)
     path.write_bytes(header + b"0,1,2,3,4\n65536,0,0,0,0\n")
     with pytest.raises(DataError) as err:
-        list(csvblocks.parsed_blocks(path, len(header), csvblocks.Schema(4), names=["label", "a", "b", "c", "d"]))
-    assert str(err.value) == f"{path}: row 2 (line 3), column 1 (label): expected an integer 0..65535, found 65536"
+        list(
+            csvblocks.parsed_blocks(
+                path, len(header), csvblocks.Schema(4), names=["label", "a", "b", "c", "d"]
+            )
+        )
+    assert (
+        str(err.value)
+        == f"{path}: row 2 (line 3), column 1 (label): expected an integer 0..65535, found 65536"
+    )
 
 
 def test_class_name_labels_parse_as_strings_and_an_integer_among_them_is_refused(tmp_path: Path) -> None:
@@ -79,5 +93,7 @@ def test_class_name_labels_parse_as_strings_and_an_integer_among_them_is_refused
     path.write_bytes(header + b"cat,1,2,3,4\n7,5,6,7,8\n")
     with pytest.raises(DataError) as err:
         list(csvblocks.parsed_blocks(path, len(header), schema, names=["label", "p1", "p2", "p3", "p4"]))
-    assert str(err.value) == (f"{path}: row 2 (line 3), column 1 (label): expected a class name like the first "
-                              f"row's, found the integer '7' (labels must not mix integers and names)")
+    assert str(err.value) == (
+        f"{path}: row 2 (line 3), column 1 (label): expected a class name like the first "
+        f"row's, found the integer '7' (labels must not mix integers and names)"
+    )

@@ -43,8 +43,8 @@ from tests.test_train_stage import (
     train_argv,
 )
 from trainer.distributed import check_gpus, default_threads
-from trainer.lock import CheckpointBusy, checkpoint_lock, lock_path
 from trainer.loader import EpochBatchSampler
+from trainer.lock import CheckpointBusy, checkpoint_lock, lock_path
 from trainer.loop import scaled_loss
 from trainer.model import SimpleCNN
 from trainer.rank_split import RankBatches, rank_range
@@ -63,8 +63,14 @@ def _params(path: Path, processes: int, **loader: object) -> Path:
 
 def _run(data: Path, work: Path, processes: int) -> subprocess.CompletedProcess:
     work.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(stage_cmd(data, work, _params(work / "params.yaml", processes)), cwd=work,
-                         env=stage_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        stage_cmd(data, work, _params(work / "params.yaml", processes)),
+        cwd=work,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     return res
 
@@ -74,8 +80,14 @@ def _learnable_split(directory: Path, n: int, *, split: str, seed: int) -> None:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n).astype(np.uint8)
     pixels = (labels[:, None] * 20 + rng.integers(0, 60, (n, 784))).astype(np.uint8)
-    write_split([(pixels, labels)], directory, dataset="fashion-mnist", split=split, shard_size=100,
-                normalization=make_normalization("unit", None))
+    write_split(
+        [(pixels, labels)],
+        directory,
+        dataset="fashion-mnist",
+        split=split,
+        shard_size=100,
+        normalization=make_normalization("unit", None),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +119,7 @@ def _model_bytes(work: Path) -> bytes:
 
 
 # ----------------------------------------------------------------------------- the split itself (no processes)
+
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 64])
@@ -177,6 +190,7 @@ def test_threads_share_the_cores() -> None:
 
 # ----------------------------------------------------------------------------- real process groups
 
+
 def test_two_processes_match_one(one: Path, two: Path) -> None:
     a, b = history(one), history(two)
     for name in ("train_loss", "test_loss"):
@@ -218,14 +232,40 @@ def test_two_machines_match_two_local_processes(data: Path, two: Path, tmp_path:
     half = max(1, len(cores) // 2)
     agents = []
     for node in range(2):
-        share = set(cores[node * half:(node + 1) * half]) or set(cores)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-               "--rdzv-id", "test-ddp", "--max-restarts", "0",
-               "-m", "stages.train", *train_argv(data, tmp_path, params)]
-        agents.append(subprocess.Popen(cmd, cwd=tmp_path, env=stage_env(), stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True,
-                                       preexec_fn=lambda share=share: os.sched_setaffinity(0, share)))
+        share = set(cores[node * half : (node + 1) * half]) or set(cores)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(node),
+            "--nproc-per-node",
+            "1",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv-id",
+            "test-ddp",
+            "--max-restarts",
+            "0",
+            "-m",
+            "stages.train",
+            *train_argv(data, tmp_path, params),
+        ]
+        agents.append(
+            subprocess.Popen(
+                cmd,
+                cwd=tmp_path,
+                env=stage_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                preexec_fn=lambda share=share: os.sched_setaffinity(0, share),
+            )
+        )
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]
     assert [a.returncode for a in agents] == [0, 0], outputs
     assert sum(out.count(f"epoch {EPOCHS}/{EPOCHS}") for out in outputs) == 1, outputs  # one writer
@@ -270,15 +310,22 @@ def _checkpoint_epoch(work: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's pid in /proc")
-def test_killed_rank_restarts_the_group_and_ends_like_an_uninterrupted_run(data: Path, two: Path,
-                                                                           tmp_path: Path) -> None:
+def test_killed_rank_restarts_the_group_and_ends_like_an_uninterrupted_run(
+    data: Path, two: Path, tmp_path: Path
+) -> None:
     """Also with other loader settings than the uninterrupted run: with a fixed number of processes
     they change speed only, so the results must still be bit-identical."""
     params = _params(tmp_path / "params.yaml", 2, num_workers=1, persistent_workers=True, prefetch_factor=2)
     log = tmp_path / "first.log"
     with open(log, "w") as out:
-        first = subprocess.Popen(stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(), stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        first = subprocess.Popen(
+            stage_cmd(data, tmp_path, params),
+            cwd=tmp_path,
+            env=stage_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     second = None
     try:
         deadline = time.monotonic() + 240
@@ -288,8 +335,14 @@ def test_killed_rank_restarts_the_group_and_ends_like_an_uninterrupted_run(data:
             victim = _rank_pid(first.pid, 1)
             time.sleep(0.05)
         # The first run's launcher holds the lock from before its ranks start until they are done.
-        second = subprocess.Popen(stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        second = subprocess.Popen(
+            stage_cmd(data, tmp_path, params),
+            cwd=tmp_path,
+            env=stage_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         while _checkpoint_epoch(tmp_path) < 1:
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.01)
@@ -330,8 +383,12 @@ def test_dvc_exp_run_with_two_processes_reruns_only_train(tmp_path: Path) -> Non
     baseline = json.loads((repo / "dvclive" / "metrics.json").read_text())
     assert baseline["processes"] == 1
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, capture_output=True)
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline"], cwd=repo,
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline"],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+    )
     exp = dvc(repo, "exp", "run", "-S", "train.processes=2")
     assert re.findall(r"Running stage '([^']+)'", exp.stdout) == ["train"], exp.stdout
     metrics = json.loads((repo / "dvclive" / "metrics.json").read_text())
@@ -346,8 +403,11 @@ EVERY_STEP = {"checkpoint_every": 0, "checkpoint_seconds": 0.001}  # speed-only:
 
 
 def _every_step_params(path: Path, processes: int) -> Path:
-    path.write_text(json.dumps({"loader": PARAMS["loader"],
-                                "train": {**PARAMS["train"], **EVERY_STEP, "processes": processes}}))
+    path.write_text(
+        json.dumps(
+            {"loader": PARAMS["loader"], "train": {**PARAMS["train"], **EVERY_STEP, "processes": processes}}
+        )
+    )
     return path
 
 
@@ -360,12 +420,20 @@ def _kill_two_mid_epoch(data: Path, work: Path) -> tuple[int, int, int]:
     """A 2-process run, stopped (SIGSTOP, then SIGKILL) once it has checkpointed inside epoch 2."""
     work.mkdir(parents=True, exist_ok=True)
     params = _every_step_params(work / "params.yaml", 2)
-    proc = subprocess.Popen(stage_cmd(data, work, params), cwd=work, env=stage_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        stage_cmd(data, work, params),
+        cwd=work,
+        env=stage_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                "the run ended before it could be killed"
+            )
             with contextlib.suppress(OSError, ValueError, KeyError):
                 if _position(work)[:2] in ((1, 1), (1, 2)):
                     break
@@ -398,8 +466,11 @@ def _resume(data: Path, work: Path, processes: int) -> str:
 
 def _max_relative_difference(a: Path, b: Path) -> float:
     ha, hb = history(a), history(b)
-    return max(abs(va - vb) / abs(va) for name in ("train_loss", "test_loss")
-               for (_, va), (_, vb) in zip(ha[name], hb[name], strict=True))
+    return max(
+        abs(va - vb) / abs(va)
+        for name in ("train_loss", "test_loss")
+        for (_, va), (_, vb) in zip(ha[name], hb[name], strict=True)
+    )
 
 
 ELASTIC_TOLERANCE = 1e-4  # relative, per-epoch losses; measured: see the README ("Resume anywhere")
@@ -409,12 +480,16 @@ ELASTIC_TOLERANCE = 1e-4  # relative, per-epoch losses; measured: see the README
 def killed_two(data: Path, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("killed-two")
     epoch, step, processes = _kill_two_mid_epoch(data, work)
-    assert (epoch, processes) == (1, 2) and 0 < step < 5, (epoch, step)  # inside epoch 2 of 3 (5 batches each)
+    assert (epoch, processes) == (1, 2) and 0 < step < 5, (
+        epoch,
+        step,
+    )  # inside epoch 2 of 3 (5 batches each)
     return work
 
 
-def test_two_processes_killed_mid_epoch_resume_bit_identically(data: Path, two: Path, killed_two: Path,
-                                                               tmp_path: Path) -> None:
+def test_two_processes_killed_mid_epoch_resume_bit_identically(
+    data: Path, two: Path, killed_two: Path, tmp_path: Path
+) -> None:
     shutil.copytree(killed_two / "checkpoints", tmp_path / "checkpoints")
     stderr = _resume(data, tmp_path, 2)
     assert "elastic" not in stderr
@@ -424,8 +499,9 @@ def test_two_processes_killed_mid_epoch_resume_bit_identically(data: Path, two: 
     assert _model_bytes(two) == _model_bytes(tmp_path)
 
 
-def test_two_processes_killed_mid_epoch_resume_on_one(data: Path, one: Path, two: Path, killed_two: Path,
-                                                      tmp_path: Path) -> None:
+def test_two_processes_killed_mid_epoch_resume_on_one(
+    data: Path, one: Path, two: Path, killed_two: Path, tmp_path: Path
+) -> None:
     shutil.copytree(killed_two / "checkpoints", tmp_path / "checkpoints")
     stderr = _resume(data, tmp_path, 1)
     notices = [line for line in stderr.splitlines() if "elastic resume" in line]
@@ -434,8 +510,10 @@ def test_two_processes_killed_mid_epoch_resume_on_one(data: Path, one: Path, two
     assert [s for s, _ in got["train_loss"]] == list(range(EPOCHS))
     assert [v for _, v in got["processes"]] == [2, 1, 1]
     differences = (_max_relative_difference(two, tmp_path), _max_relative_difference(one, tmp_path))
-    print(f"elastic 2 -> 1: max relative loss difference {differences[0]:.2e} vs 2 processes, "
-          f"{differences[1]:.2e} vs 1 process")
+    print(
+        f"elastic 2 -> 1: max relative loss difference {differences[0]:.2e} vs 2 processes, "
+        f"{differences[1]:.2e} vs 1 process"
+    )
     assert max(differences) <= ELASTIC_TOLERANCE, differences
 
 
@@ -452,13 +530,22 @@ def test_one_process_killed_mid_epoch_resumes_on_two(data: Path, one: Path, tmp_
 
 def test_non_finite_loss_stops_every_process_with_one_line_and_no_restart(data: Path, tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"loader": PARAMS["loader"], "train": {**PARAMS["train"], "lr": 1.0e8,
-                                                                          "processes": 2}}))
-    res = subprocess.run(stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(), capture_output=True,
-                         text=True, timeout=300)
+    params.write_text(
+        json.dumps({"loader": PARAMS["loader"], "train": {**PARAMS["train"], "lr": 1.0e8, "processes": 2}})
+    )
+    res = subprocess.run(
+        stage_cmd(data, tmp_path, params),
+        cwd=tmp_path,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2, res.stdout + res.stderr
     last = res.stderr.splitlines()[-1]
-    assert last.startswith("error: epoch 1/3, step ") and "the training loss is not finite" in last, res.stderr
+    assert last.startswith("error: epoch 1/3, step ") and "the training loss is not finite" in last, (
+        res.stderr
+    )
     assert res.stderr.count("error: ") == 1 and "Traceback" not in res.stderr, res.stderr
     assert "resuming" not in res.stderr, "a restart would only fail again at the same step"
     assert not (tmp_path / "models").exists()

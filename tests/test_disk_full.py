@@ -39,15 +39,31 @@ def _parquet(path: Path, n: int, seed: int) -> None:
 def _tensorize_cmd(tmp_path: Path, out: Path) -> list[str]:
     _parquet(tmp_path / "train.parquet", 1000, 0)  # 3.1 MB of float32 shards: cannot fit in 1 MiB
     _parquet(tmp_path / "test.parquet", 10, 1)
-    return [sys.executable, "-m", "stages.tensorize", "--params", str(ROOT / "params.yaml"),
-            "--train-parquet", str(tmp_path / "train.parquet"), "--test-parquet", str(tmp_path / "test.parquet"),
-            "--train", str(out / "train"), "--test", str(out / "test")]
+    return [
+        sys.executable,
+        "-m",
+        "stages.tensorize",
+        "--params",
+        str(ROOT / "params.yaml"),
+        "--train-parquet",
+        str(tmp_path / "train.parquet"),
+        "--test-parquet",
+        str(tmp_path / "test.parquet"),
+        "--train",
+        str(out / "train"),
+        "--test",
+        str(out / "test"),
+    ]
 
 
-def _one_line_and_nothing_left(res: subprocess.CompletedProcess, out: Path, reason: str, listing: list[str]) -> None:
+def _one_line_and_nothing_left(
+    res: subprocess.CompletedProcess, out: Path, reason: str, listing: list[str]
+) -> None:
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
-    assert res.stderr == f"error: {out / 'train'}: could not write output ({reason}); nothing was left behind\n"
+    assert (
+        res.stderr == f"error: {out / 'train'}: could not write output ({reason}); nothing was left behind\n"
+    )
     assert listing == [], "a partial shard folder or temporary was left behind"
 
 
@@ -55,7 +71,9 @@ def test_tensorize_on_a_full_tmpfs_in_a_user_namespace(tmp_path: Path) -> None:
     unshare = shutil.which("unshare")
     if unshare is None:
         pytest.skip("util-linux unshare not installed")
-    probe = subprocess.run([unshare, "--user", "--map-root-user", "--mount", "true"], capture_output=True, text=True)
+    probe = subprocess.run(
+        [unshare, "--user", "--map-root-user", "--mount", "true"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         pytest.skip(f"unprivileged user namespaces refused here: {probe.stderr.strip()}")
     disk = tmp_path / "small"
@@ -63,10 +81,17 @@ def test_tensorize_on_a_full_tmpfs_in_a_user_namespace(tmp_path: Path) -> None:
     listing = tmp_path / "listing"
     stage = shlex.join(_tensorize_cmd(tmp_path, disk))
     # The mount exists only inside the namespace: list what is left there before it goes away.
-    script = (f"mount -t tmpfs -o size=1m tmpfs {shlex.quote(str(disk))} || exit 99\n"
-              f"{stage}\nrc=$?\nls -A {shlex.quote(str(disk))} > {shlex.quote(str(listing))}\nexit $rc\n")
-    res = subprocess.run([unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    script = (
+        f"mount -t tmpfs -o size=1m tmpfs {shlex.quote(str(disk))} || exit 99\n"
+        f"{stage}\nrc=$?\nls -A {shlex.quote(str(disk))} > {shlex.quote(str(listing))}\nexit $rc\n"
+    )
+    res = subprocess.run(
+        [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode != 99, f"mount inside the namespace failed: {res.stderr}"
     _one_line_and_nothing_left(res, disk, "No space left on device", listing.read_text().split())
 
@@ -80,6 +105,8 @@ def _limit_file_size() -> None:
 def test_tensorize_when_a_write_fails_mid_file(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = _tensorize_cmd(tmp_path, out)
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size)
+    res = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size
+    )
     listing = sorted(p.name for p in out.iterdir()) if out.exists() else []
     _one_line_and_nothing_left(res, out, "File too large", listing)

@@ -76,6 +76,7 @@ def failure_lines(message: str) -> dict[str, str]:
 
 # ============================================================================ success
 
+
 def test_success_over_http(ds, http_server, tmp_path):
     base = http_server.serve_files("/mirror", {n: ds.gz(n) for n in ds.names})
     out = tmp_path / "data" / "raw"
@@ -84,7 +85,10 @@ def test_success_over_http(ds, http_server, tmp_path):
     for name in ds.names:
         assert (out / name).read_bytes() == ds.gz(name)  # stored exactly as received
         assert gzip.decompress((out / name).read_bytes()) == ds.raw[name]
-        assert record["files"][name] == {"source": base, "sha256_decompressed": hashlib.sha256(ds.raw[name]).hexdigest()}
+        assert record["files"][name] == {
+            "source": base,
+            "sha256_decompressed": hashlib.sha256(ds.raw[name]).hexdigest(),
+        }
     assert json.loads((out / SOURCE_RECORD).read_text()) == record
     assert record["dataset"] == "synth"
     assert sorted(http_server.hits) == sorted(f"/mirror/{n}" for n in ds.names)
@@ -160,6 +164,7 @@ def test_https_to_https_redirect_is_followed(ds, https_server, client_tls, tmp_p
 
 # ============================================================================ failures
 
+
 def test_404_everywhere(ds, http_server, tmp_path):
     msg = download_error(ds, tmp_path, http_server.url("/nothing"))
     assert msg.splitlines()[0] == f"could not get {IMAGES} from any source:"
@@ -219,7 +224,9 @@ def test_connection_refused(ds, tmp_path):
 def test_server_that_stalls_before_answering(ds, http_server, tmp_path):
     http_server.stall(f"/m/{IMAGES}")
     start = time.monotonic()
-    reason = failure_lines(download_error(ds, tmp_path, http_server.url("/m"), timeout=0.5))[http_server.url("/m")]
+    reason = failure_lines(download_error(ds, tmp_path, http_server.url("/m"), timeout=0.5))[
+        http_server.url("/m")
+    ]
     assert time.monotonic() - start < 4
     assert "timed out" in reason
 
@@ -242,7 +249,10 @@ def test_server_that_drips_bytes_is_cut_off_by_the_minimum_rate(ds, http_server,
     message = download_error(ds, tmp_path, http_server.url("/m"), timeout=0.5, min_rate_kbps=64)
     elapsed = time.monotonic() - start
     reason = failure_lines(message)[http_server.url("/m")]
-    assert reason.startswith("transfer too slow: ") and "in the last 0.5 s, below the minimum of 64 kbit/s" in reason
+    assert (
+        reason.startswith("transfer too slow: ")
+        and "in the last 0.5 s, below the minimum of 64 kbit/s" in reason
+    )
     assert "data.min_rate_kbps" in reason
     assert elapsed < 3, elapsed  # one window (0.5 s) and a read, not the 5+ s the whole drip would take
 
@@ -286,8 +296,13 @@ def test_all_sources_failing_lists_every_source_and_reason(ds, http_server, tmp_
     http_server.status(f"/e500/{IMAGES}", 500)
     http_server.serve(f"/sum/{IMAGES}", other.gz(IMAGES))
     missing = tmp_path / "no-such-folder"
-    sources = [http_server.url("/e404"), http_server.url("/e500"), http_server.url("/sum"), str(missing),
-               "ftp://example.invalid/mnist"]
+    sources = [
+        http_server.url("/e404"),
+        http_server.url("/e500"),
+        http_server.url("/sum"),
+        str(missing),
+        "ftp://example.invalid/mnist",
+    ]
     msg = download_error(ds, tmp_path, *sources)
     reasons = failure_lines(msg)
     assert list(reasons) == sources  # every source, in the order tried
@@ -324,6 +339,7 @@ def test_failure_on_the_last_file_writes_nothing(ds, http_server, tmp_path):
 
 # ============================================================================ hostile servers
 
+
 def test_redirect_from_https_to_plain_http_refused(ds, https_server, http_server, client_tls, tmp_path):
     good = http_server.serve_files("/plain", {n: ds.gz(n) for n in ds.names})  # would verify if fetched
     for n in ds.names:
@@ -335,7 +351,9 @@ def test_redirect_from_https_to_plain_http_refused(ds, https_server, http_server
     assert http_server.hits == []  # the plain-HTTP copy was never even requested
 
 
-def test_redirect_to_plain_http_moves_on_to_the_next_source(ds, https_server, http_server, client_tls, tmp_path):
+def test_redirect_to_plain_http_moves_on_to_the_next_source(
+    ds, https_server, http_server, client_tls, tmp_path
+):
     good = http_server.serve_files("/plain", {n: ds.gz(n) for n in ds.names})
     for n in ds.names:
         https_server.redirect(f"/m/{n}", f"{good}/{n}", code=301)
@@ -366,8 +384,10 @@ def test_redirect_to_another_scheme_refused(ds, http_server, tmp_path, target):
     base = http_server.url("/m")
     reason = failure_lines(download_error(ds, tmp_path, base))[base]
     # refused by our handler, or earlier by urllib's own scheme check: either way never followed
-    assert reason in (f"refused redirect from {base}/{IMAGES} to {location}",
-                      f"HTTP 302 Found - Redirection to url '{location}' is not allowed"), reason
+    assert reason in (
+        f"refused redirect from {base}/{IMAGES} to {location}",
+        f"HTTP 302 Found - Redirection to url '{location}' is not allowed",
+    ), reason
 
 
 def test_redirect_loop_refused(ds, http_server, tmp_path):
@@ -400,7 +420,11 @@ def test_body_larger_than_expected_without_content_length(ds, http_server, tmp_p
 
 def test_valid_file_without_content_length_is_accepted(ds, http_server, tmp_path):
     """The control for the test above: a body ended by closing the connection is fine if it verifies."""
-    fetch(ds, tmp_path / "raw", http_server.serve_files("/m", {n: ds.gz(n) for n in ds.names}, content_length=False))
+    fetch(
+        ds,
+        tmp_path / "raw",
+        http_server.serve_files("/m", {n: ds.gz(n) for n in ds.names}, content_length=False),
+    )
 
 
 @pytest.mark.parametrize(
@@ -415,8 +439,16 @@ def test_valid_file_without_content_length_is_accepted(ds, http_server, tmp_path
         (lambda raw: synth.gz(raw[:-1]), "SHA-256 of decompressed content is"),
         (lambda raw: synth.gz(raw + b"\x00"), "decompresses to more than the expected"),
     ],
-    ids=["trailing-garbage", "extra-member", "cut-gzip", "not-gzipped", "empty", "html", "one-byte-short",
-         "one-byte-long"],
+    ids=[
+        "trailing-garbage",
+        "extra-member",
+        "cut-gzip",
+        "not-gzipped",
+        "empty",
+        "html",
+        "one-byte-short",
+        "one-byte-long",
+    ],
 )
 def test_bodies_that_do_not_verify(ds, http_server, tmp_path, make, expected):
     http_server.serve(f"/m/{LABELS}", make(ds.raw[LABELS]))
@@ -481,12 +513,16 @@ def test_spec_whose_counts_disagree_is_refused(ds, tmp_path):
 
 # ============================================================================ hostile local folders
 
+
 def test_folder_file_larger_than_expected(ds, tmp_path):
     folder = ds.write_folder(tmp_path / "local")
     limit = max_compressed_size(ds.spec.train.images)
     (folder / IMAGES).write_bytes(oversized(ds))
     reason = failure_lines(download_error(ds, tmp_path, str(folder)))[str(folder)]
-    assert reason == f"{folder / IMAGES} is {len(oversized(ds))} bytes, more than the largest valid file ({limit} bytes)"
+    assert (
+        reason
+        == f"{folder / IMAGES} is {len(oversized(ds))} bytes, more than the largest valid file ({limit} bytes)"
+    )
 
 
 def test_folder_entry_that_is_a_directory(ds, tmp_path):
@@ -533,14 +569,16 @@ def test_folder_entry_that_is_not_a_regular_file(ds, tmp_path, kind):
 
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
-                          preexec_fn=limit_memory)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, preexec_fn=limit_memory
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"DownloadError: could not get {IMAGES} from any source:")
     assert f"{folder / IMAGES} is not a regular file" in proc.stdout
 
 
 # ============================================================================ fetch_file directly
+
 
 def test_fetch_file_returns_the_first_verified_source(ds, http_server, tmp_path):
     folder = ds.write_folder(tmp_path / "local", level=1)
@@ -612,11 +650,18 @@ def test_stage_takes_its_limits_from_params(ds, http_server, tmp_path):
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(spec=synth.spec_to_json(ds.spec)))
-    params = synth.write_params(tmp_path / "params.yaml", data={"dataset": "mnist", "mirrors": [http_server.url("/m")],
-                                                                 "timeout_s": 0.3, "min_rate_kbps": 100})
-    proc = synth.run_stage("download", "--params", params, "--out", "data/raw", cwd=tmp_path, extra_path=[site])
+    params = synth.write_params(
+        tmp_path / "params.yaml",
+        data={"dataset": "mnist", "mirrors": [http_server.url("/m")], "timeout_s": 0.3, "min_rate_kbps": 100},
+    )
+    proc = synth.run_stage(
+        "download", "--params", params, "--out", "data/raw", cwd=tmp_path, extra_path=[site]
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "transfer too slow: " in proc.stderr and "in the last 0.3 s, below the minimum of 100 kbit/s" in proc.stderr
+    assert (
+        "transfer too slow: " in proc.stderr
+        and "in the last 0.3 s, below the minimum of 100 kbit/s" in proc.stderr
+    )
     assert synth.leftovers(tmp_path / "data") == []
 
 
@@ -646,5 +691,7 @@ def test_stage_refuses_bad_mirrors_param(ds, tmp_path):
     params.write_text("data:\n  mirrors: http://a.example\n")
     proc = synth.run_stage("download", "--params", params, "--out", tmp_path / "raw", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"error: {params}: data.mirrors: expected a list of a string, found 'http://a.example'" in proc.stderr
+    assert (
+        f"error: {params}: data.mirrors: expected a list of a string, found 'http://a.example'" in proc.stderr
+    )
     assert not (tmp_path / "raw").exists()

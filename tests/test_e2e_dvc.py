@@ -58,8 +58,10 @@ def test_repro_without_a_test_csv_holds_out_test_and_val(tmp_path: Path) -> None
     repo = make_csv_repo(tmp_path)
     set_params(repo, **{"data.test_csv": None, "data.test_fraction": 0.2, "data.val_fraction": 0.2})
     dvc(repo, "repro")
-    counts = {split: json.loads((repo / f"data/tensors/{split}/manifest.json").read_text())["num_samples"]
-              for split in ("train", "val", "test")}
+    counts = {
+        split: json.loads((repo / f"data/tensors/{split}/manifest.json").read_text())["num_samples"]
+        for split in ("train", "val", "test")
+    }
     assert sum(counts.values()) == 300, counts  # every train CSV row in exactly one split
     assert 30 <= counts["test"] <= 90 and 30 <= counts["val"] <= 90, counts
     assert (repo / "data/csv/test.csv").read_text().count("\n") == 1  # the canonical header only

@@ -30,7 +30,10 @@ from pipeline.tabular import HEADER, HEADER_LINE
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**400) | st.floats()
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**400)
+    | st.floats()
     | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12,
@@ -38,6 +41,7 @@ JSON = st.recursive(
 
 
 # ============================================================================ IDX
+
 
 @FUZZ
 @given(st.binary(max_size=300))
@@ -79,15 +83,46 @@ def test_idx_structured(data):
 
 # ============================================================================ CSV checker
 
-CELLS = st.sampled_from([b"0", b"9", b"255", b"256", b"-1", b" 7", b"7 ", b"+3", b'"4"', b'"5', b"", b"x", b"1.5",
-                         b"9" * 5000, b"\x00", b"\xff\xfe", b"\r", b'"1,2"'])
+CELLS = st.sampled_from(
+    [
+        b"0",
+        b"9",
+        b"255",
+        b"256",
+        b"-1",
+        b" 7",
+        b"7 ",
+        b"+3",
+        b'"4"',
+        b'"5',
+        b"",
+        b"x",
+        b"1.5",
+        b"9" * 5000,
+        b"\x00",
+        b"\xff\xfe",
+        b"\r",
+        b'"1,2"',
+    ]
+)
 
 
 @st.composite
 def csv_lines(draw):
-    header = draw(st.sampled_from([HEADER_LINE, b"\xef\xbb\xbf" + HEADER_LINE, HEADER_LINE.replace(b"\n", b"\r\n"),
-                                   b"label,pixel0" + HEADER_LINE[len(b"label,pixel1"):], b"", b"\n", b"a,b\n",
-                                   b"label" + b",x" * 40000 + b"\n"]))
+    header = draw(
+        st.sampled_from(
+            [
+                HEADER_LINE,
+                b"\xef\xbb\xbf" + HEADER_LINE,
+                HEADER_LINE.replace(b"\n", b"\r\n"),
+                b"label,pixel0" + HEADER_LINE[len(b"label,pixel1") :],
+                b"",
+                b"\n",
+                b"a,b\n",
+                b"label" + b",x" * 40000 + b"\n",
+            ]
+        )
+    )
     rows = []
     for _ in range(draw(st.integers(0, 3))):
         n = draw(st.sampled_from([785, 785, 785, 784, 786, 1, 0]))
@@ -145,16 +180,18 @@ def header_like(draw):
     names = draw(st.sampled_from([HEADER_LINE, ZERO_BASED_LINE])).rstrip(b"\n").split(b",")
     quote = draw(st.sampled_from([b"", b'"']))
     pad = draw(st.sampled_from([b"", b" ", b"\t"]))
-    line = draw(st.sampled_from([b"", b"\xef\xbb\xbf"])) + b",".join(pad + quote + n + quote + pad for n in names)
+    line = draw(st.sampled_from([b"", b"\xef\xbb\xbf"])) + b",".join(
+        pad + quote + n + quote + pad for n in names
+    )
     line += draw(st.sampled_from([b"\n", b"\r\n", b""]))
     for _ in range(draw(st.sampled_from([0, 0, 1, 1, 2, 3]))):
         at = draw(st.integers(0, len(line) - 1))
         edit = draw(st.sampled_from(["set", "delete", "insert", "drop-column", "swap-columns"]))
-        byte = bytes([draw(st.sampled_from([*b"0123456789,\" \t\rx\xff", 0]))])
+        byte = bytes([draw(st.sampled_from([*b'0123456789," \t\rx\xff', 0]))])
         if edit == "set":
-            line = line[:at] + byte + line[at + 1:]
+            line = line[:at] + byte + line[at + 1 :]
         elif edit == "delete":
-            line = line[:at] + line[at + 1:]
+            line = line[:at] + line[at + 1 :]
         elif edit == "insert":
             line = line[:at] + byte + line[at:]
         else:
@@ -209,6 +246,7 @@ def test_header_fuzz_reaches_both_outcomes():
 
 # ============================================================================ shard header
 
+
 @FUZZ
 @given(st.binary(max_size=300), st.integers(min_value=0, max_value=2**70))
 def test_shard_header_arbitrary_bytes(prefix, file_size):
@@ -233,9 +271,11 @@ def _check_layout(layout: ShardLayout, file_size: int) -> None:
 def _valid_header() -> dict:
     k = 3
     images = k * 784 * 4
-    return {"__metadata__": {"dataset": "d", "split": "train"},
-            "images": {"dtype": "F32", "shape": [k, 1, 28, 28], "data_offsets": [0, images]},
-            "labels": {"dtype": "I64", "shape": [k], "data_offsets": [images, images + 8 * k]}}
+    return {
+        "__metadata__": {"dataset": "d", "split": "train"},
+        "images": {"dtype": "F32", "shape": [k, 1, 28, 28], "data_offsets": [0, images]},
+        "labels": {"dtype": "I64", "shape": [k], "data_offsets": [images, images + 8 * k]},
+    }
 
 
 def _encode(header: dict | str) -> bytes:
@@ -250,8 +290,11 @@ def mutated_header(draw):
     for _ in range(draw(st.integers(1, 3))):
         name = draw(st.sampled_from(["images", "labels", "__metadata__", "extra"]))
         field = draw(st.sampled_from(["dtype", "shape", "data_offsets", None]))
-        value = draw(JSON | st.sampled_from(["F16", "U8", "BOOL", "F64", "I8", "Q4"])
-                     | st.lists(st.integers(-2, 10**6), max_size=4))
+        value = draw(
+            JSON
+            | st.sampled_from(["F16", "U8", "BOOL", "F64", "I8", "Q4"])
+            | st.lists(st.integers(-2, 10**6), max_size=4)
+        )
         if field is None or not isinstance(header.get(name, {}), dict):
             header[name] = value
         else:
@@ -281,15 +324,31 @@ def test_the_valid_shard_header_is_accepted():
 
 # ============================================================================ manifest
 
+
 def _valid_manifest() -> dict:
-    return {"schema_version": SCHEMA_VERSION, "dataset": "d", "split": "train", "num_samples": 5, "num_classes": 3,
-            "class_names": ["a", "b", "c"], "class_counts": [2, 0, 3],
-            "image_shape": [3, 8, 8], "image_dtype": "float32", "label_dtype": "int64",
-            "normalization": {"kind": "standard", "mean": [0.28, 0.3, 0.1], "std": [0.35, 0.2, 0.25],
-                              "stats_from": "train"},
-            "train_stats": {"mean": [0.28, 0.3, 0.1], "std": [0.35, 0.2, 0.25]},
-            "shards": [{"file": "shard-00000.safetensors", "num_samples": 3, "bytes": 9500, "sha256": "a" * 64},
-                       {"file": "shard-00001.safetensors", "num_samples": 2, "bytes": 6400, "sha256": "b" * 64}]}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": "d",
+        "split": "train",
+        "num_samples": 5,
+        "num_classes": 3,
+        "class_names": ["a", "b", "c"],
+        "class_counts": [2, 0, 3],
+        "image_shape": [3, 8, 8],
+        "image_dtype": "float32",
+        "label_dtype": "int64",
+        "normalization": {
+            "kind": "standard",
+            "mean": [0.28, 0.3, 0.1],
+            "std": [0.35, 0.2, 0.25],
+            "stats_from": "train",
+        },
+        "train_stats": {"mean": [0.28, 0.3, 0.1], "std": [0.35, 0.2, 0.25]},
+        "shards": [
+            {"file": "shard-00000.safetensors", "num_samples": 3, "bytes": 9500, "sha256": "a" * 64},
+            {"file": "shard-00001.safetensors", "num_samples": 2, "bytes": 6400, "sha256": "b" * 64},
+        ],
+    }
 
 
 @FUZZ
@@ -314,8 +373,12 @@ def test_manifest_arbitrary_json(doc):
 def mutated_manifest(draw):
     doc = _valid_manifest()
     for _ in range(draw(st.integers(1, 3))):
-        targets = {"top": doc, "normalization": doc.get("normalization"), "train_stats": doc.get("train_stats"),
-                   "shard": doc["shards"][0] if isinstance(doc.get("shards"), list) and doc["shards"] else None}
+        targets = {
+            "top": doc,
+            "normalization": doc.get("normalization"),
+            "train_stats": doc.get("train_stats"),
+            "shard": doc["shards"][0] if isinstance(doc.get("shards"), list) and doc["shards"] else None,
+        }
         obj = targets[draw(st.sampled_from(sorted(targets)))]
         if not isinstance(obj, dict):
             continue
@@ -323,8 +386,13 @@ def mutated_manifest(draw):
         if draw(st.integers(0, 4)) == 0:
             obj.pop(key, None)
         else:
-            obj[key] = draw(JSON | st.integers(-5, 10**400) | st.sampled_from(
-                ["NaN", "../x.safetensors", ".hidden", "a/b", "shard-00001.safetensors", "A" * 64]))
+            obj[key] = draw(
+                JSON
+                | st.integers(-5, 10**400)
+                | st.sampled_from(
+                    ["NaN", "../x.safetensors", ".hidden", "a/b", "shard-00001.safetensors", "A" * 64]
+                )
+            )
     return json.dumps(doc, allow_nan=True)
 
 
@@ -353,12 +421,33 @@ def test_the_valid_manifest_is_accepted():
     "text, fragment",
     [
         ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
-        (json.dumps({**_valid_manifest(), "normalization": {**_valid_manifest()["normalization"], "mean": [0.1, 10**400, 0.2]}}),
-         "normalization"),
-        (json.dumps({**_valid_manifest(), "normalization": {**_valid_manifest()["normalization"],
-                                                              "std": [1.0, 1.0, float("inf")]}}), "normalization"),
-        (json.dumps({**_valid_manifest(), "normalization": {**_valid_manifest()["normalization"],
-                                                              "mean": [float("nan"), 0.0, 0.0]}}), "normalization"),
+        (
+            json.dumps(
+                {
+                    **_valid_manifest(),
+                    "normalization": {**_valid_manifest()["normalization"], "mean": [0.1, 10**400, 0.2]},
+                }
+            ),
+            "normalization",
+        ),
+        (
+            json.dumps(
+                {
+                    **_valid_manifest(),
+                    "normalization": {**_valid_manifest()["normalization"], "std": [1.0, 1.0, float("inf")]},
+                }
+            ),
+            "normalization",
+        ),
+        (
+            json.dumps(
+                {
+                    **_valid_manifest(),
+                    "normalization": {**_valid_manifest()["normalization"], "mean": [float("nan"), 0.0, 0.0]},
+                }
+            ),
+            "normalization",
+        ),
     ],
     ids=["deep-nesting", "huge-int-mean", "infinite-std", "nan-mean"],
 )
@@ -369,6 +458,7 @@ def test_manifest_hostile_numbers_and_nesting(text, fragment):
 
 
 # ============================================================================ gzip / download verification
+
 
 @FUZZ
 @given(st.binary(max_size=300), st.integers(0, 1000))
@@ -411,9 +501,17 @@ def test_verify_mutated_gzip(labels_file, data):
 
 # ============================================================================ params
 
+
 @FUZZ
-@given(st.sampled_from(list(SECTIONS)), st.dictionaries(st.text(max_size=20) | st.sampled_from(
-    [f.name for cls in SECTIONS.values() for f in cls.__dataclass_fields__.values()]), JSON, max_size=4))
+@given(
+    st.sampled_from(list(SECTIONS)),
+    st.dictionaries(
+        st.text(max_size=20)
+        | st.sampled_from([f.name for cls in SECTIONS.values() for f in cls.__dataclass_fields__.values()]),
+        JSON,
+        max_size=4,
+    ),
+)
 def test_params_arbitrary_values(section, values):
     try:
         obj = parse_section(SECTIONS[section], section, values, where="fuzz")
@@ -428,6 +526,7 @@ def test_all_project_errors_share_one_base():
 
 
 # ============================================================================ what the fuzzers found, pinned
+
 
 def test_idx_zero_sized_but_unindexable_shape():
     data = bytes.fromhex("00000803 00000000 ffffffff ffffffff".replace(" ", ""))

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _guarantees() -> str:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    return text[text.index("## Guarantees"):text.index("\n## ", text.index("## Guarantees") + 1)]
+    return text[text.index("## Guarantees") : text.index("\n## ", text.index("## Guarantees") + 1)]
 
 
 def _tests(file: str) -> set[str]:

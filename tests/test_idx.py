@@ -65,8 +65,12 @@ def test_uint8_decode_is_a_view_of_the_input_buffer():
 
 
 @settings(max_examples=200, deadline=None)
-@given(hnp.arrays(dtype=st.sampled_from([np.dtype(d) for d in ALL_DTYPES]),
-                  shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=5)))
+@given(
+    hnp.arrays(
+        dtype=st.sampled_from([np.dtype(d) for d in ALL_DTYPES]),
+        shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=5),
+    )
+)
 def test_round_trip_property(a):
     back = decode_idx(encode_idx(a))
     assert back.shape == a.shape
@@ -89,7 +93,10 @@ GOOD = header(0x08, 2, 3) + bytes(6)
     [
         (b"", ["0 bytes is too short", "need at least 4"]),
         (b"\x00\x00\x08", ["3 bytes is too short"]),
-        (b"\x1f\x8b" + GOOD[2:], ["bad IDX magic", "expected first two bytes 00 00", "found 1f 8b"]),  # still gzipped
+        (
+            b"\x1f\x8b" + GOOD[2:],
+            ["bad IDX magic", "expected first two bytes 00 00", "found 1f 8b"],
+        ),  # still gzipped
         (header(0x08, 6, zero=1) + bytes(6), ["bad IDX magic", "found 00 01"]),
         (header(0x0A, 6) + bytes(6), ["unknown IDX dtype code 0x0a"]),
         (header(0xFF, 6) + bytes(6), ["unknown IDX dtype code 0xff"]),
@@ -102,8 +109,21 @@ GOOD = header(0x08, 2, 3) + bytes(6)
         # 4 billion^3 elements claimed by a 28-byte file: refused without allocating anything
         (header(0x0E, 2**32 - 1, 2**32 - 1, 2**32 - 1) + bytes(8), ["needs", "found 24"]),
     ],
-    ids=["empty", "3-bytes", "gzip-magic", "magic-0001", "code-0a", "code-ff", "ndim-0", "ndim-9",
-         "header-truncated", "data-short", "data-long", "wide-short", "huge-dims"],
+    ids=[
+        "empty",
+        "3-bytes",
+        "gzip-magic",
+        "magic-0001",
+        "code-0a",
+        "code-ff",
+        "ndim-0",
+        "ndim-9",
+        "header-truncated",
+        "data-short",
+        "data-long",
+        "wide-short",
+        "huge-dims",
+    ],
 )
 def test_malformed_idx_refused_with_reason(data, fragments):
     with pytest.raises(DataError) as err:

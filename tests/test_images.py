@@ -50,8 +50,15 @@ def to_parquet(root: Path, image_shape, *, row_group_size: int = 64) -> tuple[pa
     """Scan train, write listing and Parquet; return the table and its pixels as (N, C, H, W)."""
     entries = scan_split(root, "train")
     write_listing(entries, root.parent / "train.csv")
-    rows = images_to_parquet(root.parent / "train.csv", root, root.parent / "train.parquet", image_shape=image_shape,
-                             compression="zstd", compression_level=None, row_group_size=row_group_size)
+    rows = images_to_parquet(
+        root.parent / "train.csv",
+        root,
+        root.parent / "train.parquet",
+        image_shape=image_shape,
+        compression="zstd",
+        compression_level=None,
+        row_group_size=row_group_size,
+    )
     table = pq.read_table(root.parent / "train.parquet")
     assert rows == table.num_rows == len(entries)
     c, h, w = open_table(root.parent / "train.parquet").image_shape
@@ -82,8 +89,11 @@ def sha_order(files: list[str]) -> list[str]:
 def test_png_decodes_exactly_into_channel_planes(tmp_path: Path, channels: int) -> None:
     root = tmp_path / "images"
     shape_hwc = (5, 7, 3) if channels == 3 else (5, 7)  # H != W, so a swapped axis cannot pass
-    saved = {f"train/{label}/{i}.png": noise(shape_hwc, seed=10 * i + len(label))
-             for label in ("cat", "dog") for i in range(3)}
+    saved = {
+        f"train/{label}/{i}.png": noise(shape_hwc, seed=10 * i + len(label))
+        for label in ("cat", "dog")
+        for i in range(3)
+    }
     for file, array in saved.items():
         save(root / file, array)
     entries = scan_split(root, "train")
@@ -91,7 +101,11 @@ def test_png_decodes_exactly_into_channel_planes(tmp_path: Path, channels: int) 
     table, pixels = to_parquet(root, None)
     assert table.schema.field("pixels").type == pa.binary(channels * 5 * 7)
     assert table.schema.field("label").type == table.schema.field("file").type == pa.string()
-    assert json.loads(pq.read_metadata(tmp_path / "train.parquet").metadata[b"image_shape"]) == [channels, 5, 7]
+    assert json.loads(pq.read_metadata(tmp_path / "train.parquet").metadata[b"image_shape"]) == [
+        channels,
+        5,
+        7,
+    ]
     for file, got in by_file(table, pixels).items():
         chw = saved[file][None] if channels == 1 else saved[file].transpose(2, 0, 1)
         np.testing.assert_array_equal(got, chw)
@@ -197,16 +211,22 @@ def test_order_is_the_sha256_of_the_path_whatever_the_filesystem_lists(tmp_path:
 def test_missing_folders_are_refused(tmp_path: Path) -> None:
     root = tmp_path / "images"
     assert refused(scan_split, root, "train") == (
-        f"{root}: images folder not found; expected train/<class>/<image> inside it")
+        f"{root}: images folder not found; expected train/<class>/<image> inside it"
+    )
     root.mkdir()
     assert refused(scan_split, root, "train") == (
-        f"{root / 'train'}: expected a folder of class folders train/<class>/<image>, found nothing")
+        f"{root / 'train'}: expected a folder of class folders train/<class>/<image>, found nothing"
+    )
     (root / "train").write_text("")
     assert refused(scan_split, root, "train") == (
-        f"{root / 'train'}: expected a folder of class folders train/<class>/<image>, found a file")
+        f"{root / 'train'}: expected a folder of class folders train/<class>/<image>, found a file"
+    )
     assert scan_split(root, "test") == []
     (root / "test").mkdir()
-    assert refused(scan_split, root, "test") == f"{root / 'test'}: no class folders; expected test/<class>/<image>"
+    assert (
+        refused(scan_split, root, "test")
+        == f"{root / 'test'}: no class folders; expected test/<class>/<image>"
+    )
 
 
 def test_empty_class_folder_is_refused(tmp_path: Path) -> None:
@@ -214,7 +234,8 @@ def test_empty_class_folder_is_refused(tmp_path: Path) -> None:
     save(root / "train/cat/1.png", noise((2, 2), 0))
     (root / "train/dog/.hidden").mkdir(parents=True)
     assert refused(scan_split, root, "train") == (
-        f"{root / 'train/dog'}: class folder holds no images; expected at least one {ACCEPTED} file")
+        f"{root / 'train/dog'}: class folder holds no images; expected at least one {ACCEPTED} file"
+    )
 
 
 def test_file_directly_under_train_is_refused(tmp_path: Path) -> None:
@@ -222,7 +243,8 @@ def test_file_directly_under_train_is_refused(tmp_path: Path) -> None:
     save(root / "train/cat/1.png", noise((2, 2), 0))
     save(root / "train/stray.png", noise((2, 2), 0))
     assert refused(scan_split, root, "train") == (
-        f"{root / 'train/stray.png'}: file directly under train/; expected it in a class folder train/<class>/")
+        f"{root / 'train/stray.png'}: file directly under train/; expected it in a class folder train/<class>/"
+    )
 
 
 def test_non_image_file_is_refused_by_suffix(tmp_path: Path) -> None:
@@ -231,7 +253,8 @@ def test_non_image_file_is_refused_by_suffix(tmp_path: Path) -> None:
     (root / "train/cat/sub").mkdir()
     (root / "train/cat/sub/notes.txt").write_text("hello")
     assert refused(scan_split, root, "train") == (
-        f"{root / 'train/cat/sub/notes.txt'}: not an accepted image file; expected {ACCEPTED}")
+        f"{root / 'train/cat/sub/notes.txt'}: not an accepted image file; expected {ACCEPTED}"
+    )
 
 
 def test_name_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
@@ -251,7 +274,8 @@ def test_test_class_unknown_to_train_is_refused(tmp_path: Path) -> None:
     classes = class_names(scan_split(root, "train"))
     assert classes == ["cat", "dog"]
     assert refused(scan_split, root, "test", classes) == (
-        f"{root / 'test/cow'}: class 'cow' is not a train class; expected one of 'cat', 'dog'")
+        f"{root / 'test/cow'}: class 'cow' is not a train class; expected one of 'cat', 'dog'"
+    )
     (root / "test/cow/3.png").unlink()
     (root / "test/cow").rmdir()
     assert [e.file for e in scan_split(root, "test", classes)] == ["test/cat/2.png"]
@@ -273,8 +297,19 @@ def check_both(root: Path, image_shape, message: str) -> None:
     entries = scan_split(root, "train")
     assert refused(check_images, root, entries, image_shape) == message
     write_listing(entries, root.parent / "l.csv")
-    assert refused(images_to_parquet, root.parent / "l.csv", root, root.parent / "o.parquet", image_shape=image_shape,
-                   compression="zstd", compression_level=None, row_group_size=8) == message
+    assert (
+        refused(
+            images_to_parquet,
+            root.parent / "l.csv",
+            root,
+            root.parent / "o.parquet",
+            image_shape=image_shape,
+            compression="zstd",
+            compression_level=None,
+            row_group_size=8,
+        )
+        == message
+    )
     assert not (root.parent / "o.parquet").exists()
 
 
@@ -282,7 +317,9 @@ def test_other_size_without_shape_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "images"
     odd = one_odd_image(root, noise((4, 5, 3), 1))
     first = root / sha_order(["train/a/1.png", "train/b/2.png"])[0]
-    check_both(root, None, f"{odd}: image is 5x4 RGB, expected 6x4 RGB as {first}; set data.image_shape to convert")
+    check_both(
+        root, None, f"{odd}: image is 5x4 RGB, expected 6x4 RGB as {first}; set data.image_shape to convert"
+    )
     to_parquet(root, (3, 4, 6))  # with a shape the odd one is resized
 
 
@@ -290,7 +327,9 @@ def test_other_mode_without_shape_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "images"
     odd = one_odd_image(root, noise((4, 6), 1))
     first = root / sha_order(["train/a/1.png", "train/b/2.png"])[0]
-    check_both(root, None, f"{odd}: image is 6x4 L, expected 6x4 RGB as {first}; set data.image_shape to convert")
+    check_both(
+        root, None, f"{odd}: image is 6x4 L, expected 6x4 RGB as {first}; set data.image_shape to convert"
+    )
 
 
 @pytest.mark.parametrize("mode", ["P", "RGBA", "LA", "1"])
@@ -298,15 +337,20 @@ def test_mode_other_than_l_or_rgb_without_shape_is_refused(tmp_path: Path, mode:
     root = tmp_path / "images"
     first = root / sha_order(["train/a/1.png", "train/b/2.png"])[0]
     one_odd_image(root, noise((4, 6, 3), 1), normal=Image.new(mode, (6, 4)))
-    check_both(root, None, f"{first}: image mode is {mode}, expected L or RGB; set data.image_shape [C, H, W] "
-                           f"to convert")
+    check_both(
+        root,
+        None,
+        f"{first}: image mode is {mode}, expected L or RGB; set data.image_shape [C, H, W] to convert",
+    )
     to_parquet(root, (3, 4, 6))
 
 
 def test_sixteen_bit_image_is_refused_even_with_a_shape(tmp_path: Path) -> None:
     root = tmp_path / "images"
     odd = one_odd_image(root, Image.fromarray(np.full((4, 6), 1000, np.uint16)))
-    check_both(root, (1, 4, 6), f"{odd}: image mode I;16 has more than 8 bits per channel; expected 8-bit {ACCEPTED}")
+    check_both(
+        root, (1, 4, 6), f"{odd}: image mode I;16 has more than 8 bits per channel; expected 8-bit {ACCEPTED}"
+    )
 
 
 def test_other_format_behind_an_image_suffix_is_refused(tmp_path: Path) -> None:
@@ -324,8 +368,9 @@ def test_file_pillow_cannot_identify_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
-def test_truncated_image_fails_the_decode_even_if_pillow_was_told_to_allow_it(tmp_path: Path, suffix: str,
-                                                                           monkeypatch) -> None:
+def test_truncated_image_fails_the_decode_even_if_pillow_was_told_to_allow_it(
+    tmp_path: Path, suffix: str, monkeypatch
+) -> None:
     root = tmp_path / "images"
     names = [f"train/{c}/{i}{suffix}" for c in "ab" for i in range(3)]
     for i, name in enumerate(names):
@@ -336,8 +381,16 @@ def test_truncated_image_fails_the_decode_even_if_pillow_was_told_to_allow_it(tm
     assert check_images(root, entries, None) == (3, 64, 64)  # headers are intact: only decoding can tell
     write_listing(entries, tmp_path / "train.csv")
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some other library might have set it
-    message = refused(images_to_parquet, tmp_path / "train.csv", root, tmp_path / "out/train.parquet",
-                      image_shape=(3, 64, 64), compression="zstd", compression_level=None, row_group_size=1)
+    message = refused(
+        images_to_parquet,
+        tmp_path / "train.csv",
+        root,
+        tmp_path / "out/train.parquet",
+        image_shape=(3, 64, 64),
+        compression="zstd",
+        compression_level=None,
+        row_group_size=1,
+    )
     assert message.startswith(f"{bad}: cannot decode image: image file is truncated")
     assert message.endswith(f"; expected a complete {ACCEPTED} file")
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the setting is restored
@@ -348,7 +401,8 @@ def test_bad_image_shape_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "images"
     save(root / "train/a/1.png", noise((2, 2), 0))
     assert refused(check_images, root, scan_split(root, "train"), (2, 4, 4)) == (
-        "data.image_shape: expected [C, H, W] with C 1 or 3 and H, W positive, found [2, 4, 4]")
+        "data.image_shape: expected [C, H, W] with C 1 or 3 and H, W positive, found [2, 4, 4]"
+    )
 
 
 # ============================================================================ the listing and empty outputs
@@ -374,16 +428,25 @@ def write_rows(path: Path, rows: list[list[str]]) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("rows", "message"), [
-    ([["label", "path"]], "row 1 (header): expected label,file, found 'label,path'"),
-    ([["label", "file"], ["cat", "train/cat/1.png"], ["cat", "train/cat/2.png", "x"]],
-     "row 3: expected 2 values (label,file), found 3"),
-    ([["label", "file"], ["cat", "train/dog/1.png"]],
-     "row 2: expected a file train/<label>/<path> or test/<label>/<path> with label 'cat', found 'train/dog/1.png'"),
-    ([["label", "file"], ["cat", "train/cat/../../../etc/passwd"]],
-     "row 2: expected a file train/<label>/<path> or test/<label>/<path> with label 'cat', "
-     "found 'train/cat/../../../etc/passwd'"),
-])
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([["label", "path"]], "row 1 (header): expected label,file, found 'label,path'"),
+        (
+            [["label", "file"], ["cat", "train/cat/1.png"], ["cat", "train/cat/2.png", "x"]],
+            "row 3: expected 2 values (label,file), found 3",
+        ),
+        (
+            [["label", "file"], ["cat", "train/dog/1.png"]],
+            "row 2: expected a file train/<label>/<path> or test/<label>/<path> with label 'cat', found 'train/dog/1.png'",
+        ),
+        (
+            [["label", "file"], ["cat", "train/cat/../../../etc/passwd"]],
+            "row 2: expected a file train/<label>/<path> or test/<label>/<path> with label 'cat', "
+            "found 'train/cat/../../../etc/passwd'",
+        ),
+    ],
+)
 def test_listing_is_read_strictly(tmp_path: Path, rows: list[list[str]], message: str) -> None:
     path = write_rows(tmp_path / "listing.csv", rows)
     assert refused(read_listing, path) == f"{path}: {message}"
@@ -392,15 +455,31 @@ def test_listing_is_read_strictly(tmp_path: Path, rows: list[list[str]], message
 def test_empty_listing_gives_a_parquet_file_with_no_rows_and_the_shape(tmp_path: Path) -> None:
     write_listing([], tmp_path / "test.csv")
     assert read_listing(tmp_path / "test.csv") == []
-    rows = images_to_parquet(tmp_path / "test.csv", tmp_path, tmp_path / "test.parquet", image_shape=(3, 8, 6),
-                             compression="uncompressed", compression_level=None, row_group_size=16)
+    rows = images_to_parquet(
+        tmp_path / "test.csv",
+        tmp_path,
+        tmp_path / "test.parquet",
+        image_shape=(3, 8, 6),
+        compression="uncompressed",
+        compression_level=None,
+        row_group_size=16,
+    )
     table = pq.read_table(tmp_path / "test.parquet")
     assert rows == table.num_rows == 0
     assert table.schema.field("pixels").type == pa.binary(3 * 8 * 6)
     assert open_table(tmp_path / "test.parquet").image_shape == (3, 8, 6)
-    assert refused(images_to_parquet, tmp_path / "test.csv", tmp_path, tmp_path / "none.parquet", image_shape=None,
-                   compression="zstd", compression_level=None, row_group_size=16) == (
-        f"{tmp_path / 'test.csv'}: listing is empty and data.image_shape is not set; expected one or the other")
+    assert refused(
+        images_to_parquet,
+        tmp_path / "test.csv",
+        tmp_path,
+        tmp_path / "none.parquet",
+        image_shape=None,
+        compression="zstd",
+        compression_level=None,
+        row_group_size=16,
+    ) == (
+        f"{tmp_path / 'test.csv'}: listing is empty and data.image_shape is not set; expected one or the other"
+    )
 
 
 def test_rows_are_written_in_row_groups_in_listing_order(tmp_path: Path) -> None:
@@ -410,9 +489,10 @@ def test_rows_are_written_in_row_groups_in_listing_order(tmp_path: Path) -> None
     table, _ = to_parquet(root, None, row_group_size=2)
     assert pq.ParquetFile(tmp_path / "train.parquet").metadata.num_row_groups == 3
     assert table.column("file").to_pylist() == [e.file for e in read_listing(tmp_path / "train.csv")]
-    assert [ImageEntry(*r, key=r[1].split("/", 2)[2]) for r in zip(table.column("label").to_pylist(),
-                                                                    table.column("file").to_pylist())] \
-        == scan_split(root, "train")
+    assert [
+        ImageEntry(*r, key=r[1].split("/", 2)[2])
+        for r in zip(table.column("label").to_pylist(), table.column("file").to_pylist())
+    ] == scan_split(root, "train")
 
 
 def test_memory_holds_one_row_group_not_every_image(tmp_path: Path) -> None:
@@ -421,14 +501,30 @@ def test_memory_holds_one_row_group_not_every_image(tmp_path: Path) -> None:
     for i in range(400):
         save(root / f"train/c{i % 4}/{i}.png", noise((64, 64, 3), i), compress_level=0)
     entries = scan_split(root, "train")
-    write_listing(entries[:1], tmp_path / "warm.csv")  # Pillow's plugins and Arrow's modules load on first use
-    images_to_parquet(tmp_path / "warm.csv", root, tmp_path / "warm.parquet", image_shape=None,
-                      compression="zstd", compression_level=None, row_group_size=8)
+    write_listing(
+        entries[:1], tmp_path / "warm.csv"
+    )  # Pillow's plugins and Arrow's modules load on first use
+    images_to_parquet(
+        tmp_path / "warm.csv",
+        root,
+        tmp_path / "warm.parquet",
+        image_shape=None,
+        compression="zstd",
+        compression_level=None,
+        row_group_size=8,
+    )
     write_listing(entries, tmp_path / "train.csv")
     tracemalloc.start()
     try:
-        images_to_parquet(tmp_path / "train.csv", root, tmp_path / "train.parquet", image_shape=None,
-                          compression="zstd", compression_level=None, row_group_size=8)
+        images_to_parquet(
+            tmp_path / "train.csv",
+            root,
+            tmp_path / "train.parquet",
+            image_shape=None,
+            compression="zstd",
+            compression_level=None,
+            row_group_size=8,
+        )
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

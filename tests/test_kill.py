@@ -24,8 +24,13 @@ N_TRAIN = 20000  # large enough that each write lasts long enough to be caught m
 
 def _kill_when(repo: Path, appeared) -> None:
     """Start `dvc repro`, wait until ``appeared()`` is true, SIGKILL its whole process group."""
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=repo,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     try:
         while not appeared():
@@ -47,10 +52,12 @@ def _check_outputs(repo: Path) -> None:
     parquet = pl.read_parquet(repo / "data/parquet/train.parquet")
     assert np.array_equal(parquet.drop("label").to_numpy(), pixels)
     manifest = read_manifest(repo / "data/tensors/train")
-    images = np.concatenate([load_file(str(repo / "data/tensors/train" / s.file))["images"]
-                             for s in manifest.shards])
-    got_labels = np.concatenate([load_file(str(repo / "data/tensors/train" / s.file))["labels"]
-                                 for s in manifest.shards])
+    images = np.concatenate(
+        [load_file(str(repo / "data/tensors/train" / s.file))["images"] for s in manifest.shards]
+    )
+    got_labels = np.concatenate(
+        [load_file(str(repo / "data/tensors/train" / s.file))["labels"] for s in manifest.shards]
+    )
     assert np.array_equal(images.reshape(len(images), -1), pixels.astype(np.float32) / np.float32(255))
     assert np.array_equal(got_labels, labels)
     # the other splits of the same run: the source's test split, and no val split (data.val_fraction 0)
@@ -86,5 +93,7 @@ def test_sigkill_mid_write_then_repro(tmp_path: Path, stage: str) -> None:
     assert f"Running stage '{stage}'" in rerun.stdout
     # tensorize writes every split folder at once: none of their temporaries may survive the rerun
     for split in (name,) if stage == "parquet" else ("train", "val", "test"):
-        assert not _temporaries(out_dir, split), f"the rerun should clean up the killed writer's {split} temporary"
+        assert not _temporaries(out_dir, split), (
+            f"the rerun should clean up the killed writer's {split} temporary"
+        )
     _check_outputs(repo)

@@ -15,9 +15,27 @@ import pytest
 import synth
 
 SCANNED = ("pipeline", "stages", "trainer", "benchmarks")
-PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "shelve", "joblib", "marshal", "copyreg"}
-ALWAYS_FORBIDDEN = {"torch.save", "torch.serialization.save", "torch.jit.load", "torch.jit.save", "torch.hub.load",
-                    "torch.package.PackageImporter", "pandas.read_pickle", "numpy.load_pickle"}
+PICKLE_MODULES = {
+    "pickle",
+    "_pickle",
+    "cPickle",
+    "cloudpickle",
+    "dill",
+    "shelve",
+    "joblib",
+    "marshal",
+    "copyreg",
+}
+ALWAYS_FORBIDDEN = {
+    "torch.save",
+    "torch.serialization.save",
+    "torch.jit.load",
+    "torch.jit.save",
+    "torch.hub.load",
+    "torch.package.PackageImporter",
+    "pandas.read_pickle",
+    "numpy.load_pickle",
+}
 NEEDS_WEIGHTS_ONLY = {"torch.load", "torch.serialization.load"}
 
 
@@ -43,8 +61,10 @@ def _dotted(node: ast.AST, aliases: dict[str, str]) -> str | None:
 
 
 def _is_true(call: ast.Call, keyword: str) -> bool:
-    return any(k.arg == keyword and isinstance(k.value, ast.Constant) and k.value.value is True
-               for k in call.keywords)
+    return any(
+        k.arg == keyword and isinstance(k.value, ast.Constant) and k.value.value is True
+        for k in call.keywords
+    )
 
 
 def violations(source: str, where: str = "<snippet>") -> list[str]:
@@ -54,7 +74,9 @@ def violations(source: str, where: str = "<snippet>") -> list[str]:
     for node in ast.walk(tree):
         line = f"{where}:{getattr(node, 'lineno', 0)}"
         if isinstance(node, ast.Import):
-            found += [f"{line}: import {a.name}" for a in node.names if a.name.split(".")[0] in PICKLE_MODULES]
+            found += [
+                f"{line}: import {a.name}" for a in node.names if a.name.split(".")[0] in PICKLE_MODULES
+            ]
         elif isinstance(node, ast.ImportFrom) and node.module:
             if node.module.split(".")[0] in PICKLE_MODULES:
                 found.append(f"{line}: from {node.module} import ...")
@@ -68,13 +90,23 @@ def violations(source: str, where: str = "<snippet>") -> list[str]:
                 found.append(f"{line}: {name}(...)")
             if name in NEEDS_WEIGHTS_ONLY and not _is_true(node, "weights_only"):
                 found.append(f"{line}: {name}(...) without weights_only=True")
-            if _is_true(node, "allow_pickle") or any(k.arg == "allow_pickle" and not (
-                    isinstance(k.value, ast.Constant) and k.value.value is False) for k in node.keywords):
+            if _is_true(node, "allow_pickle") or any(
+                k.arg == "allow_pickle" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                for k in node.keywords
+            ):
                 found.append(f"{line}: allow_pickle=True")
-            if name in ("__import__", "importlib.import_module") and node.args and isinstance(
-                    node.args[0], ast.Constant) and str(node.args[0].value).split(".")[0] in PICKLE_MODULES:
+            if (
+                name in ("__import__", "importlib.import_module")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and str(node.args[0].value).split(".")[0] in PICKLE_MODULES
+            ):
                 found.append(f"{line}: dynamic import of {node.args[0].value}")
-            if name and name.endswith((".__reduce__", ".__setstate__")) or name in ("pickle.loads", "pickle.load"):
+            if (
+                (name
+                and name.endswith((".__reduce__", ".__setstate__")))
+                or name in ("pickle.loads", "pickle.load")
+            ):
                 found.append(f"{line}: {name}(...)")
     return found
 
@@ -94,6 +126,7 @@ def test_the_project_has_no_pickle():
 
 
 # ============================================================================ the scanner itself
+
 
 @pytest.mark.parametrize(
     "snippet",

@@ -22,21 +22,22 @@ import safetensors.numpy
 import synth
 from PIL import Image
 
+from pipeline.errors import DataError
 from pipeline.images import scan_split, write_listing
 from pipeline.manifest import read_manifest
-from pipeline.normalize import lookup_table
+from pipeline.normalize import lookup_table, make_normalization
 from pipeline.parquet import csv_to_parquet, images_to_parquet
-from pipeline.errors import DataError
 from pipeline.pool import ordered_map, read_ahead
 from pipeline.shards import write_shard
-from pipeline.normalize import make_normalization
 from pipeline.tensorize import tensorize, write_split
 
 CODEC = {"compression": "zstd", "compression_level": None, "row_group_size": 16}
 
 
 def _tree_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def _wide_parquet(tmp_path: Path, n_train: int, n_test: int) -> tuple[Path, Path, synth.Split]:
@@ -59,14 +60,24 @@ def _image_folder(root: Path, n: int) -> Path:
 
 
 def _tensorize(train_pq: Path, test_pq: Path, out: Path, **kw) -> dict:
-    return tensorize(train_pq, test_pq, out / "train", out / "test", out / "val", dataset="csv", shard_size=7,
-                     **{"normalize_kind": "unit", "test_fraction": 0.2, "val_fraction": 0.0, **kw})
+    return tensorize(
+        train_pq,
+        test_pq,
+        out / "train",
+        out / "test",
+        out / "val",
+        dataset="csv",
+        shard_size=7,
+        **{"normalize_kind": "unit", "test_fraction": 0.2, "val_fraction": 0.0, **kw},
+    )
 
 
 def test_uint8_shard_holds_the_source_bytes_and_the_table_gives_the_float32_values(tmp_path):
     train_pq, test_pq, train = _wide_parquet(tmp_path, 30, 9)
     for dtype in ("float32", "uint8"):
-        _tensorize(train_pq, test_pq, tmp_path / dtype, shard_dtype=dtype, normalize_kind="standard", workers=1)
+        _tensorize(
+            train_pq, test_pq, tmp_path / dtype, shard_dtype=dtype, normalize_kind="standard", workers=1
+        )
     manifest = read_manifest(tmp_path / "uint8" / "train")
     floats = read_manifest(tmp_path / "float32" / "train")
     assert manifest.image_dtype == "uint8" and manifest.normalization == floats.normalization
@@ -75,7 +86,9 @@ def test_uint8_shard_holds_the_source_bytes_and_the_table_gives_the_float32_valu
     flt = [safetensors.numpy.load_file(tmp_path / "float32" / "train" / s.file) for s in floats.shards]
     images = np.concatenate([r["images"] for r in raw])
     assert images.dtype == np.uint8 and images.shape == (30, 1, 28, 28)
-    assert np.array_equal(images.reshape(30, -1), train.pixels)  # the source bytes, in order, nothing held out
+    assert np.array_equal(
+        images.reshape(30, -1), train.pixels
+    )  # the source bytes, in order, nothing held out
     assert all(r["labels"].dtype == np.int64 for r in raw)
     table = lookup_table(manifest.normalization)
     expected = np.concatenate([f["images"] for f in flt])
@@ -84,8 +97,15 @@ def test_uint8_shard_holds_the_source_bytes_and_the_table_gives_the_float32_valu
 
 def test_write_split_writes_uint8_shards(tmp_path):
     s = synth.split(9, 4)
-    manifest = write_split([(s.pixels, s.labels)], tmp_path / "t", dataset="fashion-mnist", split="train",
-                           shard_size=4, normalization=make_normalization("unit", None), shard_dtype="uint8")
+    manifest = write_split(
+        [(s.pixels, s.labels)],
+        tmp_path / "t",
+        dataset="fashion-mnist",
+        split="train",
+        shard_size=4,
+        normalization=make_normalization("unit", None),
+        shard_dtype="uint8",
+    )
     assert manifest.image_dtype == "uint8" and [m.num_samples for m in manifest.shards] == [4, 4, 1]
     loaded = [safetensors.numpy.load_file(tmp_path / "t" / m.file) for m in manifest.shards]
     assert np.array_equal(np.concatenate([x["images"] for x in loaded]), s.images[:, None])
@@ -98,15 +118,23 @@ def test_uint8_shard_is_safetensors_own_bytes_with_sorted_header(shape, n):
     images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
     labels = rng.integers(0, 9, n).astype(np.int64)
     out = io.BytesIO()
-    size, sha = write_shard(out, (images[i:i + 2] for i in range(0, n, 2)), labels, shape,
-                            {"split": "train", "dataset": "d"}, "uint8")
-    blob = safetensors.numpy.save({"images": images, "labels": labels}, metadata={"split": "train", "dataset": "d"})
+    size, sha = write_shard(
+        out,
+        (images[i : i + 2] for i in range(0, n, 2)),
+        labels,
+        shape,
+        {"split": "train", "dataset": "d"},
+        "uint8",
+    )
+    blob = safetensors.numpy.save(
+        {"images": images, "labels": labels}, metadata={"split": "train", "dataset": "d"}
+    )
     header_len = struct.unpack("<Q", blob[:8])[0]
     ours = out.getvalue()
-    assert size == len(ours) == len(blob) and ours[8 + header_len:] == blob[8 + header_len:]
-    assert json.loads(ours[8:8 + header_len]) == json.loads(blob[8:8 + header_len])
-    assert json.loads(ours[8:8 + header_len])["images"]["dtype"] == "U8"
-    assert list(json.loads(ours[8:8 + header_len])) == sorted(json.loads(blob[8:8 + header_len]))
+    assert size == len(ours) == len(blob) and ours[8 + header_len :] == blob[8 + header_len :]
+    assert json.loads(ours[8 : 8 + header_len]) == json.loads(blob[8 : 8 + header_len])
+    assert json.loads(ours[8 : 8 + header_len])["images"]["dtype"] == "U8"
+    assert list(json.loads(ours[8 : 8 + header_len])) == sorted(json.loads(blob[8 : 8 + header_len]))
     assert sha == hashlib.sha256(ours).hexdigest()
 
 
@@ -114,8 +142,11 @@ def test_uint8_shard_is_safetensors_own_bytes_with_sorted_header(shape, n):
 @pytest.mark.parametrize("held_out", [False, True])
 def test_tensorize_bytes_do_not_depend_on_workers(tmp_path, dtype, held_out):
     train_pq, test_pq, _ = _wide_parquet(tmp_path, 40, 0 if held_out else 11)
-    kw = {"shard_dtype": dtype, "val_fraction": 0.25 if held_out else 0.0,
-          "normalize_kind": "standard" if held_out else "unit"}
+    kw = {
+        "shard_dtype": dtype,
+        "val_fraction": 0.25 if held_out else 0.0,
+        "normalize_kind": "standard" if held_out else "unit",
+    }
     one = _tensorize(train_pq, test_pq, tmp_path / "one", workers=1, **kw)
     two = _tensorize(train_pq, test_pq, tmp_path / "two", workers=2, **kw)
     assert one == two
@@ -129,13 +160,30 @@ def test_image_layout_tensorize_and_parquet_bytes_do_not_depend_on_workers(tmp_p
     write_listing([], tmp_path / "test.csv")
     for n in (1, 2):
         for split in ("train", "test"):
-            images_to_parquet(tmp_path / f"{split}.csv", root, tmp_path / f"{split}-{n}.parquet",
-                              image_shape=(3, 6, 5), workers=n, **{**CODEC, "row_group_size": 5})
+            images_to_parquet(
+                tmp_path / f"{split}.csv",
+                root,
+                tmp_path / f"{split}-{n}.parquet",
+                image_shape=(3, 6, 5),
+                workers=n,
+                **{**CODEC, "row_group_size": 5},
+            )
     assert (tmp_path / "train-1.parquet").read_bytes() == (tmp_path / "train-2.parquet").read_bytes()
     for n in (1, 2):
-        tensorize(tmp_path / "train-1.parquet", tmp_path / "test-1.parquet", tmp_path / f"t{n}/train",
-                  tmp_path / f"t{n}/test", tmp_path / f"t{n}/val", dataset="images", shard_size=4,
-                  normalize_kind="unit", test_fraction=0.3, val_fraction=0.2, shard_dtype="uint8", workers=n)
+        tensorize(
+            tmp_path / "train-1.parquet",
+            tmp_path / "test-1.parquet",
+            tmp_path / f"t{n}/train",
+            tmp_path / f"t{n}/test",
+            tmp_path / f"t{n}/val",
+            dataset="images",
+            shard_size=4,
+            normalize_kind="unit",
+            test_fraction=0.3,
+            val_fraction=0.2,
+            shard_dtype="uint8",
+            workers=n,
+        )
     assert _tree_bytes(tmp_path / "t1") == _tree_bytes(tmp_path / "t2")
     assert read_manifest(tmp_path / "t1" / "val").num_samples > 0
 
@@ -147,7 +195,9 @@ def test_csv_parquet_bytes_do_not_depend_on_workers(tmp_path):
     assert (tmp_path / "1.parquet").read_bytes() == (tmp_path / "2.parquet").read_bytes()
     bad = tmp_path / "bad.csv"
     bad.write_bytes(csv.read_bytes() + b"3," + b"1," * 783 + b"256\n")
-    with pytest.raises(DataError, match=r"row 51 \(line 52\), column 785 \(pixel784\): expected an integer 0..255, found 256"):
+    with pytest.raises(
+        DataError, match=r"row 51 \(line 52\), column 785 \(pixel784\): expected an integer 0..255, found 256"
+    ):
         csv_to_parquet(bad, tmp_path / "bad.parquet", workers=2, **CODEC)
     assert not (tmp_path / "bad.parquet").exists()
 

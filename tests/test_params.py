@@ -64,13 +64,24 @@ TYPE_CASES = [(s, k, v) for s, k in FIELDS for v in wrong_types(HINTS[(s, k)])]
 
 def test_all_sections_and_keys_are_covered():
     assert set(SECTIONS) == {"data", "prep", "loader", "train"}
-    assert {k for _, k in FIELDS} >= {"dataset", "mirrors", "train_csv", "test_csv", "compression", "row_group_size",
-                                      "shard_size", "normalize", "num_workers", "batch_size", "epochs", "verify"}
+    assert {k for _, k in FIELDS} >= {
+        "dataset",
+        "mirrors",
+        "train_csv",
+        "test_csv",
+        "compression",
+        "row_group_size",
+        "shard_size",
+        "normalize",
+        "num_workers",
+        "batch_size",
+        "epochs",
+        "verify",
+    }
     assert len(TYPE_CASES) >= 4 * len(FIELDS)  # every key gets several wrong-type values
 
 
-@pytest.mark.parametrize("section, key, value", TYPE_CASES,
-                         ids=[f"{s}.{k}={v!r}" for s, k, v in TYPE_CASES])
+@pytest.mark.parametrize("section, key, value", TYPE_CASES, ids=[f"{s}.{k}={v!r}" for s, k, v in TYPE_CASES])
 def test_wrong_type_refused_with_key_name(section, key, value):
     with pytest.raises(ParamsError) as err:
         parse_section(SECTIONS[section], section, {key: value}, where="p.yaml")
@@ -85,7 +96,10 @@ RANGES: dict[tuple[str, str], tuple[list, list]] = {
     ("data", "train_csv"): (["", "  "], ["a.csv"]),
     ("data", "test_csv"): (["", "\t"], ["b.csv", None]),
     ("data", "images_dir"): (["", " "], ["data/user/images"]),
-    ("data", "image_shape"): ([[0, 8, 8], [1, 0, 8], [65, 2, 2], [1, 8, 70000]], [None, [1, 8, 8], [3, 32, 32]]),
+    ("data", "image_shape"): (
+        [[0, 8, 8], [1, 0, 8], [65, 2, 2], [1, 8, 70000]],
+        [None, [1, 8, 8], [3, 32, 32]],
+    ),
     ("data", "test_fraction"): ([-0.1, 1, 1.5, math.nan, math.inf], [0, 0.1, 0.5]),
     ("data", "val_fraction"): ([-0.1, 1, math.nan], [0, 0.2]),
     ("data", "timeout_s"): ([0, -1, math.inf, math.nan, 86400.001, 1.0e10], [0.001, 30, 86400]),
@@ -110,8 +124,7 @@ RANGES: dict[tuple[str, str], tuple[list, list]] = {
 
 
 def test_every_numeric_key_has_a_range_case():
-    numeric = {(s, k) for s, k in FIELDS
-               if any(o in (int, float) for o in _args(HINTS[(s, k)]))}
+    numeric = {(s, k) for s, k in FIELDS if any(o in (int, float) for o in _args(HINTS[(s, k)]))}
     assert numeric <= set(RANGES), f"add range cases for {sorted(numeric - set(RANGES))}"
     assert set(RANGES) <= set(FIELDS)
 
@@ -120,7 +133,9 @@ RANGE_CASES = [(s, k, v) for (s, k), (bad, _) in RANGES.items() for v in bad]
 GOOD_CASES = [(s, k, v) for (s, k), (_, good) in RANGES.items() for v in good]
 
 
-@pytest.mark.parametrize("section, key, value", RANGE_CASES, ids=[f"{s}.{k}={v!r}" for s, k, v in RANGE_CASES])
+@pytest.mark.parametrize(
+    "section, key, value", RANGE_CASES, ids=[f"{s}.{k}={v!r}" for s, k, v in RANGE_CASES]
+)
 def test_out_of_range_refused_with_key_name(section, key, value):
     with pytest.raises(ParamsError) as err:
         parse_section(SECTIONS[section], section, {key: value}, where="p.yaml")
@@ -143,9 +158,20 @@ def test_int_accepted_where_a_float_is_expected():
 
 @pytest.mark.parametrize(
     "compression, level, ok",
-    [("zstd", 1, True), ("zstd", 22, True), ("zstd", 23, False), ("gzip", 0, True), ("gzip", 9, True),
-     ("gzip", 10, False), ("brotli", 11, True), ("brotli", 12, False), ("snappy", 1, False), ("lz4", 1, False),
-     ("uncompressed", 0, False), ("snappy", None, True)],
+    [
+        ("zstd", 1, True),
+        ("zstd", 22, True),
+        ("zstd", 23, False),
+        ("gzip", 0, True),
+        ("gzip", 9, True),
+        ("gzip", 10, False),
+        ("brotli", 11, True),
+        ("brotli", 12, False),
+        ("snappy", 1, False),
+        ("lz4", 1, False),
+        ("uncompressed", 0, False),
+        ("snappy", None, True),
+    ],
 )
 def test_compression_level_depends_on_codec(compression, level, ok):
     values = {"compression": compression, "compression_level": level}
@@ -161,11 +187,14 @@ def test_unknown_key_refused_with_its_name(section):
     with pytest.raises(ParamsError) as err:
         parse_section(SECTIONS[section], section, {"no_such_key": 1}, where="p.yaml")
     known = ", ".join(sorted(f.name for f in dataclasses.fields(SECTIONS[section])))
-    assert str(err.value) == f"p.yaml: {section}.no_such_key: unknown key; known keys of '{section}' are {known}"
+    assert (
+        str(err.value) == f"p.yaml: {section}.no_such_key: unknown key; known keys of '{section}' are {known}"
+    )
 
 
-@pytest.mark.parametrize("section, typo", [("prep", "shardsize"), ("loader", "num_worker"), ("train", "epoch"),
-                                           ("data", "mirror")])
+@pytest.mark.parametrize(
+    "section, typo", [("prep", "shardsize"), ("loader", "num_worker"), ("train", "epoch"), ("data", "mirror")]
+)
 def test_typos_are_refused_not_ignored(tmp_path, section, typo):
     path = tmp_path / "params.yaml"
     path.write_text(f"{section}:\n  {typo}: 1\n")
@@ -181,6 +210,7 @@ def test_unknown_section_refused(tmp_path):
 
 
 # ============================================================================ the file itself
+
 
 def test_repository_params_yaml_is_valid_and_complete():
     doc = read_params_file(synth.REPO / "params.yaml")
@@ -219,8 +249,17 @@ def test_yaml_1_2_semantics(tmp_path):
         ("prep:\n  shard_size: 1" + "0" * 5000 + "\n", "not valid YAML"),  # int() refuses > 4300 digits
         ("data:\n  mirrors: " + "[" * 5000 + "]" * 5000 + "\n", "not valid YAML"),  # recursion
     ],
-    ids=["list", "scalar", "section-int", "section-list", "unclosed", "duplicate-key", "tab", "5000-digits",
-         "deep-nesting"],
+    ids=[
+        "list",
+        "scalar",
+        "section-int",
+        "section-list",
+        "unclosed",
+        "duplicate-key",
+        "tab",
+        "5000-digits",
+        "deep-nesting",
+    ],
 )
 def test_malformed_files(tmp_path, text, fragment):
     path = tmp_path / "params.yaml"
@@ -234,10 +273,16 @@ def test_malformed_files(tmp_path, text, fragment):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("train:\n  epochs: 2\n\tlr: 0.1\n", "line 3, column 1: not valid YAML: found character '\\t' that cannot "
-                                             "start any token (YAML indents with spaces, never tabs)"),
-        ("train:\n  epochs: 2\n  epochs: 3\n", 'line 3, column 3: not valid YAML: found duplicate key "epochs" with '
-                                              'value "3" (original value: "2")'),
+        (
+            "train:\n  epochs: 2\n\tlr: 0.1\n",
+            "line 3, column 1: not valid YAML: found character '\\t' that cannot "
+            "start any token (YAML indents with spaces, never tabs)",
+        ),
+        (
+            "train:\n  epochs: 2\n  epochs: 3\n",
+            'line 3, column 3: not valid YAML: found duplicate key "epochs" with '
+            'value "3" (original value: "2")',
+        ),
     ],
     ids=["tab", "duplicate-key"],
 )
@@ -253,7 +298,9 @@ def test_a_huge_timeout_is_refused_not_an_overflow_later(tmp_path):
     """1e10 s passed validation and then failed in socket code with OverflowError: timestamp out of range."""
     path = tmp_path / "params.yaml"
     path.write_text("data:\n  timeout_s: 1.0e+10\n")
-    with pytest.raises(ParamsError, match=r"data\.timeout_s: expected a number of seconds > 0 and <= 86400, found"):
+    with pytest.raises(
+        ParamsError, match=r"data\.timeout_s: expected a number of seconds > 0 and <= 86400, found"
+    ):
         load_section("data", path)
 
 
@@ -277,14 +324,16 @@ def test_billion_laughs_is_refused_quickly_with_a_short_message(tmp_path):
     """
     path = tmp_path / "params.yaml"
     path.write_text(_bomb_yaml())
-    code = (f"import resource, sys; sys.path.insert(0, {str(synth.REPO)!r})\n"
-            "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
-            "from pipeline.params import load_section\n"
-            "from pipeline.errors import ParamsError\n"
-            "try:\n"
-            f"    load_section('data', {str(path)!r})\n"
-            "except ParamsError as exc:\n"
-            "    print(exc)\n")
+    code = (
+        f"import resource, sys; sys.path.insert(0, {str(synth.REPO)!r})\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+        "from pipeline.params import load_section\n"
+        "from pipeline.errors import ParamsError\n"
+        "try:\n"
+        f"    load_section('data', {str(path)!r})\n"
+        "except ParamsError as exc:\n"
+        "    print(exc)\n"
+    )
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert time.monotonic() - start < 20
@@ -332,23 +381,43 @@ def test_frozen_dataclasses():
 
 # ============================================================================ through a stage process
 
+
 def test_stage_reports_a_bad_param_without_traceback(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("data:\n  dataset: fashion-mnist\nprep:\n  normalize: zscore\n")
-    proc = synth.run_stage("tensorize", "--params", params, "--train-parquet", "a", "--test-parquet", "b",
-                           "--train", "out/train", "--test", "out/test", cwd=tmp_path)
+    proc = synth.run_stage(
+        "tensorize",
+        "--params",
+        params,
+        "--train-parquet",
+        "a",
+        "--test-parquet",
+        "b",
+        "--train",
+        "out/train",
+        "--test",
+        "out/test",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
-    assert proc.stderr == f"error: {params}: prep.normalize: expected one of 'unit', 'standard', found 'zscore'\n"
+    assert (
+        proc.stderr
+        == f"error: {params}: prep.normalize: expected one of 'unit', 'standard', found 'zscore'\n"
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_stage_reports_an_unknown_section(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("data: {}\nextra: {}\n")
-    proc = synth.run_stage("csv", "--params", params, "--raw", "r", "--train", "o/a.csv", "--test", "o/b.csv",
-                           cwd=tmp_path)
+    proc = synth.run_stage(
+        "csv", "--params", params, "--raw", "r", "--train", "o/a.csv", "--test", "o/b.csv", cwd=tmp_path
+    )
     assert proc.returncode == 2
-    assert proc.stderr == f"error: {params}: extra: unknown section; known sections are data, prep, loader, train\n"
+    assert (
+        proc.stderr
+        == f"error: {params}: extra: unknown section; known sections are data, prep, loader, train\n"
+    )
 
 
 def test_stage_params_path_missing(tmp_path):
@@ -369,6 +438,9 @@ def test_augment_names_each_transform_at_most_once(tmp_path):
     params = synth.write_params(tmp_path / "params.yaml", train={"augment": ["flip", "translate", "flip"]})
     with pytest.raises(ParamsError) as err:
         load_section("train", params)
-    assert str(err.value) == f"{params}: train.augment: expected each of flip, translate at most once, found 'flip' twice"
+    assert (
+        str(err.value)
+        == f"{params}: train.augment: expected each of flip, translate at most once, found 'flip' twice"
+    )
     ok = synth.write_params(tmp_path / "ok.yaml", train={"augment": ["translate", "flip"]})
     assert load_section("train", ok).augment == ("translate", "flip")

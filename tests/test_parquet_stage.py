@@ -34,7 +34,9 @@ def good(train) -> bytes:
     return synth.csv_bytes(train)
 
 
-def convert(src: Path, out: Path, compression: str = "zstd", level: int | None = None, rgs: int = 65536) -> int:
+def convert(
+    src: Path, out: Path, compression: str = "zstd", level: int | None = None, rgs: int = 65536
+) -> int:
     return csv_to_parquet(src, out, compression=compression, compression_level=level, row_group_size=rgs)
 
 
@@ -65,6 +67,7 @@ def with_line(data: bytes, row: int, line: bytes | None) -> bytes:
 
 # ============================================================================ success
 
+
 def test_converts_exactly(train, good, tmp_path):
     src = tmp_path / "train.csv"
     src.write_bytes(good)
@@ -74,8 +77,17 @@ def test_converts_exactly(train, good, tmp_path):
     assert synth.leftovers(out.parent) == ["train.parquet"]
 
 
-@pytest.mark.parametrize("codec, stored", [("zstd", "ZSTD"), ("snappy", "SNAPPY"), ("lz4", "LZ4"),
-                                           ("gzip", "GZIP"), ("brotli", "BROTLI"), ("uncompressed", "UNCOMPRESSED")])
+@pytest.mark.parametrize(
+    "codec, stored",
+    [
+        ("zstd", "ZSTD"),
+        ("snappy", "SNAPPY"),
+        ("lz4", "LZ4"),
+        ("gzip", "GZIP"),
+        ("brotli", "BROTLI"),
+        ("uncompressed", "UNCOMPRESSED"),
+    ],
+)
 def test_codec_and_row_groups_from_params(train, good, tmp_path, codec, stored):
     src = tmp_path / "train.csv"
     src.write_bytes(good)
@@ -99,7 +111,12 @@ def test_compression_level(train, good, tmp_path, codec, level):
 
 @pytest.mark.parametrize(
     "variant",
-    [dict(bom=True), dict(newline="\r\n"), dict(zero_based=True), dict(bom=True, newline="\r\n", zero_based=True)],
+    [
+        dict(bom=True),
+        dict(newline="\r\n"),
+        dict(zero_based=True),
+        dict(bom=True, newline="\r\n", zero_based=True),
+    ],
     ids=["bom", "crlf", "pixel0..783", "all"],
 )
 def test_accepted_layout_variants(train, tmp_path, variant):
@@ -116,20 +133,39 @@ def test_quoted_and_spaced_header_names(train, good, tmp_path):
     assert_table(tmp_path / "o.parquet", train)
 
 
-@pytest.mark.parametrize("cell, value", [(b"7", 7), (b" 7", 7), (b"\t7", 7), (b"+7", 7), (b"007", 7),
-                                         (b'"7"', 7), (b'" 7"', 7), (b"255", 255), (b"0", 0), (b"-0", 0)])
+@pytest.mark.parametrize(
+    "cell, value",
+    [
+        (b"7", 7),
+        (b" 7", 7),
+        (b"\t7", 7),
+        (b"+7", 7),
+        (b"007", 7),
+        (b'"7"', 7),
+        (b'" 7"', 7),
+        (b"255", 255),
+        (b"0", 0),
+        (b"-0", 0),
+    ],
+)
 def test_integer_spellings_that_mean_the_same_value(good, tmp_path, cell, value):
     (tmp_path / "t.csv").write_bytes(mutate(good, 3, 400, cell))
     convert(tmp_path / "t.csv", tmp_path / "o.parquet")
     assert pl.read_parquet(tmp_path / "o.parquet").row(2)[400] == value
-    assert find_problem(mutate(good, 3, 400, cell).splitlines(keepends=True), "x") is None  # the checker agrees
+    assert (
+        find_problem(mutate(good, 3, 400, cell).splitlines(keepends=True), "x") is None
+    )  # the checker agrees
 
 
-@pytest.mark.parametrize("names", [
-    lambda i: "pixelX" if i == 5 else f"pixel{i}",  # one pixel renamed
-    lambda i: f"col_{784 - i}",  # other names, in an order unrelated to the canonical one
-    lambda i: f"r{(i - 1) // 28}c{(i - 1) % 28}",
-], ids=["one-renamed", "reversed-names", "row-col"])
+@pytest.mark.parametrize(
+    "names",
+    [
+        lambda i: "pixelX" if i == 5 else f"pixel{i}",  # one pixel renamed
+        lambda i: f"col_{784 - i}",  # other names, in an order unrelated to the canonical one
+        lambda i: f"r{(i - 1) // 28}c{(i - 1) % 28}",
+    ],
+    ids=["one-renamed", "reversed-names", "row-col"],
+)
 def test_any_pixel_column_names_are_accepted_and_stored_canonically(train, good, tmp_path, names):
     """Pixel columns are read by position: other names arrive intact under pixel1..pixel784."""
     head = ",".join(["label", *(names(i) for i in range(1, 785))]).encode()
@@ -147,7 +183,18 @@ def test_labels_past_9_up_to_65535_are_valid(good, tmp_path, label):
 
 
 def test_class_name_labels_are_stored_as_strings(train, good, tmp_path):
-    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    names = [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
     head, *rows = good.rstrip(b"\n").split(b"\n")
     rows = [names[int(r.split(b",", 1)[0])].encode() + b"," + r.split(b",", 1)[1] for r in rows]
     (tmp_path / "t.csv").write_bytes(b"\n".join([head, *rows]) + b"\n")
@@ -171,47 +218,107 @@ MIX = "(labels must not mix integers and names)"
 
 CASES = [
     # id, make(good) -> bytes, expected message after "{file}: "
-    ("wrong-header-name", lambda g: g.replace(b"label,", b"lbl,", 1),
-     "row 1 (header), column 1: expected 'label', found 'lbl'"),
-    ("empty-header-name", lambda g: g.replace(b",pixel5,", b",,", 1),
-     "row 1 (header), column 6: expected a column name, found an empty one"),
-    ("label-only-header", lambda g: b"label\n" + g.split(b"\n", 1)[1],
-     "row 1 (header): expected label and at least one pixel column, found only 'label'"),
+    (
+        "wrong-header-name",
+        lambda g: g.replace(b"label,", b"lbl,", 1),
+        "row 1 (header), column 1: expected 'label', found 'lbl'",
+    ),
+    (
+        "empty-header-name",
+        lambda g: g.replace(b",pixel5,", b",,", 1),
+        "row 1 (header), column 6: expected a column name, found an empty one",
+    ),
+    (
+        "label-only-header",
+        lambda g: b"label\n" + g.split(b"\n", 1)[1],
+        "row 1 (header): expected label and at least one pixel column, found only 'label'",
+    ),
     # the header decides the column count: rows then have one value too many
-    ("wrong-header-count", lambda g: g.replace(b",pixel784\n", b"\n", 1),
-     "row 1 (line 2): expected 784 values, found 785"),
+    (
+        "wrong-header-count",
+        lambda g: g.replace(b",pixel784\n", b"\n", 1),
+        "row 1 (line 2): expected 784 values, found 785",
+    ),
     ("value-256", lambda g: mutate(g, 5, 300, b"256"), f"row 5 (line 6), column 301 (pixel300): {PIX} 256"),
     ("value--1", lambda g: mutate(g, 5, 300, b"-1"), f"row 5 (line 6), column 301 (pixel300): {PIX} -1"),
-    ("value-1000", lambda g: mutate(g, 199, 784, b"1000"), f"row 199 (line 200), column 785 (pixel784): {PIX} 1000"),
+    (
+        "value-1000",
+        lambda g: mutate(g, 199, 784, b"1000"),
+        f"row 199 (line 200), column 785 (pixel784): {PIX} 1000",
+    ),
     ("label-65536", lambda g: mutate(g, 7, 0, b"65536"), f"row 7 (line 8), column 1 (label): {LAB} 65536"),
     ("label--1", lambda g: mutate(g, 1, 0, b"-1"), f"row 1 (line 2), column 1 (label): {LAB} -1"),
-    ("label-2**32", lambda g: mutate(g, N, 0, b"4294967296"),
-     f"row {N} (line {N + 1}), column 1 (label): {LAB} 4294967296"),
-    ("name-label-after-int", lambda g: mutate(g, 7, 0, b"cat"),
-     f"row 7 (line 8), column 1 (label): expected an integer 0..65535 like the first row's, found 'cat' {MIX}"),
-    ("empty-pixel", lambda g: mutate(g, 9, 784, b""), "row 9 (line 10), column 785 (pixel784): "
-                                                       "expected an integer 0..255, found an empty cell"),
-    ("empty-middle", lambda g: mutate(g, 9, 20, b""), "row 9 (line 10), column 21 (pixel20): "
-                                                       "expected an integer 0..255, found an empty cell"),
-    ("empty-label", lambda g: mutate(g, 2, 0, b""), "row 2 (line 3), column 1 (label): "
-                                                     "expected an integer 0..65535, found an empty cell"),
-    ("ragged-short", lambda g: with_line(g, 4, g.split(b"\n")[4].rsplit(b",", 1)[0]),
-     "row 4 (line 5): expected 785 values, found 784"),
-    ("ragged-long", lambda g: with_line(g, 4, g.split(b"\n")[4] + b",7"), "row 4 (line 5): expected 785 values, found 786"),
+    (
+        "label-2**32",
+        lambda g: mutate(g, N, 0, b"4294967296"),
+        f"row {N} (line {N + 1}), column 1 (label): {LAB} 4294967296",
+    ),
+    (
+        "name-label-after-int",
+        lambda g: mutate(g, 7, 0, b"cat"),
+        f"row 7 (line 8), column 1 (label): expected an integer 0..65535 like the first row's, found 'cat' {MIX}",
+    ),
+    (
+        "empty-pixel",
+        lambda g: mutate(g, 9, 784, b""),
+        "row 9 (line 10), column 785 (pixel784): expected an integer 0..255, found an empty cell",
+    ),
+    (
+        "empty-middle",
+        lambda g: mutate(g, 9, 20, b""),
+        "row 9 (line 10), column 21 (pixel20): expected an integer 0..255, found an empty cell",
+    ),
+    (
+        "empty-label",
+        lambda g: mutate(g, 2, 0, b""),
+        "row 2 (line 3), column 1 (label): expected an integer 0..65535, found an empty cell",
+    ),
+    (
+        "ragged-short",
+        lambda g: with_line(g, 4, g.split(b"\n")[4].rsplit(b",", 1)[0]),
+        "row 4 (line 5): expected 785 values, found 784",
+    ),
+    (
+        "ragged-long",
+        lambda g: with_line(g, 4, g.split(b"\n")[4] + b",7"),
+        "row 4 (line 5): expected 785 values, found 786",
+    ),
     ("ragged-one-cell", lambda g: with_line(g, 4, b"3"), "row 4 (line 5): expected 785 values, found 1"),
     ("non-numeric", lambda g: mutate(g, 3, 17, b"abc"), f"row 3 (line 4), column 18 (pixel17): {PIX} 'abc'"),
     ("float", lambda g: mutate(g, 3, 17, b"1.5"), f"row 3 (line 4), column 18 (pixel17): {PIX} '1.5'"),
-    ("float-label", lambda g: mutate(g, 3, 0, b"1.0"),
-     f"row 3 (line 4), column 1 (label): expected an integer 0..65535 like the first row's, found '1.0' {MIX}"),
+    (
+        "float-label",
+        lambda g: mutate(g, 3, 0, b"1.0"),
+        f"row 3 (line 4), column 1 (label): expected an integer 0..65535 like the first row's, found '1.0' {MIX}",
+    ),
     ("exponent", lambda g: mutate(g, 3, 17, b"1e2"), f"row 3 (line 4), column 18 (pixel17): {PIX} '1e2'"),
     ("nan", lambda g: mutate(g, 3, 17, b"NaN"), f"row 3 (line 4), column 18 (pixel17): {PIX} 'NaN'"),
-    ("trailing-space", lambda g: mutate(g, 6, 300, b"7 "), f"row 6 (line 7), column 301 (pixel300): {PIX} '7 '"),
-    ("nul-byte", lambda g: mutate(g, 6, 300, b"\x00"), f"row 6 (line 7), column 301 (pixel300): {PIX} '\\x00'"),
-    ("huge-number", lambda g: mutate(g, 6, 300, b"9" * 5000),
-     f"row 6 (line 7), column 301 (pixel300): {PIX} '{'9' * 40}...'"),
-    ("int32-overflow", lambda g: mutate(g, 6, 300, b"2147483648"), f"row 6 (line 7), column 301 (pixel300): {PIX} 2147483648"),
+    (
+        "trailing-space",
+        lambda g: mutate(g, 6, 300, b"7 "),
+        f"row 6 (line 7), column 301 (pixel300): {PIX} '7 '",
+    ),
+    (
+        "nul-byte",
+        lambda g: mutate(g, 6, 300, b"\x00"),
+        f"row 6 (line 7), column 301 (pixel300): {PIX} '\\x00'",
+    ),
+    (
+        "huge-number",
+        lambda g: mutate(g, 6, 300, b"9" * 5000),
+        f"row 6 (line 7), column 301 (pixel300): {PIX} '{'9' * 40}...'",
+    ),
+    (
+        "int32-overflow",
+        lambda g: mutate(g, 6, 300, b"2147483648"),
+        f"row 6 (line 7), column 301 (pixel300): {PIX} 2147483648",
+    ),
     ("blank-line", lambda g: with_line(g, 4, b""), "row 4 (line 5): empty line; expected 785 values"),
-    ("unbalanced-quote", lambda g: mutate(g, 6, 300, b'"7'), f"row 6 (line 7), column 301 (pixel300): {PIX} '\"7'"),
+    (
+        "unbalanced-quote",
+        lambda g: mutate(g, 6, 300, b'"7'),
+        f"row 6 (line 7), column 301 (pixel300): {PIX} '\"7'",
+    ),
 ]
 
 
@@ -262,15 +369,22 @@ def test_empty_and_header_only(tmp_path, content, expected):
     assert synth.leftovers(out.parent) == []
 
 
-@pytest.mark.parametrize("content", [HEADER_LINE, b"\xef\xbb\xbf" + HEADER_LINE.replace(b"\n", b"\r\n"),
-                                     b"label,a,b,c\n"], ids=["header-only", "bom-crlf-header-only", "other-names"])
+@pytest.mark.parametrize(
+    "content",
+    [HEADER_LINE, b"\xef\xbb\xbf" + HEADER_LINE.replace(b"\n", b"\r\n"), b"label,a,b,c\n"],
+    ids=["header-only", "bom-crlf-header-only", "other-names"],
+)
 def test_header_only_is_an_empty_split_when_allowed(tmp_path, content):
     """A source without a test split: the empty test table becomes a Parquet file with no rows."""
     src = tmp_path / "t.csv"
     src.write_bytes(content)
     out = tmp_path / "out" / "t.parquet"
-    assert csv_to_parquet(src, out, compression="zstd", compression_level=None, row_group_size=64,
-                          allow_empty=True) == 0
+    assert (
+        csv_to_parquet(
+            src, out, compression="zstd", compression_level=None, row_group_size=64, allow_empty=True
+        )
+        == 0
+    )
     df = pl.read_parquet(out)
     assert df.height == 0
     assert df.columns == ["label", *(f"pixel{i}" for i in range(1, len(content.split(b","))))]
@@ -292,10 +406,13 @@ def test_header_with_20_million_columns_fails_fast_in_bounded_memory(tmp_path):
     # The header is ~40 MB: it is refused after reading a few times MAX_HEADER_BYTES of it (readline's
     # buffer doubles a line; the first data line is read before the header is checked), never all of it.
     assert src.stat().st_size > 4 * MAX_HEADER_BYTES
-    err = synth.refused_fast_in_bounded_memory(lambda: convert(src, out), DataError,
-                                               max_bytes=3 * MAX_HEADER_BYTES + (2 << 20))
-    assert str(err) == (f"{src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
-                        "expected label and one column per pixel")
+    err = synth.refused_fast_in_bounded_memory(
+        lambda: convert(src, out), DataError, max_bytes=3 * MAX_HEADER_BYTES + (2 << 20)
+    )
+    assert str(err) == (
+        f"{src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
+        "expected label and one column per pixel"
+    )
     assert synth.leftovers(out.parent) == []
 
 
@@ -342,7 +459,9 @@ def test_checker_and_polars_agree_on_any_cell(good, tmp_path_factory, cell, col)
         convert(src, out)
     except DataError as exc:
         name = HEADER[col]
-        assert str(exc).startswith(f"{src}: row 2 (line 3), column {col + 1} ({name}): expected an integer"), str(exc)
+        assert str(exc).startswith(
+            f"{src}: row 2 (line 3), column {col + 1} ({name}): expected an integer"
+        ), str(exc)
         assert problem is not None and str(problem) == str(exc)
         assert not out.exists()
     else:
@@ -353,11 +472,23 @@ def test_checker_and_polars_agree_on_any_cell(good, tmp_path_factory, cell, col)
 
 # ============================================================================ the stage, as a process
 
+
 def run_parquet(tmp_path: Path, train_csv: Path, test_csv: Path, **prep):
     params = synth.write_params(tmp_path / "params.yaml", prep=prep)
-    return synth.run_stage("parquet", "--params", params, "--train-csv", train_csv, "--test-csv", test_csv,
-                           "--train", "data/parquet/train.parquet", "--test", "data/parquet/test.parquet",
-                           cwd=tmp_path)
+    return synth.run_stage(
+        "parquet",
+        "--params",
+        params,
+        "--train-csv",
+        train_csv,
+        "--test-csv",
+        test_csv,
+        "--train",
+        "data/parquet/train.parquet",
+        "--test",
+        "data/parquet/test.parquet",
+        cwd=tmp_path,
+    )
 
 
 def test_stage_converts_both_splits(tmp_path):
@@ -375,8 +506,17 @@ def test_stage_converts_both_splits(tmp_path):
     assert synth.leftovers(out) == ["test.parquet", "train.parquet"]
 
 
-STAGE_CASES = ["wrong-header-name", "value-256", "value--1", "label-65536", "empty-pixel", "ragged-short",
-               "ragged-long", "non-numeric", "huge-number"]
+STAGE_CASES = [
+    "wrong-header-name",
+    "value-256",
+    "value--1",
+    "label-65536",
+    "empty-pixel",
+    "ragged-short",
+    "ragged-long",
+    "non-numeric",
+    "huge-number",
+]
 
 
 @pytest.mark.parametrize("case", STAGE_CASES)
@@ -431,8 +571,10 @@ def test_stage_unusable_inputs(tmp_path, problem):
     expected = {
         "empty": f"error: {src}: file is empty; expected a header line label,pixel1..pixelN\n",
         "header-only": f"error: {src}: has a header but no data rows\n",
-        "10M-columns": (f"error: {src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
-                        "expected label and one column per pixel\n"),
+        "10M-columns": (
+            f"error: {src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
+            "expected label and one column per pixel\n"
+        ),
     }.get(problem)
     if problem == "empty":
         src.write_bytes(b"")
@@ -445,9 +587,20 @@ def test_stage_unusable_inputs(tmp_path, problem):
     test = synth.write_csv(tmp_path / "csv" / "test.csv", synth.split(20))
     params = synth.write_params(tmp_path / "params.yaml", prep={})
     start = time.monotonic()
-    proc, peak = synth.run_stage_measured("parquet", "--params", params, "--train-csv", src, "--test-csv", test,
-                                          "--train", "data/parquet/train.parquet",
-                                          "--test", "data/parquet/test.parquet", cwd=tmp_path)
+    proc, peak = synth.run_stage_measured(
+        "parquet",
+        "--params",
+        params,
+        "--train-csv",
+        src,
+        "--test-csv",
+        test,
+        "--train",
+        "data/parquet/train.parquet",
+        "--test",
+        "data/parquet/test.parquet",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     if expected is None:
         assert proc.stderr.startswith(f"error: {src}: cannot read: ") and proc.stderr.count("\n") == 1
@@ -463,7 +616,9 @@ def test_stage_refuses_bad_params(tmp_path):
     a = synth.write_csv(tmp_path / "a.csv", synth.split(5))
     proc = run_parquet(tmp_path, a, a, compression="zip")
     assert proc.returncode == 2
-    assert proc.stderr.startswith(f"error: {tmp_path / 'params.yaml'}: prep.compression: expected one of 'zstd'")
+    assert proc.stderr.startswith(
+        f"error: {tmp_path / 'params.yaml'}: prep.compression: expected one of 'zstd'"
+    )
     assert not (tmp_path / "data").exists()
 
 

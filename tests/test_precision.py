@@ -22,9 +22,12 @@ from trainer.precision import Precision, bf16_cpu_notice, cpu_flags, make_precis
 CPU = torch.device("cpu")
 
 
-def test_fp16_on_the_cpu_is_refused_in_one_line_before_any_work(data: Path, tmp_path: Path, monkeypatch,
-                                                                 capsys) -> None:
-    with pytest.raises(ParamsError, match="^train.precision: fp16 needs a CUDA device, found cpu; use bf16 or fp32$"):
+def test_fp16_on_the_cpu_is_refused_in_one_line_before_any_work(
+    data: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    with pytest.raises(
+        ParamsError, match="^train.precision: fp16 needs a CUDA device, found cpu; use bf16 or fp32$"
+    ):
         make_precision("fp16", CPU)
     monkeypatch.chdir(tmp_path)
     params = write_params(tmp_path / "params.yaml", train={"device": "cpu", "precision": "fp16"})
@@ -47,24 +50,35 @@ def test_bf16_autocasts_forward_and_evaluation_and_keeps_the_loss_float32() -> N
         assert model(images).dtype == torch.float32
     plain = evaluate(model, [(images, labels)], CPU, non_blocking=False)
     autocast = evaluate(model, [(images, labels)], CPU, non_blocking=False, precision=bf16)
-    assert plain.loss_sum != autocast.loss_sum and abs(plain.loss_sum - autocast.loss_sum) < 0.05 * plain.loss_sum
+    assert (
+        plain.loss_sum != autocast.loss_sum
+        and abs(plain.loss_sum - autocast.loss_sum) < 0.05 * plain.loss_sum
+    )
 
 
 def test_bf16_training_differs_from_fp32_and_a_checkpoint_of_another_precision_is_not_resumed(
-        data: Path, tmp_path: Path) -> None:
+    data: Path, tmp_path: Path
+) -> None:
     assert "train.precision" not in SPEED_ONLY
     params = write_params(tmp_path / "fp32.yaml", train={"checkpoint_every": 1})
     run_until_killed(data, tmp_path, params, "save_checkpoint", 1)
     assert json.loads((tmp_path / "checkpoints" / "checkpoint.json").read_text())["epoch"] == 1
-    res = run_train(data, tmp_path, write_params(tmp_path / "bf16.yaml", train={"checkpoint_every": 1,
-                                                                              "precision": "bf16"}))
+    res = run_train(
+        data,
+        tmp_path,
+        write_params(tmp_path / "bf16.yaml", train={"checkpoint_every": 1, "precision": "bf16"}),
+    )
     assert res.returncode == 0, res.stderr
     notices = [line for line in res.stderr.splitlines() if "not resuming" in line]
     assert len(notices) == 1 and "other params" in notices[0], res.stderr
     assert res.stdout.count("epoch 1/2") == 1 and res.stdout.count("epoch 2/2") == 1
     fp32 = run_train(data, tmp_path / "fp32", params)
     assert fp32.returncode == 0, fp32.stderr
-    first = [line.split("  ")[0] for line in (res.stdout + fp32.stdout).splitlines() if line.startswith("epoch 1/2")]
+    first = [
+        line.split("  ")[0]
+        for line in (res.stdout + fp32.stdout).splitlines()
+        if line.startswith("epoch 1/2")
+    ]
     assert len(first) == 2 and first[0] != first[1]  # bf16's train loss is not fp32's
 
 
@@ -90,16 +104,48 @@ def test_the_gradient_scaler_state_is_checkpointed_and_restored(tmp_path: Path) 
     model(torch.rand(2, 1, 8, 8)).sum().backward()
     optimizer.step()  # a checkpoint holds Adam's state, which exists after the first step
     shape = RunShape(1, torch.get_num_threads())
-    save_checkpoint(tmp_path, model=model, optimizer=optimizer, device=CPU, scaler=scaler, position=Position(1, 0, 0, (0.0,)),
-                    run_fingerprint="f", shape=shape, history=[{"m": 1.0}])
+    save_checkpoint(
+        tmp_path,
+        model=model,
+        optimizer=optimizer,
+        device=CPU,
+        scaler=scaler,
+        position=Position(1, 0, 0, (0.0,)),
+        run_fingerprint="f",
+        shape=shape,
+        history=[{"m": 1.0}],
+    )
     restored = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=5)
-    resumed = load_checkpoint(tmp_path, model=model, optimizer=optimizer, device=CPU, scaler=restored,
-                              run_fingerprint="f", shape=shape, max_epoch=2, batches_per_epoch=4, metrics=["m"])
+    resumed = load_checkpoint(
+        tmp_path,
+        model=model,
+        optimizer=optimizer,
+        device=CPU,
+        scaler=restored,
+        run_fingerprint="f",
+        shape=shape,
+        max_epoch=2,
+        batches_per_epoch=4,
+        metrics=["m"],
+    )
     assert resumed is not None
     assert restored.get_scale() == 512.0 and restored._get_growth_tracker() == 2
     notices: list[str] = []  # a run without a scaler cannot take this checkpoint (nor the reverse)
-    assert load_checkpoint(tmp_path, model=model, optimizer=optimizer, device=CPU, run_fingerprint="f", shape=shape,
-                           max_epoch=2, batches_per_epoch=4, metrics=["m"], notice=notices.append) is None
+    assert (
+        load_checkpoint(
+            tmp_path,
+            model=model,
+            optimizer=optimizer,
+            device=CPU,
+            run_fingerprint="f",
+            shape=shape,
+            max_epoch=2,
+            batches_per_epoch=4,
+            metrics=["m"],
+            notice=notices.append,
+        )
+        is None
+    )
     assert len(notices) == 1 and "tensor names" in notices[0]
 
 
@@ -119,9 +165,10 @@ def test_bf16_without_matrix_units_is_noticed_from_the_cpu_flags(tmp_path: Path)
     assert flags == {"fpu", "sse2", "avx2", "avx512f"}
     for without in (flags, flags | {"avx512_bf16"}):  # vector bf16 dot products are not matrix units
         notice = bf16_cpu_notice("bf16", CPU, without)
-        assert notice is not None and notice.startswith("notice: train.precision bf16:") and "\n" not in notice
+        assert (
+            notice is not None and notice.startswith("notice: train.precision bf16:") and "\n" not in notice
+        )
     assert bf16_cpu_notice("bf16", CPU, flags | {"amx_bf16", "amx_tile"}) is None
     assert bf16_cpu_notice("fp32", CPU, flags) is None
     assert bf16_cpu_notice("bf16", torch.device("cuda"), flags) is None
     assert cpu_flags(tmp_path / "missing") is None
-

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,12 +51,15 @@ def test_readme_table_equals_params_yaml() -> None:
 
 
 def test_checker_catches_wrong_missing_and_mistyped_defaults() -> None:
-    readme = ("## Parameters\n\n| key | default | meaning |\n|---|---|---|\n"
-              "| `prep.shard_size` | `10000` | x |\n| `train.lr` | `1e-3` | x |\n| `train.seed` | `'42'` | x |\n"
-              "| `loader.shuffle` | `true` | x |\n| `data.only_in_readme` | `[]` | x |\n"
-              "\n## Next\n\n| `train.epochs` | `1` | another section's table is not read |\n")
-    params = ("prep:\n  shard_size: 65536\ntrain:\n  lr: 0.001\n  seed: 42\n  epochs: 5\n"
-              "loader:\n  shuffle: true\n")
+    readme = (
+        "## Parameters\n\n| key | default | meaning |\n|---|---|---|\n"
+        "| `prep.shard_size` | `10000` | x |\n| `train.lr` | `1e-3` | x |\n| `train.seed` | `'42'` | x |\n"
+        "| `loader.shuffle` | `true` | x |\n| `data.only_in_readme` | `[]` | x |\n"
+        "\n## Next\n\n| `train.epochs` | `1` | another section's table is not read |\n"
+    )
+    params = (
+        "prep:\n  shard_size: 65536\ntrain:\n  lr: 0.001\n  seed: 42\n  epochs: 5\nloader:\n  shuffle: true\n"
+    )
     assert mismatches(readme, params) == {
         "prep.shard_size": (10000, 65536),
         "train.seed": ("42", 42),

@@ -51,12 +51,17 @@ def _same_as_baseline(work0: Path, work: Path) -> None:
         assert [s for s, _ in b[name]] == [0, 1], name  # one row per epoch, none duplicated or missing
     for name in MODEL_METRICS:
         assert a[name] == b[name], name  # bit-identical floats
-    assert (work0 / "models" / "model.safetensors").read_bytes() == (work / "models" / "model.safetensors").read_bytes()
+    assert (work0 / "models" / "model.safetensors").read_bytes() == (
+        work / "models" / "model.safetensors"
+    ).read_bytes()
 
 
-@pytest.mark.parametrize(("calls", "workers", "at"), KILLS, ids=[f"write-{c}-workers-{w}" for c, w, _ in KILLS])
-def test_killed_mid_epoch_resumes_bit_identically(data: Path, baseline, tmp_path: Path, calls: int, workers: int,
-                                                  at: tuple[int, int]) -> None:
+@pytest.mark.parametrize(
+    ("calls", "workers", "at"), KILLS, ids=[f"write-{c}-workers-{w}" for c, w, _ in KILLS]
+)
+def test_killed_mid_epoch_resumes_bit_identically(
+    data: Path, baseline, tmp_path: Path, calls: int, workers: int, at: tuple[int, int]
+) -> None:
     work0, _ = baseline
     params = write_params(tmp_path / "params.yaml", loader={"num_workers": workers}, train=EVERY_STEP)
 
@@ -67,8 +72,14 @@ def test_killed_mid_epoch_resumes_bit_identically(data: Path, baseline, tmp_path
 
     run_until_killed(data, tmp_path, params, "write_checkpoint", calls, inspect=killed_at_the_expected_step)
     assert not (tmp_path / "models").exists()
-    res = subprocess.run(stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(), capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        stage_cmd(data, tmp_path, params),
+        cwd=tmp_path,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert f"resuming in epoch {at[0] + 1}, step {at[1]}" in res.stderr
     assert res.stdout.count("epoch 2/2") == 1 and res.stdout.count("epoch 1/2") == (1 if at[0] == 0 else 0)
@@ -81,49 +92,73 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data: 
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and res.stderr.count("error: ") == 1, res.stderr
     error = res.stderr.splitlines()[-1]
-    assert error.startswith("error: epoch 1/2, step ") and "is not finite" in error and "train.lr (now 1e+08)" in error
+    assert (
+        error.startswith("error: epoch 1/2, step ")
+        and "is not finite" in error
+        and "train.lr (now 1e+08)" in error
+    )
     assert not (tmp_path / "models").exists(), "no model may be written from a non-finite run"
     failed_at = int(error.split("step ")[1].split("/")[0])
     meta = _checkpoint(tmp_path)  # the last good one: before the failing step, every tensor finite
-    assert meta["step"] < failed_at or meta["epoch"] == 0 and failed_at == 1
+    assert meta["step"] < failed_at or (meta["epoch"] == 0 and failed_at == 1)
     tensors = safetensors.torch.load_file(str(tmp_path / "checkpoints" / "checkpoint.safetensors"))
     assert all(torch.isfinite(t.float()).all() for name, t in tensors.items() if not name.startswith("rng."))
 
 
 # Values that make a speed-only key actually act in a short run (the others: any other valid value).
-ACTING = {"loader.num_workers": 2, "loader.persistent_workers": True, "loader.prefetch_factor": 3,
-          "train.checkpoint_seconds": 0.001, "train.checkpoint_every": 0, "train.verify": "full"}
+ACTING = {
+    "loader.num_workers": 2,
+    "loader.persistent_workers": True,
+    "loader.prefetch_factor": 3,
+    "train.checkpoint_seconds": 0.001,
+    "train.checkpoint_every": 0,
+    "train.verify": "full",
+}
 
 
 def _short_run(data: Path, work: Path, loader: LoaderParams, train: TrainParams) -> tuple[list[dict], bytes]:
     work.mkdir()
     notices: list[str] = []
-    train_model(train_dir=data / "train", test_dir=data / "test", model_dir=work / "models",
-                checkpoint_dir=work / "checkpoints", live_dir=work / "dvclive", loader=loader, train=train,
-                notice=notices.append)
+    train_model(
+        train_dir=data / "train",
+        test_dir=data / "test",
+        model_dir=work / "models",
+        checkpoint_dir=work / "checkpoints",
+        live_dir=work / "dvclive",
+        loader=loader,
+        train=train,
+        notice=notices.append,
+    )
     logged = {name: [v for _, v in rows] for name, rows in history(work).items()}
-    return [{name: logged[name][i] for name in MODEL_METRICS} for i in range(train.epochs)], \
-        (work / "models" / "model.safetensors").read_bytes()
+    return [{name: logged[name][i] for name in MODEL_METRICS} for i in range(train.epochs)], (
+        work / "models" / "model.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.slow
 def test_every_speed_only_key_changes_no_result(data: Path, tmp_path: Path, monkeypatch) -> None:
     """Iterates SPEED_ONLY itself: a key wrongly declared speed-only (train.seed, say) fails here."""
     monkeypatch.chdir(tmp_path)
-    base = {"loader": LoaderParams(batch_size=64, num_workers=1), "train": TrainParams(epochs=1, device="cpu")}
+    base = {
+        "loader": LoaderParams(batch_size=64, num_workers=1),
+        "train": TrainParams(epochs=1, device="cpu"),
+    }
     expected, model = _short_run(data, tmp_path / "base", base["loader"], base["train"])
     for key in sorted(SPEED_ONLY):
         section, name = key.split(".")
         params = base[section]
-        value = ACTING.get(key, _other_value(typing.get_type_hints(type(params))[name], getattr(params, name)))
+        value = ACTING.get(
+            key, _other_value(typing.get_type_hints(type(params))[name], getattr(params, name))
+        )
         changed = {**base, section: dataclasses.replace(params, **{name: value})}
         got, got_model = _short_run(data, tmp_path / key, changed["loader"], changed["train"])
         assert got[:1] == expected, key  # train.epochs: the first epoch of a longer run is this run
         assert got_model == model or key == "train.epochs", key
 
 
-def test_a_checkpoint_from_another_thread_count_is_not_resumed(data: Path, baseline, tmp_path: Path,
-                                                               monkeypatch) -> None:
+def test_a_checkpoint_from_another_thread_count_is_not_resumed(
+    data: Path, baseline, tmp_path: Path, monkeypatch
+) -> None:
     """train.threads null resolves at run time: killed under OMP_NUM_THREADS=1, rerun under 2, it used to
     resume and end equal to neither uninterrupted run."""
     if torch.get_num_threads() < 2:
@@ -134,10 +169,18 @@ def test_a_checkpoint_from_another_thread_count_is_not_resumed(data: Path, basel
     run_until_killed(data, tmp_path, params, "write_checkpoint", 2)
     assert _checkpoint(tmp_path)["threads"] == 1
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # what the baseline resolved
-    res = subprocess.run(stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(), capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        stage_cmd(data, tmp_path, params),
+        cwd=tmp_path,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     notices = [line for line in res.stderr.splitlines() if "not resuming" in line]
-    assert len(notices) == 1 and f"made with 1 intra-op threads per process, this run uses " \
-        f"{torch.get_num_threads()}" in notices[0], res.stderr
+    assert (
+        len(notices) == 1
+        and f"made with 1 intra-op threads per process, this run uses {torch.get_num_threads()}" in notices[0]
+    ), res.stderr
     _same_as_baseline(work0, tmp_path)  # from scratch, under the baseline's thread count

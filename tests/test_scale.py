@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import synth
+
 from benchmarks.scalecsv import FASHION_DIR, csv_lines, load_idx_split, transformed_copy, write_scaled_csv
 from pipeline.tabular import HEADER_LINE
 
@@ -30,9 +30,11 @@ def _idx_folder(tmp: Path) -> Path:
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 600), ("t10k", 100)):
         (tmp / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(encode_idx(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))))
+            gzip.compress(encode_idx(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)))
+        )
         (tmp / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
-            gzip.compress(encode_idx(rng.integers(0, 10, n, dtype=np.uint8))))
+            gzip.compress(encode_idx(rng.integers(0, 10, n, dtype=np.uint8)))
+        )
     return tmp
 
 
@@ -57,9 +59,30 @@ def test_scaled_csv_is_k_transformed_copies_with_labels_kept(tmp_path: Path) -> 
 def test_scale_benchmark_writes_its_three_files(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.scale", "--scale", "1", "2", "--base-samples", "300", "--shard-size", "128",
-         "--workers", "0", "--idx", str(_idx_folder(tmp_path)), "--work", str(tmp_path / "work"), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.scale",
+            "--scale",
+            "1",
+            "2",
+            "--base-samples",
+            "300",
+            "--shard-size",
+            "128",
+            "--workers",
+            "0",
+            "--idx",
+            str(_idx_folder(tmp_path)),
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stderr
     results = json.loads((out / "scale.json").read_text())
@@ -95,17 +118,31 @@ def test_bad_last_cell_of_a_4x_csv_named_fast_in_bounded_memory(tmp_path: Path) 
 
     def run(src: Path) -> tuple[subprocess.CompletedProcess, int, float]:
         start = time.monotonic()
-        proc, peak = synth.run_stage_measured("parquet", "--params", params, "--train-csv", src, "--test-csv", test,
-                                              "--train", "out/train.parquet", "--test", "out/test.parquet",
-                                              cwd=tmp_path, timeout=300)
+        proc, peak = synth.run_stage_measured(
+            "parquet",
+            "--params",
+            params,
+            "--train-csv",
+            src,
+            "--test-csv",
+            test,
+            "--train",
+            "out/train.parquet",
+            "--test",
+            "out/test.parquet",
+            cwd=tmp_path,
+            timeout=300,
+        )
         return proc, peak, time.monotonic() - start
 
     ok, ok_peak, ok_seconds = run(good)
     assert ok.returncode == 0, ok.stderr
     failed, peak, seconds = run(bad)
     assert failed.returncode == 2
-    assert failed.stderr == (f"error: {bad}: row 240000 (line 240001), column 501 (pixel500): "
-                             "expected an integer 0..255, found 'x7'\n")
+    assert failed.stderr == (
+        f"error: {bad}: row 240000 (line 240001), column 501 (pixel500): "
+        "expected an integer 0..255, found 'x7'\n"
+    )
     assert seconds <= 2 * ok_seconds, (seconds, ok_seconds)
     assert peak < 400 * MB and ok_peak < 400 * MB
 
@@ -129,9 +166,25 @@ def test_cold_epoch_bounded_resident_set(tmp_path: Path) -> None:
 def test_disk_benchmark_counts_linked_outputs_once_and_copies_twice(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.reprodisk", "--scale", "1", "--base-samples", "300",
-         "--idx", str(_idx_folder(tmp_path)), "--work", str(tmp_path / "work"), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.reprodisk",
+            "--scale",
+            "1",
+            "--base-samples",
+            "300",
+            "--idx",
+            str(_idx_folder(tmp_path)),
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert res.returncode == 0, res.stderr
     rows = {r["cache_type"]: r for r in json.loads((out / "reprodisk.json").read_text())["rows"]}

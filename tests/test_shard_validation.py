@@ -113,99 +113,283 @@ def _first_shard_one_short(doc: dict) -> dict:
     """The first shard's entry says 49 samples and the totals agree, so only the shard itself disagrees."""
     counts = list(doc["class_counts"])
     counts[next(i for i, c in enumerate(counts) if c)] -= 1
-    return {**doc, "num_samples": doc["num_samples"] - 1, "class_counts": counts,
-            "shards": [{**doc["shards"][0], "num_samples": 49}, *doc["shards"][1:]]}
+    return {
+        **doc,
+        "num_samples": doc["num_samples"] - 1,
+        "class_counts": counts,
+        "shards": [{**doc["shards"][0], "num_samples": 49}, *doc["shards"][1:]],
+    }
+
 
 # (id, damage, words the message must contain)
 CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
-    ("truncated", lambda s: put_shard(s, original(s)[:-100], fix_manifest=False), ("bytes, the manifest says",)),
+    (
+        "truncated",
+        lambda s: put_shard(s, original(s)[:-100], fix_manifest=False),
+        ("bytes, the manifest says",),
+    ),
     ("truncated-manifest-updated", lambda s: put_shard(s, original(s)[:-8]), ("data buffer is",)),
     ("appended-bytes", lambda s: put_shard(s, original(s) + b"\0" * 8), ("data buffer is",)),
     ("empty-file", lambda s: put_shard(s, b"", fix_manifest=False), ("0 bytes",)),
-    ("shorter-than-length-prefix", lambda s: put_shard(s, b"\x01\x02\x03\x04\x05\x06\x07\x08"), ("header length",)),
-    ("header-length-past-eof", lambda s: put_shard(s, struct.pack("<Q", 2**63) + original(s)[8:]), ("runs past the end",)),
-    ("header-length-over-limit", lambda s: put_shard(s, raw_shard({}, b"\0" * (2 << 20), length=(1 << 20) + 8)),
-     ("exceeds the limit",)),
-    ("header-not-json", lambda s: put_shard(s, raw_shard(b"{not json", original(s)[-100:])), ("not valid UTF-8 JSON",)),
+    (
+        "shorter-than-length-prefix",
+        lambda s: put_shard(s, b"\x01\x02\x03\x04\x05\x06\x07\x08"),
+        ("header length",),
+    ),
+    (
+        "header-length-past-eof",
+        lambda s: put_shard(s, struct.pack("<Q", 2**63) + original(s)[8:]),
+        ("runs past the end",),
+    ),
+    (
+        "header-length-over-limit",
+        lambda s: put_shard(s, raw_shard({}, b"\0" * (2 << 20), length=(1 << 20) + 8)),
+        ("exceeds the limit",),
+    ),
+    (
+        "header-not-json",
+        lambda s: put_shard(s, raw_shard(b"{not json", original(s)[-100:])),
+        ("not valid UTF-8 JSON",),
+    ),
     ("header-not-utf8", lambda s: put_shard(s, raw_shard(b'{"\xff": 1}', b"")), ("not valid UTF-8 JSON",)),
     ("header-a-list", lambda s: put_shard(s, raw_shard([1, 2], b"")), ("must be a JSON object",)),
-    ("header-duplicate-key", lambda s: put_shard(s, raw_shard(b'{"labels": {}, "labels": {}}', b"")), ("duplicate key",)),
-    ("header-deep-nesting", lambda s: put_shard(s, raw_shard(b"[" * 100_000 + b"]" * 100_000, b"")), ("JSON",)),
-    ("unknown-dtype", lambda s: put_shard(s, raw_shard({"images": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}, b"\0")),
-     ("unsupported dtype",)),
-    ("negative-dim", lambda s: put_shard(s, raw_shard({"labels": {"dtype": "U8", "shape": [-1], "data_offsets": [0, 0]}}, b"")),
-     ("shape must be",)),
-    ("shape-overflow", lambda s: put_shard(s, raw_shard({"labels": {"dtype": "I64", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}, b"\0" * 8)),
-     ("needs",)),
+    (
+        "header-duplicate-key",
+        lambda s: put_shard(s, raw_shard(b'{"labels": {}, "labels": {}}', b"")),
+        ("duplicate key",),
+    ),
+    (
+        "header-deep-nesting",
+        lambda s: put_shard(s, raw_shard(b"[" * 100_000 + b"]" * 100_000, b"")),
+        ("JSON",),
+    ),
+    (
+        "unknown-dtype",
+        lambda s: put_shard(
+            s, raw_shard({"images": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}, b"\0")
+        ),
+        ("unsupported dtype",),
+    ),
+    (
+        "negative-dim",
+        lambda s: put_shard(
+            s, raw_shard({"labels": {"dtype": "U8", "shape": [-1], "data_offsets": [0, 0]}}, b"")
+        ),
+        ("shape must be",),
+    ),
+    (
+        "shape-overflow",
+        lambda s: put_shard(
+            s,
+            raw_shard(
+                {"labels": {"dtype": "I64", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}, b"\0" * 8
+            ),
+        ),
+        ("needs",),
+    ),
     ("overlapping-offsets", lambda s: _offsets(s, [0, IMG], [IMG - 8, IMG + LAB - 8]), ("overlaps",)),
     ("gap-between-tensors", lambda s: _offsets(s, [0, IMG], [IMG + 8, IMG + LAB + 8]), ("gap",)),
-    ("tensor-moved-out-of-its-slot", lambda s: _offsets(s, [LAB, LAB + IMG], [IMG + LAB, IMG + 2 * LAB]), ("gap",)),
-    ("misaligned-tensor", lambda s: put_shard(s, raw_shard({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
-                                                            "labels": {"dtype": "I64", "shape": [1], "data_offsets": [1, 9]}}, b"\0" * 9)),
-     ("not aligned",)),
-    ("images-float64", lambda s: put_shard(s, safetensors.numpy.save(tensors(images=np.zeros((50, 1, 28, 28), np.float64)))),
-     ("'images'", "float32 [50, 1, 28, 28]", "float64")),
-    ("images-flat", lambda s: put_shard(s, safetensors.numpy.save(tensors(images=np.zeros((50, 784), np.float32)))),
-     ("'images'", "[50, 784]")),
-    ("labels-int32", lambda s: put_shard(s, safetensors.numpy.save(tensors(labels=np.zeros(50, np.int32)))), ("'labels'", "int32")),
-    ("fewer-samples-than-manifest", lambda s: put_shard(s, safetensors.numpy.save(tensors(49))), ("[50, 1, 28, 28]", "[49, 1, 28, 28]")),
-    ("labels-missing", lambda s: put_shard(s, safetensors.numpy.save(tensors(labels=None))), ("'labels' is missing",)),
-    ("extra-tensor", lambda s: put_shard(s, safetensors.numpy.save({**tensors(), "payload": np.zeros(3, np.uint8)})),
-     ("unexpected tensor 'payload'",)),
-    ("label-too-large", lambda s: put_shard(s, safetensors.numpy.save(tensors(labels=np.r_[np.zeros(49), 10].astype(np.int64)))),
-     ("labels[49]", "0..9", "found 10")),
-    ("label-negative", lambda s: put_shard(s, safetensors.numpy.save(tensors(labels=np.r_[-1, np.zeros(49)].astype(np.int64)))),
-     ("labels[0]", "found -1")),
-    ("images-nan", lambda s: put_shard(s, safetensors.numpy.save(tensors(images=_with_pixel(7, np.nan)))),
-     ("images[7]", "expected finite pixel values")),
-    ("images-infinite", lambda s: put_shard(s, safetensors.numpy.save(tensors(images=_with_pixel(49, -np.inf)))),
-     ("images[49]", "expected finite pixel values")),
-    ("metadata-other-split", lambda s: put_shard(s, safetensors.numpy.save(tensors(), metadata={"split": "test"})),
-     ("metadata split", "'test'")),
-    ("metadata-other-dataset", lambda s: put_shard(s, safetensors.numpy.save(tensors(), metadata={"dataset": "mnist"})),
-     ("metadata dataset",)),
-    ("manifest-count-mismatch", lambda s: save_manifest(s, {**manifest_of(s), "num_samples": 121}), ("num_samples",)),
-    ("manifest-shard-count-mismatch", lambda s: save_manifest(s, _first_shard_one_short(manifest_of(s))),
-     ("[49, 1, 28, 28]", "[50, 1, 28, 28]")),
+    (
+        "tensor-moved-out-of-its-slot",
+        lambda s: _offsets(s, [LAB, LAB + IMG], [IMG + LAB, IMG + 2 * LAB]),
+        ("gap",),
+    ),
+    (
+        "misaligned-tensor",
+        lambda s: put_shard(
+            s,
+            raw_shard(
+                {
+                    "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+                    "labels": {"dtype": "I64", "shape": [1], "data_offsets": [1, 9]},
+                },
+                b"\0" * 9,
+            ),
+        ),
+        ("not aligned",),
+    ),
+    (
+        "images-float64",
+        lambda s: put_shard(s, safetensors.numpy.save(tensors(images=np.zeros((50, 1, 28, 28), np.float64)))),
+        ("'images'", "float32 [50, 1, 28, 28]", "float64"),
+    ),
+    (
+        "images-flat",
+        lambda s: put_shard(s, safetensors.numpy.save(tensors(images=np.zeros((50, 784), np.float32)))),
+        ("'images'", "[50, 784]"),
+    ),
+    (
+        "labels-int32",
+        lambda s: put_shard(s, safetensors.numpy.save(tensors(labels=np.zeros(50, np.int32)))),
+        ("'labels'", "int32"),
+    ),
+    (
+        "fewer-samples-than-manifest",
+        lambda s: put_shard(s, safetensors.numpy.save(tensors(49))),
+        ("[50, 1, 28, 28]", "[49, 1, 28, 28]"),
+    ),
+    (
+        "labels-missing",
+        lambda s: put_shard(s, safetensors.numpy.save(tensors(labels=None))),
+        ("'labels' is missing",),
+    ),
+    (
+        "extra-tensor",
+        lambda s: put_shard(s, safetensors.numpy.save({**tensors(), "payload": np.zeros(3, np.uint8)})),
+        ("unexpected tensor 'payload'",),
+    ),
+    (
+        "label-too-large",
+        lambda s: put_shard(
+            s, safetensors.numpy.save(tensors(labels=np.r_[np.zeros(49), 10].astype(np.int64)))
+        ),
+        ("labels[49]", "0..9", "found 10"),
+    ),
+    (
+        "label-negative",
+        lambda s: put_shard(
+            s, safetensors.numpy.save(tensors(labels=np.r_[-1, np.zeros(49)].astype(np.int64)))
+        ),
+        ("labels[0]", "found -1"),
+    ),
+    (
+        "images-nan",
+        lambda s: put_shard(s, safetensors.numpy.save(tensors(images=_with_pixel(7, np.nan)))),
+        ("images[7]", "expected finite pixel values"),
+    ),
+    (
+        "images-infinite",
+        lambda s: put_shard(s, safetensors.numpy.save(tensors(images=_with_pixel(49, -np.inf)))),
+        ("images[49]", "expected finite pixel values"),
+    ),
+    (
+        "metadata-other-split",
+        lambda s: put_shard(s, safetensors.numpy.save(tensors(), metadata={"split": "test"})),
+        ("metadata split", "'test'"),
+    ),
+    (
+        "metadata-other-dataset",
+        lambda s: put_shard(s, safetensors.numpy.save(tensors(), metadata={"dataset": "mnist"})),
+        ("metadata dataset",),
+    ),
+    (
+        "manifest-count-mismatch",
+        lambda s: save_manifest(s, {**manifest_of(s), "num_samples": 121}),
+        ("num_samples",),
+    ),
+    (
+        "manifest-shard-count-mismatch",
+        lambda s: save_manifest(s, _first_shard_one_short(manifest_of(s))),
+        ("[49, 1, 28, 28]", "[50, 1, 28, 28]"),
+    ),
     # only the val split may be empty (data.val_fraction 0)
-    ("manifest-empty", lambda s: ([p.unlink() for p in s.glob("*.safetensors")], save_manifest(s, _emptied(manifest_of(s)))),
-     ("expected at least one sample in the train split, found none",)),
-    ("manifest-empty-shards-listed", lambda s: save_manifest(s, _emptied(manifest_of(s))),
-     ("shard-00000.safetensors", "not listed in the manifest")),
-    ("manifest-num-samples-zero", lambda s: save_manifest(s, {**manifest_of(s), "num_samples": 0}),
-     ("num_samples is 0 but the shards hold 120 and class_counts add up to 120",)),
-    ("manifest-class-counts-sum", lambda s: save_manifest(s, {**(d := manifest_of(s)),
-                                                              "class_counts": [c + 1 for c in d["class_counts"]]}),
-     ("num_samples is 120 but the shards hold 120 and class_counts add up to 130",)),
-    ("manifest-class-counts-length", lambda s: save_manifest(s, {**(d := manifest_of(s)),
-                                                                 "class_counts": d["class_counts"][:9]}),
-     ("class_counts: expected 10 integers >= 0",)),
-    ("manifest-class-names-duplicate", lambda s: save_manifest(s, {**(d := manifest_of(s)),
-                                                                   "class_names": ["a"] * 10}),
-     ("class_names: expected 10 distinct non-empty names",)),
-    ("manifest-image-shape-other", lambda s: save_manifest(s, {**manifest_of(s), "image_shape": [1, 14, 56]}),
-     ("'images'", "float32 [50, 1, 14, 56]", "[50, 1, 28, 28]")),
-    ("manifest-image-shape-zero", lambda s: save_manifest(s, {**manifest_of(s), "image_shape": [0, 28, 28]}),
-     ("image_shape: expected [C, H, W] of integers 1..65536",)),
-    ("manifest-normalization-scalar", lambda s: save_manifest(s, {**(d := manifest_of(s)), "normalization": {
-        **d["normalization"], "mean": 0.0}}), ("normalization: mean: expected list, found 0.0",)),
-    ("manifest-train-stats-per-channel", lambda s: save_manifest(s, {**manifest_of(s), "train_stats": {
-        "mean": [0.5, 0.5, 0.5], "std": [0.3, 0.3, 0.3]}}), ("train_stats: mean: expected 1 finite numbers",)),
+    (
+        "manifest-empty",
+        lambda s: ([p.unlink() for p in s.glob("*.safetensors")], save_manifest(s, _emptied(manifest_of(s)))),
+        ("expected at least one sample in the train split, found none",),
+    ),
+    (
+        "manifest-empty-shards-listed",
+        lambda s: save_manifest(s, _emptied(manifest_of(s))),
+        ("shard-00000.safetensors", "not listed in the manifest"),
+    ),
+    (
+        "manifest-num-samples-zero",
+        lambda s: save_manifest(s, {**manifest_of(s), "num_samples": 0}),
+        ("num_samples is 0 but the shards hold 120 and class_counts add up to 120",),
+    ),
+    (
+        "manifest-class-counts-sum",
+        lambda s: save_manifest(
+            s, {**(d := manifest_of(s)), "class_counts": [c + 1 for c in d["class_counts"]]}
+        ),
+        ("num_samples is 120 but the shards hold 120 and class_counts add up to 130",),
+    ),
+    (
+        "manifest-class-counts-length",
+        lambda s: save_manifest(s, {**(d := manifest_of(s)), "class_counts": d["class_counts"][:9]}),
+        ("class_counts: expected 10 integers >= 0",),
+    ),
+    (
+        "manifest-class-names-duplicate",
+        lambda s: save_manifest(s, {**(d := manifest_of(s)), "class_names": ["a"] * 10}),
+        ("class_names: expected 10 distinct non-empty names",),
+    ),
+    (
+        "manifest-image-shape-other",
+        lambda s: save_manifest(s, {**manifest_of(s), "image_shape": [1, 14, 56]}),
+        ("'images'", "float32 [50, 1, 14, 56]", "[50, 1, 28, 28]"),
+    ),
+    (
+        "manifest-image-shape-zero",
+        lambda s: save_manifest(s, {**manifest_of(s), "image_shape": [0, 28, 28]}),
+        ("image_shape: expected [C, H, W] of integers 1..65536",),
+    ),
+    (
+        "manifest-normalization-scalar",
+        lambda s: save_manifest(
+            s, {**(d := manifest_of(s)), "normalization": {**d["normalization"], "mean": 0.0}}
+        ),
+        ("normalization: mean: expected list, found 0.0",),
+    ),
+    (
+        "manifest-train-stats-per-channel",
+        lambda s: save_manifest(
+            s, {**manifest_of(s), "train_stats": {"mean": [0.5, 0.5, 0.5], "std": [0.3, 0.3, 0.3]}}
+        ),
+        ("train_stats: mean: expected 1 finite numbers",),
+    ),
     ("manifest-missing", lambda s: (s / "manifest.json").unlink(), ("manifest not found",)),
     ("manifest-not-json", lambda s: (s / "manifest.json").write_text("{"), ("not valid JSON",)),
     ("manifest-a-list", lambda s: (s / "manifest.json").write_text("[]"), ("expected a JSON object",)),
-    ("manifest-wrong-version", lambda s: save_manifest(s, {**manifest_of(s), "schema_version": 1}),
-     ("manifest.json: schema_version 1 is not this pipeline's 2; rerun `dvc repro tensorize` to rebuild the shards",)),
-    ("manifest-future-version", lambda s: save_manifest(s, {**manifest_of(s), "schema_version": 3}),
-     ("schema_version 3 is not this pipeline's 2",)),
-    ("manifest-unknown-key", lambda s: save_manifest(s, {**manifest_of(s), "exec": "rm -rf /"}), ("unknown key 'exec'",)),
-    ("manifest-path-traversal",
-     lambda s: save_manifest(s, {**(d := manifest_of(s)), "shards": [{**d["shards"][0], "file": "../train/" + SHARD}, *d["shards"][1:]]}),
-     ("plain file name",)),
-    ("manifest-other-split", lambda s: save_manifest(s, {**manifest_of(s), "split": "test"}), ("split: expected 'train'",)),
-    ("manifest-float64-images", lambda s: save_manifest(s, {**manifest_of(s), "image_dtype": "float64"}), ("float32",)),
-    ("shard-missing", lambda s: (s / "shard-00001.safetensors").unlink(), ("shard-00001.safetensors", "missing")),
-    ("shard-extra", lambda s: (s / "shard-00009.safetensors").write_bytes(original(s)), ("shard-00009.safetensors", "not listed")),
+    (
+        "manifest-wrong-version",
+        lambda s: save_manifest(s, {**manifest_of(s), "schema_version": 1}),
+        (
+            "manifest.json: schema_version 1 is not this pipeline's 2; rerun `dvc repro tensorize` to rebuild the shards",
+        ),
+    ),
+    (
+        "manifest-future-version",
+        lambda s: save_manifest(s, {**manifest_of(s), "schema_version": 3}),
+        ("schema_version 3 is not this pipeline's 2",),
+    ),
+    (
+        "manifest-unknown-key",
+        lambda s: save_manifest(s, {**manifest_of(s), "exec": "rm -rf /"}),
+        ("unknown key 'exec'",),
+    ),
+    (
+        "manifest-path-traversal",
+        lambda s: save_manifest(
+            s,
+            {
+                **(d := manifest_of(s)),
+                "shards": [{**d["shards"][0], "file": "../train/" + SHARD}, *d["shards"][1:]],
+            },
+        ),
+        ("plain file name",),
+    ),
+    (
+        "manifest-other-split",
+        lambda s: save_manifest(s, {**manifest_of(s), "split": "test"}),
+        ("split: expected 'train'",),
+    ),
+    (
+        "manifest-float64-images",
+        lambda s: save_manifest(s, {**manifest_of(s), "image_dtype": "float64"}),
+        ("float32",),
+    ),
+    (
+        "shard-missing",
+        lambda s: (s / "shard-00001.safetensors").unlink(),
+        ("shard-00001.safetensors", "missing"),
+    ),
+    (
+        "shard-extra",
+        lambda s: (s / "shard-00009.safetensors").write_bytes(original(s)),
+        ("shard-00009.safetensors", "not listed"),
+    ),
     ("shard-is-a-folder", lambda s: ((s / SHARD).unlink(), (s / SHARD).mkdir()), ("regular file",)),
 ]
 
@@ -230,16 +414,38 @@ def test_tampered_bytes_pass_the_header_check_and_fail_the_full_check(split: Pat
         validate_split(split, expected_split="train", verify="full")
 
 
-FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
-@pytest.mark.parametrize("key, overrides, found", [
-    ("dataset", dict(dataset="mnist"), "'mnist'"),
-    ("normalization", dict(normalization=make_normalization("standard", PixelStats((0.5,), (0.25,)))),
-     "Normalization(kind='standard', mean=(0.5,), std=(0.25,), stats_from='train')"),
-    ("class_names", dict(class_names=tuple(f"c{i}" for i in range(10))), "('c0', 'c1', "),
-    ("image_shape", dict(image_shape=(3, 28, 28), normalization=make_normalization("unit", None, 3)), "(3, 28, 28)"),
-], ids=["dataset", "normalization", "class_names", "image_shape"])
+@pytest.mark.parametrize(
+    "key, overrides, found",
+    [
+        ("dataset", dict(dataset="mnist"), "'mnist'"),
+        (
+            "normalization",
+            dict(normalization=make_normalization("standard", PixelStats((0.5,), (0.25,)))),
+            "Normalization(kind='standard', mean=(0.5,), std=(0.25,), stats_from='train')",
+        ),
+        ("class_names", dict(class_names=tuple(f"c{i}" for i in range(10))), "('c0', 'c1', "),
+        (
+            "image_shape",
+            dict(image_shape=(3, 28, 28), normalization=make_normalization("unit", None, 3)),
+            "(3, 28, 28)",
+        ),
+    ],
+    ids=["dataset", "normalization", "class_names", "image_shape"],
+)
 def test_train_and_test_must_share_dataset_and_normalization(tmp_path: Path, key, overrides, found) -> None:
     """And their classes and image shape: each test split below is valid on its own but unlike the train split."""
     make_split(tmp_path / "train", 60, split="train", shard_size=50)
@@ -248,10 +454,19 @@ def test_train_and_test_must_share_dataset_and_normalization(tmp_path: Path, key
     check_compatible(train, validate_split(tmp_path / "same", expected_split="test"))
     shape = overrides.get("image_shape", (1, 28, 28))
     rng = np.random.default_rng(0)
-    kw = {"dataset": "fashion-mnist", "normalization": make_normalization("unit", None), "class_names": FASHION,
-          **overrides}
-    write_split([(rng.integers(0, 256, (20, int(np.prod(shape))), dtype=np.uint8), rng.integers(0, 10, 20))],
-                tmp_path / "test", split="test", shard_size=50, **kw)
+    kw = {
+        "dataset": "fashion-mnist",
+        "normalization": make_normalization("unit", None),
+        "class_names": FASHION,
+        **overrides,
+    }
+    write_split(
+        [(rng.integers(0, 256, (20, int(np.prod(shape))), dtype=np.uint8), rng.integers(0, 10, 20))],
+        tmp_path / "test",
+        split="test",
+        shard_size=50,
+        **kw,
+    )
     test = validate_split(tmp_path / "test", expected_split="test")
     with pytest.raises(ShardError) as exc:
         check_compatible(train, test)
@@ -271,8 +486,9 @@ def test_only_the_val_split_may_be_empty(tmp_path: Path) -> None:
     save_manifest(tmp_path / "val", {**_emptied(doc), "split": "test"})
     with pytest.raises(ShardError) as exc:
         validate_split(tmp_path / "val", expected_split="test")
-    assert str(exc.value) == (f"{tmp_path / 'val' / 'manifest.json'}: expected at least one sample in the test split, "
-                              f"found none")
+    assert str(exc.value) == (
+        f"{tmp_path / 'val' / 'manifest.json'}: expected at least one sample in the test split, found none"
+    )
 
 
 def test_shard_replaced_after_validation_is_not_mapped(split: Path) -> None:
@@ -310,15 +526,29 @@ def test_arbitrary_shard_bytes_raise_only_shard_errors(pristine: tuple[Path, byt
     assert images.shape == (120, 1, 28, 28) and bool(((labels >= 0) & (labels < 10)).all())
 
 
-@pytest.mark.parametrize("case", ["truncated", "label-too-large", "manifest-wrong-version", "shard-extra", "manifest-empty"])
+@pytest.mark.parametrize(
+    "case", ["truncated", "label-too-large", "manifest-wrong-version", "shard-extra", "manifest-empty"]
+)
 def test_train_stage_reports_shard_errors_in_one_line(case: str, tmp_path: Path, monkeypatch, capsys) -> None:
     make_split(tmp_path / "train", 120, split="train", shard_size=50)
     make_split(tmp_path / "test", 60, split="test", shard_size=50)
     dict((c[0], c[1]) for c in CASES)[case](tmp_path / "train")
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n")
     monkeypatch.chdir(tmp_path)
-    argv = ["--params", "params.yaml", "--train", "train", "--test", "test", "--model", "models",
-            "--checkpoints", "checkpoints", "--live", "dvclive"]
+    argv = [
+        "--params",
+        "params.yaml",
+        "--train",
+        "train",
+        "--test",
+        "test",
+        "--model",
+        "models",
+        "--checkpoints",
+        "checkpoints",
+        "--live",
+        "dvclive",
+    ]
     with pytest.raises(SystemExit) as exc:
         run_stage(main, argv)
     assert exc.value.code == 2
@@ -335,9 +565,26 @@ def test_train_stage_process_refuses_a_tampered_shard_with_verify_full(tmp_path:
     (tmp_path / "test" / SHARD).write_bytes(bytes(blob))
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n  verify: full\n")
     res = subprocess.run(
-        [sys.executable, "-m", "stages.train", "--train", "train", "--test", "test", "--model", "models",
-         "--checkpoints", "checkpoints", "--live", "dvclive"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "stages.train",
+            "--train",
+            "train",
+            "--test",
+            "test",
+            "--model",
+            "models",
+            "--checkpoints",
+            "checkpoints",
+            "--live",
+            "dvclive",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 2, res.stderr
     assert "SHA-256" in res.stderr and SHARD in res.stderr and "Traceback" not in res.stderr
@@ -347,7 +594,9 @@ def test_train_stage_process_refuses_a_tampered_shard_with_verify_full(tmp_path:
 def test_shard_replaced_under_a_worker_is_reported_without_the_worker_traceback(split: Path) -> None:
     dataset = ShardDataset(validate_split(split, expected_split="train"))
     put_shard(split, original(split)[:-8], fix_manifest=False)
-    loader = torch.utils.data.DataLoader(dataset, sampler=[torch.tensor([0, 1])], batch_size=None, num_workers=1)
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=[torch.tensor([0, 1])], batch_size=None, num_workers=1
+    )
     with pytest.raises(ShardError) as exc:
         next(iter(loader))
     assert "Traceback" in str(exc.value)  # what DataLoader makes of a worker's exception

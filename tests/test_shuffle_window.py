@@ -39,7 +39,9 @@ def test_windows_visit_whole_shards_together(window: int) -> None:
         assert sorted(piece) == sorted(i for t in shards for i in range(STARTS[t], STARTS[t + 1]))
         seen.append(shards)
         position += length
-    assert [len(s) for s in seen] == [window] * (len(SIZES) // window) + ([len(SIZES) % window] if len(SIZES) % window else [])
+    assert [len(s) for s in seen] == [window] * (len(SIZES) // window) + (
+        [len(SIZES) % window] if len(SIZES) % window else []
+    )
     # samples inside a window are mixed, not left in shard order
     assert order[: SIZES[0]].tolist() != sorted(order[: SIZES[0]].tolist())
 
@@ -87,9 +89,11 @@ def _params(path: Path, loader: dict) -> Path:
 def test_windowed_results_are_the_same_for_any_worker_count(shards: Path, tmp_path: Path) -> None:
     """num_workers 0 and 2 with a window give bit-identical metrics and weights; the window does change them."""
     runs = {}
-    for name, loader in {"w0": {"shuffle_window": 2, "num_workers": 0},
-                         "w2": {"shuffle_window": 2, "num_workers": 2, "persistent_workers": True},
-                         "global": {}}.items():
+    for name, loader in {
+        "w0": {"shuffle_window": 2, "num_workers": 0},
+        "w2": {"shuffle_window": 2, "num_workers": 2, "persistent_workers": True},
+        "global": {},
+    }.items():
         work = tmp_path / name
         work.mkdir()
         res = run_train(shards, work, _params(work / "params.yaml", loader))
@@ -98,5 +102,7 @@ def test_windowed_results_are_the_same_for_any_worker_count(shards: Path, tmp_pa
     a, b, g = (history(runs[n]) for n in ("w0", "w2", "global"))
     for metric in MODEL_METRICS:
         assert a[metric] == b[metric], metric
-    assert (runs["w0"] / "models" / "model.safetensors").read_bytes() == (runs["w2"] / "models" / "model.safetensors").read_bytes()
+    assert (runs["w0"] / "models" / "model.safetensors").read_bytes() == (
+        runs["w2"] / "models" / "model.safetensors"
+    ).read_bytes()
     assert a["train_loss"] != g["train_loss"]  # the window is really used

@@ -94,8 +94,16 @@ def _produce(server: Sshd, tmp: Path) -> World:
     run(["git", "push", "-q", "origin", "HEAD:main"], repo)
     dvc(repo, "exp", "run", "-n", EXP, "-S", "train.lr=0.01")
     dvc(repo, "exp", "push", "origin", EXP)
-    return World(server, repo, origin, storage, baseline, (repo / "models/model.safetensors").read_bytes(),
-                 json.loads((repo / "dvclive/metrics.json").read_text()), tmp)
+    return World(
+        server,
+        repo,
+        origin,
+        storage,
+        baseline,
+        (repo / "models/model.safetensors").read_bytes(),
+        json.loads((repo / "dvclive/metrics.json").read_text()),
+        tmp,
+    )
 
 
 def clone(world: World, name: str, key: Path | None = None) -> Path:
@@ -151,7 +159,9 @@ def test_failed_pull_says_why_and_leaves_the_workspace_as_it_was(world: World, p
         repo = clone(world, problem, key=keygen(world.tmp / "stranger_ed25519"))
     else:
         repo = clone(world, problem)
-        closed = world.sshd.url(world.storage).replace(f":{world.sshd.port}/", f":{free_port()}/")  # nobody listens
+        closed = world.sshd.url(world.storage).replace(
+            f":{world.sshd.port}/", f":{free_port()}/"
+        )  # nobody listens
         dvc(repo, "remote", "modify", "--local", "storage", "url", closed)
     before = files(repo)
     res = dvc(repo, "pull", check=False)

@@ -41,13 +41,22 @@ def splits() -> tuple[synth.Split, synth.Split]:
 
 @pytest.fixture
 def parquets(splits, tmp_path) -> tuple[Path, Path]:
-    return (write_parquet(tmp_path / "pq" / "train.parquet", splits[0]),
-            write_parquet(tmp_path / "pq" / "test.parquet", splits[1]))
+    return (
+        write_parquet(tmp_path / "pq" / "train.parquet", splits[0]),
+        write_parquet(tmp_path / "pq" / "test.parquet", splits[1]),
+    )
 
 
 def run(parquets, out: Path, *, shard_size: int = 64, kind: str = "unit", dataset: str = "fashion-mnist"):
-    return tensorize(parquets[0], parquets[1], out / "train", out / "test", dataset=dataset,
-                     shard_size=shard_size, normalize_kind=kind)
+    return tensorize(
+        parquets[0],
+        parquets[1],
+        out / "train",
+        out / "test",
+        dataset=dataset,
+        shard_size=shard_size,
+        normalize_kind=kind,
+    )
 
 
 def load_split(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -79,6 +88,7 @@ def standard_stats_float64(train_pixels: np.ndarray) -> tuple[np.float32, np.flo
 
 # ============================================================================ values
 
+
 def test_unit_values_are_exact(splits, parquets, tmp_path):
     run(parquets, tmp_path / "t", kind="unit")
     for s, name in zip(splits, ("train", "test")):
@@ -87,7 +97,12 @@ def test_unit_values_are_exact(splits, parquets, tmp_path):
         expected = unit_expected(s.pixels).reshape(-1, 1, 28, 28)
         np.testing.assert_array_equal(bits(images), bits(expected))  # bit for bit
         np.testing.assert_array_equal(labels, s.labels.astype(np.int64))
-        assert manifest["normalization"] == {"kind": "unit", "mean": [0.0], "std": [1.0], "stats_from": "none"}
+        assert manifest["normalization"] == {
+            "kind": "unit",
+            "mean": [0.0],
+            "std": [1.0],
+            "stats_from": "none",
+        }
     assert images.min() == 0.0 and load_split(tmp_path / "t" / "train")[0].max() == 1.0
 
 
@@ -112,8 +127,10 @@ def test_standard_values_are_exact_and_use_train_statistics(splits, parquets, tm
 
 def test_every_byte_value_maps_through_one_table(tmp_path):
     """All 256 byte values appear; each maps to the same float32 wherever it occurs."""
-    s = synth.Split(np.arange(256 * 784 // 256 * 8, dtype=np.int64).astype(np.uint8).reshape(8, 28, 28),
-                    np.arange(8, dtype=np.uint8) % 10)
+    s = synth.Split(
+        np.arange(256 * 784 // 256 * 8, dtype=np.int64).astype(np.uint8).reshape(8, 28, 28),
+        np.arange(8, dtype=np.uint8) % 10,
+    )
     pq = write_parquet(tmp_path / "a.parquet", s)
     tensorize(pq, pq, tmp_path / "tr", tmp_path / "te", dataset="d", shard_size=3, normalize_kind="standard")
     images, _, _ = load_split(tmp_path / "tr")
@@ -124,16 +141,23 @@ def test_every_byte_value_maps_through_one_table(tmp_path):
 
 # ============================================================================ manifest and shards
 
+
 def test_manifest_content_and_shard_files(splits, parquets, tmp_path):
     run(parquets, tmp_path / "t", shard_size=64, dataset="mnist")
     folder = tmp_path / "t" / "train"
     manifest = json.loads((folder / "manifest.json").read_text())
     mean, std = standard_stats_float64(splits[0].pixels)
     assert {k: v for k, v in manifest.items() if k not in ("shards", "normalization")} == {
-        "schema_version": 2, "dataset": "mnist", "split": "train", "num_samples": N_TRAIN, "num_classes": 10,
+        "schema_version": 2,
+        "dataset": "mnist",
+        "split": "train",
+        "num_samples": N_TRAIN,
+        "num_classes": 10,
         "class_names": [str(d) for d in range(10)],
         "class_counts": np.bincount(splits[0].labels, minlength=10).tolist(),
-        "image_shape": [1, 28, 28], "image_dtype": "float32", "label_dtype": "int64",
+        "image_shape": [1, 28, 28],
+        "image_dtype": "float32",
+        "label_dtype": "int64",
         # of x/255 over the train split, whatever the normalisation (unit here)
         "train_stats": {"mean": [float(mean)], "std": [float(std)]},
     }
@@ -150,22 +174,41 @@ def test_manifest_content_and_shard_files(splits, parquets, tmp_path):
         layout = read_layout(folder / entry["file"])
         k = entry["num_samples"]
         assert {n: (t.dtype, t.shape) for n, t in layout.tensors.items()} == {
-            "images": ("F32", (k, 1, 28, 28)), "labels": ("I64", (k,))}
+            "images": ("F32", (k, 1, 28, 28)),
+            "labels": ("I64", (k,)),
+        }
         assert layout.metadata == {"dataset": "mnist", "split": "train"}
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["manifest.json", *(s["file"] for s in manifest["shards"])])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["manifest.json", *(s["file"] for s in manifest["shards"])]
+    )
     parsed = read_manifest(folder)  # the project's own reader accepts it
     assert parsed.num_samples == N_TRAIN and len(parsed.shards) == 3
     assert synth.leftovers(tmp_path / "t") == sorted(
-        ["test", "train", *(f"train/{p.name}" for p in folder.iterdir()),
-         *(f"test/{p.name}" for p in (tmp_path / "t" / "test").iterdir())])
+        [
+            "test",
+            "train",
+            *(f"train/{p.name}" for p in folder.iterdir()),
+            *(f"test/{p.name}" for p in (tmp_path / "t" / "test").iterdir()),
+        ]
+    )
 
 
 def test_builtin_dataset_records_its_class_names(parquets, tmp_path):
     run(parquets, tmp_path / "t", dataset="fashion-mnist")
     for split in ("train", "test"):
         manifest = read_manifest(tmp_path / "t" / split)
-        assert manifest.class_names == ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+        assert manifest.class_names == (
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        )
         assert manifest.num_classes == 10
 
 
@@ -176,8 +219,10 @@ def test_shard_order_is_source_order(splits, parquets, tmp_path):
     assert [s["num_samples"] for s in manifest["shards"]] == [7] * 5 + [5]
 
 
-@pytest.mark.parametrize("shard_size, sizes", [(1, [1] * N_TEST), (N_TEST, [N_TEST]), (N_TEST + 1, [N_TEST]),
-                                               (10, [10] * 4), (10_000, [N_TEST])])
+@pytest.mark.parametrize(
+    "shard_size, sizes",
+    [(1, [1] * N_TEST), (N_TEST, [N_TEST]), (N_TEST + 1, [N_TEST]), (10, [10] * 4), (10_000, [N_TEST])],
+)
 def test_shard_sizes(parquets, tmp_path, shard_size, sizes):
     run(parquets, tmp_path / "t", shard_size=shard_size)
     manifest = json.loads((tmp_path / "t" / "test" / "manifest.json").read_text())
@@ -204,7 +249,9 @@ def test_shard_headers_are_canonical(parquets, tmp_path):
         blob = shard.read_bytes()
         n = int.from_bytes(blob[:8], "little")
         header = blob[8 : 8 + n]
-        assert header == json.dumps(json.loads(header), separators=(",", ":"), sort_keys=True).encode().ljust(n)
+        assert header == json.dumps(json.loads(header), separators=(",", ":"), sort_keys=True).encode().ljust(
+            n
+        )
 
 
 def test_rerun_replaces_the_whole_folder(parquets, tmp_path):
@@ -215,7 +262,10 @@ def test_rerun_replaces_the_whole_folder(parquets, tmp_path):
     (stale / "shard-00000.safetensors").write_bytes(b"half")
     run(parquets, tmp_path / "t", shard_size=100)
     assert sorted(p.name for p in (tmp_path / "t" / "train").iterdir()) == [
-        "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+        "manifest.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
     assert not stale.exists()
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["test", "train"]
 
@@ -231,8 +281,15 @@ def test_all_stages_chained_on_generated_idx(tmp_path):
         pq = tmp_path / "pq" / f"{split}.parquet"
         csv_to_parquet(csv, pq, compression="zstd", compression_level=None, row_group_size=50)
         pqs.append(pq)
-    tensorize(pqs[0], pqs[1], tmp_path / "t" / "train", tmp_path / "t" / "test", dataset="synth",
-              shard_size=40, normalize_kind="unit")
+    tensorize(
+        pqs[0],
+        pqs[1],
+        tmp_path / "t" / "train",
+        tmp_path / "t" / "test",
+        dataset="synth",
+        shard_size=40,
+        normalize_kind="unit",
+    )
     for s, split in ((ds.train, "train"), (ds.test, "test")):
         images, labels, _ = load_split(tmp_path / "t" / split)
         np.testing.assert_array_equal(bits(images), bits(unit_expected(s.pixels).reshape(-1, 1, 28, 28)))
@@ -241,13 +298,16 @@ def test_all_stages_chained_on_generated_idx(tmp_path):
 
 # ============================================================================ bad input
 
+
 def _bad(splits, tmp_path, make, dataset: str = "fashion-mnist") -> tuple[str, Path]:
     """``make`` writes the train Parquet; a built-in dataset, so labels must be 0..9."""
     train = make(tmp_path / "pq" / "train.parquet", splits[0])
     test = write_parquet(tmp_path / "pq" / "test.parquet", splits[1])
     out = tmp_path / "tensors"
     with pytest.raises(DataError) as err:
-        tensorize(train, test, out / "train", out / "test", dataset=dataset, shard_size=64, normalize_kind="unit")
+        tensorize(
+            train, test, out / "train", out / "test", dataset=dataset, shard_size=64, normalize_kind="unit"
+        )
     assert synth.leftovers(out) == [], "no split folder, no temporary"
     return str(err.value), train
 
@@ -262,6 +322,7 @@ def _write(df: pl.DataFrame):
         path.parent.mkdir(parents=True, exist_ok=True)
         df.write_parquet(path)
         return path
+
     return make
 
 
@@ -270,27 +331,88 @@ def _write(df: pl.DataFrame):
     [
         (lambda df: df.rename({"pixel5": "pixelX"}), "column 6: expected 'pixel5', found 'pixelX'"),
         (lambda df: df.drop("pixel5"), "column 6: expected 'pixel5', found 'pixel6'"),
-        (lambda df: df.with_columns(pl.lit(0, pl.UInt8).alias("extra")), "column 786: expected 'pixel785', found 'extra'"),
-        (lambda df: df.select(["pixel1", "label", *HEADER[2:]]), "column 1: expected 'label', found 'pixel1'"),
-        (lambda df: df.with_columns(pl.col("pixel9").cast(pl.Int64)), "column 'pixel9': expected UInt8, found int64"),
-        (lambda df: df.with_columns(pl.col("pixel9").cast(pl.UInt16)), "column 'pixel9': expected UInt8, found uint16"),
-        (lambda df: df.with_columns(pl.col("label").cast(pl.Float32)),
-         "column 'label': expected UInt16 or String, found float"),
-        (lambda df: df.with_columns(pl.col("label").cast(pl.Int64)),
-         "column 'label': expected UInt16 or String, found int64"),
-        (lambda df: df.with_columns(pl.when(pl.int_range(pl.len()) == 99).then(10).otherwise(pl.col("label"))
-                                    .cast(pl.UInt8).alias("label")), "row 100, column 'label': expected 0..9, found 10"),
-        (lambda df: df.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(255).otherwise(pl.col("label"))
-                                    .cast(pl.UInt8).alias("label")), "row 1, column 'label': expected 0..9, found 255"),
-        (lambda df: df.with_columns(pl.when(pl.int_range(pl.len()) == 42).then(65535).otherwise(pl.col("label"))
-                                    .cast(pl.UInt16).alias("label")), "row 43, column 'label': expected 0..9, found 65535"),
-        (lambda df: df.with_columns(pl.when(pl.int_range(pl.len()) == 70).then(None).otherwise(pl.col("pixel7"))
-                                    .alias("pixel7")), "row 71, column 'pixel7': expected a value, found null"),
-        (lambda df: df.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("label"))
-                                    .alias("label")), "row 4, column 'label': expected a value, found null"),
+        (
+            lambda df: df.with_columns(pl.lit(0, pl.UInt8).alias("extra")),
+            "column 786: expected 'pixel785', found 'extra'",
+        ),
+        (
+            lambda df: df.select(["pixel1", "label", *HEADER[2:]]),
+            "column 1: expected 'label', found 'pixel1'",
+        ),
+        (
+            lambda df: df.with_columns(pl.col("pixel9").cast(pl.Int64)),
+            "column 'pixel9': expected UInt8, found int64",
+        ),
+        (
+            lambda df: df.with_columns(pl.col("pixel9").cast(pl.UInt16)),
+            "column 'pixel9': expected UInt8, found uint16",
+        ),
+        (
+            lambda df: df.with_columns(pl.col("label").cast(pl.Float32)),
+            "column 'label': expected UInt16 or String, found float",
+        ),
+        (
+            lambda df: df.with_columns(pl.col("label").cast(pl.Int64)),
+            "column 'label': expected UInt16 or String, found int64",
+        ),
+        (
+            lambda df: df.with_columns(
+                pl.when(pl.int_range(pl.len()) == 99)
+                .then(10)
+                .otherwise(pl.col("label"))
+                .cast(pl.UInt8)
+                .alias("label")
+            ),
+            "row 100, column 'label': expected 0..9, found 10",
+        ),
+        (
+            lambda df: df.with_columns(
+                pl.when(pl.int_range(pl.len()) == 0)
+                .then(255)
+                .otherwise(pl.col("label"))
+                .cast(pl.UInt8)
+                .alias("label")
+            ),
+            "row 1, column 'label': expected 0..9, found 255",
+        ),
+        (
+            lambda df: df.with_columns(
+                pl.when(pl.int_range(pl.len()) == 42)
+                .then(65535)
+                .otherwise(pl.col("label"))
+                .cast(pl.UInt16)
+                .alias("label")
+            ),
+            "row 43, column 'label': expected 0..9, found 65535",
+        ),
+        (
+            lambda df: df.with_columns(
+                pl.when(pl.int_range(pl.len()) == 70).then(None).otherwise(pl.col("pixel7")).alias("pixel7")
+            ),
+            "row 71, column 'pixel7': expected a value, found null",
+        ),
+        (
+            lambda df: df.with_columns(
+                pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("label")).alias("label")
+            ),
+            "row 4, column 'label': expected a value, found null",
+        ),
     ],
-    ids=["renamed", "missing-column", "extra-column", "reordered", "int64-pixel", "uint16-pixel", "float-label",
-         "int64-label", "label-10", "label-255", "uint16-label-65535", "null-pixel", "null-label"],
+    ids=[
+        "renamed",
+        "missing-column",
+        "extra-column",
+        "reordered",
+        "int64-pixel",
+        "uint16-pixel",
+        "float-label",
+        "int64-label",
+        "label-10",
+        "label-255",
+        "uint16-label-65535",
+        "null-pixel",
+        "null-label",
+    ],
 )
 def test_bad_parquet_refused(splits, tmp_path, change, expected):
     msg, path = _bad(splits, tmp_path, _write(change(_frame(splits[0]))))
@@ -301,13 +423,26 @@ def test_bad_parquet_refused(splits, tmp_path, change, expected):
 def test_labels_past_9_make_more_classes_for_other_datasets(splits, tmp_path, label):
     """Only a built-in dataset (10 classes) refuses a label >= 10; otherwise the classes are 0..largest."""
     df = _frame(splits[0]).with_columns(pl.col("label").cast(pl.UInt16))
-    df = df.with_columns(pl.when(pl.int_range(pl.len()) == 99).then(label).otherwise(pl.col("label"))
-                         .cast(pl.UInt16).alias("label"))
+    df = df.with_columns(
+        pl.when(pl.int_range(pl.len()) == 99)
+        .then(label)
+        .otherwise(pl.col("label"))
+        .cast(pl.UInt16)
+        .alias("label")
+    )
     train = _write(df)(tmp_path / "pq" / "train.parquet", splits[0])
     test = write_parquet(tmp_path / "pq" / "test.parquet", splits[1])
     out = tmp_path / "tensors"
-    manifests = tensorize(train, test, out / "train", out / "test", dataset="d", shard_size=64,
-                          normalize_kind="unit", notice=lambda _m: None)
+    manifests = tensorize(
+        train,
+        test,
+        out / "train",
+        out / "test",
+        dataset="d",
+        shard_size=64,
+        normalize_kind="unit",
+        notice=lambda _m: None,
+    )
     assert manifests["train"].num_classes == label + 1
     assert manifests["train"].class_names == tuple(str(c) for c in range(label + 1))
     assert manifests["train"].class_counts[label] == 1
@@ -327,8 +462,15 @@ def test_train_and_test_pixel_counts_must_agree(splits, tmp_path):
     test = tmp_path / "pq" / "test.parquet"
     _frame(splits[1]).drop("pixel784").write_parquet(test)
     with pytest.raises(DataError) as err:
-        tensorize(train, test, tmp_path / "t" / "train", tmp_path / "t" / "test", dataset="d", shard_size=64,
-                  normalize_kind="unit")
+        tensorize(
+            train,
+            test,
+            tmp_path / "t" / "train",
+            tmp_path / "t" / "test",
+            dataset="d",
+            shard_size=64,
+            normalize_kind="unit",
+        )
     assert str(err.value) == f"{test}: expected rows of 784 pixels like the train split, found 783"
     assert synth.leftovers(tmp_path / "t") == []
 
@@ -343,29 +485,52 @@ def test_non_square_pixel_count_needs_an_image_shape(splits, tmp_path):
     out = tmp_path / "t"
     with pytest.raises(DataError) as err:
         tensorize(*paths, out / "train", out / "test", dataset="d", shard_size=64, normalize_kind="unit")
-    assert str(err.value) == (f"{paths[0]}: 783 pixel columns are not a square grey image; set data.image_shape "
-                              f"to [C, H, W] in params.yaml")
+    assert str(err.value) == (
+        f"{paths[0]}: 783 pixel columns are not a square grey image; set data.image_shape "
+        f"to [C, H, W] in params.yaml"
+    )
     assert synth.leftovers(out) == []
     with pytest.raises(DataError) as err:
-        tensorize(*paths, out / "train", out / "test", dataset="d", shard_size=64, normalize_kind="unit",
-                  image_shape=(1, 28, 28))
-    assert str(err.value) == f"{paths[0]}: expected 1x28x28 = 784 pixel columns as data.image_shape says, found 783"
-    manifests = tensorize(*paths, out / "train", out / "test", dataset="d", shard_size=64, normalize_kind="unit",
-                          image_shape=(3, 1, 261))
+        tensorize(
+            *paths,
+            out / "train",
+            out / "test",
+            dataset="d",
+            shard_size=64,
+            normalize_kind="unit",
+            image_shape=(1, 28, 28),
+        )
+    assert (
+        str(err.value)
+        == f"{paths[0]}: expected 1x28x28 = 784 pixel columns as data.image_shape says, found 783"
+    )
+    manifests = tensorize(
+        *paths,
+        out / "train",
+        out / "test",
+        dataset="d",
+        shard_size=64,
+        normalize_kind="unit",
+        image_shape=(3, 1, 261),
+    )
     assert manifests["train"].image_shape == (3, 1, 261)
     images, _, _ = load_split(out / "train")
     expected = unit_expected(splits[0].pixels[:, :783]).reshape(-1, 3, 1, 261)
     np.testing.assert_array_equal(bits(images), bits(expected))
 
 
-@pytest.mark.parametrize("content", [None, b"label,pixel1\n1,2\n", b"PAR1" + bytes(100) + b"PAR1"],
-                         ids=["missing", "csv", "fake-magic"])
+@pytest.mark.parametrize(
+    "content",
+    [None, b"label,pixel1\n1,2\n", b"PAR1" + bytes(100) + b"PAR1"],
+    ids=["missing", "csv", "fake-magic"],
+)
 def test_unreadable_parquet_refused(splits, tmp_path, content):
     def make(path: Path, s):
         path.parent.mkdir(parents=True, exist_ok=True)
         if content is not None:
             path.write_bytes(content)
         return path
+
     msg, path = _bad(splits, tmp_path, make)
     assert msg.startswith(f"{path}: cannot read Parquet: ")
 
@@ -375,8 +540,15 @@ def test_bad_test_split_leaves_no_test_folder(splits, tmp_path):
     test = tmp_path / "pq" / "test.parquet"
     _frame(splits[1]).rename({"pixel1": "p1"}).write_parquet(test)
     with pytest.raises(DataError, match="column 2: expected 'pixel1', found 'p1'"):
-        tensorize(train, test, tmp_path / "t" / "train", tmp_path / "t" / "test", dataset="d", shard_size=64,
-                  normalize_kind="unit")
+        tensorize(
+            train,
+            test,
+            tmp_path / "t" / "train",
+            tmp_path / "t" / "test",
+            dataset="d",
+            shard_size=64,
+            normalize_kind="unit",
+        )
     assert not (tmp_path / "t" / "test").exists()
     # both files are checked before any folder is made: no split folder, no temporary
     assert synth.leftovers(tmp_path / "t") == []
@@ -394,11 +566,25 @@ def test_failure_keeps_the_previous_complete_folder(splits, parquets, tmp_path):
 
 # ============================================================================ the stage, as a process
 
+
 def test_stage_standard(splits, parquets, tmp_path):
-    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "mnist"},
-                                prep={"shard_size": 50, "normalize": "standard"})
-    proc = synth.run_stage("tensorize", "--params", params, "--train-parquet", parquets[0], "--test-parquet",
-                           parquets[1], "--train", "data/tensors/train", "--test", "data/tensors/test", cwd=tmp_path)
+    params = synth.write_params(
+        tmp_path / "p.yaml", data={"dataset": "mnist"}, prep={"shard_size": 50, "normalize": "standard"}
+    )
+    proc = synth.run_stage(
+        "tensorize",
+        "--params",
+        params,
+        "--train-parquet",
+        parquets[0],
+        "--test-parquet",
+        parquets[1],
+        "--train",
+        "data/tensors/train",
+        "--test",
+        "data/tensors/test",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     mean, std = standard_stats_float64(splits[0].pixels)
     for s, split in zip(splits, ("train", "test")):
@@ -417,8 +603,20 @@ def test_stage_bad_input_exit_2(splits, tmp_path):
     _frame(splits[0]).with_columns(pl.lit(12, pl.UInt8).alias("label")).write_parquet(train)
     test = write_parquet(tmp_path / "test.parquet", splits[1])
     params = synth.write_params(tmp_path / "p.yaml", prep={"shard_size": 50})
-    proc = synth.run_stage("tensorize", "--params", params, "--train-parquet", train, "--test-parquet", test,
-                           "--train", "out/train", "--test", "out/test", cwd=tmp_path)
+    proc = synth.run_stage(
+        "tensorize",
+        "--params",
+        params,
+        "--train-parquet",
+        train,
+        "--test-parquet",
+        test,
+        "--train",
+        "out/train",
+        "--test",
+        "out/test",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr == f"error: {train}: row 1, column 'label': expected 0..9, found 12\n"
     assert synth.leftovers(tmp_path / "out") == []
@@ -426,8 +624,20 @@ def test_stage_bad_input_exit_2(splits, tmp_path):
 
 def test_stage_refuses_bad_params(parquets, tmp_path):
     params = synth.write_params(tmp_path / "p.yaml", prep={"shard_size": 0})
-    proc = synth.run_stage("tensorize", "--params", params, "--train-parquet", parquets[0], "--test-parquet",
-                           parquets[1], "--train", "out/train", "--test", "out/test", cwd=tmp_path)
+    proc = synth.run_stage(
+        "tensorize",
+        "--params",
+        params,
+        "--train-parquet",
+        parquets[0],
+        "--test-parquet",
+        parquets[1],
+        "--train",
+        "out/train",
+        "--test",
+        "out/test",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr == f"error: {params}: prep.shard_size: expected an integer >= 1, found 0\n"
     assert not (tmp_path / "out").exists()

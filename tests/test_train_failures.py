@@ -34,16 +34,25 @@ def _file_size_limit(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the writer
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
-def _stage(data: Path, work: Path, params: Path, *, limit: int | None = None, env: dict | None = None,
-           **paths: Path) -> subprocess.CompletedProcess:
+def _stage(
+    data: Path, work: Path, params: Path, *, limit: int | None = None, env: dict | None = None, **paths: Path
+) -> subprocess.CompletedProcess:
     cmd = stage_cmd(data, work, params)
     for option, path in paths.items():
         cmd[cmd.index(f"--{option}") + 1] = str(path)
-    return subprocess.run(cmd, cwd=work, env={**stage_env(), **(env or {})}, capture_output=True, text=True,
-                          timeout=300, preexec_fn=_file_size_limit(limit) if limit else None)
+    return subprocess.run(
+        cmd,
+        cwd=work,
+        env={**stage_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_file_size_limit(limit) if limit else None,
+    )
 
 
 def _one_error_line(res: subprocess.CompletedProcess, *words: str) -> str:
@@ -56,44 +65,58 @@ def _one_error_line(res: subprocess.CompletedProcess, *words: str) -> str:
     return errors[0]
 
 
-def test_checkpoints_that_cannot_be_written_are_warnings_and_training_goes_on(data: Path, baseline,
-                                                                              tmp_path: Path) -> None:
+def test_checkpoints_that_cannot_be_written_are_warnings_and_training_goes_on(
+    data: Path, baseline, tmp_path: Path
+) -> None:
     work0, _ = baseline
     res = _stage(data, tmp_path, write_params(tmp_path / "params.yaml"), limit=1 << 20)
     assert res.returncode == 0, res.stderr
     warnings = [line for line in res.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {tmp_path / 'checkpoints'}: checkpoint not "
-                                                         "written (") and "File too large" in warnings[0], res.stderr
+    assert (
+        len(warnings) == 1
+        and warnings[0].startswith(f"warning: {tmp_path / 'checkpoints'}: checkpoint not written (")
+        and "File too large" in warnings[0]
+    ), res.stderr
     assert warnings[0].endswith("); training goes on"), res.stderr
     assert not (tmp_path / "checkpoints").exists() and not list(tmp_path.glob(".checkpoints.tmp-*"))
     a, b = history(work0), history(tmp_path)
     for name in MODEL_METRICS:
         assert a[name] == b[name], name
-    assert (work0 / "models" / "model.safetensors").read_bytes() == (tmp_path / "models" / "model.safetensors").read_bytes()
+    assert (work0 / "models" / "model.safetensors").read_bytes() == (
+        tmp_path / "models" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_model_on_a_full_disk_is_one_line_and_nothing_half_written(data: Path, tmp_path: Path) -> None:
     res = _stage(data, tmp_path, write_params(tmp_path / "params.yaml"), limit=512 << 10)
     _one_error_line(res, f"{tmp_path / 'models'}: could not write the model (", "nothing was left behind")
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".models") or p.name == "models") == []
+    assert (
+        sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".models") or p.name == "models") == []
+    )
 
 
-def test_model_folder_that_cannot_be_made_keeps_the_trained_state(data: Path, baseline, tmp_path: Path) -> None:
+def test_model_folder_that_cannot_be_made_keeps_the_trained_state(
+    data: Path, baseline, tmp_path: Path
+) -> None:
     """With one epoch the whole run was lost; now a rerun resumes at the end and only writes the model."""
     work0, _ = baseline
     params = write_params(tmp_path / "params.yaml")
     (tmp_path / "blocked").write_text("a file where the model's parent folder should be")
     res = _stage(data, tmp_path, params, model=tmp_path / "blocked" / "models")
-    _one_error_line(res, f"{tmp_path / 'blocked' / 'models'}: could not write the model (",
-                    f"the trained state is in {tmp_path / 'checkpoints'}: a rerun only writes the model")
+    _one_error_line(
+        res,
+        f"{tmp_path / 'blocked' / 'models'}: could not write the model (",
+        f"the trained state is in {tmp_path / 'checkpoints'}: a rerun only writes the model",
+    )
     assert json.loads((tmp_path / "checkpoints" / "checkpoint.json").read_text())["epoch"] == 2
 
     (tmp_path / "blocked").unlink()
     rerun = _stage(data, tmp_path, params, model=tmp_path / "blocked" / "models")
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming after epoch 2" in rerun.stderr and "epoch 1/2" not in rerun.stdout
-    assert (work0 / "models" / "model.safetensors").read_bytes() == \
-        (tmp_path / "blocked" / "models" / "model.safetensors").read_bytes()
+    assert (work0 / "models" / "model.safetensors").read_bytes() == (
+        tmp_path / "blocked" / "models" / "model.safetensors"
+    ).read_bytes()
     a, b = history(work0), history(tmp_path)
     for name in MODEL_METRICS:
         assert a[name] == b[name], name
@@ -101,15 +124,21 @@ def test_model_folder_that_cannot_be_made_keeps_the_trained_state(data: Path, ba
 
 def test_live_folder_that_cannot_be_written_fails_before_training(data: Path, tmp_path: Path) -> None:
     (tmp_path / "blocked").write_text("")
-    res = _stage(data, tmp_path, write_params(tmp_path / "params.yaml"), live=tmp_path / "blocked" / "dvclive")
+    res = _stage(
+        data, tmp_path, write_params(tmp_path / "params.yaml"), live=tmp_path / "blocked" / "dvclive"
+    )
     _one_error_line(res, f"{tmp_path / 'blocked' / 'dvclive'}: could not write the DVCLive logs (")
     assert "epoch 1/2" not in res.stdout and not (tmp_path / "models").exists()
 
 
 def test_checkpoint_lock_that_cannot_be_created_is_one_line(data: Path, tmp_path: Path) -> None:
     (tmp_path / "blocked").write_text("")
-    res = _stage(data, tmp_path, write_params(tmp_path / "params.yaml"),
-                 checkpoints=tmp_path / "blocked" / "checkpoints")
+    res = _stage(
+        data,
+        tmp_path,
+        write_params(tmp_path / "params.yaml"),
+        checkpoints=tmp_path / "blocked" / "checkpoints",
+    )
     _one_error_line(res, f"{tmp_path / 'blocked'}", "cannot create the checkpoint lock (")
     assert not (tmp_path / "models").exists()
 
@@ -123,10 +152,14 @@ def test_the_lock_cannot_be_bypassed_by_its_environment_variable(data: Path, tmp
             with pytest.raises(CheckpointBusy):
                 with checkpoint_lock(tmp_path / "checkpoints", token=forged):
                     pass
-        with checkpoint_lock(tmp_path / "checkpoints", token=token) as held:  # a launched rank: its launcher's
+        with checkpoint_lock(
+            tmp_path / "checkpoints", token=token
+        ) as held:  # a launched rank: its launcher's
             assert held == token
     assert not (tmp_path / "models").exists()
-    with checkpoint_lock(tmp_path / "checkpoints", token=token) as fresh:  # not held: taken, under a new token
+    with checkpoint_lock(
+        tmp_path / "checkpoints", token=token
+    ) as fresh:  # not held: taken, under a new token
         assert fresh != token
 
 
@@ -134,7 +167,6 @@ def test_a_symlinked_checkpoint_path_takes_the_same_lock(tmp_path: Path) -> None
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "link")
     assert lock_path(tmp_path / "link" / "checkpoints") == lock_path(tmp_path / "real" / "checkpoints")
-    with checkpoint_lock(tmp_path / "real" / "checkpoints"):
-        with pytest.raises(CheckpointBusy):
-            with checkpoint_lock(tmp_path / "link" / "checkpoints"):
-                pass
+    with checkpoint_lock(tmp_path / "real" / "checkpoints"), pytest.raises(CheckpointBusy):
+        with checkpoint_lock(tmp_path / "link" / "checkpoints"):
+            pass

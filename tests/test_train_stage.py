@@ -36,8 +36,20 @@ def write_params(path: Path, loader: dict | None = None, train: dict | None = No
 
 
 def train_argv(data: Path, work: Path, params: Path) -> list[str]:
-    return ["--params", str(params), "--train", str(data / "train"), "--test", str(data / "test"),
-            "--model", str(work / "models"), "--checkpoints", str(work / "checkpoints"), "--live", str(work / "dvclive")]
+    return [
+        "--params",
+        str(params),
+        "--train",
+        str(data / "train"),
+        "--test",
+        str(data / "test"),
+        "--model",
+        str(work / "models"),
+        "--checkpoints",
+        str(work / "checkpoints"),
+        "--live",
+        str(work / "dvclive"),
+    ]
 
 
 def stage_cmd(data: Path, work: Path, params: Path) -> list[str]:
@@ -71,13 +83,19 @@ run_stage(main, sys.argv[3:])
 """
 
 
-def run_until_killed(data: Path, work: Path, params: Path, function: str, calls: int, root: Path = ROOT,
-                     inspect=lambda: None) -> None:
+def run_until_killed(
+    data: Path, work: Path, params: Path, function: str, calls: int, root: Path = ROOT, inspect=lambda: None
+) -> None:
     """Run the stage from ``root``'s code; SIGKILL it once ``trainer.run.<function>`` returned ``calls`` times."""
     log = work / "killed.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", _STOPPER, function, str(calls), *train_argv(data, work, params)],
-                                cwd=work, stdout=out, stderr=subprocess.STDOUT, env=stage_env(root))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _STOPPER, function, str(calls), *train_argv(data, work, params)],
+            cwd=work,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=stage_env(root),
+        )
     try:
         deadline = time.monotonic() + 240
         while f"stopped after {function} #{calls}" not in log.read_text():
@@ -95,8 +113,9 @@ def run_until_killed(data: Path, work: Path, params: Path, function: str, calls:
 def run_train(data: Path, work: Path, params: Path) -> subprocess.CompletedProcess:
     work.mkdir(parents=True, exist_ok=True)
     # cwd outside any git repo: DVCLive would otherwise look for (or create) a DVC repo there.
-    return subprocess.run(stage_cmd(data, work, params), cwd=work, env=stage_env(), capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        stage_cmd(data, work, params), cwd=work, env=stage_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:
@@ -131,7 +150,9 @@ def baseline(data: Path, tmp_path_factory) -> tuple[Path, subprocess.CompletedPr
 def test_train_stage_end_to_end(baseline) -> None:
     work, res = baseline
     assert "Traceback" not in res.stderr
-    assert res.stderr.count("loader.pin_memory ignored") == 1  # params default true; CPU has nothing to pin for
+    assert (
+        res.stderr.count("loader.pin_memory ignored") == 1
+    )  # params default true; CPU has nothing to pin for
     summary = json.loads((work / "dvclive" / "metrics.json").read_text())
     assert set(summary) == {*METRICS, "step"} and summary["step"] == 1
     logged = history(work)
@@ -144,8 +165,18 @@ def test_train_stage_end_to_end(baseline) -> None:
     model, config = load_model(work / "models")
     assert config["parameters"] == 206_922 and config["training"]["epochs"] == 2
     assert config["format"] == 2 and config["input_shape"] == [1, 28, 28]
-    assert config["class_names"] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                                     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    assert config["class_names"] == [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
     assert not any(name.startswith("val_") for name in summary)  # no --val: no validation metrics
     assert not (work / "checkpoints").exists(), "a finished run leaves no checkpoint behind"
     assert sorted(p.name for p in (work / "dvclive").iterdir()) == ["metrics.json", "plots"]
@@ -170,8 +201,14 @@ def test_val_split_adds_val_metrics_and_changes_nothing_else(data: Path, baselin
     work = tmp_path / "work"
     work.mkdir()
     params = write_params(work / "params.yaml", loader={"num_workers": 0})
-    res = subprocess.run([*stage_cmd(data, work, params), "--val", str(val)], cwd=work, env=stage_env(),
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [*stage_cmd(data, work, params), "--val", str(val)],
+        cwd=work,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     summary = json.loads((work / "dvclive" / "metrics.json").read_text())
     assert set(summary) == {*METRICS, *VAL_METRICS, "step"}
@@ -184,26 +221,42 @@ def test_val_split_adds_val_metrics_and_changes_nothing_else(data: Path, baselin
     a = history(work0)
     for name in MODEL_METRICS:
         assert a[name] == logged[name], name
-    assert (work0 / "models" / "model.safetensors").read_bytes() == (work / "models" / "model.safetensors").read_bytes()
+    assert (work0 / "models" / "model.safetensors").read_bytes() == (
+        work / "models" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_empty_val_split_logs_no_val_metrics(data: Path, tmp_path: Path) -> None:
     val = _empty_val(tmp_path / "val")
     params = write_params(tmp_path / "params.yaml", train={"epochs": 1})
-    res = subprocess.run([*stage_cmd(data, tmp_path, params), "--val", str(val)], cwd=tmp_path, env=stage_env(),
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [*stage_cmd(data, tmp_path, params), "--val", str(val)],
+        cwd=tmp_path,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert set(json.loads((tmp_path / "dvclive" / "metrics.json").read_text())) == {*METRICS, "step"}
     assert not list((tmp_path / "dvclive").rglob("val_*")) and "val_loss" not in res.stdout
 
 
-@pytest.mark.parametrize("change, key", [
-    (lambda d: d.update(class_names=[f"c{i}" for i in range(10)]), "class_names"),
-    (lambda d: d.update(normalization={"kind": "standard", "mean": [0.5], "std": [0.25], "stats_from": "train"}),
-     "normalization"),
-])
-def test_val_split_unlike_train_is_refused_before_any_work(data: Path, tmp_path: Path, monkeypatch, capsys,
-                                                           change, key) -> None:
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (lambda d: d.update(class_names=[f"c{i}" for i in range(10)]), "class_names"),
+        (
+            lambda d: d.update(
+                normalization={"kind": "standard", "mean": [0.5], "std": [0.25], "stats_from": "train"}
+            ),
+            "normalization",
+        ),
+    ],
+)
+def test_val_split_unlike_train_is_refused_before_any_work(
+    data: Path, tmp_path: Path, monkeypatch, capsys, change, key
+) -> None:
     val = _empty_val(tmp_path / "val")
     doc = json.loads((val / "manifest.json").read_text())
     change(doc)
@@ -214,7 +267,10 @@ def test_val_split_unlike_train_is_refused_before_any_work(data: Path, tmp_path:
         run_stage(main, [*train_argv(data, tmp_path, params), "--val", str(val)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {val.absolute() / 'manifest.json'}: {key}: expected ") and err.count("\n") == 1, err
+    assert (
+        err.startswith(f"error: {val.absolute() / 'manifest.json'}: {key}: expected ")
+        and err.count("\n") == 1
+    ), err
     assert not any((tmp_path / p).exists() for p in ("models", "checkpoints", "dvclive"))
 
 
@@ -227,7 +283,9 @@ def test_loader_settings_change_speed_never_results(data: Path, baseline, tmp_pa
     a, b = history(work0), history(tmp_path)
     for name in MODEL_METRICS:
         assert a[name] == b[name], name  # bit-identical floats, every epoch
-    assert (work0 / "models" / "model.safetensors").read_bytes() == (tmp_path / "models" / "model.safetensors").read_bytes()
+    assert (work0 / "models" / "model.safetensors").read_bytes() == (
+        tmp_path / "models" / "model.safetensors"
+    ).read_bytes()
     assert (work0 / "models" / "model.json").read_bytes() == (tmp_path / "models" / "model.json").read_bytes()
 
 
@@ -235,14 +293,19 @@ def test_loader_settings_change_speed_never_results(data: Path, baseline, tmp_pa
 def test_device_resident_gives_bit_identical_results(data: Path, baseline, tmp_path: Path) -> None:
     work0, _ = baseline
     threads = torch.get_num_threads()  # what the baseline's train.threads null resolved to in its process
-    res = run_train(data, tmp_path, write_params(tmp_path / "params.yaml", loader={"device_resident": True},
-                                                 train={"threads": threads}))
+    res = run_train(
+        data,
+        tmp_path,
+        write_params(tmp_path / "params.yaml", loader={"device_resident": True}, train={"threads": threads}),
+    )
     assert res.returncode == 0, res.stderr
     a, b = history(work0), history(tmp_path)
     for name in MODEL_METRICS:
         assert a[name] == b[name], name
     assert a["threads"] == b["threads"] == [(0, threads), (1, threads)]  # recorded, every epoch
-    assert (work0 / "models" / "model.safetensors").read_bytes() == (tmp_path / "models" / "model.safetensors").read_bytes()
+    assert (work0 / "models" / "model.safetensors").read_bytes() == (
+        tmp_path / "models" / "model.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.slow
@@ -258,8 +321,14 @@ def test_killed_run_resumes_to_the_same_result(data: Path, baseline, tmp_path: P
     run_until_killed(data, tmp_path, params, "_report", 2, inspect=epoch_2_logged_but_checkpoint_is_epoch_1)
     assert not (tmp_path / "models").exists()
 
-    res = subprocess.run(stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(),
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        stage_cmd(data, tmp_path, params),
+        cwd=tmp_path,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert "resuming after epoch 1" in res.stderr
     assert res.stdout.count("epoch 2/2") == 1 and "epoch 1/2" not in res.stdout
@@ -270,7 +339,9 @@ def test_killed_run_resumes_to_the_same_result(data: Path, baseline, tmp_path: P
         assert a[name] == b[name], name
     summary = json.loads((tmp_path / "dvclive" / "metrics.json").read_text())
     assert summary["step"] == 1 and summary["test_acc"] == a["test_acc"][-1][1]
-    assert (work0 / "models" / "model.safetensors").read_bytes() == (tmp_path / "models" / "model.safetensors").read_bytes()
+    assert (work0 / "models" / "model.safetensors").read_bytes() == (
+        tmp_path / "models" / "model.safetensors"
+    ).read_bytes()
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -291,11 +362,19 @@ def test_checkpoint_from_other_code_is_not_resumed(data: Path, baseline, tmp_pat
 
     with open(code / "trainer" / "loop.py", "a") as f:
         f.write("# a comment is a code change to DVC, so it is one to the checkpoint too\n")
-    res = subprocess.run(stage_cmd(data, work, params), cwd=work, env=stage_env(code), capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        stage_cmd(data, work, params),
+        cwd=work,
+        env=stage_env(code),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     notices = [line for line in res.stderr.splitlines() if "not resuming" in line]
-    assert len(notices) == 1 and "other params, data, code or torch version; training from scratch" in notices[0]
+    assert (
+        len(notices) == 1 and "other params, data, code or torch version; training from scratch" in notices[0]
+    )
     assert "resuming after" not in res.stderr and "Traceback" not in res.stderr
     assert res.stdout.count("epoch 1/2") == 1 and res.stdout.count("epoch 2/2") == 1
     a, b = history(work0), history(work)
@@ -324,7 +403,9 @@ BAD_PARAMS = [
 
 
 @pytest.mark.parametrize(("doc", "key"), BAD_PARAMS, ids=[k for _, k in BAD_PARAMS])
-def test_bad_params_are_refused_before_any_work(doc: dict, key: str, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_bad_params_are_refused_before_any_work(
+    doc: dict, key: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
     monkeypatch.chdir(tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps(doc))

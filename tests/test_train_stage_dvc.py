@@ -31,7 +31,10 @@ def run(repo: Path, *cmd: str) -> subprocess.CompletedProcess:
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "DVC_NO_ANALYTICS": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
     }
     res = subprocess.run(list(cmd), cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{cmd} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
@@ -60,16 +63,32 @@ def metric_rows(doc: Any) -> list[tuple[dict, dict]]:
 
 def test_dvc_exp_run_with_other_loader_settings_reports_the_same_accuracy(tmp_path: Path) -> None:
     repo = make_csv_repo(tmp_path)
-    assert (repo / "dvc.yaml").read_bytes() == (REPO_ROOT / "dvc.yaml").read_bytes()  # the real stages, verbatim
-    set_params(repo, **{"train.epochs": 2, "train.device": "cpu", "train.verify": "full", "loader.num_workers": 0})
+    assert (repo / "dvc.yaml").read_bytes() == (
+        REPO_ROOT / "dvc.yaml"
+    ).read_bytes()  # the real stages, verbatim
+    set_params(
+        repo, **{"train.epochs": 2, "train.device": "cpu", "train.verify": "full", "loader.num_workers": 0}
+    )
     run(repo, "git", "commit", "-qam", "two epochs on the CPU")
 
     first = dvc(repo, "repro")
-    assert set(re.findall(r"Running stage '([^']+)'", first.stdout)) == {"download", "csv", "parquet", "tensorize",
-                                                                          "train"}, first.stdout
+    assert set(re.findall(r"Running stage '([^']+)'", first.stdout)) == {
+        "download",
+        "csv",
+        "parquet",
+        "tensorize",
+        "train",
+    }, first.stdout
     baseline = json.loads((repo / "dvclive" / "metrics.json").read_text())
-    assert {"train_loss", "test_loss", "test_acc", "epoch_seconds", "samples_per_second",
-            "data_wait_fraction", "peak_memory_mb"} <= set(baseline)
+    assert {
+        "train_loss",
+        "test_loss",
+        "test_acc",
+        "epoch_seconds",
+        "samples_per_second",
+        "data_wait_fraction",
+        "peak_memory_mb",
+    } <= set(baseline)
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "baseline run")
 

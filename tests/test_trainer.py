@@ -36,7 +36,6 @@ from trainer.data import ShardDataset
 from trainer.export import CONFIG, WEIGHTS, load_model, save_model
 from trainer.loader import EpochBatchSampler, epoch_seed, make_loader, resolve_settings
 from trainer.loop import evaluate, train_one_epoch
-from trainer.memory import PeakMemory
 from trainer.model import ARCHITECTURE, NUM_PARAMETERS, SimpleCNN, count_parameters
 from trainer.position import Position
 from trainer.verify import validate_split
@@ -46,14 +45,22 @@ SHAPE = RunShape(processes=1, threads=1)
 BATCHES = 4  # 250 samples in batches of 64
 
 
-def make_split(directory: Path, n: int, *, split: str, shard_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def make_split(
+    directory: Path, n: int, *, split: str, shard_size: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Shards of random uint8 pixels whose first pixels encode the label (so a model can learn)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n).astype(np.uint8)
     pixels = rng.integers(0, 256, (n, 784)).astype(np.uint8)
     pixels[:, :28] = labels[:, None] * 25
-    write_split([(pixels, labels)], directory, dataset="fashion-mnist", split=split, shard_size=shard_size,
-                normalization=make_normalization("unit", None))
+    write_split(
+        [(pixels, labels)],
+        directory,
+        dataset="fashion-mnist",
+        split=split,
+        shard_size=shard_size,
+        normalization=make_normalization("unit", None),
+    )
     return pixels, labels
 
 
@@ -67,8 +74,21 @@ def test_simplecnn_matches_the_reference_architecture() -> None:
     model = SimpleCNN()
     assert count_parameters(model) == NUM_PARAMETERS == 206_922
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
-    layers = [type(m).__name__ for m in model.modules() if not isinstance(m, (SimpleCNN, torch.nn.Sequential))]
-    assert layers == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Linear", "ReLU", "Linear"]
+    layers = [
+        type(m).__name__ for m in model.modules() if not isinstance(m, (SimpleCNN, torch.nn.Sequential))
+    ]
+    assert layers == [
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+        "Flatten",
+        "Linear",
+        "ReLU",
+        "Linear",
+    ]
 
 
 def test_batch_gather_returns_the_source_samples_in_order(split) -> None:
@@ -131,8 +151,9 @@ def test_spawned_workers_map_their_own_shards(split) -> None:
     dataset = ShardDataset(validate_split(split[0], expected_split="train"))
     sampler = EpochBatchSampler(len(dataset), 64, shuffle=True, seed=3)
     expected = [dataset[b] for b in sampler]
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=1,
-                                         multiprocessing_context="spawn")
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=None, num_workers=1, multiprocessing_context="spawn"
+    )
     got = list(loader)
     assert len(got) == len(expected) == 4
     for (a, b), (c, d) in zip(got, expected):
@@ -158,18 +179,27 @@ def test_invalid_loader_combinations_become_notices() -> None:
     notices: list[str] = []
     params = LoaderParams(num_workers=0, persistent_workers=True, prefetch_factor=4, pin_memory=True)
     settings = resolve_settings(params, CPU, notices.append)
-    assert (settings.persistent_workers, settings.prefetch_factor, settings.pin_memory) == (False, None, False)
+    assert (settings.persistent_workers, settings.prefetch_factor, settings.pin_memory) == (
+        False,
+        None,
+        False,
+    )
     assert len(notices) == 3 and all("\n" not in n for n in notices)
     assert any("loader.persistent_workers" in n for n in notices)
     assert any("loader.prefetch_factor" in n for n in notices)
     assert any("loader.pin_memory" in n for n in notices)
     notices.clear()
-    kept = resolve_settings(LoaderParams(num_workers=2, persistent_workers=True, prefetch_factor=4, pin_memory=False),
-                            CPU, notices.append)
+    kept = resolve_settings(
+        LoaderParams(num_workers=2, persistent_workers=True, prefetch_factor=4, pin_memory=False),
+        CPU,
+        notices.append,
+    )
     assert (kept.num_workers, kept.persistent_workers, kept.prefetch_factor) == (2, True, 4) and not notices
 
 
-def _tiny_run(directory: Path, *, free_graph: bool = True) -> tuple[SimpleCNN, torch.optim.Optimizer, torch.utils.data.DataLoader]:
+def _tiny_run(
+    directory: Path, *, free_graph: bool = True
+) -> tuple[SimpleCNN, torch.optim.Optimizer, torch.utils.data.DataLoader]:
     dataset = ShardDataset(validate_split(directory, expected_split="train"))
     settings = resolve_settings(LoaderParams(batch_size=64, pin_memory=False), CPU)
     loader = make_loader(dataset, EpochBatchSampler(len(dataset), 64, shuffle=True, seed=1), settings)
@@ -224,8 +254,14 @@ print(before, after, memory.peak_mb(), int(memory.resettable))
 
 def test_peak_memory_is_reported_in_mb() -> None:
     # A fresh interpreter: its high-water mark before the block is its baseline, whatever this process did.
-    res = subprocess.run([sys.executable, "-c", _PEAK_CHILD], capture_output=True, text=True, timeout=120,
-                         cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    res = subprocess.run(
+        [sys.executable, "-c", _PEAK_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert res.returncode == 0, res.stderr
     before, after, after_reset, resettable = (float(v) for v in res.stdout.split())
     assert before > 10 and after >= before + 48, (before, after)
@@ -246,8 +282,16 @@ def test_checkpoint_round_trip_continues_bit_identically(split, tmp_path: Path) 
     model, optimizer, loader = _tiny_run(split[0])
     train_one_epoch(model, loader, optimizer, CPU, non_blocking=False, free_graph=True)
     history = [{"train_loss": 1.5, "test_acc": 0.25}]
-    save_checkpoint(tmp_path / "ckpt", model=model, optimizer=optimizer, device=CPU, position=Position(1, 0, 0, (0.0,)),
-                    run_fingerprint=fp, shape=SHAPE, history=history)
+    save_checkpoint(
+        tmp_path / "ckpt",
+        model=model,
+        optimizer=optimizer,
+        device=CPU,
+        position=Position(1, 0, 0, (0.0,)),
+        run_fingerprint=fp,
+        shape=SHAPE,
+        history=history,
+    )
     metrics = ("train_loss", "test_acc")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [META, TENSORS]
     rng_after_save = torch.get_rng_state()
@@ -255,9 +299,20 @@ def test_checkpoint_round_trip_continues_bit_identically(split, tmp_path: Path) 
 
     fresh, fresh_optimizer, loader2 = _tiny_run(split[0])
     torch.manual_seed(999)
-    resumed = load_checkpoint(tmp_path / "ckpt", model=fresh, optimizer=fresh_optimizer, device=CPU,
-                              run_fingerprint=fp, shape=SHAPE, max_epoch=5, batches_per_epoch=BATCHES, metrics=metrics)
-    assert resumed is not None and resumed.position == Position(1, 0, 0, (0.0,)) and resumed.history == history
+    resumed = load_checkpoint(
+        tmp_path / "ckpt",
+        model=fresh,
+        optimizer=fresh_optimizer,
+        device=CPU,
+        run_fingerprint=fp,
+        shape=SHAPE,
+        max_epoch=5,
+        batches_per_epoch=BATCHES,
+        metrics=metrics,
+    )
+    assert (
+        resumed is not None and resumed.position == Position(1, 0, 0, (0.0,)) and resumed.history == history
+    )
     assert torch.equal(torch.get_rng_state(), rng_after_save)
     again = train_one_epoch(fresh, loader2, fresh_optimizer, CPU, non_blocking=False, free_graph=True)
     assert again.loss == reference.loss
@@ -273,17 +328,39 @@ def test_unusable_checkpoints_are_ignored_with_a_notice(split, tmp_path: Path) -
     model, optimizer, loader = _tiny_run(split[0])
     train_one_epoch(model, loader, optimizer, CPU, non_blocking=False, free_graph=True)
     ckpt = tmp_path / "ckpt"
-    save_checkpoint(ckpt, model=model, optimizer=optimizer, device=CPU, position=Position(2, 3, 192, (7.5,), 1.0, 0.1),
-                    run_fingerprint=fp, shape=SHAPE, history=[{"a": 1.0}, {"a": 2.0}])
+    save_checkpoint(
+        ckpt,
+        model=model,
+        optimizer=optimizer,
+        device=CPU,
+        position=Position(2, 3, 192, (7.5,), 1.0, 0.1),
+        run_fingerprint=fp,
+        shape=SHAPE,
+        history=[{"a": 1.0}, {"a": 2.0}],
+    )
 
-    def attempt(run_fp: str = fp, max_epoch: int = 5, metrics: tuple[str, ...] = ("a",), shape: RunShape = SHAPE,
-                batches: int = BATCHES) -> tuple[object, list[str]]:
+    def attempt(
+        run_fp: str = fp,
+        max_epoch: int = 5,
+        metrics: tuple[str, ...] = ("a",),
+        shape: RunShape = SHAPE,
+        batches: int = BATCHES,
+    ) -> tuple[object, list[str]]:
         fresh, fresh_optimizer, _ = _tiny_run(split[0])
         before = [p.detach().clone() for p in fresh.parameters()]
         notices: list[str] = []
-        out = load_checkpoint(ckpt, model=fresh, optimizer=fresh_optimizer, device=CPU,
-                              run_fingerprint=run_fp, shape=shape, max_epoch=max_epoch, batches_per_epoch=batches,
-                              metrics=metrics, notice=notices.append)
+        out = load_checkpoint(
+            ckpt,
+            model=fresh,
+            optimizer=fresh_optimizer,
+            device=CPU,
+            run_fingerprint=run_fp,
+            shape=shape,
+            max_epoch=max_epoch,
+            batches_per_epoch=batches,
+            metrics=metrics,
+            notice=notices.append,
+        )
         if out is None:  # nothing was touched
             assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters()))
             assert not fresh_optimizer.state
@@ -300,8 +377,17 @@ def test_unusable_checkpoints_are_ignored_with_a_notice(split, tmp_path: Path) -
     assert out is None and "step: expected 0..2, found 3" in notices[0]
     other = fingerprint(TrainParams(lr=0.01), loader_params, CPU, manifest, manifest, ARCHITECTURE)
     assert other != fp
-    assert fingerprint(train, LoaderParams(batch_size=64, num_workers=4, pin_memory=False), CPU, manifest, manifest,
-                       ARCHITECTURE) == fp, "loader speed settings must not invalidate checkpoints"
+    assert (
+        fingerprint(
+            train,
+            LoaderParams(batch_size=64, num_workers=4, pin_memory=False),
+            CPU,
+            manifest,
+            manifest,
+            ARCHITECTURE,
+        )
+        == fp
+    ), "loader speed settings must not invalidate checkpoints"
     out, notices = attempt(other)
     assert out is None and "other params, data, code or torch version" in notices[0]
     out, notices = attempt(max_epoch=1)
@@ -336,15 +422,36 @@ def test_a_checkpoint_made_with_another_seed_is_not_resumed(split, tmp_path: Pat
     train, loader_params, manifest = _params_and_manifests(split[0])
     model, optimizer, _ = _tiny_run(split[0])
     fp = fingerprint(train, loader_params, CPU, manifest, manifest, ARCHITECTURE)
-    save_checkpoint(tmp_path / "ckpt", model=model, optimizer=optimizer, device=CPU, position=Position(1, 0, 0, (0.0,)),
-                    run_fingerprint=fp, shape=SHAPE, history=[{"a": 1.0}])
-    other_seed = fingerprint(dataclasses.replace(train, seed=train.seed + 1), loader_params, CPU, manifest, manifest,
-                             ARCHITECTURE)
+    save_checkpoint(
+        tmp_path / "ckpt",
+        model=model,
+        optimizer=optimizer,
+        device=CPU,
+        position=Position(1, 0, 0, (0.0,)),
+        run_fingerprint=fp,
+        shape=SHAPE,
+        history=[{"a": 1.0}],
+    )
+    other_seed = fingerprint(
+        dataclasses.replace(train, seed=train.seed + 1), loader_params, CPU, manifest, manifest, ARCHITECTURE
+    )
     notices: list[str] = []
     fresh, fresh_optimizer, _ = _tiny_run(split[0])
-    assert load_checkpoint(tmp_path / "ckpt", model=fresh, optimizer=fresh_optimizer, device=CPU,
-                           run_fingerprint=other_seed, shape=SHAPE, max_epoch=5, batches_per_epoch=BATCHES,
-                           metrics=("a",), notice=notices.append) is None
+    assert (
+        load_checkpoint(
+            tmp_path / "ckpt",
+            model=fresh,
+            optimizer=fresh_optimizer,
+            device=CPU,
+            run_fingerprint=other_seed,
+            shape=SHAPE,
+            max_epoch=5,
+            batches_per_epoch=BATCHES,
+            metrics=("a",),
+            notice=notices.append,
+        )
+        is None
+    )
     assert "other params" in notices[0]
 
 
@@ -360,8 +467,18 @@ def test_model_folder_round_trip(split, tmp_path: Path) -> None:
     assert on_disk["format"] == 2 and on_disk["input_shape"] == [1, 28, 28] and on_disk["num_classes"] == 10
     assert on_disk["normalization"] == {"kind": "unit", "mean": [0.0], "std": [1.0], "stats_from": "none"}
     assert on_disk["dataset"] == "fashion-mnist" and "classes" not in on_disk
-    assert on_disk["class_names"] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    assert on_disk["class_names"] == [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
     loaded, _ = load_model(tmp_path / "models")
     x = torch.rand(2, 1, 28, 28)
     assert torch.equal(loaded(x), model(x))
@@ -371,9 +488,16 @@ def test_model_folder_round_trip_for_another_shape_and_classes(tmp_path: Path) -
     """The model and model.json follow the manifest: 3x12x20 images, 4 named classes."""
     rng = np.random.default_rng(1)
     names = ("bird", "cat", "dog", "fish")
-    write_split([(rng.integers(0, 256, (30, 3 * 12 * 20), dtype=np.uint8), rng.integers(0, 4, 30))],
-                tmp_path / "train", dataset="images", split="train", shard_size=16,
-                normalization=make_normalization("unit", None, 3), image_shape=(3, 12, 20), class_names=names)
+    write_split(
+        [(rng.integers(0, 256, (30, 3 * 12 * 20), dtype=np.uint8), rng.integers(0, 4, 30))],
+        tmp_path / "train",
+        dataset="images",
+        split="train",
+        shard_size=16,
+        normalization=make_normalization("unit", None, 3),
+        image_shape=(3, 12, 20),
+        class_names=names,
+    )
     manifest = validate_split(tmp_path / "train", expected_split="train").manifest
     torch.manual_seed(0)
     model = SimpleCNN(*manifest.image_shape, manifest.num_classes)
@@ -381,7 +505,12 @@ def test_model_folder_round_trip_for_another_shape_and_classes(tmp_path: Path) -
     on_disk = json.loads((tmp_path / "models" / CONFIG).read_text())
     assert on_disk["input_shape"] == [3, 12, 20] and on_disk["num_classes"] == 4
     assert on_disk["class_names"] == list(names) and on_disk["dataset"] == "images"
-    assert on_disk["normalization"] == {"kind": "unit", "mean": [0.0] * 3, "std": [1.0] * 3, "stats_from": "none"}
+    assert on_disk["normalization"] == {
+        "kind": "unit",
+        "mean": [0.0] * 3,
+        "std": [1.0] * 3,
+        "stats_from": "none",
+    }
     assert on_disk["parameters"] == count_parameters(model) != NUM_PARAMETERS
     loaded, config = load_model(tmp_path / "models")
     assert config == on_disk and loaded.input_shape == (3, 12, 20)
@@ -416,14 +545,21 @@ def test_every_param_is_in_the_fingerprint_unless_declared_speed_only(split, sec
     fp = fingerprint(base["train"], base["loader"], CPU, manifest, manifest, ARCHITECTURE, code="c")
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        changed = {**base, section: dataclasses.replace(base[section],
-                                                        **{field.name: _other_value(hints[field.name],
-                                                                                    getattr(base[section], field.name))})}
-        other = fingerprint(changed["train"], changed["loader"], CPU, manifest, manifest, ARCHITECTURE, code="c")
+        changed = {
+            **base,
+            section: dataclasses.replace(
+                base[section],
+                **{field.name: _other_value(hints[field.name], getattr(base[section], field.name))},
+            ),
+        }
+        other = fingerprint(
+            changed["train"], changed["loader"], CPU, manifest, manifest, ARCHITECTURE, code="c"
+        )
         assert (other == fp) == (f"{section}.{field.name}" in SPEED_ONLY | ELASTIC), field.name
     assert {k for k in SPEED_ONLY | ELASTIC if k.startswith(section + ".")} <= {
-        f"{section}.{f.name}" for f in dataclasses.fields(cls)}
-    assert ELASTIC == {"train.processes"}  # anything else leaving the fingerprint must be proven speed-only
+        f"{section}.{f.name}" for f in dataclasses.fields(cls)
+    }
+    assert {"train.processes"} == ELASTIC  # anything else leaving the fingerprint must be proven speed-only
 
 
 def test_fingerprint_covers_code_torch_version_device_and_data(split, monkeypatch) -> None:
@@ -488,7 +624,9 @@ def test_fast_layout_learns_what_the_reference_layout_learns(tmp_path: Path) -> 
         torch.nn.functional.cross_entropy(model(x), y).backward()
     assert torch.allclose(fast(x), reference(x), atol=1e-5)
     for (name, p), q in zip(fast.named_parameters(), reference.parameters()):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name  # convolution sums may round differently
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), (
+            name
+        )  # convolution sums may round differently
     reference.load_state_dict(fast.state_dict())  # and back: weights move freely between layouts
     assert torch.allclose(fast(x), reference(x), atol=1e-5)
 
@@ -513,11 +651,15 @@ def test_device_resident_batches_equal_the_memory_mapped_ones(split) -> None:
     dataset = ShardDataset(validate_split(split[0], expected_split="train"))
     sampler = EpochBatchSampler(len(dataset), 64, shuffle=True, seed=1)
     notices: list[str] = []
-    resident = resolve_settings(LoaderParams(batch_size=64, num_workers=2, device_resident=True), CPU, notices.append)
+    resident = resolve_settings(
+        LoaderParams(batch_size=64, num_workers=2, device_resident=True), CPU, notices.append
+    )
     assert resident.resident_device == CPU and resident.num_workers == 0
     assert len(notices) == 2 and "loader.num_workers ignored" in notices[1]  # [0]: pin_memory on a CPU
     on_device = make_loader(dataset, sampler, resident)
-    mapped = make_loader(dataset, sampler, resolve_settings(LoaderParams(batch_size=64, pin_memory=False), CPU))
+    mapped = make_loader(
+        dataset, sampler, resolve_settings(LoaderParams(batch_size=64, pin_memory=False), CPU)
+    )
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
         pairs = list(zip(on_device, mapped, strict=True))
@@ -547,8 +689,14 @@ def test_retained_memory_stops_per_step_page_faults(mode: str) -> None:
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    res = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], cwd=root, capture_output=True, text=True,
-                         timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)})
+    res = subprocess.run(
+        [sys.executable, "-c", _FAULTS_SCRIPT, mode],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)},
+    )
     assert res.returncode == 0, res.stderr
     applied, faults = res.stdout.split()
     pages = 32 * 2**20 // 4096

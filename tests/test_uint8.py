@@ -51,9 +51,14 @@ def write_uint8_copy(float_dir: Path, out_dir: Path, pixels: np.ndarray, labels:
     for entry in doc["shards"]:
         n = entry["num_samples"]
         path = out_dir / entry["file"]
-        save_file({"images": np.ascontiguousarray(pixels[first:first + n].reshape(n, *shape)),
-                   "labels": labels[first:first + n].astype(np.int64)}, str(path),
-                  metadata={"dataset": doc["dataset"], "split": doc["split"]})
+        save_file(
+            {
+                "images": np.ascontiguousarray(pixels[first : first + n].reshape(n, *shape)),
+                "labels": labels[first : first + n].astype(np.int64),
+            },
+            str(path),
+            metadata={"dataset": doc["dataset"], "split": doc["split"]},
+        )
         entry.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
         first += n
     doc["image_dtype"] = "uint8"
@@ -65,8 +70,15 @@ def write_both(root: Path, shape: tuple[int, int, int] = (1, 28, 28)) -> tuple[P
     sources = {split: _learnable(n, seed, shape) for split, (n, seed) in SPLITS.items()}
     norm = make_normalization("standard", pixel_stats(pixel_histogram(sources["train"][0], shape[0])))
     for split, (pixels, labels) in sources.items():
-        write_split([(pixels, labels)], root / "f32" / split, dataset="fashion-mnist", split=split, shard_size=SHARD,
-                    normalization=norm, image_shape=shape)
+        write_split(
+            [(pixels, labels)],
+            root / "f32" / split,
+            dataset="fashion-mnist",
+            split=split,
+            shard_size=SHARD,
+            normalization=norm,
+            image_shape=shape,
+        )
         write_uint8_copy(root / "f32" / split, root / "u8" / split, pixels, labels)
     return root / "f32", root / "u8"
 
@@ -121,20 +133,39 @@ def test_validation_refuses_a_shard_whose_dtype_disagrees_with_the_manifest(data
             (folder / path.name).write_bytes(path.read_bytes())
         doc = json.loads((folder / MANIFEST_NAME).read_text())
         (folder / MANIFEST_NAME).write_text(json.dumps({**doc, "image_dtype": claimed}))
-        with pytest.raises(ShardError, match=rf"tensor 'images': expected {claimed} \[64, 1, 28, 28\] as the "
-                                             rf"manifest says, found {found} \[64, 1, 28, 28\]"):
+        with pytest.raises(
+            ShardError,
+            match=rf"tensor 'images': expected {claimed} \[64, 1, 28, 28\] as the "
+            rf"manifest says, found {found} \[64, 1, 28, 28\]",
+        ):
             validate_split(folder, expected_split="test")
         (folder / MANIFEST_NAME).write_text(json.dumps({**doc, "image_dtype": "float16"}))
-        with pytest.raises(ShardError, match="expected images float32 or uint8 and labels int64, found float16"):
+        with pytest.raises(
+            ShardError, match="expected images float32 or uint8 and labels int64, found float16"
+        ):
             validate_split(folder, expected_split="test")
 
 
-def _run(root: Path, work: Path, loader: LoaderParams, train: TrainParams = TrainParams(epochs=2, device="cpu"),
-         ) -> tuple[dict, bytes]:
-    train_model(train_dir=root / "train", test_dir=root / "test", val_dir=root / "val", model_dir=work / "models",
-                checkpoint_dir=work / "checkpoints", live_dir=work / "dvclive", loader=loader, train=train,
-                notice=lambda _m: None)
-    return history(work, (*MODEL_METRICS, "val_loss", "val_acc")), (work / "models" / "model.safetensors").read_bytes()
+def _run(
+    root: Path,
+    work: Path,
+    loader: LoaderParams,
+    train: TrainParams = TrainParams(epochs=2, device="cpu"),
+) -> tuple[dict, bytes]:
+    train_model(
+        train_dir=root / "train",
+        test_dir=root / "test",
+        val_dir=root / "val",
+        model_dir=work / "models",
+        checkpoint_dir=work / "checkpoints",
+        live_dir=work / "dvclive",
+        loader=loader,
+        train=train,
+        notice=lambda _m: None,
+    )
+    return history(work, (*MODEL_METRICS, "val_loss", "val_acc")), (
+        work / "models" / "model.safetensors"
+    ).read_bytes()
 
 
 LOADERS = {
@@ -148,31 +179,51 @@ LOADERS = {
 @pytest.fixture(scope="module")
 def float32_runs(data, tmp_path_factory) -> dict[str, tuple[dict, bytes]]:
     f32, _ = data
-    return {"global": _run(f32, tmp_path_factory.mktemp("f32-global"), LOADERS["workers-0"]),
-            "window": _run(f32, tmp_path_factory.mktemp("f32-window"), dataclasses.replace(LOADERS["workers-0"],
-                                                                                            shuffle_window=2))}
+    return {
+        "global": _run(f32, tmp_path_factory.mktemp("f32-global"), LOADERS["workers-0"]),
+        "window": _run(
+            f32,
+            tmp_path_factory.mktemp("f32-window"),
+            dataclasses.replace(LOADERS["workers-0"], shuffle_window=2),
+        ),
+    }
 
 
 @pytest.mark.parametrize("name", list(LOADERS))
-def test_uint8_runs_are_bit_identical_to_float32(data, float32_runs, name: str, tmp_path: Path, monkeypatch) -> None:
+def test_uint8_runs_are_bit_identical_to_float32(
+    data, float32_runs, name: str, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # DVCLive: outside any git repository
     _, u8 = data
     got = _run(u8, tmp_path, LOADERS[name])
     expected = float32_runs["window" if name.startswith("window") else "global"]
     assert got[0] == expected[0]  # every metric of every epoch, val included, as exact floats
     assert got[1] == expected[1]  # the model's bytes
-    assert float32_runs["window"][0]["train_loss"] != float32_runs["global"][0]["train_loss"]  # the window acts
+    assert (
+        float32_runs["window"][0]["train_loss"] != float32_runs["global"][0]["train_loss"]
+    )  # the window acts
 
 
 def test_uint8_run_killed_mid_epoch_resumes_to_the_float32_result(data, float32_runs, tmp_path: Path) -> None:
     _, u8 = data
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"loader": {"batch_size": 64, "num_workers": 2},
-                                  "train": {"epochs": 2, "device": "cpu", "checkpoint_every": 0,
-                                            "checkpoint_seconds": 0.001}}))
+    params.write_text(
+        json.dumps(
+            {
+                "loader": {"batch_size": 64, "num_workers": 2},
+                "train": {"epochs": 2, "device": "cpu", "checkpoint_every": 0, "checkpoint_seconds": 0.001},
+            }
+        )
+    )
     run_until_killed(u8, tmp_path, params, "write_checkpoint", 3)  # epoch 1, step 3
-    res = subprocess.run(stage_cmd(u8, tmp_path, params), cwd=tmp_path,
-                         env=stage_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        stage_cmd(u8, tmp_path, params),
+        cwd=tmp_path,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert "resuming in epoch 1, step 3" in res.stderr
     # The validation split only adds metrics: the weights are those of the float32 run with it.
@@ -181,14 +232,23 @@ def test_uint8_run_killed_mid_epoch_resumes_to_the_float32_result(data, float32_
 
 def test_two_processes_on_uint8_match_two_on_float32(data, tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"loader": {"batch_size": 64},
-                                  "train": {"epochs": 1, "device": "cpu", "processes": 2}}))
+    params.write_text(
+        json.dumps({"loader": {"batch_size": 64}, "train": {"epochs": 1, "device": "cpu", "processes": 2}})
+    )
     runs = []
     for root in data:
         work = tmp_path / root.name
         work.mkdir()
-        res = subprocess.run(stage_cmd(root, work, params), cwd=work, env=stage_env(), capture_output=True,
-                             text=True, timeout=300)
+        res = subprocess.run(
+            stage_cmd(root, work, params),
+            cwd=work,
+            env=stage_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert res.returncode == 0, res.stdout + res.stderr
-        runs.append((history(work, tuple(MODEL_METRICS)), (work / "models" / "model.safetensors").read_bytes()))
+        runs.append(
+            (history(work, tuple(MODEL_METRICS)), (work / "models" / "model.safetensors").read_bytes())
+        )
     assert runs[0] == runs[1]

@@ -23,7 +23,9 @@ ARGS = ("--raw", "raw", "--user", "data/user", "--train", "out/train.csv", "--te
 def _stage(tmp_path: Path, train: str, test: str = "data/user/test.csv"):
     if not (tmp_path / "data/user/test.csv").exists():
         synth.write_csv(tmp_path / "data/user/test.csv", synth.split(5, seed=3))
-    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": train, "test_csv": test})
+    params = synth.write_params(
+        tmp_path / "p.yaml", data={"dataset": "csv", "train_csv": train, "test_csv": test}
+    )
     return synth.run_stage("csv", "--params", params, *ARGS, cwd=tmp_path)
 
 
@@ -42,22 +44,62 @@ def _bad_train(tmp_path: Path, row: int, col: int, cell: str, **kw) -> Path:
 @pytest.mark.parametrize(
     "row, col, cell, kw, expected",
     [
-        (3, 6, "256", dict(zero_based=True, newline="\r\n", bom=True),
-         "row 3 (line 4), column 6 (pixel4): expected an integer 0..255, found 256"),
+        (
+            3,
+            6,
+            "256",
+            dict(zero_based=True, newline="\r\n", bom=True),
+            "row 3 (line 4), column 6 (pixel4): expected an integer 0..255, found 256",
+        ),
         (2, 6, "256", dict(), "row 2 (line 3), column 6 (pixel5): expected an integer 0..255, found 256"),
-        (5, 1, "65536", dict(zero_based=True),
-         "row 5 (line 6), column 1 (label): expected an integer 0..65535, found 65536"),
-        (5, 1, "cat", dict(), "row 5 (line 6), column 1 (label): expected an integer 0..65535 like the first "
-                              "row's, found 'cat' (labels must not mix integers and names)"),
-        (1, 785, "x", dict(zero_based=True), "row 1 (line 2), column 785 (pixel783): expected an integer 0..255, "
-                                             "found 'x'"),
-        (4, 300, "", dict(), "row 4 (line 5), column 300 (pixel299): expected an integer 0..255, found an empty cell"),
-        (6, 2, "-1", dict(zero_based=True), "row 6 (line 7), column 2 (pixel0): expected an integer 0..255, "
-                                            "found -1"),
+        (
+            5,
+            1,
+            "65536",
+            dict(zero_based=True),
+            "row 5 (line 6), column 1 (label): expected an integer 0..65535, found 65536",
+        ),
+        (
+            5,
+            1,
+            "cat",
+            dict(),
+            "row 5 (line 6), column 1 (label): expected an integer 0..65535 like the first "
+            "row's, found 'cat' (labels must not mix integers and names)",
+        ),
+        (
+            1,
+            785,
+            "x",
+            dict(zero_based=True),
+            "row 1 (line 2), column 785 (pixel783): expected an integer 0..255, found 'x'",
+        ),
+        (
+            4,
+            300,
+            "",
+            dict(),
+            "row 4 (line 5), column 300 (pixel299): expected an integer 0..255, found an empty cell",
+        ),
+        (
+            6,
+            2,
+            "-1",
+            dict(zero_based=True),
+            "row 6 (line 7), column 2 (pixel0): expected an integer 0..255, found -1",
+        ),
         (2, 785, "0,0", dict(), "row 2 (line 3): expected 785 values, found 786"),
     ],
-    ids=["zero-based-crlf-bom", "canonical", "label", "mixed-label", "not-a-number", "empty-cell", "negative",
-         "extra-cell"],
+    ids=[
+        "zero-based-crlf-bom",
+        "canonical",
+        "label",
+        "mixed-label",
+        "not-a-number",
+        "empty-cell",
+        "negative",
+        "extra-cell",
+    ],
 )
 def test_bad_cell_is_reported_in_the_users_file_and_words(tmp_path, row, col, cell, kw, expected):
     src = _bad_train(tmp_path, row, col, cell, **kw)
@@ -89,14 +131,21 @@ def test_labels_past_9_pass_the_value_check(tmp_path):
 def _named(path: Path, names: list[bytes]) -> bytes:
     """``path``'s rows with their labels replaced by ``names``; returns the new content."""
     head, *rows = path.read_bytes().rstrip(b"\n").split(b"\n")
-    rows = [name + row[row.index(b","):] for name, row in zip(names, rows)]
+    rows = [name + row[row.index(b",") :] for name, row in zip(names, rows)]
     path.write_bytes(b"\n".join([head, *rows]) + b"\n")
     return path.read_bytes()
 
 
 def test_class_name_labels_pass_and_an_integer_among_them_is_reported(tmp_path):
     src = synth.write_csv(tmp_path / "data/user/train.csv", synth.split(6, seed=1))
-    names = [b"Ankle boot", b'"boot, ankle"', b"cat", b"Ankle boot", b"dog", b"cat"]  # a quoted name may hold a comma
+    names = [
+        b"Ankle boot",
+        b'"boot, ankle"',
+        b"cat",
+        b"Ankle boot",
+        b"dog",
+        b"cat",
+    ]  # a quoted name may hold a comma
     body = _named(src, names)
     test = synth.write_csv(tmp_path / "data/user/test.csv", synth.split(2, seed=3))
     _named(test, [b"cat", b"dog"])
@@ -108,8 +157,10 @@ def test_class_name_labels_pass_and_an_integer_among_them_is_reported(tmp_path):
     _named(src, [*names[:3], b"4", *names[4:]])
     proc = _stage(tmp_path, "data/user/train.csv")
     assert proc.returncode == 2
-    assert proc.stderr == ("error: data/user/train.csv: row 4 (line 5), column 1 (label): expected a class name "
-                           "like the first row's, found the integer '4' (labels must not mix integers and names)\n")
+    assert proc.stderr == (
+        "error: data/user/train.csv: row 4 (line 5), column 1 (label): expected a class name "
+        "like the first row's, found the integer '4' (labels must not mix integers and names)\n"
+    )
 
 
 @pytest.mark.parametrize("where", ["elsewhere/train.csv", "data/user/../train.csv", "absolute"])
@@ -122,7 +173,8 @@ def test_csv_outside_the_tracked_folder_is_refused(tmp_path, where):
     assert proc.stderr == (
         f"error: {tmp_path / 'p.yaml'}: data.train_csv: {given} is outside data/user/, the folder dvc.yaml "
         "tracks, so dvc repro would not notice when the file changes: copy it to data/user/train.csv and "
-        "set data.train_csv: data/user/train.csv\n")
+        "set data.train_csv: data/user/train.csv\n"
+    )
     assert synth.leftovers(tmp_path / "out") == []
 
 
@@ -144,7 +196,8 @@ def test_a_symlink_inside_the_tracked_folder_is_named_as_one(tmp_path, link):
     assert proc.returncode == 2
     assert proc.stderr == (
         f"error: {tmp_path / 'p.yaml'}: data.train_csv: {given} is a symbolic link to {target}, outside data/user/, "
-        f"the folder dvc.yaml tracks, so dvc repro would not notice when that file changes: {fix}\n")
+        f"the folder dvc.yaml tracks, so dvc repro would not notice when that file changes: {fix}\n"
+    )
     assert synth.leftovers(tmp_path / "out") == []
 
 

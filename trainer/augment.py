@@ -116,12 +116,16 @@ class Augmenter:
         """This rank's ``images`` (its slice of global batch ``step`` of ``global_size`` samples), augmented."""
         start, stop = rank_range(global_size, self.rank, self.world)
         if images.shape[0] != stop - start:
-            raise RuntimeError(f"global batch {step}: rank {self.rank} expected {stop - start} samples, "
-                               f"found {images.shape[0]}")
+            raise RuntimeError(
+                f"global batch {step}: rank {self.rank} expected {stop - start} samples, "
+                f"found {images.shape[0]}"
+            )
         return apply(images, self.names, draw(global_size, self.seed, self.epoch, step).rows(start, stop))
 
 
-def augmenter(names: Sequence[str], *, seed: int, epoch: int, rank: int = 0, world: int = 1) -> Augmenter | None:
+def augmenter(
+    names: Sequence[str], *, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> Augmenter | None:
     """The epoch's :class:`Augmenter`, or None when ``names`` is empty (the loop then does exactly what it did before)."""
     if not names:
         return None

@@ -65,8 +65,18 @@ class StepBoundary:
     ``save(position)`` writes a checkpoint on rank 0 (and does nothing elsewhere).
     """
 
-    def __init__(self, group: distributed.Group, *, epoch: int, epochs: int, batches: int, timer: CheckpointTimer,
-                 model: torch.nn.Module, save: Callable[[Position], None], lr: float) -> None:
+    def __init__(
+        self,
+        group: distributed.Group,
+        *,
+        epoch: int,
+        epochs: int,
+        batches: int,
+        timer: CheckpointTimer,
+        model: torch.nn.Module,
+        save: Callable[[Position], None],
+        lr: float,
+    ) -> None:
         self.group = group
         self.epoch = epoch
         self.epochs = epochs
@@ -94,5 +104,8 @@ class StepBoundary:
             raise non_finite(self.where(partial.step), "a weight", self.lr)
         sums = distributed.gather_floats(partial.loss_sum, self.group)
         (samples,) = distributed.all_sum([partial.samples], self.group)
-        self.save(Position(self.epoch, partial.step, int(samples), tuple(sums), partial.seconds,
-                           partial.wait_seconds))
+        self.save(
+            Position(
+                self.epoch, partial.step, int(samples), tuple(sums), partial.seconds, partial.wait_seconds
+            )
+        )

@@ -58,18 +58,20 @@ META = "checkpoint.json"
 
 # Params that change speed, never results (or, for train.epochs, only how far the
 # same trajectory goes). Everything else in `train` and `loader` is fingerprinted.
-SPEED_ONLY = frozenset({
-    "loader.num_workers",
-    "loader.persistent_workers",
-    "loader.pin_memory",
-    "loader.prefetch_factor",
-    "loader.device_resident",  # bit-identical to the memory-mapped path (test_train_stage.py)
-    "train.epochs",
-    "train.verify",
-    "train.checkpoint_every",
-    "train.checkpoint_seconds",
-    "train.max_restarts",  # how often a killed group is restarted, not what it computes
-})
+SPEED_ONLY = frozenset(
+    {
+        "loader.num_workers",
+        "loader.persistent_workers",
+        "loader.pin_memory",
+        "loader.prefetch_factor",
+        "loader.device_resident",  # bit-identical to the memory-mapped path (test_train_stage.py)
+        "train.epochs",
+        "train.verify",
+        "train.checkpoint_every",
+        "train.checkpoint_seconds",
+        "train.max_restarts",  # how often a killed group is restarted, not what it computes
+    }
+)
 # Params compared outside the fingerprint: the number of processes, which a resume may change
 # (elastic; RunShape.processes records the world size the run really had, whoever set it).
 ELASTIC = frozenset({"train.processes"})
@@ -102,8 +104,11 @@ def train_code_files(root: Path = ROOT) -> list[str]:
     except (OSError, UnicodeDecodeError, YAMLError, KeyError, TypeError):
         files = []
     if not files:
-        files = sorted(str(p.relative_to(root)) for pkg in ("pipeline", "stages", "trainer")
-                       for p in (root / pkg).glob("*.py"))
+        files = sorted(
+            str(p.relative_to(root))
+            for pkg in ("pipeline", "stages", "trainer")
+            for p in (root / pkg).glob("*.py")
+        )
     return files
 
 
@@ -115,7 +120,9 @@ def code_digest(root: Path = ROOT) -> str:
             content = (root / rel).read_bytes()
         except OSError:
             content = None
-        digest.update(json.dumps([rel, None if content is None else hashlib.sha256(content).hexdigest()]).encode())
+        digest.update(
+            json.dumps([rel, None if content is None else hashlib.sha256(content).hexdigest()]).encode()
+        )
     return digest.hexdigest()
 
 
@@ -155,7 +162,9 @@ class RunShape:
     """What the run resolved at start that a resume compares outside the fingerprint."""
 
     processes: int
-    threads: int | None  # intra-op threads on the CPU; None on an accelerator, where they do not round anything
+    threads: (
+        int | None
+    )  # intra-op threads on the CPU; None on an accelerator, where they do not round anything
 
 
 @dataclass(frozen=True)
@@ -171,12 +180,18 @@ SCALER = {"scaler.scale": torch.float64, "scaler.growth_tracker": torch.int64}
 
 def _scaler_tensors(scaler: torch.amp.GradScaler) -> dict[str, torch.Tensor]:
     state = scaler.state_dict()
-    return {"scaler.scale": torch.tensor(float(state["scale"]), dtype=torch.float64),
-            "scaler.growth_tracker": torch.tensor(int(state["_growth_tracker"]), dtype=torch.int64)}
+    return {
+        "scaler.scale": torch.tensor(float(state["scale"]), dtype=torch.float64),
+        "scaler.growth_tracker": torch.tensor(int(state["_growth_tracker"]), dtype=torch.int64),
+    }
 
 
-def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                  scaler: torch.amp.GradScaler | None = None) -> dict[str, torch.Tensor]:
+def state_tensors(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, torch.Tensor]:
     """Model, optimizer, RNG and (fp16) gradient scaler state as named CPU tensors (what a checkpoint stores)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
@@ -216,8 +231,12 @@ def save_checkpoint(
             "format": FORMAT,
             "epoch": position.epoch,
             "step": position.step,
-            "partial": {"samples": position.samples, "loss_sums": list(position.loss_sums),
-                        "seconds": position.seconds, "wait_seconds": position.wait_seconds},
+            "partial": {
+                "samples": position.samples,
+                "loss_sums": list(position.loss_sums),
+                "seconds": position.seconds,
+                "wait_seconds": position.wait_seconds,
+            },
             "fingerprint": run_fingerprint,
             "processes": shape.processes,
             "threads": shape.threads,
@@ -239,8 +258,14 @@ def _is_number(value: Any) -> bool:
     return type(value) in (int, float) and math.isfinite(value)
 
 
-def _read_meta(directory: Path, run_fingerprint: str, shape: RunShape, max_epoch: int, batches_per_epoch: int,
-               metrics: Sequence[str]) -> dict[str, Any]:
+def _read_meta(
+    directory: Path,
+    run_fingerprint: str,
+    shape: RunShape,
+    max_epoch: int,
+    batches_per_epoch: int,
+    metrics: Sequence[str],
+) -> dict[str, Any]:
     try:
         meta = json.loads((directory / META).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
@@ -251,10 +276,14 @@ def _read_meta(directory: Path, run_fingerprint: str, shape: RunShape, max_epoch
         raise _Unusable("it was made with other params, data, code or torch version")
     processes, threads = meta.get("processes"), meta.get("threads")
     if not _is_int(processes, 1, 1 << 20) or not (threads is None or _is_int(threads, 1, 1 << 20)):
-        raise _Unusable(f"{META}: processes, threads: expected integers >= 1, found {processes!r}, {threads!r}")
+        raise _Unusable(
+            f"{META}: processes, threads: expected integers >= 1, found {processes!r}, {threads!r}"
+        )
     if processes == shape.processes and threads != shape.threads:
-        raise _Unusable(f"it was made with {threads} intra-op threads per process, this run uses {shape.threads} "
-                        "(float sums would round differently; set train.threads to pin the count)")
+        raise _Unusable(
+            f"it was made with {threads} intra-op threads per process, this run uses {shape.threads} "
+            "(float sums would round differently; set train.threads to pin the count)"
+        )
     epoch, step = meta.get("epoch"), meta.get("step")
     if not _is_int(epoch, 0, max_epoch):
         raise _Unusable(f"{META}: epoch: expected 0..{max_epoch}, found {epoch!r}")
@@ -263,10 +292,18 @@ def _read_meta(directory: Path, run_fingerprint: str, shape: RunShape, max_epoch
         raise _Unusable(f"{META}: step: expected 0..{last_step}, found {step!r}")
     partial = meta.get("partial")
     sums = partial.get("loss_sums") if isinstance(partial, dict) else None
-    if (not isinstance(partial, dict) or not _is_int(partial.get("samples"), 0, 1 << 62)
-            or not isinstance(sums, list) or len(sums) != processes or not all(map(_is_number, sums))
-            or not _is_number(partial.get("seconds")) or not _is_number(partial.get("wait_seconds"))):
-        raise _Unusable(f"{META}: partial: expected samples, {processes} finite loss_sums, seconds, wait_seconds")
+    if (
+        not isinstance(partial, dict)
+        or not _is_int(partial.get("samples"), 0, 1 << 62)
+        or not isinstance(sums, list)
+        or len(sums) != processes
+        or not all(map(_is_number, sums))
+        or not _is_number(partial.get("seconds"))
+        or not _is_number(partial.get("wait_seconds"))
+    ):
+        raise _Unusable(
+            f"{META}: partial: expected samples, {processes} finite loss_sums, seconds, wait_seconds"
+        )
     history = meta.get("history")
     if not isinstance(history, list) or len(history) != epoch:
         raise _Unusable(f"{META}: history: expected {epoch} entries")
@@ -274,14 +311,17 @@ def _read_meta(directory: Path, run_fingerprint: str, shape: RunShape, max_epoch
     for i, entry in enumerate(history):
         if not isinstance(entry, dict) or set(entry) != names:
             found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-            raise _Unusable(f"{META}: history[{i}]: expected the metrics {sorted(names)}, found {found}"[:300])
+            raise _Unusable(
+                f"{META}: history[{i}]: expected the metrics {sorted(names)}, found {found}"[:300]
+            )
         if not all(type(v) in (int, float) for v in entry.values()):
             raise _Unusable(f"{META}: history[{i}]: expected numbers")
     return meta
 
 
-def _expected(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              scaler: torch.amp.GradScaler | None = None) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def _expected(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Names, dtypes and shapes a checkpoint of this model, (Adam) optimizer and scaler must hold (RNG aside)."""
     out = {f"model.{k}": (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -346,26 +386,45 @@ def load_checkpoint(
     restore_state(tensors, model=model, optimizer=optimizer, device=device, scaler=scaler)
     history = [{k: float(v) for k, v in h.items()} for h in meta["history"]]
     partial = meta["partial"]
-    position = Position(meta["epoch"], meta["step"], partial["samples"], tuple(float(v) for v in partial["loss_sums"]),
-                        float(partial["seconds"]), float(partial["wait_seconds"]))
+    position = Position(
+        meta["epoch"],
+        meta["step"],
+        partial["samples"],
+        tuple(float(v) for v in partial["loss_sums"]),
+        float(partial["seconds"]),
+        float(partial["wait_seconds"]),
+    )
     return Resumed(position, history, meta["processes"])
 
 
-def empty_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                scaler: torch.amp.GradScaler | None = None) -> dict[str, torch.Tensor]:
+def empty_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, torch.Tensor]:
     """Uninitialised tensors named, typed and shaped as :func:`state_tensors` returns them after a step:
     what a rank receives rank 0's restored state into."""
-    out = {name: torch.empty(shape, dtype=dtype) for name, (dtype, shape) in _expected(model, optimizer, scaler).items()}
+    out = {
+        name: torch.empty(shape, dtype=dtype)
+        for name, (dtype, shape) in _expected(model, optimizer, scaler).items()
+    }
     out["rng.cpu"] = torch.empty_like(torch.get_rng_state())
     if device.type == "cuda":
         out["rng.cuda"] = torch.empty_like(torch.cuda.get_rng_state(device))
     return out
 
 
-def restore_state(tensors: dict[str, torch.Tensor], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  device: torch.device, scaler: torch.amp.GradScaler | None = None) -> None:
+def restore_state(
+    tensors: dict[str, torch.Tensor],
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+) -> None:
     """Load validated state tensors (names as :func:`state_tensors` gives them) into model, optimizer, RNG, scaler."""
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -376,8 +435,13 @@ def restore_state(tensors: dict[str, torch.Tensor], *, model: torch.nn.Module, o
     if device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     if scaler is not None:
-        scaler.load_state_dict({**scaler.state_dict(), "scale": float(tensors["scaler.scale"]),
-                                "_growth_tracker": int(tensors["scaler.growth_tracker"])})
+        scaler.load_state_dict(
+            {
+                **scaler.state_dict(),
+                "scale": float(tensors["scaler.scale"]),
+                "_growth_tracker": int(tensors["scaler.growth_tracker"]),
+            }
+        )
 
 
 def remove_checkpoint(directory: Path | str) -> None:

@@ -78,8 +78,12 @@ class ShardDataset(Dataset):
             self._raw = [_map_raw(s) for s in self.split.shards]
             # Offsets were checked to be aligned to the item size and inside the file, so
             # these are zero-copy views of the mappings.
-            views = [view_tensors(raw, s.images_offset, s.labels_offset, s.num_samples, self.image_shape,
-                                  self.image_dtype) for raw, s in zip(self._raw, self.split.shards)]
+            views = [
+                view_tensors(
+                    raw, s.images_offset, s.labels_offset, s.num_samples, self.image_shape, self.image_dtype
+                )
+                for raw, s in zip(self._raw, self.split.shards)
+            ]
             self._maps = [(torch.from_numpy(images), torch.from_numpy(labels)) for images, labels in views]
             # The same views flattened per sample, for the multi-shard gather.
             self._arrays = [(images.reshape(len(images), -1), labels) for images, labels in views]
@@ -104,8 +108,12 @@ class ShardDataset(Dataset):
         for s in np.unique(shard_of):
             local = idx[shard_of == s] - self._starts[s]
             shard, raw = self.split.shards[s], self._raw[s]  # type: ignore[index]
-            points = np.concatenate([page_points(shard.images_offset, item_bytes, local),
-                                     page_points(shard.labels_offset, 8, local)])
+            points = np.concatenate(
+                [
+                    page_points(shard.images_offset, item_bytes, local),
+                    page_points(shard.labels_offset, 8, local),
+                ]
+            )
             raw[points].sum()  # the read is what faults the pages in
             read += points.size
         return read

@@ -32,7 +32,9 @@ class DeviceNormalizer:
         if images.dtype != torch.uint8:
             return images
         if images.ndim != 4 or images.shape[1] != self.offsets.shape[1]:
-            raise ValueError(f"expected a uint8 batch [k, {self.offsets.shape[1]}, H, W], found {list(images.shape)}")
+            raise ValueError(
+                f"expected a uint8 batch [k, {self.offsets.shape[1]}, H, W], found {list(images.shape)}"
+            )
         flat = (images.to(torch.int32) + self.offsets).reshape(-1)
         return self.table.index_select(0, flat).view(images.shape)
 

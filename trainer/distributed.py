@@ -79,22 +79,35 @@ def check_gpus(device: torch.device, local_processes: int) -> None:
 
 def launch_command(module: str, args: Sequence[str], *, processes: int, max_restarts: int) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
         "--standalone",
-        "--nproc-per-node", str(processes),
-        "--max-restarts", str(max_restarts),
-        "-m", module, *args,
+        "--nproc-per-node",
+        str(processes),
+        "--max-restarts",
+        str(max_restarts),
+        "-m",
+        module,
+        *args,
     ]
 
 
-def run_torchrun(module: str, args: Sequence[str], *, processes: int, max_restarts: int,
-                 env: Mapping[str, str] | None = None) -> int:
+def run_torchrun(
+    module: str,
+    args: Sequence[str],
+    *,
+    processes: int,
+    max_restarts: int,
+    env: Mapping[str, str] | None = None,
+) -> int:
     """Run ``python -m module args`` as ``processes`` ranks under the elastic agent; its exit code."""
     child_env = {**os.environ, **(env or {})}
     # torchrun would otherwise set 1 with a warning; each rank sets its own count anyway (see threads()).
     child_env.setdefault("OMP_NUM_THREADS", str(default_threads(processes)))
-    agent = subprocess.Popen(launch_command(module, args, processes=processes, max_restarts=max_restarts),
-                             env=child_env)
+    agent = subprocess.Popen(
+        launch_command(module, args, processes=processes, max_restarts=max_restarts), env=child_env
+    )
     # A SIGTERM for the stage (dvc, a scheduler) must reach the agent, which stops its ranks;
     # Ctrl-C reaches them all through the terminal's process group anyway.
     previous = signal.signal(signal.SIGTERM, lambda signum, _frame: agent.send_signal(signum))
@@ -124,8 +137,9 @@ def join(device: torch.device, environ: Mapping[str, str] = os.environ) -> Group
         # and fail to connect. Each attempt therefore gets its own key prefix.
         store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
         attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt-{attempt}/", store), rank=rank,
-                                world_size=world)
+        dist.init_process_group(
+            backend, store=dist.PrefixStore(f"attempt-{attempt}/", store), rank=rank, world_size=world
+        )
     return Group(rank, world, local_rank, local_world, device, launched=True)
 
 

@@ -25,7 +25,9 @@ CONFIG = "model.json"
 FORMAT = 2  # 2: input_shape from the data, class_names
 
 
-def save_model(model_dir: Path | str, model: SimpleCNN, *, manifest: Manifest, train: TrainParams) -> dict[str, Any]:
+def save_model(
+    model_dir: Path | str, model: SimpleCNN, *, manifest: Manifest, train: TrainParams
+) -> dict[str, Any]:
     """Write weights and config into ``model_dir``, replacing it atomically; return the config."""
     config = {
         "format": FORMAT,
@@ -37,10 +39,17 @@ def save_model(model_dir: Path | str, model: SimpleCNN, *, manifest: Manifest, t
         "num_classes": manifest.num_classes,
         "class_names": list(manifest.class_names),  # output i of the model is class_names[i]
         "dataset": manifest.dataset,
-        "normalization": {k: list(v) if isinstance(v, tuple) else v
-                          for k, v in dataclasses.asdict(manifest.normalization).items()},
-        "training": {"epochs": train.epochs, "lr": train.lr, "seed": train.seed, "optimizer": "Adam",
-                     "loss": "cross_entropy"},
+        "normalization": {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(manifest.normalization).items()
+        },
+        "training": {
+            "epochs": train.epochs,
+            "lr": train.lr,
+            "seed": train.seed,
+            "optimizer": "Adam",
+            "loss": "cross_entropy",
+        },
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(model_dir) as tmp:
@@ -63,7 +72,9 @@ def load_model(model_dir: Path | str) -> tuple[SimpleCNN, dict[str, Any]]:
         channels, height, width = (int(d) for d in config["input_shape"])
         model = SimpleCNN(channels, height, width, int(config["num_classes"]))
     except (KeyError, TypeError, ValueError, PipelineError) as exc:
-        raise PipelineError(f"{model_dir / CONFIG}: expected input_shape [C, H, W] and num_classes: {exc}") from None
+        raise PipelineError(
+            f"{model_dir / CONFIG}: expected input_shape [C, H, W] and num_classes: {exc}"
+        ) from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -18,7 +18,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from dvclive import Live
-
 from pipeline.errors import OutputError
 
 
@@ -33,7 +32,9 @@ def _writing(live_dir: Path | str) -> Iterator[None]:
 class LiveLog:
     """Rank 0's DVCLive folder, rebuilt from ``history`` (entries with exactly ``metrics``)."""
 
-    def __init__(self, live_dir: Path | str, metrics: Sequence[str], history: Sequence[dict[str, float]]) -> None:
+    def __init__(
+        self, live_dir: Path | str, metrics: Sequence[str], history: Sequence[dict[str, float]]
+    ) -> None:
         self.live_dir = live_dir
         self.metrics = tuple(metrics)
         with _writing(live_dir):
@@ -45,7 +46,9 @@ class LiveLog:
         with _writing(self.live_dir):
             for name in self.metrics:
                 value = entry[name]
-                self.live.log_metric(name, int(value) if name == "processes" else value)  # a count, also resumed
+                self.live.log_metric(
+                    name, int(value) if name == "processes" else value
+                )  # a count, also resumed
             self.live.next_step()
 
     def end(self) -> None:

@@ -41,8 +41,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def epoch_order(shard_sizes: Sequence[int], *, shuffle: bool, seed: int, epoch: int,
-                window: int | None = None) -> torch.Tensor:
+def epoch_order(
+    shard_sizes: Sequence[int], *, shuffle: bool, seed: int, epoch: int, window: int | None = None
+) -> torch.Tensor:
     """The order in which one epoch visits the samples (int64 global indices, manifest shard order).
 
     ``window=None`` (or at least the number of shards) is one global permutation.
@@ -80,8 +81,16 @@ class EpochBatchSampler(Sampler[torch.Tensor]):
     uninterrupted run sees. The length is what remains of the epoch.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool, seed: int,
-                 shard_sizes: Sequence[int] | None = None, shuffle_window: int | None = None) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        shard_sizes: Sequence[int] | None = None,
+        shuffle_window: int | None = None,
+    ) -> None:
         if num_samples < 1 or batch_size < 1:
             raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples} and {batch_size}")
         shard_sizes = [num_samples] if shard_sizes is None else list(shard_sizes)
@@ -110,10 +119,15 @@ class EpochBatchSampler(Sampler[torch.Tensor]):
         return self.batches_per_epoch - self.start
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        order = epoch_order(self.shard_sizes, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
-                            window=self.shuffle_window)
+        order = epoch_order(
+            self.shard_sizes,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=self.epoch,
+            window=self.shuffle_window,
+        )
         # Clones, so a batch sent to a worker does not drag the whole permutation along.
-        for batch in order.split(self.batch_size)[self.start:]:
+        for batch in order.split(self.batch_size)[self.start :]:
             yield batch.clone()
 
 
@@ -131,7 +145,9 @@ class LoaderSettings:
     resident_device: torch.device | None = None  # set: loader.device_resident, the split lives there
 
 
-def resolve_settings(params: LoaderParams, device: torch.device, notice: Callable[[str], None] = print) -> LoaderSettings:
+def resolve_settings(
+    params: LoaderParams, device: torch.device, notice: Callable[[str], None] = print
+) -> LoaderSettings:
     """Drop settings that do not apply (one notice each) instead of letting DataLoader raise."""
     persistent, prefetch, pin = params.persistent_workers, params.prefetch_factor, params.pin_memory
     if params.num_workers == 0:
@@ -146,13 +162,30 @@ def resolve_settings(params: LoaderParams, device: torch.device, notice: Callabl
         pin = False
     if params.device_resident:
         if params.num_workers > 0:
-            notice("notice: loader.num_workers ignored: with loader.device_resident each batch is one index "
-                   "operation on the device, in the main process")
+            notice(
+                "notice: loader.num_workers ignored: with loader.device_resident each batch is one index "
+                "operation on the device, in the main process"
+            )
         # Nothing is loaded per batch, so nothing to pin or prefetch.
-        return LoaderSettings(params.batch_size, params.shuffle, 0, False, False, None, params.shuffle_window,
-                              resident_device=device)
-    return LoaderSettings(params.batch_size, params.shuffle, params.num_workers, persistent, pin, prefetch,
-                          params.shuffle_window)
+        return LoaderSettings(
+            params.batch_size,
+            params.shuffle,
+            0,
+            False,
+            False,
+            None,
+            params.shuffle_window,
+            resident_device=device,
+        )
+    return LoaderSettings(
+        params.batch_size,
+        params.shuffle,
+        params.num_workers,
+        persistent,
+        pin,
+        prefetch,
+        params.shuffle_window,
+    )
 
 
 def unwrap_worker_error(exc: PipelineError) -> PipelineError:
@@ -191,9 +224,14 @@ def make_loader(
     if settings.resident_device is not None:
         return DeviceResidentBatches(dataset, sampler, settings.resident_device)
     if settings.num_workers > 0 and isinstance(dataset, ShardDataset):
-        return PrefetchedBatches(dataset, sampler, num_workers=settings.num_workers,
-                                 persistent_workers=settings.persistent_workers,
-                                 prefetch_factor=settings.prefetch_factor, pin_memory=settings.pin_memory)
+        return PrefetchedBatches(
+            dataset,
+            sampler,
+            num_workers=settings.num_workers,
+            persistent_workers=settings.persistent_workers,
+            prefetch_factor=settings.prefetch_factor,
+            pin_memory=settings.pin_memory,
+        )
     return DataLoader(
         dataset,
         sampler=sampler,

@@ -59,8 +59,10 @@ def _open(path: Path) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot create the checkpoint lock ({exc.strerror or exc}); "
-                          "the folder holding --checkpoints must be writable") from None
+        raise OutputError(
+            f"{path}: cannot create the checkpoint lock ({exc.strerror or exc}); "
+            "the folder holding --checkpoints must be writable"
+        ) from None
 
 
 def _busy(checkpoint_dir: Path | str, path: Path) -> CheckpointBusy:

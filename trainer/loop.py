@@ -136,8 +136,14 @@ def train_one_epoch(
     samples = start.samples
     wait = start.wait_seconds
     total = start.step + len(loader)  # the loader's length is what remains of the epoch
-    bar = tqdm(total=total, initial=start.step, desc=description, unit="batch",
-               disable=None if progress else True, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=start.step,
+        desc=description,
+        unit="batch",
+        disable=None if progress else True,
+        dynamic_ncols=True,
+    )
     began = time.perf_counter() - start.seconds
     next_refresh = time.perf_counter() + _BAR_SECONDS
     batches = iter(loader)
@@ -172,8 +178,11 @@ def train_one_epoch(
         if not bar.disable and (time.perf_counter() >= next_refresh or step == total):
             now = time.perf_counter()
             next_refresh = now + _BAR_SECONDS
-            bar.set_postfix(loss=f"{loss_sum.item() / max(samples, 1):.4f}",
-                            samples_s=f"{samples / (now - began):.0f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / max(samples, 1):.4f}",
+                samples_s=f"{samples / (now - began):.0f}",
+                refresh=False,
+            )
             bar.update(step - bar.n)
     epoch_loss = loss_sum.item()  # the epoch's one host read of the loss; it also waits for the last step
     seconds = time.perf_counter() - began
@@ -183,9 +192,15 @@ def train_one_epoch(
     return TrainStats(epoch_loss, samples, seconds, wait)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, non_blocking: bool,
-             normalize: Callable[[torch.Tensor], torch.Tensor] = identity,
-             precision: Precision | None = None) -> EvalStats:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    *,
+    non_blocking: bool,
+    normalize: Callable[[torch.Tensor], torch.Tensor] = identity,
+    precision: Precision | None = None,
+) -> EvalStats:
     """Summed cross-entropy and correct predictions over ``loader``, under ``precision``'s autocast."""
     precision = precision or Precision()
     model.eval()

@@ -39,15 +39,24 @@ def check_input_size(image_shape: tuple[int, ...], where: str) -> None:
     """Refuse images that two 2x2 poolings would reduce to nothing."""
     c, h, w = image_shape
     if h < MIN_SIDE or w < MIN_SIDE:
-        raise DataError(f"{where}: images of {c}x{h}x{w} are too small for SimpleCNN's two 2x2 poolings; "
-                        f"expected at least {MIN_SIDE}x{MIN_SIDE} (set data.image_shape to resize)")
+        raise DataError(
+            f"{where}: images of {c}x{h}x{w} are too small for SimpleCNN's two 2x2 poolings; "
+            f"expected at least {MIN_SIDE}x{MIN_SIDE} (set data.image_shape to resize)"
+        )
 
 
 class SimpleCNN(nn.Module):
     """Conv(C→16) → ReLU → pool → Conv(16→32) → ReLU → pool → FC(32·H/4·W/4→128) → ReLU → FC(128→classes)."""
 
-    def __init__(self, channels: int = 1, height: int = 28, width: int = 28, num_classes: int = 10, *,
-                 reference_layout: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int = 1,
+        height: int = 28,
+        width: int = 28,
+        num_classes: int = 10,
+        *,
+        reference_layout: bool = False,
+    ) -> None:
         super().__init__()
         check_input_size((channels, height, width), "SimpleCNN")
         self.input_shape = (channels, height, width)

@@ -80,9 +80,11 @@ def bf16_cpu_notice(precision: str, device: torch.device, flags: set[str] | None
     native = native_bf16(cpu_flags() if flags is None else flags)
     if native is not False:
         return None
-    return (f"notice: train.precision bf16: this CPU has no bfloat16 matrix units (no {', '.join(BF16_FLAGS)} "
-            f"flag; PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}); bf16 runs without them, "
-            "likely slower than fp32")
+    return (
+        f"notice: train.precision bf16: this CPU has no bfloat16 matrix units (no {', '.join(BF16_FLAGS)} "
+        f"flag; PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}); bf16 runs without them, "
+        "likely slower than fp32"
+    )
 
 
 @dataclass
@@ -115,4 +117,3 @@ def make_precision(precision: str, device: torch.device) -> Precision:
     check_precision(precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     return Precision(precision, device.type, scaler)
-

@@ -75,18 +75,31 @@ class _Chunks(Sampler[Chunk]):
 class PrefetchedBatches:
     """Iterating yields ``dataset[batch]`` for each batch of ``sampler``, gathered here while workers prefetch."""
 
-    def __init__(self, dataset: ShardDataset, sampler: Sampler[torch.Tensor], *, num_workers: int,
-                 persistent_workers: bool, prefetch_factor: int | None, pin_memory: bool,
-                 samples_per_message: int = SAMPLES_PER_MESSAGE) -> None:
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        sampler: Sampler[torch.Tensor],
+        *,
+        num_workers: int,
+        persistent_workers: bool,
+        prefetch_factor: int | None,
+        pin_memory: bool,
+        samples_per_message: int = SAMPLES_PER_MESSAGE,
+    ) -> None:
         if num_workers < 1:
             raise ValueError(f"need num_workers >= 1, got {num_workers}")
         self.dataset = dataset
         self.sampler = sampler
         self.pin_memory = pin_memory
-        self.pages = DataLoader(_PageToucher(dataset), sampler=_Chunks(sampler, samples_per_message),
-                                batch_size=None,
-                                collate_fn=_as_is, num_workers=num_workers, persistent_workers=persistent_workers,
-                                prefetch_factor=prefetch_factor)
+        self.pages = DataLoader(
+            _PageToucher(dataset),
+            sampler=_Chunks(sampler, samples_per_message),
+            batch_size=None,
+            collate_fn=_as_is,
+            num_workers=num_workers,
+            persistent_workers=persistent_workers,
+            prefetch_factor=prefetch_factor,
+        )
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]

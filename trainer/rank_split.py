@@ -53,7 +53,9 @@ class RankBatches(Sampler[torch.Tensor]):
     def __iter__(self) -> Iterator[torch.Tensor]:
         for step, batch in enumerate(self.sampler, start=self.sampler.start):
             if len(batch) != self.global_size(step):
-                raise RuntimeError(f"global batch {step}: expected {self.global_size(step)} samples, found {len(batch)}")
+                raise RuntimeError(
+                    f"global batch {step}: expected {self.global_size(step)} samples, found {len(batch)}"
+                )
             if self.world == 1:
                 yield batch
                 continue

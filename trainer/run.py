@@ -87,7 +87,9 @@ METRICS = (
 VAL_METRICS = ("val_loss", "val_acc")  # logged when there is a validation split (data.val_fraction > 0)
 # Metrics that measure the machine rather than the model; they differ between identical runs
 # (threads: with train.threads null it is PyTorch's choice for this machine).
-MACHINE_METRICS = frozenset({"epoch_seconds", "samples_per_second", "data_wait_fraction", "peak_memory_mb", "threads"})
+MACHINE_METRICS = frozenset(
+    {"epoch_seconds", "samples_per_second", "data_wait_fraction", "peak_memory_mb", "threads"}
+)
 # Set by train_in_processes for its ranks: where rank 0 leaves the message of a non-finite stop.
 STOP_FILE_ENV = "TRAINER_STOP_FILE"
 # On an accelerator reading the running loss makes the host wait for the device, so the step
@@ -107,7 +109,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("train.device: expected a usable CUDA device for 'cuda', found none (use 'auto' or 'cpu')")
+        raise ParamsError(
+            "train.device: expected a usable CUDA device for 'cuda', found none (use 'auto' or 'cpu')"
+        )
     return torch.device(name)
 
 
@@ -127,8 +131,9 @@ def _report(epoch: int, epochs: int, m: dict[str, float]) -> None:
     )
 
 
-def check_inputs(train_dir: Path | str, test_dir: Path | str, train: TrainParams,
-                 val_dir: Path | str | None = None) -> tuple[torch.device, ValidSplit, ValidSplit, ValidSplit | None]:
+def check_inputs(
+    train_dir: Path | str, test_dir: Path | str, train: TrainParams, val_dir: Path | str | None = None
+) -> tuple[torch.device, ValidSplit, ValidSplit, ValidSplit | None]:
     """Device and the splits, checked before anything is built (and before any process is started).
 
     The validation split is None when ``val_dir`` is None or holds no samples.
@@ -172,13 +177,20 @@ def train_in_processes(
     distributed.check_gpus(device, train.processes)
     with checkpoint_lock(checkpoint_dir) as token, tempfile.TemporaryDirectory() as tmp:
         stop_file = Path(tmp) / "stopped"
-        code = distributed.run_torchrun(module, args, processes=train.processes, max_restarts=train.max_restarts,
-                                        env={LOCK_HELD_ENV: token, STOP_FILE_ENV: str(stop_file)})
+        code = distributed.run_torchrun(
+            module,
+            args,
+            processes=train.processes,
+            max_restarts=train.max_restarts,
+            env={LOCK_HELD_ENV: token, STOP_FILE_ENV: str(stop_file)},
+        )
         if stop_file.exists():
             raise NonFiniteLoss(stop_file.read_text(encoding="utf-8"))
     if code != 0:
-        notice(f"error: the {train.processes} training processes failed (torchrun exit {code}, "
-               f"train.max_restarts {train.max_restarts}); see their output above")
+        notice(
+            f"error: the {train.processes} training processes failed (torchrun exit {code}, "
+            f"train.max_restarts {train.max_restarts}); see their output above"
+        )
     return code
 
 
@@ -232,7 +244,9 @@ def build_model(train: TrainParams, train_split: ValidSplit, device: torch.devic
     return SimpleCNN(*train_split.manifest.image_shape, train_split.manifest.num_classes).to(device)
 
 
-def resume_everywhere(run: Run, history_names: Sequence[str], max_epoch: int) -> tuple[Position, list[dict[str, float]]]:
+def resume_everywhere(
+    run: Run, history_names: Sequence[str], max_epoch: int
+) -> tuple[Position, list[dict[str, float]]]:
     """Rank 0 restores the checkpoint, every other rank receives it; the position and history so far.
 
     The history is rank 0's (it alone logs); elsewhere only its length, the
@@ -242,19 +256,32 @@ def resume_everywhere(run: Run, history_names: Sequence[str], max_epoch: int) ->
     group, batches = run.group, run.train_batches.sampler.batches_per_epoch
     resumed = None
     if group.is_main:
-        resumed = load_checkpoint(run.checkpoint_dir, model=run.model, optimizer=run.optimizer, device=run.device,
-                                  scaler=run.precision.scaler, run_fingerprint=run.fingerprint, shape=run.shape,
-                                  max_epoch=max_epoch,
-                                  batches_per_epoch=batches, metrics=history_names, notice=run.notice)
+        resumed = load_checkpoint(
+            run.checkpoint_dir,
+            model=run.model,
+            optimizer=run.optimizer,
+            device=run.device,
+            scaler=run.precision.scaler,
+            run_fingerprint=run.fingerprint,
+            shape=run.shape,
+            max_epoch=max_epoch,
+            batches_per_epoch=batches,
+            metrics=history_names,
+            notice=run.notice,
+        )
     p = resumed.position if resumed else Position(0)
     world = group.world_size
     sums = p.loss_sums if len(p.loss_sums) == world else [p.for_rank(r, world).loss_sum for r in range(world)]
     found, epoch, step, samples, seconds, wait, *sums = distributed.broadcast_floats(
-        [resumed is not None, p.epoch, p.step, p.samples, p.seconds, p.wait_seconds, *sums], group)
+        [resumed is not None, p.epoch, p.step, p.samples, p.seconds, p.wait_seconds, *sums], group
+    )
     if found and world > 1:
         scaler = run.precision.scaler
-        tensors = (state_tensors(run.model, run.optimizer, run.device, scaler) if group.is_main
-                   else empty_state(run.model, run.optimizer, run.device, scaler))
+        tensors = (
+            state_tensors(run.model, run.optimizer, run.device, scaler)
+            if group.is_main
+            else empty_state(run.model, run.optimizer, run.device, scaler)
+        )
         distributed.broadcast_tensors(tensors, group)
         if not group.is_main:
             restore_state(tensors, model=run.model, optimizer=run.optimizer, device=run.device, scaler=scaler)
@@ -262,8 +289,10 @@ def resume_everywhere(run: Run, history_names: Sequence[str], max_epoch: int) ->
     if resumed is None:
         return position, [{}] * position.epoch
     if resumed.processes != world:
-        run.notice(f"notice: elastic resume: the checkpoint was written by {resumed.processes} processes, this run "
-                   f"has {world}; the same global batches continue, float sums round differently")
+        run.notice(
+            f"notice: elastic resume: the checkpoint was written by {resumed.processes} processes, this run "
+            f"has {world}; the same global batches continue, float sums round differently"
+        )
     at = f"epoch {p.epoch + 1}, step {p.step}" if p.mid_epoch else f"epoch {p.epoch}"
     run.notice(f"notice: resuming {'in' if p.mid_epoch else 'after'} {at} from {run.checkpoint_dir}")
     return position, list(resumed.history)
@@ -276,11 +305,21 @@ def write_checkpoint(run: Run, position: Position, history: list[dict[str, float
     if not run.group.is_main:
         return False
     try:
-        save_checkpoint(run.checkpoint_dir, model=run.model, optimizer=run.optimizer, device=run.device,
-                        scaler=run.precision.scaler, position=position, run_fingerprint=run.fingerprint,
-                        shape=run.shape, history=history)
+        save_checkpoint(
+            run.checkpoint_dir,
+            model=run.model,
+            optimizer=run.optimizer,
+            device=run.device,
+            scaler=run.precision.scaler,
+            position=position,
+            run_fingerprint=run.fingerprint,
+            shape=run.shape,
+            history=history,
+        )
     except (OutputError, SafetensorError) as exc:
-        run.notice(f"warning: {run.checkpoint_dir}: checkpoint not written ({_reason(exc)}); training goes on")
+        run.notice(
+            f"warning: {run.checkpoint_dir}: checkpoint not written ({_reason(exc)}); training goes on"
+        )
         return False
     return True
 
@@ -292,8 +331,9 @@ def _reason(exc: BaseException) -> str:
     return " ".join(text.split())[:200]
 
 
-def train_epoch(run: Run, epoch: int, start: Position, timer: CheckpointTimer,
-                history: list[dict[str, float]]) -> dict[str, float]:
+def train_epoch(
+    run: Run, epoch: int, start: Position, timer: CheckpointTimer, history: list[dict[str, float]]
+) -> dict[str, float]:
     """One epoch from ``start``'s global batch on, evaluated; the metrics of all ranks together."""
     group, train = run.group, run.params
     batches = run.train_batches.sampler.batches_per_epoch
@@ -302,25 +342,52 @@ def train_epoch(run: Run, epoch: int, start: Position, timer: CheckpointTimer,
         write_checkpoint(run, position, history)
         timer.restart()
 
-    boundary = StepBoundary(group, epoch=epoch, epochs=train.epochs, batches=batches, timer=timer,
-                            model=run.model, save=save_mid_epoch, lr=train.lr)
+    boundary = StepBoundary(
+        group,
+        epoch=epoch,
+        epochs=train.epochs,
+        batches=batches,
+        timer=timer,
+        model=run.model,
+        save=save_mid_epoch,
+        lr=train.lr,
+    )
     run.train_batches.set_epoch(epoch, start.step)
     memory = PeakMemory(run.device)
     stats = train_one_epoch(
-        run.trained, run.train_loader, run.optimizer, run.device,
-        non_blocking=run.non_blocking, free_graph=train.free_graph,
-        description=f"epoch {epoch + 1}/{train.epochs}", global_size=run.train_batches.global_size,
-        world_size=group.world_size, progress=group.is_main, start=start.for_rank(group.rank, group.world_size),
-        boundary=boundary, check_every=1 if run.device.type == "cpu" else ACCELERATOR_CHECK_STEPS,
+        run.trained,
+        run.train_loader,
+        run.optimizer,
+        run.device,
+        non_blocking=run.non_blocking,
+        free_graph=train.free_graph,
+        description=f"epoch {epoch + 1}/{train.epochs}",
+        global_size=run.train_batches.global_size,
+        world_size=group.world_size,
+        progress=group.is_main,
+        start=start.for_rank(group.rank, group.world_size),
+        boundary=boundary,
+        check_every=1 if run.device.type == "cpu" else ACCELERATOR_CHECK_STEPS,
         normalize=run.normalize,
         precision=run.precision,
-        augment=augmenter(train.augment, seed=train.seed, epoch=epoch, rank=group.rank, world=group.world_size),
+        augment=augmenter(
+            train.augment, seed=train.seed, epoch=epoch, rank=group.rank, world=group.world_size
+        ),
     )
-    result = evaluate(run.model, run.test_loader, run.device, non_blocking=run.non_blocking,
-                      normalize=run.normalize, precision=run.precision)
+    result = evaluate(
+        run.model,
+        run.test_loader,
+        run.device,
+        non_blocking=run.non_blocking,
+        normalize=run.normalize,
+        precision=run.precision,
+    )
     loss_sum, samples, test_sum, correct, test_samples = distributed.all_sum(
-        [stats.loss_sum, stats.samples, result.loss_sum, result.correct, result.samples], group)
-    seconds, wait, peak = distributed.all_max([stats.seconds, stats.data_wait_fraction, memory.peak_mb()], group)
+        [stats.loss_sum, stats.samples, result.loss_sum, result.correct, result.samples], group
+    )
+    seconds, wait, peak = distributed.all_max(
+        [stats.seconds, stats.data_wait_fraction, memory.peak_mb()], group
+    )
     entry = {
         "train_loss": loss_sum / max(samples, 1),
         "test_loss": test_sum / max(test_samples, 1),
@@ -333,9 +400,17 @@ def train_epoch(run: Run, epoch: int, start: Position, timer: CheckpointTimer,
         "threads": torch.get_num_threads(),
     }
     if run.val_loader is not None:
-        val = evaluate(run.model, run.val_loader, run.device, non_blocking=run.non_blocking,
-                       normalize=run.normalize, precision=run.precision)
-        val_sum, val_correct, val_samples = distributed.all_sum([val.loss_sum, val.correct, val.samples], group)
+        val = evaluate(
+            run.model,
+            run.val_loader,
+            run.device,
+            non_blocking=run.non_blocking,
+            normalize=run.normalize,
+            precision=run.precision,
+        )
+        val_sum, val_correct, val_samples = distributed.all_sum(
+            [val.loss_sum, val.correct, val.samples], group
+        )
         entry["val_loss"] = val_sum / max(val_samples, 1)
         entry["val_acc"] = val_correct / max(val_samples, 1)
     # The reduced figures and the weights are the same on every rank: every rank stops alike.
@@ -349,11 +424,17 @@ def export(run: Run, model_dir: Path | str, train_split: ValidSplit, history: li
     try:
         save_model(model_dir, run.model, manifest=train_split.manifest, train=run.params)
     except (OutputError, SafetensorError) as exc:
-        kept = write_checkpoint(run, Position(run.params.epochs, 0, 0, (0.0,) * run.group.world_size), history)
-        then = (f"the trained state is in {run.checkpoint_dir}: a rerun only writes the model" if kept
-                else "the trained state could not be kept either")
-        raise OutputError(f"{model_dir}: could not write the model ({_reason(exc)}); nothing was left behind; "
-                          f"{then}") from None
+        kept = write_checkpoint(
+            run, Position(run.params.epochs, 0, 0, (0.0,) * run.group.world_size), history
+        )
+        then = (
+            f"the trained state is in {run.checkpoint_dir}: a rerun only writes the model"
+            if kept
+            else "the trained state could not be kept either"
+        )
+        raise OutputError(
+            f"{model_dir}: could not write the model ({_reason(exc)}); nothing was left behind; {then}"
+        ) from None
 
 
 def train(
@@ -378,8 +459,10 @@ def train(
         with _lock_on_rank_0(group, checkpoint_dir):
             notice = notice if group.is_main else _silent
             if group.world_size > 1:
-                notice(f"notice: rank 0 of {group.world_size} processes runs on {socket.gethostname()}: "
-                       f"it alone writes {model_dir}, {live_dir} and {checkpoint_dir}")
+                notice(
+                    f"notice: rank 0 of {group.world_size} processes runs on {socket.gethostname()}: "
+                    f"it alone writes {model_dir}, {live_dir} and {checkpoint_dir}"
+                )
             shape = _set_threads(group, train)
             slow_bf16 = bf16_cpu_notice(train.precision, device)
             if slow_bf16:
@@ -389,33 +472,65 @@ def train(
             # Data: the global batch order is EpochBatchSampler's; each rank takes its slice.
             settings = resolve_settings(loader, device, notice)
             train_batches = RankBatches(
-                EpochBatchSampler(train_split.num_samples, settings.batch_size, shuffle=settings.shuffle,
-                                  seed=train.seed, shard_sizes=[s.num_samples for s in train_split.shards],
-                                  shuffle_window=settings.shuffle_window),
-                group.rank, group.world_size)
+                EpochBatchSampler(
+                    train_split.num_samples,
+                    settings.batch_size,
+                    shuffle=settings.shuffle,
+                    seed=train.seed,
+                    shard_sizes=[s.num_samples for s in train_split.shards],
+                    shuffle_window=settings.shuffle_window,
+                ),
+                group.rank,
+                group.world_size,
+            )
             test_batches = RankBatches(
-                EpochBatchSampler(test_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed),
-                group.rank, group.world_size)
+                EpochBatchSampler(
+                    test_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed
+                ),
+                group.rank,
+                group.world_size,
+            )
             val_loader = None
             if val_split is not None:
                 val_batches = RankBatches(
-                    EpochBatchSampler(val_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed),
-                    group.rank, group.world_size)
+                    EpochBatchSampler(
+                        val_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed
+                    ),
+                    group.rank,
+                    group.world_size,
+                )
                 val_loader = make_loader(ShardDataset(val_split), val_batches, settings)
             metrics = metric_names(val_loader is not None)
 
             # Model and optimizer, then whatever a matching checkpoint restores into them.
             model = build_model(train, train_split, device)
             optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
-            run = Run(group, train, model, model, optimizer, train_batches,
-                      make_loader(ShardDataset(train_split), train_batches, settings),
-                      make_loader(ShardDataset(test_split), test_batches, settings), val_loader,
-                      settings.pin_memory and device.type == "cuda",
-                      fingerprint(train, loader, device, train_split.manifest, test_split.manifest, ARCHITECTURE,
-                                  val_manifest=val_split.manifest if val_split is not None else None),
-                      shape, checkpoint_dir, notice,
-                      DeviceNormalizer(train_split.manifest.normalization, device),
-                      make_precision(train.precision, device))
+            run = Run(
+                group,
+                train,
+                model,
+                model,
+                optimizer,
+                train_batches,
+                make_loader(ShardDataset(train_split), train_batches, settings),
+                make_loader(ShardDataset(test_split), test_batches, settings),
+                val_loader,
+                settings.pin_memory and device.type == "cuda",
+                fingerprint(
+                    train,
+                    loader,
+                    device,
+                    train_split.manifest,
+                    test_split.manifest,
+                    ARCHITECTURE,
+                    val_manifest=val_split.manifest if val_split is not None else None,
+                ),
+                shape,
+                checkpoint_dir,
+                notice,
+                DeviceNormalizer(train_split.manifest.normalization, device),
+                make_precision(train.precision, device),
+            )
             position, history = resume_everywhere(run, metrics, train.epochs)
             # After the resume: DDP broadcasts rank 0's parameters when it wraps the model.
             run = dataclasses.replace(run, trained=distributed.wrap(model, group))
@@ -460,4 +575,6 @@ def _drop_checkpoint(checkpoint_dir: Path | str, notice: Callable[[str], None]) 
     try:
         remove_checkpoint(checkpoint_dir)
     except OSError as exc:
-        notice(f"warning: {checkpoint_dir}: could not remove the finished run's checkpoint ({exc.strerror or exc})")
+        notice(
+            f"warning: {checkpoint_dir}: could not remove the finished run's checkpoint ({exc.strerror or exc})"
+        )

@@ -55,13 +55,17 @@ class ValidSplit:
         return self.manifest.num_samples
 
 
-def _check_layout(where: str, layout: ShardLayout, manifest: Manifest, num_samples: int) -> tuple[TensorInfo, TensorInfo]:
+def _check_layout(
+    where: str, layout: ShardLayout, manifest: Manifest, num_samples: int
+) -> tuple[TensorInfo, TensorInfo]:
     images, labels = check_tensors(where, layout, num_samples, manifest.image_shape, manifest.image_dtype)
     for key in ("dataset", "split"):
         found = layout.metadata.get(key)
         if found is not None and found != getattr(manifest, key):
             expected = getattr(manifest, key)
-            raise ShardError(f"{where}: metadata {key}: expected {expected!r} as the manifest says, found {found!r}")
+            raise ShardError(
+                f"{where}: metadata {key}: expected {expected!r} as the manifest says, found {found!r}"
+            )
     return images, labels
 
 
@@ -84,10 +88,12 @@ def _check_finite(where: str, path: Path, images: TensorInfo) -> None:
     values = np.memmap(path, dtype="<f4", mode="r", offset=images.start, shape=(n, per_sample))
     rows = max(1, _FINITE_CHUNK // (per_sample * 4))
     for first in range(0, n, rows):
-        ok = np.isfinite(values[first:first + rows]).all(axis=1)
+        ok = np.isfinite(values[first : first + rows]).all(axis=1)
         if not ok.all():
-            raise ShardError(f"{where}: images[{first + int(np.argmin(ok))}]: expected finite pixel values, "
-                             "found NaN or infinity")
+            raise ShardError(
+                f"{where}: images[{first + int(np.argmin(ok))}]: expected finite pixel values, "
+                "found NaN or infinity"
+            )
 
 
 def sha256_file(path: Path) -> str:
@@ -107,13 +113,17 @@ def validate_split(split_dir: Path | str, *, expected_split: str, verify: str = 
         raise ValueError(f"verify must be 'header' or 'full', not {verify!r}")
     directory = Path(split_dir).absolute()
     if not directory.is_dir():
-        raise ShardError(f"{directory}: expected a tensor split folder, found {'a file' if directory.exists() else 'nothing'}")
+        raise ShardError(
+            f"{directory}: expected a tensor split folder, found {'a file' if directory.exists() else 'nothing'}"
+        )
     manifest = read_manifest(directory)
     where_manifest = directory / MANIFEST_NAME
     if manifest.split != expected_split:
         raise ShardError(f"{where_manifest}: split: expected {expected_split!r}, found {manifest.split!r}")
     if manifest.num_samples == 0 and expected_split != "val":
-        raise ShardError(f"{where_manifest}: expected at least one sample in the {expected_split} split, found none")
+        raise ShardError(
+            f"{where_manifest}: expected at least one sample in the {expected_split} split, found none"
+        )
     shards = []
     for entry in manifest.shards:
         path = directory / entry.file
@@ -134,7 +144,9 @@ def validate_split(split_dir: Path | str, *, expected_split: str, verify: str = 
             found = sha256_file(path)
             if found != entry.sha256:
                 raise ShardError(f"{where}: SHA-256 is {found}, the manifest says {entry.sha256}")
-        shards.append(ValidShard(path, entry.num_samples, images.start, labels.start, st.st_size, st.st_mtime_ns))
+        shards.append(
+            ValidShard(path, entry.num_samples, images.start, labels.start, st.st_size, st.st_mtime_ns)
+        )
     return ValidSplit(directory, manifest, tuple(shards))
 
 
@@ -143,8 +155,10 @@ def check_compatible(train: ValidSplit, other: ValidSplit) -> None:
     a, b = train.manifest, other.manifest
     for key in ("dataset", "image_shape", "class_names", "normalization"):
         if getattr(a, key) != getattr(b, key):
-            raise ShardError(f"{other.directory / MANIFEST_NAME}: {key}: expected {getattr(a, key)!r:.120} like the "
-                             f"train split, found {getattr(b, key)!r:.120}")
+            raise ShardError(
+                f"{other.directory / MANIFEST_NAME}: {key}: expected {getattr(a, key)!r:.120} like the "
+                f"train split, found {getattr(b, key)!r:.120}"
+            )
 
 
 def still_same(shard: ValidShard) -> None:
@@ -154,4 +168,6 @@ def still_same(shard: ValidShard) -> None:
     except OSError as exc:
         raise ShardError(f"{shard.path}: cannot stat shard: {exc}") from None
     if st.st_size != shard.size or st.st_mtime_ns != shard.mtime_ns:
-        raise ShardError(f"{shard.path}: shard changed after it was validated (size {shard.size} -> {st.st_size})")
+        raise ShardError(
+            f"{shard.path}: shard changed after it was validated (size {shard.size} -> {st.st_size})"
+        )
