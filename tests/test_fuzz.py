@@ -206,7 +206,7 @@ def header_like(draw):
 
 
 def _names(line: bytes) -> list[str]:
-    """The header's column names as the README defines them: BOM, line end, blanks and quotes ignored."""
+    """The header's column names as docs/data.md defines them: BOM, line end, blanks and quotes ignored."""
     text = line.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n").decode("utf-8", "replace")
     return [n.strip().strip('"') for n in text.split(",")]
 

@@ -81,7 +81,8 @@ def _produce(server: Sshd, tmp: Path) -> World:
     run([*GIT, "add", "-f", "data/user/train.csv", "data/user/test.csv"], repo)
     storage = tmp / "storage"
     dvc(repo, "remote", "add", "-d", "storage", server.url(storage))
-    dvc(repo, "remote", "modify", "storage", "verify", "true")  # hash what `dvc pull` downloads (README)
+    # hash what `dvc pull` downloads (docs/sharing.md)
+    dvc(repo, "remote", "modify", "storage", "verify", "true")
     dvc(repo, "remote", "modify", "--local", "storage", "keyfile", str(server.key))
     dvc(repo, "repro")
     run([*GIT, "add", "-A"], repo)
@@ -195,9 +196,9 @@ def test_corrupted_remote_file_is_detected_and_not_checked_out(world: World) -> 
 
 
 def readme_exp_show_command() -> list[str]:
-    """The readable `dvc exp show` line README's "Comparing experiments" section gives."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Comparing experiments in an 80-column terminal", 1)[1].split("\n##", 1)[0]
+    """The readable `dvc exp show` line docs/experiments.md's "80-column terminal" section gives."""
+    page = (ROOT / "docs/experiments.md").read_text()
+    section = page.split("## Comparing experiments in an 80-column terminal", 1)[1].split("\n##", 1)[0]
     lines = [ln for ln in section.splitlines() if ln.startswith("dvc exp show ")]
     assert len(lines) == 1, lines
     return shlex.split(lines[0])
