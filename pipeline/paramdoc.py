@@ -34,7 +34,7 @@ class Doc(NamedTuple):
 EFFECTS = {
     "results": "changes what is trained or measured",
     "rounding": "same computation, other float summation order: results agree to rounding",
-    "speed": "speed, memory or robustness only: outputs bit-identical (tested)",
+    "speed": "speed, memory or robustness only: the same outputs, bit for bit",
 }
 
 KEYS: dict[str, Doc] = {
