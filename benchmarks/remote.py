@@ -5,7 +5,7 @@ Copies this repository into a scratch folder, runs the real pipeline there
 default: the outputs' sizes do not depend on it), starts the tests' OpenSSH
 server on 127.0.0.1 (tests/sshd.py: Debian's sshd, generated keys) as the DVC
 remote, and times ``dvc push``, ``dvc status -c``, ``dvc pull`` into a fresh
-``git clone`` (with the remote's ``verify true``, as README recommends, and
+``git clone`` (with the remote's ``verify true``, as docs/sharing.md recommends, and
 without it), and ``dvc repro`` after the pull (it must run nothing).
 """
 

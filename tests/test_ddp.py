@@ -473,7 +473,7 @@ def _max_relative_difference(a: Path, b: Path) -> float:
     )
 
 
-ELASTIC_TOLERANCE = 1e-4  # relative, per-epoch losses; measured: see the README ("Resume anywhere")
+ELASTIC_TOLERANCE = 1e-4  # relative, per-epoch losses; measured: docs/distributed.md ("Resume anywhere")
 
 
 @pytest.fixture(scope="module")
