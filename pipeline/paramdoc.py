@@ -263,6 +263,13 @@ def markdown(params: Path | str = DEFAULT_PARAMS) -> str:
         "Effect of a key:",
         "",
         *(f"- **{k}**: {v}" for k, v in EFFECTS.items()),
+        "",
+        "This page is generated; after changing a key in `pipeline/params.py`, `params.yaml` or its",
+        "description in `pipeline/paramdoc.py`, regenerate it:",
+        "",
+        "```bash",
+        "python -m pipeline.paramdoc > docs/parameters.md",
+        "```",
     ]
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls, include_extras=True)

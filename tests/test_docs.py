@@ -146,6 +146,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_bench.py::test_bench_writes_results",
         '"benchmarks.loader"',
     ),
+    "python -m pipeline.paramdoc > docs/parameters.md": (
+        "tests/test_docs.py::test_parameters_page_is_what_the_generator_writes",
+        '"pipeline.paramdoc"',
+    ),
     "python -m stages.tensorize --help": ("tests/test_tensorize.py::test_stage_help", '"--help"'),
     "python3 -m pytest -q tests/test_guarantees.py": (
         "tests/test_guarantees.py::test_every_guarantee_names_existing_tests",
