@@ -12,13 +12,23 @@ import numpy as np
 
 from pipeline.manifest import Normalization, PixelStats
 
+HISTOGRAM_ROWS_BYTES = 4 << 20  # uint8 pixels counted at once: bincount widens each to 8 bytes
+
 
 def pixel_histogram(pixels: np.ndarray, channels: int) -> np.ndarray:
-    """Count of each value 0..255 per channel in uint8 rows [n, C*H*W] (int64 [C, 256], exact)."""
+    """Count of each value 0..255 per channel in uint8 rows [n, C*H*W] (int64 [C, 256], exact).
+
+    Counted a block of rows at a time, since ``np.bincount`` converts its input to int64 first:
+    a whole shard at once would briefly take eight times the shard's bytes.
+    """
     planes = pixels.reshape(len(pixels), channels, pixels.shape[1] // channels)  # explicit: 0 rows too
-    return np.stack([np.bincount(planes[:, c].reshape(-1), minlength=256) for c in range(channels)]).astype(
-        np.int64
-    )
+    histogram = np.zeros((channels, 256), dtype=np.int64)
+    step = max(1, HISTOGRAM_ROWS_BYTES // max(1, pixels.shape[1]))
+    for first in range(0, len(planes), step):
+        block = planes[first : first + step]
+        for c in range(channels):
+            histogram[c] += np.bincount(block[:, c].reshape(-1), minlength=256)
+    return histogram
 
 
 def _stats(histogram: np.ndarray) -> tuple[float, float]:

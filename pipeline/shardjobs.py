@@ -28,6 +28,7 @@ from pipeline.splits import TRAIN, assign, file_keys, hash_unit, row_keys
 from pipeline.tabular import INT_LABELS
 
 CHUNK_BYTES = 16 << 20  # float32 images held at once while a shard is written
+READ_BYTES = 8 << 20  # uint8 pixels decoded at once while a worker reads its shard's rows
 
 
 def image_chunks(
@@ -96,7 +97,6 @@ class ShardPiece:
     norm: Normalization
     class_names: tuple[str, ...]
     dtype: str
-    chunk_rows: int
 
 
 @dataclass(frozen=True)
@@ -110,29 +110,31 @@ class ShardDone:
     histogram: list[list[int]]
 
 
-def _chosen_rows(table: Table, wanted: np.ndarray, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 pixels and raw labels of rows ``wanted`` (ascending), reading only the span they lie in."""
-    pixels, labels = [], []
-    start = int(wanted[0])
-    for rows in iter_rows(table, chunk_rows, start, int(wanted[-1]) + 1):
+def _chosen_rows(table: Table, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 pixels and raw labels of rows ``wanted`` (ascending), reading only the span they lie in.
+
+    The span is read ``READ_BYTES`` of pixels at a time into arrays sized for the shard, so a worker
+    holds one shard's bytes and one small read, not a whole shard's decoded frame beside its copy.
+    """
+    pixels = np.empty((len(wanted), table.num_pixels), dtype=np.uint8)
+    labels: list[np.ndarray] = []
+    start, filled = int(wanted[0]), 0
+    read_rows = max(1, READ_BYTES // table.num_pixels)
+    for rows in iter_rows(table, read_rows, start, int(wanted[-1]) + 1):
         stop = start + len(rows.labels)
         take = wanted[np.searchsorted(wanted, start) : np.searchsorted(wanted, stop)] - start
-        if len(take) == len(rows.labels):
-            pixels.append(rows.pixels)
-            labels.append(rows.labels)
-        elif len(take):
-            pixels.append(rows.pixels[take])
-            labels.append(rows.labels[take])
+        every = len(take) == len(rows.labels)
+        pixels[filled : filled + len(take)] = rows.pixels if every else rows.pixels[take]
+        labels.append(rows.labels if every else rows.labels[take])
+        filled += len(take)
         start = stop
-    if len(pixels) == 1:  # a contiguous shard read in one chunk is not copied again
-        return pixels[0], labels[0]
-    return np.concatenate(pixels), np.concatenate(labels)
+    return pixels, np.concatenate(labels)
 
 
 def write_piece(piece: ShardPiece) -> ShardDone:
     """Write one shard; return its manifest entry's values and its pixel histogram."""
     table = open_table(Path(piece.source))
-    pixels, raw_labels = _chosen_rows(table, np.frombuffer(piece.indices, dtype=np.int64), piece.chunk_rows)
+    pixels, raw_labels = _chosen_rows(table, np.frombuffer(piece.indices, dtype=np.int64))
     labels = label_indices(raw_labels, piece.class_names, table.labels)
     chunks = image_chunks(pixels, piece.norm, piece.shape, piece.dtype)
     try:

@@ -466,7 +466,6 @@ def _parallel(
                 norm,
                 names,
                 dtype,
-                shard_size,
             )
             for split, (table, index) in rows.items()
             for k in range(0, len(index), shard_size)
