@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +320,22 @@ def test_model_for_28x28_grey_keeps_its_names_and_size():
         "classifier.3.weight",
         "classifier.3.bias",
     ]
+
+
+def test_model_declares_its_layers_in_the_order_forward_runs_them():
+    """``print(model)`` lists the layers in the order they run (the reference layout is the exception)."""
+    model = SimpleCNN(1, 8, 8, 3)
+    leaves = [m for m in model.modules() if not list(m.children())]
+    called: list[torch.nn.Module] = []
+    hooks = [m.register_forward_hook(lambda m, _i, _o: called.append(m)) for m in leaves]
+    model(torch.zeros(2, 1, 8, 8))
+    for hook in hooks:
+        hook.remove()
+    assert [type(m).__name__ for m in called] == [type(m).__name__ for m in leaves]
+    assert called == leaves  # each declared layer runs once, where it is declared
+    printed = re.findall(r"\(\d+\): (\w+)\(", str(model))  # the leaves, in print order
+    assert printed == [type(m).__name__ for m in called]
+    assert printed[:6] == ["Conv2d", "MaxPool2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU"]
 
 
 def test_too_small_for_two_poolings_is_refused():
