@@ -84,7 +84,6 @@ def epochs_with(tensors: Path, work: Path, checkpoint_seconds: float | None, epo
         live_dir=out / "dvclive",
         loader=LoaderParams(),
         train=train,
-        notice=lambda _message: None,
     )
     rows = (out / "dvclive" / "plots" / "metrics" / "epoch_seconds.tsv").read_text().splitlines()[1:]
     return [float(row.split("\t")[1]) for row in rows]

@@ -51,7 +51,7 @@ def _worker(cfg: argparse.Namespace) -> None:
             torch.set_num_threads(threads)
         params = load_section("loader", cfg.params)
         seed = load_section("train", cfg.params).seed
-        settings = resolve_settings(params, group.device, notice=lambda _m: None)
+        settings = resolve_settings(params, group.device)
         split = validate_split(cfg.tensors / "train", expected_split="train")
         samples = min(cfg.samples, split.num_samples)
         batches = RankBatches(

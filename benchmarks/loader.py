@@ -120,7 +120,7 @@ def _loader_rows(cfg: argparse.Namespace, device: torch.device, seed: int) -> li
     def loader_from_params(**override):
         def make():
             params = dataclasses.replace(load_section("loader", cfg.params), **override)
-            settings = resolve_settings(params, device, notice=lambda _m: None)
+            settings = resolve_settings(params, device)
             sampler = EpochBatchSampler(fs, settings.batch_size, shuffle=settings.shuffle, seed=seed)
             loader = make_loader(ShardDataset(train), sampler, settings)
 

@@ -106,7 +106,6 @@ def worker_epochs(train_dir: Path, repeats: int = 5) -> dict:
                         pin_memory=False,
                     ),
                     torch.device("cpu"),
-                    notice=lambda _m: None,
                 )
                 rows.append(
                     {

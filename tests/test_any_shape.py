@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -188,11 +189,11 @@ def test_rgb_17x23_named_classes_per_channel_standard(tmp_path):
     assert test_images.shape == (12, *shape)
 
 
-def test_integer_labels_make_classes_up_to_the_largest_with_a_notice(tmp_path, capsys):
+def test_integer_labels_make_classes_up_to_the_largest_with_a_notice(tmp_path, caplog):
     shaped_csv(tmp_path / "train.csv", 30, (1, 8, 8), labels=[0, 1, 2, 3, 5] * 6)  # no 4
     shaped_csv(tmp_path / "test.csv", 5, (1, 8, 8), labels=[0, 1, 2, 3, 5], seed=4)
     pq = to_parquet(tmp_path, tmp_path / "train.csv", tmp_path / "test.csv")
-    notes = []
+    caplog.set_level(logging.INFO, logger="pipeline")
     m = tensorize(
         *pq,
         tmp_path / "o/train",
@@ -200,10 +201,11 @@ def test_integer_labels_make_classes_up_to_the_largest_with_a_notice(tmp_path, c
         dataset="csv",
         shard_size=8,
         normalize_kind="unit",
-        notice=notes.append,
     )
     assert m["train"].class_names == ("0", "1", "2", "3", "4", "5") and m["train"].class_counts[4] == 0
-    assert notes == ["notice: 1 class(es) have no train samples: 4"]
+    assert caplog.record_tuples == [
+        ("pipeline.tensorize", logging.INFO, "1 class(es) have no train samples: 4")
+    ]
 
 
 def test_test_class_unknown_to_train_is_refused(tmp_path):

@@ -33,9 +33,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ from pipeline.atomic import atomic_dir
 from pipeline.manifest import Manifest
 from pipeline.params import LoaderParams, TrainParams
 from trainer.position import Position
+
+log = logging.getLogger(__name__)
 
 FORMAT = 2
 TENSORS = "checkpoint.safetensors"
@@ -346,7 +349,6 @@ def load_checkpoint(
     max_epoch: int,
     batches_per_epoch: int,
     metrics: Sequence[str],
-    notice: Callable[[str], None] = print,
 ) -> Resumed | None:
     """Restore model, optimizer, RNG and scaler state in place; ``None`` (nothing touched) if not resumable.
 
@@ -380,7 +382,7 @@ def load_checkpoint(
             if tensors[key].dtype != torch.uint8 or tensors[key].ndim != 1:
                 raise _Unusable(f"{TENSORS}: {key}: expected a uint8 vector")
     except _Unusable as exc:
-        notice(f"notice: not resuming from {directory}: {exc}; training from scratch")
+        log.info("not resuming from %s: %s; training from scratch", directory, exc)
         return None
     # Everything is validated: from here on nothing can fail halfway.
     restore_state(tensors, model=model, optimizer=optimizer, device=device, scaler=scaler)
