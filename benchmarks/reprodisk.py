@@ -62,11 +62,6 @@ def make_repo(dest: Path) -> Path:
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
-    template = (
-        ROOT / ".dvc" / "vega-offline.html"
-    )  # built by .ci/setup, ignored by git; plots need it, repro not
-    if template.is_file():
-        shutil.copy2(template, dest / ".dvc" / template.name)
     _run(["git", "init", "-q"], dest)
     _run(["git", "-c", "user.email=b@b", "-c", "user.name=b", "add", "-A"], dest)
     _run(["git", "-c", "user.email=b@b", "-c", "user.name=b", "commit", "-qm", "bench"], dest)
