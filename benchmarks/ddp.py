@@ -65,7 +65,7 @@ def _worker(cfg: argparse.Namespace) -> None:
         for epoch in range(cfg.repeats):
             batches.set_epoch(epoch)
             start = time.perf_counter()
-            for images, labels in loader:
+            for images, _labels in loader:
                 _ = float(images.view(-1)[-1]) if images.numel() else 0.0  # touch: nothing stays lazy
             gather = min(gather, time.perf_counter() - start)
 
@@ -156,7 +156,8 @@ def ddp_rows(
                 "loader_epoch_s": r["gather_epoch_s"] * scale,
                 "train_epoch_s": r["train_epoch_s"] * scale,
                 "data_wait_fraction": r["data_wait_fraction"],
-                "page_faults_per_step": None,  # counted in-process only; these rows train in torchrun's processes
+                # counted in-process only; these rows train in torchrun's processes
+                "page_faults_per_step": None,
                 "samples_measured": r["samples"],
                 "scaled": r["samples"] != EPOCH_SAMPLES,
                 "samples_per_second": r["samples"] / r["train_epoch_s"],

@@ -156,7 +156,7 @@ def loader_vs_memcpy(
 
 @dataclass(frozen=True)
 class Sizes:
-    """How much of each source a run uses (the defaults are the full benchmark; the smoke test shrinks them)."""
+    """How much of each source a run uses (defaults: the full benchmark; the smoke test shrinks them)."""
 
     idx: Path  # FashionMNIST's IDX .gz files
     train: int | None  # FashionMNIST train rows of the CSV cases (None: all 60,000)

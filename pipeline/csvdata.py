@@ -56,25 +56,37 @@ def idx_to_csv(images_gz: Path, labels_gz: Path, out_csv: Path) -> int:
 
 
 def check_user_csv_location(path: Path, folder: Path, key: str, where: str = "params.yaml") -> None:
-    """Refuse a user CSV outside ``folder``: dvc.yaml tracks that folder, so edits elsewhere would go unseen."""
+    """Refuse a user CSV outside ``folder``.
+
+    dvc.yaml tracks that folder, so edits to a file elsewhere would go unseen by ``dvc repro``.
+
+    Args:
+        path: the CSV, as params.yaml names it.
+        folder: the folder dvc.yaml tracks (``data/user``).
+        key: the params.yaml key that names ``path``, for the message.
+        where: the file the key is in, for the message.
+
+    Raises:
+        ParamsError: ``path`` is outside ``folder``, by name or through a symbolic link.
+    """
     resolved = path.resolve()
     if resolved.is_relative_to(folder.resolve()):
         return
-    if Path(os.path.abspath(path)).is_relative_to(
-        os.path.abspath(folder)
-    ):  # inside by name, not through links
+    # inside by name, not through links
+    if Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder)):
         fix = (
             f"replace the link by a copy (cp --remove-destination {resolved} {path})"
             if path.is_symlink()
             else f"a folder on its way is a link: make it a real folder under {folder}/ holding a copy"
         )
         raise ParamsError(
-            f"{where}: {key}: {path} is a symbolic link to {resolved}, outside {folder}/, the folder dvc.yaml "
-            f"tracks, so dvc repro would not notice when that file changes: {fix}"
+            f"{where}: {key}: {path} is a symbolic link to {resolved}, outside {folder}/, "
+            f"the folder dvc.yaml tracks, so dvc repro would not notice when that file changes: {fix}"
         )
     raise ParamsError(
         f"{where}: {key}: {path} is outside {folder}/, the folder dvc.yaml tracks, so dvc repro would "
-        f"not notice when the file changes: copy it to {folder / path.name} and set {key}: {folder / path.name}"
+        f"not notice when the file changes: "
+        f"copy it to {folder / path.name} and set {key}: {folder / path.name}"
     )
 
 

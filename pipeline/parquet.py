@@ -118,7 +118,8 @@ def csv_to_parquet(
             header = f.readline(MAX_HEADER_BYTES + 1)
             if not header.strip():
                 raise DataError(f"{csv_path}: file is empty; expected a header line label,pixel1..pixelN")
-            # The header may name the pixels as it likes, be quoted, or carry a BOM; the values are read by position.
+            # The header may name the pixels as it likes, be quoted, or carry a BOM;
+            # the values are read by position.
             names = check_header(header, str(csv_path))
             first = f.readline(MAX_HEADER_BYTES + 1)
     except OSError as exc:
@@ -166,13 +167,16 @@ def images_to_parquet(
     row_group_size: int,
     workers: int | None = 1,
 ) -> int:
-    """Decode every image of a listing into one Parquet file (image layout), atomically; returns the row count.
+    """Decode every image of a listing into one Parquet file (image layout), atomically.
 
     ``image_shape`` converts and resizes every image to it; ``None`` keeps the images as they are
     (one size and mode, the first image's), and then an empty listing is refused, having no shape to
     record. At most one row group of pixels is held, and a row group holds at most 64 MiB of pixels
     whatever ``row_group_size`` says (65,536 images of 224x224x3 would be 9.8 GB). ``workers`` threads
     decode (None: one per core); the file's bytes do not depend on it.
+
+    Returns:
+        The number of rows (images) written.
     """
     entries = read_listing(listing_csv)
     shape = image_shape_of(entries, images_dir, image_shape, str(listing_csv))

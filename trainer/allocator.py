@@ -9,9 +9,10 @@ the kernel zero-fills them. Measured on the 2-core reference VM that is up to
 about a quarter of the step's time (``bench/results.md``, "Page faults").
 Raising glibc's mmap and trim thresholds makes freed blocks stay in the heap
 and be reused: once the heap has settled (a few steps) no step faults
-(``tests/test_trainer.py::test_retained_memory_stops_per_step_page_faults``). The process keeps its high-water mark of memory instead of
-returning it between steps; the peak itself does not change. Results do not
-change either: only where the bytes live.
+(``tests/test_trainer.py::test_retained_memory_stops_per_step_page_faults``).
+The process keeps its high-water mark of memory instead of returning it
+between steps; the peak itself does not change. Results do not change either:
+only where the bytes live.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ _KEEP_BYTES = 2**30  # blocks below 1 GiB come from the heap; up to 1 GiB free a
 
 
 def retain_freed_memory() -> bool:
-    """Tell glibc to keep and reuse freed blocks; False where the C library is not glibc (then nothing changes)."""
+    """Tell glibc to keep and reuse freed blocks; False (and nothing changed) where the libc is not glibc."""
     if platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded into this process

@@ -83,7 +83,7 @@ TRAIN_STAGE = "train"
 
 
 def result_params(train: TrainParams, loader: LoaderParams) -> dict[str, Any]:
-    """Every ``loader.*`` and ``train.*`` value except :data:`SPEED_ONLY` and :data:`ELASTIC`, by dotted key."""
+    """Every ``loader.*`` and ``train.*`` value but :data:`SPEED_ONLY` and :data:`ELASTIC`, by dotted key."""
     out = {}
     for section, params in (("loader", loader), ("train", train)):
         for field in dataclasses.fields(params):
@@ -195,7 +195,7 @@ def state_tensors(
     device: torch.device,
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Model, optimizer, RNG and (fp16) gradient scaler state as named CPU tensors (what a checkpoint stores)."""
+    """Model, optimizer, RNG and (fp16) gradient scaler state as named CPU tensors, as checkpoints hold it."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
@@ -325,7 +325,10 @@ def _read_meta(
 def _expected(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Names, dtypes and shapes a checkpoint of this model, (Adam) optimizer and scaler must hold (RNG aside)."""
+    """The names, dtypes and shapes a checkpoint of this model, Adam optimizer and scaler must hold.
+
+    The RNG state is checked separately.
+    """
     out = {f"model.{k}": (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, p in enumerate(params):
@@ -425,7 +428,10 @@ def restore_state(
     device: torch.device,
     scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Load validated state tensors (names as :func:`state_tensors` gives them) into model, optimizer, RNG, scaler."""
+    """Load validated state tensors into model, optimizer, RNG and scaler.
+
+    The names are those :func:`state_tensors` gives.
+    """
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():

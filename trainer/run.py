@@ -181,7 +181,8 @@ def train_in_processes(
             raise NonFiniteLoss(stop_file.read_text(encoding="utf-8"))
     if code != 0:
         log.error(
-            "the %d training processes failed (torchrun exit %d, train.max_restarts %d); see their output above",
+            "the %d training processes failed (torchrun exit %d, train.max_restarts %d); "
+            "see their output above",
             train.processes,
             code,
             train.max_restarts,
