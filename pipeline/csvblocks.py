@@ -80,8 +80,8 @@ def _parse(block: bytes, schema: Schema) -> pl.DataFrame:
 
     Raises PolarsError or _Refused on any violation.
 
-    Parsing straight to the narrow types costs a third less than Int32 plus range checks and
-    casts; Polars then refuses exactly the cells the strict path refuses, except "-0". So a
+    Parsing straight to the narrow types is cheaper than Int32 plus range checks and casts
+    (``bench/notes.md``); Polars then refuses exactly the cells the strict path refuses, except "-0". So a
     block that parses with no null is the strict result, and any other block goes through the
     strict path, which decides.
     """

@@ -36,7 +36,19 @@ def _read_idx_gz(path: Path) -> np.ndarray:
 
 
 def idx_to_csv(images_gz: Path, labels_gz: Path, out_csv: Path) -> int:
-    """Write one split as CSV; returns the number of rows."""
+    """Write one split of an IDX dataset as a canonical CSV, atomically.
+
+    Args:
+        images_gz: the gzipped IDX images file ([n, H, W] uint8).
+        labels_gz: the gzipped IDX labels file ([n] uint8).
+        out_csv: the CSV to write (``label,pixel1..pixelN``).
+
+    Returns:
+        The number of rows written.
+
+    Raises:
+        DataError: a file cannot be read or decoded, or the two disagree on the sample count.
+    """
     images = _read_idx_gz(images_gz)
     labels = _read_idx_gz(labels_gz)
     if images.ndim != 3 or images.dtype != np.uint8:
@@ -122,8 +134,18 @@ def import_user_csv(
     count. With ``check_values`` every cell is checked too, and a problem is reported against
     ``src`` (its line, its own column name); nothing is written then.
 
+    Args:
+        src: the user's CSV (``label`` first, then the pixels, one row per image).
+        out_csv: the canonical copy to write.
+        image_shape: ``data.image_shape`` (None: infer a square grey image).
+        check_values: check every cell here (labels, pixels 0..255) rather than in the Parquet stage.
+
     Returns:
         The image shape (C, H, W) and the label kind (``int`` or ``name``, from the first row).
+
+    Raises:
+        DataError: the header, the column count or (with ``check_values``) a cell is wrong; the
+            message names the line and column of ``src``.
     """
     if not src.exists():
         raise DataError(f"{src}: file not found (data.dataset is csv; set data.train_csv / data.test_csv)")

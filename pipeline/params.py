@@ -306,6 +306,19 @@ def read_params_file(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
 
 
 def load_section(section: str, path: Path | str = DEFAULT_PARAMS) -> Any:
-    """Read one section of params.yaml into its frozen dataclass."""
+    """Read one section of params.yaml into its frozen dataclass, every value checked.
+
+    Args:
+        section: ``data``, ``prep``, ``loader`` or ``train``.
+        path: the params file.
+
+    Returns:
+        The section's dataclass (e.g. :class:`TrainParams`); keys the file leaves out take their
+        defaults.
+
+    Raises:
+        ParamsError: the file cannot be read or parsed, or a key is unknown, of the wrong type or
+            out of range; one line naming the file, key and what was expected.
+    """
     doc = read_params_file(path)
     return parse_section(SECTIONS[section], section, doc.get(section), where=str(path))

@@ -288,6 +288,11 @@ def tensorize(
         workers: processes writing shards in parallel (None: every core); the bytes never depend on it.
     Returns:
         ``{"train": ..., "val": ..., "test": ...}`` (no ``val`` without ``val_out``).
+
+    Raises:
+        DataError: the Parquet files do not fit together (labels, shapes), a split would be empty,
+            or a test class is unknown to train.
+        ValueError: ``val_fraction`` > 0 without ``val_out``.
     """
     train, test = open_table(train_parquet), open_table(test_parquet)
     if train.rows == 0:

@@ -157,7 +157,7 @@ def train_in_processes(
     val_dir: Path | str | None = None,
     module: str = "stages.train",
 ) -> int:
-    """Run ``python -m module args`` as ``train.processes`` ranks under torchrun; the agent's exit code.
+    """Run ``python -m module args`` as ``train.processes`` ranks under torchrun.
 
     Inputs and GPUs are checked here first, so a user error is one line and
     exit 2 instead of every rank failing (and being restarted) alike. The
@@ -165,6 +165,20 @@ def train_in_processes(
     A non-finite loss stops every rank at the same step; they end without
     error (a restart would fail again at the same step) and rank 0 leaves
     the message in :data:`STOP_FILE_ENV`'s file, raised here.
+
+    Args:
+        args: the stage's own arguments, passed on to every rank.
+        train_dir, test_dir, val_dir: the split folders, checked here before any rank starts.
+        checkpoint_dir: the checkpoint folder, locked here for the whole run.
+        train: the ``train`` section (``processes``, ``max_restarts``, the device).
+        module: what each rank runs.
+
+    Returns:
+        The torchrun agent's exit code (0: every rank finished); otherwise an error is logged.
+
+    Raises:
+        NonFiniteLoss: the loss stopped being finite; the message names the epoch and step.
+        PipelineError: the inputs, params or GPUs are unusable, or the checkpoint is locked.
     """
     device, *_ = check_inputs(train_dir, test_dir, train, val_dir)
     distributed.check_gpus(device, train.processes)
@@ -459,9 +473,31 @@ def train(
     train: TrainParams,
     val_dir: Path | str | None = None,
 ) -> dict[str, float]:
-    """Train SimpleCNN on the shard folders; return the last epoch's metrics (rank 0's view: all ranks).
+    """Train SimpleCNN on the shard folders, resuming from a matching checkpoint; export the model.
 
-    With samples in ``val_dir`` every epoch also logs ``val_loss`` and ``val_acc``.
+    Every rank of a torchrun group calls this; rank 0 alone writes the model, DVCLive and the
+    checkpoints, and alone logs notices. Each epoch is evaluated and logged; the checkpoint of an
+    interrupted run resumes only into the same trajectory (fingerprint), else training starts over
+    with a notice. On success the checkpoint folder is removed.
+
+    Args:
+        train_dir, test_dir: shard folders written by the tensorize stage.
+        model_dir: output folder for ``model.safetensors`` and ``model.json``.
+        checkpoint_dir: folder for resumable checkpoints (not a DVC output).
+        live_dir: the DVCLive folder (``metrics.json``, ``plots/metrics``).
+        loader: the ``loader`` section.
+        train: the ``train`` section.
+        val_dir: a val split folder; with samples in it every epoch also logs ``val_loss`` and
+            ``val_acc``.
+
+    Returns:
+        The last epoch's metrics, over all ranks (:data:`METRICS`, plus :data:`VAL_METRICS`);
+        ``{}`` on a rank that stopped with the group on a non-finite loss.
+
+    Raises:
+        PipelineError: unusable inputs or params (ParamsError, ShardError), an output that cannot
+            be written (OutputError), or a locked checkpoint folder; one line each.
+        NonFiniteLoss: the loss or the weights stopped being finite (a single process).
     """
     device, train_split, test_split, val_split = check_inputs(train_dir, test_dir, train, val_dir)
     group = distributed.join(device)
