@@ -78,13 +78,13 @@ def test_simplecnn_matches_the_reference_architecture() -> None:
     layers = [
         type(m).__name__ for m in model.modules() if not isinstance(m, (SimpleCNN, torch.nn.Sequential))
     ]
-    assert layers == [
+    assert layers == [  # in the order forward runs them: each block pools before its ReLU
         "Conv2d",
-        "ReLU",
         "MaxPool2d",
+        "ReLU",
         "Conv2d",
-        "ReLU",
         "MaxPool2d",
+        "ReLU",
         "Flatten",
         "Linear",
         "ReLU",
