@@ -84,7 +84,6 @@ def epochs_with(tensors: Path, work: Path, checkpoint_seconds: float | None, epo
         live_dir=out / "dvclive",
         loader=LoaderParams(),
         train=train,
-        notice=lambda _message: None,
     )
     rows = (out / "dvclive" / "plots" / "metrics" / "epoch_seconds.tsv").read_text().splitlines()[1:]
     return [float(row.split("\t")[1]) for row in rows]
@@ -117,8 +116,9 @@ def render_markdown(r: dict) -> str:
         f"- One checkpoint (model, Adam, RNG, position; atomic folder with fsync): "
         f"**{c['best_s'] * 1000:.0f} ms** best, {c['median_s'] * 1000:.0f} ms median of {r['repeats']}, "
         f"**{c['bytes'] / 1e6:.2f} MB**.",
-        f"- NaN/infinity check of all {f['pixels']:,} train pixels (`train.verify: header`, page cache warm): "
-        f"**{f['finite_check_s']:.3f} s** (the whole header validation with it: {f['header_check_s']:.3f} s), "
+        f"- NaN/infinity check of all {f['pixels']:,} train pixels "
+        f"(`train.verify: header`, page cache warm): **{f['finite_check_s']:.3f} s** "
+        f"(the whole header validation with it: {f['header_check_s']:.3f} s), "
         f"{f['finite_check_s'] / base:.1%} of the fastest epoch below; run once per training, not per epoch.",
         "",
         "| `train.checkpoint_seconds` | epoch seconds (each epoch) | fastest | vs off |",
@@ -138,7 +138,8 @@ def render_markdown(r: dict) -> str:
     lines += [
         "",
         f"At {r['often_seconds']:g} s an epoch of about {base:.0f} s writes about "
-        f"{base / r['often_seconds']:.0f} checkpoints, about {base / r['often_seconds'] * c['median_s']:.1f} s "
+        f"{base / r['often_seconds']:.0f} checkpoints, "
+        f"about {base / r['often_seconds'] * c['median_s']:.1f} s "
         f"of writing at the median cost; at the default none is due within an epoch this short, so its "
         f"row measures the per-step boundary check alone (one host read of a CPU scalar). The same "
         f"setting's two epochs differ by up to {spread:.0%} here, so the rows' differences are noise: "

@@ -111,7 +111,10 @@ def _rss_file_kib() -> int:
 def cold_epoch(
     tensors: Path, window: int | None, budget_shards: float | None, seed: int = 0, max_seconds: float = 600.0
 ) -> dict:
-    """One epoch from a cold page cache; with ``budget_shards``, the resident shard pages stay under that bound."""
+    """One epoch from a cold page cache.
+
+    With ``budget_shards``, the resident shard pages stay under that bound.
+    """
     from trainer.data import ShardDataset
     from trainer.loader import EpochBatchSampler
     from trainer.verify import validate_split
@@ -130,7 +133,7 @@ def cold_epoch(
     evictions, done, t0 = 0, 0, time.perf_counter()
     batches = len(sampler)
     for batch in sampler:
-        images, _ = dataset[batch]
+        _ = dataset[batch]  # the read is what is measured; the batch itself is not needed
         done += 1
         if budget_kib is not None and _rss_file_kib() - base_rss > budget_kib:
             dataset = ShardDataset(split)  # the old one's maps go with it
@@ -198,11 +201,13 @@ def render_markdown(r: dict) -> str:
     lines = [
         "# Beyond RAM: global shuffle against shuffle_window, cold",
         "",
-        f"`python -m benchmarks.cold --scale {s['scale']} --window {s['window']} --budget-shards {s['budget_shards']}"
+        f"`python -m benchmarks.cold --scale {s['scale']} --window {s['window']} "
+        f"--budget-shards {s['budget_shards']}"
         f"{' --shard-dtype uint8' if s.get('shard_dtype') == 'uint8' else ''}`: "
         f"{r['epochs'][0]['shards']} {s.get('shard_dtype', 'float32')} shards of {s['shard_size']:,} samples "
         f"({r['epochs'][0]['data_mb']:.0f} MB), one "
-        f"loader-only epoch each, page cache evicted first; device readahead {s.get('read_ahead_kb')} KiB. {s['note']}",
+        f"loader-only epoch each, page cache evicted first; "
+        f"device readahead {s.get('read_ahead_kb')} KiB. {s['note']}",
         "",
         "| order | resident set | seconds | read from disk MB | read / data | major faults | evictions |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -212,14 +217,16 @@ def render_markdown(r: dict) -> str:
         bound = "unbounded (fits RAM)" if e["budget_shards"] is None else f"<= {e['budget_shards']} shards"
         part = "" if e["fraction_of_epoch"] == 1 else f" (from {e['fraction_of_epoch']:.0%} of the epoch)"
         lines.append(
-            f"| {order} | {bound} | {e['seconds']:.1f}{part} | {e['read_mb']:.0f} | {e['read_vs_data']:.2f} | "
+            f"| {order} | {bound} | {e['seconds']:.1f}{part} | {e['read_mb']:.0f} | "
+            f"{e['read_vs_data']:.2f} | "
             f"{e['major_faults']:,} | {e['evictions']} |"
         )
     lines += [
         "",
         "The data fits in RAM here, so the unbounded rows only show the first touch of every page. The "
         "bounded rows emulate a page cache smaller than the data: whenever the shard pages the process has "
-        "mapped exceed the budget, every shard is unmapped and evicted (POSIX_FADV_DONTNEED). The rule is the "
+        "mapped exceed the budget, every shard is unmapped and evicted (POSIX_FADV_DONTNEED). "
+        "The rule is the "
         "same for both orders and cruder than the kernel's LRU (it also drops the window in use, so the "
         "windowed figure is pessimistic); under uniform random access every replacement policy keeps a hit "
         "rate of about budget / shards, so the global figure is fair. Each fault reads up to the device "

@@ -87,8 +87,8 @@ def train_epoch(
 def train_paired(
     sources: dict[str, tuple[Source, bool]], repeats: int, device: torch.device, seed: int, warmup: int = 0
 ) -> dict[str, dict[str, float]]:
-    """Per source ``(source, reference_layout)``: best epoch seconds, its data-wait fraction and faults per step,
-    over ``repeats`` timed epochs after ``warmup`` untimed ones.
+    """Per source ``(source, reference_layout)``: best epoch seconds, its data-wait fraction and
+    faults per step, over ``repeats`` timed epochs after ``warmup`` untimed ones.
 
     Interleaving matters on a shared machine whose speed drifts by 10-25 %
     over minutes: sources compared epoch by epoch see the same drift.
@@ -207,7 +207,10 @@ def matmul_gflops(
 
 
 def epoch_flops(batch_size: int, device: torch.device) -> float:
-    """FLOPs of forward + backward over one 60,000-sample epoch (convolutions and matmuls; Adam not counted)."""
+    """FLOPs of forward + backward over one 60,000-sample epoch.
+
+    Convolutions and matmuls are counted; Adam is not.
+    """
     model = SimpleCNN().to(device)
     x = torch.zeros(batch_size, 1, 28, 28, device=device)
     y = torch.zeros(batch_size, dtype=torch.int64, device=device)

@@ -51,7 +51,7 @@ def _worker(cfg: argparse.Namespace) -> None:
             torch.set_num_threads(threads)
         params = load_section("loader", cfg.params)
         seed = load_section("train", cfg.params).seed
-        settings = resolve_settings(params, group.device, notice=lambda _m: None)
+        settings = resolve_settings(params, group.device)
         split = validate_split(cfg.tensors / "train", expected_split="train")
         samples = min(cfg.samples, split.num_samples)
         batches = RankBatches(
@@ -65,7 +65,7 @@ def _worker(cfg: argparse.Namespace) -> None:
         for epoch in range(cfg.repeats):
             batches.set_epoch(epoch)
             start = time.perf_counter()
-            for images, labels in loader:
+            for images, _labels in loader:
                 _ = float(images.view(-1)[-1]) if images.numel() else 0.0  # touch: nothing stays lazy
             gather = min(gather, time.perf_counter() - start)
 
@@ -156,7 +156,8 @@ def ddp_rows(
                 "loader_epoch_s": r["gather_epoch_s"] * scale,
                 "train_epoch_s": r["train_epoch_s"] * scale,
                 "data_wait_fraction": r["data_wait_fraction"],
-                "page_faults_per_step": None,  # counted in-process only; these rows train in torchrun's processes
+                # counted in-process only; these rows train in torchrun's processes
+                "page_faults_per_step": None,
                 "samples_measured": r["samples"],
                 "scaled": r["samples"] != EPOCH_SAMPLES,
                 "samples_per_second": r["samples"] / r["train_epoch_s"],

@@ -176,7 +176,11 @@ def compare_layouts(images_dir: Path, work: Path) -> dict:
         steps.append(json.loads(out.stdout))
     same = np.array_equal(_pixels_of_binary(work / "binary.parquet"), _pixels_of_wide(work / "wide.parquet"))
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         platform.processor(),
     )
     return {

@@ -120,7 +120,7 @@ def _loader_rows(cfg: argparse.Namespace, device: torch.device, seed: int) -> li
     def loader_from_params(**override):
         def make():
             params = dataclasses.replace(load_section("loader", cfg.params), **override)
-            settings = resolve_settings(params, device, notice=lambda _m: None)
+            settings = resolve_settings(params, device)
             sampler = EpochBatchSampler(fs, settings.batch_size, shuffle=settings.shuffle, seed=seed)
             loader = make_loader(ShardDataset(train), sampler, settings)
 
@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     compute = trained_together["compute"]
     fl["compute_epoch_s"] = compute["seconds"] * EPOCH_SAMPLES / cfg.samples
     if device.type == "cpu":
-        # Every sample at the fastest per-sample speed seen for one step: a bound that a burst of load on this shared
-        # machine cannot lift, where one whole epoch needs every one of its steps undisturbed.
+        # Every sample at the fastest per-sample speed seen for one step: a bound that a burst of load
+        # on this shared machine cannot lift, where one whole epoch needs every one of its steps undisturbed.
         step_bound = compute["fastest_step_s_per_sample"] * EPOCH_SAMPLES
         fl["compute_epoch_s"] = min(fl["compute_epoch_s"], step_bound)
     threads = threads_experiment(cfg, device, seed, repeats=cfg.repeats)

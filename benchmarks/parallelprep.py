@@ -1,4 +1,6 @@
-"""Data stages on every core: ``python -m benchmarks.parallelprep --scale 1 16`` -> ``bench/parallel.{json,md}``.
+"""Data stages on every core: ``python -m benchmarks.parallelprep --scale 1 16``.
+
+Writes ``bench/parallel.{json,md}``.
 
 For each factor K the scaled user CSV of :mod:`benchmarks.scale` is built, then
 ``parquet`` and ``tensorize`` run as dvc.yaml runs them with ``prep.workers`` 1 and
@@ -142,17 +144,20 @@ def render_markdown(r: dict) -> str:
         "",
         f"`python -m benchmarks.parallelprep --scale {' '.join(str(x['scale']) for x in r['rows'])}`; "
         f"{r['settings']['base_samples']:,} samples per K, shard_size {r['settings']['shard_size']}, "
-        f"all cores = {r['cores']}. Before: {conditions_text(r['before'])}. After: {conditions_text(r['after'])}."
+        f"all cores = {r['cores']}. Before: {conditions_text(r['before'])}. "
+        f"After: {conditions_text(r['after'])}."
         + (f" {r['settings']['note']}" if r["settings"]["note"] else ""),
         "",
-        "| K | stage | workers 1: s / own MB / tree MB | all cores: s / own MB / tree MB | speed-up | same bytes |",
+        "| K | stage | workers 1: s / own MB / tree MB | all cores: s / own MB / tree MB "
+        "| speed-up | same bytes |",
         "|---:|---|---:|---:|---:|---|",
     ]
     for row in r["rows"]:
         for s in MEASURED:
             a, b = row["runs"][f"{s}/1"], row["runs"][f"{s}/all"]
             lines.append(
-                f"| {row['scale']} | {s} | {a['seconds']:.2f} / {a['own_peak_mb']:.0f} / {a['tree_peak_pss_mb']:.0f}"
+                f"| {row['scale']} | {s} "
+                f"| {a['seconds']:.2f} / {a['own_peak_mb']:.0f} / {a['tree_peak_pss_mb']:.0f}"
                 f" | {b['seconds']:.2f} / {b['own_peak_mb']:.0f} / {b['tree_peak_pss_mb']:.0f} | "
                 f"{a['seconds'] / b['seconds']:.2f}x | {'yes' if row['same_bytes'][s] else 'NO'} |"
             )

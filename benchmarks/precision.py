@@ -95,7 +95,10 @@ def speed(tensors: Path, batch_size: int, steps: int, repeats: int, seed: int) -
 def accuracy(
     work: Path, tensors: Path, epochs: int, runs: tuple[str, ...] = tuple(ACCURACY_RUNS)
 ) -> dict[str, dict]:
-    """``runs`` of :data:`ACCURACY_RUNS` through the real train stage (or read back from ``work``); final metrics."""
+    """The final metrics of ``runs`` of :data:`ACCURACY_RUNS` through the real train stage.
+
+    A run already in ``work`` is read back instead of trained again.
+    """
     work.mkdir(parents=True, exist_ok=True)
     out = {}
     for name in runs:
@@ -177,7 +180,8 @@ def render(r: dict) -> str:
         "|---|---:|",
         *[f"| {name} | {s[name]:.2f} |" for name in PRECISIONS],
         "",
-        f"bf16 FLOP floor: {r['floor']['epoch_gflop']:.0f} GFLOP per epoch at {r['floor']['bf16_matmul_gflops']:.0f} "
+        f"bf16 FLOP floor: {r['floor']['epoch_gflop']:.0f} GFLOP per epoch "
+        f"at {r['floor']['bf16_matmul_gflops']:.0f} "
         f"GFLOP/s (2048x2048 bfloat16 matmul; fp32: {r['floor']['fp32_matmul_gflops']:.0f} GFLOP/s) = "
         f"{r['floor']['bf16_epoch_s']:.2f} s.",
         "",

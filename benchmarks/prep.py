@@ -51,7 +51,7 @@ def path_bytes(path: Path) -> int:
 
 
 def stage_commands(work: Path, names: Sequence[str] = DATA_STAGES) -> list[tuple[str, list[str]]]:
-    """The dvc.yaml commands of ``names`` with ``data/`` (and the train stage's outputs) redirected into ``work``."""
+    """The dvc.yaml commands of ``names``, with ``data/`` and the train stage's outputs in ``work``."""
     with open(ROOT / "dvc.yaml", encoding="utf-8") as f:
         stages = yaml.safe_load(f)["stages"]
     out = []

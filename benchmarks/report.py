@@ -80,16 +80,19 @@ def load_text(c: dict) -> str:
 
 
 def loader_shapes_lines(loader: dict) -> list[str]:
-    """Markdown of :func:`benchmarks.shapes.loader_vs_memcpy`'s result (shared by shapes.md and results.md)."""
+    """Markdown of :func:`benchmarks.shapes.loader_vs_memcpy`'s result (in shapes.md and results.md)."""
     lines = [
         "## Loader-only epoch against memcpy, per image shape",
         "",
-        "Random uint8 pixels written by `pipeline.tensorize.write_split` (shards of 65,536, unit normalisation); "
-        f"one epoch with params.yaml's loader (the trainer's dataset, sampler and loader, on the CPU), fastest "
+        "Random uint8 pixels written by `pipeline.tensorize.write_split` "
+        "(shards of 65,536, unit normalisation); "
+        f"one epoch with params.yaml's loader (the trainer's dataset, sampler and loader, on the CPU), "
+        "fastest "
         f"of {loader['repeats']}, against a memcpy of the same float32 bytes (fastest of at least 5). "
         f"Goal: loader / memcpy <= {loader['goal']}.",
         "",
-        "| shape | samples | float32 MB | loader epoch s | memcpy s | loader / memcpy | goal met | load (1 min) |",
+        "| shape | samples | float32 MB | loader epoch s | memcpy s | loader / memcpy | goal met "
+        "| load (1 min) |",
         "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in loader["rows"]:
@@ -124,8 +127,8 @@ def render_markdown(r: dict) -> str:
         f"Each time is the minimum of {r['settings']['repeats']} epochs, per 60,000 samples"
         + (" (quick run: scaled from fewer samples)." if r["settings"]["quick"] else "."),
         "",
-        "| row | loader_epoch_s | train_epoch_s | speedup_vs_naive | data_wait_fraction | page_faults_per_step "
-        "| note |",
+        "| row | loader_epoch_s | train_epoch_s | speedup_vs_naive | data_wait_fraction "
+        "| page_faults_per_step | note |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in r["rows"]:
@@ -140,7 +143,8 @@ def render_markdown(r: dict) -> str:
         f"Floors: memcpy of one epoch's images {fl['memcpy_epoch_s']:.4f} s; compute (every step of an epoch "
         f"on one cache-warm batch, timed interleaved with `default`, `reference-layout` and `resident`; on "
         f"the CPU at most the fastest step's time per sample times 60,000) "
-        f"{fl['compute_epoch_s']:.2f} s; FLOP floor {fl['flop_epoch_s']:.2f} s = {fl['epoch_gflop']:.0f} GFLOP "
+        f"{fl['compute_epoch_s']:.2f} s; "
+        f"FLOP floor {fl['flop_epoch_s']:.2f} s = {fl['epoch_gflop']:.0f} GFLOP "
         f"per epoch (forward + backward, counted by FlopCounterMode) at {fl['matmul_gflops']:.0f} GFLOP/s "
         "(2048x2048 fp32 matmul, best of 10, same run).",
         "",
@@ -170,7 +174,8 @@ def render_markdown(r: dict) -> str:
         "",
         "## Memory: loader process tree (peak over one epoch, MiB)",
         "",
-        "Each line runs in a fresh interpreter; baseline is the main process after imports, before the dataset.",
+        "Each line runs in a fresh interpreter; "
+        "baseline is the main process after imports, before the dataset.",
         "",
         "| loader | processes | baseline USS | peak USS (sum) | peak PSS (sum) |",
         "|---|---:|---:|---:|---:|",
@@ -187,7 +192,7 @@ def render_markdown(r: dict) -> str:
         "| habit | peak | measured as |",
         "|---|---:|---|",
     ]
-    for name, v in r["memory"]["training_habits"].items():
+    for v in r["memory"]["training_habits"].values():
         lines.append(f"| {v['what']} | {v['peak_above_start_mb']} | {v['measure']} |")
     lines += ["", "## Disk (bytes)", "", "| form | bytes | MB |", "|---|---:|---:|"]
     for name, size in r["disk"].items():
@@ -203,7 +208,8 @@ def _allocator_section(a: dict) -> list[str]:
         "## Page faults: why pre-gathered batches trained slower than loader-fed ones",
         "",
         "The original model trained on the `default` loader's batches, epochs interleaved, each setting in a "
-        "fresh interpreter: `pre-gathered` holds all of the epoch's batches (118 live buffers at 60,000 samples) "
+        "fresh interpreter: `pre-gathered` holds all of the epoch's batches "
+        "(118 live buffers at 60,000 samples) "
         "before the clock starts, as the old compute floor did; `loader-fed` gathers one batch per step. "
         "Page faults are minor "
         "faults (`ru_minflt`) per step: each is a 4 KiB page the kernel zero-fills because glibc returned "

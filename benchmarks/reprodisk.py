@@ -1,4 +1,6 @@
-"""Disk used by ``dvc repro`` as data grows: ``python -m benchmarks.reprodisk --scale 1 16`` -> ``bench/reprodisk.{json,md}``.
+"""Disk used by ``dvc repro`` as data grows: ``python -m benchmarks.reprodisk --scale 1 16``.
+
+Writes ``bench/reprodisk.{json,md}``.
 
 For each factor K and each cache link type (DVC's default ``reflink,copy`` and
 this project's ``hardlink,symlink``), a copy of the repository's tracked files
@@ -62,11 +64,6 @@ def make_repo(dest: Path) -> Path:
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
-    template = (
-        ROOT / ".dvc" / "vega-offline.html"
-    )  # built by .ci/setup, ignored by git; plots need it, repro not
-    if template.is_file():
-        shutil.copy2(template, dest / ".dvc" / template.name)
     _run(["git", "init", "-q"], dest)
     _run(["git", "-c", "user.email=b@b", "-c", "user.name=b", "add", "-A"], dest)
     _run(["git", "-c", "user.email=b@b", "-c", "user.name=b", "commit", "-qm", "bench"], dest)
@@ -119,15 +116,16 @@ def render_markdown(r: dict) -> str:
         "",
         f"`python -m benchmarks.reprodisk --scale {' '.join(str(k) for k in r['settings']['scales'])}` "
         f"({r['machine']['platform']}): `dvc repro tensorize` in a fresh copy of the repository, user CSV of "
-        f"K x {r['settings']['base_samples']:,} rows under `data/user` (not counted). MB allocated on disk, each inode "
-        f"once. {r['settings']['note']}",
+        f"K x {r['settings']['base_samples']:,} rows under `data/user` (not counted). "
+        f"MB allocated on disk, each inode once. {r['settings']['note']}",
         "",
         "| K | samples | cache.type | outputs in workspace MB | .dvc/cache MB | together MB | seconds |",
         "|---:|---:|---|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
         lines.append(
-            f"| {row['scale']} | {row['samples']:,} | `{row['cache_type']}` | {row['workspace_outputs_mb']:,.0f} "
+            f"| {row['scale']} | {row['samples']:,} | `{row['cache_type']}` "
+            f"| {row['workspace_outputs_mb']:,.0f} "
             f"| {row['cache_mb']:,.0f} | {row['total_mb']:,.0f} | {row['seconds']:.1f} |"
         )
     reflink = {row["reflink_possible"] for row in r["rows"]}

@@ -86,7 +86,10 @@ def write_params(work: Path, shard_size: int) -> Path:
 
 
 def build_inputs(work: Path, scale: int, base_samples: int, idx_dir: Path) -> int:
-    """The K x train CSV and the test CSV under ``work/data/user`` (the folder the csv stage accepts user CSVs from); returns the train rows."""
+    """Write the K x train CSV and the test CSV; returns the train rows.
+
+    They go under ``work/data/user``, the folder the csv stage accepts user CSVs from.
+    """
     (work / "data" / "user").mkdir(parents=True, exist_ok=True)
     images, labels = load_idx_split(idx_dir, "train")
     rows = write_scaled_csv(

@@ -97,7 +97,7 @@ def loader_epoch_seconds(split_dir: Path, params: Path, repeats: int) -> float:
     """Fastest of ``repeats`` loader-only epochs over a train split, built as the trainer builds its loader
     (params.yaml's loader section on the CPU); every batch is touched, so nothing stays lazy."""
     split = validate_split(split_dir, expected_split="train")
-    settings = resolve_settings(load_section("loader", params), torch.device("cpu"), notice=lambda _m: None)
+    settings = resolve_settings(load_section("loader", params), torch.device("cpu"))
     sampler = EpochBatchSampler(
         split.num_samples,
         settings.batch_size,
@@ -156,7 +156,7 @@ def loader_vs_memcpy(
 
 @dataclass(frozen=True)
 class Sizes:
-    """How much of each source a run uses (the defaults are the full benchmark; the smoke test shrinks them)."""
+    """How much of each source a run uses (defaults: the full benchmark; the smoke test shrinks them)."""
 
     idx: Path  # FashionMNIST's IDX .gz files
     train: int | None  # FashionMNIST train rows of the CSV cases (None: all 60,000)

@@ -106,7 +106,6 @@ def worker_epochs(train_dir: Path, repeats: int = 5) -> dict:
                         pin_memory=False,
                     ),
                     torch.device("cpu"),
-                    notice=lambda _m: None,
                 )
                 rows.append(
                     {
@@ -162,7 +161,8 @@ def workers_lines(r: dict) -> list[str]:
         "## Loader workers and uint8 shards",
         "",
         f"Loader-only epoch of {r['samples']:,} FashionMNIST samples, batch {r['batch_size']}, persistent "
-        f"workers, fastest of {r['repeats']} after a warm-up epoch. Workers prefetch pages and the main process "
+        f"workers, fastest of {r['repeats']} after a warm-up epoch. "
+        "Workers prefetch pages and the main process "
         "gathers (`trainer/prefetch.py`); `gather-in-worker` is the replaced design (workers gather and send "
         "each batch as a tensor). " + conditions_text(r["conditions"]) + ".",
         "",
@@ -176,7 +176,7 @@ def workers_lines(r: dict) -> list[str]:
             f"| {dtype} | " + " | ".join(cells) + f" | {by[f'{dtype}-gather-in-worker2']:.4f} s | "
             f"{ratio:.2f} |"
         )
-    return lines + [""]
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -76,10 +76,12 @@ def _parse_strict(block: bytes, schema: Schema) -> pl.DataFrame:
 
 
 def _parse(block: bytes, schema: Schema) -> pl.DataFrame:
-    """One block of data lines in the :attr:`Schema.out` types; raises PolarsError or _Refused on any violation.
+    """One block of data lines in the :attr:`Schema.out` types.
 
-    Parsing straight to the narrow types costs a third less than Int32 plus range checks and
-    casts; Polars then refuses exactly the cells the strict path refuses, except "-0". So a
+    Raises PolarsError or _Refused on any violation.
+
+    Parsing straight to the narrow types is cheaper than Int32 plus range checks and casts
+    (``bench/notes.md``); Polars then refuses exactly the cells the strict path refuses, except "-0". So a
     block that parses with no null is the strict result, and any other block goes through the
     strict path, which decides.
     """
@@ -133,7 +135,9 @@ def parsed_blocks(
     where: str | None = None,
     names: Sequence[str] | None = None,
 ) -> Iterator[pl.DataFrame]:
-    """The data lines from byte ``data_start`` on, parsed block by block; raises the first refused block's DataError.
+    """The data lines from byte ``data_start`` on, parsed block by block.
+
+    Raises the first refused block's DataError.
 
     The error names ``where`` (default: ``path``) and the columns as ``names`` spells them (default:
     the canonical names), so a check of a canonical copy can speak of the user's own file and header.

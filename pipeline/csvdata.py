@@ -36,7 +36,19 @@ def _read_idx_gz(path: Path) -> np.ndarray:
 
 
 def idx_to_csv(images_gz: Path, labels_gz: Path, out_csv: Path) -> int:
-    """Write one split as CSV; returns the number of rows."""
+    """Write one split of an IDX dataset as a canonical CSV, atomically.
+
+    Args:
+        images_gz: the gzipped IDX images file ([n, H, W] uint8).
+        labels_gz: the gzipped IDX labels file ([n] uint8).
+        out_csv: the CSV to write (``label,pixel1..pixelN``).
+
+    Returns:
+        The number of rows written.
+
+    Raises:
+        DataError: a file cannot be read or decoded, or the two disagree on the sample count.
+    """
     images = _read_idx_gz(images_gz)
     labels = _read_idx_gz(labels_gz)
     if images.ndim != 3 or images.dtype != np.uint8:
@@ -56,25 +68,37 @@ def idx_to_csv(images_gz: Path, labels_gz: Path, out_csv: Path) -> int:
 
 
 def check_user_csv_location(path: Path, folder: Path, key: str, where: str = "params.yaml") -> None:
-    """Refuse a user CSV outside ``folder``: dvc.yaml tracks that folder, so edits elsewhere would go unseen."""
+    """Refuse a user CSV outside ``folder``.
+
+    dvc.yaml tracks that folder, so edits to a file elsewhere would go unseen by ``dvc repro``.
+
+    Args:
+        path: the CSV, as params.yaml names it.
+        folder: the folder dvc.yaml tracks (``data/user``).
+        key: the params.yaml key that names ``path``, for the message.
+        where: the file the key is in, for the message.
+
+    Raises:
+        ParamsError: ``path`` is outside ``folder``, by name or through a symbolic link.
+    """
     resolved = path.resolve()
     if resolved.is_relative_to(folder.resolve()):
         return
-    if Path(os.path.abspath(path)).is_relative_to(
-        os.path.abspath(folder)
-    ):  # inside by name, not through links
+    # inside by name, not through links
+    if Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder)):
         fix = (
             f"replace the link by a copy (cp --remove-destination {resolved} {path})"
             if path.is_symlink()
             else f"a folder on its way is a link: make it a real folder under {folder}/ holding a copy"
         )
         raise ParamsError(
-            f"{where}: {key}: {path} is a symbolic link to {resolved}, outside {folder}/, the folder dvc.yaml "
-            f"tracks, so dvc repro would not notice when that file changes: {fix}"
+            f"{where}: {key}: {path} is a symbolic link to {resolved}, outside {folder}/, "
+            f"the folder dvc.yaml tracks, so dvc repro would not notice when that file changes: {fix}"
         )
     raise ParamsError(
         f"{where}: {key}: {path} is outside {folder}/, the folder dvc.yaml tracks, so dvc repro would "
-        f"not notice when the file changes: copy it to {folder / path.name} and set {key}: {folder / path.name}"
+        f"not notice when the file changes: "
+        f"copy it to {folder / path.name} and set {key}: {folder / path.name}"
     )
 
 
@@ -110,8 +134,18 @@ def import_user_csv(
     count. With ``check_values`` every cell is checked too, and a problem is reported against
     ``src`` (its line, its own column name); nothing is written then.
 
+    Args:
+        src: the user's CSV (``label`` first, then the pixels, one row per image).
+        out_csv: the canonical copy to write.
+        image_shape: ``data.image_shape`` (None: infer a square grey image).
+        check_values: check every cell here (labels, pixels 0..255) rather than in the Parquet stage.
+
     Returns:
         The image shape (C, H, W) and the label kind (``int`` or ``name``, from the first row).
+
+    Raises:
+        DataError: the header, the column count or (with ``check_values``) a cell is wrong; the
+            message names the line and column of ``src``.
     """
     if not src.exists():
         raise DataError(f"{src}: file not found (data.dataset is csv; set data.train_csv / data.test_csv)")

@@ -269,7 +269,30 @@ def fetch_dataset(
     progress: bool = True,
     opener: urllib.request.OpenerDirector | None = None,
 ) -> dict:
-    """Write the four verified ``.gz`` files and ``source.json`` into ``out_dir`` atomically."""
+    """Write the four verified ``.gz`` files and ``source.json`` into ``out_dir`` atomically.
+
+    Each file comes from the first source that delivers it verified (size, decompressed SHA-256 and
+    IDX shape), trying ``mirrors`` before the dataset's own sources; nothing is left in ``out_dir``
+    unless all four verify.
+
+    Args:
+        spec: the dataset (:data:`pipeline.sources.DATASETS`): its files, checksums and sources.
+        out_dir: the folder to write (``data/raw``); replaced as a whole.
+        mirrors: URLs or local folders tried first, in order.
+        timeout: seconds a source may stay silent before it is given up.
+        min_rate_kbps: a source slower than this over a whole file is given up (a server that
+            drips bytes cannot hold the stage forever).
+        progress: show a progress bar per file on stderr.
+        opener: the urllib opener (tests pass their own).
+
+    Returns:
+        What ``source.json`` records: the dataset name and, per file, where it came from and its
+        SHA-256.
+
+    Raises:
+        DownloadError: a file could not be had verified from any source (each failure listed), or
+            ``spec`` is inconsistent.
+    """
     sources = tuple(mirrors) + spec.sources
     record: dict = {"dataset": spec.name, "files": {}}
     with atomic_dir(out_dir) as tmp:
@@ -311,7 +334,14 @@ def verify_raw(spec: DatasetSpec, raw_dir: Path | str) -> None:
     has not been through :func:`verify`: each file must still decompress
     (bounded by its expected size, so a gzip bomb stops there) to the expected
     SHA-256, size and IDX shape, and ``source.json``, if present, must name
-    ``spec``'s dataset. Raises :class:`DataError` naming the file.
+    ``spec``'s dataset.
+
+    Args:
+        spec: the dataset the folder must hold.
+        raw_dir: the folder (``data/raw``).
+
+    Raises:
+        DataError: a file is missing or fails a check; the message names it.
     """
     raw_dir = Path(raw_dir)
     fix = f"it must hold what `download` verifies for {spec.name}: rerun `dvc repro download`"

@@ -125,8 +125,20 @@ def _scan_class(split: str, folder: Path) -> list[ImageEntry]:
 def scan_split(images_dir: Path, split: str, known_classes: Sequence[str] | None = None) -> list[ImageEntry]:
     """List ``images_dir/split/<class>/...`` ordered by the SHA-256 of each path; no image is opened.
 
-    ``test`` may be absent (then ``[]``); with ``known_classes`` (the train
-    classes) a class folder not among them is refused.
+    The hash order is a fixed shuffle: it does not depend on the file system or on when files were
+    added, so the same folder always gives the same Parquet file.
+
+    Args:
+        images_dir: the folder holding ``train/`` and, optionally, ``test/``.
+        split: ``train`` or ``test``; ``test`` may be absent (then ``[]``).
+        known_classes: the train classes; a test class folder not among them is refused.
+
+    Returns:
+        One entry (label, path relative to ``images_dir``) per image file.
+
+    Raises:
+        DataError: the folder or the split is missing, the split holds no class folders or a file
+            outside one, or a test class is not a train class.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
@@ -219,8 +231,18 @@ def check_images(
 ) -> tuple[int, int, int]:
     """Read every image's header; return the (C, H, W) the Parquet file will hold.
 
-    With ``image_shape`` any accepted image will do (it will be converted);
-    without, all must share the first one's size and mode, "L" or "RGB".
+    Args:
+        images_dir: the folder the entries' paths are relative to.
+        entries: the images, as :func:`scan_split` lists them.
+        image_shape: ``data.image_shape``; with it any readable image will do (it will be
+            converted); without, all must share the first one's size and mode, "L" or "RGB".
+
+    Returns:
+        The (C, H, W) of every row.
+
+    Raises:
+        DataError: an image cannot be opened, or differs from the first (without ``image_shape``);
+            the message names the file.
     """
     images_dir = Path(images_dir)
     if image_shape is not None:

@@ -56,7 +56,8 @@ IntAtLeast1 = Annotated[int, Field(ge=1), Expect("an integer >= 1")]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED), Expect(f"an integer 0..{MAX_SEED}")]
 PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False), Expect("a positive finite number")]
 NonNegativeFinite = Annotated[float, Field(ge=0, allow_inf_nan=False), Expect("a finite number >= 0")]
-# A day: longer is never meant, and past ~9.2e9 s Python's clocks overflow (OverflowError deep in socket code).
+# A day: longer is never meant, and past ~9.2e9 s Python's clocks overflow
+# (OverflowError deep in socket code).
 MAX_SECONDS = 86400.0
 Seconds = Annotated[
     float,
@@ -161,7 +162,8 @@ class TrainParams:
     verify: Literal["header", "full"] = "header"
     checkpoint_every: IntAtLeast0 = 1
     # Also mid-epoch, at the first step boundary this long after the last checkpoint; None = off.
-    # 300 s: a preemption loses at most 5 minutes, for a write that costs well under 1 % of them (bench/checkpoint.md).
+    # 300 s: a preemption loses at most 5 minutes, for a write that costs well under 1 % of them
+    # (bench/checkpoint.md).
     checkpoint_seconds: Seconds | None = 300.0
     processes: IntAtLeast1 = 1
     max_restarts: IntAtLeast0 = 3
@@ -243,7 +245,8 @@ def _message(cls: type, section: str, values: Mapping, exc: ValidationError, whe
         expected = _expectation(typing.get_type_hints(cls, include_extras=True)[key])
         return f"{where}: {section}.{at}: expected {expected}, found {_show(error['input'])}"
     # A wrong type anywhere inside a value: name the key's whole type and show the value it was given.
-    return f"{where}: {section}.{key}: expected {_type_name(typing.get_type_hints(cls)[key])}, found {_show(values[key])}"
+    expected = _type_name(typing.get_type_hints(cls)[key])
+    return f"{where}: {section}.{key}: expected {expected}, found {_show(values[key])}"
 
 
 def parse_section(cls: type[T], section: str, values: Any, where: str = "params.yaml") -> T:
@@ -269,7 +272,7 @@ def parse_section(cls: type[T], section: str, values: Any, where: str = "params.
 
 
 def _yaml_message(path: Path, exc: MarkedYAMLError) -> str:
-    """ruamel's multi-line text (``in "<unicode string>"``, a link) as one line naming file, line and column."""
+    """ruamel's multi-line text (``in "<unicode string>"``, a link) as one line: file, line and column."""
     mark = exc.problem_mark or exc.context_mark
     where = f"{path}: line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
     problem = " ".join(str(exc.problem or exc.context or type(exc).__name__).split())
@@ -303,6 +306,19 @@ def read_params_file(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
 
 
 def load_section(section: str, path: Path | str = DEFAULT_PARAMS) -> Any:
-    """Read one section of params.yaml into its frozen dataclass."""
+    """Read one section of params.yaml into its frozen dataclass, every value checked.
+
+    Args:
+        section: ``data``, ``prep``, ``loader`` or ``train``.
+        path: the params file.
+
+    Returns:
+        The section's dataclass (e.g. :class:`TrainParams`); keys the file leaves out take their
+        defaults.
+
+    Raises:
+        ParamsError: the file cannot be read or parsed, or a key is unknown, of the wrong type or
+            out of range; one line naming the file, key and what was expected.
+    """
     doc = read_params_file(path)
     return parse_section(SECTIONS[section], section, doc.get(section), where=str(path))

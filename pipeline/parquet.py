@@ -106,19 +106,34 @@ def csv_to_parquet(
     allow_empty: bool = False,
     workers: int | None = 1,
 ) -> int:
-    """Convert one canonical CSV to the wide layout; returns the row count. Leaves no output on failure.
+    """Convert one canonical CSV to the wide layout (one uint8 column per pixel), atomically.
 
-    ``allow_empty``: a header without rows is a valid, empty split (a source without a test split).
-    ``workers`` > 1 (None: every core): the next row group's blocks are parsed in a thread while
-    Arrow encodes the current one (its encoder runs on one core), at most one row group ahead; the
-    file's bytes do not depend on it.
+    With ``workers`` > 1 the next row group's blocks are parsed in a thread while Arrow encodes
+    the current one (its encoder runs on one core), at most one row group ahead.
+
+    Args:
+        csv_path: the csv stage's output (``label,pixel1..pixelN``).
+        out_path: the Parquet file to write; nothing is left there on failure.
+        compression: the Parquet codec (``prep.compression``).
+        compression_level: the codec's level (None: its default).
+        row_group_size: rows per row group, the unit later stages read.
+        allow_empty: a header without rows is a valid, empty split (a source without a test split).
+        workers: threads (None: every core); the file's bytes do not depend on it.
+
+    Returns:
+        The number of rows written.
+
+    Raises:
+        DataError: the CSV is empty, malformed or has a value out of range; the message names the
+            line and column.
     """
     try:
         with open(csv_path, "rb") as f:
             header = f.readline(MAX_HEADER_BYTES + 1)
             if not header.strip():
                 raise DataError(f"{csv_path}: file is empty; expected a header line label,pixel1..pixelN")
-            # The header may name the pixels as it likes, be quoted, or carry a BOM; the values are read by position.
+            # The header may name the pixels as it likes, be quoted, or carry a BOM;
+            # the values are read by position.
             names = check_header(header, str(csv_path))
             first = f.readline(MAX_HEADER_BYTES + 1)
     except OSError as exc:
@@ -166,13 +181,28 @@ def images_to_parquet(
     row_group_size: int,
     workers: int | None = 1,
 ) -> int:
-    """Decode every image of a listing into one Parquet file (image layout), atomically; returns the row count.
+    """Decode every image of a listing into one Parquet file (image layout), atomically.
 
-    ``image_shape`` converts and resizes every image to it; ``None`` keeps the images as they are
-    (one size and mode, the first image's), and then an empty listing is refused, having no shape to
-    record. At most one row group of pixels is held, and a row group holds at most 64 MiB of pixels
-    whatever ``row_group_size`` says (65,536 images of 224x224x3 would be 9.8 GB). ``workers`` threads
-    decode (None: one per core); the file's bytes do not depend on it.
+    At most one row group of pixels is held, and a row group holds at most 64 MiB of pixels
+    whatever ``row_group_size`` says, so memory stays bounded for large images too.
+
+    Args:
+        listing_csv: the csv stage's ``label,file`` listing.
+        images_dir: the folder the listing's paths are relative to.
+        out: the Parquet file to write; nothing is left there on failure.
+        image_shape: convert and resize every image to this (C, H, W); None keeps the images as
+            they are (one size and mode, the first image's), and then an empty listing is refused,
+            having no shape to record.
+        compression: the Parquet codec (``prep.compression``).
+        compression_level: the codec's level (None: its default).
+        row_group_size: images per row group, capped by the 64 MiB bound.
+        workers: decoding threads (None: one per core); the file's bytes do not depend on it.
+
+    Returns:
+        The number of rows (images) written.
+
+    Raises:
+        DataError: an image cannot be read, or does not match the others (without ``image_shape``).
     """
     entries = read_listing(listing_csv)
     shape = image_shape_of(entries, images_dir, image_shape, str(listing_csv))
@@ -242,7 +272,17 @@ def _image_shape(meta: dict[bytes, bytes] | None, width: int, where: str) -> tup
 
 
 def open_table(path: Path) -> Table:
-    """Check a Parquet split's schema (either layout) and return what it holds."""
+    """Check a Parquet split's schema (either layout) and describe what it holds.
+
+    Args:
+        path: a Parquet file written by this stage (wide or image layout).
+
+    Returns:
+        Its :class:`Table`: layout, row count, image shape and label kind.
+
+    Raises:
+        DataError: the file is unreadable or its schema is neither layout.
+    """
     try:
         file = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as exc:
@@ -301,7 +341,11 @@ def _pixels(column: pa.Array, width: int) -> np.ndarray:
 
 
 def _wide_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:
-    """Polars gathers hundreds of UInt8 columns into rows several times faster than a column loop."""
+    """Rows ``start..stop`` of a wide-layout table, ``chunk_rows`` at a time.
+
+    Polars gathers the hundreds of UInt8 columns into rows, far faster than a loop over the
+    columns (``bench/notes.md``).
+    """
     pixels = pixel_columns(table.num_pixels)
     for first in range(start, stop, chunk_rows):
         df = pl.scan_parquet(table.path).slice(first, min(chunk_rows, stop - first)).collect()

@@ -90,7 +90,8 @@ def read_ahead(items: Iterable[T], weight: Callable[[T], int], budget: int) -> I
             for item in items:
                 w = weight(item)
                 with changed:
-                    changed.wait_for(lambda: state["stop"] or not ready or state["held"] + w <= budget)
+                    # w bound here (B023), so the predicate weighs this item whenever it runs
+                    changed.wait_for(lambda w=w: state["stop"] or not ready or state["held"] + w <= budget)
                     if state["stop"]:
                         return
                     ready.append((item, w))

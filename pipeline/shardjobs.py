@@ -34,7 +34,10 @@ READ_BYTES = 8 << 20  # uint8 pixels decoded at once while a worker reads its sh
 def image_chunks(
     pixels: np.ndarray, norm: Normalization, shape: tuple[int, int, int], dtype: str
 ) -> Iterator[np.ndarray]:
-    """A shard's images from uint8 rows [n, C*H*W]: normalised float32 a chunk at a time, or the bytes as they are."""
+    """A shard's images from uint8 rows [n, C*H*W].
+
+    Normalised float32 a chunk at a time, or (``dtype`` uint8) the bytes as they are.
+    """
     if dtype == "uint8":
         yield pixels.reshape(len(pixels), *shape)
         return

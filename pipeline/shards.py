@@ -147,7 +147,8 @@ def parse_header(prefix: bytes, file_size: int, where: str = "<shard>") -> Shard
             raise ShardError(f"{where}: tensor {name!r}: unsupported dtype {dtype!r:.50}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 8:
             raise ShardError(
-                f"{where}: tensor {name!r}: shape must be a list of at most 8 non-negative integers, found {shape!r:.200}"
+                f"{where}: tensor {name!r}: shape must be a list of at most 8 non-negative integers, "
+                f"found {shape!r:.200}"
             )
         if (
             not isinstance(offsets, list)
@@ -156,17 +157,20 @@ def parse_header(prefix: bytes, file_size: int, where: str = "<shard>") -> Shard
             or offsets[0] > offsets[1]
         ):
             raise ShardError(
-                f"{where}: tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, found {offsets!r:.200}"
+                f"{where}: tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, "
+                f"found {offsets!r:.200}"
             )
         itemsize = DTYPES[dtype].itemsize
         expected = math.prod(shape) * itemsize
         if offsets[1] - offsets[0] != expected:
             raise ShardError(
-                f"{where}: tensor {name!r}: {dtype} {shape} needs {expected} bytes, offsets span {offsets[1] - offsets[0]}"
+                f"{where}: tensor {name!r}: {dtype} {shape} needs {expected} bytes, "
+                f"offsets span {offsets[1] - offsets[0]}"
             )
         if (data_start + offsets[0]) % itemsize:
             raise ShardError(
-                f"{where}: tensor {name!r}: file offset {data_start + offsets[0]} is not aligned to {itemsize} bytes"
+                f"{where}: tensor {name!r}: file offset {data_start + offsets[0]} "
+                f"is not aligned to {itemsize} bytes"
             )
         entries.append(
             TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
@@ -177,7 +181,8 @@ def parse_header(prefix: bytes, file_size: int, where: str = "<shard>") -> Shard
         if t.start != cursor:
             kind = "overlaps the previous tensor" if t.start < cursor else "leaves a gap before it"
             raise ShardError(
-                f"{where}: tensor {t.name!r}: data starts at byte {t.start - data_start}, which {kind} (expected {cursor - data_start})"
+                f"{where}: tensor {t.name!r}: data starts at byte {t.start - data_start}, "
+                f"which {kind} (expected {cursor - data_start})"
             )
         cursor = t.end
     if cursor - data_start != buffer_len:
@@ -293,7 +298,10 @@ def check_tensors(
     image_shape: tuple[int, ...],
     image_dtype: str = "float32",
 ) -> tuple[TensorInfo, TensorInfo]:
-    """The shard holds exactly ``images`` [n, *image_shape] of the manifest's ``image_dtype`` and ``labels`` int64 [n]."""
+    """Check the shard holds exactly ``images`` and ``labels``; their entries.
+
+    ``images`` is [n, *image_shape] of the manifest's ``image_dtype``, ``labels`` int64 [n].
+    """
     extra = sorted(set(layout.tensors) - {IMAGES, LABELS})
     if extra:
         raise ShardError(

@@ -31,7 +31,10 @@ def hash_unit(keys: Iterable[bytes]) -> np.ndarray:
 
 
 def assign(u: np.ndarray, *, test_fraction: float, val_fraction: float) -> np.ndarray:
-    """uint8 codes TRAIN / VAL / TEST for hash values ``u`` (``test_fraction`` 0: keep the source's test split)."""
+    """uint8 codes TRAIN / VAL / TEST for hash values ``u``.
+
+    ``test_fraction`` 0 keeps the source's test split (no test rows are held out of train).
+    """
     codes = np.full(len(u), TRAIN, dtype=np.uint8)
     codes[u < test_fraction + val_fraction] = VAL
     codes[u < test_fraction] = TEST

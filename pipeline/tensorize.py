@@ -20,8 +20,8 @@ is bounded by the shard size, not the data.
 from __future__ import annotations
 
 import contextlib
-import sys
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +46,10 @@ from pipeline.sources import DATASETS
 from pipeline.splits import TEST, TRAIN, VAL
 from pipeline.tabular import INT_LABELS, resolve_shape
 
+log = logging.getLogger(__name__)
+
 SHARD_PATTERN = "shard-{:05d}.safetensors"
 _CODES = {"train": TRAIN, "val": VAL, "test": TEST}
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _class_names(train: Table, test: Table, dataset: str) -> tuple[str, ...]:
@@ -273,7 +271,6 @@ def tensorize(
     val_fraction: float = 0.0,
     shard_dtype: str = "float32",
     workers: int | None = 1,
-    notice: Callable[[str], None] = _stderr,
 ) -> dict[str, Manifest]:
     """Shard the splits; return their manifests by split name.
 
@@ -291,6 +288,11 @@ def tensorize(
         workers: processes writing shards in parallel (None: every core); the bytes never depend on it.
     Returns:
         ``{"train": ..., "val": ..., "test": ...}`` (no ``val`` without ``val_out``).
+
+    Raises:
+        DataError: the Parquet files do not fit together (labels, shapes), a split would be empty,
+            or a test class is unknown to train.
+        ValueError: ``val_fraction`` > 0 without ``val_out``.
     """
     train, test = open_table(train_parquet), open_table(test_parquet)
     if train.rows == 0:
@@ -316,13 +318,10 @@ def tensorize(
         val_fraction=val_fraction,
         dtype=shard_dtype,
         workers=workers,
-        notice=notice,
     )
 
 
-def _check_counts(
-    train: Table, counts: dict[str, np.ndarray], names: tuple[str, ...], notice: Callable[[str], None]
-) -> None:
+def _check_counts(train: Table, counts: dict[str, np.ndarray], names: tuple[str, ...]) -> None:
     for split in ("train", "test"):
         if not counts[split].sum():
             raise DataError(
@@ -331,7 +330,7 @@ def _check_counts(
             )
     missing = [n for n, c in zip(names, counts["train"]) if c == 0]
     if missing:
-        notice(f"notice: {len(missing)} class(es) have no train samples: {', '.join(missing)}"[:300])
+        log.info("%s", f"{len(missing)} class(es) have no train samples: {', '.join(missing)}"[:292])
 
 
 def _serial(
@@ -348,7 +347,6 @@ def _serial(
     val_fraction: float,
     dtype: str,
     workers: int,
-    notice: Callable[[str], None],
 ) -> dict[str, Manifest]:
     """One pass in this process: rows are streamed and routed to the splits' writers (the reference path)."""
     if normalize_kind == "standard":  # a first pass: the statistics of the rows that will train
@@ -386,7 +384,7 @@ def _serial(
         for rows in iter_rows(test, shard_size):
             writers["test"].add(rows.pixels, label_indices(rows.labels, names, train.labels))
         stats = stats or pixel_stats(writers["train"].histogram)
-        _check_counts(train, {split: w.counts for split, w in writers.items()}, names, notice)
+        _check_counts(train, {split: w.counts for split, w in writers.items()}, names)
         return {split: writer.close(names, stats) for split, writer in writers.items()}
 
 
@@ -429,7 +427,6 @@ def _parallel(
     val_fraction: float,
     dtype: str,
     workers: int,
-    notice: Callable[[str], None],
 ) -> dict[str, Manifest]:
     """Every shard a piece for a worker: each split's rows are chosen first (a pass over the label
     column, and over the rows when splits are held out), then each shard is written from its rows."""
@@ -450,7 +447,7 @@ def _parallel(
         )
         for split, (table, index) in rows.items()
     }
-    _check_counts(train, counts, names, notice)
+    _check_counts(train, counts, names)
     with contextlib.ExitStack() as stack:
         folders = {split: stack.enter_context(atomic_dir(out)) for split, out in outs.items()}
         pieces = [

@@ -1,4 +1,7 @@
-"""DVC stage `tensorize`: Parquet -> safetensors shards (normalised float32, or uint8 bytes) + manifest.json per split, on every core."""
+"""DVC stage `tensorize`: Parquet -> safetensors shards and a manifest.json per split, on every core.
+
+Shards hold normalised float32 images, or the uint8 bytes (``prep.shard_dtype``).
+"""
 
 from __future__ import annotations
 

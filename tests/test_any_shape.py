@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -187,11 +189,11 @@ def test_rgb_17x23_named_classes_per_channel_standard(tmp_path):
     assert test_images.shape == (12, *shape)
 
 
-def test_integer_labels_make_classes_up_to_the_largest_with_a_notice(tmp_path, capsys):
+def test_integer_labels_make_classes_up_to_the_largest_with_a_notice(tmp_path, caplog):
     shaped_csv(tmp_path / "train.csv", 30, (1, 8, 8), labels=[0, 1, 2, 3, 5] * 6)  # no 4
     shaped_csv(tmp_path / "test.csv", 5, (1, 8, 8), labels=[0, 1, 2, 3, 5], seed=4)
     pq = to_parquet(tmp_path, tmp_path / "train.csv", tmp_path / "test.csv")
-    notes = []
+    caplog.set_level(logging.INFO, logger="pipeline")
     m = tensorize(
         *pq,
         tmp_path / "o/train",
@@ -199,10 +201,11 @@ def test_integer_labels_make_classes_up_to_the_largest_with_a_notice(tmp_path, c
         dataset="csv",
         shard_size=8,
         normalize_kind="unit",
-        notice=notes.append,
     )
     assert m["train"].class_names == ("0", "1", "2", "3", "4", "5") and m["train"].class_counts[4] == 0
-    assert notes == ["notice: 1 class(es) have no train samples: 4"]
+    assert caplog.record_tuples == [
+        ("pipeline.tensorize", logging.INFO, "1 class(es) have no train samples: 4")
+    ]
 
 
 def test_test_class_unknown_to_train_is_refused(tmp_path):
@@ -319,6 +322,22 @@ def test_model_for_28x28_grey_keeps_its_names_and_size():
         "classifier.3.weight",
         "classifier.3.bias",
     ]
+
+
+def test_model_declares_its_layers_in_the_order_forward_runs_them():
+    """``print(model)`` lists the layers in the order they run (the reference layout is the exception)."""
+    model = SimpleCNN(1, 8, 8, 3)
+    leaves = [m for m in model.modules() if not list(m.children())]
+    called: list[torch.nn.Module] = []
+    hooks = [m.register_forward_hook(lambda m, _i, _o: called.append(m)) for m in leaves]
+    model(torch.zeros(2, 1, 8, 8))
+    for hook in hooks:
+        hook.remove()
+    assert [type(m).__name__ for m in called] == [type(m).__name__ for m in leaves]
+    assert called == leaves  # each declared layer runs once, where it is declared
+    printed = re.findall(r"\(\d+\): (\w+)\(", str(model))  # the leaves, in print order
+    assert printed == [type(m).__name__ for m in called]
+    assert printed[:6] == ["Conv2d", "MaxPool2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU"]
 
 
 def test_too_small_for_two_poolings_is_refused():

@@ -118,7 +118,6 @@ ACTING = {
 
 def _short_run(data: Path, work: Path, loader: LoaderParams, train: TrainParams) -> tuple[list[dict], bytes]:
     work.mkdir()
-    notices: list[str] = []
     train_model(
         train_dir=data / "train",
         test_dir=data / "test",
@@ -127,7 +126,6 @@ def _short_run(data: Path, work: Path, loader: LoaderParams, train: TrainParams)
         live_dir=work / "dvclive",
         loader=loader,
         train=train,
-        notice=notices.append,
     )
     logged = {name: [v for _, v in rows] for name, rows in history(work).items()}
     return [{name: logged[name][i] for name in MODEL_METRICS} for i in range(train.epochs)], (

@@ -441,7 +441,6 @@ def test_labels_past_9_make_more_classes_for_other_datasets(splits, tmp_path, la
         dataset="d",
         shard_size=64,
         normalize_kind="unit",
-        notice=lambda _m: None,
     )
     assert manifests["train"].num_classes == label + 1
     assert manifests["train"].class_names == tuple(str(c) for c in range(label + 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -77,13 +78,13 @@ def test_simplecnn_matches_the_reference_architecture() -> None:
     layers = [
         type(m).__name__ for m in model.modules() if not isinstance(m, (SimpleCNN, torch.nn.Sequential))
     ]
-    assert layers == [
+    assert layers == [  # in the order forward runs them: each block pools before its ReLU
         "Conv2d",
-        "ReLU",
         "MaxPool2d",
+        "ReLU",
         "Conv2d",
-        "ReLU",
         "MaxPool2d",
+        "ReLU",
         "Flatten",
         "Linear",
         "ReLU",
@@ -175,10 +176,11 @@ def test_sampler_order_depends_only_on_seed_and_epoch() -> None:
     assert torch.cat(list(plain)).tolist() == list(range(10))
 
 
-def test_invalid_loader_combinations_become_notices() -> None:
-    notices: list[str] = []
+def test_invalid_loader_combinations_become_notices(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="trainer")
     params = LoaderParams(num_workers=0, persistent_workers=True, prefetch_factor=4, pin_memory=True)
-    settings = resolve_settings(params, CPU, notices.append)
+    settings = resolve_settings(params, CPU)
+    notices = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert (settings.persistent_workers, settings.prefetch_factor, settings.pin_memory) == (
         False,
         None,
@@ -188,13 +190,12 @@ def test_invalid_loader_combinations_become_notices() -> None:
     assert any("loader.persistent_workers" in n for n in notices)
     assert any("loader.prefetch_factor" in n for n in notices)
     assert any("loader.pin_memory" in n for n in notices)
-    notices.clear()
+    caplog.clear()
     kept = resolve_settings(
-        LoaderParams(num_workers=2, persistent_workers=True, prefetch_factor=4, pin_memory=False),
-        CPU,
-        notices.append,
+        LoaderParams(num_workers=2, persistent_workers=True, prefetch_factor=4, pin_memory=False), CPU
     )
-    assert (kept.num_workers, kept.persistent_workers, kept.prefetch_factor) == (2, True, 4) and not notices
+    assert (kept.num_workers, kept.persistent_workers, kept.prefetch_factor) == (2, True, 4)
+    assert not caplog.records
 
 
 def _tiny_run(
@@ -322,7 +323,8 @@ def test_checkpoint_round_trip_continues_bit_identically(split, tmp_path: Path) 
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_unusable_checkpoints_are_ignored_with_a_notice(split, tmp_path: Path) -> None:
+def test_unusable_checkpoints_are_ignored_with_a_notice(split, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="trainer")
     train, loader_params, manifest = _params_and_manifests(split[0])
     fp = fingerprint(train, loader_params, CPU, manifest, manifest, ARCHITECTURE)
     model, optimizer, loader = _tiny_run(split[0])
@@ -348,7 +350,7 @@ def test_unusable_checkpoints_are_ignored_with_a_notice(split, tmp_path: Path) -
     ) -> tuple[object, list[str]]:
         fresh, fresh_optimizer, _ = _tiny_run(split[0])
         before = [p.detach().clone() for p in fresh.parameters()]
-        notices: list[str] = []
+        caplog.clear()
         out = load_checkpoint(
             ckpt,
             model=fresh,
@@ -359,12 +361,11 @@ def test_unusable_checkpoints_are_ignored_with_a_notice(split, tmp_path: Path) -
             max_epoch=max_epoch,
             batches_per_epoch=batches,
             metrics=metrics,
-            notice=notices.append,
         )
         if out is None:  # nothing was touched
             assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters()))
             assert not fresh_optimizer.state
-        return out, notices
+        return out, [r.getMessage() for r in caplog.records]
 
     resumed = attempt()[0]
     assert resumed is not None and resumed.position == Position(2, 3, 192, (7.5,), 1.0, 0.1)
@@ -417,7 +418,7 @@ def test_unusable_checkpoints_are_ignored_with_a_notice(split, tmp_path: Path) -
     assert out is None and len(notices) == 1 and "RecursionError" in notices[0] and len(notices[0]) < 400
 
 
-def test_a_checkpoint_made_with_another_seed_is_not_resumed(split, tmp_path: Path) -> None:
+def test_a_checkpoint_made_with_another_seed_is_not_resumed(split, tmp_path: Path, caplog) -> None:
     """Uses the real fingerprint and params: declaring train.seed speed-only would make this resume."""
     train, loader_params, manifest = _params_and_manifests(split[0])
     model, optimizer, _ = _tiny_run(split[0])
@@ -435,7 +436,7 @@ def test_a_checkpoint_made_with_another_seed_is_not_resumed(split, tmp_path: Pat
     other_seed = fingerprint(
         dataclasses.replace(train, seed=train.seed + 1), loader_params, CPU, manifest, manifest, ARCHITECTURE
     )
-    notices: list[str] = []
+    caplog.set_level(logging.INFO, logger="trainer")
     fresh, fresh_optimizer, _ = _tiny_run(split[0])
     assert (
         load_checkpoint(
@@ -448,11 +449,10 @@ def test_a_checkpoint_made_with_another_seed_is_not_resumed(split, tmp_path: Pat
             max_epoch=5,
             batches_per_epoch=BATCHES,
             metrics=("a",),
-            notice=notices.append,
         )
         is None
     )
-    assert "other params" in notices[0]
+    assert "other params" in caplog.records[0].getMessage()
 
 
 def test_model_folder_round_trip(split, tmp_path: Path) -> None:
@@ -647,13 +647,12 @@ def test_epoch_loss_is_the_per_step_item_sum_bit_for_bit(split) -> None:
     assert stats.loss == loss_sum / samples
 
 
-def test_device_resident_batches_equal_the_memory_mapped_ones(split) -> None:
+def test_device_resident_batches_equal_the_memory_mapped_ones(split, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="trainer")
     dataset = ShardDataset(validate_split(split[0], expected_split="train"))
     sampler = EpochBatchSampler(len(dataset), 64, shuffle=True, seed=1)
-    notices: list[str] = []
-    resident = resolve_settings(
-        LoaderParams(batch_size=64, num_workers=2, device_resident=True), CPU, notices.append
-    )
+    resident = resolve_settings(LoaderParams(batch_size=64, num_workers=2, device_resident=True), CPU)
+    notices = [r.getMessage() for r in caplog.records]
     assert resident.resident_device == CPU and resident.num_workers == 0
     assert len(notices) == 2 and "loader.num_workers ignored" in notices[1]  # [0]: pin_memory on a CPU
     on_device = make_loader(dataset, sampler, resident)

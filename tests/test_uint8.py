@@ -161,7 +161,6 @@ def _run(
         live_dir=work / "dvclive",
         loader=loader,
         train=train,
-        notice=lambda _m: None,
     )
     return history(work, (*MODEL_METRICS, "val_loss", "val_acc")), (
         work / "models" / "model.safetensors"

@@ -1,17 +1,16 @@
 """Keep freed memory in the process, so training steps stop page-faulting.
 
-With glibc's defaults a training step's large buffers (activations, their
-gradients: 25 MB for the first convolution's output at batch 512) are either
-``mmap``-ed and unmapped at every step, or freed to the top of the heap and
-trimmed back to the kernel; either way the next step touches fresh pages and
-the kernel zero-fills them. Measured on the 2-core reference VM that is up to
-14,000 page faults (55 MB) per step, depending on the heap's history, and
-about a quarter of the step's time (``bench/results.md``, "Page faults").
-Raising glibc's mmap and trim thresholds makes freed blocks stay in the heap
-and be reused: once the heap has settled (a few steps) no step faults
-(``tests/test_trainer.py::test_retained_memory_stops_per_step_page_faults``). The process keeps its high-water mark of memory instead of
-returning it between steps; the peak itself does not change. Results do not
-change either: only where the bytes live.
+With glibc's defaults a training step's large buffers (activations and their
+gradients) are either ``mmap``-ed and unmapped at every step, or freed to the
+top of the heap and trimmed back to the kernel; either way the next step
+touches fresh pages and the kernel zero-fills them, thousands of page faults
+per step and a sizeable share of its time (``bench/notes.md``). Raising
+glibc's mmap and trim thresholds makes freed blocks stay in the heap and be
+reused: once the heap has settled (a few steps) no step faults
+(``tests/test_trainer.py::test_retained_memory_stops_per_step_page_faults``).
+The process keeps its high-water mark of memory instead of returning it
+between steps; the peak itself does not change. Results do not change either:
+only where the bytes live.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ _KEEP_BYTES = 2**30  # blocks below 1 GiB come from the heap; up to 1 GiB free a
 
 
 def retain_freed_memory() -> bool:
-    """Tell glibc to keep and reuse freed blocks; False where the C library is not glibc (then nothing changes)."""
+    """Tell glibc to keep and reuse freed blocks; False (and nothing changed) where the libc is not glibc."""
     if platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded into this process

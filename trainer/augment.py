@@ -45,7 +45,10 @@ ORDER = ("flip", "translate")  # the order transforms are applied in, whatever o
 
 
 def batch_seed(seed: int, epoch: int, step: int) -> int:
-    """A 63-bit seed for global batch ``step`` of ``epoch``, independent across triples and of the shuffle's seeds."""
+    """A 63-bit seed for global batch ``step`` of ``epoch``.
+
+    Independent across (seed, epoch, step) triples and of the shuffle's seeds.
+    """
     digest = hashlib.sha256(f"augment/{seed}/{epoch}/{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -94,7 +97,7 @@ def translate(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 
 
 def apply(images: torch.Tensor, names: Sequence[str], params: BatchDraw) -> torch.Tensor:
-    """The transforms in ``names`` applied to ``images`` in :data:`ORDER`, with ``params`` (rows match images)."""
+    """The transforms in ``names`` applied to ``images`` in :data:`ORDER`, rows of ``params`` to rows."""
     if "flip" in names:
         images = flip(images, params.flips)
     if "translate" in names:
@@ -113,7 +116,7 @@ class Augmenter:
     world: int = 1
 
     def __call__(self, images: torch.Tensor, step: int, global_size: int) -> torch.Tensor:
-        """This rank's ``images`` (its slice of global batch ``step`` of ``global_size`` samples), augmented."""
+        """Augment this rank's ``images``, its slice of global batch ``step`` of ``global_size`` samples."""
         start, stop = rank_range(global_size, self.rank, self.world)
         if images.shape[0] != stop - start:
             raise RuntimeError(
@@ -126,7 +129,7 @@ class Augmenter:
 def augmenter(
     names: Sequence[str], *, seed: int, epoch: int, rank: int = 0, world: int = 1
 ) -> Augmenter | None:
-    """The epoch's :class:`Augmenter`, or None when ``names`` is empty (the loop then does exactly what it did before)."""
+    """The epoch's :class:`Augmenter`; None when ``names`` is empty (the loop then augments nothing)."""
     if not names:
         return None
     return Augmenter(tuple(names), seed, epoch, rank, world)

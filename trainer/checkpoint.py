@@ -33,9 +33,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ from pipeline.atomic import atomic_dir
 from pipeline.manifest import Manifest
 from pipeline.params import LoaderParams, TrainParams
 from trainer.position import Position
+
+log = logging.getLogger(__name__)
 
 FORMAT = 2
 TENSORS = "checkpoint.safetensors"
@@ -80,7 +83,7 @@ TRAIN_STAGE = "train"
 
 
 def result_params(train: TrainParams, loader: LoaderParams) -> dict[str, Any]:
-    """Every ``loader.*`` and ``train.*`` value except :data:`SPEED_ONLY` and :data:`ELASTIC`, by dotted key."""
+    """Every ``loader.*`` and ``train.*`` value but :data:`SPEED_ONLY` and :data:`ELASTIC`, by dotted key."""
     out = {}
     for section, params in (("loader", loader), ("train", train)):
         for field in dataclasses.fields(params):
@@ -192,7 +195,7 @@ def state_tensors(
     device: torch.device,
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Model, optimizer, RNG and (fp16) gradient scaler state as named CPU tensors (what a checkpoint stores)."""
+    """Model, optimizer, RNG and (fp16) gradient scaler state as named CPU tensors, as checkpoints hold it."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
@@ -322,7 +325,10 @@ def _read_meta(
 def _expected(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Names, dtypes and shapes a checkpoint of this model, (Adam) optimizer and scaler must hold (RNG aside)."""
+    """The names, dtypes and shapes a checkpoint of this model, Adam optimizer and scaler must hold.
+
+    The RNG state is checked separately.
+    """
     out = {f"model.{k}": (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, p in enumerate(params):
@@ -346,7 +352,6 @@ def load_checkpoint(
     max_epoch: int,
     batches_per_epoch: int,
     metrics: Sequence[str],
-    notice: Callable[[str], None] = print,
 ) -> Resumed | None:
     """Restore model, optimizer, RNG and scaler state in place; ``None`` (nothing touched) if not resumable.
 
@@ -380,7 +385,7 @@ def load_checkpoint(
             if tensors[key].dtype != torch.uint8 or tensors[key].ndim != 1:
                 raise _Unusable(f"{TENSORS}: {key}: expected a uint8 vector")
     except _Unusable as exc:
-        notice(f"notice: not resuming from {directory}: {exc}; training from scratch")
+        log.info("not resuming from %s: %s; training from scratch", directory, exc)
         return None
     # Everything is validated: from here on nothing can fail halfway.
     restore_state(tensors, model=model, optimizer=optimizer, device=device, scaler=scaler)
@@ -423,7 +428,10 @@ def restore_state(
     device: torch.device,
     scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Load validated state tensors (names as :func:`state_tensors` gives them) into model, optimizer, RNG, scaler."""
+    """Load validated state tensors into model, optimizer, RNG and scaler.
+
+    The names are those :func:`state_tensors` gives.
+    """
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():

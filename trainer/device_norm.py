@@ -19,7 +19,7 @@ from pipeline.normalize import lookup_table
 
 
 class DeviceNormalizer:
-    """Callable on a batch of images on ``device``: uint8 [k, C, H, W] -> float32; float32 passes unchanged."""
+    """Called on a batch of images on ``device``: uint8 [k, C, H, W] -> float32; float32 passes as is."""
 
     def __init__(self, norm: Normalization, device: torch.device) -> None:
         table = torch.from_numpy(lookup_table(norm))  # float32 [C, 256]

@@ -23,8 +23,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -33,6 +34,8 @@ from pipeline.errors import PipelineError
 from pipeline.params import LoaderParams
 from trainer.data import ShardDataset
 from trainer.prefetch import PrefetchedBatches
+
+log = logging.getLogger(__name__)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -145,25 +148,31 @@ class LoaderSettings:
     resident_device: torch.device | None = None  # set: loader.device_resident, the split lives there
 
 
-def resolve_settings(
-    params: LoaderParams, device: torch.device, notice: Callable[[str], None] = print
-) -> LoaderSettings:
-    """Drop settings that do not apply (one notice each) instead of letting DataLoader raise."""
+def resolve_settings(params: LoaderParams, device: torch.device) -> LoaderSettings:
+    """Drop settings that do not apply (one notice each, logged) instead of letting DataLoader raise.
+
+    Args:
+        params: the ``loader`` section of params.yaml.
+        device: where the model runs (pinning only helps an accelerator).
+
+    Returns:
+        The settings :func:`make_loader` uses.
+    """
     persistent, prefetch, pin = params.persistent_workers, params.prefetch_factor, params.pin_memory
     if params.num_workers == 0:
         if persistent:
-            notice("notice: loader.persistent_workers ignored: it needs loader.num_workers > 0")
+            log.info("loader.persistent_workers ignored: it needs loader.num_workers > 0")
             persistent = False
         if prefetch is not None:
-            notice("notice: loader.prefetch_factor ignored: it needs loader.num_workers > 0")
+            log.info("loader.prefetch_factor ignored: it needs loader.num_workers > 0")
             prefetch = None
     if pin and device.type != "cuda":
-        notice(f"notice: loader.pin_memory ignored: the model runs on {device.type}, not an accelerator")
+        log.info("loader.pin_memory ignored: the model runs on %s, not an accelerator", device.type)
         pin = False
     if params.device_resident:
         if params.num_workers > 0:
-            notice(
-                "notice: loader.num_workers ignored: with loader.device_resident each batch is one index "
+            log.info(
+                "loader.num_workers ignored: with loader.device_resident each batch is one index "
                 "operation on the device, in the main process"
             )
         # Nothing is loaded per batch, so nothing to pin or prefetch.

@@ -1,26 +1,30 @@
 """The reference model: a two-block CNN sized from the data (206,922 parameters for 1x28x28, 10 classes).
 
-Two blocks of 3x3 convolution (padding 1, so the size is kept) and 2x2 max-pooling
+Two blocks of 3x3 convolution (padding 1, so the size is kept), 2x2 max-pooling
 (which floors: an odd row or column at the edge is dropped, as ``nn.MaxPool2d``
-does), then a classifier whose first layer takes ``32 * (H // 4) * (W // 4)``
+does) and ReLU, then a classifier whose first layer takes ``32 * (H // 4) * (W // 4)``
 features. Images smaller than 4x4 leave nothing after two poolings and are refused
-(:func:`check_input_size`). For 1x28x28 and 10 classes the layers, their order in
-``state_dict`` and every parameter name are those of the original network, so
-``model.safetensors`` files load either way. What
-``forward`` does differently (unless ``reference_layout=True``) is internal
-and computes the same function:
+(:func:`check_input_size`). For 1x28x28 and 10 classes every parameter name and
+shape is that of the original Conv → ReLU → pool network, so ``model.safetensors``
+files load either way. ``forward`` differs from that network in two ways that
+compute the same function:
 
-- activations and convolution weights are ``channels_last`` (NHWC): oneDNN's
-  convolutions and max-pooling run on it without reordering, where NCHW pays
-  for layout conversions and a slow pooling kernel on this CPU;
-- each block max-pools *before* its ReLU. ReLU is monotonic, so
+- each block max-pools *before* its ReLU, and the layers are declared in that
+  order, so ``print(model)`` shows what runs. ReLU is monotonic, so
   ``relu(max(a, b)) == max(relu(a), relu(b))`` exactly, and the gradient
   reaches the same input element (the window's maximum, or nothing when that
-  maximum is <= 0); the ReLU then runs on a quarter of the elements.
+  maximum is <= 0); the ReLU then runs on a quarter of the elements. ReLU and
+  pooling have no parameters, and the convolutions keep their indices
+  (``features.0`` and ``features.3``), so the ``state_dict`` keys are unchanged;
+- activations and convolution weights are ``channels_last`` (NHWC): oneDNN's
+  convolutions and max-pooling run on it without reordering, where NCHW pays
+  for layout conversions and a slow pooling kernel on the CPU.
 
-Floating-point sums inside a convolution may be ordered differently in the two
-layouts, so the two agree to rounding (``tests/test_trainer.py``), not bit for
-bit; each layout on its own is deterministic on the CPU.
+``reference_layout=True`` runs the original network instead (NCHW, ReLU then
+pool), the baseline the benchmarks compare against. Floating-point sums inside a
+convolution may be ordered differently in the two layouts, so the two agree to
+rounding (``tests/test_trainer.py``), not bit for bit; each layout on its own is
+deterministic on the CPU.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def check_input_size(image_shape: tuple[int, ...], where: str) -> None:
 
 
 class SimpleCNN(nn.Module):
-    """Conv(C→16) → ReLU → pool → Conv(16→32) → ReLU → pool → FC(32·H/4·W/4→128) → ReLU → FC(128→classes)."""
+    """Conv(C→16) → pool → ReLU → Conv(16→32) → pool → ReLU → FC(32·H/4·W/4→128) → ReLU → FC(128→classes)."""
 
     def __init__(
         self,
@@ -60,14 +64,15 @@ class SimpleCNN(nn.Module):
         super().__init__()
         check_input_size((channels, height, width), "SimpleCNN")
         self.input_shape = (channels, height, width)
-        # Indices are the state_dict keys (features.0, features.3, classifier.1, classifier.3).
+        # Declared in the order forward runs them. Indices are the state_dict keys (features.0,
+        # features.3, classifier.1, classifier.3): pool and ReLU swap places without moving a convolution.
         self.features = nn.Sequential(
             nn.Conv2d(channels, 16, kernel_size=3, padding=1),
-            nn.ReLU(),
             nn.MaxPool2d(2),
+            nn.ReLU(),
             nn.Conv2d(16, 32, kernel_size=3, padding=1),
-            nn.ReLU(),
             nn.MaxPool2d(2),
+            nn.ReLU(),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
@@ -81,12 +86,13 @@ class SimpleCNN(nn.Module):
             self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.reference_layout:
-            return self.classifier(self.features(x))
-        conv1, relu1, pool1, conv2, relu2, pool2 = self.features
+        conv1, pool1, relu1, conv2, pool2, relu2 = self.features
+        if self.reference_layout:  # the original network: NCHW, ReLU before pooling
+            x = pool1(relu1(conv1(x)))
+            x = pool2(relu2(conv2(x)))
+            return self.classifier(x)
         x = x.contiguous(memory_format=torch.channels_last)
-        x = relu1(pool1(conv1(x)))
-        x = relu2(pool2(conv2(x)))
+        x = self.features(x)
         return self.classifier(x)  # Flatten reads NCHW order whatever the strides: same features as before
 
 

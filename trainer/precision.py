@@ -72,7 +72,7 @@ def native_bf16(flags: set[str] | None) -> bool | None:
 
 
 def bf16_cpu_notice(precision: str, device: torch.device, flags: set[str] | None = None) -> str | None:
-    """A one-line notice when bf16 has no matrix units (slow) on this CPU; None otherwise.
+    """A one-line notice (no prefix) when bf16 has no matrix units (slow) on this CPU; None otherwise.
 
     ``flags`` defaults to :func:`cpu_flags` (tests pass their own)."""
     if precision != "bf16" or device.type != "cpu":
@@ -81,7 +81,7 @@ def bf16_cpu_notice(precision: str, device: torch.device, flags: set[str] | None
     if native is not False:
         return None
     return (
-        f"notice: train.precision bf16: this CPU has no bfloat16 matrix units (no {', '.join(BF16_FLAGS)} "
+        f"train.precision bf16: this CPU has no bfloat16 matrix units (no {', '.join(BF16_FLAGS)} "
         f"flag; PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}); bf16 runs without them, "
         "likely slower than fp32"
     )

@@ -55,7 +55,10 @@ class _PageToucher(Dataset):
 
 
 class _Chunks(Sampler[Chunk]):
-    """The sampler's batches as NumPy arrays, consecutive ones joined until they hold ``samples_per_message``."""
+    """The sampler's batches as NumPy arrays.
+
+    Consecutive batches are joined until they hold at least ``samples_per_message`` samples.
+    """
 
     def __init__(self, sampler: Sampler[torch.Tensor], samples_per_message: int) -> None:
         self.sampler = sampler
@@ -73,7 +76,7 @@ class _Chunks(Sampler[Chunk]):
 
 
 class PrefetchedBatches:
-    """Iterating yields ``dataset[batch]`` for each batch of ``sampler``, gathered here while workers prefetch."""
+    """Yields ``dataset[batch]`` for each batch of ``sampler``, gathered here while workers prefetch."""
 
     def __init__(
         self,

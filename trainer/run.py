@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import socket
-import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +73,8 @@ from trainer.precision import Precision, bf16_cpu_notice, check_precision, make_
 from trainer.rank_split import RankBatches
 from trainer.verify import ValidSplit, check_compatible, validate_split
 
+log = logging.getLogger(__name__)
+
 METRICS = (
     "train_loss",
     "test_loss",
@@ -95,14 +97,6 @@ STOP_FILE_ENV = "TRAINER_STOP_FILE"
 # On an accelerator reading the running loss makes the host wait for the device, so the step
 # boundary (non-finite check, time-based checkpoint) runs every this many steps; on the CPU every step.
 ACCELERATOR_CHECK_STEPS = 16
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _silent(_message: str) -> None:
-    pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -162,9 +156,8 @@ def train_in_processes(
     train: TrainParams,
     val_dir: Path | str | None = None,
     module: str = "stages.train",
-    notice: Callable[[str], None] = _stderr,
 ) -> int:
-    """Run ``python -m module args`` as ``train.processes`` ranks under torchrun; the agent's exit code.
+    """Run ``python -m module args`` as ``train.processes`` ranks under torchrun.
 
     Inputs and GPUs are checked here first, so a user error is one line and
     exit 2 instead of every rank failing (and being restarted) alike. The
@@ -172,6 +165,20 @@ def train_in_processes(
     A non-finite loss stops every rank at the same step; they end without
     error (a restart would fail again at the same step) and rank 0 leaves
     the message in :data:`STOP_FILE_ENV`'s file, raised here.
+
+    Args:
+        args: the stage's own arguments, passed on to every rank.
+        train_dir, test_dir, val_dir: the split folders, checked here before any rank starts.
+        checkpoint_dir: the checkpoint folder, locked here for the whole run.
+        train: the ``train`` section (``processes``, ``max_restarts``, the device).
+        module: what each rank runs.
+
+    Returns:
+        The torchrun agent's exit code (0: every rank finished); otherwise an error is logged.
+
+    Raises:
+        NonFiniteLoss: the loss stopped being finite; the message names the epoch and step.
+        PipelineError: the inputs, params or GPUs are unusable, or the checkpoint is locked.
     """
     device, *_ = check_inputs(train_dir, test_dir, train, val_dir)
     distributed.check_gpus(device, train.processes)
@@ -187,9 +194,12 @@ def train_in_processes(
         if stop_file.exists():
             raise NonFiniteLoss(stop_file.read_text(encoding="utf-8"))
     if code != 0:
-        notice(
-            f"error: the {train.processes} training processes failed (torchrun exit {code}, "
-            f"train.max_restarts {train.max_restarts}); see their output above"
+        log.error(
+            "the %d training processes failed (torchrun exit %d, train.max_restarts %d); "
+            "see their output above",
+            train.processes,
+            code,
+            train.max_restarts,
         )
     return code
 
@@ -211,13 +221,29 @@ class Run:
     fingerprint: str
     shape: RunShape
     checkpoint_dir: Path | str
-    notice: Callable[[str], None]
     normalize: DeviceNormalizer  # uint8 batches -> float32 on the device (all splits share one normalisation)
     precision: Precision  # autocast and backward; fp16's gradient scaler, whose state is checkpointed
 
     @property
     def device(self) -> torch.device:
         return self.group.device
+
+
+@contextlib.contextmanager
+def _only_rank_0_speaks(group: distributed.Group) -> Iterator[None]:
+    """On the other ranks, notices and warnings (every rank would repeat them) are dropped; errors stay."""
+    if group.is_main:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("pipeline", "trainer")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -267,7 +293,6 @@ def resume_everywhere(
             max_epoch=max_epoch,
             batches_per_epoch=batches,
             metrics=history_names,
-            notice=run.notice,
         )
     p = resumed.position if resumed else Position(0)
     world = group.world_size
@@ -289,12 +314,14 @@ def resume_everywhere(
     if resumed is None:
         return position, [{}] * position.epoch
     if resumed.processes != world:
-        run.notice(
-            f"notice: elastic resume: the checkpoint was written by {resumed.processes} processes, this run "
-            f"has {world}; the same global batches continue, float sums round differently"
+        log.info(
+            "elastic resume: the checkpoint was written by %d processes, this run has %d; "
+            "the same global batches continue, float sums round differently",
+            resumed.processes,
+            world,
         )
     at = f"epoch {p.epoch + 1}, step {p.step}" if p.mid_epoch else f"epoch {p.epoch}"
-    run.notice(f"notice: resuming {'in' if p.mid_epoch else 'after'} {at} from {run.checkpoint_dir}")
+    log.info("resuming %s %s from %s", "in" if p.mid_epoch else "after", at, run.checkpoint_dir)
     return position, list(resumed.history)
 
 
@@ -317,9 +344,7 @@ def write_checkpoint(run: Run, position: Position, history: list[dict[str, float
             history=history,
         )
     except (OutputError, SafetensorError) as exc:
-        run.notice(
-            f"warning: {run.checkpoint_dir}: checkpoint not written ({_reason(exc)}); training goes on"
-        )
+        log.warning("%s: checkpoint not written (%s); training goes on", run.checkpoint_dir, _reason(exc))
         return False
     return True
 
@@ -447,30 +472,54 @@ def train(
     loader: LoaderParams,
     train: TrainParams,
     val_dir: Path | str | None = None,
-    notice: Callable[[str], None] = _stderr,
 ) -> dict[str, float]:
-    """Train SimpleCNN on the shard folders; return the last epoch's metrics (rank 0's view: all ranks).
+    """Train SimpleCNN on the shard folders, resuming from a matching checkpoint; export the model.
 
-    With samples in ``val_dir`` every epoch also logs ``val_loss`` and ``val_acc``.
+    Every rank of a torchrun group calls this; rank 0 alone writes the model, DVCLive and the
+    checkpoints, and alone logs notices. Each epoch is evaluated and logged; the checkpoint of an
+    interrupted run resumes only into the same trajectory (fingerprint), else training starts over
+    with a notice. On success the checkpoint folder is removed.
+
+    Args:
+        train_dir, test_dir: shard folders written by the tensorize stage.
+        model_dir: output folder for ``model.safetensors`` and ``model.json``.
+        checkpoint_dir: folder for resumable checkpoints (not a DVC output).
+        live_dir: the DVCLive folder (``metrics.json``, ``plots/metrics``).
+        loader: the ``loader`` section.
+        train: the ``train`` section.
+        val_dir: a val split folder; with samples in it every epoch also logs ``val_loss`` and
+            ``val_acc``.
+
+    Returns:
+        The last epoch's metrics, over all ranks (:data:`METRICS`, plus :data:`VAL_METRICS`);
+        ``{}`` on a rank that stopped with the group on a non-finite loss.
+
+    Raises:
+        PipelineError: unusable inputs or params (ParamsError, ShardError), an output that cannot
+            be written (OutputError), or a locked checkpoint folder; one line each.
+        NonFiniteLoss: the loss or the weights stopped being finite (a single process).
     """
     device, train_split, test_split, val_split = check_inputs(train_dir, test_dir, train, val_dir)
     group = distributed.join(device)
     try:
-        with _lock_on_rank_0(group, checkpoint_dir):
-            notice = notice if group.is_main else _silent
+        with _lock_on_rank_0(group, checkpoint_dir), _only_rank_0_speaks(group):
             if group.world_size > 1:
-                notice(
-                    f"notice: rank 0 of {group.world_size} processes runs on {socket.gethostname()}: "
-                    f"it alone writes {model_dir}, {live_dir} and {checkpoint_dir}"
+                log.info(
+                    "rank 0 of %d processes runs on %s: it alone writes %s, %s and %s",
+                    group.world_size,
+                    socket.gethostname(),
+                    model_dir,
+                    live_dir,
+                    checkpoint_dir,
                 )
             shape = _set_threads(group, train)
             slow_bf16 = bf16_cpu_notice(train.precision, device)
             if slow_bf16:
-                notice(slow_bf16)
+                log.info("%s", slow_bf16)
             retain_freed_memory()  # every rank: no per-step page faults (trainer/allocator.py)
 
             # Data: the global batch order is EpochBatchSampler's; each rank takes its slice.
-            settings = resolve_settings(loader, device, notice)
+            settings = resolve_settings(loader, device)
             train_batches = RankBatches(
                 EpochBatchSampler(
                     train_split.num_samples,
@@ -527,7 +576,6 @@ def train(
                 ),
                 shape,
                 checkpoint_dir,
-                notice,
                 DeviceNormalizer(train_split.manifest.normalization, device),
                 make_precision(train.precision, device),
             )
@@ -557,7 +605,7 @@ def train(
             if group.is_main:
                 export(run, model_dir, train_split, history)
                 live.end()
-                _drop_checkpoint(checkpoint_dir, notice)
+                _drop_checkpoint(checkpoint_dir)
             return history[-1]
     except NonFiniteLoss as exc:
         stop_file = os.environ.get(STOP_FILE_ENV)
@@ -570,11 +618,11 @@ def train(
         distributed.leave(group)
 
 
-def _drop_checkpoint(checkpoint_dir: Path | str, notice: Callable[[str], None]) -> None:
+def _drop_checkpoint(checkpoint_dir: Path | str) -> None:
     """After a completed run; one left behind would only be resumed into the same result."""
     try:
         remove_checkpoint(checkpoint_dir)
     except OSError as exc:
-        notice(
-            f"warning: {checkpoint_dir}: could not remove the finished run's checkpoint ({exc.strerror or exc})"
+        log.warning(
+            "%s: could not remove the finished run's checkpoint (%s)", checkpoint_dir, exc.strerror or exc
         )

@@ -113,9 +113,8 @@ def validate_split(split_dir: Path | str, *, expected_split: str, verify: str = 
         raise ValueError(f"verify must be 'header' or 'full', not {verify!r}")
     directory = Path(split_dir).absolute()
     if not directory.is_dir():
-        raise ShardError(
-            f"{directory}: expected a tensor split folder, found {'a file' if directory.exists() else 'nothing'}"
-        )
+        found = "a file" if directory.exists() else "nothing"
+        raise ShardError(f"{directory}: expected a tensor split folder, found {found}")
     manifest = read_manifest(directory)
     where_manifest = directory / MANIFEST_NAME
     if manifest.split != expected_split:
