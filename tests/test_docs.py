@@ -57,9 +57,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_plots_offline.py::test_plots_show_draws_every_metric_offline",
         '"plots", "show"',
     ),
-    "python -m pipeline.plotpage && dvc plots show": (
-        "tests/test_plots_offline.py::test_plots_show_draws_every_metric_offline",
-        '"pipeline.plotpage"',
+    "git checkout .dvc/vega-offline.html && dvc plots show": (
+        "tests/test_plots_offline.py::test_without_the_template_dvc_refuses_instead_of_using_a_cdn",
+        '"checkout"',
     ),
     "dvc exp show --no-pager --only-changed --keep test_ --drop "
     "Created|train_loss|step|epoch_seconds|samples_per_second|data_wait_fraction|peak_memory_mb|.*/": (
