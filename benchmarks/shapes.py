@@ -254,6 +254,11 @@ def _prepare_png(work: Path, sizes: Sizes) -> dict:
     return {"data": {"dataset": "images", "images_dir": str(work / "images"), "image_shape": [3, 32, 32]}}
 
 
+def _prepare_png_augmented(work: Path, sizes: Sizes) -> dict:
+    """The PNG folder case trained with ``train.augment: [flip, translate]``."""
+    return {**_prepare_png(work, sizes), "train": {"augment": ["flip", "translate"]}}
+
+
 def _prepare_synthetic(work: Path, sizes: Sizes) -> dict:
     make_image_folder(work / "images", sizes.synthetic_train, 0, shape=(3, 17, 23))
     return {
@@ -284,6 +289,12 @@ CASES = {
             _prepare_png,
         ),
         Case(
+            "fashion-png-augment",
+            "the same PNG folder, trained with train.augment [flip, translate]",
+            5,
+            _prepare_png_augmented,
+        ),
+        Case(
             "synthetic-17x23",
             "generated 3x17x23 PNG folder (stripes + noise), no test folder: "
             "test_fraction 0.1, val_fraction 0.1",
@@ -300,7 +311,7 @@ def run_case(case: Case, sizes: Sizes, work: Path) -> dict:
     params = case.prepare(work, sizes)
     prepare_s = time.perf_counter() - t0
     epochs = sizes.epochs or case.epochs
-    params["train"] = {"epochs": epochs}
+    params["train"] = {**params.get("train", {}), "epochs": epochs}
     params_file = work / "params.yaml"
     params_file.write_text(json.dumps(params))  # JSON is YAML
     (work / "data" / "user").mkdir(parents=True, exist_ok=True)  # the csv stage's --user folder
