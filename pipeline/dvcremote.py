@@ -16,6 +16,7 @@ remote is a :class:`RemoteError`: one line naming the path and the remote.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,8 @@ def _reason(exc: BaseException) -> str:
 
 def find_repo_root(path: Path) -> Path | None:
     """The DVC repository holding ``path`` (which need not exist): the nearest folder with ``.dvc/``."""
-    for folder in [path.absolute(), *path.absolute().parents]:
+    path = Path(os.path.abspath(path))  # ".." folded away, as DVC names paths inside the repository
+    for folder in [path, *path.parents]:
         if (folder / ".dvc").is_dir():
             return folder
     return None
@@ -66,7 +68,8 @@ class RemoteSplit:
         """
         seen = 0
         try:
-            with self._lock, self._fs.open(f"{self.relative}/{entry.file}", "rb") as src:
+            # "/…": from the repository root (a relative path would be taken from the working folder)
+            with self._lock, self._fs.open(f"/{self.relative}/{entry.file}", "rb") as src:
                 while seen <= max_bytes:
                     chunk = src.read(min(_COPY_CHUNK, max_bytes + 1 - seen))
                     if not chunk:
@@ -102,13 +105,13 @@ def _filesystem(root: Path) -> tuple[Any, str, threading.Lock] | None:
 
 
 def open_remote_split(split_dir: Path | str) -> RemoteSplit | None:
-    """The split from the DVC remote, or None when it is in the workspace or there is no remote to stream from.
+    """The split from the DVC remote; None when it is in the workspace or there is no remote to stream from.
 
     "In the workspace" means its manifest is there: a pulled split, or one a
     stage just wrote. None leaves the usual "manifest not found" error to the
     local validation.
     """
-    directory = Path(split_dir).absolute()
+    directory = Path(os.path.abspath(split_dir))
     if (directory / MANIFEST_NAME).exists():
         return None
     root = find_repo_root(directory)
@@ -122,9 +125,9 @@ def open_remote_split(split_dir: Path | str) -> RemoteSplit | None:
     path = f"{relative}/{MANIFEST_NAME}"
     try:
         with lock:
-            if not fs.exists(path):
+            if not fs.isdvc(f"/{relative}"):
                 return None  # not a DVC-tracked output either: the local error applies
-            text = fs.read_bytes(path).decode("utf-8")
+            text = fs.read_bytes(f"/{path}").decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RemoteError(f"{path} from DVC remote {remote}: not UTF-8 text: {exc}") from None
     except Exception as exc:  # DVC and fsspec raise many types for an unreachable remote

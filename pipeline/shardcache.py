@@ -155,7 +155,7 @@ class ShardCache:
         return used + need <= self.limit
 
     def put(self, entry: ShardEntry, copy: Copy, where: str, protected: Iterable[str] = ()) -> Path | None:
-        """The shard in the cache, copied and verified if absent; None if it does not fit beside ``protected``.
+        """The shard in the cache, copied and verified if absent; None if it cannot fit beside ``protected``.
 
         ``where`` names the shard and its source in messages. A copy whose size
         or SHA-256 differs from the manifest is fetched once more, then refused.

@@ -138,6 +138,7 @@ class Fetcher:
                     self._plan.append(item)
             self._gen += 1
             self._next, self._consumed, self._low = 0, -1, 0
+            self._mapped = frozenset()  # the previous pass released its maps (PlannedLoader)
             self._cond.notify_all()
 
     def position(self, sha: str) -> int:
@@ -154,49 +155,50 @@ class Fetcher:
             self._cond.notify_all()
 
     def acquire(self, entry: ShardEntry, source: RemoteSplit, mapped: Iterable[str]) -> Path:
-        """The shard's cached path, waiting for (or asking for) its fetch."""
+        """The shard's cached path; when it is not there, training waits and the fetch becomes urgent.
+
+        An urgent fetch protects only the shard and what training still maps, so it
+        always finds room in a cache that holds one window: it may evict shards
+        fetched ahead, which then cost a second copy, never a stall without end.
+        """
         path = self.cache.lookup(entry)
         if path is not None:
             return path
         start = time.monotonic()
+        item = _Item(entry, source)
         with self._cond:
-            i = self._pos.get(entry.sha256)
-            if i is not None:
-                self._low = max(self._low, i)  # what comes before it in this batch is gathered already
             self._mapped = frozenset(mapped)
-            while True:
-                if self._error is not None:
-                    raise self._error
-                path = self.cache.lookup(entry)
-                if path is not None:
-                    break
-                if (i is None or i < self._next) and all(u.entry != entry for u in self._urgent):
-                    self._urgent.append(_Item(entry, source))  # never planned, or evicted since
-                self._cond.notify_all()
-                self._cond.wait(0.05)
+            self._urgent.append(item)
+            self._cond.notify_all()
+            try:
+                while (path := self.cache.lookup(entry)) is None:
+                    if self._error is not None:
+                        raise self._error
+                    self._cond.wait(0.05)
+            finally:
+                self._urgent.remove(item)
         self.wait_seconds += time.monotonic() - start
         return path
 
-    def _protected(self) -> set[str]:
-        planned = {it.entry.sha256 for it in self._plan[self._low : self._next + 1]}
-        return planned | self._mapped | {u.entry.sha256 for u in self._urgent}
-
-    def _pick(self) -> tuple[_Item, bool, int, set[str]] | None:
-        """The next copy to make (urgent first), or None when there is nothing to do now."""
-        if self._urgent:
-            return self._urgent[0], True, self._gen, self._protected()
+    def _pick(self) -> tuple[_Item, set[str], int | None] | None:
+        """The next copy to make, what it must not evict and the plan generation (None: urgent)."""
+        for item in self._urgent:
+            if self.cache.lookup(item.entry) is None:
+                return item, {u.entry.sha256 for u in self._urgent} | self._mapped, None
         if self._next < len(self._plan) and self._next <= self._consumed + self.ahead:
-            return self._plan[self._next], False, self._gen, self._protected()
+            # Fetching ahead never evicts the current batch's shards or those fetched ahead of it.
+            planned = {it.entry.sha256 for it in self._plan[self._low : self._next + 1]}
+            return self._plan[self._next], planned | self._mapped, self._gen
         return None
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 while not self._closed and (job := self._pick()) is None:
-                    self._cond.wait()
+                    self._cond.wait(0.05)
                 if self._closed:
                     return
-            item, urgent, gen, protected = job
+            item, protected, gen = job
             try:
                 path = self.cache.put(
                     item.entry, item.source.copy_to, item.source.where(item.entry), protected
@@ -210,9 +212,7 @@ class Fetcher:
                 if path is None:  # no room beside what training still needs: wait for it to move on
                     self._cond.wait(0.05)
                     continue
-                if urgent:
-                    self._urgent.remove(item)
-                elif gen == self._gen:
+                if gen is not None and gen == self._gen and self._plan[self._next] == item:
                     self._next += 1
                 self._cond.notify_all()
 
@@ -224,7 +224,7 @@ class Fetcher:
 
 
 class StreamedDataset:
-    """``ShardDataset``'s batch gather over a streamed split: shards mapped from the cache as training needs them."""
+    """``ShardDataset``'s batch gather over a streamed split, each shard mapped from the cache when needed."""
 
     def __init__(self, split: StreamedSplit, fetcher: Fetcher, verify: str) -> None:
         self.split = split
@@ -255,6 +255,10 @@ class StreamedDataset:
         order = shards[np.argsort(first, kind="stable")]
         self.fetcher.start_plan(_Item(self._entries[s], self.split.source) for s in order.tolist())
 
+    def release(self) -> None:
+        """Unmap every shard: the pass is over, the cache may evict them."""
+        self._maps.clear()
+
     def _mapped_shas(self) -> list[str]:
         return [self._entries[s].sha256 for s in self._maps]
 
@@ -281,6 +285,8 @@ class StreamedDataset:
         used = sorted(
             np.unique(shard_of).tolist(), key=lambda s: self.fetcher.position(self._entries[s].sha256)
         )
+        for s in set(self._maps) - set(used):
+            del self._maps[s]  # unmapped: the cache may evict it, and an evicted file's blocks are freed
         self.fetcher.begin_batch([self._entries[s].sha256 for s in used], self._mapped_shas())
         out_images = np.empty((idx.size, int(np.prod(self.image_shape))), dtype=self.image_dtype)
         out_labels = np.empty(idx.size, dtype=np.int64)
@@ -293,9 +299,6 @@ class StreamedDataset:
             local = idx[positions] - self._starts[s]
             out_images[positions] = np.take(images, local, axis=0)
             out_labels[positions] = labels[local]
-        for s in list(self._maps):
-            if s not in used:
-                del self._maps[s]  # unmapped: an evicted file's blocks are freed at once
         return torch.from_numpy(out_images).view(idx.size, *self.image_shape), torch.from_numpy(out_labels)
 
 
@@ -312,4 +315,7 @@ class PlannedLoader:
 
     def __iter__(self) -> Iterator[Any]:
         self.dataset.plan(self.batches)
-        yield from self.loader
+        try:
+            yield from self.loader
+        finally:
+            self.dataset.release()
