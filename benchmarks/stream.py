@@ -50,13 +50,30 @@ GIT = ["git", "-c", "user.email=b@b", "-c", "user.name=bench"]
 MB = 2**20
 # A read-only HTTP server for a DVC remote folder, each response throttled to RATE bytes/s.
 _HTTP_SERVER = """
-import sys, time, functools
+import os, re, sys, time, functools
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 folder, rate = sys.argv[1], float(sys.argv[2])
 class Throttled(SimpleHTTPRequestHandler):
+    def send_head(self):  # byte ranges too, as fsspec's HTTP reader asks for them
+        m = re.fullmatch(r"bytes=(\\d+)-(\\d*)", self.headers.get("Range", ""))
+        path = self.translate_path(self.path)
+        if not m or not os.path.isfile(path):
+            return super().send_head()
+        size = os.path.getsize(path)
+        start, end = int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
+        f = open(path, "rb")
+        f.seek(start)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        self.left = end - start + 1
+        return f
     def copyfile(self, source, out):
+        left = getattr(self, "left", None)
         start, sent = time.perf_counter(), 0
-        while chunk := source.read(1 << 18):
+        while chunk := source.read(1 << 18 if left is None else min(1 << 18, left - sent)):
             out.write(chunk)
             sent += len(chunk)
             ahead = sent / rate - (time.perf_counter() - start)
@@ -300,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(clone)
         old = args.out / f"{args.stem}.json"
         if args.append and old.exists():
-            ran = {r["remote"] for r in rows}
+            ran = {r["remote"] for r in rows[1:]}  # the pulled row stays the first run's
             rows = [r for r in json.loads(old.read_text())["rows"] if r["remote"] not in ran] + rows[1:]
         results["rows"] = rows
     finally:
