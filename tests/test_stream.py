@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +28,9 @@ import yaml
 from sshd import start_sshd
 
 from pipeline.errors import ParamsError, ShardError
-from pipeline.manifest import read_manifest
+from pipeline.manifest import ShardEntry, read_manifest
 from pipeline.params import load_section
+from pipeline.shardcache import ShardCache
 from tests.repo_copy import dvc, make_csv_repo, run, set_params
 from tests.test_train_stage import run_until_killed, stage_env, train_argv
 from trainer.run import train
@@ -292,3 +295,34 @@ def test_streaming_over_ssh_is_bit_identical(world: World, ssh_clone: Path) -> N
     model = train_in(ssh_clone, cache_limit_mb=2 * 2 * max(world.shard_bytes) / 2**20)  # HOME: the fixture's
     assert model.read_bytes() == world.model
     assert not os.path.exists(ssh_clone / "data/tensors")
+
+
+def test_the_cache_evicts_least_recently_used_never_protected_and_drops_stale_temporaries(
+    tmp_path: Path,
+) -> None:
+    blobs = {name: bytes([i]) * 1000 for i, name in enumerate("abcd")}
+    entries = {
+        name: ShardEntry(f"{name}.safetensors", 1, len(b), hashlib.sha256(b).hexdigest())
+        for name, b in blobs.items()
+    }
+    by_sha = {e.sha256: blobs[n] for n, e in entries.items()}
+
+    def copy(entry: ShardEntry, sink, max_bytes: int) -> int:
+        data = by_sha[entry.sha256]
+        sink.write(data[:max_bytes])
+        return len(data)
+
+    cache = ShardCache(tmp_path / "cache", limit_bytes=2500)
+    stale = tmp_path / "cache" / ".x.safetensors.tmp-1-ab"
+    stale.write_bytes(b"left by a killed copy")
+    assert cache.put(entries["a"], copy, "a") and cache.put(entries["b"], copy, "b")
+    assert not stale.exists()
+    time.sleep(0.01)
+    assert cache.lookup(entries["a"])  # a used after b: b is the least recently used
+    assert cache.put(entries["c"], copy, "c")
+    assert cache.lookup(entries["b"]) is None and cache.lookup(entries["a"]) is not None
+    # a and c protected: no room for d, nothing fetched or deleted
+    protected = {entries["a"].sha256, entries["c"].sha256}
+    assert cache.put(entries["d"], copy, "d", protected) is None
+    assert cache.stats.fetches == 3 and cache.stats.evictions == 1
+    assert cache.disk_bytes() <= 2500 and cache.stats.peak_bytes <= 2500
