@@ -326,3 +326,20 @@ def test_the_cache_evicts_least_recently_used_never_protected_and_drops_stale_te
     assert cache.put(entries["d"], copy, "d", protected) is None
     assert cache.stats.fetches == 3 and cache.stats.evictions == 1
     assert cache.disk_bytes() <= 2500 and cache.stats.peak_bytes <= 2500
+
+
+def test_a_copy_corrupted_in_transit_is_fetched_again_and_then_used(tmp_path: Path) -> None:
+    good = b"\x07" * 4096
+    entry = ShardEntry("s.safetensors", 1, len(good), hashlib.sha256(good).hexdigest())
+    sent = []
+
+    def flaky_source(entry: ShardEntry, sink, max_bytes: int) -> int:
+        data = good if sent else good[:100] + b"\x00" + good[101:]  # one flipped byte, the first time
+        sent.append(len(data))
+        sink.write(data[:max_bytes])
+        return len(data)
+
+    cache = ShardCache(tmp_path / "cache", limit_bytes=None)
+    path = cache.put(entry, flaky_source, "s from a flaky remote")
+    assert path is not None and path.read_bytes() == good and len(sent) == 2
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.name != ".lock"] == [path.name]

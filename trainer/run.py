@@ -599,6 +599,17 @@ def train(
     finally:
         if fetcher is not None:
             fetcher.close()
+            st = fetcher.cache.stats
+            log.info(
+                "shard cache %s: fetched %d shards (%.1f MB), %d evicted, peak %.1f MB; "
+                "training waited %.1f s for shards",
+                fetcher.cache.folder,
+                st.fetches,
+                st.fetched_bytes / 2**20,
+                st.evictions,
+                st.peak_bytes / 2**20,
+                fetcher.wait_seconds,
+            )
         distributed.leave(group)
 
 
