@@ -136,6 +136,17 @@ KEYS: dict[str, Doc] = {
         "Copy the whole split to the training device once; each batch is one index operation there "
         "(`num_workers` is then ignored with a notice).",
     ),
+    "loader.cache_limit_mb": Doc(
+        "speed",
+        "Training straight from the DVC remote: the most MB the local shard cache may hold; `null`: no "
+        "bound. At least one `shuffle_window` of train shards; a global shuffle needs the whole split "
+        "([streaming](streaming.md)).",
+    ),
+    "loader.prefetch_shards": Doc(
+        "speed",
+        "Training straight from the DVC remote: shards fetched ahead of training; `null`: one "
+        "`shuffle_window` ([streaming](streaming.md)).",
+    ),
     # train
     "train.epochs": Doc(
         "results", "Training epochs (raising it after an interruption still resumes the checkpoint)."

@@ -148,6 +148,10 @@ class LoaderParams:
     shuffle: bool = True
     shuffle_window: IntAtLeast1 | None = None  # shards shuffled together; None = one global shuffle
     device_resident: bool = False  # the whole split on the training device; batches are index ops there
+    # Streaming from the DVC remote (trainer/stream.py): the local shard cache's size bound and how many
+    # shards are fetched ahead. None: no bound / one shuffle window ahead.
+    cache_limit_mb: PositiveFinite | None = None
+    prefetch_shards: IntAtLeast1 | None = None
 
 
 @dataclass(frozen=True, config=_CONFIG)

@@ -35,6 +35,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--checkpoints", type=Path, required=True, help="folder for resumable checkpoints (not a DVC output)"
     )
     p.add_argument("--live", type=Path, required=True, help="DVCLive folder (metrics.json, plots/metrics)")
+    p.add_argument(
+        "--shard-cache",
+        type=Path,
+        default=None,
+        help="where splits streamed from the DVC remote are cached (default: .shardcache in the repository)",
+    )
     args = p.parse_args(argv)
     # Both sections are checked before any data is touched.
     loader = load_section("loader", args.params)
@@ -58,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model_dir=args.model,
         checkpoint_dir=args.checkpoints,
         live_dir=args.live,
+        shard_cache=args.shard_cache,
         loader=loader,
         train=train,
     )

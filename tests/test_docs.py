@@ -130,6 +130,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_ddp.py::test_two_machines_match_two_local_processes",
         '"--node-rank"',
     ),
+    "git clone <your-repo-url> project && cd project": (
+        "tests/test_stream.py::test_streamed_training_is_bit_identical_and_the_cache_stays_under_its_limit",
+        '"clone"',
+    ),
+    "python -m stages.train --train data/tensors/train --test data/tensors/test --val data/tensors/val "
+    "--model models --checkpoints checkpoints --live dvclive": (
+        "tests/test_stream.py::test_a_killed_run_resumes_with_its_warm_cache",
+        '"stages.train"',
+    ),
     "dvc exp run -S train.precision=bf16": (
         "tests/test_precision.py::test_bf16_training_differs_from_fp32_and_a_checkpoint_of_another_precision_is_not_resumed",
         '"bf16"',

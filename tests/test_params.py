@@ -112,6 +112,8 @@ RANGES: dict[tuple[str, str], tuple[list, list]] = {
     ("loader", "num_workers"): ([-1], [0, 4]),
     ("loader", "prefetch_factor"): ([0, -2], [None, 1]),
     ("loader", "shuffle_window"): ([0, -1], [None, 1, 64]),
+    ("loader", "cache_limit_mb"): ([0, -1, math.inf, math.nan], [None, 0.5, 1024]),
+    ("loader", "prefetch_shards"): ([0, -1], [None, 1, 8]),
     ("train", "epochs"): ([0, -1], [1]),
     ("train", "lr"): ([0, -0.001, 0.0, math.inf, -math.inf, math.nan], [1e-9, 1, 0.5]),
     ("train", "seed"): ([-1, 2**63, 2**64, 10**30], [0, 2**63 - 1]),

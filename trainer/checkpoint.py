@@ -68,6 +68,8 @@ SPEED_ONLY = frozenset(
         "loader.pin_memory",
         "loader.prefetch_factor",
         "loader.device_resident",  # bit-identical to the memory-mapped path (test_train_stage.py)
+        "loader.cache_limit_mb",  # streaming: where bytes come from, never what they are (test_stream.py)
+        "loader.prefetch_shards",
         "train.epochs",
         "train.verify",
         "train.checkpoint_every",

@@ -35,7 +35,7 @@ import math
 import os
 import socket
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from safetensors import SafetensorError
 from pipeline.atomic import write_bytes_atomic
 from pipeline.errors import OutputError, ParamsError, PipelineError
 from pipeline.params import LoaderParams, TrainParams
+from pipeline.shardcache import ShardCache
 from trainer import distributed
 from trainer.allocator import retain_freed_memory
 from trainer.augment import augmenter
@@ -63,7 +64,13 @@ from trainer.data import ShardDataset
 from trainer.device_norm import DeviceNormalizer
 from trainer.export import save_model
 from trainer.livelog import LiveLog
-from trainer.loader import EpochBatchSampler, make_loader, resolve_settings, unwrap_worker_error
+from trainer.loader import (
+    EpochBatchSampler,
+    LoaderSettings,
+    make_loader,
+    resolve_settings,
+    unwrap_worker_error,
+)
 from trainer.lock import LOCK_HELD_ENV, checkpoint_lock
 from trainer.loop import evaluate, train_one_epoch
 from trainer.memory import PeakMemory
@@ -71,9 +78,19 @@ from trainer.model import ARCHITECTURE, SimpleCNN, check_input_size
 from trainer.position import Position
 from trainer.precision import Precision, bf16_cpu_notice, check_precision, make_precision
 from trainer.rank_split import RankBatches
-from trainer.verify import ValidSplit, check_compatible, validate_split
+from trainer.stream import (
+    Fetcher,
+    PlannedLoader,
+    StreamedDataset,
+    StreamedSplit,
+    default_cache_dir,
+    open_split,
+    plan_ahead,
+)
+from trainer.verify import ValidSplit, check_compatible
 
 log = logging.getLogger(__name__)
+Split = ValidSplit | StreamedSplit
 
 METRICS = (
     "train_loss",
@@ -127,20 +144,21 @@ def _report(epoch: int, epochs: int, m: dict[str, float]) -> None:
 
 def check_inputs(
     train_dir: Path | str, test_dir: Path | str, train: TrainParams, val_dir: Path | str | None = None
-) -> tuple[torch.device, ValidSplit, ValidSplit, ValidSplit | None]:
+) -> tuple[torch.device, Split, Split, Split | None]:
     """Device and the splits, checked before anything is built (and before any process is started).
 
-    The validation split is None when ``val_dir`` is None or holds no samples.
+    The validation split is None when ``val_dir`` is None or holds no samples. A split folder
+    absent from the workspace is read from the DVC remote (``trainer.stream``).
     """
     device = resolve_device(train.device)
     check_precision(train.precision, device)
-    train_split = validate_split(train_dir, expected_split="train", verify=train.verify)
+    train_split = open_split(train_dir, expected_split="train", verify=train.verify)
     check_input_size(train_split.manifest.image_shape, str(Path(train_dir) / "manifest.json"))
-    test_split = validate_split(test_dir, expected_split="test", verify=train.verify)
+    test_split = open_split(test_dir, expected_split="test", verify=train.verify)
     check_compatible(train_split, test_split)
     val_split = None
     if val_dir is not None:
-        val_split = validate_split(val_dir, expected_split="val", verify=train.verify)
+        val_split = open_split(val_dir, expected_split="val", verify=train.verify)
         check_compatible(train_split, val_split)
         if val_split.num_samples == 0:
             val_split = None
@@ -264,7 +282,7 @@ def _set_threads(group: distributed.Group, train: TrainParams) -> RunShape:
     return RunShape(group.world_size, torch.get_num_threads() if group.device.type == "cpu" else None)
 
 
-def build_model(train: TrainParams, train_split: ValidSplit, device: torch.device) -> SimpleCNN:
+def build_model(train: TrainParams, train_split: Split, device: torch.device) -> SimpleCNN:
     """The model, sized from the manifest (image shape, classes), initialised from ``train.seed``."""
     torch.manual_seed(train.seed)
     return SimpleCNN(*train_split.manifest.image_shape, train_split.manifest.num_classes).to(device)
@@ -444,7 +462,7 @@ def train_epoch(
     return entry
 
 
-def export(run: Run, model_dir: Path | str, train_split: ValidSplit, history: list[dict[str, float]]) -> None:
+def export(run: Run, model_dir: Path | str, train_split: Split, history: list[dict[str, float]]) -> None:
     """Write the model folder; if it cannot be written, keep the trained state as a checkpoint first."""
     try:
         save_model(model_dir, run.model, manifest=train_split.manifest, train=run.params)
@@ -472,6 +490,8 @@ def train(
     loader: LoaderParams,
     train: TrainParams,
     val_dir: Path | str | None = None,
+    shard_cache: Path | str | None = None,
+    cache_hook: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train SimpleCNN on the shard folders, resuming from a matching checkpoint; export the model.
 
@@ -489,6 +509,9 @@ def train(
         train: the ``train`` section.
         val_dir: a val split folder; with samples in it every epoch also logs ``val_loss`` and
             ``val_acc``.
+        shard_cache: the cache folder of splits absent from the workspace, which stream from the
+            DVC remote (default ``.shardcache`` in the repository).
+        cache_hook: called with the cache's bytes on disk after every change (tests, benchmarks).
 
     Returns:
         The last epoch's metrics, over all ranks (:data:`METRICS`, plus :data:`VAL_METRICS`);
@@ -500,6 +523,10 @@ def train(
         NonFiniteLoss: the loss or the weights stopped being finite (a single process).
     """
     device, train_split, test_split, val_split = check_inputs(train_dir, test_dir, train, val_dir)
+    splits = [s for s in (train_split, test_split, val_split) if s is not None]
+    fetcher = _start_streaming(splits, loader, shard_cache, cache_hook)
+    if fetcher is not None:
+        loader = _streaming_loader(loader)
     group = distributed.join(device)
     try:
         with _lock_on_rank_0(group, checkpoint_dir), _only_rank_0_speaks(group):
@@ -548,7 +575,7 @@ def train(
                     group.rank,
                     group.world_size,
                 )
-                val_loader = make_loader(ShardDataset(val_split), val_batches, settings)
+                val_loader = _loader(val_split, val_batches, settings, fetcher, train.verify)
             metrics = metric_names(val_loader is not None)
 
             # Model and optimizer, then whatever a matching checkpoint restores into them.
@@ -561,8 +588,8 @@ def train(
                 model,
                 optimizer,
                 train_batches,
-                make_loader(ShardDataset(train_split), train_batches, settings),
-                make_loader(ShardDataset(test_split), test_batches, settings),
+                _loader(train_split, train_batches, settings, fetcher, train.verify),
+                _loader(test_split, test_batches, settings, fetcher, train.verify),
                 val_loader,
                 settings.pin_memory and device.type == "cuda",
                 fingerprint(
@@ -615,7 +642,64 @@ def train(
             write_bytes_atomic(stop_file, str(exc).encode("utf-8"))
         return {}
     finally:
+        if fetcher is not None:
+            fetcher.close()
+            st = fetcher.cache.stats
+            log.info(
+                "shard cache %s: fetched %d shards (%.1f MB), %d evicted, peak %.1f MB; "
+                "training waited %.1f s for shards",
+                fetcher.cache.folder,
+                st.fetches,
+                st.fetched_bytes / 2**20,
+                st.evictions,
+                st.peak_bytes / 2**20,
+                fetcher.wait_seconds,
+            )
         distributed.leave(group)
+
+
+def _start_streaming(
+    splits: list[Split],
+    loader: LoaderParams,
+    shard_cache: Path | str | None,
+    hook: Callable[[int], None] | None,
+) -> Fetcher | None:
+    """The fetcher of the streamed splits (None when every split is in the workspace)."""
+    streamed = [s for s in splits if isinstance(s, StreamedSplit)]
+    if not streamed:
+        return None
+    limit = None if loader.cache_limit_mb is None else int(loader.cache_limit_mb * 2**20)
+    ahead = plan_ahead(loader, splits[0], limit)
+    folder = Path(shard_cache) if shard_cache is not None else default_cache_dir(streamed[0])
+    bound = "no limit" if limit is None else f"limit {loader.cache_limit_mb:g} MB"
+    log.info(
+        "streaming %s from DVC remote %s into %s (%s, %d shards ahead)",
+        ", ".join(s.source.relative for s in streamed),
+        streamed[0].source.remote,
+        folder,
+        bound,
+        ahead,
+    )
+    return Fetcher(ShardCache(folder, limit, on_change=hook), ahead)
+
+
+def _streaming_loader(loader: LoaderParams) -> LoaderParams:
+    """Streaming maps shards in the training process: no loader workers, no device-resident copy."""
+    if loader.num_workers:
+        log.warning("loader.num_workers ignored: streamed shards are mapped in the training process")
+    if loader.device_resident:
+        log.warning("loader.device_resident ignored: streamed shards pass through the bounded cache")
+    return dataclasses.replace(loader, num_workers=0, persistent_workers=False, device_resident=False)
+
+
+def _loader(
+    split: Split, batches: RankBatches, settings: LoaderSettings, fetcher: Fetcher | None, verify: str
+) -> Iterable:
+    if isinstance(split, StreamedSplit):
+        assert fetcher is not None
+        dataset = StreamedDataset(split, fetcher, verify)
+        return PlannedLoader(make_loader(dataset, batches, settings), batches, dataset)  # type: ignore[arg-type]
+    return make_loader(ShardDataset(split), batches, settings)
 
 
 def _drop_checkpoint(checkpoint_dir: Path | str) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ShardError
-from pipeline.manifest import MANIFEST_NAME, Manifest, read_manifest
+from pipeline.manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest
 from pipeline.shards import ShardLayout, TensorInfo, check_tensors, read_layout
 
 _HASH_CHUNK = 1 << 20
@@ -104,6 +104,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_split(manifest: Manifest, expected_split: str, where: str) -> None:
+    """The manifest is of the expected split, and only a validation split may be empty."""
+    if manifest.split != expected_split:
+        raise ShardError(f"{where}: split: expected {expected_split!r}, found {manifest.split!r}")
+    if manifest.num_samples == 0 and expected_split != "val":
+        raise ShardError(f"{where}: expected at least one sample in the {expected_split} split, found none")
+
+
 def validate_split(split_dir: Path | str, *, expected_split: str, verify: str = "header") -> ValidSplit:
     """Validate ``split_dir`` (manifest + every shard); raise :class:`ShardError` on the first problem.
 
@@ -116,37 +124,31 @@ def validate_split(split_dir: Path | str, *, expected_split: str, verify: str = 
         found = "a file" if directory.exists() else "nothing"
         raise ShardError(f"{directory}: expected a tensor split folder, found {found}")
     manifest = read_manifest(directory)
-    where_manifest = directory / MANIFEST_NAME
-    if manifest.split != expected_split:
-        raise ShardError(f"{where_manifest}: split: expected {expected_split!r}, found {manifest.split!r}")
-    if manifest.num_samples == 0 and expected_split != "val":
-        raise ShardError(
-            f"{where_manifest}: expected at least one sample in the {expected_split} split, found none"
-        )
-    shards = []
-    for entry in manifest.shards:
-        path = directory / entry.file
-        where = str(path)
-        try:
-            st = path.stat()
-        except OSError as exc:
-            raise ShardError(f"{where}: cannot stat shard: {exc}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ShardError(f"{where}: expected a regular file")
-        if st.st_size != entry.bytes:
-            raise ShardError(f"{where}: file is {st.st_size} bytes, the manifest says {entry.bytes}")
-        layout = read_layout(path)
-        images, labels = _check_layout(where, layout, manifest, entry.num_samples)
-        _check_labels(where, path, labels, manifest.num_classes)
-        _check_finite(where, path, images)
-        if verify == "full":
-            found = sha256_file(path)
-            if found != entry.sha256:
-                raise ShardError(f"{where}: SHA-256 is {found}, the manifest says {entry.sha256}")
-        shards.append(
-            ValidShard(path, entry.num_samples, images.start, labels.start, st.st_size, st.st_mtime_ns)
-        )
+    check_split(manifest, expected_split, str(directory / MANIFEST_NAME))
+    shards = [validate_shard(directory / entry.file, entry, manifest, verify) for entry in manifest.shards]
     return ValidSplit(directory, manifest, tuple(shards))
+
+
+def validate_shard(path: Path, entry: ShardEntry, manifest: Manifest, verify: str = "header") -> ValidShard:
+    """Validate one shard file against its manifest entry (see the module docstring)."""
+    where = str(path)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ShardError(f"{where}: cannot stat shard: {exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ShardError(f"{where}: expected a regular file")
+    if st.st_size != entry.bytes:
+        raise ShardError(f"{where}: file is {st.st_size} bytes, the manifest says {entry.bytes}")
+    layout = read_layout(path)
+    images, labels = _check_layout(where, layout, manifest, entry.num_samples)
+    _check_labels(where, path, labels, manifest.num_classes)
+    _check_finite(where, path, images)
+    if verify == "full":
+        found = sha256_file(path)
+        if found != entry.sha256:
+            raise ShardError(f"{where}: SHA-256 is {found}, the manifest says {entry.sha256}")
+    return ValidShard(path, entry.num_samples, images.start, labels.start, st.st_size, st.st_mtime_ns)
 
 
 def check_compatible(train: ValidSplit, other: ValidSplit) -> None:
