@@ -45,7 +45,6 @@ from safetensors import SafetensorError
 from pipeline.atomic import write_bytes_atomic
 from pipeline.errors import OutputError, ParamsError, PipelineError
 from pipeline.params import LoaderParams, TrainParams
-from pipeline.shardcache import ShardCache
 from trainer import distributed
 from trainer.allocator import retain_freed_memory
 from trainer.augment import augmenter
@@ -83,9 +82,9 @@ from trainer.stream import (
     PlannedLoader,
     StreamedDataset,
     StreamedSplit,
-    default_cache_dir,
     open_split,
-    plan_ahead,
+    start_fetcher,
+    without_workers,
 )
 from trainer.verify import ValidSplit, check_compatible
 
@@ -524,9 +523,9 @@ def train(
     """
     device, train_split, test_split, val_split = check_inputs(train_dir, test_dir, train, val_dir)
     splits = [s for s in (train_split, test_split, val_split) if s is not None]
-    fetcher = _start_streaming(splits, loader, shard_cache, cache_hook)
+    fetcher = start_fetcher(splits, loader, shard_cache, cache_hook)
     if fetcher is not None:
-        loader = _streaming_loader(loader)
+        loader = without_workers(loader)
     group = distributed.join(device)
     try:
         with _lock_on_rank_0(group, checkpoint_dir), _only_rank_0_speaks(group):
@@ -656,40 +655,6 @@ def train(
                 fetcher.wait_seconds,
             )
         distributed.leave(group)
-
-
-def _start_streaming(
-    splits: list[Split],
-    loader: LoaderParams,
-    shard_cache: Path | str | None,
-    hook: Callable[[int], None] | None,
-) -> Fetcher | None:
-    """The fetcher of the streamed splits (None when every split is in the workspace)."""
-    streamed = [s for s in splits if isinstance(s, StreamedSplit)]
-    if not streamed:
-        return None
-    limit = None if loader.cache_limit_mb is None else int(loader.cache_limit_mb * 2**20)
-    ahead = plan_ahead(loader, splits[0], limit)
-    folder = Path(shard_cache) if shard_cache is not None else default_cache_dir(streamed[0])
-    bound = "no limit" if limit is None else f"limit {loader.cache_limit_mb:g} MB"
-    log.info(
-        "streaming %s from DVC remote %s into %s (%s, %d shards ahead)",
-        ", ".join(s.source.relative for s in streamed),
-        streamed[0].source.remote,
-        folder,
-        bound,
-        ahead,
-    )
-    return Fetcher(ShardCache(folder, limit, on_change=hook), ahead)
-
-
-def _streaming_loader(loader: LoaderParams) -> LoaderParams:
-    """Streaming maps shards in the training process: no loader workers, no device-resident copy."""
-    if loader.num_workers:
-        log.warning("loader.num_workers ignored: streamed shards are mapped in the training process")
-    if loader.device_resident:
-        log.warning("loader.device_resident ignored: streamed shards pass through the bounded cache")
-    return dataclasses.replace(loader, num_workers=0, persistent_workers=False, device_resident=False)
 
 
 def _loader(

@@ -25,10 +25,11 @@ dataset unmaps shards it has left, so a deleted file's blocks are freed at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,3 +320,37 @@ class PlannedLoader:
             yield from self.loader
         finally:
             self.dataset.release()
+
+
+def start_fetcher(
+    splits: Sequence[ValidSplit | StreamedSplit],
+    loader: LoaderParams,
+    shard_cache: Path | str | None,
+    hook: Callable[[int], None] | None,
+) -> Fetcher | None:
+    """The fetcher of the streamed splits (None when every split is in the workspace)."""
+    streamed = [s for s in splits if isinstance(s, StreamedSplit)]
+    if not streamed:
+        return None
+    limit = None if loader.cache_limit_mb is None else int(loader.cache_limit_mb * 2**20)
+    ahead = plan_ahead(loader, splits[0], limit)
+    folder = Path(shard_cache) if shard_cache is not None else default_cache_dir(streamed[0])
+    bound = "no limit" if limit is None else f"limit {loader.cache_limit_mb:g} MB"
+    log.info(
+        "streaming %s from DVC remote %s into %s (%s, %d shards ahead)",
+        ", ".join(s.source.relative for s in streamed),
+        streamed[0].source.remote,
+        folder,
+        bound,
+        ahead,
+    )
+    return Fetcher(ShardCache(folder, limit, on_change=hook), ahead)
+
+
+def without_workers(loader: LoaderParams) -> LoaderParams:
+    """Streaming maps shards in the training process: no loader workers, no device-resident copy."""
+    if loader.num_workers:
+        log.warning("loader.num_workers ignored: streamed shards are mapped in the training process")
+    if loader.device_resident:
+        log.warning("loader.device_resident ignored: streamed shards pass through the bounded cache")
+    return dataclasses.replace(loader, num_workers=0, persistent_workers=False, device_resident=False)
