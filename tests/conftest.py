@@ -1,8 +1,13 @@
-"""Shared fixtures: a real HTTP(S) server on 127.0.0.1 whose routes simulate mirrors.
+"""Shared fixtures: a real HTTP(S) server on 127.0.0.1 whose routes simulate mirrors, and the tiny
+shards and baseline training run the train-stage tests share.
 
 Nothing here mocks urllib: the downloader talks to a real socket. Each route is
 a small function that writes a response (or misbehaves: truncates, resets,
 stalls, redirects). Generated tiny data lives in ``synth.py``.
+
+``data`` and ``baseline`` are session-scoped (once per pytest-xdist worker):
+every test that uses them only reads them, and writes its own runs under its
+``tmp_path``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import ipaddress
 import socket
 import ssl
 import struct
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -267,3 +273,31 @@ def https_server(tls_cert: tuple[Path, Path]) -> Iterator[LocalServer]:
 def client_tls(tls_cert: tuple[Path, Path]) -> ssl.SSLContext:
     """A client context that trusts exactly the test server's self-signed certificate."""
     return ssl.create_default_context(cafile=str(tls_cert[0]))
+
+
+# ----------------------------------------------------------------------------- train-stage shards and run
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny shards: 256 train samples (4 batches of 64) and 128 test samples, 100 a shard."""
+    from tests.test_trainer import make_split
+
+    root = tmp_path_factory.mktemp("shards")
+    make_split(root / "train", 256, split="train", shard_size=100, seed=1)
+    make_split(root / "test", 128, split="test", shard_size=100, seed=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def baseline(
+    data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """One uninterrupted ``python -m stages.train`` run (2 epochs, num_workers 0) on ``data``: the result
+    that resumed, killed, re-configured and failing-then-rerun runs must reproduce bit for bit."""
+    from tests.test_train_stage import run_train, write_params
+
+    work = tmp_path_factory.mktemp("baseline")
+    res = run_train(data, work, write_params(work / "params.yaml", loader={"num_workers": 0}))
+    assert res.returncode == 0, res.stderr
+    return work, res

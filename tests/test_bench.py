@@ -139,7 +139,8 @@ def test_bench_writes_results(tmp_path: Path) -> None:
 
 
 def test_shapes_bench_writes_results(tmp_path: Path) -> None:
-    """benchmarks.shapes on tiny data: both loader shapes, a CSV case and an image folder with held-out val/test."""
+    """benchmarks.shapes on tiny data: both loader shapes, a CSV case and an image folder with held-out
+    val/test."""
     out = tmp_path / "bench"
     res = subprocess.run(
         [

@@ -12,7 +12,7 @@ import torch
 from pipeline.cli import run_stage
 from pipeline.errors import ParamsError
 from stages.train import main
-from tests.test_train_stage import data, run_train, run_until_killed, train_argv, write_params  # noqa: F401
+from tests.test_train_stage import run_train, run_until_killed, train_argv, write_params
 from trainer.checkpoint import SPEED_ONLY, RunShape, load_checkpoint, save_checkpoint
 from trainer.loop import evaluate
 from trainer.model import SimpleCNN
@@ -26,7 +26,7 @@ def test_fp16_on_the_cpu_is_refused_in_one_line_before_any_work(
     data: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     with pytest.raises(
-        ParamsError, match="^train.precision: fp16 needs a CUDA device, found cpu; use bf16 or fp32$"
+        ParamsError, match=r"^train\.precision: fp16 needs a CUDA device, found cpu; use bf16 or fp32$"
     ):
         make_precision("fp16", CPU)
     monkeypatch.chdir(tmp_path)
