@@ -56,6 +56,7 @@ def test_bench_writes_results(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "benchmarks.loader",
+            "--quick",  # with --samples and --naive-samples given, it only cuts the bf16 run to 4 steps
             "--samples",
             "512",
             "--naive-samples",
