@@ -33,6 +33,38 @@ for _p in (_TESTS.parent, _TESTS):  # the repo's packages, and `import synth`, u
 
 Route = Callable[[BaseHTTPRequestHandler], None]
 
+# pytest-xdist (pyproject.toml's addopts) gives each worker whole files, in collection order. The
+# longest files go first, so that none of them starts near the end while the other workers run out of
+# work; the rest keep pytest's order. Seconds, serial, on the 2-core CI machine; a stale figure only
+# costs balance, never a test.
+LONGEST_FIRST = {
+    "test_ddp.py": 180,
+    "test_bench.py": 115,
+    "test_any_shape_dvc.py": 95,
+    "test_scale.py": 85,
+    "test_resume.py": 65,
+    "test_team_remote.py": 55,
+    "test_uint8.py": 50,
+    "test_train_stage.py": 47,
+    "test_kill.py": 45,
+    "test_train_failures.py": 43,
+    "test_parquet_stage.py": 34,
+    "test_cache_links.py": 27,
+    "test_e2e_dvc.py": 23,
+    "test_precision.py": 23,
+    "test_tensorize.py": 23,
+    "test_user_csv.py": 23,
+    "test_train_stage_dvc.py": 21,
+    "test_shuffle_window.py": 21,
+    "test_augment.py": 17,
+    "test_plots_offline.py": 16,
+    "test_trainer.py": 15,
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: -LONGEST_FIRST.get(item.path.name, 0))  # stable: ties keep their order
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
