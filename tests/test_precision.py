@@ -72,13 +72,8 @@ def test_bf16_training_differs_from_fp32_and_a_checkpoint_of_another_precision_i
     notices = [line for line in res.stderr.splitlines() if "not resuming" in line]
     assert len(notices) == 1 and "other params" in notices[0], res.stderr
     assert res.stdout.count("epoch 1/2") == 1 and res.stdout.count("epoch 2/2") == 1
-    fp32 = run_train(data, tmp_path / "fp32", params)
-    assert fp32.returncode == 0, fp32.stderr
-    first = [
-        line.split("  ")[0]
-        for line in (res.stdout + fp32.stdout).splitlines()
-        if line.startswith("epoch 1/2")
-    ]
+    fp32 = (tmp_path / "killed.log").read_text()  # the killed fp32 run reported epoch 1 before its checkpoint
+    first = [line.split("  ")[0] for line in (res.stdout + fp32).splitlines() if line.startswith("epoch 1/2")]
     assert len(first) == 2 and first[0] != first[1]  # bf16's train loss is not fp32's
 
 
