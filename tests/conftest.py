@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import socket
 import ssl
 import struct
@@ -25,6 +26,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+# The suite keeps every core busy (pytest-xdist workers, each starting training processes, DataLoader
+# workers and ranks). OpenMP threads that spin at a barrier (GNU libgomp's default) then take the core
+# from the very thread they wait for: two 60-step training loops of 2 threads each, side by side on the
+# 2 cores, took 2.3-15.8 s with the default and 1.4-1.7 s with PASSIVE (they sleep instead). How the
+# threads wait changes no result. Set before anything loads libgomp (it reads this once, at load); the
+# tests' subprocesses inherit it. A value in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _TESTS = Path(__file__).resolve().parent
 for _p in (_TESTS.parent, _TESTS):  # the repo's packages, and `import synth`, under plain `pytest` too
