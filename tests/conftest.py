@@ -1,17 +1,24 @@
-"""Shared fixtures: a real HTTP(S) server on 127.0.0.1 whose routes simulate mirrors.
+"""Shared fixtures: a real HTTP(S) server on 127.0.0.1 whose routes simulate mirrors, and the tiny
+shards and baseline training run the train-stage tests share.
 
 Nothing here mocks urllib: the downloader talks to a real socket. Each route is
 a small function that writes a response (or misbehaves: truncates, resets,
 stalls, redirects). Generated tiny data lives in ``synth.py``.
+
+``data`` and ``baseline`` are session-scoped (once per pytest-xdist worker):
+every test that uses them only reads them, and writes its own runs under its
+``tmp_path``.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import socket
 import ssl
 import struct
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -20,12 +27,52 @@ from pathlib import Path
 
 import pytest
 
+# The suite keeps every core busy (pytest-xdist workers, each starting training processes, DataLoader
+# workers and ranks). OpenMP threads that spin at a barrier (GNU libgomp's default) then take the core
+# from the very thread they wait for: two 60-step training loops of 2 threads each, side by side on the
+# 2 cores, took 2.3-15.8 s with the default and 1.4-1.7 s with PASSIVE (they sleep instead). How the
+# threads wait changes no result. Set before anything loads libgomp (it reads this once, at load); the
+# tests' subprocesses inherit it. A value in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 _TESTS = Path(__file__).resolve().parent
 for _p in (_TESTS.parent, _TESTS):  # the repo's packages, and `import synth`, under plain `pytest` too
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
 Route = Callable[[BaseHTTPRequestHandler], None]
+
+# pytest-xdist (pyproject.toml's addopts) gives each worker whole files, in collection order. The
+# longest files go first, so that none of them starts near the end while the other workers run out of
+# work; the rest keep pytest's order. Seconds, serial, on the 2-core CI machine; a stale figure only
+# costs balance, never a test.
+LONGEST_FIRST = {
+    "test_ddp.py": 180,
+    "test_bench.py": 115,
+    "test_any_shape_dvc.py": 95,
+    "test_scale.py": 85,
+    "test_resume.py": 65,
+    "test_team_remote.py": 55,
+    "test_uint8.py": 50,
+    "test_train_stage.py": 47,
+    "test_kill.py": 45,
+    "test_train_failures.py": 43,
+    "test_parquet_stage.py": 34,
+    "test_cache_links.py": 27,
+    "test_e2e_dvc.py": 23,
+    "test_precision.py": 23,
+    "test_tensorize.py": 23,
+    "test_user_csv.py": 23,
+    "test_train_stage_dvc.py": 21,
+    "test_shuffle_window.py": 21,
+    "test_augment.py": 17,
+    "test_plots_offline.py": 16,
+    "test_trainer.py": 15,
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: -LONGEST_FIRST.get(item.path.name, 0))  # stable: ties keep their order
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -267,3 +314,31 @@ def https_server(tls_cert: tuple[Path, Path]) -> Iterator[LocalServer]:
 def client_tls(tls_cert: tuple[Path, Path]) -> ssl.SSLContext:
     """A client context that trusts exactly the test server's self-signed certificate."""
     return ssl.create_default_context(cafile=str(tls_cert[0]))
+
+
+# ----------------------------------------------------------------------------- train-stage shards and run
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny shards: 256 train samples (4 batches of 64) and 128 test samples, 100 a shard."""
+    from tests.test_trainer import make_split
+
+    root = tmp_path_factory.mktemp("shards")
+    make_split(root / "train", 256, split="train", shard_size=100, seed=1)
+    make_split(root / "test", 128, split="test", shard_size=100, seed=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def baseline(
+    data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """One uninterrupted ``python -m stages.train`` run (2 epochs, num_workers 0) on ``data``: the result
+    that resumed, killed, re-configured and failing-then-rerun runs must reproduce bit for bit."""
+    from tests.test_train_stage import run_train, write_params
+
+    work = tmp_path_factory.mktemp("baseline")
+    res = run_train(data, work, write_params(work / "params.yaml", loader={"num_workers": 0}))
+    assert res.returncode == 0, res.stderr
+    return work, res

@@ -81,9 +81,10 @@ Subsystem sftp internal-sftp
 """)
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation folder sshd insists on
-    log = open(folder / "sshd.log", "wb")
-    proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    log.close()
+    with open(folder / "sshd.log", "wb") as log:  # sshd keeps its own descriptor
+        proc = subprocess.Popen(
+            [str(SSHD), "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT
+        )
     home = folder / "home"
     (home / ".ssh").mkdir(parents=True)
     host_pub = host_key.with_suffix(".pub").read_text().split()
@@ -96,8 +97,10 @@ Subsystem sftp internal-sftp
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return server
-        except OSError:
+        except OSError as exc:
             if time.monotonic() > deadline:
                 server.stop()
-                raise AssertionError(f"sshd did not listen on {port}:\n{(folder / 'sshd.log').read_text()}")
+                raise AssertionError(
+                    f"sshd did not listen on {port}:\n{(folder / 'sshd.log').read_text()}"
+                ) from exc
             time.sleep(0.05)

@@ -223,7 +223,8 @@ def run_stage_measured(
     cwd: Path,
     timeout: float = 120,
 ) -> tuple[subprocess.CompletedProcess, int]:
-    """Like :func:`run_stage`, also returning the stage process's own peak resident memory in bytes (Linux)."""
+    """Like :func:`run_stage`, also returning the stage process's own peak resident memory in bytes
+    (Linux)."""
     from benchmarks.scale import run_module_measured
 
     env = dict(

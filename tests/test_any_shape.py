@@ -32,7 +32,8 @@ def shaped_csv(
     seed: int = 0,
     names: list[str] | None = None,
 ) -> tuple[np.ndarray, list]:
-    """A CSV of ``n`` random images of ``shape`` (pixel columns named ``names``, default p0..); returns pixels, labels."""
+    """A CSV of ``n`` random images of ``shape`` (pixel columns named ``names``, default p0..); returns
+    pixels, labels."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (n, int(np.prod(shape))), dtype=np.uint8)
     labels = labels if labels is not None else rng.integers(0, 5, n).tolist()
@@ -90,7 +91,7 @@ def test_split_of_a_sample_never_moves_when_samples_are_added():
 def test_held_out_test_and_val_are_stratified_and_stable(tmp_path):
     n = 2000
     labels = [i % 4 for i in range(n)]  # four balanced classes
-    pixels, _ = shaped_csv(tmp_path / "train.csv", n, (1, 4, 4), labels=labels, seed=1)
+    _pixels, _ = shaped_csv(tmp_path / "train.csv", n, (1, 4, 4), labels=labels, seed=1)
     pq = to_parquet(tmp_path / "a", tmp_path / "train.csv", None)
     out = tmp_path / "t"
     manifests = tensorize(
@@ -157,7 +158,7 @@ def test_rgb_17x23_named_classes_per_channel_standard(tmp_path):
     names = ["zebra", "ant", "cat, wild", "bee"]
     labels = [names[i % 4] for i in range(60)]
     pixels, _ = shaped_csv(tmp_path / "train.csv", 60, shape, labels=[f'"{x}"' for x in labels], seed=2)
-    test_pixels, _ = shaped_csv(tmp_path / "test.csv", 12, shape, labels=["ant", "bee"] * 6, seed=3)
+    _test_pixels, _ = shaped_csv(tmp_path / "test.csv", 12, shape, labels=["ant", "bee"] * 6, seed=3)
     pq = to_parquet(tmp_path, tmp_path / "train.csv", tmp_path / "test.csv", shape=shape)
     out = tmp_path / "t"
     m = tensorize(
@@ -227,8 +228,8 @@ def test_test_class_unknown_to_train_is_refused(tmp_path):
     [
         (
             lambda p: shaped_csv(p, 3, (1, 4, 5)),
-            "{p}: row 1 (header): 20 pixel columns are not a square grey image; set data.image_shape to [C, H, W] "
-            "in params.yaml",
+            "{p}: row 1 (header): 20 pixel columns are not a square grey image; "
+            "set data.image_shape to [C, H, W] in params.yaml",
         ),
         (
             lambda p: p.write_text("label,a,b,c,d\n1,2,3,4,5\n,1,2,3,4\n"),
@@ -240,13 +241,13 @@ def test_test_class_unknown_to_train_is_refused(tmp_path):
         ),
         (
             lambda p: p.write_text("label,a,b,c,d\n1,2,3,4,5\ncat,1,2,3,4\n"),
-            "{p}: row 2 (line 3), column 1 (label): expected an integer 0..65535 like the first row's, found 'cat' "
-            "(labels must not mix integers and names)",
+            "{p}: row 2 (line 3), column 1 (label): expected an integer 0..65535 like the first row's, "
+            "found 'cat' (labels must not mix integers and names)",
         ),
         (
             lambda p: p.write_text("label,a,b,c,d\ncat,2,3,4,5\n7,1,2,3,4\n"),
-            "{p}: row 2 (line 3), column 1 (label): expected a class name like the first row's, found the integer '7' "
-            "(labels must not mix integers and names)",
+            "{p}: row 2 (line 3), column 1 (label): expected a class name like the first row's, "
+            "found the integer '7' (labels must not mix integers and names)",
         ),
         (
             lambda p: p.write_text("label,a,b,c,d\n1,2,3,4,5\n1,2,3,4\n"),

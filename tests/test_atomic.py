@@ -1,4 +1,5 @@
-"""atomic_dir: a writer SIGKILLed at any step leaves the old or the new folder complete; the next writer cleans up.
+"""atomic_dir: a writer SIGKILLed at any step leaves the old or the new folder complete; the next writer
+cleans up.
 
 The kill points are injected by the test into a child process (it wraps the
 module's rename steps so the process kills itself right after the k-th one);
@@ -145,7 +146,7 @@ def test_parent_folder_is_fsynced_after_the_swap(tmp_path: Path, monkeypatch) ->
     assert contents(tmp_path / "t") == NEW
 
 
-# ----------------------------------------------------------------------------- atomic_file (CSV, Parquet, plots)
+# -------------------------------------------------------------------------- atomic_file (CSV, Parquet, plots)
 
 OLD_FILE, NEW_FILE = b"old,csv\n" * 5000, b"new,csv\n" * 4000
 
@@ -215,8 +216,10 @@ def test_atomic_file_killed_at_any_point_leaves_old_or_new_and_the_next_writer_c
 def test_atomic_file_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     target = tmp_path / "plot.html"
     atomic.write_bytes_atomic(target, OLD_FILE)
-    with pytest.raises(OutputError, match=f"^{target}: could not write output"):
-        with atomic.atomic_file(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise OSError(28, "No space left on device")
+    with (
+        pytest.raises(OutputError, match=f"^{target}: could not write output"),
+        atomic.atomic_file(target) as tmp,
+    ):
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
     assert target.read_bytes() == OLD_FILE and [p.name for p in tmp_path.iterdir()] == ["plot.html"]

@@ -1,5 +1,6 @@
-"""train.augment: flip and translate on hand-made tensors, seeding by (seed, epoch, global batch), rank slices,
-loader settings and a mid-epoch resume that cannot change the augmented batches, and the empty default."""
+"""train.augment: flip and translate on hand-made tensors, seeding by (seed, epoch, global batch), rank
+slices, loader settings and a mid-epoch resume that cannot change the augmented batches, and the empty
+default."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from torch.nn import functional as F
 
 from pipeline.params import LoaderParams, TrainParams
 from tests.test_resume import EVERY_STEP, _checkpoint, _short_run
-from tests.test_train_stage import (  # noqa: F401 (fixtures)
+from tests.test_train_stage import (
     MODEL_METRICS,
-    data,
     history,
     run_train,
     run_until_killed,
@@ -99,7 +99,8 @@ def test_rank_slices_together_are_the_one_process_augmented_batch(n: int, world:
 
 
 def test_empty_augment_and_fp32_are_the_plain_training_step() -> None:
-    """train.augment [] builds no augmenter; the loop with none (and default fp32) is the plain step, bit for bit."""
+    """train.augment [] builds no augmenter; the loop with none (and default fp32) is the plain step, bit for
+    bit."""
     assert augmenter((), seed=42, epoch=0) is None
     generator = torch.Generator().manual_seed(0)
     batches = [
@@ -139,7 +140,7 @@ def test_loader_settings_cannot_change_augmented_training(data: Path, tmp_path: 
     ]:
         got, got_model = _short_run(data, tmp_path / name, loader, train)
         assert got == expected and got_model == model, name
-    plain, plain_model = _short_run(
+    _plain, plain_model = _short_run(
         data,
         tmp_path / "plain",
         LoaderParams(batch_size=64, num_workers=0),
@@ -150,7 +151,8 @@ def test_loader_settings_cannot_change_augmented_training(data: Path, tmp_path: 
 
 @pytest.mark.slow
 def test_killed_mid_epoch_with_augment_resumes_bit_identically(data: Path, tmp_path: Path) -> None:
-    """Killed at epoch 2, step 2: the resumed run must seed the rest of epoch 2 by its global batch indices."""
+    """Killed at epoch 2, step 2: the resumed run must seed the rest of epoch 2 by its global batch
+    indices."""
     base = tmp_path / "base"
     res = run_train(data, base, write_params(tmp_path / "base.yaml", train={"augment": AUGMENT}))
     assert res.returncode == 0, res.stderr

@@ -56,6 +56,7 @@ def test_bench_writes_results(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "benchmarks.loader",
+            "--quick",  # with --samples and --naive-samples given, it only cuts the bf16 run to 4 steps
             "--samples",
             "512",
             "--naive-samples",
@@ -139,7 +140,8 @@ def test_bench_writes_results(tmp_path: Path) -> None:
 
 
 def test_shapes_bench_writes_results(tmp_path: Path) -> None:
-    """benchmarks.shapes on tiny data: both loader shapes, a CSV case and an image folder with held-out val/test."""
+    """benchmarks.shapes on tiny data: both loader shapes, a CSV case and an image folder with held-out
+    val/test."""
     out = tmp_path / "bench"
     res = subprocess.run(
         [

@@ -1,4 +1,5 @@
-"""Block-wise CSV parsing: blocks are whole lines, only a genuine single over-long line takes the slow path."""
+"""Block-wise CSV parsing: blocks are whole lines, only a genuine single over-long line takes the slow
+path."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ end with a batch of 3.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -118,7 +119,7 @@ def _model_bytes(work: Path) -> bytes:
     return (work / "models" / "model.safetensors").read_bytes()
 
 
-# ----------------------------------------------------------------------------- the split itself (no processes)
+# ---------------------------------------------------------------------------- the split itself (no processes)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -126,7 +127,7 @@ def _model_bytes(work: Path) -> bytes:
 def test_rank_slices_tile_the_batch_in_order(n: int, world: int) -> None:
     ranges = [rank_range(n, r, world) for r in range(world)]
     assert ranges[0][0] == 0 and ranges[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     sizes = [stop - start for start, stop in ranges]
     assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 
@@ -167,10 +168,12 @@ def test_scaled_rank_losses_average_to_the_global_gradient(n: int, world: int) -
 
 def test_checkpoint_lock_refuses_a_second_holder_and_is_released(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoints"
-    with checkpoint_lock(folder):
-        with pytest.raises(CheckpointBusy, match="another training is running on this checkpoint folder"):
-            with checkpoint_lock(folder):
-                pass
+    with (
+        checkpoint_lock(folder),
+        pytest.raises(CheckpointBusy, match="another training is running on this checkpoint folder"),
+        checkpoint_lock(folder),
+    ):
+        pass
     with checkpoint_lock(folder):  # released on exit
         pass
     assert lock_path(folder) == tmp_path / ".checkpoints.lock" and not folder.exists()
@@ -447,7 +450,8 @@ def _kill_two_mid_epoch(data: Path, work: Path) -> tuple[int, int, int]:
 
 
 def _signal_tree(root: int, signum: int) -> None:
-    """``root`` and every descendant (torchrun starts its ranks in sessions of their own, so killpg misses them)."""
+    """``root`` and every descendant (torchrun starts its ranks in sessions of their own, so killpg misses
+    them)."""
     todo, seen = [root], []
     while todo:
         pid = todo.pop()

@@ -242,7 +242,8 @@ def test_server_that_stalls_mid_body_then_next_source(ds, http_server, tmp_path)
 
 
 def test_server_that_drips_bytes_is_cut_off_by_the_minimum_rate(ds, http_server, tmp_path):
-    """8 bytes every 0.05 s (1.3 kbit/s) never lets one read wait for the socket timeout: the rate check stops it."""
+    """8 bytes every 0.05 s (1.3 kbit/s) never lets one read wait for the socket timeout: the rate check stops
+    it."""
     body = ds.gz(IMAGES)
     http_server.paced(f"/m/{IMAGES}", body, chunk=8, interval=0.05)
     start = time.monotonic()
@@ -519,9 +520,8 @@ def test_folder_file_larger_than_expected(ds, tmp_path):
     limit = max_compressed_size(ds.spec.train.images)
     (folder / IMAGES).write_bytes(oversized(ds))
     reason = failure_lines(download_error(ds, tmp_path, str(folder)))[str(folder)]
-    assert (
-        reason
-        == f"{folder / IMAGES} is {len(oversized(ds))} bytes, more than the largest valid file ({limit} bytes)"
+    assert reason == (
+        f"{folder / IMAGES} is {len(oversized(ds))} bytes, more than the largest valid file ({limit} bytes)"
     )
 
 

@@ -119,7 +119,7 @@ def test_jpeg_decodes_close_to_what_was_saved(tmp_path: Path, channels: int) -> 
     array = smooth if channels == 3 else smooth[..., 0]
     save(tmp_path / "images/train/a/x.JPG", array, format="JPEG", quality=95)
     save(tmp_path / "images/train/b/y.jpeg", array, quality=95)
-    table, pixels = to_parquet(tmp_path / "images", None)
+    _table, pixels = to_parquet(tmp_path / "images", None)
     assert pixels.shape == (2, channels, 16, 24)
     chw = array[None] if channels == 1 else array.transpose(2, 0, 1)
     for got in pixels:
@@ -164,14 +164,14 @@ def test_set_shape_converts_rgb_to_grey_luma_and_palette_to_rgb(tmp_path: Path) 
     red = np.zeros((3, 5, 3), np.uint8)
     red[..., 0] = 255
     save(tmp_path / "images/train/r/red.png", red)
-    table, pixels = to_parquet(tmp_path / "images", (1, 3, 5))
+    _table, pixels = to_parquet(tmp_path / "images", (1, 3, 5))
     np.testing.assert_array_equal(pixels[0], np.full((1, 3, 5), 76))  # ITU-R 601-2: 255 * 299/1000
 
     palette = Image.new("P", (4, 2))
     palette.putpalette([0, 0, 0, 10, 20, 30])
     palette.putpixel((1, 0), 1)
     save(tmp_path / "pal/train/p/p.png", palette)
-    table, pixels = to_parquet(tmp_path / "pal", (3, 2, 4))
+    _table, pixels = to_parquet(tmp_path / "pal", (3, 2, 4))
     assert pixels[0][:, 0, 1].tolist() == [10, 20, 30] and pixels[0][:, 1, 1].tolist() == [0, 0, 0]
 
 
@@ -243,7 +243,8 @@ def test_file_directly_under_train_is_refused(tmp_path: Path) -> None:
     save(root / "train/cat/1.png", noise((2, 2), 0))
     save(root / "train/stray.png", noise((2, 2), 0))
     assert refused(scan_split, root, "train") == (
-        f"{root / 'train/stray.png'}: file directly under train/; expected it in a class folder train/<class>/"
+        f"{root / 'train/stray.png'}: file directly under train/; "
+        "expected it in a class folder train/<class>/"
     )
 
 
@@ -438,7 +439,8 @@ def write_rows(path: Path, rows: list[list[str]]) -> Path:
         ),
         (
             [["label", "file"], ["cat", "train/dog/1.png"]],
-            "row 2: expected a file train/<label>/<path> or test/<label>/<path> with label 'cat', found 'train/dog/1.png'",
+            "row 2: expected a file train/<label>/<path> or test/<label>/<path> with label 'cat', "
+            "found 'train/dog/1.png'",
         ),
         (
             [["label", "file"], ["cat", "train/cat/../../../etc/passwd"]],
@@ -478,7 +480,8 @@ def test_empty_listing_gives_a_parquet_file_with_no_rows_and_the_shape(tmp_path:
         compression_level=None,
         row_group_size=16,
     ) == (
-        f"{tmp_path / 'test.csv'}: listing is empty and data.image_shape is not set; expected one or the other"
+        f"{tmp_path / 'test.csv'}: listing is empty and data.image_shape is not set; "
+        "expected one or the other"
     )
 
 

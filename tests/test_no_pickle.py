@@ -102,10 +102,9 @@ def violations(source: str, where: str = "<snippet>") -> list[str]:
                 and str(node.args[0].value).split(".")[0] in PICKLE_MODULES
             ):
                 found.append(f"{line}: dynamic import of {node.args[0].value}")
-            if (
-                (name
-                and name.endswith((".__reduce__", ".__setstate__")))
-                or name in ("pickle.loads", "pickle.load")
+            if (name and name.endswith((".__reduce__", ".__setstate__"))) or name in (
+                "pickle.loads",
+                "pickle.load",
             ):
                 found.append(f"{line}: {name}(...)")
     return found

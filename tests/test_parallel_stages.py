@@ -1,4 +1,5 @@
-"""prep.shard_dtype uint8 (the write side) and prep.workers: the data stages' bytes never depend on the worker count.
+"""prep.shard_dtype uint8 (the write side) and prep.workers: the data stages' bytes never depend on the worker
+count.
 
 uint8 shards hold the source bytes exactly, and the trainer's lookup table reproduces the
 float32 shard bit for bit; the file is what safetensors writes. tensorize (float32 and

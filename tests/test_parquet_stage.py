@@ -1,4 +1,5 @@
-"""The `parquet` stage: strict CSV -> UInt16-label / UInt8-pixel Parquet; every violation named by file, row, column."""
+"""The `parquet` stage: strict CSV -> UInt16-label / UInt8-pixel Parquet; every violation named by file, row,
+column."""
 
 from __future__ import annotations
 
@@ -256,7 +257,8 @@ CASES = [
     (
         "name-label-after-int",
         lambda g: mutate(g, 7, 0, b"cat"),
-        f"row 7 (line 8), column 1 (label): expected an integer 0..65535 like the first row's, found 'cat' {MIX}",
+        "row 7 (line 8), column 1 (label): expected an integer 0..65535 like the first row's, "
+        f"found 'cat' {MIX}",
     ),
     (
         "empty-pixel",
@@ -289,7 +291,8 @@ CASES = [
     (
         "float-label",
         lambda g: mutate(g, 3, 0, b"1.0"),
-        f"row 3 (line 4), column 1 (label): expected an integer 0..65535 like the first row's, found '1.0' {MIX}",
+        "row 3 (line 4), column 1 (label): expected an integer 0..65535 like the first row's, "
+        f"found '1.0' {MIX}",
     ),
     ("exponent", lambda g: mutate(g, 3, 17, b"1e2"), f"row 3 (line 4), column 18 (pixel17): {PIX} '1e2'"),
     ("nan", lambda g: mutate(g, 3, 17, b"NaN"), f"row 3 (line 4), column 18 (pixel17): {PIX} 'NaN'"),

@@ -1,4 +1,5 @@
-"""Resume anywhere: SIGKILL at step boundaries inside an epoch, resume, compare bytes; speed-only params proven.
+"""Resume anywhere: SIGKILL at step boundaries inside an epoch, resume, compare bytes; speed-only params
+proven.
 
 The kill runs checkpoint at every step boundary (``train.checkpoint_seconds``
 tiny, ``train.checkpoint_every`` 0): the n-th ``write_checkpoint`` is then
@@ -20,10 +21,8 @@ import safetensors.torch
 import torch
 
 from pipeline.params import LoaderParams, TrainParams
-from tests.test_train_stage import (  # noqa: F401 (fixtures)
+from tests.test_train_stage import (
     MODEL_METRICS,
-    baseline,
-    data,
     history,
     run_train,
     run_until_killed,

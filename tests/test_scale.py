@@ -148,7 +148,8 @@ def test_bad_last_cell_of_a_4x_csv_named_fast_in_bounded_memory(tmp_path: Path) 
 
 
 def test_cold_epoch_bounded_resident_set(tmp_path: Path) -> None:
-    """The beyond-RAM measurement runs whole epochs; with a bound, the windowed order evicts far less often."""
+    """The beyond-RAM measurement runs whole epochs; with a bound, the windowed order evicts far less
+    often."""
     from benchmarks.cold import build_shards, cold_epoch
 
     rng = np.random.default_rng(2)

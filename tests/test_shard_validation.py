@@ -312,7 +312,7 @@ CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
     ),
     (
         "manifest-class-names-duplicate",
-        lambda s: save_manifest(s, {**(d := manifest_of(s)), "class_names": ["a"] * 10}),
+        lambda s: save_manifest(s, {**manifest_of(s), "class_names": ["a"] * 10}),
         ("class_names: expected 10 distinct non-empty names",),
     ),
     (
@@ -346,7 +346,8 @@ CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
         "manifest-wrong-version",
         lambda s: save_manifest(s, {**manifest_of(s), "schema_version": 1}),
         (
-            "manifest.json: schema_version 1 is not this pipeline's 2; rerun `dvc repro tensorize` to rebuild the shards",
+            "manifest.json: schema_version 1 is not this pipeline's 2; "
+            "rerun `dvc repro tensorize` to rebuild the shards",
         ),
     ),
     (
@@ -447,7 +448,8 @@ FASHION = (
     ids=["dataset", "normalization", "class_names", "image_shape"],
 )
 def test_train_and_test_must_share_dataset_and_normalization(tmp_path: Path, key, overrides, found) -> None:
-    """And their classes and image shape: each test split below is valid on its own but unlike the train split."""
+    """And their classes and image shape: each test split below is valid on its own but unlike the train
+    split."""
     make_split(tmp_path / "train", 60, split="train", shard_size=50)
     train = validate_split(tmp_path / "train", expected_split="train")
     make_split(tmp_path / "same", 20, split="test", shard_size=50, seed=3)
@@ -506,7 +508,8 @@ def pristine(split: Path) -> tuple[Path, bytes]:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_arbitrary_shard_bytes_raise_only_shard_errors(pristine: tuple[Path, bytes], data) -> None:
-    """Random edits of a valid shard (mostly its header) and random whole files: a ShardError or a valid split."""
+    """Random edits of a valid shard (mostly its header) and random whole files: a ShardError or a valid
+    split."""
     split, base = pristine
     if data.draw(st.booleans()):
         blob = bytearray(base)

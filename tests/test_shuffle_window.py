@@ -1,4 +1,5 @@
-"""``loader.shuffle_window``: shard-windowed shuffling, seeded like the global shuffle, same results for any loader speed setting."""
+"""``loader.shuffle_window``: shard-windowed shuffling, seeded like the global shuffle, same results for any
+loader speed setting."""
 
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def _params(path: Path, loader: dict) -> Path:
 
 
 def test_windowed_results_are_the_same_for_any_worker_count(shards: Path, tmp_path: Path) -> None:
-    """num_workers 0 and 2 with a window give bit-identical metrics and weights; the window does change them."""
+    """num_workers 0 and 2 with a window give bit-identical metrics and weights; the window does change
+    them."""
     runs = {}
     for name, loader in {
         "w0": {"shuffle_window": 2, "num_workers": 0},

@@ -475,7 +475,8 @@ def test_train_and_test_pixel_counts_must_agree(splits, tmp_path):
 
 
 def test_non_square_pixel_count_needs_an_image_shape(splits, tmp_path):
-    """783 columns (pixel784 dropped from both splits) are no square grey image; an image_shape makes them one."""
+    """783 columns (pixel784 dropped from both splits) are no square grey image; an image_shape makes them
+    one."""
     paths = []
     for s, name in zip(splits, ("train", "test")):
         paths.append(tmp_path / "pq" / f"{name}.parquet")

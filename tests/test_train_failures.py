@@ -18,10 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train_stage import (  # noqa: F401 (fixtures)
+from tests.test_train_stage import (
     MODEL_METRICS,
-    baseline,
-    data,
     history,
     stage_cmd,
     stage_env,
@@ -149,9 +147,8 @@ def test_the_lock_cannot_be_bypassed_by_its_environment_variable(data: Path, tmp
         res = _stage(data, tmp_path, write_params(tmp_path / "params.yaml"), env={LOCK_HELD_ENV: "1"})
         _one_error_line(res, "another training is running on this checkpoint folder")
         for forged in ("0" * 32, token[::-1]):
-            with pytest.raises(CheckpointBusy):
-                with checkpoint_lock(tmp_path / "checkpoints", token=forged):
-                    pass
+            with pytest.raises(CheckpointBusy), checkpoint_lock(tmp_path / "checkpoints", token=forged):
+                pass
         with checkpoint_lock(
             tmp_path / "checkpoints", token=token
         ) as held:  # a launched rank: its launcher's
@@ -167,6 +164,9 @@ def test_a_symlinked_checkpoint_path_takes_the_same_lock(tmp_path: Path) -> None
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "link")
     assert lock_path(tmp_path / "link" / "checkpoints") == lock_path(tmp_path / "real" / "checkpoints")
-    with checkpoint_lock(tmp_path / "real" / "checkpoints"), pytest.raises(CheckpointBusy):
-        with checkpoint_lock(tmp_path / "link" / "checkpoints"):
-            pass
+    with (
+        checkpoint_lock(tmp_path / "real" / "checkpoints"),
+        pytest.raises(CheckpointBusy),
+        checkpoint_lock(tmp_path / "link" / "checkpoints"),
+    ):
+        pass

@@ -1,7 +1,8 @@
 """``python -m stages.train`` end to end on tiny generated shards, as real processes.
 
-One baseline run (num_workers 0) is shared: the loader-settings run, the
-killed-and-resumed run must reproduce its results bit for bit.
+One baseline run (num_workers 0; the ``baseline`` fixture in conftest.py) is
+shared: the loader-settings run, the killed-and-resumed run must reproduce its
+results bit for bit.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ run_stage(main, sys.argv[3:])
 def run_until_killed(
     data: Path, work: Path, params: Path, function: str, calls: int, root: Path = ROOT, inspect=lambda: None
 ) -> None:
-    """Run the stage from ``root``'s code; SIGKILL it once ``trainer.run.<function>`` returned ``calls`` times."""
+    """Run the stage from ``root``'s code; SIGKILL it once ``trainer.run.<function>`` returned ``calls``
+    times."""
     log = work / "killed.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -131,22 +133,6 @@ def history(work: Path, names: tuple[str, ...] = METRICS) -> dict[str, list[tupl
     return out
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shards")
-    make_split(root / "train", 256, split="train", shard_size=100, seed=1)
-    make_split(root / "test", 128, split="test", shard_size=100, seed=2)
-    return root
-
-
-@pytest.fixture(scope="module")
-def baseline(data: Path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    work = tmp_path_factory.mktemp("baseline")
-    res = run_train(data, work, write_params(work / "params.yaml", loader={"num_workers": 0}))
-    assert res.returncode == 0, res.stderr
-    return work, res
-
-
 def test_train_stage_end_to_end(baseline) -> None:
     work, res = baseline
     assert "Traceback" not in res.stderr
@@ -162,7 +148,7 @@ def test_train_stage_end_to_end(baseline) -> None:
     assert 0 <= summary["test_acc"] <= 1 and summary["train_loss"] > 0 and summary["peak_memory_mb"] > 0
     assert 0 <= summary["data_wait_fraction"] <= 1 and summary["samples_per_second"] > 0
     assert sorted(p.name for p in (work / "models").iterdir()) == ["model.json", "model.safetensors"]
-    model, config = load_model(work / "models")
+    _model, config = load_model(work / "models")
     assert config["parameters"] == 206_922 and config["training"]["epochs"] == 2
     assert config["format"] == 2 and config["input_shape"] == [1, 28, 28]
     assert config["class_names"] == [
@@ -194,7 +180,8 @@ def _empty_val(folder: Path) -> Path:
 
 
 def test_val_split_adds_val_metrics_and_changes_nothing_else(data: Path, baseline, tmp_path: Path) -> None:
-    """A val split holding the test split's samples: val_* equal test_* every epoch; training is the baseline's."""
+    """A val split holding the test split's samples: val_* equal test_* every epoch; training is the
+    baseline's."""
     work0, _ = baseline
     val = tmp_path / "val"
     make_split(val, 128, split="val", shard_size=100, seed=2)  # the test split's samples
@@ -347,7 +334,8 @@ def test_killed_run_resumes_to_the_same_result(data: Path, baseline, tmp_path: P
 
 @pytest.mark.slow
 def test_checkpoint_from_other_code_is_not_resumed(data: Path, baseline, tmp_path: Path) -> None:
-    """Killed after epoch 1's checkpoint; one comment added to a train-stage file; the rerun starts at epoch 1."""
+    """Killed after epoch 1's checkpoint; one comment added to a train-stage file; the rerun starts at epoch
+    1."""
     work0, _ = baseline
     code = tmp_path / "code"
     code.mkdir()

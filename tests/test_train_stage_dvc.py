@@ -1,4 +1,5 @@
-"""``dvc repro`` then ``dvc exp run -S loader.num_workers=2`` in a copy of the repository, with its real dvc.yaml.
+"""``dvc repro`` then ``dvc exp run -S loader.num_workers=2`` in a copy of the repository, with its real
+dvc.yaml.
 
 The copy (tests/repo_copy.make_csv_repo) holds the project's own dvc.yaml,
 params.yaml and code, configured for ``data.dataset: csv`` on a small

@@ -1,4 +1,5 @@
-"""uint8 shards on the trainer side: validated, gathered as bytes, normalised on the device, bit-identical runs.
+"""uint8 shards on the trainer side: validated, gathered as bytes, normalised on the device, bit-identical
+runs.
 
 uint8 splits are written here by hand (safetensors + a manifest), each the
 byte-for-byte source of a float32 split that ``pipeline.tensorize.write_split``
@@ -146,11 +147,14 @@ def test_validation_refuses_a_shard_whose_dtype_disagrees_with_the_manifest(data
             validate_split(folder, expected_split="test")
 
 
+TWO_EPOCHS = TrainParams(epochs=2, device="cpu")  # frozen: safe to share as a default
+
+
 def _run(
     root: Path,
     work: Path,
     loader: LoaderParams,
-    train: TrainParams = TrainParams(epochs=2, device="cpu"),
+    train: TrainParams = TWO_EPOCHS,
 ) -> tuple[dict, bytes]:
     train_model(
         train_dir=root / "train",

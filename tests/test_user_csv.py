@@ -195,7 +195,8 @@ def test_a_symlink_inside_the_tracked_folder_is_named_as_one(tmp_path, link):
     proc = _stage(tmp_path, given)
     assert proc.returncode == 2
     assert proc.stderr == (
-        f"error: {tmp_path / 'p.yaml'}: data.train_csv: {given} is a symbolic link to {target}, outside data/user/, "
+        f"error: {tmp_path / 'p.yaml'}: data.train_csv: {given} is a symbolic link to {target}, "
+        "outside data/user/, "
         f"the folder dvc.yaml tracks, so dvc repro would not notice when that file changes: {fix}\n"
     )
     assert synth.leftovers(tmp_path / "out") == []

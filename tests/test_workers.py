@@ -117,7 +117,8 @@ def test_prefetch_reads_every_page_the_samples_lie_on(tmp_path: Path) -> None:
 
 
 def test_workers_benchmark_writes_both_dtypes_and_the_goal(tmp_path: Path) -> None:
-    """benchmarks.workers on a tiny split (no timing asserts): the uint8 twin it makes holds the same samples."""
+    """benchmarks.workers on a tiny split (no timing asserts): the uint8 twin it makes holds the same
+    samples."""
     f32, _ = write_both(tmp_path / "data")
     res = subprocess.run(
         [
