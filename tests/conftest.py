@@ -52,6 +52,7 @@ LONGEST_FIRST = {
     "test_any_shape_dvc.py": 95,
     "test_scale.py": 85,
     "test_resume.py": 65,
+    "test_stream.py": 65,
     "test_team_remote.py": 55,
     "test_uint8.py": 50,
     "test_train_stage.py": 47,
