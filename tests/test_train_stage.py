@@ -279,7 +279,7 @@ def test_loader_settings_change_speed_never_results(data: Path, baseline, tmp_pa
 @pytest.mark.slow
 def test_device_resident_gives_bit_identical_results(data: Path, baseline, tmp_path: Path) -> None:
     work0, _ = baseline
-    threads = torch.get_num_threads()  # what the baseline's train.threads null resolved to in its process
+    threads = int(history(work0)["threads"][0][1])  # what the baseline's train.threads null resolved to
     res = run_train(
         data,
         tmp_path,

@@ -233,6 +233,19 @@ def test_uint8_run_killed_mid_epoch_resumes_to_the_float32_result(data, float32_
     assert (tmp_path / "models" / "model.safetensors").read_bytes() == float32_runs["global"][1]
 
 
+def test_a_run_leaves_the_callers_thread_count_as_it_was(data, tmp_path: Path, monkeypatch) -> None:
+    # train.threads is the run's own: a run that changed the caller's count would change every later
+    # in-process run with threads null (which reads the count), as seen under pytest-xdist.
+    monkeypatch.chdir(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        _run(data[1], tmp_path, LOADERS["workers-0"], TrainParams(epochs=1, device="cpu", threads=1))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_two_processes_on_uint8_match_two_on_float32(data, tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(

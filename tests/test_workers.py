@@ -48,7 +48,6 @@ def test_prefetched_batches_are_the_main_process_gather_in_sampler_order(
             batch_size=48, num_workers=workers, persistent_workers=True, prefetch_factor=2, pin_memory=False
         ),
         CPU,
-        print,
     )
     loader = make_loader(dataset, sampler, settings)
     assert isinstance(loader, PrefetchedBatches)

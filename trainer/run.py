@@ -527,6 +527,7 @@ def train(
     if fetcher is not None:
         loader = without_workers(loader)
     group = distributed.join(device)
+    caller_threads = torch.get_num_threads()  # train.threads is this run's, not the caller's from now on
     try:
         with _lock_on_rank_0(group, checkpoint_dir), _only_rank_0_speaks(group):
             if group.world_size > 1:
@@ -654,6 +655,7 @@ def train(
                 st.peak_bytes / 2**20,
                 fetcher.wait_seconds,
             )
+        torch.set_num_threads(caller_threads)
         distributed.leave(group)
 
 
