@@ -74,7 +74,10 @@ class Throttled(SimpleHTTPRequestHandler):
         left = getattr(self, "left", None)
         start, sent = time.perf_counter(), 0
         while chunk := source.read(1 << 18 if left is None else min(1 << 18, left - sent)):
-            out.write(chunk)
+            try:
+                out.write(chunk)
+            except (BrokenPipeError, ConnectionResetError):  # the reader had the bytes it wanted
+                return
             sent += len(chunk)
             ahead = sent / rate - (time.perf_counter() - start)
             if ahead > 0:
@@ -116,7 +119,7 @@ def _epoch(loader, step_s: float, first_window_batches: int) -> dict:
 
 def _settings(window: int, batch: int, limit_mb: float | None):
     params = LoaderParams(batch_size=batch, shuffle_window=window, pin_memory=False, cache_limit_mb=limit_mb)
-    return params, resolve_settings(params, torch.device("cpu"), lambda _m: None)
+    return params, resolve_settings(params, torch.device("cpu"))
 
 
 def run_config(
