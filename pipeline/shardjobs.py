@@ -54,6 +54,11 @@ def label_indices(labels: np.ndarray, names: tuple[str, ...], kind: str) -> np.n
     return np.fromiter((index[name] for name in labels.tolist()), dtype=np.int64, count=len(labels))
 
 
+def _read_rows(table: Table) -> int:
+    """Rows a worker decodes at once: ``READ_BYTES`` of pixels, so its memory does not grow with its piece."""
+    return max(1, READ_BYTES // table.num_pixels)
+
+
 def routes(table: Table, rows: Rows, test_fraction: float, val_fraction: float) -> np.ndarray:
     """The split of each train row; no hashing at all when nothing is held out."""
     if not test_fraction and not val_fraction:
@@ -78,7 +83,7 @@ def route_piece(piece: RoutePiece) -> tuple[bytes, list[list[int]]]:
     """(the uint8 split code of each row, as bytes; the [C][256] histogram of the rows that train)."""
     table = open_table(Path(piece.source))
     codes, histogram = [], np.zeros((piece.channels, 256), dtype=np.int64)
-    for rows in iter_rows(table, piece.stop - piece.start, piece.start, piece.stop):
+    for rows in iter_rows(table, _read_rows(table), piece.start, piece.stop):
         code = routes(table, rows, piece.test_fraction, piece.val_fraction)
         histogram += pixel_histogram(rows.pixels[code == TRAIN], piece.channels)
         codes.append(code)
@@ -122,8 +127,7 @@ def _chosen_rows(table: Table, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarr
     pixels = np.empty((len(wanted), table.num_pixels), dtype=np.uint8)
     labels: list[np.ndarray] = []
     start, filled = int(wanted[0]), 0
-    read_rows = max(1, READ_BYTES // table.num_pixels)
-    for rows in iter_rows(table, read_rows, start, int(wanted[-1]) + 1):
+    for rows in iter_rows(table, _read_rows(table), start, int(wanted[-1]) + 1):
         stop = start + len(rows.labels)
         take = wanted[np.searchsorted(wanted, start) : np.searchsorted(wanted, stop)] - start
         every = len(take) == len(rows.labels)
