@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from pipeline.idx import encode_idx
+import synth
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _tiny_idx(folder: Path, n: int = 600) -> Path:
-    rng = np.random.default_rng(0)
-    folder.mkdir()
-    (folder / "train-images-idx3-ubyte.gz").write_bytes(
-        gzip.compress(encode_idx(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)))
-    )
-    (folder / "train-labels-idx1-ubyte.gz").write_bytes(
-        gzip.compress(encode_idx(rng.integers(0, 10, n, dtype=np.uint8)))
-    )
-    return folder
 
 
 def test_stream_benchmark_fetches_each_shard_once_within_its_limit(tmp_path: Path) -> None:
@@ -35,7 +20,7 @@ def test_stream_benchmark_fetches_each_shard_once_within_its_limit(tmp_path: Pat
             "-m",
             "benchmarks.stream",
             "--idx",
-            str(_tiny_idx(tmp_path / "idx")),
+            str(synth.dataset(600, 10).write_folder(tmp_path / "idx", level=1)),
             "--scale",
             "1",
             "--shard-size",
