@@ -322,16 +322,23 @@ def read_labels(table: Table) -> np.ndarray:
     """The whole label column (uint16, or str objects): one column of a columnar file, cheap."""
     column = pq.read_table(table.path, columns=[LABEL]).column(LABEL)
     if column.null_count:
-        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataError(f"{table.path}: row {row + 1}, column 'label': expected a value, found null")
+        raise _null_error(table, _first_null(column), LABEL)
     return column.to_numpy(zero_copy_only=False)
+
+
+def _null_error(table: Table, row: int, name: str) -> DataError:
+    """The one-line refusal of a null cell; ``row`` counts from 0."""
+    return DataError(f"{table.path}: row {row + 1}, column {name!r}: expected a value, found null")
+
+
+def _first_null(column: pa.Array | pa.ChunkedArray) -> int:
+    return int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
 
 
 def _null_check(table: Table, batch: pa.RecordBatch, start: int) -> None:
     for name, column in zip(batch.schema.names, batch.columns):
         if column.null_count:  # to_numpy would turn them into NaN and then silently into 0
-            row = start + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-            raise DataError(f"{table.path}: row {row + 1}, column {name!r}: expected a value, found null")
+            raise _null_error(table, start + _first_null(column), name)
 
 
 def _pixels(column: pa.Array, width: int) -> np.ndarray:
@@ -351,8 +358,7 @@ def _wide_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator
         df = pl.scan_parquet(table.path).slice(first, min(chunk_rows, stop - first)).collect()
         for name, nulls in zip(df.columns, df.null_count().row(0)):
             if nulls:  # to_numpy would turn them into NaN and then silently into 0
-                row = first + int(df.get_column(name).is_null().arg_max())
-                raise DataError(f"{table.path}: row {row + 1}, column {name!r}: expected a value, found null")
+                raise _null_error(table, first + int(df.get_column(name).is_null().arg_max()), name)
         labels = df.get_column(LABEL).to_numpy()
         rows = np.ascontiguousarray(df.select(pixels).to_numpy(), dtype=np.uint8)
         del df
