@@ -318,11 +318,32 @@ def open_table(path: Path) -> Table:
     return Table(path, WIDE, rows, len(names) - 1, labels, None)
 
 
-def read_labels(table: Table) -> np.ndarray:
-    """The whole label column (uint16, or str objects): one column of a columnar file, cheap."""
-    column = pq.read_table(table.path, columns=[LABEL]).column(LABEL)
+def _row_groups(table: Table, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+    """(group, its first row, lo, hi): each row group overlapping rows [start, stop), and the overlap."""
+    meta = pq.ParquetFile(table.path).metadata
+    first = 0
+    for group in range(meta.num_row_groups):
+        rows = meta.row_group(group).num_rows
+        lo, hi = max(start, first), min(stop, first + rows)
+        if lo < hi:
+            yield group, first, lo, hi
+        first += rows
+
+
+def read_labels(table: Table, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """The label column of rows ``start..stop`` (default: all; uint16, or str objects).
+
+    One column of a columnar file, read from the row groups that hold the rows: cheap.
+    """
+    stop = table.rows if stop is None else min(stop, table.rows)
+    spans = list(_row_groups(table, start, stop))
+    if not spans:
+        return np.empty(0, dtype=np.uint16 if table.labels == INT_LABELS else object)
+    groups = [group for group, _, _, _ in spans]
+    column = pq.ParquetFile(table.path).read_row_groups(groups, columns=[LABEL]).column(LABEL)
+    column = column.slice(start - spans[0][1], stop - start)
     if column.null_count:
-        raise _null_error(table, _first_null(column), LABEL)
+        raise _null_error(table, start + _first_null(column), LABEL)
     return column.to_numpy(zero_copy_only=False)
 
 
@@ -350,38 +371,35 @@ def _pixels(column: pa.Array, width: int) -> np.ndarray:
 def _wide_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:
     """Rows ``start..stop`` of a wide-layout table, ``chunk_rows`` at a time.
 
-    Polars gathers the hundreds of UInt8 columns into rows, far faster than a loop over the
-    columns (``bench/notes.md``).
+    Each row group's share of the rows is decoded once, by Polars, and cut into chunks:
+    decoding a slice decodes its whole row group, so reading chunk by chunk would decode
+    each group once per chunk. Memory is one row group (``prep.row_group_size`` rows) and one chunk.
     """
     pixels = pixel_columns(table.num_pixels)
-    for first in range(start, stop, chunk_rows):
-        df = pl.scan_parquet(table.path).slice(first, min(chunk_rows, stop - first)).collect()
-        for name, nulls in zip(df.columns, df.null_count().row(0)):
+    for _, _, lo, hi in _row_groups(table, start, stop):
+        group = pl.scan_parquet(table.path).slice(lo, hi - lo).collect()
+        for name, nulls in zip(group.columns, group.null_count().row(0)):
             if nulls:  # to_numpy would turn them into NaN and then silently into 0
-                raise _null_error(table, first + int(df.get_column(name).is_null().arg_max()), name)
-        labels = df.get_column(LABEL).to_numpy()
-        rows = np.ascontiguousarray(df.select(pixels).to_numpy(), dtype=np.uint8)
-        del df
-        yield Rows(rows, labels, None)
+                raise _null_error(table, lo + int(group.get_column(name).is_null().arg_max()), name)
+        for first in range(0, hi - lo, chunk_rows):
+            df = group.slice(first, chunk_rows)
+            rows = np.ascontiguousarray(df.select(pixels).to_numpy(), dtype=np.uint8)
+            yield Rows(rows, df.get_column(LABEL).to_numpy(), None)
+        del group, df
 
 
 def _image_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:
     """One row group at a time (the writer keeps them under 64 MiB), read without Arrow's pre-buffering,
     which holds several row groups' pages at once; row groups outside [start, stop) are not read."""
     file = pq.ParquetFile(table.path, pre_buffer=False)
-    group_start = 0
-    for group in range(file.num_row_groups):
-        group_rows = file.metadata.row_group(group).num_rows
-        lo, hi = max(start, group_start), min(stop, group_start + group_rows)
-        if lo < hi:
-            data = file.read_row_group(group, use_threads=False).slice(lo - group_start, hi - lo)
-            for batch in data.to_batches(max_chunksize=chunk_rows):
-                _null_check(table, batch, lo)
-                labels = batch.column(0).to_numpy(zero_copy_only=False)
-                yield Rows(_pixels(batch.column(2), table.num_pixels), labels, batch.column(1).to_pylist())
-                lo += batch.num_rows
-            del data
-        group_start += group_rows
+    for group, first, lo, hi in _row_groups(table, start, stop):
+        data = file.read_row_group(group, use_threads=False).slice(lo - first, hi - lo)
+        for batch in data.to_batches(max_chunksize=chunk_rows):
+            _null_check(table, batch, lo)
+            labels = batch.column(0).to_numpy(zero_copy_only=False)
+            yield Rows(_pixels(batch.column(2), table.num_pixels), labels, batch.column(1).to_pylist())
+            lo += batch.num_rows
+        del data
 
 
 def iter_rows(table: Table, chunk_rows: int, start: int = 0, stop: int | None = None) -> Iterator[Rows]:

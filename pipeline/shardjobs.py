@@ -3,7 +3,8 @@
 :func:`route_piece` reads a range of train rows and says which split each goes to
 (and the pixel histogram of those that train, for ``standard`` statistics);
 :func:`write_piece` writes one shard from a list of row indices, reading only the
-rows between the first and the last, a chunk at a time, keeping the chosen ones.
+rows between the first and the last, a chunk at a time, keeping the chosen ones
+and streaming them into the shard.
 Both take and return a few small values (paths, indices as bytes, a digest), so
 they run in worker processes (:mod:`pipeline.pool`) without moving data between
 processes. The shard bytes are those of the serial path, which routes the same rows
@@ -22,13 +23,13 @@ import numpy as np
 from pipeline.atomic import raise_as_output_error
 from pipeline.manifest import Normalization
 from pipeline.normalize import normalize, pixel_histogram
-from pipeline.parquet import IMAGE, Rows, Table, iter_rows, open_table
+from pipeline.parquet import IMAGE, Rows, Table, iter_rows, open_table, read_labels
 from pipeline.shards import write_shard
 from pipeline.splits import TRAIN, assign, file_keys, hash_unit, row_keys
 from pipeline.tabular import INT_LABELS
 
 CHUNK_BYTES = 16 << 20  # float32 images held at once while a shard is written
-READ_BYTES = 8 << 20  # uint8 pixels decoded at once while a worker reads its shard's rows
+READ_BYTES = 8 << 20  # uint8 pixels made rows at once while a worker streams its shard's rows
 
 
 def image_chunks(
@@ -118,39 +119,42 @@ class ShardDone:
     histogram: list[list[int]]
 
 
-def _chosen_rows(table: Table, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 pixels and raw labels of rows ``wanted`` (ascending), reading only the span they lie in.
-
-    The span is read ``READ_BYTES`` of pixels at a time into arrays sized for the shard, so a worker
-    holds one shard's bytes and one small read, not a whole shard's decoded frame beside its copy.
-    """
-    pixels = np.empty((len(wanted), table.num_pixels), dtype=np.uint8)
-    labels: list[np.ndarray] = []
-    start, filled = int(wanted[0]), 0
+def _chosen_pixels(table: Table, wanted: np.ndarray) -> Iterator[np.ndarray]:
+    """uint8 pixels of rows ``wanted`` (ascending), in order, a read of the span they lie in at a time."""
+    start = int(wanted[0])
     for rows in iter_rows(table, _read_rows(table), start, int(wanted[-1]) + 1):
         stop = start + len(rows.labels)
         take = wanted[np.searchsorted(wanted, start) : np.searchsorted(wanted, stop)] - start
-        every = len(take) == len(rows.labels)
-        pixels[filled : filled + len(take)] = rows.pixels if every else rows.pixels[take]
-        labels.append(rows.labels if every else rows.labels[take])
-        filled += len(take)
+        if len(take) == len(rows.labels):
+            yield rows.pixels
+        elif len(take):
+            yield rows.pixels[take]
         start = stop
-    return pixels, np.concatenate(labels)
 
 
 def write_piece(piece: ShardPiece) -> ShardDone:
-    """Write one shard; return its manifest entry's values and its pixel histogram."""
+    """Write one shard; return its manifest entry's values and its pixel histogram.
+
+    The labels come first in a shard, so they are read first (one column, cheap); the pixels
+    then stream from the source to the file a read at a time, so a worker's memory does not
+    grow with the shard.
+    """
     table = open_table(Path(piece.source))
-    pixels, raw_labels = _chosen_rows(table, np.frombuffer(piece.indices, dtype=np.int64))
-    labels = label_indices(raw_labels, piece.class_names, table.labels)
-    chunks = image_chunks(pixels, piece.norm, piece.shape, piece.dtype)
+    wanted = np.frombuffer(piece.indices, dtype=np.int64)
+    span = read_labels(table, int(wanted[0]), int(wanted[-1]) + 1)
+    labels = label_indices(span[wanted - wanted[0]], piece.class_names, table.labels)
+    histogram = np.zeros((piece.shape[0], 256), dtype=np.int64)
+
+    def images() -> Iterator[np.ndarray]:
+        for pixels in _chosen_pixels(table, wanted):
+            histogram[:] += pixel_histogram(pixels, piece.shape[0])
+            yield from image_chunks(pixels, piece.norm, piece.shape, piece.dtype)
+
     try:
         with open(Path(piece.folder) / piece.name, "wb") as f:
-            size, sha = write_shard(
-                f, chunks, labels, piece.shape, {"dataset": piece.dataset, "split": piece.split}, piece.dtype
-            )
+            meta = {"dataset": piece.dataset, "split": piece.split}
+            size, sha = write_shard(f, images(), labels, piece.shape, meta, piece.dtype)
     except OSError as exc:
         raise_as_output_error(Path(piece.target), exc)
         raise
-    histogram = pixel_histogram(pixels, piece.shape[0]).tolist()
-    return ShardDone(piece.name, len(labels), size, sha, histogram)
+    return ShardDone(piece.name, len(labels), size, sha, histogram.tolist())

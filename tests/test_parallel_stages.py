@@ -27,7 +27,7 @@ from pipeline.errors import DataError
 from pipeline.images import scan_split, write_listing
 from pipeline.manifest import read_manifest
 from pipeline.normalize import lookup_table, make_normalization
-from pipeline.parquet import csv_to_parquet, images_to_parquet
+from pipeline.parquet import csv_to_parquet, images_to_parquet, iter_rows, open_table, read_labels
 from pipeline.pool import ordered_map, read_ahead
 from pipeline.shards import write_shard
 from pipeline.tensorize import tensorize, write_split
@@ -187,6 +187,19 @@ def test_image_layout_tensorize_and_parquet_bytes_do_not_depend_on_workers(tmp_p
         )
     assert _tree_bytes(tmp_path / "t1") == _tree_bytes(tmp_path / "t2")
     assert read_manifest(tmp_path / "t1" / "val").num_samples > 0
+
+
+@pytest.mark.parametrize(("start", "stop", "chunk"), [(0, 70, 7), (5, 44, 10), (16, 32, 100), (31, 33, 1)])
+def test_rows_and_labels_of_any_span_across_row_groups(tmp_path, start, stop, chunk):
+    """Each row group is decoded once and cut into chunks; spans may start and end inside groups."""
+    train_path, _, train = _wide_parquet(tmp_path, 70, 3)  # row groups of 16 rows
+    table = open_table(train_path)
+    parts = list(iter_rows(table, chunk, start, stop))
+    assert all(0 < len(p.labels) <= chunk for p in parts)
+    assert np.array_equal(np.concatenate([p.pixels for p in parts]), train.pixels[start:stop])
+    assert np.array_equal(np.concatenate([p.labels for p in parts]), train.labels[start:stop])
+    assert np.array_equal(read_labels(table, start, stop), train.labels[start:stop])
+    assert np.array_equal(read_labels(table), train.labels)
 
 
 def test_csv_parquet_bytes_do_not_depend_on_workers(tmp_path):
