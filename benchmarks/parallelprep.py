@@ -4,8 +4,11 @@ Writes ``bench/parallel.{json,md}``.
 
 For each factor K the scaled user CSV of :mod:`benchmarks.scale` is built, then
 ``parquet`` and ``tensorize`` run as dvc.yaml runs them with ``prep.workers`` 1 and
-with every core (float32 shards), and ``tensorize`` once more with
-``prep.shard_dtype: uint8``. Each run reports its wall time, its own peak RSS
+with every core (float32 shards), and ``tensorize`` twice more with
+``prep.shard_dtype: uint8``. Between them the disk's write rate is measured in the
+same folder (as many incompressible bytes as the float32 shards, written and
+fsynced): the float32 shards are four bytes per pixel, so on a slow disk the stage
+is bound by its writes, and this floor says so. Each run reports its wall time, its own peak RSS
 (VmHWM) and the peak summed PSS of its whole process tree (sampled every 20 ms,
 so the workers count), and the SHA-256 of every output file: the goal is the same
 bytes, the parallel run at least 1.6 x faster at 16 x on 2 cores, the tree's peak
@@ -28,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.memory import memory_kib, process_tree
 from benchmarks.prep import ROOT, path_bytes, stage_commands
 from benchmarks.report import add_run_options, conditions_text, run_conditions, scratch_parent, write_results
@@ -35,9 +40,11 @@ from benchmarks.scale import BASE_SAMPLES, PEAK_WRAPPER, build_inputs
 
 STAGES = ("csv", "parquet", "tensorize")
 MEASURED = ("parquet", "tensorize")
+VARIANTS = (*MEASURED, "tensorize/uint8")  # stage/dtype: each run with 1 worker and with every core
 SPEEDUP_GOAL = 1.6
 BYTES_GOAL = 0.26
 MEMORY_SLACK = 1.25
+WRITE_BLOCK = 16 << 20  # bytes per write while the disk's write rate is measured
 
 
 def _params(work: Path, shard_size: int, workers: int | None, dtype: str) -> Path:
@@ -112,6 +119,44 @@ def _outputs(work: Path, stage: str) -> dict[str, str]:
     return _digests(data / "tensors")
 
 
+def filesystem(folder: Path) -> str:
+    """The type of the filesystem ``folder`` is on (``ext4``, ``tmpfs``), from /proc/mounts."""
+    best, kind = "", "unknown"
+    with open("/proc/mounts", encoding="utf-8") as f:
+        for line in f:
+            _, mount, fstype, *_ = line.split()
+            if str(folder.resolve()).startswith(mount) and len(mount) > len(best):
+                best, kind = mount, fstype
+    return kind
+
+
+def run_key(variant: str, workers: str) -> str:
+    """``parquet`` or ``tensorize/uint8`` run with ``workers`` (``1`` or ``all``): ``tensorize/all/uint8``."""
+    stage, _, dtype = variant.partition("/")
+    return "/".join(filter(None, (stage, workers, dtype)))
+
+
+def write_rate(folder: Path, nbytes: int) -> float:
+    """MB/s of writing ``nbytes`` of incompressible data to a file in ``folder`` and fsyncing it.
+
+    What the disk under the outputs sustains now: a stage that writes more than it computes
+    cannot finish before ``nbytes`` / this rate, on any number of cores. Every 4 KiB page of
+    every block differs, so no layer below can deduplicate it.
+    """
+    block = np.frombuffer(np.random.default_rng(0).bytes(WRITE_BLOCK), dtype=np.uint64).copy()
+    path = folder / ".write-rate"
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for i in range(-(-nbytes // WRITE_BLOCK)):
+            block[::512] = i  # the first 8 bytes of each page
+            f.write(memoryview(block).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return round(-(-nbytes // WRITE_BLOCK) * WRITE_BLOCK / 1e6 / seconds, 1)
+
+
 def measure(work: Path, scale: int, base_samples: int, shard_size: int, idx: Path) -> dict:
     rows = build_inputs(work, scale, base_samples, idx)
     runs: dict[str, dict] = {}
@@ -123,13 +168,24 @@ def measure(work: Path, scale: int, base_samples: int, shard_size: int, idx: Pat
             runs[f"{stage}/{label}"] = _run(work, stage, params)
             digests[f"{stage}/{label}"] = _outputs(work, stage)
     float_bytes = path_bytes(work / "data" / "tensors" / "train")
-    runs["tensorize/all/uint8"] = _run(work, "tensorize", _params(work, shard_size, None, "uint8"))
+    tensor_bytes = path_bytes(work / "data" / "tensors")
+    disk_mb_s = write_rate(work, tensor_bytes)  # right after the runs it bounds
+    for label, workers in (("1", 1), ("all", None)):
+        runs[f"tensorize/{label}/uint8"] = _run(
+            work, "tensorize", _params(work, shard_size, workers, "uint8")
+        )
+        digests[f"tensorize/{label}/uint8"] = _outputs(work, "tensorize")
     uint8_bytes = path_bytes(work / "data" / "tensors" / "train")
     return {
         "scale": scale,
         "samples": rows,
         "runs": runs,
-        "same_bytes": {s: digests[f"{s}/1"] == digests[f"{s}/all"] for s in MEASURED},
+        "write": {
+            "tensorize_float32_bytes": tensor_bytes,
+            "disk_write_mb_s": disk_mb_s,
+            "floor_s": round(tensor_bytes / 1e6 / disk_mb_s, 3),
+        },
+        "same_bytes": {v: digests[run_key(v, "1")] == digests[run_key(v, "all")] for v in VARIANTS},
         "shards_train_bytes": {
             "float32": float_bytes,
             "uint8": uint8_bytes,
@@ -138,14 +194,34 @@ def measure(work: Path, scale: int, base_samples: int, shard_size: int, idx: Pat
     }
 
 
+def _goal_lines(base: dict, top: dict) -> list[str]:
+    """Each goal at the largest K against the smallest, judged; a disk-bound stage says so."""
+    lines = []
+    for v in VARIANTS:
+        a, b = top["runs"][run_key(v, "1")], top["runs"][run_key(v, "all")]
+        speedup = a["seconds"] / b["seconds"]
+        verdict = "met" if speedup >= SPEEDUP_GOAL else "NOT met"
+        floor = top["write"]["floor_s"]
+        if v == "tensorize" and speedup < SPEEDUP_GOAL and floor > 0:
+            verdict += f"; write floor {floor:.1f} s, the all-cores run {b['seconds'] / floor:.2f}x of it"
+        line = f"- {v}: speed-up {speedup:.2f}x ({verdict})"
+        if v in MEASURED:
+            mem = b["tree_peak_pss_mb"] / base["runs"][run_key(v, "all")]["tree_peak_pss_mb"]
+            line += f"; tree peak {mem:.2f}x ({'met' if mem <= MEMORY_SLACK else 'NOT met'})"
+        lines.append(line)
+    ratio = top["shards_train_bytes"]["ratio"]
+    lines.append(f"- shard bytes uint8 / float32 {ratio:.3f} ({'met' if ratio <= BYTES_GOAL else 'NOT met'})")
+    return lines
+
+
 def render_markdown(r: dict) -> str:
     lines = [
         "# Data stages on every core",
         "",
         f"`python -m benchmarks.parallelprep --scale {' '.join(str(x['scale']) for x in r['rows'])}`; "
         f"{r['settings']['base_samples']:,} samples per K, shard_size {r['settings']['shard_size']}, "
-        f"all cores = {r['cores']}. Before: {conditions_text(r['before'])}. "
-        f"After: {conditions_text(r['after'])}."
+        f"all cores = {r['cores']}, scratch on `{r['settings'].get('filesystem', '?')}`. "
+        f"Before: {conditions_text(r['before'])}. After: {conditions_text(r['after'])}."
         + (f" {r['settings']['note']}" if r["settings"]["note"] else ""),
         "",
         "| K | stage | workers 1: s / own MB / tree MB | all cores: s / own MB / tree MB "
@@ -153,24 +229,25 @@ def render_markdown(r: dict) -> str:
         "|---:|---|---:|---:|---:|---|",
     ]
     for row in r["rows"]:
-        for s in MEASURED:
-            a, b = row["runs"][f"{s}/1"], row["runs"][f"{s}/all"]
+        for v in VARIANTS:
+            a, b = row["runs"][run_key(v, "1")], row["runs"][run_key(v, "all")]
             lines.append(
-                f"| {row['scale']} | {s} "
+                f"| {row['scale']} | {v} "
                 f"| {a['seconds']:.2f} / {a['own_peak_mb']:.0f} / {a['tree_peak_pss_mb']:.0f}"
                 f" | {b['seconds']:.2f} / {b['own_peak_mb']:.0f} / {b['tree_peak_pss_mb']:.0f} | "
-                f"{a['seconds'] / b['seconds']:.2f}x | {'yes' if row['same_bytes'][s] else 'NO'} |"
+                f"{a['seconds'] / b['seconds']:.2f}x | {'yes' if row['same_bytes'][v] else 'NO'} |"
             )
     lines += [
         "",
-        "| K | train shards float32 MB | uint8 MB | uint8 / float32 | tensorize uint8 (all cores) s |",
-        "|---:|---:|---:|---:|---:|",
+        "| K | train shards float32 MB | uint8 MB | uint8 / float32 | float32 shards written, MB "
+        "| disk write MB/s | write floor s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
-        b = row["shards_train_bytes"]
+        b, w = row["shards_train_bytes"], row["write"]
         lines.append(
             f"| {row['scale']} | {b['float32'] / 1e6:.0f} | {b['uint8'] / 1e6:.0f} | {b['ratio']:.3f} | "
-            f"{row['runs']['tensorize/all/uint8']['seconds']:.2f} |"
+            f"{w['tensorize_float32_bytes'] / 1e6:.0f} | {w['disk_write_mb_s']:.0f} | {w['floor_s']:.1f} |"
         )
     if len(r["rows"]) > 1:
         base, top = r["rows"][0], r["rows"][-1]
@@ -179,23 +256,14 @@ def render_markdown(r: dict) -> str:
             f"Goals at {top['scale']}x: speed-up >= {SPEEDUP_GOAL} (on 2 cores), tree peak / "
             f"{base['scale']}x <= {MEMORY_SLACK}, uint8 / float32 <= {BYTES_GOAL}:",
             "",
+            *_goal_lines(base, top),
         ]
-        for s in MEASURED:
-            a, b = top["runs"][f"{s}/1"], top["runs"][f"{s}/all"]
-            mem = b["tree_peak_pss_mb"] / base["runs"][f"{s}/all"]["tree_peak_pss_mb"]
-            lines.append(
-                f"- {s}: speed-up {a['seconds'] / b['seconds']:.2f}x "
-                f"({'met' if a['seconds'] / b['seconds'] >= SPEEDUP_GOAL else 'NOT met'}); tree peak "
-                f"{mem:.2f}x ({'met' if mem <= MEMORY_SLACK else 'NOT met'})"
-            )
-        ratio = top["shards_train_bytes"]["ratio"]
-        lines.append(
-            f"- shard bytes uint8 / float32 {ratio:.3f} ({'met' if ratio <= BYTES_GOAL else 'NOT met'})"
-        )
     lines += [
         "",
         "Own MB: the stage process's VmHWM; tree MB: the peak summed PSS of the stage and its workers "
-        "(every resident page counted once).",
+        "(every resident page counted once). Write floor: the float32 tensorize outputs' bytes at the "
+        "rate measured right after the runs by writing and fsyncing as many incompressible bytes in "
+        "the same folder; no number of cores finishes the stage sooner.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -207,13 +275,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-size", type=int, default=65536)
     add_run_options(p, "K=16 needs ~8 GB")
     args = p.parse_args(argv)
+    parent = scratch_parent(args.work)
     results: dict = {
         "rows": [],
         "before": run_conditions(),
         "cores": len(os.sched_getaffinity(0)),
-        "settings": {"base_samples": args.base_samples, "shard_size": args.shard_size, "note": args.note},
+        "settings": {
+            "base_samples": args.base_samples,
+            "shard_size": args.shard_size,
+            "note": args.note,
+            "filesystem": filesystem(parent),
+        },
     }
-    parent = scratch_parent(args.work)
     for scale in args.scale:
         work = Path(tempfile.mkdtemp(prefix=f"parallel-{scale}x-", dir=parent))
         try:

@@ -1,0 +1,49 @@
+"""``python -m benchmarks.parallelprep`` runs end to end at a tiny scale and judges its goals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from test_scale import _idx_folder
+
+from benchmarks.parallelprep import VARIANTS, filesystem, run_key, write_rate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_parallelprep_benchmark_writes_runs_bytes_and_the_write_floor(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    argv = ["--scale", "1", "2", "--base-samples", "600", "--shard-size", "256"]
+    paths = ["--idx", str(_idx_folder(tmp_path)), "--work", str(tmp_path / "work"), "--out", str(out)]
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.parallelprep", *argv, *paths],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    results = json.loads((out / "parallel.json").read_text())
+    assert [r["scale"] for r in results["rows"]] == [1, 2]
+    for row in results["rows"]:
+        assert row["same_bytes"] == dict.fromkeys(VARIANTS, True)
+        for variant in VARIANTS:
+            for workers in ("1", "all"):
+                assert row["runs"][run_key(variant, workers)]["seconds"] > 0
+        write = row["write"]
+        assert write["disk_write_mb_s"] > 0
+        assert write["floor_s"] == round(write["tensorize_float32_bytes"] / 1e6 / write["disk_write_mb_s"], 3)
+        assert 0.25 < row["shards_train_bytes"]["ratio"] < 0.26
+    text = (out / "parallel.md").read_text()
+    assert "- tensorize/uint8: speed-up" in text and "write floor" in text
+    assert results["settings"]["filesystem"] == filesystem(tmp_path / "work")
+
+
+def test_write_rate_writes_and_removes_its_file(tmp_path: Path) -> None:
+    assert write_rate(tmp_path, 3 << 20) > 0
+    assert list(tmp_path.iterdir()) == []
+    assert run_key("tensorize/uint8", "all") == "tensorize/all/uint8"
+    assert run_key("parquet", "1") == "parquet/1"
