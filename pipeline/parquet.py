@@ -340,7 +340,8 @@ def read_labels(table: Table, start: int = 0, stop: int | None = None) -> np.nda
     if not spans:
         return np.empty(0, dtype=np.uint16 if table.labels == INT_LABELS else object)
     groups = [group for group, _, _, _ in spans]
-    column = pq.ParquetFile(table.path).read_row_groups(groups, columns=[LABEL]).column(LABEL)
+    file = pq.ParquetFile(table.path, pre_buffer=False)
+    column = file.read_row_groups(groups, columns=[LABEL], use_threads=False).column(LABEL)
     column = column.slice(start - spans[0][1], stop - start)
     if column.null_count:
         raise _null_error(table, start + _first_null(column), LABEL)
@@ -371,21 +372,19 @@ def _pixels(column: pa.Array, width: int) -> np.ndarray:
 def _wide_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:
     """Rows ``start..stop`` of a wide-layout table, ``chunk_rows`` at a time.
 
-    Each row group's share of the rows is decoded once, by Polars, and cut into chunks:
-    decoding a slice decodes its whole row group, so reading chunk by chunk would decode
-    each group once per chunk. Memory is one row group (``prep.row_group_size`` rows) and one chunk.
+    Polars gathers the hundreds of UInt8 columns into rows, far faster than a loop over the
+    columns (``bench/notes.md``).
     """
     pixels = pixel_columns(table.num_pixels)
-    for _, _, lo, hi in _row_groups(table, start, stop):
-        group = pl.scan_parquet(table.path).slice(lo, hi - lo).collect()
-        for name, nulls in zip(group.columns, group.null_count().row(0)):
+    for first in range(start, stop, chunk_rows):
+        df = pl.scan_parquet(table.path).slice(first, min(chunk_rows, stop - first)).collect()
+        for name, nulls in zip(df.columns, df.null_count().row(0)):
             if nulls:  # to_numpy would turn them into NaN and then silently into 0
-                raise _null_error(table, lo + int(group.get_column(name).is_null().arg_max()), name)
-        for first in range(0, hi - lo, chunk_rows):
-            df = group.slice(first, chunk_rows)
-            rows = np.ascontiguousarray(df.select(pixels).to_numpy(), dtype=np.uint8)
-            yield Rows(rows, df.get_column(LABEL).to_numpy(), None)
-        del group, df
+                raise _null_error(table, first + int(df.get_column(name).is_null().arg_max()), name)
+        labels = df.get_column(LABEL).to_numpy()
+        rows = np.ascontiguousarray(df.select(pixels).to_numpy(), dtype=np.uint8)
+        del df
+        yield Rows(rows, labels, None)
 
 
 def _image_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:

@@ -110,13 +110,16 @@ class ShardPiece:
 
 @dataclass(frozen=True)
 class ShardDone:
-    """What the manifest needs of a written shard, and the histogram of its pixels."""
+    """What the manifest needs of a written shard: its split, file, size, digest, class counts and
+    the histogram of its pixels."""
 
+    split: str
     name: str
     num_samples: int
     size: int
     sha256: str
     histogram: list[list[int]]
+    class_counts: list[int]
 
 
 def _chosen_pixels(table: Table, wanted: np.ndarray) -> Iterator[np.ndarray]:
@@ -157,4 +160,5 @@ def write_piece(piece: ShardPiece) -> ShardDone:
     except OSError as exc:
         raise_as_output_error(Path(piece.target), exc)
         raise
-    return ShardDone(piece.name, len(labels), size, sha, histogram.tolist())
+    counts = np.bincount(labels, minlength=len(piece.class_names)).tolist()
+    return ShardDone(piece.split, piece.name, len(labels), size, sha, histogram.tolist(), counts)

@@ -321,14 +321,17 @@ def tensorize(
     )
 
 
-def _check_counts(train: Table, counts: dict[str, np.ndarray], names: tuple[str, ...]) -> None:
+def _check_sizes(train: Table, sizes: dict[str, int]) -> None:
     for split in ("train", "test"):
-        if not counts[split].sum():
+        if not sizes[split]:
             raise DataError(
                 f"{train.path}: the {split} split would be empty; with few samples raise "
                 f"data.test_fraction or add samples"
             )
-    missing = [n for n, c in zip(names, counts["train"]) if c == 0]
+
+
+def _notice_missing_classes(names: tuple[str, ...], train_counts: np.ndarray) -> None:
+    missing = [n for n, c in zip(names, train_counts) if c == 0]
     if missing:
         log.info("%s", f"{len(missing)} class(es) have no train samples: {', '.join(missing)}"[:292])
 
@@ -384,7 +387,8 @@ def _serial(
         for rows in iter_rows(test, shard_size):
             writers["test"].add(rows.pixels, label_indices(rows.labels, names, train.labels))
         stats = stats or pixel_stats(writers["train"].histogram)
-        _check_counts(train, {split: w.counts for split, w in writers.items()}, names)
+        _check_sizes(train, {split: int(w.counts.sum()) for split, w in writers.items()})
+        _notice_missing_classes(names, writers["train"].counts)
         return {split: writer.close(names, stats) for split, writer in writers.items()}
 
 
@@ -428,32 +432,26 @@ def _parallel(
     dtype: str,
     workers: int,
 ) -> dict[str, Manifest]:
-    """Every shard a piece for a worker: each split's rows are chosen first (a pass over the label
-    column, and over the rows when splits are held out), then each shard is written from its rows."""
+    """Every shard a piece for a worker: each split's rows are chosen first (a pass over the rows
+    only when splits are held out or statistics are needed), then each shard is written from its
+    rows, and comes back with its class counts and pixel histogram."""
     codes, histogram = _train_codes(
         train, shard_size, test_fraction, val_fraction, shape[0], normalize_kind == "standard", workers
     )
     norm = make_normalization(
         normalize_kind, pixel_stats(histogram) if normalize_kind == "standard" else None, shape[0]
     )
-    train_labels = label_indices(read_labels(train), names, train.labels)
     rows = {split: (train, np.flatnonzero(codes == _CODES[split])) for split in outs}
     if test.rows:
         rows["test"] = (test, np.arange(test.rows, dtype=np.int64))
-    counts = {
-        split: np.bincount(
-            train_labels[index] if table is train else label_indices(read_labels(test), names, train.labels),
-            minlength=len(names),
-        )
-        for split, (table, index) in rows.items()
-    }
-    _check_counts(train, counts, names)
+    del codes
+    _check_sizes(train, {split: len(index) for split, (_, index) in rows.items()})
     with contextlib.ExitStack() as stack:
         folders = {split: stack.enter_context(atomic_dir(out)) for split, out in outs.items()}
-        pieces = [
+        pieces = (  # made as the pool takes them: the main process holds each split's row indices only
             ShardPiece(
                 str(table.path),
-                index[k : k + shard_size].astype(np.int64).tobytes(),
+                index[k : k + shard_size].tobytes(),
                 str(folders[split]),
                 str(outs[split]),
                 SHARD_PATTERN.format(k // shard_size),
@@ -466,13 +464,16 @@ def _parallel(
             )
             for split, (table, index) in rows.items()
             for k in range(0, len(index), shard_size)
-        ]
+        )
         entries: dict[str, list[ShardEntry]] = {split: [] for split in outs}
+        counts = {split: np.zeros(len(names), dtype=np.int64) for split in outs}
         train_histogram = np.zeros((shape[0], 256), dtype=np.int64)
-        for piece, done in zip(pieces, ordered_map(write_piece, pieces, workers)):
-            entries[piece.split].append(ShardEntry(done.name, done.num_samples, done.size, done.sha256))
-            if piece.split == "train":
+        for done in ordered_map(write_piece, pieces, workers):
+            entries[done.split].append(ShardEntry(done.name, done.num_samples, done.size, done.sha256))
+            counts[done.split] += np.asarray(done.class_counts, dtype=np.int64)
+            if done.split == "train":
                 train_histogram += np.asarray(done.histogram, dtype=np.int64)
+        _notice_missing_classes(names, counts["train"])
         stats = pixel_stats(train_histogram)
         return {
             split: write_manifest(
