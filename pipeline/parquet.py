@@ -370,21 +370,26 @@ def _pixels(column: pa.Array, width: int) -> np.ndarray:
 
 
 def _wide_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:
-    """Rows ``start..stop`` of a wide-layout table, ``chunk_rows`` at a time.
+    """Rows ``start..stop`` of a wide-layout table, at most ``chunk_rows`` at a time.
 
     Polars gathers the hundreds of UInt8 columns into rows, far faster than a loop over the
-    columns (``bench/notes.md``).
+    columns (``bench/notes.md``). Reading a slice decodes its row group's whole pages, so the
+    chunks never straddle two row groups and split each group's share evenly: as few decodes
+    of each group as ``chunk_rows`` allows.
     """
     pixels = pixel_columns(table.num_pixels)
-    for first in range(start, stop, chunk_rows):
-        df = pl.scan_parquet(table.path).slice(first, min(chunk_rows, stop - first)).collect()
-        for name, nulls in zip(df.columns, df.null_count().row(0)):
-            if nulls:  # to_numpy would turn them into NaN and then silently into 0
-                raise _null_error(table, first + int(df.get_column(name).is_null().arg_max()), name)
-        labels = df.get_column(LABEL).to_numpy()
-        rows = np.ascontiguousarray(df.select(pixels).to_numpy(), dtype=np.uint8)
-        del df
-        yield Rows(rows, labels, None)
+    for _, _, lo, hi in _row_groups(table, start, stop):
+        size = -(-(hi - lo) // -(-(hi - lo) // chunk_rows))  # even chunks, each <= chunk_rows
+        for first in range(lo, hi, size):
+            df = pl.scan_parquet(table.path).slice(first, min(size, hi - first)).collect()
+            for name, nulls in zip(df.columns, df.null_count().row(0)):
+                if nulls:  # to_numpy would turn them into NaN and then silently into 0
+                    raise _null_error(table, first + int(df.get_column(name).is_null().arg_max()), name)
+            labels = df.get_column(LABEL).to_numpy()
+            columns = df.select(pixels).to_numpy()
+            del df  # before the copy into rows: two chunk-sized arrays at a time, not three
+            yield Rows(np.ascontiguousarray(columns, dtype=np.uint8), labels, None)
+            del columns
 
 
 def _image_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:
