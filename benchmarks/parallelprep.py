@@ -36,13 +36,12 @@ import numpy as np
 from benchmarks.memory import memory_kib, process_tree
 from benchmarks.prep import ROOT, path_bytes, stage_commands
 from benchmarks.report import add_run_options, conditions_text, run_conditions, scratch_parent, write_results
-from benchmarks.scale import BASE_SAMPLES, PEAK_WRAPPER, build_inputs
+from benchmarks.scale import BASE_SAMPLES, BYTES_GOAL, PEAK_WRAPPER, build_inputs
 
 STAGES = ("csv", "parquet", "tensorize")
 MEASURED = ("parquet", "tensorize")
 VARIANTS = (*MEASURED, "tensorize/uint8")  # stage/dtype: each run with 1 worker and with every core
 SPEEDUP_GOAL = 1.6
-BYTES_GOAL = 0.26
 MEMORY_SLACK = 1.25
 WRITE_BLOCK = 16 << 20  # bytes per write while the disk's write rate is measured
 

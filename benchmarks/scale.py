@@ -37,6 +37,7 @@ BASE_SAMPLES = 60_000
 STAGES = ("download", "csv", "parquet", "tensorize")
 TIME_SLACK = 1.15  # goal: seconds(K) <= 1.15 * K * seconds(1)
 MEMORY_SLACK = 1.25  # goal: peak(K) <= 1.25 * peak(1)
+BYTES_GOAL = 0.26  # goal: uint8 train shards (and what a cold epoch reads of them) <= 0.26 x float32's
 
 # Runs a module as ``python -m`` would and writes the process's own VmHWM (KiB) at exit. ru_maxrss from
 # wait4 would not do: Linux folds the forking parent's high-water mark into the child's at exec.
@@ -247,7 +248,8 @@ def render_markdown(r: dict, cold_md: Path | None = None) -> str:
         " anon is its own heap and tensors, the part that must stay flat.",
     ]
     if cold_md is not None and cold_md.is_file():
-        lines += ["", "#" + cold_md.read_text().strip()]  # one level down, under this page's title
+        cold = cold_md.read_text().strip().splitlines()
+        lines += ["", *("#" + line if line.startswith("#") else line for line in cold)]  # a level down
     return "\n".join(lines) + "\n"
 
 

@@ -163,6 +163,58 @@ def test_cold_epoch_bounded_resident_set(tmp_path: Path) -> None:
     assert windowed["evictions"] <= 2 < glob["evictions"]
 
 
+def test_cold_benchmark_reads_both_dtypes_and_compares_their_bytes(tmp_path: Path) -> None:
+    """benchmarks.cold at tiny scale: every epoch for float32 and uint8 shards of the same images, one
+    comparison row per order and resident set, its ratio judged against the bytes goal."""
+    from benchmarks.cold import main
+
+    out = tmp_path / "bench"
+    main(
+        [
+            "--scale",
+            "2",
+            "--base-samples",
+            "300",
+            "--shard-size",
+            "128",
+            "--budget-shards",
+            "2",
+            "--idx",
+            str(_idx_folder(tmp_path)),
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ]
+    )
+    results = json.loads((out / "cold.json").read_text())
+    assert results["settings"]["shard_dtype"] == ["float32", "uint8"]
+    epochs = {(e["shard_dtype"], e["window"], e["budget_shards"]): e for e in results["epochs"]}
+    assert len(epochs) == len(results["epochs"]) == 8
+    for dtype in ("float32", "uint8"):
+        assert epochs[(dtype, None, None)]["shards"] == 5  # 600 samples in shards of 128
+    assert epochs[("uint8", None, None)]["data_mb"] < 0.3 * epochs[("float32", None, None)]["data_mb"]
+    compared = results["bytes_vs_float32"]
+    assert [(b["window"], b["budget_shards"]) for b in compared] == [
+        (None, None),
+        (2, None),
+        (None, 2),
+        (2, 2),
+    ]
+    for b in compared:
+        f, u = (
+            epochs[("float32", b["window"], b["budget_shards"])],
+            epochs[("uint8", b["window"], b["budget_shards"])],
+        )
+        assert (b["float32_read_bytes"], b["uint8_read_bytes"]) == (f["read_bytes"], u["read_bytes"])
+        if b["ratio"] is not None:
+            assert b["ratio"] == u["read_bytes"] / f["read_bytes"] and b["goal_met"] == (b["ratio"] <= 0.26)
+    markdown = (out / "cold.md").read_text()
+    assert "## float32 shards" in markdown and "## uint8 shards" in markdown
+    assert "## Bytes read cold: uint8 against float32 (goal <= 0.26)" in markdown
+    assert list((tmp_path / "work").iterdir()) == []  # scratch removed
+
+
 @pytest.mark.slow
 def test_disk_benchmark_counts_linked_outputs_once_and_copies_twice(tmp_path: Path) -> None:
     out = tmp_path / "bench"
