@@ -9,8 +9,11 @@ own peak resident memory (VmHWM, read by the stage process itself at exit, so
 the benchmark's memory never leaks into the figure). Then a loader-only epoch
 over the K x shards (global shuffle, batch 512, page cache warm from tensorize)
 and the loader's process-tree memory at 0 and 2 workers
-(:mod:`benchmarks.memory`, a fresh interpreter each). The beyond-RAM
-experiment is :mod:`benchmarks.cold`; ``scale.md`` includes its ``cold.md``.
+(:mod:`benchmarks.memory`, a fresh interpreter each). Last, ``tensorize``
+runs again with ``prep.shard_dtype: uint8``, for the train shards' bytes in
+uint8 against float32 at every K (goal: at most :data:`BYTES_GOAL`). The
+beyond-RAM experiment is :mod:`benchmarks.cold`; ``scale.md`` includes its
+``cold.md``.
 """
 
 from __future__ import annotations
@@ -71,17 +74,20 @@ def run_module_measured(
     return result, peak
 
 
-def write_params(work: Path, shard_size: int) -> Path:
-    """params.yaml for a user-CSV run; every other key keeps its default."""
+def write_params(
+    work: Path, shard_size: int, shard_dtype: str = "float32", workers: int | None = None
+) -> Path:
+    """A params file for a user-CSV run with these shards and ``prep.workers`` (None: every core, the
+    default); every other key keeps its default. Each setting gets its own file."""
     doc = {
         "data": {
             "dataset": "csv",
             "train_csv": str(work / "data" / "user" / "train.csv"),
             "test_csv": str(work / "data" / "user" / "test.csv"),
         },
-        "prep": {"shard_size": shard_size},
+        "prep": {"shard_size": shard_size, "workers": workers, "shard_dtype": shard_dtype},
     }
-    path = work / "params.yaml"
+    path = work / f"params-{workers}-{shard_dtype}.yaml"
     path.write_text(json.dumps(doc))  # JSON is YAML
     return path
 
@@ -172,17 +178,27 @@ def measure_scale(
             ]
         )
         uss[str(n)], anon[str(n)] = mem["peak_uss_mb"], mem["peak_anon_mb"]
+    loader_s = loader_epoch_seconds(tensors / "train")
+    float32_bytes = path_bytes(tensors / "train")
+    run_stages(work, write_params(work, shard_size, "uint8"), ["tensorize"])  # replaces the float32 shards
+    uint8_bytes = path_bytes(tensors / "train")
     return {
         "scale": scale,
         "samples": rows,
         "stages": stages,
-        "loader_epoch_s": round(loader_epoch_seconds(tensors / "train"), 3),
+        "loader_epoch_s": round(loader_s, 3),
         "loader_uss_mb": uss,
         "loader_anon_mb": anon,
         "bytes": {
             "csv_train": path_bytes(work / "data" / "user" / "train.csv"),
             "parquet_train": path_bytes(work / "data" / "parquet" / "train.parquet"),
-            "shards_train": path_bytes(tensors / "train"),
+            "shards_train": float32_bytes,
+        },
+        "shards_train_bytes": {
+            "float32": float32_bytes,
+            "uint8": uint8_bytes,
+            "ratio": round(uint8_bytes / float32_bytes, 4),
+            "ok": uint8_bytes <= BYTES_GOAL * float32_bytes,
         },
     }
 
@@ -242,6 +258,20 @@ def render_markdown(r: dict, cold_md: Path | None = None) -> str:
                 f"| {key} | {g['time_vs_linear']:.2f} | {'yes' if g['time_ok'] else 'NO'} | "
                 f"{g['memory_vs_1x']:.2f} | {'yes' if g['memory_ok'] else 'NO'} |"
             )
+    lines += [
+        "",
+        f"Train shards' bytes, float32 against uint8 (`prep.shard_dtype`, tensorize run again): goal "
+        f"uint8 / float32 <= {BYTES_GOAL}.",
+        "",
+        "| K | float32 MB | uint8 MB | uint8 / float32 | ok |",
+        "|---:|---:|---:|---:|---|",
+        *(
+            f"| {row['scale']} | {b['float32'] / 1e6:,.1f} | {b['uint8'] / 1e6:,.1f} | {b['ratio']:.4f} | "
+            f"{'yes' if b['ok'] else 'NO'} |"
+            for row in r["rows"]
+            if (b := row.get("shards_train_bytes"))
+        ),
+    ]
     lines += [
         "",
         "Loader USS counts the shard pages the process has mapped (file-backed, reclaimable page cache);"

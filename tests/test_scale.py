@@ -93,8 +93,14 @@ def test_scale_benchmark_writes_its_three_files(tmp_path: Path) -> None:
             assert stage["seconds"] > 0 and 20 < stage["peak_rss_mb"] < 2000
         assert row["loader_epoch_s"] > 0 and set(row["loader_uss_mb"]) == {"0"}
         assert row["bytes"]["shards_train"] > row["samples"] * 784 * 4
+        shards = row["shards_train_bytes"]  # float32 and uint8 train shards of the same run (tensorize twice)
+        assert shards["float32"] == row["bytes"]["shards_train"]
+        assert row["samples"] * 784 < shards["uint8"] < 0.5 * shards["float32"]
+        assert shards["ratio"] == round(shards["uint8"] / shards["float32"], 4)
+        assert shards["ok"] == (shards["uint8"] <= 0.26 * shards["float32"])
     assert set(results["goals"]) == {f"{s}@2x" for s in ("download", "csv", "parquet", "tensorize")}
     assert "| 2 | 600 |" in (out / "scale.md").read_text()
+    assert "| K | float32 MB | uint8 MB | uint8 / float32 | ok |" in (out / "scale.md").read_text()
     assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((tmp_path / "work").iterdir()) == []  # scratch removed
 
