@@ -287,6 +287,8 @@ def render_plot(r: dict, path: Path) -> None:
     ax.barh([i - 0.2 for i in y], [x["train_epoch_s"] for x in rows], height=0.4, label="train epoch (s)")
     ax.axvline(r["floors"]["compute_epoch_s"], color="k", ls="--", lw=1, label="compute floor")
     ax.axvline(r["floors"]["flop_epoch_s"], color="r", ls=":", lw=1, label="FLOP floor")
+    if "flop_epoch_s_bf16" in r["floors"]:
+        ax.axvline(r["floors"]["flop_epoch_s_bf16"], color="m", ls=":", lw=1, label="bf16 FLOP floor")
     ax.set_xscale("log")
     ax.set_yticks(list(y), names)
     ax.invert_yaxis()
