@@ -16,6 +16,11 @@ drops the pages of the window in use, so the windowed figure is pessimistic),
 but it charges the global order fairly: under uniform random access every
 replacement policy keeps a hit rate of about B / number of shards.
 
+The epochs run for each ``--shard-dtype`` (default float32 and uint8, the
+same images): uint8 shards hold the source bytes, a quarter of float32's, and
+a last table sets each order and resident set's bytes read from disk for
+uint8 against float32 (goal: at most :data:`benchmarks.scale.BYTES_GOAL`).
+
 ``--accuracy-epochs`` also trains the model (``stages.train``) on 1x real
 FashionMNIST in shards of ``--accuracy-shard-size`` samples, global against
 windowed, and reports the test accuracy.
@@ -39,6 +44,7 @@ import numpy as np
 
 from benchmarks.prep import ROOT
 from benchmarks.report import add_run_options, scratch_parent, write_results
+from benchmarks.scale import BYTES_GOAL
 from benchmarks.scalecsv import load_idx_split, transformed_copy
 from pipeline.normalize import make_normalization
 from pipeline.tabular import NUM_PIXELS
@@ -151,6 +157,7 @@ def cold_epoch(
         "budget_shards": budget_shards,
         "fraction_of_epoch": round(fraction, 4),
         "seconds": round(seconds / fraction, 2),
+        "read_bytes": int(read / fraction),
         "read_mb": round(read / fraction / 2**20, 1),
         "read_vs_data": round(read / fraction / data_bytes, 3),
         "major_faults": int(faults / fraction),
@@ -196,33 +203,92 @@ def accuracy(work: Path, epochs: int, shard_size: int, window: int, idx_dir: Pat
     return out
 
 
-def render_markdown(r: dict) -> str:
+def _order(e: dict) -> str:
+    return "global" if e["window"] is None else f"window {e['window']}"
+
+
+def _bound(e: dict) -> str:
+    return "unbounded (fits RAM)" if e["budget_shards"] is None else f"<= {e['budget_shards']} shards"
+
+
+def _dtype_lines(r: dict, dtype: str) -> list[str]:
+    """One shard dtype's epochs: what was read, how, and the table."""
     s = r["settings"]
+    epochs = [e for e in r["epochs"] if e.get("shard_dtype", "float32") == dtype]
     lines = [
-        "# Beyond RAM: global shuffle against shuffle_window, cold",
-        "",
-        f"`python -m benchmarks.cold --scale {s['scale']} --window {s['window']} "
-        f"--budget-shards {s['budget_shards']}"
-        f"{' --shard-dtype uint8' if s.get('shard_dtype') == 'uint8' else ''}`: "
-        f"{r['epochs'][0]['shards']} {s.get('shard_dtype', 'float32')} shards of {s['shard_size']:,} samples "
-        f"({r['epochs'][0]['data_mb']:.0f} MB), one "
+        f"{epochs[0]['shards']} {dtype} shards of {s['shard_size']:,} samples "
+        f"({epochs[0]['data_mb']:.0f} MB), one "
         f"loader-only epoch each, page cache evicted first; "
-        f"device readahead {s.get('read_ahead_kb')} KiB. {s['note']}",
+        f"device readahead {s.get('read_ahead_kb')} KiB.",
         "",
         "| order | resident set | seconds | read from disk MB | read / data | major faults | evictions |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for e in r["epochs"]:
-        order = "global" if e["window"] is None else f"window {e['window']}"
-        bound = "unbounded (fits RAM)" if e["budget_shards"] is None else f"<= {e['budget_shards']} shards"
+    for e in epochs:
         part = "" if e["fraction_of_epoch"] == 1 else f" (from {e['fraction_of_epoch']:.0%} of the epoch)"
         lines.append(
-            f"| {order} | {bound} | {e['seconds']:.1f}{part} | {e['read_mb']:.0f} | "
+            f"| {_order(e)} | {_bound(e)} | {e['seconds']:.1f}{part} | {e['read_mb']:.0f} | "
             f"{e['read_vs_data']:.2f} | "
             f"{e['major_faults']:,} | {e['evictions']} |"
         )
-    lines += [
+    return [*lines, ""]
+
+
+def bytes_vs_float32(epochs: list[dict]) -> list[dict]:
+    """Per order and resident set measured with both dtypes: bytes read cold, uint8 over float32, and
+    whether that ratio is at most :data:`BYTES_GOAL` (None where the float32 epoch read nothing)."""
+    float32 = {(e["window"], e["budget_shards"]): e for e in epochs if e["shard_dtype"] == "float32"}
+    rows = []
+    for e in epochs:
+        f = float32.get((e["window"], e["budget_shards"]))
+        if e["shard_dtype"] != "uint8" or f is None:
+            continue
+        ratio = e["read_bytes"] / f["read_bytes"] if f["read_bytes"] else None
+        rows.append(
+            {
+                "window": e["window"],
+                "budget_shards": e["budget_shards"],
+                "float32_read_bytes": f["read_bytes"],
+                "uint8_read_bytes": e["read_bytes"],
+                "ratio": ratio,
+                "goal_met": None if ratio is None else ratio <= BYTES_GOAL,
+            }
+        )
+    return rows
+
+
+def _bytes_lines(rows: list[dict]) -> list[str]:
+    lines = [
+        f"## Bytes read cold: uint8 against float32 (goal <= {BYTES_GOAL})",
         "",
+        "| order | resident set | float32 read MB | uint8 read MB | uint8 / float32 | goal |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for b in rows:
+        ratio = "n/a" if b["ratio"] is None else f"{b['ratio']:.3f}"
+        goal = {None: "not judged: nothing read", True: "met", False: "NOT met"}[b["goal_met"]]
+        lines.append(
+            f"| {_order(b)} | {_bound(b)} | {b['float32_read_bytes'] / 2**20:.0f} | "
+            f"{b['uint8_read_bytes'] / 2**20:.0f} | {ratio} | {goal} |"
+        )
+    return [*lines, ""]
+
+
+def render_markdown(r: dict) -> str:
+    s = r["settings"]
+    dtypes = s.get("shard_dtype") or ["float32"]
+    dtypes = [dtypes] if isinstance(dtypes, str) else dtypes  # results of a run before several dtypes
+    lines = [
+        "# Beyond RAM: global shuffle against shuffle_window, cold",
+        "",
+        f"`python -m benchmarks.cold --scale {s['scale']} --window {s['window']} "
+        f"--budget-shards {s['budget_shards']} --shard-dtype {' '.join(dtypes)}`."
+        + (f" {s['note']}" if s["note"] else ""),
+        "",
+    ]
+    for dtype in dtypes:
+        lines += [f"## {dtype} shards", "", *_dtype_lines(r, dtype)]
+    lines += [
         "The data fits in RAM here, so the unbounded rows only show the first touch of every page. The "
         "bounded rows emulate a page cache smaller than the data: whenever the shard pages the process has "
         "mapped exceed the budget, every shard is unmapped and evicted (POSIX_FADV_DONTNEED). "
@@ -231,15 +297,17 @@ def render_markdown(r: dict) -> str:
         "windowed figure is pessimistic); under uniform random access every replacement policy keeps a hit "
         "rate of about budget / shards, so the global figure is fair. Each fault reads up to the device "
         "readahead around the page: pages the global order then evicts unused are read again.",
+        "",
     ]
+    if r.get("bytes_vs_float32"):
+        lines += _bytes_lines(r["bytes_vs_float32"])
     if r.get("accuracy"):
         acc = ", ".join(f"{k} {v:.4f}" for k, v in r["accuracy"].items())
         lines += [
-            "",
             f"Test accuracy after {s['accuracy_epochs']} epochs on 1x FashionMNIST in shards of "
             f"{s['accuracy_shard_size']:,}: {acc}.",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,9 +326,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--accuracy-shard-size", type=int, default=6000)
     p.add_argument(
         "--shard-dtype",
+        nargs="+",
         choices=("float32", "uint8"),
-        default="float32",
-        help="prep.shard_dtype of the shards read cold (uint8: a quarter of the bytes)",
+        default=["float32", "uint8"],
+        help="prep.shard_dtype of the shards read cold, each in turn (uint8: a quarter of the bytes)",
     )
     add_run_options(p, "16x needs ~3.5 GB")
     args = p.parse_args(argv)
@@ -270,15 +339,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         images, labels = load_idx_split(args.idx, "train")
         images, labels = images[: args.base_samples], labels[: args.base_samples]
-        build_shards(work / "train", images, labels, args.scale, args.shard_size, "train", args.shard_dtype)
-        results["settings"]["read_ahead_kb"] = read_ahead_kb(work / "train")
         results["epochs"] = []
-        for budget in (None, args.budget_shards):
-            for window in (None, args.window):
-                e = cold_epoch(work / "train", window, budget, max_seconds=args.max_seconds)
-                print(json.dumps(e), flush=True)
-                results["epochs"].append(e)
-        shutil.rmtree(work / "train")
+        for dtype in args.shard_dtype:  # one dtype's shards on disk at a time
+            build_shards(work / "train", images, labels, args.scale, args.shard_size, "train", dtype)
+            results["settings"]["read_ahead_kb"] = read_ahead_kb(work / "train")
+            for budget in (None, args.budget_shards):
+                for window in (None, args.window):
+                    e = cold_epoch(work / "train", window, budget, max_seconds=args.max_seconds)
+                    e["shard_dtype"] = dtype
+                    print(json.dumps(e), flush=True)
+                    results["epochs"].append(e)
+            shutil.rmtree(work / "train")
+        results["bytes_vs_float32"] = bytes_vs_float32(results["epochs"])
         if args.accuracy_epochs:
             results["accuracy"] = accuracy(
                 work, args.accuracy_epochs, args.accuracy_shard_size, args.window, args.idx

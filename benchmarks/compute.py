@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,13 +31,25 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.params import load_section
 from trainer.allocator import retain_freed_memory
 from trainer.data import ShardDataset
+from trainer.device_norm import identity
 from trainer.loader import EpochBatchSampler
 from trainer.model import SimpleCNN
+from trainer.precision import Precision
 from trainer.verify import validate_split
 
 EPOCH_SAMPLES = 60_000
 Batch = tuple[torch.Tensor, torch.Tensor]
 Source = Callable[[int], Iterable]  # source(epoch) iterates one epoch of batches
+
+
+@dataclass
+class Arithmetic:
+    """What a step does to a batch besides the model: the trainer's device normalisation (uint8 batches to
+    float32, ``trainer.device_norm``) and its precision (autocast, backward and step, ``trainer.precision``).
+    The default, float32 batches in fp32, is the plain step."""
+
+    normalize: Callable[[torch.Tensor], torch.Tensor] = identity
+    precision: Precision = field(default_factory=Precision)
 
 
 def as_pair(batch: object) -> Batch:
@@ -50,10 +63,18 @@ def _minor_faults() -> int:
 
 
 def train_epoch(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, device: torch.device
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable,
+    device: torch.device,
+    arithmetic: Arithmetic | None = None,
 ) -> tuple[float, float, float, float]:
     """(seconds, seconds blocked waiting for the next batch, page faults per step, fastest step's seconds per
-    sample) of one epoch. On a GPU the step time is only the launch time (nothing waits for the kernels)."""
+    sample) of one epoch. On a GPU the step time is only the launch time (nothing waits for the kernels).
+
+    ``arithmetic`` (default: fp32, float32 batches) applies the trainer's own device normalisation and
+    precision to each step, as ``trainer.loop.train_one_epoch`` does."""
+    arithmetic = arithmetic or Arithmetic()
     model.train()
     wait = 0.0
     steps = 0
@@ -71,10 +92,11 @@ def train_epoch(
         wait += t1 - t0
         x, y = as_pair(batch)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x = arithmetic.normalize(x)
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
+        with arithmetic.precision.autocast():
+            loss = F.cross_entropy(model(x).float(), y)  # float32 logits, as the trainer's loop
+        arithmetic.precision.backward_step(loss, optimizer)
         del loss
         fastest = min(fastest, (time.perf_counter() - t1) / len(y))  # per sample: the last batch is shorter
         steps += 1
@@ -85,10 +107,16 @@ def train_epoch(
 
 
 def train_paired(
-    sources: dict[str, tuple[Source, bool]], repeats: int, device: torch.device, seed: int, warmup: int = 0
+    sources: dict[str, tuple[Source, bool]],
+    repeats: int,
+    device: torch.device,
+    seed: int,
+    warmup: int = 0,
+    arithmetic: dict[str, Arithmetic] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per source ``(source, reference_layout)``: best epoch seconds, its data-wait fraction and
-    faults per step, over ``repeats`` timed epochs after ``warmup`` untimed ones.
+    faults per step, over ``repeats`` timed epochs after ``warmup`` untimed ones. A source named in
+    ``arithmetic`` trains with that normalisation and precision; the others plain (fp32).
 
     Interleaving matters on a shared machine whose speed drifts by 10-25 %
     over minutes: sources compared epoch by epoch see the same drift.
@@ -109,7 +137,9 @@ def train_paired(
     }
     for epoch in range(warmup + repeats):
         for name, (source, _layout) in sources.items():
-            seconds, wait, faults, fastest = train_epoch(*state[name], source(epoch), device)
+            seconds, wait, faults, fastest = train_epoch(
+                *state[name], source(epoch), device, (arithmetic or {}).get(name)
+            )
             if epoch < warmup:
                 continue
             fastest = min(fastest, best[name]["fastest_step_s_per_sample"])

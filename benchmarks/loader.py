@@ -7,9 +7,11 @@ DataFrame dataset) run on a prefix of the split and are scaled to 60,000
 samples; ``--quick`` does that for every row. The training timings, the
 floors (memcpy, compute, FLOP) and the page-fault experiment are in
 ``benchmarks/compute.py``; like ``trainer.run.fit``, this process keeps freed
-memory (``trainer/allocator.py``) before it trains. Loader workers and uint8
-shards (``benchmarks/workers.py``) add the loader-only epoch per worker count
-for both shard dtypes. Results go to ``bench/results.{json,md,png}``.
+memory (``trainer/allocator.py``) before it trains. The rows ``bf16``,
+``uint8`` and ``uint8+bf16`` and the bf16 FLOP floor are in
+``benchmarks/arithrows.py``. Loader workers and uint8 shards
+(``benchmarks/workers.py``) add the loader-only epoch per worker count for
+both shard dtypes. Results go to ``bench/results.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 import json
 import os
 import platform
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -28,9 +31,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks import precision
+from benchmarks import arithrows
 from benchmarks.compute import (
     EPOCH_SAMPLES,
+    Arithmetic,
     Source,
     allocator_experiment,
     as_pair,
@@ -45,9 +49,9 @@ from benchmarks.ddp import ddp_rows
 from benchmarks.disk import disk_usage
 from benchmarks.memory import run_loader_memory, run_scenarios
 from benchmarks.naive import NaiveDataset, PerSampleShards, PrecomputedDataset
-from benchmarks.report import render_markdown, render_plot
+from benchmarks.report import goal_verdicts, render_markdown, render_plot
 from benchmarks.shapes import loader_vs_memcpy
-from benchmarks.workers import worker_epochs, workers_lines
+from benchmarks.workers import uint8_twin, worker_epochs, workers_lines
 from pipeline.atomic import write_bytes_atomic
 from pipeline.params import load_section
 from trainer.allocator import retain_freed_memory
@@ -64,6 +68,7 @@ class Row:
     note: str = ""
     result: dict = field(default_factory=dict)
     reference_layout: bool = False  # train the original NCHW, ReLU-then-pool model instead of the trainer's
+    arithmetic: Arithmetic | None = None  # device normalisation and precision; None: float32 batches, fp32
 
 
 def _subset(n: int, limit: int, seed: int, epoch: int) -> torch.Tensor:
@@ -72,7 +77,7 @@ def _subset(n: int, limit: int, seed: int, epoch: int) -> torch.Tensor:
     ]
 
 
-def _loader_rows(cfg: argparse.Namespace, device: torch.device, seed: int) -> list[Row]:
+def _loader_rows(cfg: argparse.Namespace, device: torch.device, seed: int, uint8_train: Path) -> list[Row]:
     parquet = cfg.parquet / "train.parquet"
     cores = os.cpu_count() or 1
     pin = device.type == "cuda"
@@ -108,6 +113,7 @@ def _loader_rows(cfg: argparse.Namespace, device: torch.device, seed: int) -> li
         return lambda epoch: loader
 
     train = validate_split(cfg.tensors / "train", expected_split="train")
+    splits = {"float32": train, "uint8": validate_split(uint8_train, expected_split="train")}
 
     def per_sample():
         ds = PerSampleShards(ShardDataset(train))
@@ -117,12 +123,12 @@ def _loader_rows(cfg: argparse.Namespace, device: torch.device, seed: int) -> li
         loader = DataLoader(ds, batch_size=512, sampler=sampler)
         return lambda epoch: loader
 
-    def loader_from_params(**override):
+    def loader_from_params(split=train, **override):
         def make():
             params = dataclasses.replace(load_section("loader", cfg.params), **override)
             settings = resolve_settings(params, device)
             sampler = EpochBatchSampler(fs, settings.batch_size, shuffle=settings.shuffle, seed=seed)
-            loader = make_loader(ShardDataset(train), sampler, settings)
+            loader = make_loader(ShardDataset(split), sampler, settings)
 
             def epoch_iter(epoch: int):
                 sampler.set_epoch(epoch)
@@ -159,6 +165,16 @@ def _loader_rows(cfg: argparse.Namespace, device: torch.device, seed: int) -> li
             loader_from_params(device_resident=True),
             fs,
             "loader.device_resident: whole split on the device, one index_select per batch",
+        ),
+        *(
+            Row(
+                name,
+                loader_from_params(splits[dtype]),
+                fs,
+                note,
+                arithmetic=arithrows.arithmetic(name, splits[dtype], device),
+            )
+            for name, (dtype, _precision, note) in arithrows.ROWS.items()
         ),
     ]
 
@@ -260,9 +276,11 @@ def main(argv: list[str] | None = None) -> None:
         "epoch_gflop": flops / 1e9,
         "flop_epoch_s": flops / (gflops * 1e9),
     }
-    rows = _loader_rows(cfg, device, seed)
-    # The compute floor and the rows it must stay under are timed epoch by epoch, interleaved.
-    paired_names = ("default", "reference-layout", "resident")
+    fl.update(arithrows.bf16_floor(fl["epoch_gflop"], device))
+    twin = tempfile.TemporaryDirectory(prefix="uint8-twin-")  # the uint8 rows' shards
+    rows = _loader_rows(cfg, device, seed, uint8_twin(cfg.tensors / "train", Path(twin.name) / "train"))
+    # The compute floor and the rows compared with it or with default are timed epoch by epoch, interleaved.
+    paired_names = ("default", "reference-layout", "resident", *arithrows.ROWS)
     warm = one_warm_batch(cfg.tensors, cfg.samples, load_section("loader", cfg.params).batch_size, device)
     paired: dict[str, tuple[Source, bool]] = {"compute": (warm, False)}
     loader_s: dict[str, float] = {}
@@ -278,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         ]
         _record(row, loader_s[row.name], trained, scale)
         del source
-    trained_together = train_paired(paired, cfg.repeats, device, seed)
+    arithmetic = {row.name: row.arithmetic for row in rows if row.arithmetic is not None}
+    trained_together = train_paired(paired, cfg.repeats, device, seed, arithmetic=arithmetic)
     compute = trained_together["compute"]
     fl["compute_epoch_s"] = compute["seconds"] * EPOCH_SAMPLES / cfg.samples
     if device.type == "cpu":
@@ -290,9 +309,12 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         if row.name in paired_names:
             _record(row, loader_s[row.name], trained_together[row.name], EPOCH_SAMPLES / row.samples)
+    del paired  # its loaders map the twin's shards
+    twin.cleanup()
     print(
         f"floors: memcpy {fl['memcpy_epoch_s']:.4f} s, compute {fl['compute_epoch_s']:.2f} s, "
-        f"FLOP {fl['flop_epoch_s']:.2f} s ({fl['epoch_gflop']:.0f} GFLOP at {gflops:.0f} GFLOP/s) per epoch",
+        f"FLOP {fl['flop_epoch_s']:.2f} s ({fl['epoch_gflop']:.0f} GFLOP at {gflops:.0f} GFLOP/s), "
+        f"bf16 FLOP {fl['flop_epoch_s_bf16']:.2f} s (at {fl['matmul_gflops_bf16']:.0f} GFLOP/s) per epoch",
         flush=True,
     )
     naive_s = rows[0].result["loader_epoch_s"]
@@ -315,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "floors": fl,
         "rows": [r.result for r in rows] + ddp,
+        "bf16": arithrows.bf16_judgement(device),  # whether bf16_over_fp32 is judged on this machine
         "allocator": allocator,
         "threads": threads,
         "memory": {
@@ -342,7 +365,10 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "workers2_over_workers0": results["workers"]["workers2_over_workers0"]["float32"],
         "uint8_workers2_over_workers0": results["workers"]["workers2_over_workers0"]["uint8"],
+        "bf16_over_fp32": by["bf16"]["train_epoch_s"] / by["default"]["train_epoch_s"],
+        "bf16_train_over_flops_bf16": by["bf16"]["train_epoch_s"] / fl["flop_epoch_s_bf16"],
     }
+    results["verdicts"] = goal_verdicts(results)
     results["wall_seconds"] = time.perf_counter() - started
     cfg.out.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(cfg.out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
@@ -350,21 +376,6 @@ def main(argv: list[str] | None = None) -> None:
     write_bytes_atomic(cfg.out / "results.md", markdown.encode())
     render_plot(results, cfg.out / "results.png")
     print(markdown)
-    # bf16 vs fp32 epochs and the bf16 FLOP floor: their own results files (bench/precision.{json,md}).
-    precision.main(
-        [
-            "--tensors",
-            str(cfg.tensors),
-            "--params",
-            str(cfg.params),
-            "--out",
-            str(cfg.out),
-            "--repeats",
-            str(cfg.repeats),
-            "--steps",
-            "4" if cfg.quick else "40",
-        ]
-    )
 
 
 if __name__ == "__main__":

@@ -36,29 +36,14 @@ import numpy as np
 from benchmarks.memory import memory_kib, process_tree
 from benchmarks.prep import ROOT, path_bytes, stage_commands
 from benchmarks.report import add_run_options, conditions_text, run_conditions, scratch_parent, write_results
-from benchmarks.scale import BASE_SAMPLES, PEAK_WRAPPER, build_inputs
+from benchmarks.scale import BASE_SAMPLES, BYTES_GOAL, PEAK_WRAPPER, build_inputs, write_params
 
 STAGES = ("csv", "parquet", "tensorize")
 MEASURED = ("parquet", "tensorize")
 VARIANTS = (*MEASURED, "tensorize/uint8")  # stage/dtype: each run with 1 worker and with every core
 SPEEDUP_GOAL = 1.6
-BYTES_GOAL = 0.26
 MEMORY_SLACK = 1.25
 WRITE_BLOCK = 16 << 20  # bytes per write while the disk's write rate is measured
-
-
-def _params(work: Path, shard_size: int, workers: int | None, dtype: str) -> Path:
-    doc = {
-        "data": {
-            "dataset": "csv",
-            "train_csv": str(work / "data" / "user" / "train.csv"),
-            "test_csv": str(work / "data" / "user" / "test.csv"),
-        },
-        "prep": {"shard_size": shard_size, "workers": workers, "shard_dtype": dtype},
-    }
-    path = work / f"params-{workers}-{dtype}.yaml"
-    path.write_text(json.dumps(doc))  # JSON is YAML
-    return path
 
 
 def _tree_peak_pss_kib(pid: int, stop: threading.Event, out: list[int]) -> None:
@@ -160,10 +145,10 @@ def write_rate(folder: Path, nbytes: int) -> float:
 def measure(work: Path, scale: int, base_samples: int, shard_size: int, idx: Path) -> dict:
     rows = build_inputs(work, scale, base_samples, idx)
     runs: dict[str, dict] = {}
-    serial = _params(work, shard_size, 1, "float32")
+    serial = write_params(work, shard_size, "float32", workers=1)
     _run(work, "csv", serial)
     digests = {}
-    for label, params in (("1", serial), ("all", _params(work, shard_size, None, "float32"))):
+    for label, params in (("1", serial), ("all", write_params(work, shard_size, "float32"))):
         for stage in MEASURED:
             runs[f"{stage}/{label}"] = _run(work, stage, params)
             digests[f"{stage}/{label}"] = _outputs(work, stage)
@@ -172,7 +157,7 @@ def measure(work: Path, scale: int, base_samples: int, shard_size: int, idx: Pat
     disk_mb_s = write_rate(work, tensor_bytes)  # right after the runs it bounds
     for label, workers in (("1", 1), ("all", None)):
         runs[f"tensorize/{label}/uint8"] = _run(
-            work, "tensorize", _params(work, shard_size, workers, "uint8")
+            work, "tensorize", write_params(work, shard_size, "uint8", workers)
         )
         digests[f"tensorize/{label}/uint8"] = _outputs(work, "tensorize")
     uint8_bytes = path_bytes(work / "data" / "tensors" / "train")

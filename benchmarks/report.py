@@ -119,7 +119,7 @@ def _faults(row: dict) -> str:
 
 
 def render_markdown(r: dict) -> str:
-    m, fl, g = r["machine"], r["floors"], r["goals"]
+    m, fl = r["machine"], r["floors"]
     lines = [
         "# Loader benchmark",
         "",
@@ -141,27 +141,16 @@ def render_markdown(r: dict) -> str:
     lines += [
         "",
         f"Floors: memcpy of one epoch's images {fl['memcpy_epoch_s']:.4f} s; compute (every step of an epoch "
-        f"on one cache-warm batch, timed interleaved with `default`, `reference-layout` and `resident`; on "
-        f"the CPU at most the fastest step's time per sample times 60,000) "
+        "on one cache-warm batch, timed interleaved with `default`, `reference-layout`, `resident` and the "
+        "bf16 and uint8 rows; on the CPU at most the fastest step's time per sample times 60,000) "
         f"{fl['compute_epoch_s']:.2f} s; "
         f"FLOP floor {fl['flop_epoch_s']:.2f} s = {fl['epoch_gflop']:.0f} GFLOP "
         f"per epoch (forward + backward, counted by FlopCounterMode) at {fl['matmul_gflops']:.0f} GFLOP/s "
-        "(2048x2048 fp32 matmul, best of 10, same run).",
+        "(2048x2048 fp32 matmul, best of 10, same run). "
+        f"bf16 FLOP floor {fl['flop_epoch_s_bf16']:.2f} s = the same FLOPs at "
+        f"{fl['matmul_gflops_bf16']:.0f} GFLOP/s (2048x2048 bfloat16 matmul, same run).",
         "",
-        "| goal | measured | target |",
-        "|---|---:|---:|",
-        f"| default train epoch / FLOP floor | {g['default_train_over_flops']:.2f} | <= 2 (stretch 1.5) |",
-        f"| default train epoch / compute floor | {g['default_train_over_compute']:.3f} | >= 1 (a floor) |",
-        f"| default loader epoch / memcpy floor | {g['default_loader_over_memcpy']:.2f} | <= 4 |",
-        f"| naive / default loader epoch | {g['naive_over_default_loader']:.0f}x | >= 39x |",
-        *(
-            [
-                f"| 3x32x32 loader epoch / memcpy (section below) | {g['rgb32_loader_over_memcpy']:.2f} | "
-                f"<= {r['shapes']['goal']} |"
-            ]
-            if "rgb32_loader_over_memcpy" in g
-            else []
-        ),
+        *_goal_lines(r),
         "",
         *(loader_shapes_lines(r["shapes"]) if "shapes" in r else []),
         *_allocator_section(r["allocator"]),
@@ -203,6 +192,66 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def goal_limits(r: dict) -> dict[str, tuple[str, float]]:
+    """Each judged goal of ``results.json``: its comparison and limit (the Markdown table's targets)."""
+    limits = {
+        "default_train_over_flops": ("<=", 2.0),
+        "default_train_over_compute": (">=", 1.0),
+        "default_loader_over_memcpy": ("<=", 4.0),
+        "naive_over_default_loader": (">=", 39.0),
+    }
+    if "shapes" in r:
+        limits["rgb32_loader_over_memcpy"] = ("<=", r["shapes"]["goal"])
+    if "workers" in r:
+        limits["workers2_over_workers0"] = ("<=", r["workers"]["goal"])
+        limits["uint8_workers2_over_workers0"] = ("<=", r["workers"]["goal"])
+    if "bf16" in r:
+        limits["bf16_over_fp32"] = ("<=", r["bf16"]["goal"])
+    return limits
+
+
+def goal_verdicts(r: dict) -> dict[str, str]:
+    """``met``, ``NOT met``, or ``not judged: <why>`` per goal of :func:`goal_limits` present in the results.
+
+    ``bf16_over_fp32`` is judged only where bf16 has matrix units (``r["bf16"]["judged"]``)."""
+    verdicts = {}
+    for key, (op, limit) in goal_limits(r).items():
+        if key not in r["goals"]:
+            continue
+        if key == "bf16_over_fp32" and not r["bf16"]["judged"]:
+            verdicts[key] = f"not judged: {r['bf16']['reason']}"
+            continue
+        value = r["goals"][key]
+        verdicts[key] = "met" if (value <= limit if op == "<=" else value >= limit) else "NOT met"
+    return verdicts
+
+
+def _goal_lines(r: dict) -> list[str]:
+    """The goal table of ``results.md``: measured value, target and verdict (``r["verdicts"]``)."""
+    g, verdicts = r["goals"], r.get("verdicts", {})
+    rows = [  # key, what, measured, target
+        ("default_train_over_flops", "default train epoch / FLOP floor", "{:.2f}", "<= 2 (stretch 1.5)"),
+        ("default_train_over_compute", "default train epoch / compute floor", "{:.3f}", ">= 1 (a floor)"),
+        ("default_loader_over_memcpy", "default loader epoch / memcpy floor", "{:.2f}", "<= 4"),
+        ("naive_over_default_loader", "naive / default loader epoch", "{:.0f}x", ">= 39x"),
+        ("rgb32_loader_over_memcpy", "3x32x32 loader epoch / memcpy (section below)", "{:.2f}", None),
+        ("workers2_over_workers0", "float32 loader epoch, 2 workers / 0 (section below)", "{:.2f}", None),
+        ("uint8_workers2_over_workers0", "uint8 loader epoch, 2 workers / 0 (section below)", "{:.2f}", None),
+        ("bf16_over_fp32", "bf16 train epoch / default (fp32) train epoch", "{:.2f}", None),
+        ("bf16_train_over_flops_bf16", "bf16 train epoch / bf16 FLOP floor", "{:.1f}", "-"),
+    ]
+    limits = goal_limits(r)
+    lines = ["| goal | measured | target | verdict |", "|---|---:|---:|---|"]
+    for key, what, fmt, target in rows:
+        if key not in g:
+            continue
+        if target is None:
+            op, limit = limits[key]
+            target = f"{op} {limit:g}" + (" with AMX or CUDA" if key == "bf16_over_fp32" else "")
+        lines.append(f"| {what} | {fmt.format(g[key])} | {target} | {verdicts.get(key, 'reported')} |")
+    return lines
+
+
 def _allocator_section(a: dict) -> list[str]:
     lines = [
         "## Page faults: why pre-gathered batches trained slower than loader-fed ones",
@@ -238,6 +287,8 @@ def render_plot(r: dict, path: Path) -> None:
     ax.barh([i - 0.2 for i in y], [x["train_epoch_s"] for x in rows], height=0.4, label="train epoch (s)")
     ax.axvline(r["floors"]["compute_epoch_s"], color="k", ls="--", lw=1, label="compute floor")
     ax.axvline(r["floors"]["flop_epoch_s"], color="r", ls=":", lw=1, label="FLOP floor")
+    if "flop_epoch_s_bf16" in r["floors"]:
+        ax.axvline(r["floors"]["flop_epoch_s_bf16"], color="m", ls=":", lw=1, label="bf16 FLOP floor")
     ax.set_xscale("log")
     ax.set_yticks(list(y), names)
     ax.invert_yaxis()

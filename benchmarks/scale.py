@@ -9,8 +9,11 @@ own peak resident memory (VmHWM, read by the stage process itself at exit, so
 the benchmark's memory never leaks into the figure). Then a loader-only epoch
 over the K x shards (global shuffle, batch 512, page cache warm from tensorize)
 and the loader's process-tree memory at 0 and 2 workers
-(:mod:`benchmarks.memory`, a fresh interpreter each). The beyond-RAM
-experiment is :mod:`benchmarks.cold`; ``scale.md`` includes its ``cold.md``.
+(:mod:`benchmarks.memory`, a fresh interpreter each). Last, ``tensorize``
+runs again with ``prep.shard_dtype: uint8``, for the train shards' bytes in
+uint8 against float32 at every K (goal: at most :data:`BYTES_GOAL`). The
+beyond-RAM experiment is :mod:`benchmarks.cold`; ``scale.md`` includes its
+``cold.md``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ BASE_SAMPLES = 60_000
 STAGES = ("download", "csv", "parquet", "tensorize")
 TIME_SLACK = 1.15  # goal: seconds(K) <= 1.15 * K * seconds(1)
 MEMORY_SLACK = 1.25  # goal: peak(K) <= 1.25 * peak(1)
+BYTES_GOAL = 0.26  # goal: uint8 train shards (and what a cold epoch reads of them) <= 0.26 x float32's
 
 # Runs a module as ``python -m`` would and writes the process's own VmHWM (KiB) at exit. ru_maxrss from
 # wait4 would not do: Linux folds the forking parent's high-water mark into the child's at exec.
@@ -70,17 +74,20 @@ def run_module_measured(
     return result, peak
 
 
-def write_params(work: Path, shard_size: int) -> Path:
-    """params.yaml for a user-CSV run; every other key keeps its default."""
+def write_params(
+    work: Path, shard_size: int, shard_dtype: str = "float32", workers: int | None = None
+) -> Path:
+    """A params file for a user-CSV run with these shards and ``prep.workers`` (None: every core, the
+    default); every other key keeps its default. Each setting gets its own file."""
     doc = {
         "data": {
             "dataset": "csv",
             "train_csv": str(work / "data" / "user" / "train.csv"),
             "test_csv": str(work / "data" / "user" / "test.csv"),
         },
-        "prep": {"shard_size": shard_size},
+        "prep": {"shard_size": shard_size, "workers": workers, "shard_dtype": shard_dtype},
     }
-    path = work / "params.yaml"
+    path = work / f"params-{workers}-{shard_dtype}.yaml"
     path.write_text(json.dumps(doc))  # JSON is YAML
     return path
 
@@ -171,17 +178,27 @@ def measure_scale(
             ]
         )
         uss[str(n)], anon[str(n)] = mem["peak_uss_mb"], mem["peak_anon_mb"]
+    loader_s = loader_epoch_seconds(tensors / "train")
+    float32_bytes = path_bytes(tensors / "train")
+    run_stages(work, write_params(work, shard_size, "uint8"), ["tensorize"])  # replaces the float32 shards
+    uint8_bytes = path_bytes(tensors / "train")
     return {
         "scale": scale,
         "samples": rows,
         "stages": stages,
-        "loader_epoch_s": round(loader_epoch_seconds(tensors / "train"), 3),
+        "loader_epoch_s": round(loader_s, 3),
         "loader_uss_mb": uss,
         "loader_anon_mb": anon,
         "bytes": {
             "csv_train": path_bytes(work / "data" / "user" / "train.csv"),
             "parquet_train": path_bytes(work / "data" / "parquet" / "train.parquet"),
-            "shards_train": path_bytes(tensors / "train"),
+            "shards_train": float32_bytes,
+        },
+        "shards_train_bytes": {
+            "float32": float32_bytes,
+            "uint8": uint8_bytes,
+            "ratio": round(uint8_bytes / float32_bytes, 4),
+            "ok": uint8_bytes <= BYTES_GOAL * float32_bytes,
         },
     }
 
@@ -243,11 +260,26 @@ def render_markdown(r: dict, cold_md: Path | None = None) -> str:
             )
     lines += [
         "",
+        f"Train shards' bytes, float32 against uint8 (`prep.shard_dtype`, tensorize run again): goal "
+        f"uint8 / float32 <= {BYTES_GOAL}.",
+        "",
+        "| K | float32 MB | uint8 MB | uint8 / float32 | ok |",
+        "|---:|---:|---:|---:|---|",
+        *(
+            f"| {row['scale']} | {b['float32'] / 1e6:,.1f} | {b['uint8'] / 1e6:,.1f} | {b['ratio']:.4f} | "
+            f"{'yes' if b['ok'] else 'NO'} |"
+            for row in r["rows"]
+            if (b := row.get("shards_train_bytes"))
+        ),
+    ]
+    lines += [
+        "",
         "Loader USS counts the shard pages the process has mapped (file-backed, reclaimable page cache);"
         " anon is its own heap and tensors, the part that must stay flat.",
     ]
     if cold_md is not None and cold_md.is_file():
-        lines += ["", "#" + cold_md.read_text().strip()]  # one level down, under this page's title
+        cold = cold_md.read_text().strip().splitlines()
+        lines += ["", *("#" + line if line.startswith("#") else line for line in cold)]  # a level down
     return "\n".join(lines) + "\n"
 
 

@@ -25,6 +25,9 @@ ROWS = [
     "default",
     "reference-layout",
     "resident",
+    "bf16",
+    "uint8",
+    "uint8+bf16",
     "ddp-1",
     "ddp-2",
 ]
@@ -56,7 +59,7 @@ def test_bench_writes_results(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "benchmarks.loader",
-            "--quick",  # with --samples and --naive-samples given, it only cuts the bf16 run to 4 steps
+            "--quick",  # with --samples and --naive-samples given, it only marks the run as quick
             "--samples",
             "512",
             "--naive-samples",
@@ -94,11 +97,14 @@ def test_bench_writes_results(tmp_path: Path) -> None:
         "flop_epoch_s",
         "matmul_gflops",
         "epoch_gflop",
+        "flop_epoch_s_bf16",
+        "matmul_gflops_bf16",
     }
     assert floors["epoch_gflop"] == pytest.approx(
         7.082496e-3 * 60_000
     )  # FlopCounterMode's count for SimpleCNN
     assert floors["flop_epoch_s"] == pytest.approx(floors["epoch_gflop"] / floors["matmul_gflops"])
+    assert floors["flop_epoch_s_bf16"] == pytest.approx(floors["epoch_gflop"] / floors["matmul_gflops_bf16"])
     for row in results["rows"]:
         assert row["loader_epoch_s"] > 0 and row["train_epoch_s"] > 0 and 0 <= row["data_wait_fraction"] < 1
         faults = row["page_faults_per_step"]
@@ -116,6 +122,13 @@ def test_bench_writes_results(tmp_path: Path) -> None:
         results["goals"]["default_train_over_flops"]
         == by["default"]["train_epoch_s"] / floors["flop_epoch_s"]
     )
+    assert results["goals"]["bf16_over_fp32"] == by["bf16"]["train_epoch_s"] / by["default"]["train_epoch_s"]
+    bf16 = results["bf16"]  # judged only with AMX or CUDA: this CPU run is judged iff the CPU has amx_bf16
+    assert bf16["judged"] == bf16["cpu_flags"]["amx_bf16"] and bf16["goal"] == 0.5
+    verdicts = results["verdicts"]
+    assert set(verdicts) >= {"bf16_over_fp32", "workers2_over_workers0", "default_train_over_flops"}
+    assert set(verdicts.values()) <= {"met", "NOT met", "not judged: no AMX"}
+    assert (verdicts["bf16_over_fp32"] == "not judged: no AMX") == (not bf16["judged"])
     assert set(results["allocator"]) == {"glibc_default", "retain_freed_memory"}
     assert all(set(v) == {"pre-gathered", "loader-fed"} for v in results["allocator"].values())
     assert set(results["threads"]["epoch_s"]) == {"1", "2"} and isinstance(
@@ -133,8 +146,32 @@ def test_bench_writes_results(tmp_path: Path) -> None:
     assert set(results["goals"]) >= {"workers2_over_workers0", "uint8_workers2_over_workers0"}
     assert "| default |" in (out / "results.md").read_text()
     assert "| uint8 |" in (out / "results.md").read_text()
+    markdown = (out / "results.md").read_text()
+    assert "| uint8+bf16 |" in markdown and "| bf16 train epoch / default (fp32) train epoch |" in markdown
+    assert f"| {verdicts['bf16_over_fp32']} |" in markdown
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    precision = json.loads((out / "precision.json").read_text())  # benchmarks.precision, called by the loader
+    # benchmarks.precision (its speed part, which the loader's bf16 rows now cover) on the same tiny shards
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.precision",
+            "--tensors",
+            str(tmp_path / "tensors"),
+            "--steps",
+            "4",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    precision = json.loads((out / "precision.json").read_text())
     assert set(precision["speed"]) == {"fp32", "bf16"} and precision["goals"]["bf16_over_fp32"] > 0
     assert precision["floor"]["epoch_gflop"] == floors["epoch_gflop"]
 

@@ -93,8 +93,14 @@ def test_scale_benchmark_writes_its_three_files(tmp_path: Path) -> None:
             assert stage["seconds"] > 0 and 20 < stage["peak_rss_mb"] < 2000
         assert row["loader_epoch_s"] > 0 and set(row["loader_uss_mb"]) == {"0"}
         assert row["bytes"]["shards_train"] > row["samples"] * 784 * 4
+        shards = row["shards_train_bytes"]  # float32 and uint8 train shards of the same run (tensorize twice)
+        assert shards["float32"] == row["bytes"]["shards_train"]
+        assert row["samples"] * 784 < shards["uint8"] < 0.5 * shards["float32"]
+        assert shards["ratio"] == round(shards["uint8"] / shards["float32"], 4)
+        assert shards["ok"] == (shards["uint8"] <= 0.26 * shards["float32"])
     assert set(results["goals"]) == {f"{s}@2x" for s in ("download", "csv", "parquet", "tensorize")}
     assert "| 2 | 600 |" in (out / "scale.md").read_text()
+    assert "| K | float32 MB | uint8 MB | uint8 / float32 | ok |" in (out / "scale.md").read_text()
     assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((tmp_path / "work").iterdir()) == []  # scratch removed
 
@@ -161,6 +167,58 @@ def test_cold_epoch_bounded_resident_set(tmp_path: Path) -> None:
     glob = cold_epoch(tmp_path / "train", None, 3)
     windowed = cold_epoch(tmp_path / "train", 2, 3)
     assert windowed["evictions"] <= 2 < glob["evictions"]
+
+
+def test_cold_benchmark_reads_both_dtypes_and_compares_their_bytes(tmp_path: Path) -> None:
+    """benchmarks.cold at tiny scale: every epoch for float32 and uint8 shards of the same images, one
+    comparison row per order and resident set, its ratio judged against the bytes goal."""
+    from benchmarks.cold import main
+
+    out = tmp_path / "bench"
+    main(
+        [
+            "--scale",
+            "2",
+            "--base-samples",
+            "300",
+            "--shard-size",
+            "128",
+            "--budget-shards",
+            "2",
+            "--idx",
+            str(_idx_folder(tmp_path)),
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ]
+    )
+    results = json.loads((out / "cold.json").read_text())
+    assert results["settings"]["shard_dtype"] == ["float32", "uint8"]
+    epochs = {(e["shard_dtype"], e["window"], e["budget_shards"]): e for e in results["epochs"]}
+    assert len(epochs) == len(results["epochs"]) == 8
+    for dtype in ("float32", "uint8"):
+        assert epochs[(dtype, None, None)]["shards"] == 5  # 600 samples in shards of 128
+    assert epochs[("uint8", None, None)]["data_mb"] < 0.3 * epochs[("float32", None, None)]["data_mb"]
+    compared = results["bytes_vs_float32"]
+    assert [(b["window"], b["budget_shards"]) for b in compared] == [
+        (None, None),
+        (2, None),
+        (None, 2),
+        (2, 2),
+    ]
+    for b in compared:
+        f, u = (
+            epochs[("float32", b["window"], b["budget_shards"])],
+            epochs[("uint8", b["window"], b["budget_shards"])],
+        )
+        assert (b["float32_read_bytes"], b["uint8_read_bytes"]) == (f["read_bytes"], u["read_bytes"])
+        if b["ratio"] is not None:
+            assert b["ratio"] == u["read_bytes"] / f["read_bytes"] and b["goal_met"] == (b["ratio"] <= 0.26)
+    markdown = (out / "cold.md").read_text()
+    assert "## float32 shards" in markdown and "## uint8 shards" in markdown
+    assert "## Bytes read cold: uint8 against float32 (goal <= 0.26)" in markdown
+    assert list((tmp_path / "work").iterdir()) == []  # scratch removed
 
 
 @pytest.mark.slow
