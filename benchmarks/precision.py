@@ -52,11 +52,6 @@ PRECISIONS = ("fp32", "bf16")
 ACCURACY_RUNS = {"fp32": {}, "bf16": {"precision": "bf16"}, "aug": {"augment": ["flip", "translate"]}}
 
 
-def _default_tensors() -> Path:
-    fashion = Path("/tmp/new/t")
-    return fashion if (fashion / "train" / "manifest.json").exists() else ROOT / "data" / "tensors"
-
-
 def speed(tensors: Path, batch_size: int, steps: int, repeats: int, seed: int) -> dict[str, float]:
     """Fastest ``steps``-batch pass per precision (interleaved), in seconds per 60,000-sample epoch."""
     device = torch.device("cpu")
@@ -220,7 +215,7 @@ def render(r: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--tensors", type=Path, default=None, help="FashionMNIST tensors (default /tmp/new/t or data/tensors)"
+        "--tensors", type=Path, default=ROOT / "data" / "tensors", help="FashionMNIST tensors (data/tensors)"
     )
     p.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     p.add_argument("--steps", type=int, default=40, help="batches per timed pass")
@@ -240,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--out", type=Path, default=ROOT / "bench")
     cfg = p.parse_args(argv)
-    tensors = cfg.tensors or _default_tensors()
+    tensors = cfg.tensors
     retain_freed_memory()  # as trainer.run does
     batch_size = load_section("loader", cfg.params).batch_size
     seed = load_section("train", cfg.params).seed
