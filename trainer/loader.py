@@ -26,14 +26,17 @@ import itertools
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.errors import PipelineError
-from pipeline.params import LoaderParams
 from trainer.data import ShardDataset
 from trainer.prefetch import PrefetchedBatches
+
+if TYPE_CHECKING:  # only a type here: the loader runs where pydantic is absent (benchmarks/gpu.py)
+    from pipeline.params import LoaderParams
 
 log = logging.getLogger(__name__)
 
