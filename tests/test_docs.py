@@ -155,6 +155,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_bench.py::test_bench_writes_results",
         '"benchmarks.loader"',
     ),
+    "python -m benchmarks.gpu --prepare .gpu-data": (
+        "tests/test_gpu_bench.py::test_gpu_bench_prepares_and_runs_without_polars_dvc_or_dvclive",
+        '"--prepare"',
+    ),
+    "python3 -m benchmarks.gpu --data .gpu-data --out $OUT": (
+        "tests/test_gpu_bench.py::test_gpu_bench_prepares_and_runs_without_polars_dvc_or_dvclive",
+        '"--data"',
+    ),
     "python -m pipeline.paramdoc > docs/parameters.md": (
         "tests/test_docs.py::test_parameters_page_is_what_the_generator_writes",
         '"pipeline.paramdoc"',
