@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import gpu
 from pipeline.normalize import make_normalization
@@ -122,22 +123,21 @@ def test_gpu_bench_prepares_and_runs_without_polars_dvc_or_dvclive(tensors: Path
     assert res.returncode == 0, res.stderr
     result = json.loads((out / "gpu.json").read_text())
     rows = result["rows"]
+    both = [(p, d) for p in ("fp32", "bf16") for d in ("float32", "uint8")]  # no fp16 on the CPU
     assert [(r["precision"], r["shards"], r["loader"], r["free_graph"]) for r in rows] == [
-        *[
-            (p, d, "default", g)
-            for p in ("fp32", "bf16")
-            for d in ("float32", "uint8")
-            for g in (True, False)
-        ],
-        *[(p, d, "resident", True) for p in ("fp32", "bf16") for d in ("float32", "uint8")],
-    ]  # no fp16 on the CPU
+        *[(p, d, "default", True) for p, d in both],
+        *[(p, d, "resident", True) for p, d in both],
+        *[(p, d, "default", False) for p, d in both],
+    ]
+    assert result["complete"] and result["skipped"] == []
     assert result["goals"] == {"epoch_s": gpu.GOAL_EPOCH_S, "data_wait_fraction": gpu.GOAL_WAIT_FRACTION}
     assert result["settings"]["epochs"] == 2 and result["machine"]["device"] == "cpu"
     for r in rows:
         assert len(r["epoch_s"]) == 1 and r["best_epoch_s"] > 0
         assert r["cuda_peak_mb"] is None
         assert 0 <= r["data_wait_fraction"] <= 1 and 0 <= r["test_acc"] <= 1
-        assert r["goal_epoch_met"] == (r["best_epoch_s"] <= gpu.GOAL_EPOCH_S)
+        assert r["epoch_60k_s"] == pytest.approx(r["best_epoch_s"] * 60_000 / 250)
+        assert r["goal_epoch_met"] == (r["epoch_60k_s"] <= gpu.GOAL_EPOCH_S)
         assert r["goal_wait_met"] == (r["data_wait_fraction"] < gpu.GOAL_WAIT_FRACTION)
     # The same model on the same batches: the loader and the shard dtype change no result.
     fp32 = {r["test_acc"] for r in rows if r["precision"] == "fp32"}
@@ -148,3 +148,12 @@ def test_gpu_bench_prepares_and_runs_without_polars_dvc_or_dvclive(tensors: Path
         line for line in markdown.splitlines() if line.startswith("| fp32 ") or line.startswith("| bf16 ")
     ]
     assert len(table) == len(rows) and all(line.count("met") == 2 for line in table)
+
+
+def test_rows_past_the_budget_are_skipped_and_listed(tensors: Path, tmp_path: Path) -> None:
+    gpu.prepare(tensors, tmp_path / "carried")
+    args = ["--data", str(tmp_path / "carried"), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    gpu.main([*args, "--epochs", "1", "--budget-s", "0"])
+    result = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    assert len(result["rows"]) == 1 and len(result["skipped"]) == len(gpu.plan(torch.device("cpu"))) - 1
+    assert "Skipped, past the 0 s budget: " in (tmp_path / "out" / "gpu.md").read_text()
