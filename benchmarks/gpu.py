@@ -48,7 +48,7 @@ import torch
 import yaml
 
 from benchmarks.report import conditions_text, run_conditions, write_results
-from pipeline.atomic import write_bytes_atomic
+from pipeline.atomic import atomic_dir, write_bytes_atomic
 from pipeline.manifest import MANIFEST_NAME
 from pipeline.normalize import lookup_table
 from pipeline.shards import write_shard
@@ -135,16 +135,20 @@ def float32_split(split_dir: Path, out_dir: Path, name: str) -> Path:
 
 
 def prepare(tensors: Path, out: Path) -> int:
-    """Write the uint8 twins of ``tensors``' train and test splits into ``out``; their total bytes."""
+    """Write the uint8 twins of ``tensors``' train and test splits into ``out``; their total bytes.
+
+    Written beside ``out`` and renamed into place, so a refusal or a failure leaves nothing."""
     if out.exists():
         raise SystemExit(f"{out}: already exists; remove it or name another folder")
-    for name in SPLITS:
-        uint8_split(tensors / name, out / name, name)
-    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    if total > MAX_PREPARED_BYTES:
-        raise SystemExit(
-            f"{out}: {total / 1e6:.1f} MB, over the {MAX_PREPARED_BYTES / 1e6:.0f} MB a device run can carry"
-        )
+    with atomic_dir(out) as tmp:
+        for name in SPLITS:
+            uint8_split(tensors / name, tmp / name, name)
+        total = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        if total > MAX_PREPARED_BYTES:
+            raise SystemExit(
+                f"{out}: {total / 1e6:.1f} MB, over the {MAX_PREPARED_BYTES / 1e6:.0f} MB "
+                "a device run can carry"
+            )
     return total
 
 

@@ -92,6 +92,7 @@ def test_prepare_refuses_more_than_a_device_run_can_carry(
     monkeypatch.setattr(gpu, "MAX_PREPARED_BYTES", 1000)
     with pytest.raises(SystemExit, match=r"MB, over the 0 MB a device run can carry$"):
         gpu.prepare(tensors, tmp_path / "carried")
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
 def test_the_boundary_interval_is_the_trainers() -> None:
