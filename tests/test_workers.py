@@ -77,10 +77,12 @@ def test_batches_are_sent_together_and_split_back(splits) -> None:
         pin_memory=False,
         samples_per_message=60,
     )
-    sent = list(loader.pages)  # what crossed from the workers: index arrays only
-    assert all(type(a) is np.ndarray and a.dtype == np.int64 for chunk in sent for a in chunk)
-    assert [sizes.tolist() for _, sizes in sent] == [[25, 25, 25], [25, 25, 0]]
-    assert np.array_equal(np.concatenate([indices for indices, _ in sent]), torch.cat(list(sampler)).numpy())
+    groups = loader.plan_epoch()
+    assert [[len(batch) for batch in group] for group in groups] == [[25, 25, 25], [25, 25, 0]]
+    sent = loader.pages.sampler.chunks  # what crosses to the workers: index arrays only
+    assert all(type(a) is np.ndarray and a.dtype == np.int64 for a in sent)
+    assert np.array_equal(np.concatenate(sent), torch.cat(list(sampler)).numpy())
+    assert [type(ack) for ack in loader.pages] == [int, int]  # what comes back: a count per chunk
     _same_batches(loader, [dataset[batch] for batch in sampler], torch.uint8)
 
 
