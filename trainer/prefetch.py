@@ -121,7 +121,7 @@ class _ReadAhead:
                 if next(iterator, done) is done:
                     return  # exhausted: non-persistent workers have ended
                 self.acked += 1
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+        except BaseException as exc:  # handed to the consumer, raised there
             self.error = exc
         finally:
             iterator = None  # non-persistent workers end with their iterator
