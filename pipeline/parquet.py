@@ -156,6 +156,7 @@ def csv_to_parquet(
     return rows
 
 
+DECODE_BYTES = 8 << 20  # uint8 pixels of a wide row group decoded at once (a block of columns)
 _MAX_GROUP_BYTES = 64 << 20  # pixels held per image row group, whatever row_group_size says
 
 
@@ -348,6 +349,19 @@ def read_labels(table: Table, start: int = 0, stop: int | None = None) -> np.nda
     return column.to_numpy(zero_copy_only=False)
 
 
+def largest_label(table: Table) -> int | None:
+    """The largest integer label, from the row groups' statistics (no data read); None when a
+    row group has none (then read the column), or the table has no rows."""
+    meta = pq.ParquetFile(table.path).metadata
+    largest = None
+    for group in range(meta.num_row_groups):
+        stats = meta.row_group(group).column(0).statistics
+        if stats is None or not stats.has_min_max or stats.null_count:
+            return None
+        largest = max(int(stats.max), largest if largest is not None else int(stats.max))
+    return largest
+
+
 def _null_error(table: Table, row: int, name: str) -> DataError:
     """The one-line refusal of a null cell; ``row`` counts from 0."""
     return DataError(f"{table.path}: row {row + 1}, column {name!r}: expected a value, found null")
@@ -372,24 +386,32 @@ def _pixels(column: pa.Array, width: int) -> np.ndarray:
 def _wide_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:
     """Rows ``start..stop`` of a wide-layout table, at most ``chunk_rows`` at a time.
 
-    Polars gathers the hundreds of UInt8 columns into rows, far faster than a loop over the
-    columns (``bench/notes.md``). Reading a slice decodes its row group's whole pages, so the
-    chunks never straddle two row groups and split each group's share evenly: as few decodes
-    of each group as ``chunk_rows`` allows.
+    Reading any slice of a row group decodes the group's whole pages, so each group's share
+    of the rows is decoded once: Polars decodes ``DECODE_BYTES`` of columns at a time, each
+    block copied into one array of the group's rows (Polars' own export would copy the whole
+    group twice, ``bench/notes.md``), which is then cut into chunks. Memory: one row group's
+    pixels (``prep.row_group_size`` rows) and one block, whatever the span.
     """
-    pixels = pixel_columns(table.num_pixels)
+    names = pixel_columns(table.num_pixels)
+    scan = pl.scan_parquet(table.path)
     for _, _, lo, hi in _row_groups(table, start, stop):
-        size = -(-(hi - lo) // -(-(hi - lo) // chunk_rows))  # even chunks, each <= chunk_rows
-        for first in range(lo, hi, size):
-            df = pl.scan_parquet(table.path).slice(first, min(size, hi - first)).collect()
-            for name, nulls in zip(df.columns, df.null_count().row(0)):
-                if nulls:  # to_numpy would turn them into NaN and then silently into 0
-                    raise _null_error(table, first + int(df.get_column(name).is_null().arg_max()), name)
-            labels = df.get_column(LABEL).to_numpy()
-            columns = df.select(pixels).to_numpy()
-            del df  # before the copy into rows: two chunk-sized arrays at a time, not three
-            yield Rows(np.ascontiguousarray(columns, dtype=np.uint8), labels, None)
-            del columns
+        rows = np.empty((hi - lo, len(names)), dtype=np.uint8)
+        step = max(1, DECODE_BYTES // (hi - lo))
+        for first in range(0, len(names), step):
+            block = scan.select(names[first : first + step]).slice(lo, hi - lo).collect()
+            _frame_null_check(table, block, lo)
+            rows[:, first : first + step] = block.to_numpy()
+            del block
+        labels = read_labels(table, lo, hi)
+        for first in range(0, hi - lo, chunk_rows):
+            yield Rows(rows[first : first + chunk_rows], labels[first : first + chunk_rows], None)
+        del rows
+
+
+def _frame_null_check(table: Table, frame: pl.DataFrame, start: int) -> None:
+    for name, nulls in zip(frame.columns, frame.null_count().row(0)):
+        if nulls:  # to_numpy would turn them into NaN and then silently into 0
+            raise _null_error(table, start + int(frame.get_column(name).is_null().arg_max()), name)
 
 
 def _image_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:

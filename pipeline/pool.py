@@ -54,7 +54,8 @@ def ordered_map(fn: Callable[[T], R], pieces: Iterable[T], workers: int) -> Iter
         yield from map(fn, pieces)
         return
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([fn.__module__])  # imported once by the server, not by every worker
+    # Imported once by the server, not by every worker; workerenv first, so Polars starts with one thread.
+    context.set_forkserver_preload(["pipeline.workerenv", fn.__module__])
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         pending: deque[Future[R]] = deque()
         try:

@@ -14,6 +14,7 @@ in the same order through the same :func:`image_chunks` and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,8 @@ def write_piece(piece: ShardPiece) -> ShardDone:
         with open(Path(piece.folder) / piece.name, "wb") as f:
             meta = {"dataset": piece.dataset, "split": piece.split}
             size, sha = write_shard(f, images(), labels, piece.shape, meta, piece.dtype)
+            f.flush()
+            os.fsync(f.fileno())  # durable here, beside the other workers, not later in the stage
     except OSError as exc:
         raise_as_output_error(Path(piece.target), exc)
         raise

@@ -30,7 +30,7 @@ from pipeline.atomic import atomic_dir, raise_as_output_error
 from pipeline.errors import DataError
 from pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, Normalization, PixelStats, ShardEntry
 from pipeline.normalize import make_normalization, pixel_histogram, pixel_stats
-from pipeline.parquet import Table, iter_rows, open_table, read_labels
+from pipeline.parquet import Table, iter_rows, largest_label, open_table, read_labels
 from pipeline.pool import ordered_map, resolve_workers
 from pipeline.shardjobs import (
     RoutePiece,
@@ -52,26 +52,37 @@ SHARD_PATTERN = "shard-{:05d}.safetensors"
 _CODES = {"train": TRAIN, "val": VAL, "test": TEST}
 
 
-def _class_names(train: Table, test: Table, dataset: str) -> tuple[str, ...]:
-    """The classes, from the label columns only (a cheap columnar read)."""
-    if train.labels != test.labels and test.rows:
-        raise DataError(f"{test.path}: labels are {test.labels}s but the train split's are {train.labels}s")
-    train_labels = read_labels(train)
-    test_labels = read_labels(test)
-    if train.labels == INT_LABELS:
-        largest = max(int(train_labels.max(initial=0)), int(test_labels.max(initial=0)))
-        if dataset in DATASETS:
-            names = DATASETS[dataset].class_names
-            if largest >= len(names):
-                table = train if int(train_labels.max(initial=0)) == largest else test
-                labels = train_labels if table is train else test_labels
+def _int_class_names(train: Table, test: Table, dataset: str) -> tuple[str, ...]:
+    """0..largest label, or a built-in dataset's names; the statistics say the largest label
+    without reading the columns, which are read only to name the row of a label out of range."""
+    stats = [largest_label(t) for t in (train, test) if t.rows]
+    if None in stats:
+        labels = [read_labels(t) for t in (train, test)]
+        stats = [int(x.max()) for x in labels if len(x)]
+    largest = max(stats, default=0)
+    if dataset not in DATASETS:
+        return tuple(str(c) for c in range(largest + 1))
+    names = DATASETS[dataset].class_names
+    if largest >= len(names):
+        for table in (train, test):
+            labels = read_labels(table)
+            if len(labels) and int(labels.max()) == largest:
                 row = int(np.argmax(labels == largest))
                 raise DataError(
                     f"{table.path}: row {row + 1}, column 'label': expected 0..{len(names) - 1}, "
                     f"found {largest}"
                 )
-            return names
-        return tuple(str(c) for c in range(largest + 1))
+    return names
+
+
+def _class_names(train: Table, test: Table, dataset: str) -> tuple[str, ...]:
+    """The classes, from the label columns only (a cheap columnar read, or the files' statistics)."""
+    if train.labels != test.labels and test.rows:
+        raise DataError(f"{test.path}: labels are {test.labels}s but the train split's are {train.labels}s")
+    if train.labels == INT_LABELS:
+        return _int_class_names(train, test, dataset)
+    train_labels = read_labels(train)
+    test_labels = read_labels(test)
     names = tuple(sorted(set(train_labels.tolist())))
     unknown = sorted(set(test_labels.tolist()) - set(names))
     if unknown:
