@@ -43,6 +43,15 @@ def resolve_workers(workers: int | None) -> int:
     return cpu_count() if workers is None else workers
 
 
+def _one_thread_each() -> None:
+    """Run in each worker before any piece: Polars, imported after this, uses one thread.
+
+    The pool already puts one worker on each core; each worker's own Polars thread pool
+    would put several threads on every core. A value the user set is kept.
+    """
+    os.environ.setdefault("POLARS_MAX_THREADS", "1")
+
+
 def ordered_map(fn: Callable[[T], R], pieces: Iterable[T], workers: int) -> Iterator[R]:
     """``fn`` over ``pieces`` in ``workers`` processes (1: in this process), yielding results in order.
 
@@ -54,9 +63,7 @@ def ordered_map(fn: Callable[[T], R], pieces: Iterable[T], workers: int) -> Iter
         yield from map(fn, pieces)
         return
     context = multiprocessing.get_context("forkserver")
-    # Imported once by the server, not by every worker; workerenv first, so Polars starts with one thread.
-    context.set_forkserver_preload(["pipeline.workerenv", fn.__module__])
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread_each) as pool:
         pending: deque[Future[R]] = deque()
         try:
             for piece in pieces:

@@ -14,6 +14,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -233,6 +235,27 @@ def test_read_ahead_keeps_order_and_raises_the_producers_error_after_its_items()
 def _slow_square(x: int) -> int:
     time.sleep(0.05 * (4 - x) if x < 4 else 0)  # the first pieces finish last
     return x * x
+
+
+def polars_threads(_: int) -> int:
+    """What a pool worker's Polars runs on (module level: workers import it by name)."""
+    import polars as pl
+
+    return pl.thread_pool_size()
+
+
+def test_each_pool_worker_runs_polars_on_one_thread_unless_the_user_says(monkeypatch):
+    monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
+    assert list(ordered_map(polars_threads, range(4), 2)) == [1, 1, 1, 1]
+    # The fork server keeps the environment it started with: the user's setting, in a fresh process.
+    code = (
+        "from test_parallel_stages import polars_threads; from pipeline.pool import ordered_map; "
+        "print(list(ordered_map(polars_threads, range(2), 2)))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "POLARS_MAX_THREADS": "3", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "[3, 3]", out.stderr
 
 
 def test_ordered_map_keeps_the_order_whatever_finishes_first():
