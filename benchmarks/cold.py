@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.prep import ROOT
-from benchmarks.report import add_run_options, scratch_parent, write_results
+from benchmarks.report import add_run_options, conditions_text, run_conditions, scratch_parent, write_results
 from benchmarks.scale import BYTES_GOAL
 from benchmarks.scalecsv import load_idx_split, transformed_copy
 from pipeline.normalize import make_normalization
@@ -283,6 +283,11 @@ def render_markdown(r: dict) -> str:
         "",
         f"`python -m benchmarks.cold --scale {s['scale']} --window {s['window']} "
         f"--budget-shards {s['budget_shards']} --shard-dtype {' '.join(dtypes)}`."
+        + (
+            f" Before: {conditions_text(r['before'])}. After: {conditions_text(r['after'])}."
+            if "after" in r
+            else ""
+        )
         + (f" {s['note']}" if s["note"] else ""),
         "",
     ]
@@ -336,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     parent = scratch_parent(args.work)
     work = Path(tempfile.mkdtemp(prefix="cold-", dir=parent))
     results: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    results["before"] = run_conditions()
     try:
         images, labels = load_idx_split(args.idx, "train")
         images, labels = images[: args.base_samples], labels[: args.base_samples]
@@ -357,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    results["after"] = run_conditions()
     write_results(args.out, "cold", results, render_markdown(results))
 
 

@@ -48,7 +48,7 @@ Route = Callable[[BaseHTTPRequestHandler], None]
 # costs balance, never a test.
 LONGEST_FIRST = {
     "test_ddp.py": 180,
-    "test_bench.py": 115,
+    "test_bench.py": 170,
     "test_any_shape_dvc.py": 95,
     "test_scale.py": 85,
     "test_resume.py": 65,
@@ -59,6 +59,9 @@ LONGEST_FIRST = {
     "test_kill.py": 45,
     "test_train_failures.py": 43,
     "test_parquet_stage.py": 34,
+    "test_workers.py": 30,
+    "test_parallel_stages.py": 30,
+    "test_parallelprep_bench.py": 25,
     "test_cache_links.py": 27,
     "test_e2e_dvc.py": 23,
     "test_precision.py": 23,
@@ -67,6 +70,7 @@ LONGEST_FIRST = {
     "test_train_stage_dvc.py": 21,
     "test_shuffle_window.py": 21,
     "test_augment.py": 17,
+    "test_gpu_bench.py": 15,
     "test_plots_offline.py": 16,
     "test_trainer.py": 15,
 }
