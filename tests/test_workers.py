@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import mmap
-import multiprocessing
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +13,11 @@ import pytest
 import torch
 
 from benchmarks.workers import uint8_twin
-from pipeline.errors import ShardError
 from pipeline.params import LoaderParams
 from tests.test_trainer import make_split
 from tests.test_uint8 import write_both
 from trainer.data import ShardDataset, page_points
-from trainer.loader import EpochBatchSampler, make_loader, resolve_settings, unwrap_worker_error
+from trainer.loader import EpochBatchSampler, make_loader, resolve_settings
 from trainer.prefetch import PrefetchedBatches
 from trainer.rank_split import RankBatches
 from trainer.verify import validate_split
@@ -81,175 +77,11 @@ def test_batches_are_sent_together_and_split_back(splits) -> None:
         pin_memory=False,
         samples_per_message=60,
     )
-    groups = loader.plan_epoch()
-    assert [[len(batch) for batch in group] for group in groups] == [[25, 25, 25], [25, 25, 0]]
-    sent = loader.pages.sampler.chunks  # what crosses to the workers: index arrays only
-    assert all(type(a) is np.ndarray and a.dtype == np.int64 for a in sent)
-    assert np.array_equal(np.concatenate(sent), torch.cat(list(sampler)).numpy())
-    assert [type(ack) for ack in loader.pages] == [int, int]  # what comes back: a count per chunk
+    sent = list(loader.pages)  # what crossed from the workers: index arrays only
+    assert all(type(a) is np.ndarray and a.dtype == np.int64 for chunk in sent for a in chunk)
+    assert [sizes.tolist() for _, sizes in sent] == [[25, 25, 25], [25, 25, 0]]
+    assert np.array_equal(np.concatenate([indices for indices, _ in sent]), torch.cat(list(sampler)).numpy())
     _same_batches(loader, [dataset[batch] for batch in sampler], torch.uint8)
-
-
-class _StalledPrefetch(ShardDataset):
-    """The workers' prefetch waits until ``go`` is set."""
-
-    def __init__(self, split, go) -> None:
-        super().__init__(split)
-        self.go = go
-
-    def prefetch(self, indices) -> int:
-        self.go.wait()
-        return super().prefetch(indices)
-
-
-class _FailingPrefetch(ShardDataset):
-    """The workers' prefetch fails on the chunk that holds sample ``bad``."""
-
-    def __init__(self, split, bad: int) -> None:
-        super().__init__(split)
-        self.bad = bad
-
-    def prefetch(self, indices) -> int:
-        if self.bad in np.asarray(indices):
-            raise ShardError(f"{self.split.shards[0].path}: shard changed after it was validated (test)")
-        return super().prefetch(indices)
-
-
-class _CountedPrefetch(ShardDataset):
-    """Counts, across processes, the chunks the workers started to prefetch."""
-
-    def __init__(self, split, started) -> None:
-        super().__init__(split)
-        self.started = started
-
-    def prefetch(self, indices) -> int:
-        with self.started.get_lock():
-            self.started.value += 1
-        return super().prefetch(indices)
-
-
-def _prefetched(dataset: ShardDataset, batch: int, *, persistent: bool = True, per_message: int = 48):
-    sampler = EpochBatchSampler(len(dataset), batch, shuffle=True, seed=3)
-    loader = PrefetchedBatches(
-        dataset,
-        sampler,
-        num_workers=1,
-        persistent_workers=persistent,
-        prefetch_factor=2,
-        pin_memory=False,
-        samples_per_message=per_message,
-    )
-    return loader, sampler
-
-
-def _alive() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.is_alive()}
-
-
-def _settles(condition, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
-
-
-def _page_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "page-prefetch"]
-
-
-def test_batches_come_out_while_the_workers_are_stalled(splits) -> None:
-    go = multiprocessing.Event()
-    loader, sampler = _prefetched(_StalledPrefetch(splits["uint8"].split, go), 16)
-    expected = [splits["uint8"][batch] for batch in sampler]
-    release = threading.Timer(20, go.set)  # a loader that waits for the workers gets its batches late
-    release.start()
-    try:
-        batches, started = iter(loader), time.monotonic()
-        got = [next(batches) for _ in expected]  # every batch of the epoch, no acknowledgement yet
-        assert not go.is_set(), f"batches waited for the stalled workers ({time.monotonic() - started:.1f} s)"
-        go.set()
-        assert next(batches, None) is None  # the epoch's end takes the acknowledgements
-    finally:
-        release.cancel()
-        go.set()
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, expected))
-    assert not _page_threads()
-
-
-@pytest.mark.parametrize("persistent", [True, False])
-def test_an_error_in_a_worker_prefetch_reaches_the_consumer(splits, persistent: bool) -> None:
-    dataset = _FailingPrefetch(splits["uint8"].split, bad=0)
-    loader, sampler = _prefetched(dataset, 16, persistent=persistent)
-    for epoch in range(2):  # and again, the next epoch
-        sampler.set_epoch(epoch)
-        with pytest.raises(ShardError) as exc:
-            for _ in loader:
-                pass
-        assert "DataLoader worker" in str(exc.value)  # raised as DataLoader raises it, ...
-        clean = unwrap_worker_error(exc.value)  # ... so the trainer's one-line report still applies
-        assert "Traceback" not in str(clean) and str(clean).endswith(
-            "shard changed after it was validated (test)"
-        )
-        assert not _page_threads()
-
-
-@pytest.mark.parametrize("persistent", [True, False])
-@pytest.mark.parametrize("how", ["break", "close", "raise", "drop"])
-def test_a_consumer_that_stops_early_joins_the_thread(splits, persistent: bool, how: str) -> None:
-    dataset = splits["uint8"]
-    loader, sampler = _prefetched(dataset, 16, persistent=persistent, per_message=16)
-    _same_batches(loader, [dataset[batch] for batch in sampler], torch.uint8)  # persistent workers start
-    before, children = _alive(), set(multiprocessing.active_children())  # feeder threads, persistent workers
-    if how == "break":
-        for _ in loader:
-            break
-    elif how == "raise":
-        with pytest.raises(RuntimeError, match="training step"):
-            for _ in loader:
-                raise RuntimeError("training step")
-    else:
-        batches = iter(loader)
-        next(batches)
-        if how == "close":
-            batches.close()
-        else:
-            del batches  # garbage: the generator's cleanup runs
-    assert not _page_threads()  # joined, not just told to stop
-    assert _settles(lambda: _alive() <= before)  # a queue's feeder thread ends soon after its queue closes
-    assert _settles(lambda: set(multiprocessing.active_children()) <= children)  # non-persistent: ended
-    sampler.set_epoch(1, 3)  # the next epoch, resumed mid-way, is whole
-    _same_batches(loader, [dataset[batch] for batch in sampler], torch.uint8)
-    assert not _page_threads() and _settles(lambda: _alive() <= before)
-
-
-def test_workers_stay_a_bounded_number_of_chunks_ahead(splits) -> None:
-    """One batch per chunk, 1 worker, prefetch_factor 2: the workers are handed at most 2 chunks beyond the
-    one being gathered, and the thread takes no acknowledgement beyond it, however slow the consumer."""
-    started = multiprocessing.Value("i", 0)
-    loader, _ = _prefetched(_CountedPrefetch(splits["uint8"].split, started), 16, per_message=16)
-    for position, _ in enumerate(loader):
-        time.sleep(0.02)  # a slow training step: unbounded workers would have touched every chunk by now
-        assert started.value <= position + 1 + 2
-        assert loader._read_ahead.acked <= position + 1
-    assert started.value == position + 1 == len(loader)
-
-
-def test_the_sampler_is_iterated_once_per_epoch(splits) -> None:
-    class Counted(EpochBatchSampler):
-        iterations = 0
-
-        def __iter__(self):
-            Counted.iterations += 1
-            return super().__iter__()
-
-    dataset = splits["float32"]
-    sampler = Counted(len(dataset), 40, shuffle=True, seed=9)
-    loader = PrefetchedBatches(
-        dataset, sampler, num_workers=2, persistent_workers=True, prefetch_factor=1, pin_memory=False
-    )
-    for epoch in range(2):
-        sampler.set_epoch(epoch)
-        assert len(list(loader)) == len(sampler) and Counted.iterations == epoch + 1
 
 
 def test_prefetch_reads_every_page_the_samples_lie_on(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ the page cache when the main process gathers the batch.
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -99,22 +98,15 @@ class ShardDataset(Dataset):
             raise IndexError(f"sample index out of range 0..{n - 1}")
         return indices
 
-    def _by_shard(self, idx: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """Each shard that samples ``idx`` lie in, with their indices within it (no search for one shard)."""
-        if len(self.split.shards) == 1:
-            yield 0, idx
-            return
-        shard_of = np.searchsorted(self._starts[1:-1], idx, side="right")
-        for s in np.unique(shard_of):
-            yield int(s), idx[shard_of == s] - self._starts[s]
-
     def prefetch(self, indices: torch.Tensor | np.ndarray) -> int:
         """Bring the pages of these samples (images and labels) into the page cache; bytes read."""
         idx = self._checked(indices).numpy()
         self._open()
+        shard_of = np.searchsorted(self._starts[1:-1], idx, side="right")
         item_bytes = int(np.prod(self.image_shape)) * np.dtype(self.image_dtype).itemsize
         read = 0
-        for s, local in self._by_shard(idx):
+        for s in np.unique(shard_of):
+            local = idx[shard_of == s] - self._starts[s]
             shard, raw = self.split.shards[s], self._raw[s]  # type: ignore[index]
             points = np.concatenate(
                 [
