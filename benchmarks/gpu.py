@@ -99,8 +99,8 @@ def _convert(split: ValidSplit, out_dir: Path, dtype: str, rows: Callable[[int, 
 def uint8_split(split_dir: Path, out_dir: Path, name: str) -> Path:
     """The uint8 shards whose device normalisation gives ``split_dir``'s float32 shards (any split).
 
-    ``benchmarks.workers.uint8_twin`` does this for a train split in one piece; this one
-    takes any split and converts a chunk of rows at a time.
+    Each float32 pixel is exactly one entry of the table, so its byte is found by a search and
+    checked; a chunk of rows is converted at a time. ``benchmarks.workers.uint8_twin`` is this, for train.
     """
     split = validate_split(split_dir, expected_split=name)
     table = lookup_table(split.manifest.normalization)

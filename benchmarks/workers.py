@@ -16,22 +16,18 @@ epoch. :mod:`benchmarks.loader` reports the same figures.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.numpy import save_file
 from torch.utils.data import DataLoader
 
+from benchmarks.gpu import uint8_split
 from benchmarks.report import conditions_text, run_conditions
 from pipeline.atomic import write_bytes_atomic
-from pipeline.manifest import MANIFEST_NAME
-from pipeline.normalize import lookup_table
 from pipeline.params import LoaderParams
 from trainer.data import ShardDataset
 from trainer.loader import EpochBatchSampler, make_loader, resolve_settings
@@ -43,31 +39,9 @@ BATCH = 512
 
 
 def uint8_twin(split_dir: Path, out_dir: Path) -> Path:
-    """Write the uint8 shards and manifest whose device normalisation gives ``split_dir``'s float32 shards."""
-    split = validate_split(split_dir, expected_split="train")
-    table = lookup_table(split.manifest.normalization)
-    doc = json.loads((split_dir / MANIFEST_NAME).read_text())
-    out_dir.mkdir(parents=True)
-    dataset, first = ShardDataset(split), 0
-    for entry in doc["shards"]:
-        images, labels = dataset[torch.arange(first, first + entry["num_samples"])]
-        first += entry["num_samples"]
-        floats = images.numpy()
-        pixels = np.empty(floats.shape, dtype=np.uint8)
-        for c in range(floats.shape[1]):
-            pixels[:, c] = np.searchsorted(table[c], floats[:, c])
-            if not np.array_equal(table[c][pixels[:, c]], floats[:, c]):
-                raise ValueError(f"{split_dir / entry['file']}: channel {c} holds values outside the table")
-        path = out_dir / entry["file"]
-        save_file(
-            {"images": pixels, "labels": labels.numpy()},
-            str(path),
-            metadata={"dataset": doc["dataset"], "split": doc["split"]},
-        )
-        entry.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
-    doc["image_dtype"] = "uint8"
-    (out_dir / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
-    return out_dir
+    """Write the uint8 shards and manifest whose device normalisation gives ``split_dir``'s float32 train
+    shards: :func:`benchmarks.gpu.uint8_split`, which finds each pixel's byte in the table and checks it."""
+    return uint8_split(split_dir, out_dir, "train")
 
 
 def _one_epoch(loader, sampler: EpochBatchSampler, epoch: int) -> float:
