@@ -3,7 +3,7 @@
 One loader-only epoch (the trainer's dataset, sampler and loader; batch 512,
 persistent workers, nothing pinned, fastest of ``--repeats`` after a warm-up
 epoch that starts the workers, the loaders timed in turn) for 0, 1, 2 and 4 workers, on FashionMNIST's
-float32 train shards and on their uint8 twin. The twin is made here by
+float32 train shards and on their uint8 twin. The twin is made (:func:`benchmarks.gpu.uint8_split`) by
 inverting the normalisation table (each float32 pixel is exactly one entry of
 ``pipeline.normalize.lookup_table``, so its byte is found by a search and
 checked), so no tensorize run is needed. For comparison, ``gather-in-worker``

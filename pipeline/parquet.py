@@ -353,13 +353,13 @@ def largest_label(table: Table) -> int | None:
     """The largest integer label, from the row groups' statistics (no data read); None when a
     row group has none (then read the column), or the table has no rows."""
     meta = pq.ParquetFile(table.path).metadata
-    largest = None
+    maxima = []
     for group in range(meta.num_row_groups):
         stats = meta.row_group(group).column(0).statistics
         if stats is None or not stats.has_min_max or stats.null_count:
             return None
-        largest = max(int(stats.max), largest if largest is not None else int(stats.max))
-    return largest
+        maxima.append(int(stats.max))
+    return max(maxima, default=None)
 
 
 def _null_error(table: Table, row: int, name: str) -> DataError:
