@@ -1,7 +1,7 @@
 """The pieces of a parallel tensorize: each reads its own rows of a Parquet split.
 
 :func:`route_piece` reads a range of train rows and says which split each goes to
-(and the pixel histogram of those that train, for ``standard`` statistics);
+(and, for ``standard`` statistics, the pixel histogram of those that train);
 :func:`write_piece` writes one shard from a list of row indices, reading only the
 rows between the first and the last, a chunk at a time, keeping the chosen ones
 and streaming them into the shard.
@@ -79,16 +79,20 @@ class RoutePiece:
     test_fraction: float
     val_fraction: float
     channels: int
+    histogram: bool  # count the train rows' pixels (only ``standard`` statistics need them first)
 
 
 def route_piece(piece: RoutePiece) -> tuple[bytes, list[list[int]]]:
-    """(the uint8 split code of each row, as bytes; the [C][256] histogram of the rows that train)."""
+    """(the uint8 split code of each row, as bytes; the [C][256] histogram of the rows that train,
+    all zeros unless ``piece.histogram``)."""
     table = open_table(Path(piece.source))
     codes, histogram = [], np.zeros((piece.channels, 256), dtype=np.int64)
     for rows in iter_rows(table, _read_rows(table), piece.start, piece.stop):
         code = routes(table, rows, piece.test_fraction, piece.val_fraction)
-        histogram += pixel_histogram(rows.pixels[code == TRAIN], piece.channels)
+        if piece.histogram:
+            histogram += pixel_histogram(rows.pixels[code == TRAIN], piece.channels)
         codes.append(code)
+        del rows  # not held while the next rows are decoded
     return np.concatenate(codes).tobytes(), histogram.tolist()
 
 
@@ -107,12 +111,13 @@ class ShardPiece:
     norm: Normalization
     class_names: tuple[str, ...]
     dtype: str
+    histogram: bool  # count its pixels: the train split's statistics, when no earlier pass counted them
 
 
 @dataclass(frozen=True)
 class ShardDone:
     """What the manifest needs of a written shard: its split, file, size, digest, class counts and
-    the histogram of its pixels."""
+    the histogram of its pixels (all zeros unless asked for)."""
 
     split: str
     name: str
@@ -134,6 +139,7 @@ def _chosen_pixels(table: Table, wanted: np.ndarray) -> Iterator[np.ndarray]:
         elif len(take):
             yield rows.pixels[take]
         start = stop
+        del rows  # a view keeps the whole row group alive: not while the next one is decoded
 
 
 def write_piece(piece: ShardPiece) -> ShardDone:
@@ -151,8 +157,10 @@ def write_piece(piece: ShardPiece) -> ShardDone:
 
     def images() -> Iterator[np.ndarray]:
         for pixels in _chosen_pixels(table, wanted):
-            histogram[:] += pixel_histogram(pixels, piece.shape[0])
+            if piece.histogram:
+                histogram[:] += pixel_histogram(pixels, piece.shape[0])
             yield from image_chunks(pixels, piece.norm, piece.shape, piece.dtype)
+            del pixels  # may view a whole row group: let it go before the next is decoded
 
     try:
         with open(Path(piece.folder) / piece.name, "wb") as f:

@@ -272,6 +272,7 @@ def write_shard(
         out.write(data)
         digest.update(data)
         size += len(data)
+        del part, data  # may view the reader's row group: not held while it decodes the next
     expected = len(header) + len(labels) * (8 + math.prod(image_shape) * np_dtype.itemsize)
     if size != expected:
         raise ValueError(f"shard of {len(labels)} samples: wrote {size} bytes, expected {expected}")

@@ -417,7 +417,13 @@ def _train_codes(
         return np.full(train.rows, TRAIN, dtype=np.uint8), None
     pieces = (
         RoutePiece(
-            str(train.path), start, min(start + shard_size, train.rows), test_fraction, val_fraction, channels
+            str(train.path),
+            start,
+            min(start + shard_size, train.rows),
+            test_fraction,
+            val_fraction,
+            channels,
+            need_histogram,
         )
         for start in range(0, train.rows, shard_size)
     )
@@ -425,7 +431,7 @@ def _train_codes(
     for raw, part in ordered_map(route_piece, pieces, workers):
         codes.append(np.frombuffer(raw, dtype=np.uint8))
         histogram += np.asarray(part, dtype=np.int64)
-    return np.concatenate(codes), histogram
+    return np.concatenate(codes), histogram if need_histogram else None
 
 
 def _parallel(
@@ -445,7 +451,8 @@ def _parallel(
 ) -> dict[str, Manifest]:
     """Every shard a piece for a worker: each split's rows are chosen first (a pass over the rows
     only when splits are held out or statistics are needed), then each shard is written from its
-    rows, and comes back with its class counts and pixel histogram."""
+    rows, and comes back with its class counts and (train shards, unless the first pass counted
+    them already) its pixel histogram."""
     codes, histogram = _train_codes(
         train, shard_size, test_fraction, val_fraction, shape[0], normalize_kind == "standard", workers
     )
@@ -472,6 +479,7 @@ def _parallel(
                 norm,
                 names,
                 dtype,
+                split == "train" and histogram is None,
             )
             for split, (table, index) in rows.items()
             for k in range(0, len(index), shard_size)
@@ -485,7 +493,7 @@ def _parallel(
             if done.split == "train":
                 train_histogram += np.asarray(done.histogram, dtype=np.int64)
         _notice_missing_classes(names, counts["train"])
-        stats = pixel_stats(train_histogram)
+        stats = pixel_stats(train_histogram if histogram is None else histogram)  # the same train rows
         return {
             split: write_manifest(
                 folders[split],
