@@ -56,7 +56,7 @@ from trainer.allocator import retain_freed_memory
 from trainer.augment import augmenter
 from trainer.data import ShardDataset
 from trainer.device_norm import DeviceNormalizer
-from trainer.loader import EpochBatchSampler, make_loader, resolve_settings
+from trainer.loader import make_loader, resolve_settings, split_sampler
 from trainer.loop import evaluate, train_one_epoch
 from trainer.memory import PeakMemory
 from trainer.model import SimpleCNN
@@ -202,17 +202,8 @@ def run_row(
     params = SimpleNamespace(**{**vars(loader_params), "device_resident": row["loader"] == "resident"})
     settings = resolve_settings(params, device)
     train_split, test_split = splits["train"], splits["test"]
-    sampler = EpochBatchSampler(
-        train_split.num_samples,
-        settings.batch_size,
-        shuffle=settings.shuffle,
-        seed=train.seed,
-        shard_sizes=[s.num_samples for s in train_split.shards],
-        shuffle_window=settings.shuffle_window,
-    )
-    test_sampler = EpochBatchSampler(
-        test_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed
-    )
+    sampler = split_sampler(train_split, settings, train.seed, train=True)
+    test_sampler = split_sampler(test_split, settings, train.seed, train=False)
     train_loader = make_loader(ShardDataset(train_split), sampler, settings)
     test_loader = make_loader(ShardDataset(test_split), test_sampler, settings)
     torch.manual_seed(train.seed)  # trainer.run.build_model

@@ -37,6 +37,7 @@ from trainer.prefetch import PrefetchedBatches
 
 if TYPE_CHECKING:  # only a type here: the loader runs where pydantic is absent (benchmarks/gpu.py)
     from pipeline.params import LoaderParams
+    from trainer.verify import ValidSplit
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,23 @@ class LoaderSettings:
     prefetch_factor: int | None
     shuffle_window: int | None = None
     resident_device: torch.device | None = None  # set: loader.device_resident, the split lives there
+
+
+def split_sampler(
+    split: ValidSplit, settings: LoaderSettings, seed: int, *, train: bool
+) -> EpochBatchSampler:
+    """The batch order of one split: the train split's shuffled over its shards as ``settings`` say
+    (``loader.shuffle``, ``loader.shuffle_window``), an evaluation split's in file order."""
+    if not train:
+        return EpochBatchSampler(split.num_samples, settings.batch_size, shuffle=False, seed=seed)
+    return EpochBatchSampler(
+        split.num_samples,
+        settings.batch_size,
+        shuffle=settings.shuffle,
+        seed=seed,
+        shard_sizes=[s.num_samples for s in split.shards],
+        shuffle_window=settings.shuffle_window,
+    )
 
 
 def resolve_settings(params: LoaderParams, device: torch.device) -> LoaderSettings:

@@ -64,10 +64,10 @@ from trainer.device_norm import DeviceNormalizer
 from trainer.export import save_model
 from trainer.livelog import LiveLog
 from trainer.loader import (
-    EpochBatchSampler,
     LoaderSettings,
     make_loader,
     resolve_settings,
+    split_sampler,
     unwrap_worker_error,
 )
 from trainer.lock import LOCK_HELD_ENV, checkpoint_lock
@@ -548,32 +548,15 @@ def train(
             # Data: the global batch order is EpochBatchSampler's; each rank takes its slice.
             settings = resolve_settings(loader, device)
             train_batches = RankBatches(
-                EpochBatchSampler(
-                    train_split.num_samples,
-                    settings.batch_size,
-                    shuffle=settings.shuffle,
-                    seed=train.seed,
-                    shard_sizes=[s.num_samples for s in train_split.shards],
-                    shuffle_window=settings.shuffle_window,
-                ),
-                group.rank,
-                group.world_size,
+                split_sampler(train_split, settings, train.seed, train=True), group.rank, group.world_size
             )
             test_batches = RankBatches(
-                EpochBatchSampler(
-                    test_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed
-                ),
-                group.rank,
-                group.world_size,
+                split_sampler(test_split, settings, train.seed, train=False), group.rank, group.world_size
             )
             val_loader = None
             if val_split is not None:
                 val_batches = RankBatches(
-                    EpochBatchSampler(
-                        val_split.num_samples, settings.batch_size, shuffle=False, seed=train.seed
-                    ),
-                    group.rank,
-                    group.world_size,
+                    split_sampler(val_split, settings, train.seed, train=False), group.rank, group.world_size
                 )
                 val_loader = _loader(val_split, val_batches, settings, fetcher, train.verify)
             metrics = metric_names(val_loader is not None)
