@@ -250,6 +250,7 @@ class Table:
     num_pixels: int
     labels: str  # INT_LABELS or NAME_LABELS
     image_shape: tuple[int, int, int] | None  # from the file (image layout); None: from the params
+    group_rows: tuple[int, ...] = ()  # rows of each row group, so a read needs no second parse of the footer
 
 
 @dataclass(frozen=True)
@@ -289,6 +290,7 @@ def open_table(path: Path) -> Table:
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{path}: cannot read Parquet: {exc}") from None
     schema, rows = file.schema_arrow, file.metadata.num_rows
+    groups = tuple(file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups))
     names = schema.names
     if not names or names[0] != LABEL:
         raise DataError(
@@ -304,7 +306,7 @@ def open_table(path: Path) -> Table:
     if names[1:] == ["file", "pixels"] and pa.types.is_fixed_size_binary(schema.field("pixels").type):
         width = schema.field("pixels").type.byte_width
         shape = _image_shape(schema.metadata, width, str(path))
-        return Table(path, IMAGE, rows, width, labels, shape)
+        return Table(path, IMAGE, rows, width, labels, shape, groups)
     expected = [LABEL, *pixel_columns(len(names) - 1)]
     if len(names) < 2 or names != expected:
         first = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b), 1)
@@ -316,15 +318,17 @@ def open_table(path: Path) -> Table:
     for field in schema:
         if field.name != LABEL and field.type != pa.uint8():
             raise DataError(f"{path}: column {field.name!r}: expected UInt8, found {field.type}")
-    return Table(path, WIDE, rows, len(names) - 1, labels, None)
+    return Table(path, WIDE, rows, len(names) - 1, labels, None, groups)
 
 
 def _row_groups(table: Table, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
-    """(group, its first row, lo, hi): each row group overlapping rows [start, stop), and the overlap."""
-    meta = pq.ParquetFile(table.path).metadata
+    """(group, its first row, lo, hi): each row group overlapping rows [start, stop), and the overlap.
+
+    From the sizes :func:`open_table` read: the footer of a wide file holds every column of every
+    row group, and parsing it again for each read would cost memory that grows with the file.
+    """
     first = 0
-    for group in range(meta.num_row_groups):
-        rows = meta.row_group(group).num_rows
+    for group, rows in enumerate(table.group_rows):
         lo, hi = max(start, first), min(stop, first + rows)
         if lo < hi:
             yield group, first, lo, hi
