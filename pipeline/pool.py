@@ -1,6 +1,7 @@
 """Independent pieces of a data stage on every core, results in submission order.
 
-Two tools: :func:`ordered_map` runs pieces in worker processes, and
+Two tools: :class:`Workers` (and :func:`ordered_map`, for one pass) runs pieces in
+worker processes, and
 :func:`read_ahead` runs a producer (a parser) in a thread beside its consumer (an
 encoder), both spending their time in native code that releases the GIL.
 
@@ -52,23 +53,46 @@ def _one_thread_each() -> None:
     os.environ.setdefault("POLARS_MAX_THREADS", "1")
 
 
-def ordered_map(fn: Callable[[T], R], pieces: Iterable[T], workers: int) -> Iterator[R]:
-    """``fn`` over ``pieces`` in ``workers`` processes (1: in this process), yielding results in order.
+class Workers:
+    """The worker processes of one stage, kept for each of its passes (a context manager).
 
-    ``fn`` must be a module-level function; its arguments and results should be small. An
-    exception in a piece is raised here, when its turn in the order comes; a worker that dies
-    (killed, out of memory) is one :class:`PipelineError` line.
+    A stage with two passes (tensorize routes the rows, then writes the shards) starts its
+    workers once: each start is an interpreter importing Polars and Arrow, seconds of CPU on a
+    small machine. With ``workers`` <= 1 every piece runs in this process.
     """
-    if workers <= 1:
-        yield from map(fn, pieces)
-        return
-    context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread_each) as pool:
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> Workers:
+        if self.workers > 1:
+            context = multiprocessing.get_context("forkserver")
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=context, initializer=_one_thread_each
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def map(self, fn: Callable[[T], R], pieces: Iterable[T]) -> Iterator[R]:
+        """``fn`` over ``pieces`` on the workers, yielding results in order.
+
+        ``fn`` must be a module-level function; its arguments and results should be small. An
+        exception in a piece is raised here, when its turn in the order comes; a worker that dies
+        (killed, out of memory) is one :class:`PipelineError` line.
+        """
+        if self._pool is None:
+            yield from map(fn, pieces)
+            return
         pending: deque[Future[R]] = deque()
         try:
             for piece in pieces:
-                pending.append(pool.submit(fn, piece))
-                if len(pending) >= 2 * workers:
+                pending.append(self._pool.submit(fn, piece))
+                if len(pending) >= 2 * self.workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
@@ -80,6 +104,13 @@ def ordered_map(fn: Callable[[T], R], pieces: Iterable[T], workers: int) -> Iter
         finally:
             for future in pending:  # a failure (or an abandoned generator) stops the pieces not yet started
                 future.cancel()
+
+
+def ordered_map(fn: Callable[[T], R], pieces: Iterable[T], workers: int) -> Iterator[R]:
+    """``fn`` over ``pieces`` in ``workers`` processes (1: in this process), yielding results in order:
+    :meth:`Workers.map` on workers of its own."""
+    with Workers(workers) as pool:
+        yield from pool.map(fn, pieces)
 
 
 def read_ahead(items: Iterable[T], weight: Callable[[T], int], budget: int) -> Iterator[T]:

@@ -31,7 +31,7 @@ from pipeline.errors import DataError
 from pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, Normalization, PixelStats, ShardEntry
 from pipeline.normalize import make_normalization, pixel_histogram, pixel_stats
 from pipeline.parquet import Table, iter_rows, largest_label, open_table, read_labels
-from pipeline.pool import ordered_map, resolve_workers
+from pipeline.pool import Workers, resolve_workers
 from pipeline.shardjobs import (
     RoutePiece,
     ShardPiece,
@@ -364,7 +364,8 @@ def _serial(
 ) -> dict[str, Manifest]:
     """One pass in this process: rows are streamed and routed to the splits' writers (the reference path)."""
     if normalize_kind == "standard":  # a first pass: the statistics of the rows that will train
-        _, histogram = _train_codes(train, shard_size, test_fraction, val_fraction, shape[0], True, workers=1)
+        one = Workers(1)  # this process
+        _, histogram = _train_codes(train, shard_size, test_fraction, val_fraction, shape[0], True, one)
         stats = pixel_stats(histogram)
     else:
         stats = None  # computed while the train split is written
@@ -410,7 +411,7 @@ def _train_codes(
     val_fraction: float,
     channels: int,
     need_histogram: bool,
-    workers: int,
+    pool: Workers,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Each train row's split code, and the train rows' pixel histogram (None: not needed, not read)."""
     if not test_fraction and not val_fraction and not need_histogram:
@@ -428,7 +429,7 @@ def _train_codes(
         for start in range(0, train.rows, shard_size)
     )
     codes, histogram = [], np.zeros((channels, 256), dtype=np.int64)
-    for raw, part in ordered_map(route_piece, pieces, workers):
+    for raw, part in pool.map(route_piece, pieces):
         codes.append(np.frombuffer(raw, dtype=np.uint8))
         histogram += np.asarray(part, dtype=np.int64)
     return np.concatenate(codes), histogram if need_histogram else None
@@ -453,19 +454,21 @@ def _parallel(
     only when splits are held out or statistics are needed), then each shard is written from its
     rows, and comes back with its class counts and (train shards, unless the first pass counted
     them already) its pixel histogram."""
-    codes, histogram = _train_codes(
-        train, shard_size, test_fraction, val_fraction, shape[0], normalize_kind == "standard", workers
-    )
-    norm = make_normalization(
-        normalize_kind, pixel_stats(histogram) if normalize_kind == "standard" else None, shape[0]
-    )
-    rows = {split: (train, np.flatnonzero(codes == _CODES[split])) for split in outs}
-    if test.rows:
-        rows["test"] = (test, np.arange(test.rows, dtype=np.int64))
-    del codes
-    _check_sizes(train, {split: len(index) for split, (_, index) in rows.items()})
     with contextlib.ExitStack() as stack:
         folders = {split: stack.enter_context(atomic_dir(out)) for split, out in outs.items()}
+        # Started once for both passes; shut down (its pieces finished) before the folders close.
+        pool = stack.enter_context(Workers(workers))
+        codes, histogram = _train_codes(
+            train, shard_size, test_fraction, val_fraction, shape[0], normalize_kind == "standard", pool
+        )
+        norm = make_normalization(
+            normalize_kind, pixel_stats(histogram) if normalize_kind == "standard" else None, shape[0]
+        )
+        rows = {split: (train, np.flatnonzero(codes == _CODES[split])) for split in outs}
+        if test.rows:
+            rows["test"] = (test, np.arange(test.rows, dtype=np.int64))
+        del codes
+        _check_sizes(train, {split: len(index) for split, (_, index) in rows.items()})
         pieces = (  # made as the pool takes them: the main process holds each split's row indices only
             ShardPiece(
                 str(table.path),
@@ -487,7 +490,7 @@ def _parallel(
         entries: dict[str, list[ShardEntry]] = {split: [] for split in outs}
         counts = {split: np.zeros(len(names), dtype=np.int64) for split in outs}
         train_histogram = np.zeros((shape[0], 256), dtype=np.int64)
-        for done in ordered_map(write_piece, pieces, workers):
+        for done in pool.map(write_piece, pieces):
             entries[done.split].append(ShardEntry(done.name, done.num_samples, done.size, done.sha256))
             counts[done.split] += np.asarray(done.class_counts, dtype=np.int64)
             if done.split == "train":

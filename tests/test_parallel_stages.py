@@ -275,3 +275,22 @@ def test_a_worker_that_dies_is_one_line(tmp_path):
         list(ordered_map(_die, range(6), workers=2))
     assert str(err.value).startswith("a worker process of this stage died (") and "\n" not in str(err.value)
     assert str(err.value).endswith("rerun with prep.workers: 1 to run every piece in the stage's own process")
+
+
+def _slow_pid(piece: int) -> int:
+    time.sleep(0.2)  # long enough that both workers take pieces
+    return os.getpid()
+
+
+def test_workers_serve_every_pass_of_a_stage():
+    """Tensorize routes, then writes: one start of the workers (an interpreter importing Polars and
+    Arrow each) serves both passes."""
+    from pipeline.pool import Workers
+
+    with Workers(2) as pool:
+        first = set(pool.map(_slow_pid, range(4)))
+        second = set(pool.map(_slow_pid, range(4)))
+    # Workers of a fresh pool would have new pids: none in common with the first pass.
+    assert first & second and len(first | second) <= 2 and os.getpid() not in first
+    with Workers(1) as one:
+        assert set(one.map(_slow_pid, range(2))) == {os.getpid()}
