@@ -32,7 +32,7 @@ from pathlib import Path
 
 from benchmarks.memory import subprocess_json
 from benchmarks.prep import ROOT, path_bytes, stage_commands
-from benchmarks.report import add_run_options, scratch_parent, write_results
+from benchmarks.report import add_run_options, conditions_text, run_conditions, scratch_parent, write_results
 from benchmarks.scalecsv import load_idx_split, write_scaled_csv
 from pipeline.atomic import atomic_file
 
@@ -228,7 +228,9 @@ def render_markdown(r: dict, cold_md: Path | None = None) -> str:
         "",
         f"`python -m benchmarks.scale --scale {' '.join(str(x['scale']) for x in r['rows'])}` on "
         f"{r['machine']['cpu_count']} cores ({r['machine']['platform']}); {r['settings']['base_samples']:,} "
-        f"samples per K, shard_size {r['settings']['shard_size']}. {r['settings']['note']}",
+        f"samples per K, shard_size {r['settings']['shard_size']}."
+        + f" Before: {conditions_text(r['before'])}. After: {conditions_text(r['after'])}."
+        + f" {r['settings']['note']}",
         "",
         "| K | samples | "
         + " | ".join(f"{s} s / MB" for s in STAGES)
@@ -341,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {"base_samples": args.base_samples, "shard_size": args.shard_size, "note": args.note},
     }
     parent = scratch_parent(args.work)
+    results["before"] = run_conditions()
     for scale in args.scale:
         work = Path(tempfile.mkdtemp(prefix=f"scale-{scale}x-", dir=parent))
         try:
@@ -349,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row), flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    results["after"] = run_conditions()
     results["goals"] = goals(results["rows"])
     results["machine"] = {
         "cpu_count": os.cpu_count(),

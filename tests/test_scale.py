@@ -97,6 +97,10 @@ def test_scale_benchmark_writes_its_three_files(tmp_path: Path) -> None:
         assert shards["float32"] == row["bytes"]["shards_train"]
         assert row["samples"] * 784 < shards["uint8"] < 0.5 * shards["float32"]
         assert shards["ratio"] == round(shards["uint8"] / shards["float32"], 4)
+    md = (out / "scale.md").read_text()
+    for when in ("before", "after"):  # the CPU and how busy the machine was, with the figures
+        assert results[when]["cpu"] and len(results[when]["loadavg"]) == 3
+        assert f"{when.title()}: {results[when]['cpu']}, {results[when]['cores']} cores, load average" in md
         assert shards["ok"] == (shards["uint8"] <= 0.26 * shards["float32"])
     assert set(results["goals"]) == {f"{s}@2x" for s in ("download", "csv", "parquet", "tensorize")}
     assert "| 2 | 600 |" in (out / "scale.md").read_text()
