@@ -112,7 +112,7 @@ class PrepParams:
 
     compression: Literal["zstd", "snappy", "lz4", "gzip", "brotli", "uncompressed"] = "zstd"
     compression_level: int | None = None
-    row_group_size: IntAtLeast1 = 65536
+    row_group_size: IntAtLeast1 = 32768
     shard_size: IntAtLeast1 = 65536
     normalize: Literal["unit", "standard"] = "unit"
     # uint8: shards hold the source bytes, normalised on the training device through the same table.
