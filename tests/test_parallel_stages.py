@@ -294,3 +294,18 @@ def test_workers_serve_every_pass_of_a_stage():
     assert first & second and len(first | second) <= 2 and os.getpid() not in first
     with Workers(1) as one:
         assert set(one.map(_slow_pid, range(2))) == {os.getpid()}
+
+
+def test_reading_rows_and_labels_does_not_import_pandas(tmp_path):
+    """Arrow's ``to_numpy`` imports pandas: some 40 MB and a few tenths of a second in every worker."""
+    train_path, _, _ = _wide_parquet(tmp_path, 40, 3)
+    code = (
+        "import sys; from pathlib import Path; "
+        "from pipeline.parquet import open_table, read_labels, iter_rows; "
+        f"t = open_table(Path({str(train_path)!r})); labels = read_labels(t, 3, 37); "
+        "n = sum(len(r.labels) for r in iter_rows(t, 5)); "
+        "print(labels.dtype, len(labels), n, 'pandas' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.stdout.split() == ["uint16", "34", "40", "False"], out.stderr
