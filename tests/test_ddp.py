@@ -17,12 +17,14 @@ import itertools
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,16 +64,64 @@ def _params(path: Path, processes: int, **loader: object) -> Path:
     return path
 
 
+# Every process a test here starts carries this variable, set to a token of its own launch (see _reaped).
+_LAUNCH_MARK = "TEST_DDP_LAUNCH"
+
+
+def _marked(token: str) -> list[int]:
+    """The processes whose environment holds ``_LAUNCH_MARK=token`` (ended ones read as empty)."""
+    needle = f"{_LAUNCH_MARK}={token}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return found
+
+
+@contextlib.contextmanager
+def _reaped() -> Iterator[None]:
+    """Whatever the block starts (launcher, agent, ranks, their loader workers) is SIGKILLed when it is
+    left, passed, failed or timed out, so no hung rank outlives its test.
+
+    torchrun starts each rank in a session of its own, and the ranks of an agent killed first are
+    reparented, so neither killpg nor a walk down from the launcher reaches them all. Each process
+    inherits its parent's environment, so a fresh token set there while the block starts them finds
+    every one.
+    """
+    token = secrets.token_hex(8)
+    before = os.environ.get(_LAUNCH_MARK)
+    os.environ[_LAUNCH_MARK] = token
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_LAUNCH_MARK]
+        else:
+            os.environ[_LAUNCH_MARK] = before
+        for _ in range(100):  # again until none is left: an agent may start a rank between two sweeps
+            pids = _marked(token)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+
+
 def _run(data: Path, work: Path, processes: int) -> subprocess.CompletedProcess:
     work.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(
-        stage_cmd(data, work, _params(work / "params.yaml", processes)),
-        cwd=work,
-        env=stage_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    with _reaped():
+        res = subprocess.run(
+            stage_cmd(data, work, _params(work / "params.yaml", processes)),
+            cwd=work,
+            env=stage_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert res.returncode == 0, res.stdout + res.stderr
     return res
 
@@ -234,42 +284,43 @@ def test_two_machines_match_two_local_processes(data: Path, two: Path, tmp_path:
     cores = sorted(os.sched_getaffinity(0))
     half = max(1, len(cores) // 2)
     agents = []
-    for node in range(2):
-        share = set(cores[node * half : (node + 1) * half]) or set(cores)
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "2",
-            "--node-rank",
-            str(node),
-            "--nproc-per-node",
-            "1",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            f"127.0.0.1:{port}",
-            "--rdzv-id",
-            "test-ddp",
-            "--max-restarts",
-            "0",
-            "-m",
-            "stages.train",
-            *train_argv(data, tmp_path, params),
-        ]
-        agents.append(
-            subprocess.Popen(
-                cmd,
-                cwd=tmp_path,
-                env=stage_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                preexec_fn=lambda share=share: os.sched_setaffinity(0, share),
+    with _reaped():
+        for node in range(2):
+            share = set(cores[node * half : (node + 1) * half]) or set(cores)
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "test-ddp",
+                "--max-restarts",
+                "0",
+                "-m",
+                "stages.train",
+                *train_argv(data, tmp_path, params),
+            ]
+            agents.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=tmp_path,
+                    env=stage_env(),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    preexec_fn=lambda share=share: os.sched_setaffinity(0, share),
+                )
             )
-        )
-    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+        outputs = [agent.communicate(timeout=300)[0] for agent in agents]
     assert [a.returncode for a in agents] == [0, 0], outputs
     assert sum(out.count(f"epoch {EPOCHS}/{EPOCHS}") for out in outputs) == 1, outputs  # one writer
     a, b = history(two), history(tmp_path)
@@ -320,17 +371,16 @@ def test_killed_rank_restarts_the_group_and_ends_like_an_uninterrupted_run(
     they change speed only, so the results must still be bit-identical."""
     params = _params(tmp_path / "params.yaml", 2, num_workers=1, persistent_workers=True, prefetch_factor=2)
     log = tmp_path / "first.log"
-    with open(log, "w") as out:
-        first = subprocess.Popen(
-            stage_cmd(data, tmp_path, params),
-            cwd=tmp_path,
-            env=stage_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    second = None
-    try:
+    with _reaped():  # a failure or timeout below leaves no launcher, agent, rank or worker behind
+        with open(log, "w") as out:
+            first = subprocess.Popen(
+                stage_cmd(data, tmp_path, params),
+                cwd=tmp_path,
+                env=stage_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 240
         victim = None
         while victim is None:
@@ -352,13 +402,6 @@ def test_killed_rank_restarts_the_group_and_ends_like_an_uninterrupted_run(
         os.kill(victim, signal.SIGKILL)
         assert first.wait(timeout=240) == 0, log.read_text()
         refused_out, refused_err = second.communicate(timeout=120)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)  # launcher, agent and ranks share its session
-        first.wait()
-        if second is not None and second.poll() is None:
-            second.kill()
-            second.wait()
     assert second.returncode == 2, refused_out + refused_err
     assert refused_err.startswith("error: ") and refused_err.count("\n") == 1, refused_err
     assert "another training is running on this checkpoint folder" in refused_err
@@ -392,7 +435,8 @@ def test_dvc_exp_run_with_two_processes_reruns_only_train(tmp_path: Path) -> Non
         check=True,
         capture_output=True,
     )
-    exp = dvc(repo, "exp", "run", "-S", "train.processes=2")
+    with _reaped():  # dvc's stage starts torchrun
+        exp = dvc(repo, "exp", "run", "-S", "train.processes=2")
     assert re.findall(r"Running stage '([^']+)'", exp.stdout) == ["train"], exp.stdout
     metrics = json.loads((repo / "dvclive" / "metrics.json").read_text())
     assert metrics["processes"] == 2
@@ -423,15 +467,15 @@ def _kill_two_mid_epoch(data: Path, work: Path) -> tuple[int, int, int]:
     """A 2-process run, stopped (SIGSTOP, then SIGKILL) once it has checkpointed inside epoch 2."""
     work.mkdir(parents=True, exist_ok=True)
     params = _every_step_params(work / "params.yaml", 2)
-    proc = subprocess.Popen(
-        stage_cmd(data, work, params),
-        cwd=work,
-        env=stage_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
+    with _reaped():  # then SIGKILLed, launcher, agent and ranks, however the block ends
+        proc = subprocess.Popen(
+            stage_cmd(data, work, params),
+            cwd=work,
+            env=stage_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 240
         while True:
             assert proc.poll() is None and time.monotonic() < deadline, (
@@ -443,9 +487,7 @@ def _kill_two_mid_epoch(data: Path, work: Path) -> tuple[int, int, int]:
             time.sleep(0.002)
         _signal_tree(proc.pid, signal.SIGSTOP)  # launcher, agent and ranks: nothing moves while we look
         position = _position(work)
-    finally:
-        _signal_tree(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc.wait()
     return position
 
 
@@ -537,14 +579,15 @@ def test_non_finite_loss_stops_every_process_with_one_line_and_no_restart(data: 
     params.write_text(
         json.dumps({"loader": PARAMS["loader"], "train": {**PARAMS["train"], "lr": 1.0e8, "processes": 2}})
     )
-    res = subprocess.run(
-        stage_cmd(data, tmp_path, params),
-        cwd=tmp_path,
-        env=stage_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    with _reaped():
+        res = subprocess.run(
+            stage_cmd(data, tmp_path, params),
+            cwd=tmp_path,
+            env=stage_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert res.returncode == 2, res.stdout + res.stderr
     last = res.stderr.splitlines()[-1]
     assert last.startswith("error: epoch 1/3, step ") and "the training loss is not finite" in last, (
