@@ -4,7 +4,6 @@ default."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,6 @@ from tests.test_train_stage import (
     history,
     run_train,
     run_until_killed,
-    stage_cmd,
-    stage_env,
     write_params,
 )
 from trainer.augment import Augmenter, BatchDraw, apply, augmenter, draw, flip, translate
@@ -167,9 +164,7 @@ def test_killed_mid_epoch_with_augment_resumes_bit_identically(data: Path, tmp_p
         6,
         inspect=lambda: _checkpoint(work)["step"] == 2 or pytest.fail(str(_checkpoint(work))),
     )
-    res = subprocess.run(
-        stage_cmd(data, work, params), cwd=work, env=stage_env(), capture_output=True, text=True, timeout=300
-    )
+    res = run_train(data, work, params)
     assert res.returncode == 0, res.stderr
     assert "resuming in epoch 2, step 2" in res.stderr
     a, b = history(base), history(work)

@@ -40,6 +40,7 @@ from tests.test_train_stage import (
     MODEL_METRICS,
     history,
     read_tsv,
+    run_train,
     run_until_killed,
     stage_cmd,
     stage_env,
@@ -114,14 +115,7 @@ def _reaped() -> Iterator[None]:
 def _run(data: Path, work: Path, processes: int) -> subprocess.CompletedProcess:
     work.mkdir(parents=True, exist_ok=True)
     with _reaped():
-        res = subprocess.run(
-            stage_cmd(data, work, _params(work / "params.yaml", processes)),
-            cwd=work,
-            env=stage_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        res = run_train(data, work, _params(work / "params.yaml", processes))
     assert res.returncode == 0, res.stdout + res.stderr
     return res
 
@@ -580,14 +574,7 @@ def test_non_finite_loss_stops_every_process_with_one_line_and_no_restart(data: 
         json.dumps({"loader": PARAMS["loader"], "train": {**PARAMS["train"], "lr": 1.0e8, "processes": 2}})
     )
     with _reaped():
-        res = subprocess.run(
-            stage_cmd(data, tmp_path, params),
-            cwd=tmp_path,
-            env=stage_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        res = run_train(data, tmp_path, params)
     assert res.returncode == 2, res.stdout + res.stderr
     last = res.stderr.splitlines()[-1]
     assert last.startswith("error: epoch 1/3, step ") and "the training loss is not finite" in last, (

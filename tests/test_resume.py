@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import typing
 from pathlib import Path
 
@@ -26,8 +25,6 @@ from tests.test_train_stage import (
     history,
     run_train,
     run_until_killed,
-    stage_cmd,
-    stage_env,
     write_params,
 )
 from tests.test_trainer import _other_value
@@ -71,14 +68,7 @@ def test_killed_mid_epoch_resumes_bit_identically(
 
     run_until_killed(data, tmp_path, params, "write_checkpoint", calls, inspect=killed_at_the_expected_step)
     assert not (tmp_path / "models").exists()
-    res = subprocess.run(
-        stage_cmd(data, tmp_path, params),
-        cwd=tmp_path,
-        env=stage_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_train(data, tmp_path, params)
     assert res.returncode == 0, res.stderr
     assert f"resuming in epoch {at[0] + 1}, step {at[1]}" in res.stderr
     assert res.stdout.count("epoch 2/2") == 1 and res.stdout.count("epoch 1/2") == (1 if at[0] == 0 else 0)
@@ -166,14 +156,7 @@ def test_a_checkpoint_from_another_thread_count_is_not_resumed(
     run_until_killed(data, tmp_path, params, "write_checkpoint", 2)
     assert _checkpoint(tmp_path)["threads"] == 1
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # what the baseline resolved
-    res = subprocess.run(
-        stage_cmd(data, tmp_path, params),
-        cwd=tmp_path,
-        env=stage_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_train(data, tmp_path, params)
     assert res.returncode == 0, res.stderr
     notices = [line for line in res.stderr.splitlines() if "not resuming" in line]
     assert (

@@ -308,14 +308,7 @@ def test_killed_run_resumes_to_the_same_result(data: Path, baseline, tmp_path: P
     run_until_killed(data, tmp_path, params, "_report", 2, inspect=epoch_2_logged_but_checkpoint_is_epoch_1)
     assert not (tmp_path / "models").exists()
 
-    res = subprocess.run(
-        stage_cmd(data, tmp_path, params),
-        cwd=tmp_path,
-        env=stage_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_train(data, tmp_path, params)
     assert res.returncode == 0, res.stderr
     assert "resuming after epoch 1" in res.stderr
     assert res.stdout.count("epoch 2/2") == 1 and "epoch 1/2" not in res.stdout

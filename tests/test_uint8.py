@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from pipeline.manifest import MANIFEST_NAME
 from pipeline.normalize import make_normalization, pixel_histogram, pixel_stats
 from pipeline.params import LoaderParams, TrainParams
 from pipeline.tensorize import write_split
-from tests.test_train_stage import MODEL_METRICS, history, run_until_killed, stage_cmd, stage_env
+from tests.test_train_stage import MODEL_METRICS, history, run_train, run_until_killed
 from trainer.data import ShardDataset
 from trainer.device_norm import DeviceNormalizer
 from trainer.run import train as train_model
@@ -219,14 +218,7 @@ def test_uint8_run_killed_mid_epoch_resumes_to_the_float32_result(data, float32_
         )
     )
     run_until_killed(u8, tmp_path, params, "write_checkpoint", 3)  # epoch 1, step 3
-    res = subprocess.run(
-        stage_cmd(u8, tmp_path, params),
-        cwd=tmp_path,
-        env=stage_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_train(u8, tmp_path, params)
     assert res.returncode == 0, res.stderr
     assert "resuming in epoch 1, step 3" in res.stderr
     # The validation split only adds metrics: the weights are those of the float32 run with it.
@@ -255,14 +247,7 @@ def test_two_processes_on_uint8_match_two_on_float32(data, tmp_path: Path) -> No
     for root in data:
         work = tmp_path / root.name
         work.mkdir()
-        res = subprocess.run(
-            stage_cmd(root, work, params),
-            cwd=work,
-            env=stage_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        res = run_train(root, work, params)
         assert res.returncode == 0, res.stdout + res.stderr
         runs.append(
             (history(work, tuple(MODEL_METRICS)), (work / "models" / "model.safetensors").read_bytes())
