@@ -250,7 +250,7 @@ class Table:
     num_pixels: int
     labels: str  # INT_LABELS or NAME_LABELS
     image_shape: tuple[int, int, int] | None  # from the file (image layout); None: from the params
-    group_rows: tuple[int, ...] = ()  # rows of each row group, so a read needs no second parse of the footer
+    group_rows: tuple[int, ...]  # rows of each row group, so a read needs no second parse of the footer
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Independent pieces of a data stage on every core, results in submission order.
 
-Two tools: :class:`Workers` (and :func:`ordered_map`, for one pass) runs pieces in
-worker processes, and
+Two tools: :class:`Workers` runs pieces in worker processes (started once for every
+pass of a stage), and
 :func:`read_ahead` runs a producer (a parser) in a thread beside its consumer (an
 encoder), both spending their time in native code that releases the GIL.
 
@@ -104,13 +104,6 @@ class Workers:
         finally:
             for future in pending:  # a failure (or an abandoned generator) stops the pieces not yet started
                 future.cancel()
-
-
-def ordered_map(fn: Callable[[T], R], pieces: Iterable[T], workers: int) -> Iterator[R]:
-    """``fn`` over ``pieces`` in ``workers`` processes (1: in this process), yielding results in order:
-    :meth:`Workers.map` on workers of its own."""
-    with Workers(workers) as pool:
-        yield from pool.map(fn, pieces)
 
 
 def read_ahead(items: Iterable[T], weight: Callable[[T], int], budget: int) -> Iterator[T]:

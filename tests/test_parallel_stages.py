@@ -4,7 +4,7 @@ count.
 uint8 shards hold the source bytes exactly, and the trainer's lookup table reproduces the
 float32 shard bit for bit; the file is what safetensors writes. tensorize (float32 and
 uint8, with and without held-out splits, either layout) and parquet (images) give the same
-bytes with 1 and 2 workers; ordered_map gives results in order whatever order they finish in.
+bytes with 1 and 2 workers; Workers.map gives results in order whatever order they finish in.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pipeline.images import scan_split, write_listing
 from pipeline.manifest import read_manifest
 from pipeline.normalize import lookup_table, make_normalization
 from pipeline.parquet import csv_to_parquet, images_to_parquet, iter_rows, open_table, read_labels
-from pipeline.pool import ordered_map, read_ahead
+from pipeline.pool import Workers, read_ahead
 from pipeline.shards import write_shard
 from pipeline.tensorize import tensorize, write_split
 
@@ -245,11 +245,12 @@ def polars_threads(_: int) -> int:
 
 def test_each_pool_worker_runs_polars_on_one_thread_unless_the_user_says(monkeypatch):
     monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
-    assert list(ordered_map(polars_threads, range(4), 2)) == [1, 1, 1, 1]
+    with Workers(2) as pool:
+        assert list(pool.map(polars_threads, range(4))) == [1, 1, 1, 1]
     # The fork server keeps the environment it started with: the user's setting, in a fresh process.
     code = (
-        "from test_parallel_stages import polars_threads; from pipeline.pool import ordered_map; "
-        "print(list(ordered_map(polars_threads, range(2), 2)))"
+        "from test_parallel_stages import polars_threads\nfrom pipeline.pool import Workers\n"
+        "with Workers(2) as pool:\n    print(list(pool.map(polars_threads, range(2))))"
     )
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "POLARS_MAX_THREADS": "3", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
@@ -257,8 +258,9 @@ def test_each_pool_worker_runs_polars_on_one_thread_unless_the_user_says(monkeyp
     assert out.stdout.strip() == "[3, 3]", out.stderr
 
 
-def test_ordered_map_keeps_the_order_whatever_finishes_first():
-    assert list(ordered_map(_slow_square, range(6), 2)) == [x * x for x in range(6)]
+def test_workers_map_keeps_the_order_whatever_finishes_first():
+    with Workers(2) as pool:
+        assert list(pool.map(_slow_square, range(6))) == [x * x for x in range(6)]
 
 
 def _die(piece: int) -> int:
@@ -269,10 +271,9 @@ def _die(piece: int) -> int:
 
 def test_a_worker_that_dies_is_one_line(tmp_path):
     from pipeline.errors import PipelineError
-    from pipeline.pool import ordered_map
 
-    with pytest.raises(PipelineError) as err:
-        list(ordered_map(_die, range(6), workers=2))
+    with pytest.raises(PipelineError) as err, Workers(2) as pool:
+        list(pool.map(_die, range(6)))
     assert str(err.value).startswith("a worker process of this stage died (") and "\n" not in str(err.value)
     assert str(err.value).endswith("rerun with prep.workers: 1 to run every piece in the stage's own process")
 
@@ -285,8 +286,6 @@ def _slow_pid(piece: int) -> int:
 def test_workers_serve_every_pass_of_a_stage():
     """Tensorize routes, then writes: one start of the workers (an interpreter importing Polars and
     Arrow each) serves both passes."""
-    from pipeline.pool import Workers
-
     with Workers(2) as pool:
         first = set(pool.map(_slow_pid, range(4)))
         second = set(pool.map(_slow_pid, range(4)))
