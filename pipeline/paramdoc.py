@@ -123,7 +123,9 @@ KEYS: dict[str, Doc] = {
         "speed", "Page-locked batches and `non_blocking` copies (ignored with a notice without CUDA)."
     ),
     "loader.prefetch_factor": Doc(
-        "speed", "Batches prefetched per worker; `null`: PyTorch's default (ignored at 0 workers)."
+        "speed",
+        "Chunks (whole batches, 4096 samples or more) each worker may prefetch beyond the one being "
+        "gathered; `null`: 2, PyTorch's default (ignored at 0 workers).",
     ),
     "loader.shuffle": Doc(
         "results", "Reshuffle each epoch, from a generator seeded by `train.seed` and the epoch."

@@ -89,18 +89,19 @@ class ShardDataset(Dataset):
             self._arrays = [(images.reshape(len(images), -1), labels) for images, labels in views]
         return self._maps
 
-    def _checked(self, indices: torch.Tensor | np.ndarray) -> torch.Tensor:
-        indices = torch.as_tensor(indices, dtype=torch.int64)
-        if indices.ndim != 1:
-            raise IndexError(f"expected a 1-D tensor of sample indices, found shape {list(indices.shape)}")
+    def _checked(self, indices: torch.Tensor | np.ndarray) -> np.ndarray:
+        """The indices as a 1-D int64 array, each in range (NumPy only: forked loader workers run it)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1:
+            raise IndexError(f"expected a 1-D tensor of sample indices, found shape {list(idx.shape)}")
         n = int(self._starts[-1])
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
             raise IndexError(f"sample index out of range 0..{n - 1}")
-        return indices
+        return idx
 
     def prefetch(self, indices: torch.Tensor | np.ndarray) -> int:
         """Bring the pages of these samples (images and labels) into the page cache; bytes read."""
-        idx = self._checked(indices).numpy()
+        idx = self._checked(indices)
         self._open()
         shard_of = np.searchsorted(self._starts[1:-1], idx, side="right")
         item_bytes = int(np.prod(self.image_shape)) * np.dtype(self.image_dtype).itemsize
@@ -119,11 +120,11 @@ class ShardDataset(Dataset):
         return read
 
     def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = self._checked(indices)
-        idx = indices.numpy()
+        idx = self._checked(indices)
         maps = self._open()
         if len(maps) == 1:
             images, labels = maps[0]
+            indices = torch.from_numpy(idx)
             return images.index_select(0, indices), labels.index_select(0, indices)
         # A batch touches every shard; NumPy's fancy indexing carries far less
         # per-call overhead than the equivalent torch ops, which keeps the whole

@@ -1,4 +1,4 @@
-"""Loader workers that prefetch pages; the main process gathers every batch.
+"""Loader workers that prefetch pages; the main process gathers every batch and never waits for them.
 
 A batch gathered in a worker reaches the main process through shared memory:
 the worker copies it into a fresh shared-memory segment, and the main process
@@ -7,13 +7,26 @@ For a memory-mapped gather, which is itself a few memcpys from the page cache,
 that transport costs many times the gather (bench/workers.md). So here the
 main process gathers each batch straight from its own mapping of the shards,
 exactly as with ``loader.num_workers`` 0, and the workers run ahead of it
-(``prefetch_factor`` batches each) reading one byte of every page the coming
-batches lie on (:meth:`trainer.data.ShardDataset.prefetch`): whatever has to
-come from disk is read by a worker, not waited for by the training loop.
-Only index arrays cross between processes, as NumPy arrays (a pickled copy;
-a torch tensor would take the shared-memory path), several batches' worth in
-one message (:data:`SAMPLES_PER_MESSAGE`): each message costs the main
-process a wake-up and a pipe read, which would otherwise rival the gather.
+reading one byte of every page the coming batches lie on
+(:meth:`trainer.data.ShardDataset.prefetch`): whatever has to come from disk
+is read by a worker, not waited for by the training loop.
+
+The prefetch is a hint, so the main process never waits for it, and nothing
+crosses a pipe per batch. At the start of an epoch the main process writes the
+epoch's sample order into a shared array and hands each worker one task for
+the whole epoch (a ``ProcessPoolExecutor``, so a worker's error comes back as
+its exception and a dead worker as one line). The order is cut into chunks of
+whole batches (:data:`SAMPLES_PER_CHUNK`); workers take chunks in turn from a
+shared counter, never more than ``prefetch_factor x num_workers`` chunks beyond
+the one being gathered, and skip chunks the main process has already reached.
+Per chunk the main process stores its position and posts a semaphore, which
+wakes a worker waiting for room: no message, no thread of ours, no lock shared
+with a worker. At the epoch's end (or when the consumer stops early) it tells
+the workers to stop and collects their tasks, which end within one chunk.
+
+Workers are forked, like DataLoader's on Linux, and ended with their parent:
+each watches its parent and exits when it is gone (a training process killed
+with SIGKILL leaves no worker behind).
 
 Batches are the dataset's own gather in the sampler's order, so results are
 bit-identical for any number of workers.
@@ -21,58 +34,115 @@ bit-identical for any number of workers.
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import logging
+import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Sampler
 
+from pipeline.errors import PipelineError
 from trainer.data import ShardDataset
 
-# Indices of whole batches are sent to a worker together until they reach this many samples.
-SAMPLES_PER_MESSAGE = 4096
+log = logging.getLogger(__name__)
 
-Chunk = tuple[np.ndarray, np.ndarray]  # the batches' indices, concatenated; each batch's size
-
-
-def _as_is(chunk: Chunk) -> Chunk:
-    """The workers' collate function: the index arrays go back unchanged (not made tensors)."""
-    return chunk
+# Whole batches are joined into one chunk, the unit a worker takes, until it holds this many samples.
+SAMPLES_PER_CHUNK = 4096
+PARENT_CHECK_S = 0.5  # how often a worker looks for its parent
 
 
-class _PageToucher(Dataset):
-    """What a worker runs per message: fault the batches' pages in, hand their indices back."""
+@dataclasses.dataclass
+class _Shared:
+    """What the main process and its workers share for the life of the pool (inherited at fork)."""
 
-    def __init__(self, dataset: ShardDataset) -> None:
-        self.dataset = dataset
+    order: Any  # multiprocessing Array of int64: the epoch's sample indices, written before each epoch
+    bounds: Any  # multiprocessing Array of int64: chunk c is order[bounds[c]:bounds[c + 1]]
+    chunks: Any  # Value: the epoch's number of chunks
+    next_chunk: Any  # Value with a lock: the next chunk a worker may take
+    reached: Any  # Value: the chunk the main process is gathering
+    ahead: int  # chunks a worker may take beyond ``reached``
+    stop: Any  # Value: the epoch is over for the workers
+    room: Any  # Semaphore: posted when ``reached`` moves or ``stop`` is set
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    @classmethod
+    def make(cls, capacity: int, ahead: int) -> _Shared:
+        ctx = multiprocessing.get_context("fork")
+        return cls(
+            order=ctx.Array("q", max(capacity, 1), lock=False),
+            bounds=ctx.Array("q", max(capacity, 1) + 1, lock=False),
+            chunks=ctx.Value("q", 0, lock=False),
+            next_chunk=ctx.Value("q", 0),
+            reached=ctx.Value("q", 0, lock=False),
+            ahead=ahead,
+            stop=ctx.Value("b", 0, lock=False),
+            room=ctx.Semaphore(0),
+        )
 
-    def __getitem__(self, chunk: Chunk) -> Chunk:
-        self.dataset.prefetch(chunk[0])
+
+_worker: tuple[ShardDataset, _Shared] | None = None  # set in each worker process
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(1)
+
+
+def _start_worker(dataset: ShardDataset, shared: _Shared, parent: int) -> None:
+    global _worker
+    _worker = (dataset, shared)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _take(shared: _Shared) -> int | None:
+    """The next chunk to prefetch (skipping those already reached), -1 to wait for room, None when done."""
+    with shared.next_chunk.get_lock():
+        if shared.stop.value:
+            return None
+        chunk = max(shared.next_chunk.value, shared.reached.value + 1)
+        if chunk >= shared.chunks.value:
+            return None
+        if chunk > shared.reached.value + shared.ahead:
+            return -1
+        shared.next_chunk.value = chunk + 1
         return chunk
 
 
-class _Chunks(Sampler[Chunk]):
-    """The sampler's batches as NumPy arrays.
+def _prefetch_epoch() -> int:
+    """A worker's task for one epoch: prefetch chunks until none is left or the epoch ends; pages read."""
+    assert _worker is not None, "a prefetch task runs in a worker started by PrefetchedBatches"
+    dataset, shared = _worker
+    order = np.frombuffer(shared.order, dtype=np.int64)
+    bounds = np.frombuffer(shared.bounds, dtype=np.int64)
+    read = 0
+    while (chunk := _take(shared)) is not None:
+        if chunk < 0:
+            shared.room.acquire()  # until the main process moves on (or stops the epoch)
+            continue
+        read += dataset.prefetch(order[bounds[chunk] : bounds[chunk + 1]])
+    return read
 
-    Consecutive batches are joined until they hold at least ``samples_per_message`` samples.
-    """
 
-    def __init__(self, sampler: Sampler[torch.Tensor], samples_per_message: int) -> None:
-        self.sampler = sampler
-        self.samples_per_message = samples_per_message
-
-    def __iter__(self) -> Iterator[Chunk]:
-        batches: list[np.ndarray] = []
-        for batch in self.sampler:
-            batches.append(batch.numpy())
-            if sum(len(b) for b in batches) >= self.samples_per_message:
-                yield np.concatenate(batches), np.array([len(b) for b in batches], dtype=np.int64)
-                batches = []
-        if batches:
-            yield np.concatenate(batches), np.array([len(b) for b in batches], dtype=np.int64)
+def chunk_bounds(sizes: list[int], samples_per_chunk: int) -> list[tuple[int, int]]:
+    """Runs ``[first, end)`` of consecutive batches, each joined until it holds ``samples_per_chunk``."""
+    bounds, first, held = [], 0, 0
+    for i, size in enumerate(sizes):
+        held += size
+        if held >= samples_per_chunk:
+            bounds.append((first, i + 1))
+            first, held = i + 1, 0
+    if first < len(sizes):
+        bounds.append((first, len(sizes)))
+    return bounds
 
 
 class PrefetchedBatches:
@@ -87,30 +157,129 @@ class PrefetchedBatches:
         persistent_workers: bool,
         prefetch_factor: int | None,
         pin_memory: bool,
-        samples_per_message: int = SAMPLES_PER_MESSAGE,
+        samples_per_chunk: int = SAMPLES_PER_CHUNK,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"need num_workers >= 1, got {num_workers}")
         self.dataset = dataset
         self.sampler = sampler
+        self.num_workers = num_workers
+        self.persistent_workers = persistent_workers
         self.pin_memory = pin_memory
-        self.pages = DataLoader(
-            _PageToucher(dataset),
-            sampler=_Chunks(sampler, samples_per_message),
-            batch_size=None,
-            collate_fn=_as_is,
-            num_workers=num_workers,
-            persistent_workers=persistent_workers,
-            prefetch_factor=prefetch_factor,
-        )
+        self.samples_per_chunk = samples_per_chunk
+        # Chunks a worker may take beyond the one being gathered; 2 per worker is DataLoader's default.
+        self.ahead = (2 if prefetch_factor is None else prefetch_factor) * num_workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._shared: _Shared | None = None
+        self._tasks: list[Future[int]] = []  # the running epoch's, until collected
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]
 
+    def _start(self, samples: int) -> _Shared:
+        """The pool and what it shares, started (forked here, from the consumer's thread) if need be."""
+        if self._pool is not None and self._shared is not None and samples <= len(self._shared.order):
+            return self._shared
+        self._shut()
+        shared = _Shared.make(max(samples, len(self.dataset)), self.ahead)
+        self._pool = ProcessPoolExecutor(
+            max_workers=self.num_workers,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_start_worker,
+            initargs=(self.dataset, shared, os.getpid()),
+        )
+        self._shared = shared
+        return shared
+
+    def _shut(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool, self._shared = None, None
+
+    def _plan(self, batches: list[np.ndarray]) -> list[tuple[int, int]]:
+        """Write the epoch's order and chunks where the workers read them; each chunk's run of batches."""
+        runs = chunk_bounds([len(b) for b in batches], self.samples_per_chunk)
+        order = np.concatenate(batches) if batches else np.empty(0, dtype=np.int64)
+        shared = self._start(len(order))
+        starts = np.cumsum([0, *(len(b) for b in batches)])
+        np.frombuffer(shared.order, dtype=np.int64)[: len(order)] = order
+        chunk_starts = [starts[first] for first, _ in runs] + [len(order)]
+        np.frombuffer(shared.bounds, dtype=np.int64)[: len(runs) + 1] = chunk_starts
+        shared.chunks.value = len(runs)
+        shared.next_chunk.value = 0
+        shared.reached.value = 0
+        shared.stop.value = 0
+        while shared.room.acquire(False):  # posts left over from the last epoch
+            pass
+        return runs
+
+    def _check(self) -> None:
+        """Raise a finished task's error here, in the consumer."""
+        for task in self._tasks:
+            if task.done() and task.exception() is not None:
+                _raise(task)
+
+    def _collect(self, *, raise_errors: bool) -> None:
+        """Stop the workers' epoch and wait for their tasks (idempotent); errors raised or logged."""
+        tasks, shared = self._tasks, self._shared
+        if not tasks or shared is None:
+            return
+        shared.stop.value = 1
+        for _ in tasks:
+            shared.room.release()
+        concurrent.futures.wait(tasks)
+        self._tasks = []
+        for task in tasks:
+            if task.exception() is not None:
+                if raise_errors:
+                    _raise(task)
+                log.warning("page prefetch failed after the consumer stopped: %s", task.exception())
+
+    def _gather(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.dataset[torch.from_numpy(batch)]
+        if self.pin_memory:  # what DataLoader's pin-memory thread would do, here in one copy
+            images, labels = images.pin_memory(), labels.pin_memory()
+        return images, labels
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for indices, sizes in self.pages:
-            for batch in np.split(indices, np.cumsum(sizes)[:-1]):
-                images, labels = self.dataset[torch.from_numpy(batch)]
-                if self.pin_memory:  # what DataLoader's pin-memory thread would do, here in one copy
-                    images, labels = images.pin_memory(), labels.pin_memory()
-                yield images, labels
+        self._collect(raise_errors=False)  # an earlier epoch left unfinished (or interrupted while collected)
+        batches = [batch.numpy() for batch in self.sampler]  # the epoch's order, drawn once
+        runs = self._plan(batches)
+        shared, pool = self._shared, self._pool
+        assert shared is not None and pool is not None
+        try:
+            self._tasks = [pool.submit(_prefetch_epoch) for _ in range(self.num_workers)]
+        except BrokenProcessPool as exc:
+            self._shut()
+            raise _died(exc) from None
+        finished = False
+        try:
+            for chunk, (first, end) in enumerate(runs):
+                if chunk:
+                    shared.reached.value = chunk
+                    shared.room.release()  # room for one more chunk ahead
+                    self._check()
+                for batch in batches[first:end]:
+                    yield self._gather(batch)
+            finished = True
+        finally:
+            try:
+                self._collect(raise_errors=finished)
+            finally:
+                if not self.persistent_workers:
+                    self._shut()
+
+
+def _died(exc: BrokenProcessPool) -> PipelineError:
+    return PipelineError(
+        f"a loader worker process died ({exc}); rerun with loader.num_workers: 0 to load in the "
+        "training process"
+    )
+
+
+def _raise(task: Future[int]) -> None:
+    error = task.exception()
+    if isinstance(error, BrokenProcessPool):
+        raise _died(error) from None
+    assert error is not None
+    raise error
