@@ -227,6 +227,8 @@ def test_a_consumer_that_stops_early_collects_the_workers_epoch(splits, persiste
         else:
             del batches  # garbage: the generator's cleanup runs
     assert loader._tasks == []  # collected, not just told to stop
+    parent = os.getpriority(os.PRIO_PROCESS, 0)
+    assert all(os.getpriority(os.PRIO_PROCESS, pid) == min(19, parent + 19) for pid in workers)  # yield
     assert _workers(loader) == workers  # persistent: the same process; otherwise ended
     sampler.set_epoch(1, 3)  # the next epoch, resumed mid-way, is whole
     _same_batches(loader, [dataset[batch] for batch in sampler], torch.uint8)

@@ -24,9 +24,11 @@ wakes a worker waiting for room: no message, no thread of ours, no lock shared
 with a worker. At the epoch's end (or when the consumer stops early) it tells
 the workers to stop and collects their tasks, which end within one chunk.
 
-Workers are forked, like DataLoader's on Linux, and ended with their parent:
-each watches its parent and exits when it is gone (a training process killed
-with SIGKILL leaves no worker behind).
+Workers are forked, like DataLoader's on Linux, run at the lowest priority
+(:data:`WORKER_NICENESS`: they use the CPU the training process leaves, and
+when they get none the main process reads its pages itself, as with 0
+workers), and end with their parent: each watches its parent and exits when
+it is gone (a training process killed with SIGKILL leaves no worker behind).
 
 Batches are the dataset's own gather in the sampler's order, so results are
 bit-identical for any number of workers.
@@ -58,6 +60,9 @@ log = logging.getLogger(__name__)
 # Whole batches are joined into one chunk, the unit a worker takes, until it holds this many samples.
 SAMPLES_PER_CHUNK = 4096
 PARENT_CHECK_S = 0.5  # how often a worker looks for its parent
+# Added to each worker's niceness: a prefetch is a hint, so a worker woken for the next chunk must not
+# preempt the training process on its core (on 2 cores that preemption cost as much as the gather).
+WORKER_NICENESS = 19
 
 
 @dataclasses.dataclass
@@ -100,6 +105,7 @@ def _exit_with_parent(parent: int) -> None:
 def _start_worker(dataset: ShardDataset, shared: _Shared, parent: int) -> None:
     global _worker
     _worker = (dataset, shared)
+    os.nice(WORKER_NICENESS)
     threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
 
 
