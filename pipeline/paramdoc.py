@@ -111,7 +111,8 @@ KEYS: dict[str, Doc] = {
     "prep.workers": Doc(
         "speed",
         "Cores the data stages use (tensorize: a process per shard; parquet: image decoding threads and "
-        "CSV parsing ahead of encoding); `null`: all cores. Outputs byte-identical.",
+        "CSV parsing ahead of encoding); `1`: one core, Polars' and Arrow's own threads included; "
+        "`null`: all cores. Outputs byte-identical.",
     ),
     # loader
     "loader.batch_size": Doc("results", "Samples per global batch (split among processes under DDP)."),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +43,33 @@ def cpu_count() -> int:
 def resolve_workers(workers: int | None) -> int:
     """``prep.workers``: a count >= 1, or None for every core."""
     return cpu_count() if workers is None else workers
+
+
+def use_cores(workers: int | None) -> None:
+    """Keep a stage run with ``prep.workers: 1`` on one core, Polars' and Arrow's own threads included.
+
+    Without this, "one worker" still parsed CSV and decoded Parquet on Polars' thread pool, one
+    thread per core, and a serial run was not serial. Polars sizes its pool once, from
+    ``POLARS_MAX_THREADS``, when it is first imported, so a stage calls this before importing the
+    modules that use Polars (in a process that already imported it, Polars' pool stays as it is).
+    More workers, or ``None``, leave both libraries' defaults; a value the user set is kept.
+    """
+    if resolve_workers(workers) != 1:
+        return
+    if "polars" not in sys.modules:
+        os.environ.setdefault("POLARS_MAX_THREADS", "1")
+    if os.environ.get("POLARS_MAX_THREADS") == "1":  # a user's own value holds for both libraries
+        import pyarrow  # Arrow's pool, unlike Polars', can be resized at any time
+
+        pyarrow.set_cpu_count(1)
+
+
+def library_threads() -> str:
+    """Polars' and Arrow's thread counts in this process, as a stage reports them."""
+    import polars as pl  # imported here so that use_cores can run before Polars is first imported
+    import pyarrow as pa
+
+    return f"Polars {pl.thread_pool_size()} thread(s), Arrow {pa.cpu_count()}"
 
 
 def _one_thread_each() -> None:

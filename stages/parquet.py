@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.cli import parser, run_stage
 from pipeline.params import load_section
-from pipeline.parquet import csv_to_parquet, images_to_parquet, open_table
+from pipeline.pool import library_threads, use_cores
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -23,6 +23,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     data = load_section("data", args.params)
     prep = load_section("prep", args.params)
+    use_cores(prep.workers)
+    # Imported after use_cores: Polars sizes its thread pool when it is first imported.
+    from pipeline.parquet import csv_to_parquet, images_to_parquet, open_table
+
+    print(f"parquet: prep.workers {prep.workers}: {library_threads()}")
     codec = {
         "compression": prep.compression,
         "compression_level": prep.compression_level,

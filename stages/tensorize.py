@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.cli import parser, run_stage
 from pipeline.params import load_section
-from pipeline.tensorize import tensorize
+from pipeline.pool import library_threads, use_cores
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -25,6 +25,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     data = load_section("data", args.params)
     prep = load_section("prep", args.params)
+    use_cores(prep.workers)
+    # Imported after use_cores: Polars sizes its thread pool when it is first imported.
+    from pipeline.tensorize import tensorize
+
+    print(f"tensorize: prep.workers {prep.workers}: {library_threads()}")
     manifests = tensorize(
         args.train_parquet,
         args.test_parquet,

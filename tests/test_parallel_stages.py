@@ -308,3 +308,49 @@ def test_reading_rows_and_labels_does_not_import_pandas(tmp_path):
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert out.stdout.split() == ["uint16", "34", "40", "False"], out.stderr
+
+
+@pytest.mark.parametrize("workers", [1, None])
+def test_prep_workers_1_keeps_the_stages_on_one_core(tmp_path, monkeypatch, workers):
+    """prep.workers: 1 is a serial run: Polars' and Arrow's own thread pools in the stage are one thread.
+
+    Polars sizes its pool when first imported, so the stages import it only after reading
+    prep.workers (pipeline.pool.use_cores); more workers keep the libraries' defaults.
+    """
+    monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
+    tr, te = synth.split(40, seed=1), synth.split(10, seed=2)
+    csvs = [synth.write_csv(tmp_path / "csv" / f"{n}.csv", s) for n, s in (("train", tr), ("test", te))]
+    params = synth.write_params(tmp_path / "params.yaml", prep={"workers": workers, "shard_size": 16})
+    parquet = ["data/parquet/train.parquet", "data/parquet/test.parquet"]
+    runs = [
+        (
+            "parquet",
+            "--train-csv",
+            csvs[0],
+            "--test-csv",
+            csvs[1],
+            "--train",
+            parquet[0],
+            "--test",
+            parquet[1],
+        ),
+        (
+            "tensorize",
+            "--train-parquet",
+            parquet[0],
+            "--test-parquet",
+            parquet[1],
+            "--train",
+            "t",
+            "--test",
+            "e",
+        ),
+    ]
+    for stage, *args in runs:
+        proc = synth.run_stage(stage, "--params", params, *args, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        if workers == 1:
+            assert f"{stage}: prep.workers 1: Polars 1 thread(s), Arrow 1" in proc.stdout
+        elif os.cpu_count() and len(os.sched_getaffinity(0)) > 1:
+            assert f"{stage}: prep.workers None: Polars " in proc.stdout
+            assert "Polars 1 thread(s)" not in proc.stdout and "Arrow 1\n" not in proc.stdout
