@@ -422,7 +422,9 @@ def _wide_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator
         for first in range(0, len(names), step):
             block = scan.select(names[first : first + step]).slice(lo, hi - lo).collect()
             _frame_null_check(table, block, lo)
-            rows[:, first : first + step] = block.to_numpy()
+            # Row-major from Polars: a copy of whole rows into ``rows`` (a column-major export
+            # would be transposed here a byte at a time, about three times slower).
+            rows[:, first : first + step] = block.to_numpy(order="c")
             del block
         labels = read_labels(table, lo, hi)
         for first in range(0, hi - lo, chunk_rows):
