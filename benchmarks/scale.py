@@ -12,8 +12,9 @@ and the loader's process-tree memory at 0 and 2 workers
 (:mod:`benchmarks.memory`, a fresh interpreter each). Last, ``tensorize``
 runs again with ``prep.shard_dtype: uint8``, for the train shards' bytes in
 uint8 against float32 at every K (goal: at most :data:`BYTES_GOAL`). The
-beyond-RAM experiment is :mod:`benchmarks.cold`; ``scale.md`` includes its
-``cold.md``.
+beyond-RAM experiment is :mod:`benchmarks.cold`, and each data stage with
+``prep.workers`` 1 against every core is :mod:`benchmarks.parallelprep`;
+``scale.md`` includes their ``cold.md`` and ``parallel.md``.
 """
 
 from __future__ import annotations
@@ -221,8 +222,9 @@ def goals(rows: list[dict]) -> dict:
     return out
 
 
-def render_markdown(r: dict, cold_md: Path | None = None) -> str:
-    """The table and goals; with ``cold_md`` (written by ``benchmarks.cold``), its section appended."""
+def render_markdown(r: dict, cold_md: Path | None = None, parallel_md: Path | None = None) -> str:
+    """The table and goals; with ``cold_md`` (written by ``benchmarks.cold``) and ``parallel_md``
+    (``benchmarks.parallelprep``), their sections appended where the files exist."""
     lines = [
         "# Cost as data grows",
         "",
@@ -279,9 +281,10 @@ def render_markdown(r: dict, cold_md: Path | None = None) -> str:
         "Loader USS counts the shard pages the process has mapped (file-backed, reclaimable page cache);"
         " anon is its own heap and tensors, the part that must stay flat.",
     ]
-    if cold_md is not None and cold_md.is_file():
-        cold = cold_md.read_text().strip().splitlines()
-        lines += ["", *("#" + line if line.startswith("#") else line for line in cold)]  # a level down
+    for included in (parallel_md, cold_md):
+        if included is not None and included.is_file():
+            text = included.read_text().strip().splitlines()
+            lines += ["", *("#" + line if line.startswith("#") else line for line in text)]  # a level down
     return "\n".join(lines) + "\n"
 
 
@@ -359,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    write_results(args.out, "scale", results, render_markdown(results, args.out / "cold.md"))
+    markdown = render_markdown(results, args.out / "cold.md", args.out / "parallel.md")
+    write_results(args.out, "scale", results, markdown)
     render_plot(results, args.out / "scale.png")
 
 

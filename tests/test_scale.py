@@ -109,6 +109,21 @@ def test_scale_benchmark_writes_its_three_files(tmp_path: Path) -> None:
     assert list((tmp_path / "work").iterdir()) == []  # scratch removed
 
 
+def test_scale_md_includes_the_parallel_and_cold_sections_a_level_down(tmp_path: Path) -> None:
+    """scale.md reports each data stage with prep.workers 1 and all cores by including parallel.md
+    (benchmarks.parallelprep), then cold.md, headings a level down; without them, neither appears."""
+    from benchmarks.scale import render_markdown
+
+    results = json.loads((ROOT / "bench" / "scale.json").read_text())
+    (tmp_path / "parallel.md").write_text("# Data stages on every core\n\n| K | stage |\n")
+    (tmp_path / "cold.md").write_text("# Beyond RAM\n\nbytes\n")
+    text = render_markdown(results, tmp_path / "cold.md", tmp_path / "parallel.md")
+    assert text.index("\n## Data stages on every core\n") < text.index("\n## Beyond RAM\n")
+    assert "| K | stage |" in text
+    bare = render_markdown(results, tmp_path / "missing.md", tmp_path / "missing-too.md")
+    assert "every core" not in bare and "Beyond RAM" not in bare
+
+
 def test_bad_last_cell_of_a_4x_csv_named_fast_in_bounded_memory(tmp_path: Path) -> None:
     """240,000 rows (~530 MB): the stage names the last row's bad cell in at most 2x a good conversion."""
     images, labels = load_idx_split(_idx_folder(tmp_path), "train")
