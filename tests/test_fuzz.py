@@ -26,7 +26,7 @@ from pipeline.idx import DTYPE_CODES, decode_idx, encode_idx
 from pipeline.manifest import SCHEMA_VERSION, Manifest, parse_manifest
 from pipeline.params import SECTIONS, parse_section
 from pipeline.shards import DTYPES, ShardLayout, parse_header
-from pipeline.tabular import HEADER, HEADER_LINE
+from pipeline.tabular import HEADER, HEADER_LINE, INT_CELL
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -149,13 +149,19 @@ def test_find_problem_arbitrary_lines(lines):
 @given(csv_lines())
 def test_find_problem_structured(lines):
     problem = find_problem(iter(lines), "fuzz.csv")
-    if problem is None:  # accepted: a header, at least one row, 785 integers in range each
+    if problem is None:  # accepted: a header, at least one row, 785 cells each, pixels 0..255
         assert len(lines) >= 2
+        labels = []
         for line in lines[1:]:
             cells = line.rstrip(b"\r\n").split(b",")
             assert len(cells) == len(HEADER)
-            values = [int(c.strip(b' \t"')) for c in cells]
-            assert 0 <= values[0] <= 65535 and all(0 <= v <= 255 for v in values[1:])
+            assert all(0 <= int(c.strip(b' \t"')) <= 255 for c in cells[1:])
+            labels.append(cells[0])
+        # Labels are all integers 0..65535, or all class names (none blank): the first row decides.
+        if INT_CELL.fullmatch(labels[0]):
+            assert all(INT_CELL.fullmatch(v) and 0 <= int(v.strip(b' \t"')) <= 65535 for v in labels)
+        else:
+            assert all(v.strip(b' \t"') and not INT_CELL.fullmatch(v) for v in labels)
     else:
         assert isinstance(problem, DataError) and str(problem).startswith("fuzz.csv: ")
         assert len(str(problem)) < 400  # a hostile cell is quoted briefly, not echoed in full
