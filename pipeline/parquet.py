@@ -341,16 +341,22 @@ def read_labels(table: Table, start: int = 0, stop: int | None = None) -> np.nda
     One column of a columnar file, read from the row groups that hold the rows: cheap.
     """
     stop = table.rows if stop is None else min(stop, table.rows)
-    spans = list(_row_groups(table, start, stop))
-    if not spans:
+    return _scan_labels(pl.scan_parquet(table.path), table, start, stop)
+
+
+def _scan_labels(scan: pl.LazyFrame, table: Table, start: int, stop: int) -> np.ndarray:
+    """Labels of rows ``start..stop`` through a Polars scan of ``table``.
+
+    Polars parses the file's footer once per scan. Arrow's ``ParquetFile`` parses all of it at
+    every opening: a millisecond and a megabyte or so per row group of a wide file, so reading
+    each row group's labels that way cost time and memory that grew with the whole file.
+    """
+    if stop <= start:
         return np.empty(0, dtype=np.uint16 if table.labels == INT_LABELS else object)
-    groups = [group for group, _, _, _ in spans]
-    file = pq.ParquetFile(table.path, pre_buffer=False)
-    column = file.read_row_groups(groups, columns=[LABEL], use_threads=False).column(LABEL)
-    column = column.slice(start - spans[0][1], stop - start)
-    if column.null_count:
-        raise _null_error(table, start + _first_null(column), LABEL)
-    return _label_values(column)
+    column = scan.select(LABEL).slice(start, stop - start).collect().get_column(LABEL)
+    if column.null_count():
+        raise _null_error(table, start + int(column.is_null().arg_max()), LABEL)
+    return column.to_numpy()
 
 
 def _label_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -426,7 +432,7 @@ def _wide_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator
             # would be transposed here a byte at a time, about three times slower).
             rows[:, first : first + step] = block.to_numpy(order="c")
             del block
-        labels = read_labels(table, lo, hi)
+        labels = _scan_labels(scan, table, lo, hi)
         for first in range(0, hi - lo, chunk_rows):
             yield Rows(rows[first : first + chunk_rows], labels[first : first + chunk_rows], None)
         del rows
