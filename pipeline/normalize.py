@@ -12,7 +12,8 @@ import numpy as np
 
 from pipeline.manifest import Normalization, PixelStats
 
-HISTOGRAM_PIXELS = 1 << 16  # pixels widened to int64 at once, in one reused buffer
+HISTOGRAM_PIXELS = 1 << 20  # pixels counted at once, in two reused buffers (1 MiB and 4 MiB)
+_PAIRS = 1 << 16  # a pair of uint8 pixels read as one uint16
 
 
 def pixel_histogram(pixels: np.ndarray, channels: int) -> np.ndarray:
@@ -20,20 +21,32 @@ def pixel_histogram(pixels: np.ndarray, channels: int) -> np.ndarray:
 
     ``np.bincount`` converts its input to int64 first. Widening a whole shard would briefly
     take eight times its bytes, and widening into fresh arrays spends most of the time
-    faulting their pages in, so a block of rows at a time is copied into one small buffer
-    that stays in cache and is reused.
+    faulting their pages in, so a block of one channel's pixels at a time is copied into small
+    buffers that are reused. The block is counted in pairs: read as uint16, each pair of
+    pixels is one of 65,536 values, half as many to widen and count, and the 256 x 256 table of
+    pair counts gives each value's count as the first and as the second of a pair.
     """
     planes = pixels.reshape(len(pixels), channels, pixels.shape[1] // channels)  # explicit: 0 rows too
     plane = planes.shape[2]
-    step = max(1, HISTOGRAM_PIXELS // max(1, plane))
-    wide = np.empty(step * plane, dtype=np.intp)
     histogram = np.zeros((channels, 256), dtype=np.int64)
-    for first in range(0, len(planes), step):
-        block = planes[first : first + step]
-        counted = wide[: len(block) * plane]
-        for c in range(channels):
-            np.copyto(counted.reshape(len(block), plane), block[:, c])
-            histogram[c] += np.bincount(counted, minlength=256)
+    if not planes.size:
+        return histogram
+    step = max(1, HISTOGRAM_PIXELS // plane)
+    same = np.empty(min(step, len(planes)) * plane, dtype=np.uint8)  # one channel's pixels, contiguous
+    wide = np.empty(len(same) // 2, dtype=np.intp)
+    for c in range(channels):
+        pairs = np.zeros(_PAIRS, dtype=np.int64)
+        for first in range(0, len(planes), step):
+            block = planes[first : first + step, c]
+            flat = same[: block.size]
+            np.copyto(flat.reshape(block.shape), block)
+            half = len(flat) // 2
+            np.copyto(wide[:half], flat[: 2 * half].view(np.uint16))
+            pairs += np.bincount(wide[:half], minlength=_PAIRS)
+            if len(flat) % 2:
+                histogram[c, flat[-1]] += 1
+        table = pairs.reshape(256, 256)
+        histogram[c] += table.sum(axis=0) + table.sum(axis=1)
     return histogram
 
 

@@ -406,6 +406,22 @@ def test_streamed_shard_is_safetensors_own_bytes_with_sorted_header(tmp_path, sh
     assert np.array_equal(loaded["images"], images) and np.array_equal(loaded["labels"], labels)
 
 
+@pytest.mark.parametrize("block", [1 << 20, 7, 1])  # HISTOGRAM_PIXELS: one block, odd blocks, a row per block
+@pytest.mark.parametrize(
+    ("rows", "channels", "plane"), [(1, 1, 1), (3, 1, 3), (7, 3, 5), (50, 2, 7), (400, 1, 784)]
+)
+def test_pixel_histogram_counts_every_pixel_of_its_channel_exactly(monkeypatch, block, rows, channels, plane):
+    """Counted in pairs of pixels, block by block: odd planes, odd blocks and non-contiguous rows
+    give np.bincount's counts per channel."""
+    import pipeline.normalize as normalize
+
+    monkeypatch.setattr(normalize, "HISTOGRAM_PIXELS", block)
+    pixels = np.random.default_rng(rows).integers(0, 256, (2 * rows, channels * plane), dtype=np.uint8)[::2]
+    planes = pixels.reshape(rows, channels, plane)
+    expected = np.stack([np.bincount(planes[:, c].ravel(), minlength=256) for c in range(channels)])
+    assert np.array_equal(normalize.pixel_histogram(pixels, channels), expected)
+
+
 def test_pixel_histogram_of_no_rows_is_zero():
     """A chunk whose rows are all held out contributes nothing to the train statistics (and does not fail)."""
     from pipeline.normalize import pixel_histogram
