@@ -24,6 +24,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from pipeline.errors import OutputError
 
@@ -97,6 +98,40 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def _libc_sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range  # Linux only
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def write_behind(out: BinaryIO, start: int, length: int) -> bool:
+    """Start writing bytes ``start..start+length`` of ``out`` to disk now, without waiting.
+
+    A stage that writes gigabytes and fsyncs each file at its end otherwise leaves them dirty in
+    the page cache until that fsync, which then waits for the whole file, and past the kernel's
+    dirty limit every write is throttled. Started chunk by chunk (Linux ``sync_file_range``), the
+    disk writes while the stage computes the next chunk. Only a hint: the file's closing fsync
+    still makes it durable and reports any I/O error. Returns whether writeback was started
+    (False: no file descriptor, or no ``sync_file_range`` here).
+    """
+    if _sync_file_range is None:
+        return False
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError):  # an in-memory buffer (io.UnsupportedOperation is an OSError)
+        return False
+    out.flush()
+    return _sync_file_range(fd, start, length, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 def fsync_path(path: Path) -> None:

@@ -29,6 +29,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from pipeline.atomic import write_behind
 from pipeline.errors import ShardError
 
 # safetensors itself refuses headers over 100 MB; ours are a few hundred bytes.
@@ -270,6 +271,7 @@ def write_shard(
             raise ValueError(f"image chunk {part.dtype} {list(part.shape)} is not {dtype} [k, {image_shape}]")
         data = memoryview(np.ascontiguousarray(part)).cast("B")
         out.write(data)
+        write_behind(out, size, len(data))  # the disk writes this chunk while the next is made
         digest.update(data)
         size += len(data)
         del part, data  # may view the reader's row group: not held while it decodes the next

@@ -223,3 +223,19 @@ def test_atomic_file_failing_writer_leaves_the_old_file_and_no_temporary(tmp_pat
         tmp.write_bytes(b"half")
         raise OSError(28, "No space left on device")
     assert target.read_bytes() == OLD_FILE and [p.name for p in tmp_path.iterdir()] == ["plot.html"]
+
+
+def test_write_behind_starts_writeback_of_a_real_file_and_skips_a_buffer(tmp_path):
+    """write_behind (used by write_shard for every chunk) reaches Linux's sync_file_range for a real
+    file, and does nothing, without failing, for an in-memory buffer; the bytes are unchanged."""
+    import io
+    import sys
+
+    from pipeline.atomic import write_behind
+
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"x" * 100_000)
+        started = write_behind(f, 0, 100_000)
+    assert started == sys.platform.startswith("linux")
+    assert (tmp_path / "f").read_bytes() == b"x" * 100_000
+    assert write_behind(io.BytesIO(b"y"), 0, 1) is False
