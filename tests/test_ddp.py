@@ -532,7 +532,7 @@ def test_two_processes_killed_mid_epoch_resume_bit_identically(
 ) -> None:
     shutil.copytree(killed_two / "checkpoints", tmp_path / "checkpoints")
     stderr = _resume(data, tmp_path, 2)
-    assert "elastic" not in stderr
+    assert "elastic" not in stderr, stderr
     a, b = history(two), history(tmp_path)
     for name in MODEL_METRICS:
         assert a[name] == b[name], name
