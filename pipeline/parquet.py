@@ -20,6 +20,7 @@ checks the schema and yields uint8 pixel rows chunk by chunk.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -251,6 +252,12 @@ class Table:
     labels: str  # INT_LABELS or NAME_LABELS
     image_shape: tuple[int, int, int] | None  # from the file (image layout); None: from the params
     group_rows: tuple[int, ...]  # rows of each row group, so a read needs no second parse of the footer
+    largest_label: int | None  # integer labels: the largest, from the row groups' statistics; None: unknown
+
+    @functools.cached_property
+    def scan(self) -> pl.LazyFrame:
+        """One Polars scan for every read of this table: Polars parses the footer once per scan."""
+        return pl.scan_parquet(self.path)
 
 
 @dataclass(frozen=True)
@@ -258,7 +265,7 @@ class Rows:
     """A chunk of rows in file order: uint8 pixels [k, C*H*W], labels (uint16, or str objects), file names."""
 
     pixels: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None  # None: not read (``iter_rows(..., labels=False)``, wide layout)
     files: list[str] | None  # image layout: each row's path in the image folder
 
 
@@ -291,6 +298,7 @@ def open_table(path: Path) -> Table:
         raise DataError(f"{path}: cannot read Parquet: {exc}") from None
     schema, rows = file.schema_arrow, file.metadata.num_rows
     groups = tuple(file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups))
+    largest = _largest_label(file.metadata)
     names = schema.names
     if not names or names[0] != LABEL:
         raise DataError(
@@ -306,7 +314,7 @@ def open_table(path: Path) -> Table:
     if names[1:] == ["file", "pixels"] and pa.types.is_fixed_size_binary(schema.field("pixels").type):
         width = schema.field("pixels").type.byte_width
         shape = _image_shape(schema.metadata, width, str(path))
-        return Table(path, IMAGE, rows, width, labels, shape, groups)
+        return Table(path, IMAGE, rows, width, labels, shape, groups, largest)
     expected = [LABEL, *pixel_columns(len(names) - 1)]
     if len(names) < 2 or names != expected:
         first = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b), 1)
@@ -318,7 +326,7 @@ def open_table(path: Path) -> Table:
     for field in schema:
         if field.name != LABEL and field.type != pa.uint8():
             raise DataError(f"{path}: column {field.name!r}: expected UInt8, found {field.type}")
-    return Table(path, WIDE, rows, len(names) - 1, labels, None, groups)
+    return Table(path, WIDE, rows, len(names) - 1, labels, None, groups, largest)
 
 
 def _row_groups(table: Table, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
@@ -341,19 +349,11 @@ def read_labels(table: Table, start: int = 0, stop: int | None = None) -> np.nda
     One column of a columnar file, read from the row groups that hold the rows: cheap.
     """
     stop = table.rows if stop is None else min(stop, table.rows)
-    return _scan_labels(pl.scan_parquet(table.path), table, start, stop)
-
-
-def _scan_labels(scan: pl.LazyFrame, table: Table, start: int, stop: int) -> np.ndarray:
-    """Labels of rows ``start..stop`` through a Polars scan of ``table``.
-
-    Polars parses the file's footer once per scan. Arrow's ``ParquetFile`` parses all of it at
-    every opening: a millisecond and a megabyte or so per row group of a wide file, so reading
-    each row group's labels that way cost time and memory that grew with the whole file.
-    """
     if stop <= start:
         return np.empty(0, dtype=np.uint16 if table.labels == INT_LABELS else object)
-    column = scan.select(LABEL).slice(start, stop - start).collect().get_column(LABEL)
+    # Through the table's Polars scan, not Arrow's ``ParquetFile``, which parses the whole footer at
+    # every opening: a millisecond and a megabyte or so per row group of a wide file.
+    column = table.scan.select(LABEL).slice(start, stop - start).collect().get_column(LABEL)
     if column.null_count():
         raise _null_error(table, start + int(column.is_null().arg_max()), LABEL)
     return column.to_numpy()
@@ -377,14 +377,13 @@ def _label_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
 
-def largest_label(table: Table) -> int | None:
-    """The largest integer label, from the row groups' statistics (no data read); None when a
-    row group has none (then read the column), or the table has no rows."""
-    meta = pq.ParquetFile(table.path).metadata
+def _largest_label(meta: pq.FileMetaData) -> int | None:
+    """The largest integer label, from the row groups' statistics in the footer (no data read);
+    None when a row group has none (then read the column), or the table has no rows or names."""
     maxima = []
     for group in range(meta.num_row_groups):
         stats = meta.row_group(group).column(0).statistics
-        if stats is None or not stats.has_min_max or stats.null_count:
+        if stats is None or not stats.has_min_max or stats.null_count or not isinstance(stats.max, int):
             return None
         maxima.append(int(stats.max))
     return max(maxima, default=None)
@@ -411,7 +410,7 @@ def _pixels(column: pa.Array, width: int) -> np.ndarray:
     return data[column.offset * width : (column.offset + len(column)) * width].reshape(len(column), width)
 
 
-def _wide_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:
+def _wide_rows(table: Table, chunk_rows: int, start: int, stop: int, labels: bool) -> Iterator[Rows]:
     """Rows ``start..stop`` of a wide-layout table, at most ``chunk_rows`` at a time.
 
     Reading any slice of a row group decodes the group's whole pages, so each group's share
@@ -421,20 +420,20 @@ def _wide_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator
     pixels (``prep.row_group_size`` rows) and one block, whatever the span.
     """
     names = pixel_columns(table.num_pixels)
-    scan = pl.scan_parquet(table.path)
     for _, _, lo, hi in _row_groups(table, start, stop):
         rows = np.empty((hi - lo, len(names)), dtype=np.uint8)
         step = max(1, DECODE_BYTES // (hi - lo))
         for first in range(0, len(names), step):
-            block = scan.select(names[first : first + step]).slice(lo, hi - lo).collect()
+            block = table.scan.select(names[first : first + step]).slice(lo, hi - lo).collect()
             _frame_null_check(table, block, lo)
             # Row-major from Polars: a copy of whole rows into ``rows`` (a column-major export
             # would be transposed here a byte at a time, about three times slower).
             rows[:, first : first + step] = block.to_numpy(order="c")
             del block
-        labels = _scan_labels(scan, table, lo, hi)
+        group_labels = read_labels(table, lo, hi) if labels else None
         for first in range(0, hi - lo, chunk_rows):
-            yield Rows(rows[first : first + chunk_rows], labels[first : first + chunk_rows], None)
+            chunk = None if group_labels is None else group_labels[first : first + chunk_rows]
+            yield Rows(rows[first : first + chunk_rows], chunk, None)
         del rows
 
 
@@ -444,7 +443,7 @@ def _frame_null_check(table: Table, frame: pl.DataFrame, start: int) -> None:
             raise _null_error(table, start + int(frame.get_column(name).is_null().arg_max()), name)
 
 
-def _image_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterator[Rows]:
+def _image_rows(table: Table, chunk_rows: int, start: int, stop: int, labels: bool) -> Iterator[Rows]:
     """One row group at a time (the writer keeps them under 64 MiB), read without Arrow's pre-buffering,
     which holds several row groups' pages at once; row groups outside [start, stop) are not read."""
     file = pq.ParquetFile(table.path, pre_buffer=False)
@@ -452,14 +451,21 @@ def _image_rows(table: Table, chunk_rows: int, start: int, stop: int) -> Iterato
         data = file.read_row_group(group, use_threads=False).slice(lo - first, hi - lo)
         for batch in data.to_batches(max_chunksize=chunk_rows):
             _null_check(table, batch, lo)
-            labels = _label_values(batch.column(0))
-            yield Rows(_pixels(batch.column(2), table.num_pixels), labels, batch.column(1).to_pylist())
+            # The labels come in the same read as the pixels here: no cost to skip.
+            batch_labels = _label_values(batch.column(0)) if labels else None
+            yield Rows(_pixels(batch.column(2), table.num_pixels), batch_labels, batch.column(1).to_pylist())
             lo += batch.num_rows
         del data
 
 
-def iter_rows(table: Table, chunk_rows: int, start: int = 0, stop: int | None = None) -> Iterator[Rows]:
-    """Rows ``start..stop`` (default: all) in file order, ``chunk_rows`` at a time, in bounded memory."""
+def iter_rows(
+    table: Table, chunk_rows: int, start: int = 0, stop: int | None = None, *, labels: bool = True
+) -> Iterator[Rows]:
+    """Rows ``start..stop`` (default: all) in file order, ``chunk_rows`` at a time, in bounded memory.
+
+    ``labels=False``: the caller has the labels already (a shard writes them before its pixels),
+    so the label column is not read again and each ``Rows.labels`` is None.
+    """
     stop = table.rows if stop is None else min(stop, table.rows)
     reader = _image_rows if table.layout == IMAGE else _wide_rows
-    return reader(table, chunk_rows, start, stop)
+    return reader(table, chunk_rows, start, stop, labels)

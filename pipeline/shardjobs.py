@@ -64,7 +64,7 @@ def _read_rows(table: Table) -> int:
 def routes(table: Table, rows: Rows, test_fraction: float, val_fraction: float) -> np.ndarray:
     """The split of each train row; no hashing at all when nothing is held out."""
     if not test_fraction and not val_fraction:
-        return np.full(len(rows.labels), TRAIN, dtype=np.uint8)
+        return np.full(len(rows.pixels), TRAIN, dtype=np.uint8)
     keys = file_keys(rows.files) if table.layout == IMAGE else row_keys(rows.labels, rows.pixels)
     return assign(hash_unit(keys), test_fraction=test_fraction, val_fraction=val_fraction)
 
@@ -87,7 +87,8 @@ def route_piece(piece: RoutePiece) -> tuple[bytes, list[list[int]]]:
     all zeros unless ``piece.histogram``)."""
     table = open_table(Path(piece.source))
     codes, histogram = [], np.zeros((piece.channels, 256), dtype=np.int64)
-    for rows in iter_rows(table, _read_rows(table), piece.start, piece.stop):
+    hashed = bool(piece.test_fraction or piece.val_fraction)  # only the row keys need the labels
+    for rows in iter_rows(table, _read_rows(table), piece.start, piece.stop, labels=hashed):
         code = routes(table, rows, piece.test_fraction, piece.val_fraction)
         if piece.histogram:
             histogram += pixel_histogram(rows.pixels[code == TRAIN], piece.channels)
@@ -131,10 +132,10 @@ class ShardDone:
 def _chosen_pixels(table: Table, wanted: np.ndarray) -> Iterator[np.ndarray]:
     """uint8 pixels of rows ``wanted`` (ascending), in order, a read of the span they lie in at a time."""
     start = int(wanted[0])
-    for rows in iter_rows(table, _read_rows(table), start, int(wanted[-1]) + 1):
-        stop = start + len(rows.labels)
+    for rows in iter_rows(table, _read_rows(table), start, int(wanted[-1]) + 1, labels=False):
+        stop = start + len(rows.pixels)
         take = wanted[np.searchsorted(wanted, start) : np.searchsorted(wanted, stop)] - start
-        if len(take) == len(rows.labels):
+        if len(take) == len(rows.pixels):
             yield rows.pixels
         elif len(take):
             yield rows.pixels[take]

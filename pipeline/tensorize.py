@@ -30,7 +30,7 @@ from pipeline.atomic import atomic_dir, raise_as_output_error
 from pipeline.errors import DataError
 from pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, Normalization, PixelStats, ShardEntry
 from pipeline.normalize import make_normalization, pixel_histogram, pixel_stats
-from pipeline.parquet import Table, iter_rows, largest_label, open_table, read_labels
+from pipeline.parquet import Table, iter_rows, open_table, read_labels
 from pipeline.pool import Workers, resolve_workers
 from pipeline.shardjobs import (
     RoutePiece,
@@ -55,7 +55,7 @@ _CODES = {"train": TRAIN, "val": VAL, "test": TEST}
 def _int_class_names(train: Table, test: Table, dataset: str) -> tuple[str, ...]:
     """0..largest label, or a built-in dataset's names; the statistics say the largest label
     without reading the columns, which are read only to name the row of a label out of range."""
-    stats = [largest_label(t) for t in (train, test) if t.rows]
+    stats = [t.largest_label for t in (train, test) if t.rows]
     if None in stats:
         labels = [read_labels(t) for t in (train, test)]
         stats = [int(x.max()) for x in labels if len(x)]

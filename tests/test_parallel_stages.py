@@ -203,6 +203,28 @@ def test_rows_and_labels_of_any_span_across_row_groups(tmp_path, start, stop, ch
     assert np.array_equal(read_labels(table), train.labels)
 
 
+def test_rows_without_labels_leave_the_label_column_unread(tmp_path):
+    """A shard writes its labels before its pixels, so its pixel pass asks for none: the label
+    column is not read again. A null label (which any read of the column refuses) shows it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train_path, _, train = _wide_parquet(tmp_path, 40, 3)
+    data = pq.read_table(train_path)
+    labels = pa.array([None if i == 30 else int(v) for i, v in enumerate(train.labels)], pa.uint16())
+    pq.write_table(data.set_column(0, "label", labels), tmp_path / "null.parquet", row_group_size=16)
+    table = open_table(tmp_path / "null.parquet")
+    parts = list(iter_rows(table, 7, 2, 40, labels=False))
+    assert all(p.labels is None for p in parts)
+    assert np.array_equal(np.concatenate([p.pixels for p in parts]), train.pixels[2:40])
+    with pytest.raises(DataError, match=r"null.parquet: row 31, column 'label': expected a value, found null"):
+        list(iter_rows(table, 7, 2, 40))
+    # The footer's statistics give the largest label without reading the column; a row group
+    # with a null has no usable maximum, so the caller reads the column and meets the null.
+    assert open_table(train_path).largest_label == int(train.labels.max())
+    assert table.largest_label is None
+
+
 def test_csv_parquet_bytes_do_not_depend_on_workers(tmp_path):
     csv = synth.write_csv(tmp_path / "train.csv", synth.split(50, 3))
     for n in (1, 2):
