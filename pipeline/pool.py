@@ -57,7 +57,7 @@ def use_cores(workers: int | None) -> None:
     if resolve_workers(workers) != 1:
         return
     if "polars" not in sys.modules:
-        os.environ.setdefault("POLARS_MAX_THREADS", "1")
+        _one_polars_thread()
     if os.environ.get("POLARS_MAX_THREADS") == "1":  # a user's own value holds for both libraries
         import pyarrow  # Arrow's pool, unlike Polars', can be resized at any time
 
@@ -72,11 +72,12 @@ def library_threads() -> str:
     return f"Polars {pl.thread_pool_size()} thread(s), Arrow {pa.cpu_count()}"
 
 
-def _one_thread_each() -> None:
-    """Run in each worker before any piece: Polars, imported after this, uses one thread.
+def _one_polars_thread() -> None:
+    """Polars, imported after this, runs one thread; a value the user set is kept.
 
-    The pool already puts one worker on each core; each worker's own Polars thread pool
-    would put several threads on every core. A value the user set is kept.
+    The one home of this setting: a stage run with ``prep.workers: 1`` (:func:`use_cores`), and
+    each pool worker before any piece (the pool already puts one worker on each core; each
+    worker's own Polars pool would put several threads on every core).
     """
     os.environ.setdefault("POLARS_MAX_THREADS", "1")
 
@@ -97,7 +98,7 @@ class Workers:
         if self.workers > 1:
             context = multiprocessing.get_context("forkserver")
             self._pool = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=context, initializer=_one_thread_each
+                max_workers=self.workers, mp_context=context, initializer=_one_polars_thread
             )
         return self
 
