@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.cli import parser, run_stage
 from pipeline.params import load_section
-from trainer.distributed import under_launcher
+from trainer.distributed import run_rank, under_launcher
 from trainer.run import train as train_model
 from trainer.run import train_in_processes
 
@@ -71,4 +71,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    if under_launcher():  # one of several training processes: see run_rank for why it exits this way
+        run_rank(lambda: run_stage(main))
     run_stage(main)

@@ -235,6 +235,50 @@ def test_threads_share_the_cores() -> None:
     assert default_threads(3, cores=2) == 1 and default_threads(1, cores=4) == 4
 
 
+_RANK_SCRIPT = """
+import atexit, logging, sys
+from trainer.distributed import run_rank
+logging.basicConfig(stream=sys.stderr, format="%(message)s", level=logging.INFO)
+atexit.register(lambda: print("finalized", flush=True))
+
+def entry():
+    print("written", end="")  # still in sys.stdout's buffer when the process ends
+    logging.getLogger("x").info("logged")
+    outcome = sys.argv[1]
+    if outcome == "raise":
+        raise RuntimeError("broken")
+    if outcome != "return":
+        sys.exit(int(outcome) if outcome.isdigit() else outcome)
+
+run_rank(entry)
+print("after run_rank")
+"""
+
+
+@pytest.mark.parametrize(
+    ("outcome", "code", "stderr"),
+    [
+        ("return", 0, "logged\n"),
+        ("3", 3, "logged\n"),
+        ("raise", 1, "RuntimeError: broken"),
+        ("why", 1, "why"),
+    ],
+)
+def test_a_rank_ends_with_its_exit_code_and_output_but_without_finalizing(
+    outcome: str, code: int, stderr: str
+) -> None:
+    """A rank skips the interpreter's finalization (trainer.distributed.run_rank): no atexit
+    handler runs (so none of the finalization where Gloo's threads abort the process), yet the
+    exit code, the buffered output and the log lines are those of a normal exit."""
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run(
+        [sys.executable, "-c", _RANK_SCRIPT, outcome], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == code, res.stderr
+    assert res.stdout == "written", res.stdout
+    assert stderr in res.stderr and "finalized" not in res.stdout + res.stderr
+
+
 # ----------------------------------------------------------------------------- real process groups
 
 

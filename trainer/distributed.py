@@ -14,12 +14,15 @@ Only tensor collectives are used (``all_reduce``, ``broadcast``): the
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -50,6 +53,36 @@ class Group:
 
 def under_launcher(environ: Mapping[str, str] = os.environ) -> bool:
     return any(name in environ for name in LAUNCHER_ENV)
+
+
+def run_rank(entry: Callable[[], None]) -> NoReturn:
+    """Run a launched rank's ``entry``, then end the process without the interpreter's finalization.
+
+    The process group of a run that wrapped its model in DDP outlives ``destroy_process_group``
+    (DDP's C++ side keeps it), and so do Gloo's worker threads. A worker that drops its last
+    collective as the interpreter finalizes must take the GIL to free the tensor's Python object,
+    and a thread cannot take it then: Python ends the thread, C++ calls ``std::terminate``, and
+    the rank, its work all done, aborts (SIGABRT) and torchrun restarts the group (seen under
+    load, a few runs in a hundred; the backtrace is in docs/distributed.md). So a rank flushes its
+    output and logs, and leaves with ``os._exit``: exit code 0, a ``SystemExit``'s code, or 1
+    after an uncaught exception's traceback, as Python itself would give.
+    """
+    code = 0
+    try:
+        entry()
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # reported as Python would report it, then the process ends
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()  # flushes every handler
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def available_cores() -> int:
