@@ -34,15 +34,18 @@ READ_BYTES = 8 << 20  # uint8 pixels made rows at once while a worker streams it
 
 
 def image_chunks(
-    pixels: np.ndarray, norm: Normalization, shape: tuple[int, int, int], dtype: str
+    pixels: np.ndarray, norm: Normalization | None, shape: tuple[int, int, int], dtype: str
 ) -> Iterator[np.ndarray]:
     """A shard's images from uint8 rows [n, C*H*W].
 
-    Normalised float32 a chunk at a time, or (``dtype`` uint8) the bytes as they are.
+    Normalised float32 a chunk at a time, or (``dtype`` uint8) the bytes as they are, which need no
+    normalization (``norm`` may be None: it is recorded in the manifest, for the trainer).
     """
     if dtype == "uint8":
         yield pixels.reshape(len(pixels), *shape)
         return
+    if norm is None:
+        raise ValueError("float32 shards need their normalization before they are written")
     rows = max(1, CHUNK_BYTES // (pixels.shape[1] * 4))
     for i in range(0, len(pixels), rows):
         yield normalize(pixels[i : i + rows], norm, shape)
@@ -109,7 +112,7 @@ class ShardPiece:
     split: str
     dataset: str
     shape: tuple[int, int, int]
-    norm: Normalization
+    norm: Normalization | None  # None: uint8 shards whose statistics this very pass counts
     class_names: tuple[str, ...]
     dtype: str
     histogram: bool  # count its pixels: the train split's statistics, when no earlier pass counted them

@@ -106,7 +106,7 @@ class _SplitWriter:
         dataset: str,
         shard_size: int,
         shape: tuple[int, int, int],
-        norm: Normalization,
+        norm: Normalization | None,
         num_classes: int,
         keep_stats: bool,
         dtype: str = "float32",
@@ -159,9 +159,11 @@ class _SplitWriter:
             raise
         self.entries.append(ShardEntry(name, len(labels), size, sha))
 
-    def close(self, names: tuple[str, ...], stats: PixelStats) -> Manifest:
+    def close(self, names: tuple[str, ...], stats: PixelStats, norm: Normalization | None = None) -> Manifest:
+        """Write the last shard and the manifest; ``norm``: one known only now (:func:`_one_pass_norm`)."""
         if self._held:
             self._flush(self._held)
+        self.norm = norm or self.norm
         return write_manifest(
             self.folder,
             self.target,
@@ -363,13 +365,13 @@ def _serial(
     workers: int,
 ) -> dict[str, Manifest]:
     """One pass in this process: rows are streamed and routed to the splits' writers (the reference path)."""
-    if normalize_kind == "standard":  # a first pass: the statistics of the rows that will train
+    if _first_pass_statistics(normalize_kind, dtype):  # the rows that will train, counted first
         one = Workers(1)  # this process
         _, histogram = _train_codes(train, shard_size, test_fraction, val_fraction, shape[0], True, one)
         stats = pixel_stats(histogram)
     else:
         stats = None  # computed while the train split is written
-    norm = make_normalization(normalize_kind, stats, shape[0])
+    norm = _one_pass_norm(normalize_kind, stats, shape[0])
     with contextlib.ExitStack() as stack:
         writers = {
             split: _SplitWriter(
@@ -399,9 +401,25 @@ def _serial(
         for rows in iter_rows(test, shard_size):
             writers["test"].add(rows.pixels, label_indices(rows.labels, names, train.labels))
         stats = stats or pixel_stats(writers["train"].histogram)
+        norm = norm or make_normalization(normalize_kind, stats, shape[0])
         _check_sizes(train, {split: int(w.counts.sum()) for split, w in writers.items()})
         _notice_missing_classes(names, writers["train"].counts)
-        return {split: writer.close(names, stats) for split, writer in writers.items()}
+        return {split: writer.close(names, stats, norm) for split, writer in writers.items()}
+
+
+def _first_pass_statistics(normalize_kind: str, dtype: str) -> bool:
+    """Whether the train rows' statistics are needed before any shard is written: only float32
+    shards of ``standard`` normalization hold values made from them. uint8 shards hold the source
+    bytes whatever the statistics, so theirs are counted while the shards are written, in the
+    same pass (one decode of the pixels instead of two)."""
+    return normalize_kind == "standard" and dtype == "float32"
+
+
+def _one_pass_norm(normalize_kind: str, stats: PixelStats | None, channels: int) -> Normalization | None:
+    """The normalization known before the shards are written; None when it waits for their statistics."""
+    if normalize_kind == "standard" and stats is None:
+        return None
+    return make_normalization(normalize_kind, stats, channels)
 
 
 def _train_codes(
@@ -459,11 +477,15 @@ def _parallel(
         # Started once for both passes; shut down (its pieces finished) before the folders close.
         pool = stack.enter_context(Workers(workers))
         codes, histogram = _train_codes(
-            train, shard_size, test_fraction, val_fraction, shape[0], normalize_kind == "standard", pool
+            train,
+            shard_size,
+            test_fraction,
+            val_fraction,
+            shape[0],
+            _first_pass_statistics(normalize_kind, dtype),
+            pool,
         )
-        norm = make_normalization(
-            normalize_kind, pixel_stats(histogram) if normalize_kind == "standard" else None, shape[0]
-        )
+        norm = _one_pass_norm(normalize_kind, None if histogram is None else pixel_stats(histogram), shape[0])
         rows = {split: (train, np.flatnonzero(codes == _CODES[split])) for split in outs}
         if test.rows:
             rows["test"] = (test, np.arange(test.rows, dtype=np.int64))
@@ -497,6 +519,7 @@ def _parallel(
                 train_histogram += np.asarray(done.histogram, dtype=np.int64)
         _notice_missing_classes(names, counts["train"])
         stats = pixel_stats(train_histogram if histogram is None else histogram)  # the same train rows
+        norm = norm or make_normalization(normalize_kind, stats, shape[0])
         return {
             split: write_manifest(
                 folders[split],

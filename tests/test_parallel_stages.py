@@ -156,6 +156,21 @@ def test_tensorize_bytes_do_not_depend_on_workers(tmp_path, dtype, held_out, nor
     assert _tree_bytes(tmp_path / "one") == _tree_bytes(tmp_path / "two")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("held_out", [False, True])
+def test_uint8_standard_shards_count_their_statistics_in_the_same_pass(tmp_path, workers, held_out):
+    """uint8 shards do not depend on the statistics, so they are counted while the shards are written
+    (no first pass over the pixels); the manifests record what the float32 path's first pass finds."""
+    train_pq, test_pq, _ = _wide_parquet(tmp_path, 40, 0 if held_out else 11)
+    kw = {"val_fraction": 0.25 if held_out else 0.0, "normalize_kind": "standard", "workers": workers}
+    f32 = _tensorize(train_pq, test_pq, tmp_path / "f32", shard_dtype="float32", **kw)
+    u8 = _tensorize(train_pq, test_pq, tmp_path / "u8", shard_dtype="uint8", **kw)
+    for split, manifest in u8.items():
+        assert manifest.normalization == f32[split].normalization, split
+        assert manifest.normalization.kind == "standard" and manifest.train_stats == f32[split].train_stats
+        assert manifest.class_counts == f32[split].class_counts
+
+
 def test_image_layout_tensorize_and_parquet_bytes_do_not_depend_on_workers(tmp_path):
     root = _image_folder(tmp_path / "images", 23)
     write_listing(scan_split(root, "train"), tmp_path / "train.csv")
@@ -217,7 +232,9 @@ def test_rows_without_labels_leave_the_label_column_unread(tmp_path):
     parts = list(iter_rows(table, 7, 2, 40, labels=False))
     assert all(p.labels is None for p in parts)
     assert np.array_equal(np.concatenate([p.pixels for p in parts]), train.pixels[2:40])
-    with pytest.raises(DataError, match=r"null.parquet: row 31, column 'label': expected a value, found null"):
+    with pytest.raises(
+        DataError, match=r"null.parquet: row 31, column 'label': expected a value, found null"
+    ):
         list(iter_rows(table, 7, 2, 40))
     # The footer's statistics give the largest label without reading the column; a row group
     # with a null has no usable maximum, so the caller reads the column and meets the null.
