@@ -426,20 +426,26 @@ def test_killed_rank_restarts_the_group_and_ends_like_an_uninterrupted_run(
             victim = _rank_pid(first.pid, 1)
             time.sleep(0.05)
         # The first run's launcher holds the lock from before its ranks start until they are done.
-        second = subprocess.Popen(
-            stage_cmd(data, tmp_path, params),
-            cwd=tmp_path,
-            env=stage_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        # The first run is paused (its whole session) while the second tries, so the second meets
+        # the held lock however slowly it starts on a loaded machine.
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            second = subprocess.run(
+                stage_cmd(data, tmp_path, params),
+                cwd=tmp_path,
+                env=stage_env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
         while _checkpoint_epoch(tmp_path) < 1:
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.01)
         os.kill(victim, signal.SIGKILL)
         assert first.wait(timeout=240) == 0, log.read_text()
-        refused_out, refused_err = second.communicate(timeout=120)
+    refused_out, refused_err = second.stdout, second.stderr
     assert second.returncode == 2, refused_out + refused_err
     assert refused_err.startswith("error: ") and refused_err.count("\n") == 1, refused_err
     assert "another training is running on this checkpoint folder" in refused_err
