@@ -159,11 +159,11 @@ class _SplitWriter:
             raise
         self.entries.append(ShardEntry(name, len(labels), size, sha))
 
-    def close(self, names: tuple[str, ...], stats: PixelStats, norm: Normalization | None = None) -> Manifest:
-        """Write the last shard and the manifest; ``norm``: one known only now (:func:`_one_pass_norm`)."""
+    def close(self, names: tuple[str, ...], stats: PixelStats, norm: Normalization) -> Manifest:
+        """Write the last shard and the manifest, which records ``norm``: the one the shards were
+        written with, or, for uint8 shards of ``standard``, the one their own statistics give."""
         if self._held:
             self._flush(self._held)
-        self.norm = norm or self.norm
         return write_manifest(
             self.folder,
             self.target,
@@ -173,7 +173,7 @@ class _SplitWriter:
             counts=self.counts,
             shape=self.shape,
             dtype=self.dtype,
-            norm=self.norm,
+            norm=norm,
             stats=stats,
             entries=self.entries,
         )
@@ -255,7 +255,7 @@ def write_split(
             writer.add(pixels, labels.astype(np.int64))
         if not writer.counts.sum():
             raise DataError(f"{split}: no samples to write")
-        return writer.close(names, pixel_stats(writer.histogram))
+        return writer.close(names, pixel_stats(writer.histogram), normalization)
 
 
 def _image_shape(train: Table, test: Table, image_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
