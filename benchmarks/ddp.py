@@ -30,6 +30,7 @@ import torch
 
 from pipeline.atomic import write_bytes_atomic
 from pipeline.params import load_section
+from pipeline.pool import cpu_count
 from trainer import distributed
 from trainer.data import ShardDataset
 from trainer.loader import EpochBatchSampler, make_loader, resolve_settings
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = ddp_rows(cfg.tensors, cfg.params, cfg.samples, cfg.repeats, tuple(cfg.processes), cfg.device)
     results = {
-        "cores": distributed.available_cores(),
+        "cores": cpu_count(),
         "torch": torch.__version__,
         "repeats": cfg.repeats,
         "rows": rows,

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.errors import ParamsError
+from pipeline.pool import cpu_count  # the affinity mask's cores, as the data stages count them
 
 # Set by torchrun (and torch.distributed.run) in every process it starts.
 LAUNCHER_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
@@ -85,17 +86,10 @@ def run_rank(entry: Callable[[], None]) -> NoReturn:
     os._exit(code)
 
 
-def available_cores() -> int:
-    """Cores this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def default_threads(local_processes: int, cores: int | None = None) -> int:
     """Intra-op threads per training process on the CPU: the cores shared out, so N processes never
     oversubscribe them (an explicit thread count, where one is configured, wins over this)."""
-    return max(1, (cores if cores is not None else available_cores()) // max(1, local_processes))
+    return max(1, (cores if cores is not None else cpu_count()) // max(1, local_processes))
 
 
 def check_gpus(device: torch.device, local_processes: int) -> None:
