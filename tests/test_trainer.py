@@ -571,6 +571,11 @@ def test_fingerprint_covers_code_torch_version_device_and_data(split, monkeypatc
     assert fingerprint(train, loader_params, CPU, manifest, manifest, "OtherNet") != fp
     other_data = dataclasses.replace(manifest, shards=manifest.shards[:-1])
     assert fingerprint(train, loader_params, CPU, manifest, other_data, ARCHITECTURE) != fp
+    # Same shards, another normalization: uint8 shards are the same bytes under either.
+    norm = manifest.normalization
+    shifted = dataclasses.replace(norm, mean=tuple(m + 0.125 for m in norm.mean))
+    other_norm = dataclasses.replace(manifest, normalization=shifted)
+    assert fingerprint(train, loader_params, CPU, other_norm, manifest, ARCHITECTURE) != fp
     monkeypatch.setattr(torch, "__version__", "0.0.1")
     assert fingerprint(train, loader_params, CPU, manifest, manifest, ARCHITECTURE) != fp
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +148,29 @@ def test_validation_refuses_a_shard_whose_dtype_disagrees_with_the_manifest(data
             validate_split(folder, expected_split="test")
 
 
+@pytest.mark.parametrize(
+    ("mean", "std"), [(0.5, 1e-50), (1e300, 1.0)], ids=["std-zero-in-float32", "mean-infinite-in-float32"]
+)
+def test_validation_refuses_a_uint8_normalization_that_is_not_finite_in_float32(
+    data, tmp_path: Path, mean: float, std: float
+) -> None:
+    """The manifest accepts any finite std > 0 as a float64; in float32, as the trainer applies it, such a
+    normalization would turn every pixel into infinity, and the run would stop blaming train.lr."""
+    _, u8 = data
+    shutil.copytree(u8 / "test", tmp_path / "test")
+    path = tmp_path / "test" / MANIFEST_NAME
+    doc = json.loads(path.read_text())
+    validate_split(tmp_path / "test", expected_split="test")  # as written, accepted
+    doc["normalization"].update(mean=[mean], std=[std])
+    path.write_text(json.dumps(doc))
+    with pytest.raises(
+        ShardError,
+        match=rf"manifest.json: normalization: expected mean and std that map every pixel byte to a finite "
+        rf"float32, found mean {re.escape(str([mean]))} and std {re.escape(str([std]))}$",
+    ):
+        validate_split(tmp_path / "test", expected_split="test")
+
+
 TWO_EPOCHS = TrainParams(epochs=2, device="cpu")  # frozen: safe to share as a default
 
 
@@ -223,6 +248,28 @@ def test_uint8_run_killed_mid_epoch_resumes_to_the_float32_result(data, float32_
     assert "resuming in epoch 1, step 3" in res.stderr
     # The validation split only adds metrics: the weights are those of the float32 run with it.
     assert (tmp_path / "models" / "model.safetensors").read_bytes() == float32_runs["global"][1]
+
+
+def test_a_uint8_checkpoint_is_not_resumed_after_the_normalization_changes(data, tmp_path: Path) -> None:
+    """uint8 shards hold the same bytes whatever ``prep.normalize`` is; only the manifests say which
+    normalization the trainer applies, so a checkpoint of the other one must not be resumed."""
+    _, u8 = data
+    root = tmp_path / "u8"
+    shutil.copytree(u8, root)
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"loader": {"batch_size": 64}, "train": {"epochs": 2, "device": "cpu"}}))
+    run_until_killed(root, tmp_path, params, "write_checkpoint", 1)  # after epoch 1 (standard)
+    unit = dataclasses.asdict(make_normalization("unit", None, 1))
+    for split in SPLITS:
+        path = root / split / MANIFEST_NAME
+        doc = json.loads(path.read_text())
+        assert doc["normalization"] != unit
+        path.write_text(json.dumps({**doc, "normalization": unit}, indent=2))
+    res = run_train(root, tmp_path, params)
+    assert res.returncode == 0, res.stderr
+    notices = [line for line in res.stderr.splitlines() if "not resuming" in line]
+    assert len(notices) == 1 and "other params, data, code or torch version" in notices[0], res.stderr
+    assert "resuming after" not in res.stderr
 
 
 def test_a_run_leaves_the_callers_thread_count_as_it_was(data, tmp_path: Path, monkeypatch) -> None:

@@ -12,8 +12,10 @@ two files always belong together.
 The fingerprint covers everything that changes the training trajectory: every
 ``train`` and ``loader`` param except the ones listed in :data:`SPEED_ONLY`
 (so a param added later is covered without anyone remembering to add it),
-the device type, both manifests' shard hashes, the torch version and a digest
-of the train stage's code (:func:`code_digest`). ``train.epochs`` is left out
+the device type, each split's whole manifest (its shard hashes, and the
+normalization the trainer applies to uint8 shards, which hold the same bytes
+whatever it is), the torch version and a digest of the train stage's code
+(:func:`code_digest`). ``train.epochs`` is left out
 on purpose: without a schedule, epoch k of a 5-epoch run is epoch k of a
 10-epoch run, so raising ``epochs`` after an interruption still resumes.
 
@@ -143,7 +145,7 @@ def fingerprint(
 ) -> str:
     """What a checkpoint must match to be resumed; ``code`` defaults to :func:`code_digest`.
 
-    The validation split's shards count too: its metrics are part of the history a resume replays.
+    The validation split's manifest counts too: its metrics are part of the history a resume replays.
 
     The number of processes is deliberately absent (elastic resume, see the
     module docstring); the thread count is compared beside it.
@@ -155,11 +157,17 @@ def fingerprint(
         "device": device.type,
         "torch": torch.__version__,
         "code": code_digest() if code is None else code,
-        "train_shards": [s.sha256 for s in train_manifest.shards],
-        "test_shards": [s.sha256 for s in test_manifest.shards],
-        "val_shards": [s.sha256 for s in val_manifest.shards] if val_manifest is not None else [],
+        # Whole manifests, not only shard hashes: uint8 shards hold the source bytes whatever the
+        # normalization is, which the trainer applies from the manifest.
+        "train_manifest": _digest(train_manifest),
+        "test_manifest": _digest(test_manifest),
+        "val_manifest": _digest(val_manifest) if val_manifest is not None else None,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _digest(manifest: Manifest) -> str:
+    return hashlib.sha256(manifest.to_json().encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline.errors import ShardError
 from pipeline.manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest
+from pipeline.normalize import lookup_table
 from pipeline.shards import ShardLayout, TensorInfo, check_tensors, read_layout
 
 _HASH_CHUNK = 1 << 20
@@ -105,11 +106,22 @@ def sha256_file(path: Path) -> str:
 
 
 def check_split(manifest: Manifest, expected_split: str, where: str) -> None:
-    """The manifest is of the expected split, and only a validation split may be empty."""
+    """The manifest is of the expected split, only a validation split may be empty, and (uint8 shards)
+    its normalization maps every byte to a finite float32, as the trainer will apply it."""
     if manifest.split != expected_split:
         raise ShardError(f"{where}: split: expected {expected_split!r}, found {manifest.split!r}")
     if manifest.num_samples == 0 and expected_split != "val":
         raise ShardError(f"{where}: expected at least one sample in the {expected_split} split, found none")
+    if manifest.image_dtype != "uint8":
+        return  # float32 shards are checked value by value instead (_check_finite)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # what is found is said below
+        table = lookup_table(manifest.normalization)
+    if not np.isfinite(table).all():
+        n = manifest.normalization
+        raise ShardError(
+            f"{where}: normalization: expected mean and std that map every pixel byte to a finite "
+            f"float32, found mean {list(n.mean)} and std {list(n.std)}"
+        )
 
 
 def validate_split(split_dir: Path | str, *, expected_split: str, verify: str = "header") -> ValidSplit:
