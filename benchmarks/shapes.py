@@ -66,6 +66,7 @@ GOAL_LOADER_OVER_MEMCPY = 2.5
 LOADER_SHAPES = {"1x28x28": (1, 28, 28), "3x32x32": (3, 32, 32)}
 ALL_STAGES = ("download", "csv", "parquet", "tensorize", "train")
 FASHION_NAMES = DATASETS["fashion-mnist"].class_names
+IMAGES = Path("data/user/images")  # inside data/user, the folder the csv stage accepts user data from
 
 # ============================================================================ loader against memcpy
 
@@ -246,12 +247,12 @@ def _prepare_png(work: Path, sizes: Sizes) -> dict:
     for split, limit in (("train", sizes.folder_train), ("test", sizes.folder_test)):
         images, labels = _fashion(sizes, split, limit)
         for folder in folders:
-            (work / "images" / split / folder).mkdir(parents=True)
+            (work / IMAGES / split / folder).mkdir(parents=True)
         for i, (image, label) in enumerate(zip(images, labels)):
             Image.fromarray(image).save(
-                work / "images" / split / folders[label] / f"{i:05d}.png", compress_level=1
+                work / IMAGES / split / folders[label] / f"{i:05d}.png", compress_level=1
             )
-    return {"data": {"dataset": "images", "images_dir": str(work / "images"), "image_shape": [3, 32, 32]}}
+    return {"data": {"dataset": "images", "images_dir": str(work / IMAGES), "image_shape": [3, 32, 32]}}
 
 
 def _prepare_png_augmented(work: Path, sizes: Sizes) -> dict:
@@ -260,11 +261,11 @@ def _prepare_png_augmented(work: Path, sizes: Sizes) -> dict:
 
 
 def _prepare_synthetic(work: Path, sizes: Sizes) -> dict:
-    make_image_folder(work / "images", sizes.synthetic_train, 0, shape=(3, 17, 23))
+    make_image_folder(work / IMAGES, sizes.synthetic_train, 0, shape=(3, 17, 23))
     return {
         "data": {
             "dataset": "images",
-            "images_dir": str(work / "images"),
+            "images_dir": str(work / IMAGES),
             "test_fraction": 0.1,
             "val_fraction": 0.1,
         }

@@ -67,13 +67,13 @@ def idx_to_csv(images_gz: Path, labels_gz: Path, out_csv: Path) -> int:
     return len(frame)
 
 
-def check_user_csv_location(path: Path, folder: Path, key: str, where: str = "params.yaml") -> None:
-    """Refuse a user CSV outside ``folder``.
+def check_user_location(path: Path, folder: Path, key: str, where: str = "params.yaml") -> None:
+    """Refuse a user CSV (or image folder) outside ``folder``.
 
     dvc.yaml tracks that folder, so edits to a file elsewhere would go unseen by ``dvc repro``.
 
     Args:
-        path: the CSV, as params.yaml names it.
+        path: the CSV or the image folder, as params.yaml names it.
         folder: the folder dvc.yaml tracks (``data/user``).
         key: the params.yaml key that names ``path``, for the message.
         where: the file the key is in, for the message.
@@ -84,20 +84,22 @@ def check_user_csv_location(path: Path, folder: Path, key: str, where: str = "pa
     resolved = path.resolve()
     if resolved.is_relative_to(folder.resolve()):
         return
+    what = "folder" if path.is_dir() else "file"
     # inside by name, not through links
     if Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder)):
-        fix = (
-            f"replace the link by a copy (cp --remove-destination {resolved} {path})"
-            if path.is_symlink()
-            else f"a folder on its way is a link: make it a real folder under {folder}/ holding a copy"
-        )
+        if not path.is_symlink():
+            fix = f"a folder on its way is a link: make it a real folder under {folder}/ holding a copy"
+        elif what == "folder":
+            fix = f"replace the link by a copy (rm {path} && cp -r {resolved} {path})"
+        else:
+            fix = f"replace the link by a copy (cp --remove-destination {resolved} {path})"
         raise ParamsError(
             f"{where}: {key}: {path} is a symbolic link to {resolved}, outside {folder}/, "
-            f"the folder dvc.yaml tracks, so dvc repro would not notice when that file changes: {fix}"
+            f"the folder dvc.yaml tracks, so dvc repro would not notice when that {what} changes: {fix}"
         )
     raise ParamsError(
         f"{where}: {key}: {path} is outside {folder}/, the folder dvc.yaml tracks, so dvc repro would "
-        f"not notice when the file changes: "
+        f"not notice when the {what} changes: "
         f"copy it to {folder / path.name} and set {key}: {folder / path.name}"
     )
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline import images
 from pipeline.cli import parser, run_stage
-from pipeline.csvdata import check_user_csv_location, idx_to_csv, import_user_csv, write_empty_csv
+from pipeline.csvdata import check_user_location, idx_to_csv, import_user_csv, write_empty_csv
 from pipeline.download import verify_raw
 from pipeline.errors import DataError
 from pipeline.params import DataParams, load_section
@@ -26,7 +26,7 @@ def _user_csv(data: DataParams, user: Path | None, outputs: dict[str, Path], whe
     if user is not None:
         for split, src in sources.items():
             if src is not None:
-                check_user_csv_location(src, user, f"data.{split}_csv", where)
+                check_user_location(src, user, f"data.{split}_csv", where)
     shape, labels = import_user_csv(
         sources["train"], outputs["train"], image_shape=data.image_shape, check_values=True
     )
@@ -47,8 +47,10 @@ def _user_csv(data: DataParams, user: Path | None, outputs: dict[str, Path], whe
     print(f"csv: test: {sources['test']} -> {outputs['test']}")
 
 
-def _image_folder(data: DataParams, outputs: dict[str, Path]) -> None:
+def _image_folder(data: DataParams, user: Path | None, outputs: dict[str, Path], where: str) -> None:
     root = Path(data.images_dir)
+    if user is not None:
+        check_user_location(root, user, "data.images_dir", where)
     train = images.scan_split(root, "train")
     test = images.scan_split(root, "test", images.class_names(train))
     shape = images.check_images(root, [*train, *test], data.image_shape)
@@ -68,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--user",
         type=Path,
         default=None,
-        help="folder dvc.yaml tracks for the user's CSVs (data/user); with it, a CSV elsewhere is refused",
+        help="folder dvc.yaml tracks for the user's CSVs and images (data/user); with it, data elsewhere "
+        "is refused",
     )
     args = p.parse_args(argv)
     data = load_section("data", args.params)
@@ -77,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _user_csv(data, args.user, outputs, args.params)
         return
     if data.dataset == "images":
-        _image_folder(data, outputs)
+        _image_folder(data, args.user, outputs, args.params)
         return
     spec = DATASETS[data.dataset]
     verify_raw(spec, args.raw)  # data/raw may come from a remote or by hand, not through `download`

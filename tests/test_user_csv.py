@@ -202,6 +202,37 @@ def test_a_symlink_inside_the_tracked_folder_is_named_as_one(tmp_path, link):
     assert synth.leftovers(tmp_path / "out") == []
 
 
+@pytest.mark.parametrize("where", ["elsewhere", "data/user/link"])
+def test_an_image_folder_outside_the_tracked_folder_is_refused(tmp_path, where):
+    """dvc.yaml tracks data/user: images added elsewhere would not rerun the data stages."""
+    from PIL import Image
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "train" / "cat").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(elsewhere / "train" / "cat" / "a.png")
+    if where != "elsewhere":
+        (tmp_path / "data/user").mkdir(parents=True)
+        os.symlink(elsewhere, tmp_path / where)
+    params = synth.write_params(tmp_path / "p.yaml", data={"dataset": "images", "images_dir": where})
+    proc = synth.run_stage("csv", "--params", params, *ARGS, cwd=tmp_path)
+    assert proc.returncode == 2
+    head = f"error: {params}: data.images_dir: {where} is "
+    if where == "elsewhere":
+        expected = (
+            f"{head}outside data/user/, the folder dvc.yaml tracks, so dvc repro would not notice when "
+            "the folder changes: copy it to data/user/elsewhere and set "
+            "data.images_dir: data/user/elsewhere\n"
+        )
+    else:
+        expected = (
+            f"{head}a symbolic link to {elsewhere}, outside data/user/, the folder dvc.yaml tracks, so dvc "
+            f"repro would not notice when that folder changes: replace the link by a copy "
+            f"(rm {where} && cp -r {elsewhere} {where})\n"
+        )
+    assert proc.stderr == expected
+    assert synth.leftovers(tmp_path / "out") == []
+
+
 def test_dvc_reruns_csv_when_the_user_edits_the_file_and_refuses_one_elsewhere(tmp_path):
     repo = make_csv_repo(tmp_path, n_train=20, n_test=10)
     dvc(repo, "repro", "csv")
