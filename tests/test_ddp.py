@@ -311,19 +311,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_machines_match_two_local_processes(data: Path, two: Path, tmp_path: Path) -> None:
-    """Two torchrun agents, one process each, meet at a c10d rendezvous as two machines would.
+def _two_agents(tmp_path: Path, params: Path, data_per_node: list[Path]) -> tuple[list[int], list[str]]:
+    """Two torchrun agents, one process each, meet at a c10d rendezvous as two machines would; node k
+    reads ``data_per_node[k]``. Their exit codes and outputs.
 
     Each "machine" gets half of this machine's cores, as each of the two
     local processes does, so every rank runs the same number of threads.
     """
-    params = _params(tmp_path / "params.yaml", 2)
     port = _free_port()
     cores = sorted(os.sched_getaffinity(0))
     half = max(1, len(cores) // 2)
     agents = []
     with _reaped():
-        for node in range(2):
+        for node, data in enumerate(data_per_node):
             share = set(cores[node * half : (node + 1) * half]) or set(cores)
             cmd = [
                 sys.executable,
@@ -359,12 +359,41 @@ def test_two_machines_match_two_local_processes(data: Path, two: Path, tmp_path:
                 )
             )
         outputs = [agent.communicate(timeout=300)[0] for agent in agents]
-    assert [a.returncode for a in agents] == [0, 0], outputs
+    return [a.returncode for a in agents], outputs
+
+
+def test_two_machines_match_two_local_processes(data: Path, two: Path, tmp_path: Path) -> None:
+    codes, outputs = _two_agents(tmp_path, _params(tmp_path / "params.yaml", 2), [data, data])
+    assert codes == [0, 0], outputs
     assert sum(out.count(f"epoch {EPOCHS}/{EPOCHS}") for out in outputs) == 1, outputs  # one writer
     a, b = history(two), history(tmp_path)
     for name in MODEL_METRICS:
         assert a[name] == b[name], name
     assert _model_bytes(two) == _model_bytes(tmp_path)
+
+
+def test_a_machine_with_other_shards_is_refused_before_training(data: Path, tmp_path: Path) -> None:
+    """Machine B did not pull the latest test split: every rank stops in one line, nothing is trained."""
+    other = tmp_path / "other-shards"
+    shutil.copytree(data / "train", other / "train")
+    _learnable_split(other / "test", N_TEST, split="test", seed=3)
+    work = tmp_path / "work"
+    work.mkdir()
+    codes, outputs = _two_agents(work, _params(work / "params.yaml", 2), [data, other])
+    assert all(code != 0 for code in codes), outputs
+    ranks = []
+    for out in outputs:  # each agent runs one rank; the rendezvous, not --node-rank, numbers them
+        found = re.search(
+            r"error: rank ([01]) on \S+: rank\(s\) 1 of 2 have other params, data, code or torch version "
+            r"than rank 0; give every machine the same commit, params.yaml and shards "
+            r"\(git pull && dvc pull\)",
+            out,
+        )
+        assert found, out
+        ranks.append(found.group(1))
+        assert "epoch 1/" not in out, out
+    assert sorted(ranks) == ["0", "1"]
+    assert not (work / "models").exists()
 
 
 def _children(pid: int) -> list[int]:

@@ -120,13 +120,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "torchrun --nnodes 2 --node-rank 0 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint host-a:29500 "
     "--rdzv-id mnist --max-restarts 3 -m stages.train --train data/tensors/train --test data/tensors/test "
-    "--model models --checkpoints checkpoints --live dvclive": (
+    "--val data/tensors/val --model models --checkpoints checkpoints --live dvclive": (
         "tests/test_ddp.py::test_two_machines_match_two_local_processes",
         '"--rdzv-endpoint"',
     ),
     "torchrun --nnodes 2 --node-rank 1 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint host-a:29500 "
     "--rdzv-id mnist --max-restarts 3 -m stages.train --train data/tensors/train --test data/tensors/test "
-    "--model models --checkpoints checkpoints --live dvclive": (
+    "--val data/tensors/val --model models --checkpoints checkpoints --live dvclive": (
         "tests/test_ddp.py::test_two_machines_match_two_local_processes",
         '"--node-rank"',
     ),

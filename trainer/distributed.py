@@ -227,6 +227,15 @@ def broadcast_floats(values: Sequence[float], group: Group) -> list[float]:
     return t.cpu().tolist()
 
 
+def ranks_unlike_rank_0(digest: bytes, group: Group) -> list[int]:
+    """The ranks whose ``digest`` differs from rank 0's; the same list on every rank, so all stop alike."""
+    if group.world_size == 1:
+        return []
+    mine = [float(b) for b in digest]
+    theirs = broadcast_floats(mine, group)
+    return [r for r, d in enumerate(gather_floats(float(theirs != mine), group)) if d]
+
+
 def broadcast_int(value: int, group: Group) -> int:
     """Rank 0's ``value`` on every rank."""
     if group.world_size == 1:

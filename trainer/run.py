@@ -287,6 +287,21 @@ def build_model(train: TrainParams, train_split: Split, device: torch.device) ->
     return SimpleCNN(*train_split.manifest.image_shape, train_split.manifest.num_classes).to(device)
 
 
+def _check_same_run_everywhere(run: Run) -> None:
+    """Every rank trains what rank 0 trains: the same params, data, code and torch version (the fingerprint).
+
+    Each rank reads its own params.yaml, code and shards; on another machine one that was not pulled
+    would otherwise train its old shards into the shared model without a word.
+    """
+    unlike = distributed.ranks_unlike_rank_0(bytes.fromhex(run.fingerprint), run.group)
+    if unlike:
+        raise PipelineError(
+            f"rank {run.group.rank} on {socket.gethostname()}: rank(s) {', '.join(map(str, unlike))} of "
+            f"{run.group.world_size} have other params, data, code or torch version than rank 0; give "
+            f"every machine the same commit, params.yaml and shards (git pull && dvc pull)"
+        )
+
+
 def resume_everywhere(
     run: Run, history_names: Sequence[str], max_epoch: int
 ) -> tuple[Position, list[dict[str, float]]]:
@@ -589,6 +604,7 @@ def train(
                 DeviceNormalizer(train_split.manifest.normalization, device),
                 make_precision(train.precision, device),
             )
+            _check_same_run_everywhere(run)
             position, history = resume_everywhere(run, metrics, train.epochs)
             # After the resume: DDP broadcasts rank 0's parameters when it wraps the model.
             run = dataclasses.replace(run, trained=distributed.wrap(model, group))
