@@ -163,6 +163,11 @@ def test_bf16_without_matrix_units_is_noticed_from_the_cpu_flags(tmp_path: Path)
         notice = bf16_cpu_notice("bf16", CPU, without)
         assert notice is not None and notice.startswith("train.precision bf16:") and "\n" not in notice
     assert bf16_cpu_notice("bf16", CPU, flags | {"amx_bf16", "amx_tile"}) is None
+    arm = tmp_path / "cpuinfo-arm"  # an Arm CPU lists "Features"; bf16 there includes BFMMLA (matrices)
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    assert bf16_cpu_notice("bf16", CPU, cpu_flags(arm)) is None
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd crc32\n")
+    assert bf16_cpu_notice("bf16", CPU, cpu_flags(arm)) is not None
     assert bf16_cpu_notice("fp32", CPU, flags) is None
     assert bf16_cpu_notice("bf16", torch.device("cuda"), flags) is None
     assert cpu_flags(tmp_path / "missing") is None

@@ -16,12 +16,13 @@ every precision. Evaluation runs under the same autocast as training.
 Precision changes results, so it is part of the checkpoint fingerprint
 (it is not in ``trainer.checkpoint.SPEED_ONLY``).
 
-bf16 on a CPU without bfloat16 matrix units (Intel AMX) still runs, but
-slower than fp32: ``avx512_bf16`` alone only adds vector dot products, and
-on such a CPU bf16 training was measured slower than fp32
+bf16 on a CPU without bfloat16 matrix units (Intel AMX, or Arm's BFMMLA) still
+runs, but no faster than fp32: ``avx512_bf16`` alone only adds vector dot
+products, and on such a CPU bf16 training was measured no faster than fp32
 (``bench/precision.md``). :func:`bf16_cpu_notice` says so in one line. It
-decides from the CPU flags in ``/proc/cpuinfo`` (``amx_bf16`` present:
-matrix units); where that file is unreadable (not Linux) it asks PyTorch
+decides from the CPU flags in ``/proc/cpuinfo`` (``amx_bf16`` on x86, or the
+``bf16`` feature of an Arm CPU, whose BFMMLA instruction multiplies bfloat16
+matrices: matrix units); where that file is unreadable (not Linux) it asks PyTorch
 (``torch.cpu._is_amx_tile_supported``, the check its own CPU kernels
 dispatch on), and says nothing if neither can tell.
 ``torch.backends.cpu.get_cpu_capability()`` is quoted in the notice; it names
@@ -39,7 +40,8 @@ import torch
 
 from pipeline.errors import ParamsError
 
-BF16_FLAGS = ("amx_bf16",)  # CPU flags of bfloat16 matrix units (AMX); avx512_bf16 is vector-only
+# CPU flags of bfloat16 matrix units: x86's AMX, Arm's BF16 (BFMMLA); x86's avx512_bf16 is vector-only
+BF16_FLAGS = ("amx_bf16", "bf16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -72,7 +74,7 @@ def native_bf16(flags: set[str] | None) -> bool | None:
 
 
 def bf16_cpu_notice(precision: str, device: torch.device, flags: set[str] | None = None) -> str | None:
-    """A one-line notice (no prefix) when bf16 has no matrix units (slow) on this CPU; None otherwise.
+    """A one-line notice (no prefix) when bf16 has no matrix units (no faster) on this CPU; None otherwise.
 
     ``flags`` defaults to :func:`cpu_flags` (tests pass their own)."""
     if precision != "bf16" or device.type != "cpu":
@@ -81,9 +83,9 @@ def bf16_cpu_notice(precision: str, device: torch.device, flags: set[str] | None
     if native is not False:
         return None
     return (
-        f"train.precision bf16: this CPU has no bfloat16 matrix units (no {', '.join(BF16_FLAGS)} "
+        f"train.precision bf16: this CPU has no bfloat16 matrix units (no {' or '.join(BF16_FLAGS)} "
         f"flag; PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}); bf16 runs without them, "
-        "likely slower than fp32"
+        "likely no faster than fp32"
     )
 
 
