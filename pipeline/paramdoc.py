@@ -57,7 +57,7 @@ KEYS: dict[str, Doc] = {
     "data.images_dir": Doc(
         "results",
         "Image folder when `data.dataset` is `images`: `train/<class>/<file>`, optionally "
-        "`test/<class>/<file>`.",
+        "`test/<class>/<file>`; must lie inside `data/user/`.",
     ),
     "data.image_shape": Doc(
         "results",
@@ -169,7 +169,9 @@ KEYS: dict[str, Doc] = {
         "also its SHA-256.",
     ),
     "train.checkpoint_every": Doc(
-        "speed", "Epochs between resumable checkpoints in `checkpoints/`; `0`: none."
+        "speed",
+        "Epochs between resumable checkpoints in `checkpoints/`; `0`: only the time-based ones "
+        "(`train.checkpoint_seconds`).",
     ),
     "train.checkpoint_seconds": Doc(
         "speed",
@@ -255,7 +257,7 @@ def check_keys(doc: dict[str, Any]) -> None:
 
 def _sentence(cls: type) -> str:
     """A section dataclass's docstring after its ``section``: prefix, as a sentence."""
-    text = (cls.__doc__ or "").split(":", 1)[-1].strip()
+    text = " ".join((cls.__doc__ or "").split(":", 1)[-1].split())  # one line, whatever the wrapping
     return text[:1].upper() + text[1:]
 
 

@@ -138,7 +138,8 @@ class PrepParams:
 
 @dataclass(frozen=True, config=_CONFIG)
 class LoaderParams:
-    """``loader``: DataLoader settings. They change speed, never results."""
+    """``loader``: DataLoader settings. Those marked speed change speed, never results; the batch size
+    and the shuffle choose the batches."""
 
     batch_size: IntAtLeast1 = 512
     num_workers: IntAtLeast0 = 0
