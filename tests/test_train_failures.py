@@ -21,6 +21,8 @@ import pytest
 from tests.test_train_stage import (
     MODEL_METRICS,
     history,
+    run_train,
+    run_until_killed,
     stage_cmd,
     stage_env,
     write_params,
@@ -170,3 +172,30 @@ def test_a_symlinked_checkpoint_path_takes_the_same_lock(tmp_path: Path) -> None
         checkpoint_lock(tmp_path / "link" / "checkpoints"),
     ):
         pass
+
+
+def test_a_checkpoint_folder_that_is_a_symbolic_link_stays_one(data: Path, baseline, tmp_path: Path) -> None:
+    """Checkpoints put on another disk through a link: each is written where the link points, the link
+    stays (replacing the folder used to replace the link, and move the lock with it), the run resumes
+    from there and ends as the uninterrupted one."""
+    work0, _ = baseline
+    scratch = tmp_path / "scratch" / "ck"
+    scratch.parent.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    os.symlink(scratch, work / "checkpoints")  # dangling until the first checkpoint
+    params = write_params(work / "params.yaml", loader={"num_workers": 0})
+    run_until_killed(data, work, params, "write_checkpoint", 1)
+    assert (work / "checkpoints").is_symlink() and (scratch / "checkpoint.json").exists()
+    with checkpoint_lock(scratch), pytest.raises(CheckpointBusy), checkpoint_lock(work / "checkpoints"):
+        pass
+    res = run_train(data, work, params)
+    assert res.returncode == 0, res.stderr
+    assert "resuming after epoch 1" in res.stderr
+    assert (work / "checkpoints").is_symlink() and not scratch.exists()  # dropped after the run, link kept
+    a, b = history(work0), history(work)
+    for name in MODEL_METRICS:
+        assert a[name] == b[name], name
+    assert (work0 / "models" / "model.safetensors").read_bytes() == (
+        work / "models" / "model.safetensors"
+    ).read_bytes()

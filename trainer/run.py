@@ -537,6 +537,10 @@ def train(
         NonFiniteLoss: the loss or the weights stopped being finite (a single process).
     """
     device, train_split, test_split, val_split = check_inputs(train_dir, test_dir, train, val_dir)
+    # A checkpoint folder reached through a link (on another disk, say) is written where it points: the
+    # atomic replacement of the folder would otherwise replace the link, and the lock (taken on the
+    # resolved path) would move with it.
+    checkpoint_dir = Path(os.path.realpath(checkpoint_dir))
     splits = [s for s in (train_split, test_split, val_split) if s is not None]
     fetcher = start_fetcher(splits, loader, shard_cache, cache_hook)
     if fetcher is not None:
