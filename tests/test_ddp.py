@@ -494,6 +494,40 @@ def test_killed_rank_restarts_the_group_and_ends_like_an_uninterrupted_run(
         assert len(read_tsv(tsv)) == EPOCHS, tsv
 
 
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the processes in /proc")
+@pytest.mark.parametrize("victim", ["stage", "agent"])
+def test_a_killed_stage_or_agent_takes_the_ranks_with_it(data: Path, tmp_path: Path, victim: str) -> None:
+    """SIGKILL for the stage alone (kill -9, the OOM killer) frees its checkpoint lock; for the agent
+    alone, the stage ends and frees it. torchrun's ranks have sessions of their own and used to train
+    on, writing into a folder a rerun could then lock: now every process of the run ends in seconds."""
+    params = tmp_path / "params.yaml"
+    train = {**PARAMS["train"], "processes": 2, "epochs": 10_000, "checkpoint_every": 0}
+    params.write_text(
+        json.dumps({"loader": PARAMS["loader"], "train": {**train, "checkpoint_seconds": None}})
+    )
+    log = tmp_path / "run.log"
+    with _reaped():
+        token = os.environ[_LAUNCH_MARK]  # every process the block starts carries it
+        with open(log, "w") as out:
+            stage = subprocess.Popen(
+                stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(), stdout=out, stderr=out
+            )
+        deadline = time.monotonic() + 240
+        while "epoch 2/" not in log.read_text():  # both ranks are training
+            assert stage.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        (agent,) = _children(stage.pid)
+        os.kill(stage.pid if victim == "stage" else agent, signal.SIGKILL)
+        stage.wait(timeout=60)
+        deadline = time.monotonic() + 30  # the run itself would take minutes more
+        while _marked(token):
+            assert time.monotonic() < deadline, (_marked(token), log.read_text())
+            time.sleep(0.05)
+    with checkpoint_lock(tmp_path / "checkpoints"):  # free: a rerun owns the folder alone
+        pass
+    assert not (tmp_path / "models").exists()
+
+
 @pytest.mark.slow
 def test_dvc_exp_run_with_two_processes_reruns_only_train(tmp_path: Path) -> None:
     repo = make_csv_repo(tmp_path, n_train=257, n_test=100)

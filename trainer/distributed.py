@@ -8,14 +8,24 @@ launcher (ours, or the user's own ``torchrun`` across machines) finds its rank
 and the rendezvous in the environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``...) and joins the group from there.
 
+The agent runs as ``python -m trainer.distributed`` (torchrun's own entry point,
+after one step of its own): torchrun starts each rank in a session of its own,
+so ranks outlive a SIGKILLed agent, and the agent outlives a SIGKILLed stage;
+the kernel would then free the stage's checkpoint lock while its ranks still
+train and write. So on Linux the agent asks the kernel for SIGTERM when the
+stage ends (it then stops its ranks), and each rank for SIGKILL when the agent
+ends (``PR_SET_PDEATHSIG``), however either ends.
+
 Only tensor collectives are used (``all_reduce``, ``broadcast``): the
 ``*_object`` collectives pickle, and this project never unpickles anything.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -34,6 +44,10 @@ from pipeline.pool import cpu_count  # the affinity mask's cores, as the data st
 
 # Set by torchrun (and torch.distributed.run) in every process it starts.
 LAUNCHER_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+# The pid each process of our own launch ends with: the stage's for the agent, the agent's for a rank.
+STAGE_PID_ENV = "TRAINER_STAGE_PID"
+AGENT_PID_ENV = "TRAINER_AGENT_PID"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,7 @@ def run_rank(entry: Callable[[], None]) -> NoReturn:
     output and logs, and leaves with ``os._exit``: exit code 0, a ``SystemExit``'s code, or 1
     after an uncaught exception's traceback, as Python itself would give.
     """
+    end_with_parent(os.environ.get(AGENT_PID_ENV), signal.SIGKILL)  # ours: never outlive the agent
     code = 0
     try:
         entry()
@@ -84,6 +99,30 @@ def run_rank(entry: Callable[[], None]) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def end_with_parent(parent: str | None, signum: int) -> None:
+    """Linux: the kernel sends this process ``signum`` when its parent ends, however the parent ends.
+
+    ``parent`` is the pid the parent announced (None: not launched by us, nothing to do); a parent
+    that ended before the request was made is no longer this process's parent, and the process
+    ends at once. Where ``prctl`` is missing (not Linux) nothing is done.
+    """
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    if prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+        return
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signum)
+
+
+def agent_main() -> None:
+    """``python -m trainer.distributed ARGS``: torchrun's agent with ARGS, ending with the stage."""
+    end_with_parent(os.environ.get(STAGE_PID_ENV), signal.SIGTERM)  # the agent then stops its ranks
+    os.environ[AGENT_PID_ENV] = str(os.getpid())  # inherited by the ranks (run_rank)
+    sys.argv[0] = "torch.distributed.run"
+    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
 
 
 def default_threads(local_processes: int, cores: int | None = None) -> int:
@@ -105,10 +144,11 @@ def check_gpus(device: torch.device, local_processes: int) -> None:
 
 
 def launch_command(module: str, args: Sequence[str], *, processes: int, max_restarts: int) -> list[str]:
+    """torchrun's command line, through :func:`agent_main` (set :data:`STAGE_PID_ENV` to the caller's pid)."""
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "trainer.distributed",
         "--standalone",
         "--nproc-per-node",
         str(processes),
@@ -129,14 +169,14 @@ def run_torchrun(
     env: Mapping[str, str] | None = None,
 ) -> int:
     """Run ``python -m module args`` as ``processes`` ranks under the elastic agent; its exit code."""
-    child_env = {**os.environ, **(env or {})}
+    child_env = {**os.environ, **(env or {}), STAGE_PID_ENV: str(os.getpid())}
     # torchrun would otherwise set 1 with a warning; each rank sets its own count anyway (see threads()).
     child_env.setdefault("OMP_NUM_THREADS", str(default_threads(processes)))
     agent = subprocess.Popen(
         launch_command(module, args, processes=processes, max_restarts=max_restarts), env=child_env
     )
-    # A SIGTERM for the stage (dvc, a scheduler) must reach the agent, which stops its ranks;
-    # Ctrl-C reaches them all through the terminal's process group anyway.
+    # A SIGTERM for the stage (dvc, a scheduler) must reach the agent, which stops its ranks; Ctrl-C
+    # reaches the agent through the terminal's process group (the ranks have sessions of their own).
     previous = signal.signal(signal.SIGTERM, lambda signum, _frame: agent.send_signal(signum))
     try:
         return agent.wait()
@@ -255,3 +295,7 @@ def broadcast_tensors(tensors: Mapping[str, torch.Tensor], group: Group) -> None
         dist.broadcast(on_device, src=0)
         if on_device.data_ptr() != local.data_ptr():
             local.copy_(on_device)
+
+
+if __name__ == "__main__":
+    agent_main()
