@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from sshd import start_sshd
 
@@ -33,7 +34,10 @@ from pipeline.params import load_section
 from pipeline.shardcache import ShardCache
 from tests.repo_copy import dvc, make_csv_repo, run, set_params
 from tests.test_train_stage import run_until_killed, stage_env, train_argv
+from trainer.data import ShardDataset
 from trainer.run import train
+from trainer.stream import Fetcher, StreamedDataset, open_split
+from trainer.verify import validate_split
 
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 
@@ -296,6 +300,42 @@ def test_streaming_over_ssh_is_bit_identical(world: World, ssh_clone: Path) -> N
     model = train_in(ssh_clone, cache_limit_mb=2 * 2 * max(world.shard_bytes) / 2**20)  # HOME: the fixture's
     assert model.read_bytes() == world.model
     assert not os.path.exists(ssh_clone / "data/tensors")
+
+
+class _EvictedOnceFound(Fetcher):
+    """The real fetcher, except that each shard, the first time training finds it in the cache, is
+    evicted at once: what another rank sharing the folder (or this rank's own fetch-ahead) may do
+    between finding a file and mapping it."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.evicted: set[str] = set()
+
+    def acquire(self, entry: ShardEntry, *args: object) -> Path:
+        path = super().acquire(entry, *args)
+        if entry.sha256 not in self.evicted:
+            self.evicted.add(entry.sha256)
+            path.unlink()
+        return path
+
+
+def test_a_shard_evicted_between_finding_and_mapping_it_is_fetched_again(world: World) -> None:
+    repo = clone(world, "evicted")
+    split = open_split(repo / "data/tensors/train", expected_split="train", verify="header")
+    cache = ShardCache(repo / ".shardcache", limit_bytes=None)
+    fetcher = _EvictedOnceFound(cache, 2)
+    try:
+        dataset = StreamedDataset(split, fetcher, "header")
+        everything = torch.arange(len(dataset))
+        dataset.plan([everything])
+        images, labels = dataset[everything]
+    finally:
+        fetcher.close()
+    pulled = ShardDataset(validate_split(world.producer / "data/tensors/train", expected_split="train"))
+    expected_images, expected_labels = pulled[everything]
+    assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+    shards = len(split.manifest.shards)
+    assert len(fetcher.evicted) == shards and cache.stats.fetches >= 2 * shards  # each fetched again
 
 
 def test_the_cache_evicts_least_recently_used_never_protected_and_drops_stale_temporaries(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from pipeline.dvcremote import RemoteSplit, find_repo_root, open_remote_split
-from pipeline.errors import ParamsError
+from pipeline.errors import ParamsError, ShardError
 from pipeline.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from pipeline.params import LoaderParams
 from pipeline.shardcache import ShardCache
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 CACHE_DIR = ".shardcache"  # in the repository root; gitignored and dvcignored
 MB = 2**20
+EVICTED_RETRIES = 5  # fetches of one shard evicted before it could be mapped, before giving up
 
 
 @dataclass(frozen=True)
@@ -264,13 +266,37 @@ class StreamedDataset:
         return [self._entries[s].sha256 for s in self._maps]
 
     def _open(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """Map shard ``s`` from the cache, fetching it first if needed.
+
+        Between finding the file and mapping it, the file may be evicted: by this process's fetcher
+        (its protected set is taken when it picks a copy) or by another rank sharing the folder,
+        which cannot know what this one needs. A mapping keeps its file's bytes, but until then a
+        vanished file is fetched again, like any shard evicted before it was used.
+        """
         entry = self._entries[s]
-        path = self.fetcher.acquire(entry, self.split.source, self._mapped_shas())
-        if entry.sha256 not in self._offsets:
-            valid = validate_shard(path, entry, self.split.manifest, self.verify)
-            self._offsets[entry.sha256] = (valid.images_offset, valid.labels_offset)
+        for _attempt in range(EVICTED_RETRIES):
+            path = self.fetcher.acquire(entry, self.split.source, self._mapped_shas())
+            try:
+                f = open(path, "rb")  # noqa: SIM115 (closed below; the mapping keeps the file)
+            except FileNotFoundError:
+                continue
+            with f:
+                try:
+                    if entry.sha256 not in self._offsets:
+                        valid = validate_shard(path, entry, self.split.manifest, self.verify)
+                        self._offsets[entry.sha256] = (valid.images_offset, valid.labels_offset)
+                    raw = np.memmap(f, dtype=np.uint8, mode="c")
+                except (ShardError, FileNotFoundError):
+                    if os.fstat(f.fileno()).st_nlink == 0:  # the file opened above was evicted meanwhile
+                        continue
+                    raise  # a problem with the file itself
+            break
+        else:
+            raise ShardError(
+                f"{path}: evicted from the shard cache {EVICTED_RETRIES} times before it could be mapped; "
+                "raise loader.cache_limit_mb"
+            )
         images_offset, labels_offset = self._offsets[entry.sha256]
-        raw = np.memmap(path, dtype=np.uint8, mode="c")
         images, labels = view_tensors(
             raw, images_offset, labels_offset, entry.num_samples, self.image_shape, self.image_dtype
         )
