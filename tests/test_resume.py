@@ -143,6 +143,29 @@ def test_every_speed_only_key_changes_no_result(data: Path, tmp_path: Path, monk
         assert got_model == model or key == "train.epochs", key
 
 
+def test_a_checkpoint_from_another_machine_resumes_with_a_notice(
+    data: Path, baseline, tmp_path: Path
+) -> None:
+    """Resume anywhere: a checkpoint names the CPU (or GPU) it was made on, and one made on another model
+    resumes, with a notice that kernels there may round differently. (Here the machine is the same, so
+    the run still ends as the uninterrupted one.)"""
+    work0, _ = baseline
+    params = write_params(tmp_path / "params.yaml", train=EVERY_STEP)
+    run_until_killed(data, tmp_path, params, "write_checkpoint", 2)
+    meta_path = tmp_path / "checkpoints" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    here = meta["machine"]
+    assert here and here.endswith(torch.backends.cpu.get_cpu_capability())
+    meta_path.write_text(json.dumps({**meta, "machine": "Another CPU, AVX2"}))
+    res = run_train(data, tmp_path, params)
+    assert res.returncode == 0, res.stderr
+    notices = [line for line in res.stderr.splitlines() if "another machine" in line]
+    assert len(notices) == 1, res.stderr
+    assert f"made on Another CPU, AVX2, this run is on {here};" in notices[0]
+    assert "resuming in epoch 1, step 2" in res.stderr
+    _same_as_baseline(work0, tmp_path)
+
+
 def test_a_checkpoint_from_another_thread_count_is_not_resumed(
     data: Path, baseline, tmp_path: Path, monkeypatch
 ) -> None:

@@ -26,6 +26,9 @@ time) must match exactly whenever the number of processes matches; the
 number of processes may differ (an elastic resume: the global batch sequence
 is the same for any world size, ``trainer.rank_split``), and the caller then
 says so. That is the only reason the world size is not in the fingerprint.
+The machine (CPU or GPU model, :func:`trainer.precision.machine`) is recorded
+too: a checkpoint resumes on another one, where kernels may round differently,
+and the caller says so (resume anywhere, to rounding).
 A checkpoint that is missing, from another run, or damaged is ignored with a
 notice and training starts from scratch: never wrong, at worst slower.
 """
@@ -178,6 +181,8 @@ class RunShape:
     threads: (
         int | None
     )  # intra-op threads on the CPU; None on an accelerator, where they do not round anything
+    # the CPU or GPU model (trainer.precision.machine): a resume elsewhere is told, not refused
+    machine: str = ""
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,7 @@ class Resumed:
     position: Position
     history: list[dict[str, float]]
     processes: int  # the checkpoint's; differs from the run's on an elastic resume
+    machine: str = ""  # the checkpoint's; differs from the run's on a resume on another machine
 
 
 # fp16's torch.amp.GradScaler: what changes while training (its factors and interval are constants of the run)
@@ -253,6 +259,7 @@ def save_checkpoint(
             "fingerprint": run_fingerprint,
             "processes": shape.processes,
             "threads": shape.threads,
+            "machine": shape.machine,
             "tensors_sha256": hashlib.sha256((tmp / TENSORS).read_bytes()).hexdigest(),
             "history": history,
         }
@@ -292,6 +299,8 @@ def _read_meta(
         raise _Unusable(
             f"{META}: processes, threads: expected integers >= 1, found {processes!r}, {threads!r}"
         )
+    if not isinstance(meta.get("machine", ""), str):
+        raise _Unusable(f"{META}: machine: expected a string, found {meta.get('machine')!r:.80}")
     if processes == shape.processes and threads != shape.threads:
         raise _Unusable(
             f"it was made with {threads} intra-op threads per process, this run uses {shape.threads} "
@@ -409,7 +418,7 @@ def load_checkpoint(
         float(partial["seconds"]),
         float(partial["wait_seconds"]),
     )
-    return Resumed(position, history, meta["processes"])
+    return Resumed(position, history, meta["processes"], meta.get("machine", ""))
 
 
 def empty_state(

@@ -33,6 +33,7 @@ alone cannot decide.
 from __future__ import annotations
 
 import contextlib
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,26 @@ def cpu_flags(cpuinfo: Path | str = "/proc/cpuinfo") -> set[str] | None:
         if key.strip() in ("flags", "Features"):
             return set(value.split())
     return None
+
+
+def machine(device: torch.device, cpuinfo: Path | str = "/proc/cpuinfo") -> str:
+    """What a run's kernels depend on besides its code and torch version, in words: the CPU model and
+    the instruction set PyTorch dispatches to, or the GPU model and the CUDA and cuDNN versions."""
+    if device.type == "cuda":
+        return (
+            f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
+            f"cuDNN {torch.backends.cudnn.version()}"
+        )
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path(cpuinfo).read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+                break
+    except OSError:
+        pass  # not Linux: platform's name
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def native_bf16(flags: set[str] | None) -> bool | None:

@@ -75,7 +75,7 @@ from trainer.loop import evaluate, train_one_epoch
 from trainer.memory import PeakMemory
 from trainer.model import ARCHITECTURE, SimpleCNN, check_input_size
 from trainer.position import Position
-from trainer.precision import Precision, bf16_cpu_notice, check_precision, make_precision
+from trainer.precision import Precision, bf16_cpu_notice, check_precision, machine, make_precision
 from trainer.rank_split import RankBatches
 from trainer.stream import (
     Fetcher,
@@ -278,7 +278,11 @@ def _set_threads(group: distributed.Group, train: TrainParams) -> RunShape:
     threads = distributed.threads(group, train.threads)
     if threads is not None:
         torch.set_num_threads(threads)
-    return RunShape(group.world_size, torch.get_num_threads() if group.device.type == "cpu" else None)
+    return RunShape(
+        group.world_size,
+        torch.get_num_threads() if group.device.type == "cpu" else None,
+        machine(group.device),
+    )
 
 
 def build_model(train: TrainParams, train_split: Split, device: torch.device) -> SimpleCNN:
@@ -345,6 +349,13 @@ def resume_everywhere(
     position = Position(int(epoch), int(step), int(samples), tuple(sums), seconds, wait)
     if resumed is None:
         return position, [{}] * position.epoch
+    if resumed.machine and resumed.machine != run.shape.machine:
+        log.info(
+            "resuming on another machine: the checkpoint was made on %s, this run is on %s; its kernels may "
+            "round differently, so the results agree with an uninterrupted run to rounding",
+            resumed.machine,
+            run.shape.machine,
+        )
     if resumed.processes != world:
         log.info(
             "elastic resume: the checkpoint was written by %d processes, this run has %d; "
