@@ -15,8 +15,11 @@ last one training has touched. With a windowed shuffle the next window is
 copied while the current one trains; under DDP each rank plans only the shards
 its slices of the batches touch, and the ranks of one machine share the cache
 folder (one copies, the others find the file). The bytes a batch gathers are
-the ones the manifest names, verified by SHA-256 before use, so the results
-are those of training on pulled shards; the cache settings change speed only.
+the ones the manifest names, verified by SHA-256 as they enter the cache (a
+file already in the cache is trusted by its content-addressed name and its
+size; ``train.verify: full`` hashes it again before its first use), so the
+results are those of training on pulled shards; the cache settings change
+speed only.
 
 Eviction never removes what training still needs: the fetcher protects the
 shards from the current batch's first one up to the next to fetch, and the
