@@ -36,7 +36,7 @@ from tests.repo_copy import dvc, make_csv_repo, run, set_params
 from tests.test_train_stage import run_until_killed, stage_env, train_argv
 from trainer.data import ShardDataset
 from trainer.run import train
-from trainer.stream import Fetcher, StreamedDataset, open_split
+from trainer.stream import Fetcher, StreamedDataset, open_split, start_fetcher
 from trainer.verify import validate_split
 
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
@@ -163,6 +163,23 @@ def test_a_global_shuffle_with_a_cache_smaller_than_the_data_is_refused(world: W
 def test_a_cache_limit_below_one_window_is_refused(world: World, streamed: Path) -> None:
     with pytest.raises(ParamsError, match=r"less than one loader\.shuffle_window of 2 train shards"):
         train_in(streamed, cache_limit_mb=max(world.shard_bytes) * 1.5 / 2**20)
+
+
+def test_a_cache_limit_below_a_test_shard_is_refused_before_training(world: World, streamed: Path) -> None:
+    """The window check covers train shards; a larger test (or val) shard would only fail at evaluation,
+    after a whole epoch of training."""
+    loader = dataclasses.replace(
+        load_section("loader", streamed / "params.yaml"), cache_limit_mb=3 * max(world.shard_bytes) / 2**20
+    )
+    train_split = open_split(streamed / "data/tensors/train", expected_split="train", verify="header")
+    test_split = open_split(streamed / "data/tensors/test", expected_split="test", verify="header")
+    fetcher = start_fetcher([train_split, test_split], loader, streamed / ".cache-a", None)
+    assert fetcher is not None
+    fetcher.close()
+    big = dataclasses.replace(test_split.manifest.shards[0], bytes=4 * max(world.shard_bytes))
+    bigger = dataclasses.replace(test_split, manifest=dataclasses.replace(test_split.manifest, shards=(big,)))
+    with pytest.raises(ParamsError, match=rf"less than the test split's shard {big.file} \("):
+        start_fetcher([train_split, bigger], loader, streamed / ".cache-b", None)
 
 
 def _remote_object(storage: Path, repo: Path, split: str, name: str) -> Path:

@@ -363,6 +363,13 @@ def start_fetcher(
         return None
     limit = None if loader.cache_limit_mb is None else int(loader.cache_limit_mb * 2**20)
     ahead = plan_ahead(loader, splits[0], limit)
+    for split in streamed if limit is not None else ():  # said now, not after an epoch of training
+        big = max(split.manifest.shards, key=lambda entry: entry.bytes, default=None)
+        if big is not None and big.bytes > limit:
+            raise ParamsError(
+                f"params.yaml: loader.cache_limit_mb {loader.cache_limit_mb:g} is less than the "
+                f"{split.manifest.split} split's shard {big.file} ({big.bytes / MB:.1f} MB); raise it"
+            )
     folder = Path(shard_cache) if shard_cache is not None else default_cache_dir(streamed[0])
     bound = "no limit" if limit is None else f"limit {loader.cache_limit_mb:g} MB"
     log.info(
