@@ -81,15 +81,23 @@ def _visible_children(folder: Path) -> list[Path]:
         raise DataError(f"{folder}: cannot list folder: {exc.strerror or exc}") from None
 
 
-def _files_under(folder: Path, seen: set[str]) -> Iterator[Path]:
-    """Every visible file below ``folder``; a symlinked folder is followed once (``seen`` stops loops)."""
-    real = os.path.realpath(folder)
-    if real in seen:
-        return
-    seen.add(real)
+def _not_a_link(folder: Path) -> None:
+    """Refuse a folder reached through a symbolic link: DVC hashes ``data/user`` without going into
+    one, so images added or changed there would not rerun the data stages (a linked file is hashed
+    by its content and is fine)."""
+    if folder.is_symlink():
+        raise DataError(
+            f"{folder}: a folder reached through a symbolic link (to {os.path.realpath(folder)}); DVC does "
+            "not look inside one, so changes there would not rerun the data stages: make it a real folder"
+        )
+
+
+def _files_under(folder: Path) -> Iterator[Path]:
+    """Every visible file below ``folder`` (which holds no linked folder, see :func:`_not_a_link`)."""
     for child in _visible_children(folder):
         if child.is_dir():
-            yield from _files_under(child, seen)
+            _not_a_link(child)
+            yield from _files_under(child)
         else:
             yield child
 
@@ -111,7 +119,7 @@ def _check_name(path: Path) -> None:
 def _scan_class(split: str, folder: Path) -> list[ImageEntry]:
     """The images of one class folder; any other file is refused."""
     entries = []
-    for path in _files_under(folder, set()):
+    for path in _files_under(folder):
         _check_name(path)
         if path.suffix.lower() not in SUFFIXES:
             raise DataError(f"{path}: not an accepted image file; expected {ACCEPTED}")
@@ -151,12 +159,14 @@ def scan_split(images_dir: Path, split: str, known_classes: Sequence[str] | None
     if not root.is_dir():
         found = "a file" if root.exists() else "nothing"
         raise DataError(f"{root}: expected a folder of class folders {split}/<class>/<image>, found {found}")
+    _not_a_link(root)
     entries: list[ImageEntry] = []
     for child in _visible_children(root):
         if not child.is_dir():
             raise DataError(
                 f"{child}: file directly under {split}/; expected it in a class folder {split}/<class>/"
             )
+        _not_a_link(child)
         if known_classes is not None and child.name not in known_classes:
             raise DataError(
                 f"{child}: class {child.name!r} is not a train class; expected one of "

@@ -184,11 +184,33 @@ def test_files_in_subfolders_get_their_path_as_key_and_hidden_names_are_ignored(
     (root / "train/.cache/x.txt").write_text("junk")
     (root / "train/cat/.thumbs").mkdir()
     (root / "train/cat/.thumbs/t.txt").write_text("junk")
-    (root / "train/cat/loop").symlink_to(root / "train/cat")  # followed once, not forever
+    (tmp_path / "elsewhere").mkdir()
+    save(tmp_path / "elsewhere/003.png", noise((2, 2), 2))
+    (root / "train/cat/linked.png").symlink_to(tmp_path / "elsewhere/003.png")  # DVC hashes its content
     entries = scan_split(root, "train")
-    assert sorted(e.key for e in entries) == ["002.PNG", "a/b/001.png"]
-    assert {e.file for e in entries} == {"train/cat/a/b/001.png", "train/cat/002.PNG"}
+    assert sorted(e.key for e in entries) == ["002.PNG", "a/b/001.png", "linked.png"]
+    assert {e.file for e in entries} == {"train/cat/a/b/001.png", "train/cat/002.PNG", "train/cat/linked.png"}
     assert class_names(entries) == ["cat"]
+
+
+@pytest.mark.parametrize(
+    ("link", "target"), [("train", "train"), ("train/cat", "cat"), ("train/cat/sub", "cat")]
+)
+def test_a_folder_reached_through_a_symbolic_link_is_refused(tmp_path: Path, link: str, target: str) -> None:
+    """DVC hashes data/user without going into linked folders: images added there would go unseen."""
+    root, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    save(elsewhere / "train/dog/001.png", noise((2, 2), 0))  # what the links point to
+    save(elsewhere / "cat/002.png", noise((2, 2), 1))
+    if link != "train":
+        save(root / "train/dog/001.png", noise((2, 2), 0))
+    if link == "train/cat/sub":
+        save(root / "train/cat/003.png", noise((2, 2), 2))
+    root.mkdir(exist_ok=True)
+    (root / link).symlink_to(elsewhere / target)
+    assert refused(scan_split, root, "train") == (
+        f"{root / link}: a folder reached through a symbolic link (to {elsewhere / target}); DVC does not "
+        "look inside one, so changes there would not rerun the data stages: make it a real folder"
+    )
 
 
 # ============================================================================ order
