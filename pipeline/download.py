@@ -38,6 +38,7 @@ from pipeline.idx import parse_idx_header
 from pipeline.sources import DatasetSpec, IdxFile
 
 CHUNK = 1 << 16
+GZIP_BLOCK = 1 << 16  # compressed bytes fed to zlib at a time
 SOURCE_RECORD = "source.json"
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MIN_RATE_KBPS = 64.0
@@ -152,6 +153,8 @@ def _http_get(
         raise FetchError(f"truncated body: {len(exc.partial)} bytes, {exc.expected} more expected") from None
     except (http.client.HTTPException, OSError) as exc:  # resets, time-outs, protocol errors
         raise FetchError(f"{type(exc).__name__}: {exc or 'no detail'}") from None
+    except ValueError as exc:  # urllib on a malformed URL, e.g. a redirect to "http://[::1"
+        raise FetchError(f"malformed URL: {exc}") from None
 
 
 def _read_folder(folder: Path, name: str, limit: int) -> bytes:
@@ -187,7 +190,10 @@ def read_source(
 ) -> bytes:
     """The raw bytes of ``file`` from one source (URL base or folder), size-bounded."""
     limit = max_compressed_size(file)
-    scheme = urlparse(source).scheme
+    try:
+        scheme = urlparse(source).scheme
+    except ValueError as exc:  # e.g. "http://[::1" in data.mirrors
+        raise FetchError(f"malformed URL: {exc}") from None
     if scheme in ("http", "https"):
         url = source.rstrip("/") + "/" + file.name
         return _http_get(url, limit, timeout, min_rate_kbps, progress, opener or build_opener())
@@ -205,18 +211,22 @@ def gunzip_bounded(blob: bytes, size: int) -> bytes:
     if blob[:2] != b"\x1f\x8b":
         raise FetchError("not a gzip file (bad magic)")
     out = bytearray()
-    rest = blob
+    view, pos = memoryview(blob), 0
     try:
-        while rest:
-            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            out += d.decompress(rest, size + 1 - len(out))
-            if len(out) > size:
-                raise FetchError(f"decompresses to more than the expected {size} bytes")
-            if not d.eof:
-                raise FetchError("truncated gzip stream")
-            rest = d.unused_data
-            if rest and rest[:2] != b"\x1f\x8b":
+        while pos < len(view):  # one gzip member at a time
+            if view[pos : pos + 2] != b"\x1f\x8b":
                 raise FetchError("trailing garbage after gzip stream")
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            while not d.eof:
+                if pos == len(view):
+                    raise FetchError("truncated gzip stream")
+                # Fed a block at a time: what a member leaves unused (copied by zlib) is at most one
+                # block, so a file of many tiny members costs linear, not quadratic, time.
+                block = view[pos : pos + GZIP_BLOCK]
+                out += d.decompress(block, size + 1 - len(out))
+                if len(out) > size:
+                    raise FetchError(f"decompresses to more than the expected {size} bytes")
+                pos += len(block) - len(d.unused_data)
     except zlib.error as exc:
         raise FetchError(f"corrupt gzip stream: {exc}") from None
     return bytes(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import socket
@@ -19,10 +20,12 @@ import tracemalloc
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import synth
 
 from pipeline.download import (
+    GZIP_BLOCK,
     SOURCE_RECORD,
     FetchError,
     RateGuard,
@@ -125,6 +128,17 @@ def test_multi_member_gzip_verifies(ds, tmp_path):
     blob = synth.gz(raw[:50]) + synth.gz(raw[50:])  # what `cat a.gz b.gz` produces
     assert gunzip_bounded(blob, len(raw)) == raw
     verify(ds.spec.train.labels, blob)
+
+
+def test_members_across_the_blocks_fed_to_zlib_decompress_whole():
+    """Members are fed to zlib a block at a time (GZIP_BLOCK): boundaries fall anywhere in a block."""
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, 5 * GZIP_BLOCK, dtype=np.uint8).tobytes()  # incompressible: blocks of input
+    cuts = [0, 1, 2, GZIP_BLOCK - 7, GZIP_BLOCK + 3, 3 * GZIP_BLOCK, len(raw)]
+    blob = b"".join(synth.gz(raw[a:b]) for a, b in itertools.pairwise(cuts)) + synth.gz(b"")
+    assert gunzip_bounded(blob, len(raw)) == raw
+    with pytest.raises(FetchError, match="truncated gzip stream"):
+        gunzip_bounded(blob[: len(blob) // 2], len(raw))
 
 
 def test_fallback_to_the_next_source(ds, http_server, http_server2, tmp_path):
@@ -389,6 +403,18 @@ def test_redirect_to_another_scheme_refused(ds, http_server, tmp_path, target):
         f"refused redirect from {base}/{IMAGES} to {location}",
         f"HTTP 302 Found - Redirection to url '{location}' is not allowed",
     ), reason
+
+
+def test_a_malformed_redirect_or_mirror_url_moves_on_to_the_next_source(ds, http_server, tmp_path):
+    """urllib raises ValueError on such URLs: it used to end the stage with a traceback."""
+    http_server.redirect(f"/m/{IMAGES}", "http://[::1")
+    bad, broken = http_server.url("/m"), "http://[::1/mirror"
+    good = ds.write_folder(tmp_path / "good")
+    record = fetch(ds, tmp_path / "raw", broken, bad, str(good))
+    assert record["files"][IMAGES]["source"] == str(good)
+    msg = download_error(ds, tmp_path, broken, bad)
+    assert failure_lines(msg)[broken] == "malformed URL: Invalid IPv6 URL"
+    assert failure_lines(msg)[bad] == "malformed URL: Invalid IPv6 URL"
 
 
 def test_redirect_loop_refused(ds, http_server, tmp_path):
