@@ -11,21 +11,28 @@ no single network operation may block longer than ``timeout_s``, and over any
 per second must arrive. Reads use ``read1``, which returns whatever has
 arrived, so a server dripping a byte at a time is measured (and cut off)
 after at most about twice ``timeout_s``; a link that is slow but steady above
-the rate may take as long as it needs.
+the rate may take as long as it needs. A drip inside a read that never returns
+(the status line and headers, or a chunked body's size lines, each read up to
+its end) is caught by the same check run on a timer (``SIGALRM``, in the main
+thread, where the stages run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
+import signal
 import stat
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -93,14 +100,49 @@ class RateGuard:
         # Keep the newest mark at or before the window's start: the reference to count from.
         while len(self._marks) > 1 and self._marks[1][0] <= now - self.window_s:
             self._marks.popleft()
+        self.check(now)
+
+    def check(self, now: float | None = None) -> None:
+        """Raise :class:`FetchError` if the last window brought too few bytes; changes nothing (a timer
+        may call it between any two steps of :meth:`update`)."""
+        now = self.clock() if now is None else now
         if self.min_bytes <= 0 or now - self.start < self.window_s:
             return
-        got = self.received - self._marks[0][1]
+        reference = 0
+        for at, received in list(self._marks):  # the newest mark at or before the window's start
+            if at > now - self.window_s:
+                break
+            reference = received
+        got = self.received - reference
         if got < self.min_bytes:
             raise FetchError(
                 f"transfer too slow: {got} bytes in the last {self.window_s:g} s, below the minimum of "
                 f"{self.min_bytes * 8 / 1000 / self.window_s:g} kbit/s (data.min_rate_kbps)"
             )
+
+
+@contextlib.contextmanager
+def _checked_on_a_timer(guard: RateGuard) -> Iterator[None]:
+    """Run ``guard.check`` every quarter window (at most every second) while the block runs, even
+    inside a read that never returns: the signal interrupts it and the check's FetchError ends it.
+    Only in the main thread (where Python runs signal handlers); elsewhere reads alone are checked."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    every = min(1.0, max(0.05, guard.window_s / 4))
+
+    def on_alarm(_signum: int, _frame: object) -> None:
+        guard.check()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    # The first check a little after one window: a server silent from the start meets the socket's
+    # own time-out first, which says so ("timed out").
+    signal.setitimer(signal.ITIMER_REAL, guard.window_s + every, every)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _http_get(
@@ -113,7 +155,7 @@ def _http_get(
 ) -> bytes:
     guard = RateGuard(timeout, min_rate_kbps)
     try:
-        with opener.open(url, timeout=timeout) as resp:
+        with _checked_on_a_timer(guard), opener.open(url, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > limit:
                 raise FetchError(f"Content-Length {length} exceeds the largest valid file ({limit} bytes)")

@@ -272,6 +272,46 @@ def test_server_that_drips_bytes_is_cut_off_by_the_minimum_rate(ds, http_server,
     assert elapsed < 3, elapsed  # one window (0.5 s) and a read, not the 5+ s the whole drip would take
 
 
+def _drip_route(http_server, path: str, head: bytes, drip: bytes, interval: float) -> None:
+    """Send ``head`` at once, then ``drip`` a byte every ``interval`` s: a read of a line never returns."""
+    release = http_server._srv.release
+
+    def fn(h) -> None:
+        h.wfile.write(head)
+        for i in range(len(drip)):
+            h.wfile.write(drip[i : i + 1])
+            if release.wait(interval):
+                break
+        h.close_connection = True
+
+    http_server.route(path, fn)
+
+
+@pytest.mark.parametrize("where", ["headers", "chunk-size line"])
+def test_a_drip_inside_one_read_is_cut_off_by_the_minimum_rate(ds, http_server, tmp_path, where):
+    """The status line and headers, and a chunked body's size lines, are each read to their end inside
+    one read: a byte every 0.2 s never returned from it, so only the checks made on a timer stop it."""
+    body = ds.gz(IMAGES)
+    if where == "headers":
+        head, drip = b"", b"HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\n" + b"X-Pad: " + b"a" * 200
+    else:
+        chunk = body[:1000]
+        head = (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % len(chunk)
+            + chunk
+            + b"\r\n"
+        )
+        drip = b"0" * 200  # the next chunk's size line, one digit at a time
+    _drip_route(http_server, f"/m/{IMAGES}", head, drip, 0.2)
+    folder = ds.write_folder(tmp_path / "local")
+    record = fetch(ds, tmp_path / "raw", http_server.url("/m"), str(folder), timeout=0.5, min_rate_kbps=64)
+    assert record["files"][IMAGES]["source"] == str(folder)
+    message = download_error(ds, tmp_path / "again", http_server.url("/m"), timeout=0.5, min_rate_kbps=64)
+    reason = failure_lines(message)[http_server.url("/m")]
+    assert reason.startswith("transfer too slow: ") and "data.min_rate_kbps" in reason, reason
+
+
 def test_slow_link_above_the_minimum_rate_succeeds(tmp_path, http_server):
     """About 160 kbit/s against a floor of 32: the transfer spans many rate windows and per-read timeouts."""
     small = synth.dataset(n_train=24, n_test=8, seed=5)
