@@ -23,12 +23,18 @@ from pipeline.errors import DataError
 from pipeline.tabular import INT_LABELS, LABEL, MAX_LABEL, header
 
 BLOCK_BYTES = 8 << 20  # ~3,800 FashionMNIST rows: large enough for Polars' threads, small next to a row group
+_CELL_BYTES = 16  # room per value in the longest line read (a pixel needs at most "255," unless zero-padded)
+_LABEL_BYTES = 64 << 10  # room for a class name in the longest line read
 _NARROW_LINES = 256  # a refused block is re-parsed this many lines at a time before the line-by-line check
 _INTEGER = r"^[+-]?[0-9]+$"
 
 
 class _Refused(Exception):
     """A block parsed, but a value breaks the schema (an out-of-range or missing label, a missing pixel)."""
+
+
+class _LineTooLong(Exception):
+    """The next line runs past the longest a row of the schema can be."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,12 @@ class Schema:
     @cached_property
     def names(self) -> tuple[str, ...]:
         return header(self.num_pixels)
+
+    @cached_property
+    def longest_line(self) -> int:
+        """Bytes past which a line cannot be one row (and is refused before it is held whole): at least
+        a block, and room for a long class name and every value generously padded."""
+        return max(BLOCK_BYTES, _CELL_BYTES * (self.num_pixels + 1) + _LABEL_BYTES)
 
     @cached_property
     def out(self) -> dict[str, pl.DataType]:
@@ -96,18 +108,27 @@ def _parse(block: bytes, schema: Schema) -> pl.DataFrame:
     return _parse_strict(block, schema)
 
 
-def _blocks(f, size: int) -> Iterator[bytes]:
-    """The rest of ``f`` in blocks of whole lines; a line longer than ``size`` is a block of its own."""
+def _blocks(f, size: int, longest: int | None = None) -> Iterator[bytes]:
+    """The rest of ``f`` in blocks of whole lines; a line longer than ``size`` is a block of its own.
+
+    A line that grows past ``longest`` bytes raises :class:`_LineTooLong` before it is held whole.
+    """
     pieces: list[bytes] = []  # the unfinished line at the end of the last read
+    held = 0  # bytes in pieces
     while chunk := f.read(size):
         if pieces:
             first = chunk.find(b"\n") + 1
             if first == 0:
                 pieces.append(chunk)
+                held += len(chunk)
+                if longest is not None and held > longest:
+                    raise _LineTooLong
                 continue
             pieces.append(chunk[:first])
             head = b"".join(pieces)
-            pieces = []
+            pieces, held = [], 0
+            if longest is not None and len(head) > longest:
+                raise _LineTooLong
             if len(head) > size:  # a hostile line: alone, so explaining it needs no copy of its neighbours
                 yield head
                 chunk = chunk[first:]
@@ -118,6 +139,7 @@ def _blocks(f, size: int) -> Iterator[bytes]:
             yield chunk[:cut]
         if cut < len(chunk):
             pieces.append(chunk[cut:])
+            held = len(chunk) - cut
     if pieces:
         yield b"".join(pieces)
 
@@ -147,7 +169,18 @@ def parsed_blocks(
     first_row = 1  # data rows count from 1; the header is line 1
     with open(path, "rb") as f:
         f.seek(data_start)
-        for block in _blocks(f, BLOCK_BYTES):
+        blocks = _blocks(f, BLOCK_BYTES, schema.longest_line)
+        while True:
+            try:
+                block = next(blocks)
+            except StopIteration:
+                return
+            except _LineTooLong:  # the line after the blocks so far
+                raise DataError(
+                    f"{where}: row {first_row} (line {first_row + 1}): longer than "
+                    f"{schema.longest_line:,} bytes, more than a label and {schema.num_pixels} pixel "
+                    "values can take"
+                ) from None
             if _one_long_line(block):  # Polars takes seconds to refuse 10 M cells
                 problem = find_problem_in_lines(
                     _lines(block, 0, len(block)), first_row, where, names, schema.labels

@@ -94,9 +94,10 @@ def _check_label(cell: bytes, at: str, labels: str) -> None:
 
 
 def _check_int(digits: bytes, cell: bytes, at: str, col: int, name: str, hi: int) -> None:
-    if len(digits.lstrip(b"+-").lstrip(b"0")) > 20:  # far out of range, and int() refuses > 4300 digits
+    significant = digits.lstrip(b"+-").lstrip(b"0")  # int() refuses > 4300 digits, zeros included
+    if len(significant) > 20:  # far out of range
         raise DataError(f"{at}, column {col} ({name}): expected an integer 0..{hi}, found {_show(cell)}")
-    value = int(digits)
+    value = int(significant or b"0") * (-1 if digits.startswith(b"-") else 1)
     if not 0 <= value <= hi:
         raise DataError(f"{at}, column {col} ({name}): expected an integer 0..{hi}, found {value}")
 

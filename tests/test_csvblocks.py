@@ -4,6 +4,7 @@ path."""
 from __future__ import annotations
 
 import io
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,32 @@ def test_blocks_are_whole_lines_and_only_a_single_long_line_is_taken_for_one(mon
     assert b"".join(blocks) == spliced
     # the hostile line is a block of its own, so explaining it copies none of its neighbours
     assert [b for b in blocks if csvblocks._one_long_line(b)] == [long_line]
+
+
+def test_a_line_longer_than_any_row_is_refused_before_it_is_held_whole(tmp_path: Path, monkeypatch) -> None:
+    """Memory stays bounded by the block size: a 4 MiB line of one "value" used to be read whole, twice."""
+    monkeypatch.setattr(csvblocks, "BLOCK_BYTES", 10_000)
+    schema = csvblocks.Schema(64)
+    longest = 16 * 65 + (64 << 10)  # room for every value zero-padded, and a long class name
+    assert schema.longest_line == longest
+    header = b"label," + b",".join(b"p%d" % i for i in range(64)) + b"\n"
+    path = tmp_path / "long.csv"
+    path.write_bytes(header + b"0," + b"1," * 63 + b"1\n" + b"7" * (4 << 20) + b"\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as err:
+            list(csvblocks.parsed_blocks(path, len(header), schema))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(err.value) == (
+        f"{path}: row 2 (line 3): longer than {longest:,} bytes, more than a label and 64 pixel values "
+        "can take"
+    )
+    assert peak < 4 * longest, peak
+    # Just under it, a row zero-padded to tens of thousands of digits is read (and is valid: label 0).
+    path.write_bytes(header + b"0," + b"1," * 63 + b"1\n" + b"0" * (longest - 200) + b",1" * 64 + b"\n")
+    assert sum(df.height for df in csvblocks.parsed_blocks(path, len(header), schema)) == 2
 
 
 def test_parsed_blocks_speak_of_the_given_file_and_column_names(tmp_path: Path) -> None:
