@@ -9,11 +9,13 @@ unlike a read-only folder, also fails for root).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,37 @@ def test_a_checkpoint_folder_that_is_a_symbolic_link_stays_one(data: Path, basel
     assert (work0 / "models" / "model.safetensors").read_bytes() == (
         work / "models" / "model.safetensors"
     ).read_bytes()
+
+
+def test_ctrl_c_with_loader_workers_is_one_line_and_exit_130(data: Path, tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group, loader workers included: the stage says so in one line;
+    each worker used to add a KeyboardInterrupt traceback of its own."""
+    params = write_params(
+        tmp_path / "params.yaml",
+        loader={"num_workers": 2},
+        train={"epochs": 10_000, "checkpoint_every": 0, "checkpoint_seconds": None},
+    )
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            stage_cmd(data, tmp_path, params),
+            cwd=tmp_path,
+            env=stage_env(),
+            stdout=out,
+            stderr=out,
+            start_new_session=True,  # its own process group, as a terminal's foreground job has
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while "epoch 2/" not in log.read_text():  # the workers are prefetching
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code == 130, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert text.endswith("error: interrupted\n"), text

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -240,7 +242,7 @@ def test_evaluate_counts_every_sample_without_grad(split) -> None:
 
 
 _PEAK_CHILD = """
-import sys, numpy as np, torch
+import sys, numpy as np
 from trainer.memory import PeakMemory
 memory = PeakMemory(torch.device("cpu"))
 memory.reset()
@@ -270,6 +272,44 @@ def test_peak_memory_is_reported_in_mb() -> None:
         assert after_reset <= after - 32, (after, after_reset)
     else:
         assert after_reset >= after
+
+
+_EPOCH_PEAK_CHILD = """
+import sys, numpy as np
+from pathlib import Path
+from pipeline.params import LoaderParams, TrainParams
+from trainer.memory import _vm_hwm_kib
+from trainer.run import train
+block = np.ones(512 * 2**20 // 8)  # 512 MB touched, then handed back, before training
+del block
+print(_vm_hwm_kib() / 1024)
+data, work = Path(sys.argv[1]), Path(sys.argv[2])
+train(train_dir=data / "train", test_dir=data / "test", model_dir=work / "models",
+      checkpoint_dir=work / "ck", live_dir=work / "live", loader=LoaderParams(batch_size=64),
+      train=TrainParams(epochs=2, device="cpu"))
+"""
+
+
+@pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK), reason="no resettable RSS high-water mark here"
+)
+def test_peak_memory_is_each_epochs_own(data: Path, tmp_path: Path) -> None:
+    """peak_memory_mb is the epoch's high-water mark: a peak from before training (or an earlier epoch)
+    used to be repeated in every epoch's figure."""
+    res = subprocess.run(
+        [sys.executable, "-c", _EPOCH_PEAK_CHILD, str(data), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,  # DVCLive: outside any git repository
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert res.returncode == 0, res.stderr
+    before_training = float(res.stdout.split()[0])
+    with open(tmp_path / "live/plots/metrics/peak_memory_mb.tsv", newline="") as f:
+        peaks = [float(row["peak_memory_mb"]) for row in csv.DictReader(f, delimiter="\t")]
+    assert before_training > 512 and len(peaks) == 2
+    assert all(0 < peak < before_training - 128 for peak in peaks), (before_training, peaks)
 
 
 def _params_and_manifests(directory: Path):

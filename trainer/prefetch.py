@@ -41,6 +41,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -105,6 +106,9 @@ def _exit_with_parent(parent: int) -> None:
 def _start_worker(dataset: ShardDataset, shared: _Shared, parent: int) -> None:
     global _worker
     _worker = (dataset, shared)
+    # Ctrl-C reaches the whole process group: the training process reports it (one line) and ends
+    # its workers; each worker printing its own KeyboardInterrupt traceback would only bury that line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(WORKER_NICENESS)
     threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
 

@@ -422,6 +422,7 @@ def train_epoch(
     )
     run.train_batches.set_epoch(epoch, start.step)
     memory = PeakMemory(run.device)
+    memory.reset()  # this epoch's peak, not the process's so far
     stats = train_one_epoch(
         run.trained,
         run.train_loader,
@@ -482,8 +483,9 @@ def train_epoch(
         entry["val_loss"] = val_sum / max(val_samples, 1)
         entry["val_acc"] = val_correct / max(val_samples, 1)
     # The reduced figures and the weights are the same on every rank: every rank stops alike.
-    if not (math.isfinite(entry["test_loss"]) and weights_finite(run.model)):
-        raise non_finite(boundary.where(batches), "the test loss or a weight", train.lr)
+    losses = [entry["test_loss"], entry.get("val_loss", 0.0)]
+    if not (all(math.isfinite(v) for v in losses) and weights_finite(run.model)):
+        raise non_finite(boundary.where(batches), "the test or val loss or a weight", train.lr)
     return entry
 
 
