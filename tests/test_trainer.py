@@ -242,7 +242,7 @@ def test_evaluate_counts_every_sample_without_grad(split) -> None:
 
 
 _PEAK_CHILD = """
-import sys, numpy as np
+import sys, numpy as np, torch
 from trainer.memory import PeakMemory
 memory = PeakMemory(torch.device("cpu"))
 memory.reset()
