@@ -44,7 +44,9 @@ from tests.test_train_stage import (
     run_until_killed,
     stage_cmd,
     stage_env,
+    start_logged,
     train_argv,
+    wait_for_output,
 )
 from trainer.distributed import check_gpus, default_threads
 from trainer.loader import EpochBatchSampler
@@ -508,14 +510,8 @@ def test_a_killed_stage_or_agent_takes_the_ranks_with_it(data: Path, tmp_path: P
     log = tmp_path / "run.log"
     with _reaped():
         token = os.environ[_LAUNCH_MARK]  # every process the block starts carries it
-        with open(log, "w") as out:
-            stage = subprocess.Popen(
-                stage_cmd(data, tmp_path, params), cwd=tmp_path, env=stage_env(), stdout=out, stderr=out
-            )
-        deadline = time.monotonic() + 240
-        while "epoch 2/" not in log.read_text():  # both ranks are training
-            assert stage.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        stage = start_logged(data, tmp_path, params, log)
+        wait_for_output(stage, log, "epoch 2/")  # both ranks are training
         (agent,) = _children(stage.pid)
         os.kill(stage.pid if victim == "stage" else agent, signal.SIGKILL)
         stage.wait(timeout=60)

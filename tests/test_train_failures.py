@@ -15,7 +15,6 @@ import os
 import resource
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,8 @@ from tests.test_train_stage import (
     run_until_killed,
     stage_cmd,
     stage_env,
+    start_logged,
+    wait_for_output,
     write_params,
 )
 from trainer.lock import LOCK_HELD_ENV, CheckpointBusy, checkpoint_lock, lock_path
@@ -212,20 +213,10 @@ def test_ctrl_c_with_loader_workers_is_one_line_and_exit_130(data: Path, tmp_pat
         train={"epochs": 10_000, "checkpoint_every": 0, "checkpoint_seconds": None},
     )
     log = tmp_path / "run.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            stage_cmd(data, tmp_path, params),
-            cwd=tmp_path,
-            env=stage_env(),
-            stdout=out,
-            stderr=out,
-            start_new_session=True,  # its own process group, as a terminal's foreground job has
-        )
+    # In a process group of its own, as a terminal's foreground job is.
+    proc = start_logged(data, tmp_path, params, log, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while "epoch 2/" not in log.read_text():  # the workers are prefetching
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_for_output(proc, log, "epoch 2/")  # the workers are prefetching
         os.killpg(proc.pid, signal.SIGINT)
         code = proc.wait(timeout=60)
     finally:

@@ -61,6 +61,22 @@ def stage_env(root: Path = ROOT) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(root), "DVC_NO_ANALYTICS": "1"}
 
 
+def start_logged(data: Path, work: Path, params: Path, log: Path, **popen: object) -> subprocess.Popen:
+    """The train stage started in ``work`` with all its output in ``log`` (read it while it runs)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            stage_cmd(data, work, params), cwd=work, env=stage_env(), stdout=out, stderr=out, **popen
+        )
+
+
+def wait_for_output(proc: subprocess.Popen, log: Path, text: str, seconds: float = 240) -> None:
+    """Until ``text`` appears in ``log``; fails if ``proc`` ends first or it takes ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while text not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
 # The real stage, with one trainer.run function wrapped *by the test*: after its n-th call the
 # process stops itself (SIGSTOP), so the test can inspect it and SIGKILL it at a known point.
 # The product has no hook for this.
