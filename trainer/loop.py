@@ -30,8 +30,9 @@ device: uint8 batches become the float32 values of their float32 shards
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,20 @@ def scaled_loss(summed: torch.Tensor, global_batch: int, world_size: int) -> tor
     return summed / (global_batch / world_size)
 
 
+@contextlib.contextmanager
+def _iterating(loader: Iterable) -> Iterator[Iterator]:
+    """The loader's iterator, closed however the loop ends. Left open by an exception raised outside
+    it (Ctrl-C during a step), a prefetching iterator would keep its workers waiting for the next
+    chunk, and the interpreter's exit waits for them."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -146,44 +161,45 @@ def train_one_epoch(
     )
     began = time.perf_counter() - start.seconds
     next_refresh = time.perf_counter() + _BAR_SECONDS
-    batches = iter(loader)
-    step = start.step
-    while True:
-        before = time.perf_counter()
-        try:
-            images, labels = next(batches)
-        except StopIteration:
-            break
-        wait += time.perf_counter() - before
-        images = images.to(device, non_blocking=non_blocking)
-        labels = labels.to(device, non_blocking=non_blocking)
-        images = normalize(images)
-        k = labels.shape[0]
-        batch = global_size(step) if global_size is not None else k
-        if augment is not None:
-            images = augment(images, step, batch)
-        optimizer.zero_grad(set_to_none=True)
-        with precision.autocast():
-            logits = model(images)
-            summed = F.cross_entropy(logits.float(), labels, reduction="sum")  # float32 in every precision
-        loss = scaled_loss(summed, batch, world_size)
-        precision.backward_step(loss, optimizer)
-        loss_sum += summed.detach().double()
-        samples += k
-        if free_graph:
-            del logits, loss, summed
-        step += 1
-        if boundary is not None and step % check_every == 0:
-            boundary(Partial(step, samples, loss_sum.item(), time.perf_counter() - began, wait))
-        if not bar.disable and (time.perf_counter() >= next_refresh or step == total):
-            now = time.perf_counter()
-            next_refresh = now + _BAR_SECONDS
-            bar.set_postfix(
-                loss=f"{loss_sum.item() / max(samples, 1):.4f}",
-                samples_s=f"{samples / (now - began):.0f}",
-                refresh=False,
-            )
-            bar.update(step - bar.n)
+    with _iterating(loader) as batches:
+        step = start.step
+        while True:
+            before = time.perf_counter()
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                break
+            wait += time.perf_counter() - before
+            images = images.to(device, non_blocking=non_blocking)
+            labels = labels.to(device, non_blocking=non_blocking)
+            images = normalize(images)
+            k = labels.shape[0]
+            batch = global_size(step) if global_size is not None else k
+            if augment is not None:
+                images = augment(images, step, batch)
+            optimizer.zero_grad(set_to_none=True)
+            with precision.autocast():
+                logits = model(images)
+                # float32 in every precision
+                summed = F.cross_entropy(logits.float(), labels, reduction="sum")
+            loss = scaled_loss(summed, batch, world_size)
+            precision.backward_step(loss, optimizer)
+            loss_sum += summed.detach().double()
+            samples += k
+            if free_graph:
+                del logits, loss, summed
+            step += 1
+            if boundary is not None and step % check_every == 0:
+                boundary(Partial(step, samples, loss_sum.item(), time.perf_counter() - began, wait))
+            if not bar.disable and (time.perf_counter() >= next_refresh or step == total):
+                now = time.perf_counter()
+                next_refresh = now + _BAR_SECONDS
+                bar.set_postfix(
+                    loss=f"{loss_sum.item() / max(samples, 1):.4f}",
+                    samples_s=f"{samples / (now - began):.0f}",
+                    refresh=False,
+                )
+                bar.update(step - bar.n)
     epoch_loss = loss_sum.item()  # the epoch's one host read of the loss; it also waits for the last step
     seconds = time.perf_counter() - began
     bar.close()
@@ -207,8 +223,8 @@ def evaluate(
     loss_sum = 0.0
     correct = 0
     samples = 0
-    with torch.inference_mode():
-        for images, labels in loader:
+    with torch.inference_mode(), _iterating(loader) as batches:
+        for images, labels in batches:
             images = images.to(device, non_blocking=non_blocking)
             labels = labels.to(device, non_blocking=non_blocking)
             images = normalize(images)

@@ -37,6 +37,7 @@ bit-identical for any number of workers.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -103,14 +104,31 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
+def _exit_quietly(_signum: int, _frame: object) -> None:
+    os._exit(1)
+
+
 def _start_worker(dataset: ShardDataset, shared: _Shared, parent: int) -> None:
     global _worker
     _worker = (dataset, shared)
-    # Ctrl-C reaches the whole process group: the training process reports it (one line) and ends
-    # its workers; each worker printing its own KeyboardInterrupt traceback would only bury that line.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C reaches the whole process group. The training process says so in one line; a worker
+    # ends at once and without a word (a KeyboardInterrupt traceback per worker would bury that
+    # line), which frees the training process's pool. SIGINT was blocked across the fork
+    # (_sigint_blocked), so one that came meanwhile is handled here.
+    signal.signal(signal.SIGINT, _exit_quietly)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     os.nice(WORKER_NICENESS)
     threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT held back in this thread (and in processes forked meanwhile, until their initializer)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _take(shared: _Shared) -> int | None:
@@ -243,7 +261,8 @@ class PrefetchedBatches:
             if task.exception() is not None:
                 if raise_errors:
                     _raise(task)
-                log.warning("page prefetch failed after the consumer stopped: %s", task.exception())
+                if not isinstance(task.exception(), BrokenProcessPool):  # a worker ended, e.g. by Ctrl-C
+                    log.warning("page prefetch failed after the consumer stopped: %s", task.exception())
 
     def _gather(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.dataset[torch.from_numpy(batch)]
@@ -258,7 +277,8 @@ class PrefetchedBatches:
         shared, pool = self._shared, self._pool
         assert shared is not None and pool is not None
         try:
-            self._tasks = [pool.submit(_prefetch_epoch) for _ in range(self.num_workers)]
+            with _sigint_blocked():  # the pool forks its workers here
+                self._tasks = [pool.submit(_prefetch_epoch) for _ in range(self.num_workers)]
         except BrokenProcessPool as exc:
             self._shut()
             raise _died(exc) from None
