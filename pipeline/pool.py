@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from collections import deque
@@ -76,10 +77,24 @@ def _one_polars_thread() -> None:
     """Polars, imported after this, runs one thread; a value the user set is kept.
 
     The one home of this setting: a stage run with ``prep.workers: 1`` (:func:`use_cores`), and
-    each pool worker before any piece (the pool already puts one worker on each core; each
-    worker's own Polars pool would put several threads on every core).
+    each pool worker before any piece (:func:`_start_worker`: the pool already puts one worker on
+    each core; each worker's own Polars pool would put several threads on every core).
     """
     os.environ.setdefault("POLARS_MAX_THREADS", "1")
+
+
+def _exit_quietly(_signum: int, _frame: object) -> None:
+    os._exit(1)
+
+
+def _start_worker() -> None:
+    """Each pool worker, before any piece: one Polars thread, and a quiet end on Ctrl-C.
+
+    Ctrl-C reaches the whole process group: the stage says so in one line (``error: interrupted``);
+    a worker printing its own KeyboardInterrupt traceback would bury that line.
+    """
+    signal.signal(signal.SIGINT, _exit_quietly)
+    _one_polars_thread()
 
 
 class Workers:
@@ -98,7 +113,7 @@ class Workers:
         if self.workers > 1:
             context = multiprocessing.get_context("forkserver")
             self._pool = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=context, initializer=_one_polars_thread
+                max_workers=self.workers, mp_context=context, initializer=_start_worker
             )
         return self
 

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -332,6 +333,51 @@ def test_workers_serve_every_pass_of_a_stage():
     assert first & second and len(first | second) <= 2 and os.getpid() not in first
     with Workers(1) as one:
         assert set(one.map(_slow_pid, range(2))) == {os.getpid()}
+
+
+_CTRL_C_STAGE = """
+import time
+from pipeline.cli import run_stage
+from pipeline.pool import Workers
+
+def main(argv):
+    with Workers(2) as pool:
+        print("started", sum(pool.map(len, ["ab", "c"])), flush=True)  # both workers up
+        list(pool.map(time.sleep, [60, 60, 60]))
+
+run_stage(main)
+"""
+
+
+def test_ctrl_c_in_a_parallel_stage_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C reaches the whole process group, the stage's workers included: the stage says so in one
+    line; each worker busy with a piece used to add a KeyboardInterrupt traceback of its own."""
+    root = Path(__file__).resolve().parent.parent
+    log = tmp_path / "stage.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CTRL_C_STAGE],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(root)},
+            stdout=out,
+            stderr=out,
+            start_new_session=True,  # its own process group, as a terminal's foreground job has
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "started 3" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        time.sleep(0.5)  # the workers are in their pieces
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code == 130, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert text.endswith("error: interrupted\n"), text
 
 
 def test_reading_rows_and_labels_does_not_import_pandas(tmp_path):
