@@ -87,13 +87,20 @@ def _exit_quietly(_signum: int, _frame: object) -> None:
     os._exit(1)
 
 
-def _start_worker() -> None:
-    """Each pool worker, before any piece: one Polars thread, and a quiet end on Ctrl-C.
+def end_quietly_on_ctrl_c() -> None:
+    """In a worker process: Ctrl-C (SIGINT) ends it at once and without a word.
 
-    Ctrl-C reaches the whole process group: the stage says so in one line (``error: interrupted``);
-    a worker printing its own KeyboardInterrupt traceback would bury that line.
+    Ctrl-C reaches the whole process group. The stage says so in one line (``error: interrupted``);
+    a worker printing its own KeyboardInterrupt traceback would bury that line, and one that caught
+    it would go on serving pieces while its parent waits. The data stages' pool workers and the
+    trainer's prefetch workers (``trainer.prefetch``) call this first thing.
     """
     signal.signal(signal.SIGINT, _exit_quietly)
+
+
+def _start_worker() -> None:
+    """Each pool worker, before any piece: a quiet end on Ctrl-C, and one Polars thread."""
+    end_quietly_on_ctrl_c()
     _one_polars_thread()
 
 

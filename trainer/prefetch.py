@@ -55,6 +55,7 @@ import torch
 from torch.utils.data import Sampler
 
 from pipeline.errors import PipelineError
+from pipeline.pool import end_quietly_on_ctrl_c
 from trainer.data import ShardDataset
 
 log = logging.getLogger(__name__)
@@ -104,18 +105,12 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _exit_quietly(_signum: int, _frame: object) -> None:
-    os._exit(1)
-
-
 def _start_worker(dataset: ShardDataset, shared: _Shared, parent: int) -> None:
     global _worker
     _worker = (dataset, shared)
-    # Ctrl-C reaches the whole process group. The training process says so in one line; a worker
-    # ends at once and without a word (a KeyboardInterrupt traceback per worker would bury that
-    # line), which frees the training process's pool. SIGINT was blocked across the fork
-    # (_sigint_blocked), so one that came meanwhile is handled here.
-    signal.signal(signal.SIGINT, _exit_quietly)
+    # Ctrl-C: this worker ends quietly, which frees the training process's pool. SIGINT was blocked
+    # across the fork (_sigint_blocked), so one that came meanwhile is handled here.
+    end_quietly_on_ctrl_c()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     os.nice(WORKER_NICENESS)
     threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
