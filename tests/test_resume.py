@@ -25,6 +25,7 @@ from tests.test_train_stage import (
     history,
     run_train,
     run_until_killed,
+    same_as_baseline,
     write_params,
 )
 from tests.test_trainer import _other_value
@@ -39,17 +40,6 @@ KILLS = [(1, 0, (0, 1)), (3, 2, (0, 3)), (6, 0, (1, 2))]
 
 def _checkpoint(work: Path) -> dict:
     return json.loads((work / "checkpoints" / "checkpoint.json").read_text())
-
-
-def _same_as_baseline(work0: Path, work: Path) -> None:
-    a, b = history(work0), history(work)
-    for name in b:
-        assert [s for s, _ in b[name]] == [0, 1], name  # one row per epoch, none duplicated or missing
-    for name in MODEL_METRICS:
-        assert a[name] == b[name], name  # bit-identical floats
-    assert (work0 / "models" / "model.safetensors").read_bytes() == (
-        work / "models" / "model.safetensors"
-    ).read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -72,7 +62,7 @@ def test_killed_mid_epoch_resumes_bit_identically(
     assert res.returncode == 0, res.stderr
     assert f"resuming in epoch {at[0] + 1}, step {at[1]}" in res.stderr
     assert res.stdout.count("epoch 2/2") == 1 and res.stdout.count("epoch 1/2") == (1 if at[0] == 0 else 0)
-    _same_as_baseline(work0, tmp_path)
+    same_as_baseline(work0, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -163,7 +153,7 @@ def test_a_checkpoint_from_another_machine_resumes_with_a_notice(
     assert len(notices) == 1, res.stderr
     assert f"made on Another CPU, AVX2, this run is on {here};" in notices[0]
     assert "resuming in epoch 1, step 2" in res.stderr
-    _same_as_baseline(work0, tmp_path)
+    same_as_baseline(work0, tmp_path)
 
 
 def test_a_checkpoint_from_another_thread_count_is_not_resumed(
@@ -186,4 +176,4 @@ def test_a_checkpoint_from_another_thread_count_is_not_resumed(
         len(notices) == 1
         and f"made with 1 intra-op threads per process, this run uses {torch.get_num_threads()}" in notices[0]
     ), res.stderr
-    _same_as_baseline(work0, tmp_path)  # from scratch, under the baseline's thread count
+    same_as_baseline(work0, tmp_path)  # from scratch, under the baseline's thread count

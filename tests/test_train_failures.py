@@ -24,6 +24,7 @@ from tests.test_train_stage import (
     history,
     run_train,
     run_until_killed,
+    same_as_baseline,
     stage_cmd,
     stage_env,
     start_logged,
@@ -82,12 +83,7 @@ def test_checkpoints_that_cannot_be_written_are_warnings_and_training_goes_on(
     ), res.stderr
     assert warnings[0].endswith("); training goes on"), res.stderr
     assert not (tmp_path / "checkpoints").exists() and not list(tmp_path.glob(".checkpoints.tmp-*"))
-    a, b = history(work0), history(tmp_path)
-    for name in MODEL_METRICS:
-        assert a[name] == b[name], name
-    assert (work0 / "models" / "model.safetensors").read_bytes() == (
-        tmp_path / "models" / "model.safetensors"
-    ).read_bytes()
+    same_as_baseline(work0, tmp_path)
 
 
 def test_model_on_a_full_disk_is_one_line_and_nothing_half_written(data: Path, tmp_path: Path) -> None:
@@ -196,12 +192,7 @@ def test_a_checkpoint_folder_that_is_a_symbolic_link_stays_one(data: Path, basel
     assert res.returncode == 0, res.stderr
     assert "resuming after epoch 1" in res.stderr
     assert (work / "checkpoints").is_symlink() and not scratch.exists()  # dropped after the run, link kept
-    a, b = history(work0), history(work)
-    for name in MODEL_METRICS:
-        assert a[name] == b[name], name
-    assert (work0 / "models" / "model.safetensors").read_bytes() == (
-        work / "models" / "model.safetensors"
-    ).read_bytes()
+    same_as_baseline(work0, work)
 
 
 def test_ctrl_c_with_loader_workers_is_one_line_and_exit_130(data: Path, tmp_path: Path) -> None:

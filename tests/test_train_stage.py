@@ -149,6 +149,20 @@ def history(work: Path, names: tuple[str, ...] = METRICS) -> dict[str, list[tupl
     return out
 
 
+def same_as_baseline(work0: Path, work: Path) -> None:
+    """``work``'s run ended as the uninterrupted one in ``work0``: one logged row per epoch, none
+    duplicated or missing, every model metric as the same float, the same model file."""
+    a, b = history(work0), history(work)
+    for name in b:
+        epochs = list(range(len(a[name])))
+        assert [s for s, _ in b[name]] == [s for s, _ in a[name]] == epochs, name
+    for name in MODEL_METRICS:
+        assert a[name] == b[name], name  # bit-identical floats
+    assert (work0 / "models" / "model.safetensors").read_bytes() == (
+        work / "models" / "model.safetensors"
+    ).read_bytes()
+
+
 def test_train_stage_end_to_end(baseline) -> None:
     work, res = baseline
     assert "Traceback" not in res.stderr
