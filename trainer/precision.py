@@ -52,17 +52,24 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ParamsError(f"train.precision: fp16 needs a CUDA device, found {device.type}; use bf16 or fp32")
 
 
-def cpu_flags(cpuinfo: Path | str = "/proc/cpuinfo") -> set[str] | None:
-    """The CPU's feature flags from ``cpuinfo`` (first ``flags`` line), or None where it cannot be read."""
+def _cpuinfo_value(keys: tuple[str, ...], cpuinfo: Path | str) -> str | None:
+    """The value of ``cpuinfo``'s first line whose key is one of ``keys`` (the first CPU's); None when
+    there is none or the file cannot be read (not Linux)."""
     try:
         text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
+        if key.strip() in keys:
+            return value.strip()
     return None
+
+
+def cpu_flags(cpuinfo: Path | str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags from ``cpuinfo`` (first ``flags`` line), or None where it cannot be read."""
+    value = _cpuinfo_value(("flags", "Features"), cpuinfo)  # Features: an Arm CPU's
+    return None if value is None else set(value.split())
 
 
 def machine(device: torch.device, cpuinfo: Path | str = "/proc/cpuinfo") -> str:
@@ -73,15 +80,7 @@ def machine(device: torch.device, cpuinfo: Path | str = "/proc/cpuinfo") -> str:
             f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
             f"cuDNN {torch.backends.cudnn.version()}"
         )
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path(cpuinfo).read_text(encoding="utf-8", errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-                break
-    except OSError:
-        pass  # not Linux: platform's name
+    model = _cpuinfo_value(("model name",), cpuinfo) or platform.processor() or platform.machine()
     return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
 
 
