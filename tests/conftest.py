@@ -237,6 +237,21 @@ class LocalServer:
 
         self.route(path, fn)
 
+    def dripped(self, path: str, head: bytes, trickle: bytes, interval: float) -> None:
+        """Send the raw bytes ``head`` at once, then ``trickle`` one byte every ``interval`` seconds (in
+        a status line, the headers or a chunk-size line: a read of one line never returns)."""
+        release = self._srv.release
+
+        def fn(h: BaseHTTPRequestHandler) -> None:
+            h.wfile.write(head)
+            for i in range(len(trickle)):
+                h.wfile.write(trickle[i : i + 1])
+                if release.wait(interval):
+                    break
+            h.close_connection = True
+
+        self.route(path, fn)
+
     def redirect(self, path: str, location: str, code: int = 302) -> None:
         def fn(h: BaseHTTPRequestHandler) -> None:
             h.send_response(code)

@@ -272,21 +272,6 @@ def test_server_that_drips_bytes_is_cut_off_by_the_minimum_rate(ds, http_server,
     assert elapsed < 3, elapsed  # one window (0.5 s) and a read, not the 5+ s the whole drip would take
 
 
-def _drip_route(http_server, path: str, head: bytes, drip: bytes, interval: float) -> None:
-    """Send ``head`` at once, then ``drip`` a byte every ``interval`` s: a read of a line never returns."""
-    release = http_server._srv.release
-
-    def fn(h) -> None:
-        h.wfile.write(head)
-        for i in range(len(drip)):
-            h.wfile.write(drip[i : i + 1])
-            if release.wait(interval):
-                break
-        h.close_connection = True
-
-    http_server.route(path, fn)
-
-
 @pytest.mark.parametrize("where", ["headers", "chunk-size line"])
 def test_a_drip_inside_one_read_is_cut_off_by_the_minimum_rate(ds, http_server, tmp_path, where):
     """The status line and headers, and a chunked body's size lines, are each read to their end inside
@@ -303,7 +288,7 @@ def test_a_drip_inside_one_read_is_cut_off_by_the_minimum_rate(ds, http_server, 
             + b"\r\n"
         )
         drip = b"0" * 200  # the next chunk's size line, one digit at a time
-    _drip_route(http_server, f"/m/{IMAGES}", head, drip, 0.2)
+    http_server.dripped(f"/m/{IMAGES}", head, drip, 0.2)
     folder = ds.write_folder(tmp_path / "local")
     record = fetch(ds, tmp_path / "raw", http_server.url("/m"), str(folder), timeout=0.5, min_rate_kbps=64)
     assert record["files"][IMAGES]["source"] == str(folder)
