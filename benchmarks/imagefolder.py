@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.atomic import atomic_dir
+from pipeline.cpuinfo import cpu_model
 from pipeline.images import scan_split, write_listing
 from pipeline.parquet import images_to_parquet
 
@@ -175,18 +175,10 @@ def compare_layouts(images_dir: Path, work: Path) -> dict:
         out = subprocess.run(argv, check=True, capture_output=True, text=True)
         steps.append(json.loads(out.stdout))
     same = np.array_equal(_pixels_of_binary(work / "binary.parquet"), _pixels_of_wide(work / "wide.parquet"))
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
     return {
         "images": pq.read_metadata(work / "binary.parquet").num_rows,
         "codec": CODEC,
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "bytes": {
             name: (work / f"{name}.parquet").stat().st_size for name in ("binary", "pixels-only", "wide")
         },

@@ -53,6 +53,7 @@ from benchmarks.report import goal_verdicts, render_markdown, render_plot
 from benchmarks.shapes import loader_vs_memcpy
 from benchmarks.workers import uint8_twin, worker_epochs, workers_lines
 from pipeline.atomic import write_bytes_atomic
+from pipeline.cpuinfo import cpu_model
 from pipeline.params import load_section
 from trainer.allocator import retain_freed_memory
 from trainer.data import ShardDataset
@@ -191,16 +192,8 @@ def _time_loader(source: Callable[[int], Iterable], repeats: int) -> float:
 
 
 def machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     info = {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -6,13 +6,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
 from benchmarks.prep import ROOT
 from benchmarks.scalecsv import FASHION_DIR
 from pipeline.atomic import atomic_file, write_bytes_atomic
+from pipeline.cpuinfo import cpu_model
 
 
 def add_run_options(p: argparse.ArgumentParser, scratch_needs: str) -> None:
@@ -37,18 +37,6 @@ def scratch_parent(work: Path | None) -> Path:
 LOAD_LIMIT = (
     1.5  # a 1-minute load average above this on the 2-core machine marks a result "measured under load"
 )
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_conditions() -> dict:

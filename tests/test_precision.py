@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.cli import run_stage
+from pipeline.cpuinfo import cpu_flags, cpu_model
 from pipeline.errors import ParamsError
 from stages.train import main
 from tests.test_train_stage import run_train, run_until_killed, train_argv, write_params
@@ -18,7 +20,7 @@ from trainer.checkpoint import SPEED_ONLY, RunShape, load_checkpoint, save_check
 from trainer.loop import evaluate
 from trainer.model import SimpleCNN
 from trainer.position import Position
-from trainer.precision import Precision, bf16_cpu_notice, cpu_flags, make_precision
+from trainer.precision import Precision, bf16_cpu_notice, machine, make_precision
 
 CPU = torch.device("cpu")
 
@@ -171,3 +173,11 @@ def test_bf16_without_matrix_units_is_noticed_from_the_cpu_flags(tmp_path: Path)
     assert bf16_cpu_notice("fp32", CPU, flags) is None
     assert bf16_cpu_notice("bf16", torch.device("cuda"), flags) is None
     assert cpu_flags(tmp_path / "missing") is None
+
+
+def test_the_machine_is_the_cpu_model_and_pytorchs_isa_level(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Some CPU 9000\n\nmodel name\t: Other\n")
+    assert cpu_model(info) == "Some CPU 9000"
+    assert machine(CPU, info) == f"Some CPU 9000, {torch.backends.cpu.get_cpu_capability()}"
+    assert cpu_model(tmp_path / "missing") == (platform.processor() or platform.machine() or "unknown CPU")

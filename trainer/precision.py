@@ -33,12 +33,12 @@ alone cannot decide.
 from __future__ import annotations
 
 import contextlib
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pipeline.cpuinfo import CPUINFO, cpu_flags, cpu_model
 from pipeline.errors import ParamsError
 
 # CPU flags of bfloat16 matrix units: x86's AMX, Arm's BF16 (BFMMLA); x86's avx512_bf16 is vector-only
@@ -52,27 +52,7 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ParamsError(f"train.precision: fp16 needs a CUDA device, found {device.type}; use bf16 or fp32")
 
 
-def _cpuinfo_value(keys: tuple[str, ...], cpuinfo: Path | str) -> str | None:
-    """The value of ``cpuinfo``'s first line whose key is one of ``keys`` (the first CPU's); None when
-    there is none or the file cannot be read (not Linux)."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in keys:
-            return value.strip()
-    return None
-
-
-def cpu_flags(cpuinfo: Path | str = "/proc/cpuinfo") -> set[str] | None:
-    """The CPU's feature flags from ``cpuinfo`` (first ``flags`` line), or None where it cannot be read."""
-    value = _cpuinfo_value(("flags", "Features"), cpuinfo)  # Features: an Arm CPU's
-    return None if value is None else set(value.split())
-
-
-def machine(device: torch.device, cpuinfo: Path | str = "/proc/cpuinfo") -> str:
+def machine(device: torch.device, cpuinfo: Path | str = CPUINFO) -> str:
     """What a run's kernels depend on besides its code and torch version, in words: the CPU model and
     the instruction set PyTorch dispatches to, or the GPU model and the CUDA and cuDNN versions."""
     if device.type == "cuda":
@@ -80,7 +60,7 @@ def machine(device: torch.device, cpuinfo: Path | str = "/proc/cpuinfo") -> str:
             f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
             f"cuDNN {torch.backends.cudnn.version()}"
         )
-    model = _cpuinfo_value(("model name",), cpuinfo) or platform.processor() or platform.machine()
+    model = cpu_model(cpuinfo)
     return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
 
 
