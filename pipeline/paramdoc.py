@@ -141,7 +141,8 @@ KEYS: dict[str, Doc] = {
     "loader.device_resident": Doc(
         "speed",
         "Copy the whole split to the training device once; each batch is one index operation there "
-        "(`num_workers` is then ignored with a notice).",
+        "(`num_workers` is then ignored with a notice). On a GPU, a split larger than its free "
+        "memory is refused in one line before the copy.",
     ),
     "loader.cache_limit_mb": Doc(
         "speed",

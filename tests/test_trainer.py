@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.errors import PipelineError
 from pipeline.normalize import make_normalization
 from pipeline.params import LoaderParams, TrainParams
 from pipeline.tensorize import write_split
@@ -37,7 +38,13 @@ from trainer.checkpoint import (
 )
 from trainer.data import ShardDataset
 from trainer.export import CONFIG, WEIGHTS, load_model, save_model
-from trainer.loader import EpochBatchSampler, epoch_seed, make_loader, resolve_settings
+from trainer.loader import (
+    EpochBatchSampler,
+    check_resident_fits,
+    epoch_seed,
+    make_loader,
+    resolve_settings,
+)
 from trainer.loop import evaluate, train_one_epoch
 from trainer.model import ARCHITECTURE, NUM_PARAMETERS, SimpleCNN, count_parameters
 from trainer.position import Position
@@ -710,6 +717,17 @@ def test_device_resident_batches_equal_the_memory_mapped_ones(split, caplog) -> 
         assert len(pairs) == len(on_device) == 4
         for (xa, ya), (xb, yb) in pairs:
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_a_split_larger_than_the_devices_free_memory_is_refused_in_one_line() -> None:
+    cuda = torch.device("cuda", 0)
+    check_resident_fits("data/tensors/train", 2**30, 2**30, cuda)  # exactly fits
+    with pytest.raises(PipelineError) as refused:
+        check_resident_fits("data/tensors/train", 2**30 + 1, 2**30, cuda)
+    assert str(refused.value) == (
+        "loader.device_resident: data/tensors/train (1.00 GiB) does not fit on cuda:0; set "
+        "loader.device_resident false to load batches from the memory-mapped shards (1.00 GiB free)"
+    )
 
 
 _FAULTS_SCRIPT = """

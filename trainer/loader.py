@@ -227,13 +227,36 @@ def unwrap_worker_error(exc: PipelineError) -> PipelineError:
     return exc
 
 
+def resident_too_big(split: object, needed: int, device: torch.device) -> str:
+    return (
+        f"loader.device_resident: {split} ({needed / 2**30:.2f} GiB) does not fit on {device}; "
+        "set loader.device_resident false to load batches from the memory-mapped shards"
+    )
+
+
+def check_resident_fits(split: object, needed: int, free: int, device: torch.device) -> None:
+    """Refuse, in one line, a split larger than the device's free memory, before copying it there
+    (instead of CUDA's out-of-memory traceback half-way through the copy)."""
+    if needed > free:
+        raise PipelineError(f"{resident_too_big(split, needed, device)} ({free / 2**30:.2f} GiB free)")
+
+
 class DeviceResidentBatches:
     """The whole split copied once to ``device``; iterating yields the sampler's batches, gathered there."""
 
     def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, device: torch.device) -> None:
         images, labels = dataset[torch.arange(len(dataset))]  # type: ignore[arg-type]
-        self.images = images.to(device)
-        self.labels = labels.to(device)
+        split = getattr(getattr(dataset, "split", None), "directory", "the split")
+        needed = images.nbytes + labels.nbytes
+        if device.type == "cuda":
+            check_resident_fits(split, needed, torch.cuda.mem_get_info(device)[0], device)
+        try:
+            self.images = images.to(device)
+            self.labels = labels.to(device)
+        except torch.OutOfMemoryError as exc:  # free memory was enough, but not in one piece
+            raise PipelineError(
+                f"{resident_too_big(split, needed, device)}: {str(exc).splitlines()[0]}"
+            ) from None
         self.sampler = sampler
         self.device = device
 
