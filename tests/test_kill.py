@@ -102,3 +102,25 @@ def test_sigkill_mid_write_then_repro(tmp_path: Path, stage: str) -> None:
             f"the rerun should clean up the killed writer's {split} temporary"
         )
     _check_outputs(repo)
+
+
+def test_a_killed_rerun_leaves_no_output_of_the_previous_run_beside_the_new_ones(tmp_path: Path) -> None:
+    """A stage renames its outputs into place one after the other (tensorize: train, val, test). DVC
+    deletes a stage's outputs before it runs it, so a rerun killed at any point leaves only outputs of
+    the new run, never one of the previous run beside a new one."""
+    repo = make_csv_repo(tmp_path, n_train=N_TRAIN, n_test=200)
+    set_params(repo, **{"prep.shard_size": 200})
+    dvc(repo, "repro", "tensorize")
+    out_dir = repo / "data" / "tensors"
+    assert all((out_dir / split / "manifest.json").exists() for split in ("train", "val", "test"))
+    set_params(repo, **{"prep.shard_size": 250})
+
+    _kill_when(
+        repo, lambda: any(any(t.glob("shard-*")) for t in _temporaries(out_dir, "train") if t.is_dir())
+    )
+    for split in ("train", "val", "test"):
+        assert not (out_dir / split).exists(), f"data/tensors/{split} of the previous run is still there"
+
+    dvc(repo, "repro", "tensorize")
+    assert read_manifest(out_dir / "train").shards[0].num_samples == 250
+    _check_outputs(repo)
