@@ -68,7 +68,7 @@ GOAL_EPOCH_S = 0.044  # ten times faster than the reference article's 0.44 s epo
 EPOCH_SAMPLES = 60_000  # the article's epoch: FashionMNIST's train split
 GOAL_WAIT_FRACTION = 0.02
 MAX_PREPARED_BYTES = 60_000_000  # the device run carries at most 64 MiB, the repository included
-CHECK_STEPS = {"cuda": 16, "cpu": 1}  # trainer.run: boundary every ACCELERATOR_CHECK_STEPS on a GPU
+CHECK_STEPS = {"cuda": 16, "cpu": 1}  # trainer.epoch: boundary every ACCELERATOR_CHECK_STEPS on a GPU
 SPLITS = ("train", "test")
 CHUNK = 8192  # rows converted at a time
 

@@ -6,7 +6,7 @@ epochs. Rows too slow to run on a whole epoch (the article's per-item
 DataFrame dataset) run on a prefix of the split and are scaled to 60,000
 samples; ``--quick`` does that for every row. The training timings, the
 floors (memcpy, compute, FLOP) and the page-fault experiment are in
-``benchmarks/compute.py``; like ``trainer.run.fit``, this process keeps freed
+``benchmarks/compute.py``; like ``trainer.run.train``, this process keeps freed
 memory (``trainer/allocator.py``) before it trains. The rows ``bf16``,
 ``uint8`` and ``uint8+bf16`` and the bf16 FLOP floor are in
 ``benchmarks/arithrows.py``. Loader workers and uint8 shards
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Before this process changes its allocator: each setting runs in a fresh interpreter.
     allocator = allocator_experiment(cfg, device, seed, repeats=min(cfg.repeats, 2))
-    retain_freed_memory()  # as trainer.run.fit does
+    retain_freed_memory()  # as trainer.run.train does
     gflops = matmul_gflops(device)
     flops = epoch_flops(load_section("loader", cfg.params).batch_size, device)
     fl = {

@@ -160,7 +160,7 @@ def test_killed_mid_epoch_with_augment_resumes_bit_identically(data: Path, tmp_p
         data,
         work,
         params,
-        "write_checkpoint",
+        "trainer.epoch.write_checkpoint",
         6,
         inspect=lambda: _checkpoint(work)["step"] == 2 or pytest.fail(str(_checkpoint(work))),
     )

@@ -668,7 +668,9 @@ def test_two_processes_killed_mid_epoch_resume_on_one(
 
 def test_one_process_killed_mid_epoch_resumes_on_two(data: Path, one: Path, tmp_path: Path) -> None:
     # 5 batches an epoch: writes 1-4 are epoch 1's steps, 5 its end, 7 is epoch 2 step 2.
-    run_until_killed(data, tmp_path, _every_step_params(tmp_path / "params.yaml", 1), "write_checkpoint", 7)
+    run_until_killed(
+        data, tmp_path, _every_step_params(tmp_path / "params.yaml", 1), "trainer.epoch.write_checkpoint", 7
+    )
     assert _position(tmp_path) == (1, 2, 1)
     stderr = _resume(data, tmp_path, 2)
     assert "elastic resume: the checkpoint was written by 1 processes, this run has 2" in stderr

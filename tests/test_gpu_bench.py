@@ -96,7 +96,7 @@ def test_prepare_refuses_more_than_a_device_run_can_carry(
 
 
 def test_the_boundary_interval_is_the_trainers() -> None:
-    from trainer.run import ACCELERATOR_CHECK_STEPS
+    from trainer.epoch import ACCELERATOR_CHECK_STEPS
 
     assert gpu.CHECK_STEPS == {"cuda": ACCELERATOR_CHECK_STEPS, "cpu": 1}
 

@@ -64,7 +64,7 @@ def test_bf16_training_differs_from_fp32_and_a_checkpoint_of_another_precision_i
 ) -> None:
     assert "train.precision" not in SPEED_ONLY
     params = write_params(tmp_path / "fp32.yaml", train={"checkpoint_every": 1})
-    run_until_killed(data, tmp_path, params, "save_checkpoint", 1)
+    run_until_killed(data, tmp_path, params, "trainer.epoch.save_checkpoint", 1)
     assert json.loads((tmp_path / "checkpoints" / "checkpoint.json").read_text())["epoch"] == 1
     res = run_train(
         data,

@@ -56,7 +56,9 @@ def test_killed_mid_epoch_resumes_bit_identically(
         assert (meta["epoch"], meta["step"]) == at
         assert len(meta["partial"]["loss_sums"]) == 1 and meta["partial"]["samples"] == 64 * at[1]
 
-    run_until_killed(data, tmp_path, params, "write_checkpoint", calls, inspect=killed_at_the_expected_step)
+    run_until_killed(
+        data, tmp_path, params, "trainer.epoch.write_checkpoint", calls, inspect=killed_at_the_expected_step
+    )
     assert not (tmp_path / "models").exists()
     res = run_train(data, tmp_path, params)
     assert res.returncode == 0, res.stderr
@@ -141,7 +143,7 @@ def test_a_checkpoint_from_another_machine_resumes_with_a_notice(
     the run still ends as the uninterrupted one.)"""
     work0, _ = baseline
     params = write_params(tmp_path / "params.yaml", train=EVERY_STEP)
-    run_until_killed(data, tmp_path, params, "write_checkpoint", 2)
+    run_until_killed(data, tmp_path, params, "trainer.epoch.write_checkpoint", 2)
     meta_path = tmp_path / "checkpoints" / "checkpoint.json"
     meta = json.loads(meta_path.read_text())
     here = meta["machine"]
@@ -166,7 +168,7 @@ def test_a_checkpoint_from_another_thread_count_is_not_resumed(
     work0, _ = baseline
     params = write_params(tmp_path / "params.yaml", train=EVERY_STEP)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    run_until_killed(data, tmp_path, params, "write_checkpoint", 2)
+    run_until_killed(data, tmp_path, params, "trainer.epoch.write_checkpoint", 2)
     assert _checkpoint(tmp_path)["threads"] == 1
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # what the baseline resolved
     res = run_train(data, tmp_path, params)

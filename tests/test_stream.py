@@ -242,7 +242,7 @@ def test_a_killed_run_resumes_with_its_warm_cache(world: World) -> None:
     repo = clone(world, "killed")
     work = repo / "work"
     work.mkdir()
-    run_until_killed(repo / "data/tensors", work, repo / "params.yaml", "write_checkpoint", 1)
+    run_until_killed(repo / "data/tensors", work, repo / "params.yaml", "trainer.epoch.write_checkpoint", 1)
     warm = _cache_files(repo)
     assert len(warm) == 9  # 8 train shards and the test shard, fetched before the kill
     res = subprocess.run(

@@ -184,7 +184,7 @@ def test_a_checkpoint_folder_that_is_a_symbolic_link_stays_one(data: Path, basel
     work.mkdir()
     os.symlink(scratch, work / "checkpoints")  # dangling until the first checkpoint
     params = write_params(work / "params.yaml", loader={"num_workers": 0})
-    run_until_killed(data, work, params, "write_checkpoint", 1)
+    run_until_killed(data, work, params, "trainer.epoch.write_checkpoint", 1)
     assert (work / "checkpoints").is_symlink() and (scratch / "checkpoint.json").exists()
     with checkpoint_lock(scratch), pytest.raises(CheckpointBusy), checkpoint_lock(work / "checkpoints"):
         pass

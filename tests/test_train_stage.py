@@ -77,25 +77,27 @@ def wait_for_output(proc: subprocess.Popen, log: Path, text: str, seconds: float
         time.sleep(0.05)
 
 
-# The real stage, with one trainer.run function wrapped *by the test*: after its n-th call the
-# process stops itself (SIGSTOP), so the test can inspect it and SIGKILL it at a known point.
-# The product has no hook for this.
+# The real stage, with one trainer function (``module.name``) wrapped *by the test*: after its n-th
+# call the process stops itself (SIGSTOP), so the test can inspect it and SIGKILL it at a known point.
+# The product has no hook for this. The function is replaced in its module, so only the calls made
+# through that module's globals are counted: the module that calls it, not the one that defines it.
 _STOPPER = """
-import os, signal, sys
-import trainer.run
+import importlib, os, signal, sys
 from pipeline.cli import run_stage
 from stages.train import main
-name, after = sys.argv[1], int(sys.argv[2])
-real = getattr(trainer.run, name)
+function, after = sys.argv[1], int(sys.argv[2])
+module_name, name = function.rsplit(".", 1)
+module = importlib.import_module(module_name)
+real = getattr(module, name)
 calls = []
 def stop_after(*args, **kwargs):
     result = real(*args, **kwargs)
     calls.append(1)
     if len(calls) == after:
-        print(f"stopped after {name} #{after}", flush=True)
+        print(f"stopped after {function} #{after}", flush=True)
         os.kill(os.getpid(), signal.SIGSTOP)
     return result
-setattr(trainer.run, name, stop_after)
+setattr(module, name, stop_after)
 run_stage(main, sys.argv[3:])
 """
 
@@ -103,8 +105,8 @@ run_stage(main, sys.argv[3:])
 def run_until_killed(
     data: Path, work: Path, params: Path, function: str, calls: int, root: Path = ROOT, inspect=lambda: None
 ) -> None:
-    """Run the stage from ``root``'s code; SIGKILL it once ``trainer.run.<function>`` returned ``calls``
-    times."""
+    """Run the stage from ``root``'s code; SIGKILL it once ``function`` (``module.name``, e.g.
+    ``trainer.epoch.write_checkpoint``) returned ``calls`` times."""
     log = work / "killed.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -335,7 +337,9 @@ def test_killed_run_resumes_to_the_same_result(data: Path, baseline, tmp_path: P
         assert json.loads((tmp_path / "checkpoints" / "checkpoint.json").read_text())["epoch"] == 1
         assert [s for s, _ in history(tmp_path)["train_loss"]] == [0, 1]
 
-    run_until_killed(data, tmp_path, params, "_report", 2, inspect=epoch_2_logged_but_checkpoint_is_epoch_1)
+    run_until_killed(
+        data, tmp_path, params, "trainer.run._report", 2, inspect=epoch_2_logged_but_checkpoint_is_epoch_1
+    )
     assert not (tmp_path / "models").exists()
 
     res = run_train(data, tmp_path, params)
@@ -368,7 +372,7 @@ def test_checkpoint_from_other_code_is_not_resumed(data: Path, baseline, tmp_pat
     work = tmp_path / "work"
     work.mkdir()
     params = write_params(work / "params.yaml", train={"checkpoint_every": 1})
-    run_until_killed(data, work, params, "save_checkpoint", 1, root=code)
+    run_until_killed(data, work, params, "trainer.epoch.save_checkpoint", 1, root=code)
     assert json.loads((work / "checkpoints" / "checkpoint.json").read_text())["epoch"] == 1
 
     with open(code / "trainer" / "loop.py", "a") as f:

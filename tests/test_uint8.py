@@ -242,7 +242,7 @@ def test_uint8_run_killed_mid_epoch_resumes_to_the_float32_result(data, float32_
             }
         )
     )
-    run_until_killed(u8, tmp_path, params, "write_checkpoint", 3)  # epoch 1, step 3
+    run_until_killed(u8, tmp_path, params, "trainer.epoch.write_checkpoint", 3)  # epoch 1, step 3
     res = run_train(u8, tmp_path, params)
     assert res.returncode == 0, res.stderr
     assert "resuming in epoch 1, step 3" in res.stderr
@@ -258,7 +258,7 @@ def test_a_uint8_checkpoint_is_not_resumed_after_the_normalization_changes(data,
     shutil.copytree(u8, root)
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"loader": {"batch_size": 64}, "train": {"epochs": 2, "device": "cpu"}}))
-    run_until_killed(root, tmp_path, params, "write_checkpoint", 1)  # after epoch 1 (standard)
+    run_until_killed(root, tmp_path, params, "trainer.epoch.write_checkpoint", 1)  # after epoch 1 (standard)
     unit = dataclasses.asdict(make_normalization("unit", None, 1))
     for split in SPLITS:
         path = root / split / MANIFEST_NAME

@@ -3,9 +3,9 @@
 :func:`train` reads top to bottom as the steps of a run: check the inputs,
 join the process group and take the checkpoint lock, set threads, build the
 loaders and the model, resume from a checkpoint if one matches
-(:func:`resume_everywhere`), rebuild DVCLive from its history, train epoch by
-epoch (:func:`train_epoch`, checkpoints at step boundaries and epoch ends),
-export the model and drop the checkpoint.
+(``trainer.resume``), rebuild DVCLive from its history, train epoch by epoch
+(``trainer.epoch``: checkpoints at step boundaries and epoch ends), export the
+model and drop the checkpoint.
 
 Checkpoints: every ``train.checkpoint_every`` epochs, and mid-epoch at the
 first step boundary ``train.checkpoint_seconds`` after the last one
@@ -31,37 +31,28 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
 from pipeline.atomic import write_bytes_atomic
-from pipeline.errors import OutputError, ParamsError, PipelineError
+from pipeline.errors import ParamsError, PipelineError
 from pipeline.params import LoaderParams, TrainParams
 from trainer import distributed
 from trainer.allocator import retain_freed_memory
-from trainer.augment import augmenter
-from trainer.boundary import CheckpointTimer, NonFiniteLoss, StepBoundary, non_finite, weights_finite
+from trainer.boundary import CheckpointTimer, NonFiniteLoss
 from trainer.checkpoint import (
     RunShape,
-    empty_state,
     fingerprint,
-    load_checkpoint,
     remove_checkpoint,
-    restore_state,
-    save_checkpoint,
-    state_tensors,
 )
 from trainer.data import ShardDataset
 from trainer.device_norm import DeviceNormalizer
-from trainer.export import save_model
+from trainer.epoch import Run, Split, checkpoint_at_epoch_end, export, train_epoch
 from trainer.livelog import LiveLog
 from trainer.loader import (
     LoaderSettings,
@@ -71,12 +62,11 @@ from trainer.loader import (
     unwrap_worker_error,
 )
 from trainer.lock import LOCK_HELD_ENV, checkpoint_lock
-from trainer.loop import evaluate, train_one_epoch
-from trainer.memory import PeakMemory
 from trainer.model import ARCHITECTURE, SimpleCNN, check_input_size
 from trainer.position import Position
-from trainer.precision import Precision, bf16_cpu_notice, check_precision, machine, make_precision
+from trainer.precision import bf16_cpu_notice, check_precision, machine, make_precision
 from trainer.rank_split import RankBatches
+from trainer.resume import check_same_run_everywhere, resume_everywhere
 from trainer.stream import (
     Fetcher,
     PlannedLoader,
@@ -86,10 +76,9 @@ from trainer.stream import (
     start_fetcher,
     without_workers,
 )
-from trainer.verify import ValidSplit, check_compatible
+from trainer.verify import check_compatible
 
 log = logging.getLogger(__name__)
-Split = ValidSplit | StreamedSplit
 
 METRICS = (
     "train_loss",
@@ -110,9 +99,6 @@ MACHINE_METRICS = frozenset(
 )
 # Set by train_in_processes for its ranks: where rank 0 leaves the message of a non-finite stop.
 STOP_FILE_ENV = "TRAINER_STOP_FILE"
-# On an accelerator reading the running loss makes the host wait for the device, so the step
-# boundary (non-finite check, time-based checkpoint) runs every this many steps; on the CPU every step.
-ACCELERATOR_CHECK_STEPS = 16
 
 
 def resolve_device(name: str) -> torch.device:
@@ -221,31 +207,6 @@ def train_in_processes(
     return code
 
 
-@dataclass(frozen=True)
-class Run:
-    """What every step of a run needs: where it runs, what it trains, where it writes."""
-
-    group: distributed.Group
-    params: TrainParams
-    model: SimpleCNN
-    trained: torch.nn.Module  # the model, in DDP when there are several processes
-    optimizer: torch.optim.Optimizer
-    train_batches: RankBatches
-    train_loader: Iterable  # DataLoader or DeviceResidentBatches
-    test_loader: Iterable
-    val_loader: Iterable | None  # None: no validation split
-    non_blocking: bool
-    fingerprint: str
-    shape: RunShape
-    checkpoint_dir: Path | str
-    normalize: DeviceNormalizer  # uint8 batches -> float32 on the device (all splits share one normalisation)
-    precision: Precision  # autocast and backward; fp16's gradient scaler, whose state is checkpointed
-
-    @property
-    def device(self) -> torch.device:
-        return self.group.device
-
-
 @contextlib.contextmanager
 def _only_rank_0_speaks(group: distributed.Group) -> Iterator[None]:
     """On the other ranks, notices and warnings (every rank would repeat them) are dropped; errors stay."""
@@ -289,222 +250,6 @@ def build_model(train: TrainParams, train_split: Split, device: torch.device) ->
     """The model, sized from the manifest (image shape, classes), initialised from ``train.seed``."""
     torch.manual_seed(train.seed)
     return SimpleCNN(*train_split.manifest.image_shape, train_split.manifest.num_classes).to(device)
-
-
-def _check_same_run_everywhere(run: Run) -> None:
-    """Every rank trains what rank 0 trains: the same params, data, code and torch version (the fingerprint).
-
-    Each rank reads its own params.yaml, code and shards; on another machine one that was not pulled
-    would otherwise train its old shards into the shared model without a word.
-    """
-    unlike = distributed.ranks_unlike_rank_0(bytes.fromhex(run.fingerprint), run.group)
-    if unlike:
-        raise PipelineError(
-            f"rank {run.group.rank} on {socket.gethostname()}: rank(s) {', '.join(map(str, unlike))} of "
-            f"{run.group.world_size} have other params, data, code or torch version than rank 0; give "
-            f"every machine the same commit, params.yaml and shards (git pull && dvc pull)"
-        )
-
-
-def resume_everywhere(
-    run: Run, history_names: Sequence[str], max_epoch: int
-) -> tuple[Position, list[dict[str, float]]]:
-    """Rank 0 restores the checkpoint, every other rank receives it; the position and history so far.
-
-    The history is rank 0's (it alone logs); elsewhere only its length, the
-    epochs done, is meaningful. Each rank gets its own partial sums back
-    (:meth:`Position.for_rank` maps them on an elastic resume).
-    """
-    group, batches = run.group, run.train_batches.sampler.batches_per_epoch
-    resumed = None
-    if group.is_main:
-        resumed = load_checkpoint(
-            run.checkpoint_dir,
-            model=run.model,
-            optimizer=run.optimizer,
-            device=run.device,
-            scaler=run.precision.scaler,
-            run_fingerprint=run.fingerprint,
-            shape=run.shape,
-            max_epoch=max_epoch,
-            batches_per_epoch=batches,
-            metrics=history_names,
-        )
-    p = resumed.position if resumed else Position(0)
-    world = group.world_size
-    sums = p.loss_sums if len(p.loss_sums) == world else [p.for_rank(r, world).loss_sum for r in range(world)]
-    found, epoch, step, samples, seconds, wait, *sums = distributed.broadcast_floats(
-        [resumed is not None, p.epoch, p.step, p.samples, p.seconds, p.wait_seconds, *sums], group
-    )
-    if found and world > 1:
-        scaler = run.precision.scaler
-        tensors = (
-            state_tensors(run.model, run.optimizer, run.device, scaler)
-            if group.is_main
-            else empty_state(run.model, run.optimizer, run.device, scaler)
-        )
-        distributed.broadcast_tensors(tensors, group)
-        if not group.is_main:
-            restore_state(tensors, model=run.model, optimizer=run.optimizer, device=run.device, scaler=scaler)
-    position = Position(int(epoch), int(step), int(samples), tuple(sums), seconds, wait)
-    if resumed is None:
-        return position, [{}] * position.epoch
-    if resumed.machine and resumed.machine != run.shape.machine:
-        log.info(
-            "resuming on another machine: the checkpoint was made on %s, this run is on %s; its kernels may "
-            "round differently, so the results agree with an uninterrupted run to rounding",
-            resumed.machine,
-            run.shape.machine,
-        )
-    if resumed.processes != world:
-        log.info(
-            "elastic resume: the checkpoint was written by %d processes, this run has %d; "
-            "the same global batches continue, float sums round differently",
-            resumed.processes,
-            world,
-        )
-    at = f"epoch {p.epoch + 1}, step {p.step}" if p.mid_epoch else f"epoch {p.epoch}"
-    log.info("resuming %s %s from %s", "in" if p.mid_epoch else "after", at, run.checkpoint_dir)
-    return position, list(resumed.history)
-
-
-def write_checkpoint(run: Run, position: Position, history: list[dict[str, float]]) -> bool:
-    """Rank 0 writes the checkpoint; a failure (disk full, permissions) is a warning and training goes on.
-
-    Checkpoints are a convenience: losing one costs time, never the run. Whether one was written."""
-    if not run.group.is_main:
-        return False
-    try:
-        save_checkpoint(
-            run.checkpoint_dir,
-            model=run.model,
-            optimizer=run.optimizer,
-            device=run.device,
-            scaler=run.precision.scaler,
-            position=position,
-            run_fingerprint=run.fingerprint,
-            shape=run.shape,
-            history=history,
-        )
-    except (OutputError, SafetensorError) as exc:
-        log.warning("%s: checkpoint not written (%s); training goes on", run.checkpoint_dir, _reason(exc))
-        return False
-    return True
-
-
-def _reason(exc: BaseException) -> str:
-    """The OS's reason for a failed write, on one line (an OutputError's cause, or safetensors' text)."""
-    cause = exc.__cause__ if isinstance(exc, OutputError) and isinstance(exc.__cause__, OSError) else None
-    text = (cause.strerror or str(cause)) if cause is not None else str(exc)
-    return " ".join(text.split())[:200]
-
-
-def train_epoch(
-    run: Run, epoch: int, start: Position, timer: CheckpointTimer, history: list[dict[str, float]]
-) -> dict[str, float]:
-    """One epoch from ``start``'s global batch on, evaluated; the metrics of all ranks together."""
-    group, train = run.group, run.params
-    batches = run.train_batches.sampler.batches_per_epoch
-
-    def save_mid_epoch(position: Position) -> None:
-        write_checkpoint(run, position, history)
-        timer.restart()
-
-    boundary = StepBoundary(
-        group,
-        epoch=epoch,
-        epochs=train.epochs,
-        batches=batches,
-        timer=timer,
-        model=run.model,
-        save=save_mid_epoch,
-        lr=train.lr,
-    )
-    run.train_batches.set_epoch(epoch, start.step)
-    memory = PeakMemory(run.device)
-    memory.reset()  # this epoch's peak, not the process's so far
-    stats = train_one_epoch(
-        run.trained,
-        run.train_loader,
-        run.optimizer,
-        run.device,
-        non_blocking=run.non_blocking,
-        free_graph=train.free_graph,
-        description=f"epoch {epoch + 1}/{train.epochs}",
-        global_size=run.train_batches.global_size,
-        world_size=group.world_size,
-        progress=group.is_main,
-        start=start.for_rank(group.rank, group.world_size),
-        boundary=boundary,
-        check_every=1 if run.device.type == "cpu" else ACCELERATOR_CHECK_STEPS,
-        normalize=run.normalize,
-        precision=run.precision,
-        augment=augmenter(
-            train.augment, seed=train.seed, epoch=epoch, rank=group.rank, world=group.world_size
-        ),
-    )
-    result = evaluate(
-        run.model,
-        run.test_loader,
-        run.device,
-        non_blocking=run.non_blocking,
-        normalize=run.normalize,
-        precision=run.precision,
-    )
-    loss_sum, samples, test_sum, correct, test_samples = distributed.all_sum(
-        [stats.loss_sum, stats.samples, result.loss_sum, result.correct, result.samples], group
-    )
-    seconds, wait, peak = distributed.all_max(
-        [stats.seconds, stats.data_wait_fraction, memory.peak_mb()], group
-    )
-    entry = {
-        "train_loss": loss_sum / max(samples, 1),
-        "test_loss": test_sum / max(test_samples, 1),
-        "test_acc": correct / max(test_samples, 1),
-        "epoch_seconds": seconds,
-        "samples_per_second": samples / seconds if seconds > 0 else 0.0,
-        "data_wait_fraction": wait,
-        "peak_memory_mb": peak,
-        "processes": group.world_size,
-        "threads": torch.get_num_threads(),
-    }
-    if run.val_loader is not None:
-        val = evaluate(
-            run.model,
-            run.val_loader,
-            run.device,
-            non_blocking=run.non_blocking,
-            normalize=run.normalize,
-            precision=run.precision,
-        )
-        val_sum, val_correct, val_samples = distributed.all_sum(
-            [val.loss_sum, val.correct, val.samples], group
-        )
-        entry["val_loss"] = val_sum / max(val_samples, 1)
-        entry["val_acc"] = val_correct / max(val_samples, 1)
-    # The reduced figures and the weights are the same on every rank: every rank stops alike.
-    losses = [entry["test_loss"], entry.get("val_loss", 0.0)]
-    if not (all(math.isfinite(v) for v in losses) and weights_finite(run.model)):
-        raise non_finite(boundary.where(batches), "the test or val loss or a weight", train.lr)
-    return entry
-
-
-def export(run: Run, model_dir: Path | str, train_split: Split, history: list[dict[str, float]]) -> None:
-    """Write the model folder; if it cannot be written, keep the trained state as a checkpoint first."""
-    try:
-        save_model(model_dir, run.model, manifest=train_split.manifest, train=run.params)
-    except (OutputError, SafetensorError) as exc:
-        kept = write_checkpoint(
-            run, Position(run.params.epochs, 0, 0, (0.0,) * run.group.world_size), history
-        )
-        then = (
-            f"the trained state is in {run.checkpoint_dir}: a rerun only writes the model"
-            if kept
-            else "the trained state could not be kept either"
-        )
-        raise OutputError(
-            f"{model_dir}: could not write the model ({_reason(exc)}); nothing was left behind; {then}"
-        ) from None
 
 
 def train(
@@ -621,7 +366,7 @@ def train(
                 DeviceNormalizer(train_split.manifest.normalization, device),
                 make_precision(train.precision, device),
             )
-            _check_same_run_everywhere(run)
+            check_same_run_everywhere(run)
             position, history = resume_everywhere(run, metrics, train.epochs)
             # After the resume: DDP broadcasts rank 0's parameters when it wraps the model.
             run = dataclasses.replace(run, trained=distributed.wrap(model, group))
@@ -637,10 +382,7 @@ def train(
                     if live is not None:
                         live.log(entry)
                         _report(done, train.epochs, entry)
-                    every = train.checkpoint_every and done % train.checkpoint_every == 0
-                    if done < train.epochs and (every or timer.due()):
-                        write_checkpoint(run, Position(done, 0, 0, (0.0,) * group.world_size), history)
-                        timer.restart()
+                    checkpoint_at_epoch_end(run, done, timer, history)
             except PipelineError as exc:
                 # A shard replaced mid-run is detected in the worker that maps it.
                 raise unwrap_worker_error(exc) from None
