@@ -61,8 +61,11 @@ N_TEST = 131
 PARAMS = {"loader": {"batch_size": 64}, "train": {"epochs": EPOCHS, "lr": 0.005, "device": "cpu"}}
 
 
-def _params(path: Path, processes: int, **loader: object) -> Path:
-    doc = {"loader": {**PARAMS["loader"], **loader}, "train": {**PARAMS["train"], "processes": processes}}
+def _params(path: Path, processes: int, train: dict | None = None, **loader: object) -> Path:
+    doc = {
+        "loader": {**PARAMS["loader"], **loader},
+        "train": {**PARAMS["train"], "processes": processes, **(train or {})},
+    }
     path.write_text(json.dumps(doc))
     return path
 
@@ -114,10 +117,10 @@ def _reaped() -> Iterator[None]:
             time.sleep(0.05)
 
 
-def _run(data: Path, work: Path, processes: int) -> subprocess.CompletedProcess:
+def _run(data: Path, work: Path, processes: int, train: dict | None = None) -> subprocess.CompletedProcess:
     work.mkdir(parents=True, exist_ok=True)
     with _reaped():
-        res = run_train(data, work, _params(work / "params.yaml", processes))
+        res = run_train(data, work, _params(work / "params.yaml", processes, train))
     assert res.returncode == 0, res.stdout + res.stderr
     return res
 
@@ -286,9 +289,7 @@ def test_a_rank_ends_with_its_exit_code_and_output_but_without_finalizing(
 
 def test_two_processes_match_one(one: Path, two: Path) -> None:
     a, b = history(one), history(two)
-    for name in ("train_loss", "test_loss"):
-        for (sa, va), (sb, vb) in zip(a[name], b[name], strict=True):
-            assert sa == sb and abs(va - vb) <= 1e-4 * abs(va), (name, va, vb)
+    _match(a, b)
     # The same global batches, but float sums in another order: a test sample whose two best
     # logits are within rounding of each other may flip, so allow one sample, no more.
     for (_, va), (_, vb) in zip(a["test_acc"], b["test_acc"], strict=True):
@@ -297,6 +298,28 @@ def test_two_processes_match_one(one: Path, two: Path) -> None:
     assert a["test_acc"][-1][1] > 0.2, "the model must learn something for the comparison to mean anything"
     assert sorted(p.name for p in (two / "dvclive").iterdir()) == ["metrics.json", "plots"]
     assert not (two / "checkpoints").exists()
+
+
+def _match(a: dict, b: dict) -> None:
+    """The same run on 1 and on 2 processes: the same global batches, float sums in another order."""
+    for name in ("train_loss", "test_loss"):
+        for (sa, va), (sb, vb) in zip(a[name], b[name], strict=True):
+            assert sa == sb and abs(va - vb) <= 1e-4 * abs(va), (name, va, vb)
+
+
+def test_two_processes_augment_the_one_process_batches(data: Path, one: Path, tmp_path: Path) -> None:
+    """Each rank augments its slice of the global batch as one process augments the whole: the draws
+    follow the global sample index, not the rank's (trainer.augment)."""
+    augment = {"augment": ["flip", "translate"]}
+    _run(data, tmp_path / "one", 1, augment)
+    _run(data, tmp_path / "two", 2, augment)
+    a, b = history(tmp_path / "one"), history(tmp_path / "two")
+    _match(a, b)
+    assert [v for _, v in b["processes"]] == [2] * EPOCHS
+    plain = history(one)
+    assert all(x != y for (_, x), (_, y) in zip(a["train_loss"], plain["train_loss"])), (
+        "augment had no effect"
+    )
 
 
 def test_two_processes_are_bit_identical_run_to_run(data: Path, two: Path, tmp_path: Path) -> None:
