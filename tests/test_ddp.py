@@ -322,8 +322,12 @@ def test_two_processes_augment_the_one_process_batches(data: Path, one: Path, tm
     )
 
 
-def test_two_processes_are_bit_identical_run_to_run(data: Path, two: Path, tmp_path: Path) -> None:
-    _run(data, tmp_path, 2)
+@pytest.mark.parametrize("max_restarts", [None, 0])
+def test_two_processes_are_bit_identical_run_to_run(
+    data: Path, two: Path, tmp_path: Path, max_restarts: int | None
+) -> None:
+    """Also with another ``train.max_restarts`` (speed-only: it acts only on the launch of a group)."""
+    _run(data, tmp_path, 2, None if max_restarts is None else {"max_restarts": max_restarts})
     a, b = history(two), history(tmp_path)
     for name in MODEL_METRICS:
         assert a[name] == b[name], name

@@ -137,15 +137,17 @@ def streamed(world: World) -> Path:
     return clone(world, "streamed")
 
 
-@pytest.mark.parametrize("windows", [None, 1, 2])
+@pytest.mark.parametrize(("windows", "prefetch"), [(None, None), (1, None), (2, None), (2, 1), (3, 5)])
 def test_streamed_training_is_bit_identical_and_the_cache_stays_under_its_limit(
-    world: World, streamed: Path, windows: int | None
+    world: World, streamed: Path, windows: int | None, prefetch: int | None
 ) -> None:
+    """``loader.cache_limit_mb`` and ``loader.prefetch_shards`` (None: one window of 2 shards) change
+    when shards are fetched, never what is trained."""
     cache = streamed / ".shardcache"
     shutil.rmtree(cache, ignore_errors=True)
     limit_mb = None if windows is None else windows * 2 * max(world.shard_bytes) / 2**20
     with DiskWatch(cache) as watch:
-        model = train_in(streamed, hook=watch.hook, cache_limit_mb=limit_mb)
+        model = train_in(streamed, hook=watch.hook, cache_limit_mb=limit_mb, prefetch_shards=prefetch)
     assert model.read_bytes() == world.model
     assert not (streamed / "data/tensors").exists() and not (streamed / ".dvc/cache").exists()
     if limit_mb is not None:
