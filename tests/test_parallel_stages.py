@@ -26,6 +26,7 @@ import safetensors.numpy
 import synth
 from PIL import Image
 
+from pipeline import csvblocks
 from pipeline.errors import DataError
 from pipeline.images import scan_split, write_listing
 from pipeline.manifest import read_manifest
@@ -243,7 +244,9 @@ def test_rows_without_labels_leave_the_label_column_unread(tmp_path):
     assert table.largest_label is None
 
 
-def test_csv_parquet_bytes_do_not_depend_on_workers(tmp_path):
+def test_csv_parquet_bytes_do_not_depend_on_workers(tmp_path, monkeypatch):
+    # Blocks of 16 KiB: the 50 rows (~147 KB) are many blocks, so the read-ahead path sees several.
+    monkeypatch.setattr(csvblocks, "BLOCK_BYTES", 16 << 10)
     csv = synth.write_csv(tmp_path / "train.csv", synth.split(50, 3))
     for n in (1, 2):
         assert csv_to_parquet(csv, tmp_path / f"{n}.parquet", workers=n, **CODEC) == 50
