@@ -29,7 +29,10 @@ from tests.test_train_stage import (
     write_params,
 )
 from tests.test_trainer import _other_value
+from trainer.boundary import CheckpointTimer, NonFiniteLoss, StepBoundary
 from trainer.checkpoint import SPEED_ONLY
+from trainer.distributed import Group
+from trainer.loop import Partial
 from trainer.run import train as train_model
 
 EVERY_STEP = {"checkpoint_every": 0, "checkpoint_seconds": 0.001}
@@ -84,6 +87,32 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data: 
     assert meta["step"] < failed_at or (meta["epoch"] == 0 and failed_at == 1)
     tensors = safetensors.torch.load_file(str(tmp_path / "checkpoints" / "checkpoint.safetensors"))
     assert all(torch.isfinite(t.float()).all() for name, t in tensors.items() if not name.startswith("rng."))
+
+
+def test_a_non_finite_weight_stops_the_run_before_its_checkpoint_is_written() -> None:
+    """The weight check at a due checkpoint: a weight can overflow in the optimizer step although the
+    loss that step computed was finite (the run above stops on the loss first)."""
+    model = torch.nn.Linear(2, 1)
+    saved = []
+    boundary = StepBoundary(
+        Group(0, 1, 0, 1, torch.device("cpu"), False),
+        epoch=0,
+        epochs=2,
+        batches=10,
+        timer=CheckpointTimer(0.0),  # a checkpoint is due at every boundary
+        model=model,
+        save=saved.append,
+        lr=0.5,
+    )
+    boundary(Partial(step=3, samples=12, loss_sum=1.5))
+    assert [p.step for p in saved] == [3]
+    with torch.no_grad():
+        model.weight[0, 1] = float("inf")
+    with pytest.raises(
+        NonFiniteLoss, match=r"^epoch 1/2, step 4/10: a weight is not finite; .*train\.lr \(now 0\.5\)"
+    ):
+        boundary(Partial(step=4, samples=16, loss_sum=2.0))
+    assert [p.step for p in saved] == [3], "a checkpoint of a non-finite weight was written"
 
 
 # Values that make a speed-only key actually act in a short run (the others: any other valid value).
