@@ -64,6 +64,12 @@ Seconds = Annotated[
     Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False),
     Expect(f"a number of seconds > 0 and <= {MAX_SECONDS:g}"),
 ]
+# Adam's first step is lr / (1 - beta1) = 10 x lr, applied as a float32: past ~3.4e37 it overflows
+# (a RuntimeError from inside torch.optim) instead of training to a non-finite loss, which is refused.
+MAX_LR = 1e37
+LearningRate = Annotated[
+    float, Field(gt=0, le=MAX_LR, allow_inf_nan=False), Expect(f"a positive number <= {MAX_LR:g}")
+]
 FilePath = Annotated[str, Field(pattern=r"\S"), Expect("a file path")]
 Source = Annotated[str, Field(pattern=r"\S"), Expect("a URL or folder")]
 Sources = Annotated[tuple[Source, ...], BeforeValidator(_list_to_tuple)]
@@ -160,7 +166,7 @@ class TrainParams:
     """``train``: optimisation, device and checkpointing."""
 
     epochs: IntAtLeast1 = 5
-    lr: PositiveFinite = 0.001
+    lr: LearningRate = 0.001
     seed: Seed = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     free_graph: bool = True

@@ -115,7 +115,7 @@ RANGES: dict[tuple[str, str], tuple[list, list]] = {
     ("loader", "cache_limit_mb"): ([0, -1, math.inf, math.nan], [None, 0.5, 1024]),
     ("loader", "prefetch_shards"): ([0, -1], [None, 1, 8]),
     ("train", "epochs"): ([0, -1], [1]),
-    ("train", "lr"): ([0, -0.001, 0.0, math.inf, -math.inf, math.nan], [1e-9, 1, 0.5]),
+    ("train", "lr"): ([0, -0.001, 0.0, math.inf, -math.inf, math.nan, 1.1e37, 1e38], [1e-9, 1, 0.5, 1e37]),
     ("train", "seed"): ([-1, 2**63, 2**64, 10**30], [0, 2**63 - 1]),
     ("train", "checkpoint_every"): ([-1], [0, 3]),
     ("train", "checkpoint_seconds"): ([0, -1, math.inf, math.nan, 1.0e10], [None, 0.001, 300, 86400]),

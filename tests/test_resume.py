@@ -19,7 +19,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from pipeline.params import LoaderParams, TrainParams
+from pipeline.params import MAX_LR, LoaderParams, TrainParams
 from tests.test_train_stage import (
     MODEL_METRICS,
     history,
@@ -71,15 +71,18 @@ def test_killed_mid_epoch_resumes_bit_identically(
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data: Path, tmp_path: Path) -> None:
-    res = run_train(data, tmp_path, write_params(tmp_path / "params.yaml", train={"lr": 1.0e8, **EVERY_STEP}))
+@pytest.mark.parametrize("lr", [1.0e8, MAX_LR])  # MAX_LR: the largest lr Adam's float32 step can carry
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    data: Path, tmp_path: Path, lr: float
+) -> None:
+    res = run_train(data, tmp_path, write_params(tmp_path / "params.yaml", train={"lr": lr, **EVERY_STEP}))
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and res.stderr.count("error: ") == 1, res.stderr
     error = res.stderr.splitlines()[-1]
     assert (
         error.startswith("error: epoch 1/2, step ")
         and "is not finite" in error
-        and "train.lr (now 1e+08)" in error
+        and f"train.lr (now {lr:g})" in error
     )
     assert not (tmp_path / "models").exists(), "no model may be written from a non-finite run"
     failed_at = int(error.split("step ")[1].split("/")[0])
