@@ -36,25 +36,25 @@ def check_header(line: bytes, where: str, num_pixels: int | None = None) -> list
     """
     if len(line) > MAX_HEADER_BYTES:
         raise DataError(
-            f"{where}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; expected "
+            f"{where}: line 1 (header) is longer than {MAX_HEADER_BYTES} bytes; expected "
             f"label and one column per pixel"
         )
     names = header_names(line)
     if names[0] != LABEL:
-        raise DataError(f"{where}: row 1 (header), column 1: expected 'label', found {names[0]!r:.40}")
+        raise DataError(f"{where}: line 1 (header), column 1: expected 'label', found {names[0]!r:.40}")
     if len(names) < 2:
         raise DataError(
-            f"{where}: row 1 (header): expected label and at least one pixel column, found only 'label'"
+            f"{where}: line 1 (header): expected label and at least one pixel column, found only 'label'"
         )
     if num_pixels is not None and len(names) != 1 + num_pixels:
         raise DataError(
-            f"{where}: row 1 (header): expected {1 + num_pixels} columns (label and {num_pixels} "
+            f"{where}: line 1 (header): expected {1 + num_pixels} columns (label and {num_pixels} "
             f"pixels), found {len(names)}"
         )
     empty = next((i for i, n in enumerate(names) if not n), None)
     if empty is not None:
         raise DataError(
-            f"{where}: row 1 (header), column {empty + 1}: expected a column name, found an empty one"
+            f"{where}: line 1 (header), column {empty + 1}: expected a column name, found an empty one"
         )
     return names
 

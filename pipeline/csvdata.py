@@ -150,7 +150,10 @@ def import_user_csv(
             message names the line and column of ``src``.
     """
     if not src.exists():
-        raise DataError(f"{src}: file not found (data.dataset is csv; set data.train_csv / data.test_csv)")
+        raise DataError(
+            f"{src}: file not found (data.dataset is csv; set data.train_csv / data.test_csv to your "
+            "files, or data.test_csv to null to hold the test split out of train)"
+        )
     if not src.is_file():
         raise DataError(f"{src}: expected a CSV file, found a directory or special file")
     try:
@@ -160,7 +163,7 @@ def import_user_csv(
                 if not line.strip(BOM + b" \r\n"):
                     raise DataError(f"{src}: file is empty; expected a header line label,pixel1..pixelN")
                 names = check_header(line, str(src))  # also refuses a header longer than MAX_HEADER_BYTES
-                shape = resolve_shape(image_shape, len(names) - 1, f"{src}: row 1 (header)")
+                shape = resolve_shape(image_shape, len(names) - 1, f"{src}: line 1 (header)")
                 first = f.readline(MAX_HEADER_BYTES + 1)
                 labels = label_kind(first.split(b",", 1)[0]) if first.strip() else INT_LABELS
                 out.write(header_line(len(names) - 1))

@@ -195,7 +195,8 @@ def _resolve_shape(image_shape: Sequence[int], where: str) -> tuple[int, int, in
         or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
     ):
         raise DataError(
-            f"{where}: expected [C, H, W] with C 1 or 3 and H, W positive, found {list(image_shape)}"
+            f"{where}: expected [C, H, W] with C 1 (grey) or 3 (RGB), the channels of an image, and H, W "
+            f"positive, found {list(image_shape)}"
         )
     return shape  # type: ignore[return-value]
 
@@ -328,7 +329,7 @@ def read_listing(csv_path: Path) -> list[ImageEntry]:
         raise DataError(f"{csv_path}: not a valid CSV ({exc}); expected a label,file CSV") from None
     if not rows or rows[0] != LISTING_HEADER:
         found = ",".join(rows[0]) if rows else "an empty file"
-        raise DataError(f"{csv_path}: row 1 (header): expected label,file, found {found!r:.60}")
+        raise DataError(f"{csv_path}: line 1 (header): expected label,file, found {found!r:.60}")
     return [_entry_from_row(row, f"{csv_path}: row {n}") for n, row in enumerate(rows[1:], start=2)]
 
 

@@ -62,8 +62,9 @@ KEYS: dict[str, Doc] = {
     ),
     "data.image_shape": Doc(
         "results",
-        "`[C, H, W]`: the shape of a CSV's rows, or what images are converted and resized to; `null`: a "
-        "CSV's rows are one square grey channel, images keep their own (shared) size and mode.",
+        "`[C, H, W]`: the shape of a CSV's rows, or what images are converted and resized to (C 1 or 3 "
+        "for images: grey or RGB); `null`: a CSV's rows are one square grey channel, images keep their own "
+        "(shared) size and mode.",
     ),
     "data.test_fraction": Doc(
         "results", "Share of train held out as the test split when the source has none."
@@ -276,10 +277,14 @@ def markdown(params: Path | str = DEFAULT_PARAMS) -> str:
         "dvc exp run -S loader.num_workers=2   # any key, for one experiment: see docs/experiments.md",
         "```",
         "",
-        "Every key of `params.yaml` is checked for type and range before any work starts; an unknown key, a",
-        "wrong type or a bad value stops the stage with one line naming the key, e.g.",
-        "`error: params.yaml: loader.batch_size: expected an integer >= 1, found 0`. The file is read as",
-        "YAML 1.2 (as DVC reads it), so `1e-3` is a number. Defaults are the values in `params.yaml`.",
+        "Every stage checks every key of `params.yaml` for type and range before it does any work, so an",
+        "unknown key, a wrong type or a bad value stops the first stage that runs with one line naming the",
+        "key, e.g. `error: params.yaml: loader.batch_size: expected an integer >= 1, found 0`. DVC has",
+        "already removed that stage's outputs (it does so before running a stage): fix the value and run",
+        "again, or `git checkout params.yaml dvclive && dvc checkout` to get the last committed run back.",
+        "A key that is not in `params.yaml` at all is refused by `dvc exp run -S` itself, in DVC's words",
+        "(`Could not override 'train.epoch'`). The file is read as YAML 1.2 (as DVC reads it), so `1e-3`",
+        "is a number. Defaults are the values in `params.yaml`.",
         "",
         "Effect of a key:",
         "",

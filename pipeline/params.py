@@ -211,6 +211,9 @@ def _show(value: Any) -> str:
     return _REPR.repr(value)
 
 
+_PLURALS = {int: "integers", float: "numbers", str: "strings"}
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -218,7 +221,10 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        args = typing.get_args(tp)
+        if len(args) > 1 and args[-1] is not Ellipsis:  # a fixed length: data.image_shape's [C, H, W]
+            return f"a list of {len(args)} {_PLURALS.get(args[0], _type_name(args[0]))}"
+        return f"a list of {_type_name(args[0])}"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
@@ -317,7 +323,7 @@ def read_params_file(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
 
 
 def load_section(section: str, path: Path | str = DEFAULT_PARAMS) -> Any:
-    """Read one section of params.yaml into its frozen dataclass, every value checked.
+    """Read one section of params.yaml into its frozen dataclass, every value of every section checked.
 
     Args:
         section: ``data``, ``prep``, ``loader`` or ``train``.
@@ -332,4 +338,9 @@ def load_section(section: str, path: Path | str = DEFAULT_PARAMS) -> Any:
             out of range; one line naming the file, key and what was expected.
     """
     doc = read_params_file(path)
+    # Every section is checked, not only this stage's: a bad value stops the first stage that runs,
+    # before its work, instead of the stage that reads it after the stages upstream of it have run.
+    for name, cls in SECTIONS.items():
+        if name != section and name in doc:
+            parse_section(cls, name, doc[name], where=str(path))
     return parse_section(SECTIONS[section], section, doc.get(section), where=str(path))

@@ -228,7 +228,7 @@ def test_test_class_unknown_to_train_is_refused(tmp_path):
     [
         (
             lambda p: shaped_csv(p, 3, (1, 4, 5)),
-            "{p}: row 1 (header): 20 pixel columns are not a square grey image; "
+            "{p}: line 1 (header): 20 pixel columns are not a square grey image; "
             "set data.image_shape to [C, H, W] in params.yaml",
         ),
         (
@@ -287,7 +287,7 @@ def test_set_shape_must_match_the_column_count(tmp_path):
     with pytest.raises(DataError) as err:
         import_user_csv(tmp_path / "u.csv", tmp_path / "o.csv", image_shape=(3, 4, 5))
     assert str(err.value) == (
-        f"{tmp_path / 'u.csv'}: row 1 (header): expected 3x4x5 = 60 pixel columns as "
+        f"{tmp_path / 'u.csv'}: line 1 (header): expected 3x4x5 = 60 pixel columns as "
         f"data.image_shape says, found 48"
     )
 

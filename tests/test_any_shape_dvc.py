@@ -51,7 +51,17 @@ def write_images(root: Path, per_class: int) -> None:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    repo = copy_repo(tmp_path_factory.mktemp("shapes") / "repo")
+    return _new_repo(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture
+def fresh_repo(tmp_path) -> Path:
+    """A repository of the test's own: no outputs and no run-cache entries of other tests."""
+    return _new_repo(tmp_path)
+
+
+def _new_repo(tmp: Path) -> Path:
+    repo = copy_repo(tmp / "repo")
     set_params(repo, **{"train.epochs": 1, "loader.batch_size": 64, "prep.shard_size": 128})
     run(["git", "init", "-q"], repo)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], repo)
@@ -109,8 +119,14 @@ def test_csv_of_any_shape_through_dvc_repro(repo, name, shape, param, kind, colu
     assert test["num_samples"] == (60 if has_test else pytest.approx(24, abs=14))
 
 
-def test_image_folder_through_dvc_repro_and_an_added_image_reruns_only_data_stages(repo):
+@pytest.mark.parametrize("tracked", [False, True], ids=["untracked", "dvc-add"])
+def test_image_folder_through_dvc_repro_and_an_added_image_reruns_only_data_stages(fresh_repo, tracked):
+    """Also with the folder tracked by `dvc add` (docs/data.md, sharing your data): it is gitignored."""
+    repo = fresh_repo
     write_images(repo / "data/user/images", per_class=20)
+    assert run(["git", "check-ignore", "-q", "data/user/images"], repo).returncode == 0
+    if tracked:
+        dvc(repo, "add", "data/user/images")
     set_params(
         repo,
         **{
@@ -127,6 +143,8 @@ def test_image_folder_through_dvc_repro_and_an_added_image_reruns_only_data_stag
     assert dvc(repo, "status", "--json").stdout.strip() in ("{}", "")
 
     shutil.copy(repo / "data/user/images/train/dog/001.jpg", repo / "data/user/images/train/dog/new.jpg")
+    if tracked:
+        dvc(repo, "add", "data/user/images")
     again = dvc(repo, "repro")
     assert {"csv", "parquet", "tensorize"} <= ran(again.stdout) and "download" not in ran(again.stdout)
     assert json.loads((repo / "data/tensors/train/manifest.json").read_text())["class_counts"] == [20, 21, 20]

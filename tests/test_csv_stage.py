@@ -220,7 +220,10 @@ def _header_error(
 
 def test_import_missing_file(tmp_path):
     msg, src, _ = _header_error(tmp_path, None)
-    assert msg == f"{src}: file not found (data.dataset is csv; set data.train_csv / data.test_csv)"
+    assert msg == (
+        f"{src}: file not found (data.dataset is csv; set data.train_csv / data.test_csv to your files, "
+        "or data.test_csv to null to hold the test split out of train)"
+    )
 
 
 def test_import_directory(tmp_path):
@@ -243,29 +246,29 @@ def test_import_empty_file(tmp_path, content):
     [
         (
             b"label,pixel1,pixel2\n",
-            "row 1 (header): 2 pixel columns are not a square grey image; "
+            "line 1 (header): 2 pixel columns are not a square grey image; "
             "set data.image_shape to [C, H, W] in params.yaml",
         ),
         (
             HEADER_LINE.replace(b"label,", b"class,"),
-            "row 1 (header), column 1: expected 'label', found 'class'",
+            "line 1 (header), column 1: expected 'label', found 'class'",
         ),
         (
             b"label," + b",".join(b"pixel%d" % i for i in range(784)) + b",pixel784\n",
-            "row 1 (header): 785 pixel columns are not a square grey image; "
+            "line 1 (header): 785 pixel columns are not a square grey image; "
             "set data.image_shape to [C, H, W] in params.yaml",
         ),
-        (b"1," + b",".join([b"0"] * 784) + b"\n", "row 1 (header), column 1: expected 'label', found '1'"),
+        (b"1," + b",".join([b"0"] * 784) + b"\n", "line 1 (header), column 1: expected 'label', found '1'"),
         (
             HEADER_LINE.replace(b"pixel5,", b",", 1),
-            "row 1 (header), column 6: expected a column name, found an empty one",
+            "line 1 (header), column 6: expected a column name, found an empty one",
         ),
         (
             HEADER_LINE.replace(b",pixel784", b",", 1),
-            "row 1 (header), column 785: expected a column name, found an empty one",
+            "line 1 (header), column 785: expected a column name, found an empty one",
         ),
-        (b"label\n", "row 1 (header): expected label and at least one pixel column, found only 'label'"),
-        (b" label \n", "row 1 (header): expected label and at least one pixel column, found only 'label'"),
+        (b"label\n", "line 1 (header): expected label and at least one pixel column, found only 'label'"),
+        (b" label \n", "line 1 (header): expected label and at least one pixel column, found only 'label'"),
     ],
     ids=[
         "3-columns",
@@ -331,8 +334,8 @@ def test_import_returns_the_image_shape_and_label_kind(tmp_path, shape, image_sh
 def test_import_refuses_a_count_that_is_not_the_set_image_shape(tmp_path):
     msg, src, _ = _header_error(tmp_path, HEADER_LINE + b"1" + b",0" * 784 + b"\n", image_shape=(3, 28, 28))
     assert (
-        msg
-        == f"{src}: row 1 (header): expected 3x28x28 = 2352 pixel columns as data.image_shape says, found 784"
+        msg == f"{src}: line 1 (header): expected 3x28x28 = 2352 pixel columns as data.image_shape says, "
+        "found 784"
     )
 
 
@@ -345,7 +348,7 @@ def test_import_header_with_10_million_columns_fails_fast_in_bounded_memory(tmp_
         lambda: import_user_csv(src, out), DataError, max_bytes=2 * MAX_HEADER_BYTES + (2 << 20)
     )
     assert str(err) == (
-        f"{src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
+        f"{src}: line 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
         "expected label and one column per pixel"
     )
     assert_no_output(out)
@@ -574,7 +577,8 @@ def test_stage_user_csv_errors(tmp_path, problem):
         expected = f"error: {train}: expected a CSV file, found a directory or special file\n"
     elif problem == "missing":
         expected = (
-            f"error: {train}: file not found (data.dataset is csv; set data.train_csv / data.test_csv)\n"
+            f"error: {train}: file not found (data.dataset is csv; set data.train_csv / data.test_csv to "
+            "your files, or data.test_csv to null to hold the test split out of train)\n"
         )
     elif problem == "empty":
         train.write_bytes(b"")
@@ -582,7 +586,7 @@ def test_stage_user_csv_errors(tmp_path, problem):
     else:
         train.write_bytes(b"label,a,b\n1,2,3\n")
         expected = (
-            f"error: {train}: row 1 (header): 2 pixel columns are not a square grey image; "
+            f"error: {train}: line 1 (header): 2 pixel columns are not a square grey image; "
             f"set data.image_shape to [C, H, W] in params.yaml\n"
         )
     synth.write_csv(user / "test.csv", synth.split(10))
@@ -655,7 +659,7 @@ def test_stage_10_million_column_header_bounded_memory(tmp_path):
     assert time.monotonic() - start < 20
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == (
-        f"error: {src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
+        f"error: {src}: line 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
         "expected label and one column per pixel\n"
     )
     assert peak < 400 * MB, f"peak RSS {peak / MB:.0f} MB"

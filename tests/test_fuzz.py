@@ -175,7 +175,7 @@ def test_check_header_arbitrary_bytes(line):
     try:
         names = check_header(line, "h")
     except DataError as exc:
-        assert str(exc).startswith("h: row 1 (header)")
+        assert str(exc).startswith("h: line 1 (header)")
         return
     assert names == _names(line) and names[0] == "label" and len(names) >= 2 and all(names)
 
@@ -230,7 +230,7 @@ def test_check_header_structured(line):
         check_header(line, "h", num_pixels=784)
     except DataError as exc:
         assert not valid, f"refused a valid header: {exc}"
-        assert str(exc).startswith("h: row 1 (header)") and len(str(exc)) < 300
+        assert str(exc).startswith("h: line 1 (header)") and len(str(exc)) < 300
         return
     assert valid, "accepted a header whose names are wrong"
 

@@ -424,7 +424,8 @@ def test_bad_image_shape_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "images"
     save(root / "train/a/1.png", noise((2, 2), 0))
     assert refused(check_images, root, scan_split(root, "train"), (2, 4, 4)) == (
-        "data.image_shape: expected [C, H, W] with C 1 or 3 and H, W positive, found [2, 4, 4]"
+        "data.image_shape: expected [C, H, W] with C 1 (grey) or 3 (RGB), the channels of an image, "
+        "and H, W positive, found [2, 4, 4]"
     )
 
 
@@ -454,7 +455,7 @@ def write_rows(path: Path, rows: list[list[str]]) -> Path:
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
-        ([["label", "path"]], "row 1 (header): expected label,file, found 'label,path'"),
+        ([["label", "path"]], "line 1 (header): expected label,file, found 'label,path'"),
         (
             [["label", "file"], ["cat", "train/cat/1.png"], ["cat", "train/cat/2.png", "x"]],
             "row 3: expected 2 values (label,file), found 3",

@@ -221,17 +221,17 @@ CASES = [
     (
         "wrong-header-name",
         lambda g: g.replace(b"label,", b"lbl,", 1),
-        "row 1 (header), column 1: expected 'label', found 'lbl'",
+        "line 1 (header), column 1: expected 'label', found 'lbl'",
     ),
     (
         "empty-header-name",
         lambda g: g.replace(b",pixel5,", b",,", 1),
-        "row 1 (header), column 6: expected a column name, found an empty one",
+        "line 1 (header), column 6: expected a column name, found an empty one",
     ),
     (
         "label-only-header",
         lambda g: b"label\n" + g.split(b"\n", 1)[1],
-        "row 1 (header): expected label and at least one pixel column, found only 'label'",
+        "line 1 (header): expected label and at least one pixel column, found only 'label'",
     ),
     # the header decides the column count: rows then have one value too many
     (
@@ -412,7 +412,7 @@ def test_header_with_20_million_columns_fails_fast_in_bounded_memory(tmp_path):
         lambda: convert(src, out), DataError, max_bytes=3 * MAX_HEADER_BYTES + (2 << 20)
     )
     assert str(err) == (
-        f"{src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
+        f"{src}: line 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
         "expected label and one column per pixel"
     )
     assert synth.leftovers(out.parent) == []
@@ -575,7 +575,7 @@ def test_stage_unusable_inputs(tmp_path, problem):
         "empty": f"error: {src}: file is empty; expected a header line label,pixel1..pixelN\n",
         "header-only": f"error: {src}: has a header but no data rows\n",
         "10M-columns": (
-            f"error: {src}: row 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
+            f"error: {src}: line 1 (header) is longer than {MAX_HEADER_BYTES} bytes; "
             "expected label and one column per pixel\n"
         ),
     }.get(problem)
