@@ -30,7 +30,7 @@ from trainer.boundary import CheckpointTimer, StepBoundary, non_finite, weights_
 from trainer.checkpoint import RunShape, save_checkpoint
 from trainer.device_norm import DeviceNormalizer
 from trainer.export import save_model
-from trainer.loop import evaluate, train_one_epoch
+from trainer.loop import EvalStats, evaluate, train_one_epoch
 from trainer.memory import PeakMemory
 from trainer.model import SimpleCNN
 from trainer.position import Position
@@ -158,14 +158,7 @@ def train_epoch(
             train.augment, seed=train.seed, epoch=epoch, rank=group.rank, world=group.world_size
         ),
     )
-    result = evaluate(
-        run.model,
-        run.test_loader,
-        run.device,
-        non_blocking=run.non_blocking,
-        normalize=run.normalize,
-        precision=run.precision,
-    )
+    result = _evaluate(run, run.test_loader)
     loss_sum, samples, test_sum, correct, test_samples = distributed.all_sum(
         [stats.loss_sum, stats.samples, result.loss_sum, result.correct, result.samples], group
     )
@@ -184,14 +177,7 @@ def train_epoch(
         "threads": torch.get_num_threads(),
     }
     if run.val_loader is not None:
-        val = evaluate(
-            run.model,
-            run.val_loader,
-            run.device,
-            non_blocking=run.non_blocking,
-            normalize=run.normalize,
-            precision=run.precision,
-        )
+        val = _evaluate(run, run.val_loader)
         val_sum, val_correct, val_samples = distributed.all_sum(
             [val.loss_sum, val.correct, val.samples], group
         )
@@ -202,6 +188,18 @@ def train_epoch(
     if not (all(math.isfinite(v) for v in losses) and weights_finite(run.model)):
         raise non_finite(boundary.where(batches), "the test or val loss or a weight", train.lr)
     return entry
+
+
+def _evaluate(run: Run, loader: Iterable) -> EvalStats:
+    """One evaluation pass of this rank's slice of a split, as the run trains (normalisation, precision)."""
+    return evaluate(
+        run.model,
+        loader,
+        run.device,
+        non_blocking=run.non_blocking,
+        normalize=run.normalize,
+        precision=run.precision,
+    )
 
 
 def export(run: Run, model_dir: Path | str, train_split: Split, history: list[dict[str, float]]) -> None:
