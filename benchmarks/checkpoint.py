@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from benchmarks.loader import machine
 from benchmarks.report import add_run_options, scratch_parent, write_results
 from benchmarks.scalecsv import load_idx_split
 from pipeline.params import LoaderParams, TrainParams
-from pipeline.shards import read_layout
+from pipeline.shards import IMAGES, read_layout
 from trainer import verify
 from trainer.checkpoint import RunShape, save_checkpoint
 from trainer.model import SimpleCNN
@@ -96,12 +97,13 @@ def finite_check_cost(tensors: Path, repeats: int) -> dict:
     for _ in range(repeats):
         start = time.perf_counter()
         for shard in split.shards:
-            verify._check_finite(str(shard.path), shard.path, read_layout(shard.path).tensors[verify.IMAGES])
+            verify._check_finite(str(shard.path), shard.path, read_layout(shard.path).tensors[IMAGES])
         finite = min(finite, time.perf_counter() - start)
         start = time.perf_counter()
         verify.validate_split(tensors / "train", expected_split="train", verify="header")
         header = min(header, time.perf_counter() - start)
-    return {"finite_check_s": finite, "header_check_s": header, "pixels": split.num_samples * 784}
+    pixels = split.num_samples * math.prod(split.manifest.image_shape)
+    return {"finite_check_s": finite, "header_check_s": header, "pixels": pixels}
 
 
 def render_markdown(r: dict) -> str:
@@ -111,7 +113,7 @@ def render_markdown(r: dict) -> str:
         "# Checkpoint benchmark",
         "",
         f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}, CPU. "
-        f"FashionMNIST, 60,000 train samples, default params. {r['note']}",
+        f"FashionMNIST, {r.get('train_samples', 60000):,} train samples, default params. {r['note']}",
         "",
         f"- One checkpoint (model, Adam, RNG, position; atomic folder with fsync): "
         f"**{c['best_s'] * 1000:.0f} ms** best, {c['median_s'] * 1000:.0f} ms median of {r['repeats']}, "
@@ -156,18 +158,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=2, help="epochs per interval setting")
     p.add_argument("--repeats", type=int, default=10, help="checkpoint writes and header checks timed")
     p.add_argument("--often", type=float, default=1.0, help="a short interval, seconds (many checkpoints)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="the first this many samples of each split (tests; default all)",
+    )
     cfg = p.parse_args(argv)
     work = scratch_parent(cfg.work) / "checkpoint-bench"
     tensors = work / "tensors"
     if not (tensors / "test" / "manifest.json").exists():
         for split in ("train", "test"):
             images, labels = load_idx_split(cfg.idx, split)
+            images, labels = images[: cfg.samples], labels[: cfg.samples]
             build_shards(tensors / split, images, labels, 1, 65536, split)
     default = TrainParams().checkpoint_seconds
     results = {
         "machine": machine(torch.device("cpu")),
         "note": cfg.note,
         "repeats": cfg.repeats,
+        "train_samples": json.loads((tensors / "train" / "manifest.json").read_text())["num_samples"],
         "default_seconds": default,
         "often_seconds": cfg.often,
         "checkpoint": checkpoint_cost(work, cfg.repeats),

@@ -49,7 +49,7 @@ from benchmarks.ddp import ddp_rows
 from benchmarks.disk import disk_usage
 from benchmarks.memory import run_loader_memory, run_scenarios
 from benchmarks.naive import NaiveDataset, PerSampleShards, PrecomputedDataset
-from benchmarks.report import goal_verdicts, render_markdown, render_plot
+from benchmarks.report import goal_verdicts, render_markdown, render_plot, run_conditions
 from benchmarks.shapes import loader_vs_memcpy
 from benchmarks.workers import uint8_twin, worker_epochs, workers_lines
 from pipeline.atomic import write_bytes_atomic
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--samples", type=int, help="samples per epoch for the fast rows (default 60000; quick 6000)"
     )
-    p.add_argument("--naive-samples", type=int, help="samples for the v1 rows (default 6000; quick 1000)")
+    p.add_argument("--naive-samples", type=int, help="samples for the v1 rows (default 6000; quick 512)")
     p.add_argument("--memory-workers", type=int, nargs="+", default=[0, 2, 8])
     p.add_argument("--habit-steps", type=int, default=20, help="training steps per memory-habit scenario")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     seed = load_section("train", cfg.params).seed
     started = time.perf_counter()
+    before = run_conditions()  # the machine's load before this run adds its own
 
     # Before this process changes its allocator: each setting runs in a fresh interpreter.
     allocator = allocator_experiment(cfg, device, seed, repeats=min(cfg.repeats, 2))
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         row["speedup_vs_naive"] = naive_s / row["loader_epoch_s"]
 
     results = {
-        "machine": machine(device),
+        "machine": {**machine(device), "conditions_at_start": before},
         "settings": {
             "repeats": cfg.repeats,
             "samples": cfg.samples,

@@ -111,8 +111,14 @@ def render_markdown(r: dict) -> str:
     lines = [
         "# Loader benchmark",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m.get('gpu', m['device'])}. "
-        f"Each time is the minimum of {r['settings']['repeats']} epochs, per 60,000 samples"
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m.get('gpu', m['device'])}"
+        + (
+            f", 1-minute load {load_text(m['conditions_at_start'])} at the start "
+            f"({m['conditions_at_start']['date']})"
+            if "conditions_at_start" in m
+            else ""
+        )
+        + f". Each time is the minimum of {r['settings']['repeats']} epochs, per 60,000 samples"
         + (" (quick run: scaled from fewer samples)." if r["settings"]["quick"] else "."),
         "",
         "| row | loader_epoch_s | train_epoch_s | speedup_vs_naive | data_wait_fraction "

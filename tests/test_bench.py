@@ -144,6 +144,7 @@ def test_bench_writes_results(tmp_path: Path) -> None:
         f"{d}-workers{w}" for d in ("float32", "uint8") for w in (0, 1, 2, 4)
     }
     assert set(results["goals"]) >= {"workers2_over_workers0", "uint8_workers2_over_workers0"}
+    assert set(results["machine"]["conditions_at_start"]) >= {"loadavg", "under_load", "date"}
     assert "| default |" in (out / "results.md").read_text()
     assert "| uint8 |" in (out / "results.md").read_text()
     markdown = (out / "results.md").read_text()
@@ -174,6 +175,26 @@ def test_bench_writes_results(tmp_path: Path) -> None:
     precision = json.loads((out / "precision.json").read_text())
     assert set(precision["speed"]) == {"fp32", "bf16"} and precision["goals"]["bf16_over_fp32"] > 0
     assert precision["floor"]["epoch_gflop"] == floors["epoch_gflop"]
+
+
+def test_checkpoint_bench_writes_results(tmp_path: Path) -> None:
+    """benchmarks.checkpoint on the first 600 FashionMNIST samples: every part runs (it once broke
+    unseen, on a name a refactor removed)."""
+    out = tmp_path / "bench"
+    argv = ["--samples", "600", "--epochs", "1", "--repeats", "1", "--often", "0.01"]
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.checkpoint", *argv, "--work", str(tmp_path), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    results = json.loads((out / "checkpoint.json").read_text())
+    assert results["train_samples"] == 600 and results["finite"]["pixels"] == 600 * 784
+    assert results["checkpoint"]["bytes"] > 0 and set(results["epochs"]) == {"off", "default", "often"}
+    assert all(len(v) == 1 and v[0] > 0 for v in results["epochs"].values())
+    assert "600 train samples" in (out / "checkpoint.md").read_text()
 
 
 def test_shapes_bench_writes_results(tmp_path: Path) -> None:
