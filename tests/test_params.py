@@ -409,7 +409,6 @@ def test_stage_reports_a_bad_param_without_traceback(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-
 def test_a_bad_value_in_any_section_stops_the_first_stage_that_runs(tmp_path):
     """`dvc exp run -S data.val_fraction=0.05 -S train.lr=abc` stops in `tensorize`, before its work,
     not in `train` after `tensorize` has run."""
@@ -420,6 +419,7 @@ def test_a_bad_value_in_any_section_stops_the_first_stage_that_runs(tmp_path):
     assert str(refused.value) == f"{params}: train.lr: expected a number, found 'abc'"
     params.write_text("data:\n  val_fraction: 0.05\ntrain:\n  lr: 0.01\n")
     assert load_section("data", params).val_fraction == 0.05
+
 
 def test_stage_reports_an_unknown_section(tmp_path):
     params = tmp_path / "params.yaml"

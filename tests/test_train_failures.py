@@ -15,12 +15,14 @@ import os
 import resource
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.test_train_stage import (
     MODEL_METRICS,
+    children,
     history,
     run_train,
     run_until_killed,
@@ -200,14 +202,18 @@ def test_ctrl_c_with_loader_workers_is_one_line_and_exit_130(data: Path, tmp_pat
     each worker used to add a KeyboardInterrupt traceback of its own."""
     params = write_params(
         tmp_path / "params.yaml",
-        loader={"num_workers": 2},
+        loader={"num_workers": 2, "persistent_workers": True},  # alive between epochs too
         train={"epochs": 10_000, "checkpoint_every": 0, "checkpoint_seconds": None},
     )
     log = tmp_path / "run.log"
     # In a process group of its own, as a terminal's foreground job is.
     proc = start_logged(data, tmp_path, params, log, start_new_session=True)
     try:
-        wait_for_output(proc, log, "epoch 2/")  # the workers are prefetching
+        wait_for_output(proc, log, "epoch 2/")
+        deadline = time.monotonic() + 60
+        while len(children(proc.pid)) < 2:  # both forked workers are there to receive the SIGINT
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGINT)
         code = proc.wait(timeout=60)
     finally:

@@ -23,8 +23,11 @@ import torch
 from pipeline.cli import run_stage
 from stages.train import main
 from tests.test_trainer import make_split
+from trainer.data import ShardDataset
 from trainer.export import load_model
+from trainer.loop import evaluate
 from trainer.run import MACHINE_METRICS, METRICS, VAL_METRICS
+from trainer.verify import validate_split
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_METRICS = [m for m in METRICS if m not in MACHINE_METRICS]
@@ -67,6 +70,19 @@ def start_logged(data: Path, work: Path, params: Path, log: Path, **popen: objec
         return subprocess.Popen(
             stage_cmd(data, work, params), cwd=work, env=stage_env(), stdout=out, stderr=out, **popen
         )
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
 
 
 def wait_for_output(proc: subprocess.Popen, log: Path, text: str, seconds: float = 240) -> None:
@@ -243,6 +259,33 @@ def test_val_split_adds_val_metrics_and_changes_nothing_else(data: Path, baselin
     assert (work0 / "models" / "model.safetensors").read_bytes() == (
         work / "models" / "model.safetensors"
     ).read_bytes()
+
+
+def test_val_metrics_are_the_trained_model_on_the_val_split(data: Path, tmp_path: Path) -> None:
+    """With a val split of samples of its own, val_* are the exported model evaluated on it by hand, not
+    the test split's figures (the test above cannot tell the two apart: its val split is the test's)."""
+    val = tmp_path / "val"
+    make_split(val, 96, split="val", shard_size=100, seed=3)
+    work = tmp_path / "work"
+    work.mkdir()
+    params = write_params(work / "params.yaml", loader={"num_workers": 0})
+    res = subprocess.run(
+        [*stage_cmd(data, work, params), "--val", str(val)],
+        cwd=work,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((work / "dvclive" / "metrics.json").read_text())
+    model, _ = load_model(work / "models")
+    dataset = ShardDataset(validate_split(val, expected_split="val"))
+    by_hand = evaluate(model, [dataset[torch.arange(len(dataset))]], torch.device("cpu"), non_blocking=False)
+    assert by_hand.samples == 96
+    assert summary["val_loss"] == pytest.approx(by_hand.loss_sum / 96, rel=1e-5)
+    assert abs(summary["val_acc"] * 96 - by_hand.correct) <= 1  # a near-tie may flip in another batch size
+    assert summary["val_loss"] != summary["test_loss"]
 
 
 def test_empty_val_split_logs_no_val_metrics(data: Path, tmp_path: Path) -> None:

@@ -412,7 +412,9 @@ def test_unusable_checkpoints_are_ignored_with_a_notice(split, tmp_path: Path, c
         if out is None:  # nothing was touched
             assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters()))
             assert not fresh_optimizer.state
-        return out, [r.getMessage() for r in caplog.records]
+        notices = [r.getMessage() for r in caplog.records]
+        assert all("\n" not in n for n in notices), notices  # each notice is one line
+        return out, notices
 
     resumed = attempt()[0]
     assert resumed is not None and resumed.position == Position(2, 3, 192, (7.5,), 1.0, 0.1)
@@ -459,7 +461,7 @@ def test_unusable_checkpoints_are_ignored_with_a_notice(split, tmp_path: Path, c
     assert out is None and "history" in notices[0]
     (ckpt / META).write_text("{not json")
     out, notices = attempt()
-    assert out is None and len(notices) == 1
+    assert out is None and len(notices) == 1 and f"cannot read {META}" in notices[0]
     (ckpt / META).write_text("[" * 100_000)  # deeper than the JSON parser's recursion limit
     out, notices = attempt()
     assert out is None and len(notices) == 1 and "RecursionError" in notices[0] and len(notices[0]) < 400
