@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.cold import build_shards
 from benchmarks.loader import machine
-from benchmarks.report import add_run_options, scratch_parent, write_results
+from benchmarks.report import add_run_options, run_conditions, scratch_parent, write_results
 from benchmarks.scalecsv import load_idx_split
 from pipeline.params import LoaderParams, TrainParams
 from pipeline.shards import IMAGES, read_layout
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         help="the first this many samples of each split (tests; default all)",
     )
     cfg = p.parse_args(argv)
+    before = run_conditions()  # the machine's load before this run adds its own
     work = scratch_parent(cfg.work) / "checkpoint-bench"
     tensors = work / "tensors"
     if not (tensors / "test" / "manifest.json").exists():
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             build_shards(tensors / split, images, labels, 1, 65536, split)
     default = TrainParams().checkpoint_seconds
     results = {
-        "machine": machine(torch.device("cpu")),
+        "machine": {**machine(torch.device("cpu")), "conditions_at_start": before},
         "note": cfg.note,
         "repeats": cfg.repeats,
         "train_samples": json.loads((tensors / "train" / "manifest.json").read_text())["num_samples"],

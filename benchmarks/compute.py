@@ -118,8 +118,8 @@ def train_paired(
     faults per step, over ``repeats`` timed epochs after ``warmup`` untimed ones. A source named in
     ``arithmetic`` trains with that normalisation and precision; the others plain (fp32).
 
-    Interleaving matters on a shared machine whose speed drifts by 10-25 %
-    over minutes: sources compared epoch by epoch see the same drift.
+    Interleaving matters on a shared machine whose speed drifts over minutes: sources compared
+    epoch by epoch see the same drift.
     """
     state = {}
     for name, (_source, reference_layout) in sources.items():

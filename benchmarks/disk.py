@@ -37,7 +37,9 @@ def disk_usage(csv_dir: Path, parquet_dir: Path, tensors_dir: Path) -> dict[str,
             for dtype in (pl.UInt8, pl.Int64):
                 path = Path(tmp) / f"{codec}-{dtype}.parquet"
                 frame.select(pl.all().cast(dtype)).write_parquet(
-                    path, compression=codec, row_group_size=65536
+                    path,
+                    compression=codec,
+                    row_group_size=65536,  # prep.row_group_size default when measured
                 )
                 out[f"parquet_{codec}_{str(dtype).lower()}_train"] = path_bytes(path)
     out["shards_float32_train"] = path_bytes(tensors_dir / "train")

@@ -9,8 +9,8 @@
   statistics, so it is the process's RSS high-water mark (VmHWM) above the
   RSS just before the loop, with glibc told to serve every block of 64 KiB or
   more by its own mmap (``MALLOC_MMAP_THRESHOLD_``): freed tensors then leave
-  RSS at once and the high-water mark tracks live tensors to within 0.1 MB
-  from run to run, instead of glibc's cached heap (+-25 MB otherwise).
+  RSS at once and the high-water mark tracks live tensors, the same from run
+  to run, instead of glibc's cached heap, whose size varies from run to run.
 """
 
 from __future__ import annotations
@@ -222,15 +222,17 @@ def _loader_epoch(kind: str, workers: int, samples: int, tensors: Path, parquet:
     from torch.utils.data import DataLoader
 
     from benchmarks.naive import PrecomputedDataset
+    from pipeline.params import LoaderParams
     from trainer.data import ShardDataset
-    from trainer.loader import EpochBatchSampler
+    from trainer.loader import EpochBatchSampler, make_loader, resolve_settings
     from trainer.verify import validate_split
 
     def build_and_iterate() -> None:
-        if kind == "default-mmap":
+        if kind == "default-mmap":  # the trainer's own loader: with workers, they prefetch pages
             ds = ShardDataset(validate_split(tensors / "train", expected_split="train"))
             sampler = EpochBatchSampler(samples, 512, shuffle=True, seed=0)
-            loader = DataLoader(ds, sampler=sampler, batch_size=None, num_workers=workers)
+            settings = resolve_settings(LoaderParams(num_workers=workers), torch.device("cpu"))
+            loader = make_loader(ds, sampler, settings)
         else:
             ds = PrecomputedDataset(parquet / "train.parquet", limit=samples)
             loader = DataLoader(ds, batch_size=512, shuffle=True, num_workers=workers)

@@ -201,6 +201,13 @@ def render(r: dict) -> str:
                 f"{v['test_acc']:.4f} | {v['test_loss']:.4f} |"
             )
         lines.append("")
+        reused = [name for name, v in a.items() if v.get("reused")]
+        if reused:
+            lines += [
+                f"Read back, not trained in this run: {', '.join(reused)} (a finished run in `--work` "
+                "with the same params, from an earlier run of this benchmark, is reused).",
+                "",
+            ]
         if "bf16" in a:
             lines += [
                 f"bf16 - fp32 test accuracy: {_points(a, 'bf16')} points (goal: at most {GOAL_ACC_POINTS} "

@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.prep import path_bytes
+from benchmarks.report import run_conditions
 from pipeline.atomic import write_bytes_atomic
+from pipeline.cpuinfo import cpu_model
 from tests.repo_copy import copy_repo, dvc, run, set_params
 from tests.sshd import start_sshd
 
@@ -37,6 +38,7 @@ def _timed(repo: Path, *args: str) -> tuple[float, str]:
 
 
 def measure(work: Path, epochs: int) -> dict:
+    before = run_conditions()  # the machine's load before this run adds its own
     server = start_sshd(work / "sshd")
     home = os.environ.get("HOME")
     os.environ["HOME"] = str(server.home)  # DVC's SSH client trusts the host key from ~/.ssh/known_hosts
@@ -65,7 +67,8 @@ def measure(work: Path, epochs: int) -> dict:
             pulls[name] = _timed(clone, "pull")
         repro_after_s, repro_after_out = _timed(work / "pull_verify", "repro")
         return {
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
+            "conditions_at_start": before,
             "train_epochs": epochs,
             "repro_s": round(repro_s, 2),
             "push_s": round(push_s, 2),

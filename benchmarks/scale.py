@@ -252,9 +252,12 @@ def render_markdown(r: dict, cold_md: Path | None = None, parallel_md: Path | No
     if r["goals"]:
         lines += [
             "",
-            f"Goals against the smallest K: time <= {TIME_SLACK} x linear, peak RSS <= {MEMORY_SLACK} x.",
+            f"Goals against the smallest K: time <= {TIME_SLACK} x linear, peak RSS <= {MEMORY_SLACK} x. "
+            "The peak is the stage process's own (VmHWM); `parquet` and `tensorize` also run worker "
+            "processes (`prep.workers`: all cores by default), whose memory is in the tree peaks of the next "
+            "section.",
             "",
-            "| stage@K | time / linear | ok | peak / 1x | ok |",
+            "| stage@K | time / linear | ok | own peak / 1x | ok |",
             "|---|---:|---|---:|---|",
         ]
         for key, g in r["goals"].items():

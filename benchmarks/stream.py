@@ -193,7 +193,18 @@ def render_markdown(r: dict) -> str:
         f"per batch in place of the model (the training reads {r['read_rate_mb_s']:.0f} MB/s). "
         "One epoch per row, a cold cache each time; pulled: the workspace shards with their pages dropped.",
         "",
-        f"Machine: {conditions_text(r['conditions'])}.",
+        f"Machine: {conditions_text(r['conditions'])}."
+        + (
+            f" These are the conditions of the run that measured the `{s['remotes']}` rows; the others "
+            "come from an earlier run"
+            + (
+                f" ({conditions_text(r['earlier_conditions'])})."
+                if r.get("earlier_conditions")
+                else ", whose conditions this file does not hold."
+            )
+            if s.get("append")
+            else ""
+        ),
         "",
         "| remote | cache limit | seconds | fetched / data | peak cache MB | limit MB | data wait "
         "| data wait after 1st window |",
@@ -321,7 +332,9 @@ def main(argv: list[str] | None = None) -> None:
         old = args.out / f"{args.stem}.json"
         if args.append and old.exists():
             ran = {r["remote"] for r in rows[1:]}  # the pulled row stays the first run's
-            rows = [r for r in json.loads(old.read_text())["rows"] if r["remote"] not in ran] + rows[1:]
+            earlier = json.loads(old.read_text())
+            results["earlier_conditions"] = earlier.get("earlier_conditions") or earlier.get("conditions")
+            rows = [r for r in earlier["rows"] if r["remote"] not in ran] + rows[1:]
         results["rows"] = rows
     finally:
         if server is not None:

@@ -93,7 +93,7 @@ KEYS: dict[str, Doc] = {
         "speed",
         "Rows per Parquet row group: the unit later stages read, and what each worker holds at once "
         "(32768 FashionMNIST rows are 25 MB of pixels; one group for the whole train split makes "
-        "the file 2 % smaller and the stages' memory larger).",
+        "the file slightly smaller and the stages' memory larger).",
     ),
     "prep.shard_size": Doc(
         "results",

@@ -362,8 +362,8 @@ def read_labels(table: Table, start: int = 0, stop: int | None = None) -> np.nda
 def _label_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A label column without nulls as NumPy: integers viewed in Arrow's buffers, names as str objects.
 
-    Not Arrow's ``to_numpy``, which imports pandas: about 40 MB and a few tenths of a second in
-    every worker process that reads labels.
+    Not Arrow's ``to_numpy``, which imports pandas: tens of MB and a slower start in every worker
+    process that reads labels.
     """
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     if not pa.types.is_integer(column.type):
@@ -427,7 +427,7 @@ def _wide_rows(table: Table, chunk_rows: int, start: int, stop: int, labels: boo
             block = table.scan.select(names[first : first + step]).slice(lo, hi - lo).collect()
             _frame_null_check(table, block, lo)
             # Row-major from Polars: a copy of whole rows into ``rows`` (a column-major export
-            # would be transposed here a byte at a time, about three times slower).
+            # would be transposed here a byte at a time, several times slower).
             rows[:, first : first + step] = block.to_numpy(order="c")
             del block
         group_labels = read_labels(table, lo, hi) if labels else None
