@@ -95,6 +95,7 @@ def accuracy(
     A run already in ``work`` is read back instead of trained again.
     """
     work.mkdir(parents=True, exist_ok=True)
+    tensors = tensors.resolve()  # the runs start in ``work``
     out = {}
     for name in runs:
         extra = ACCURACY_RUNS[name]
@@ -114,7 +115,7 @@ def accuracy(
         started = time.perf_counter()
         if not reused:
             params.write_text(json.dumps(doc))
-            subprocess.run(
+            done = subprocess.run(
                 [
                     sys.executable,
                     "-m",
@@ -135,10 +136,12 @@ def accuracy(
                     str(work / run / "live"),
                 ],
                 cwd=work,
-                check=True,
                 capture_output=True,
+                text=True,
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
             )
+            if done.returncode != 0:
+                raise SystemExit(f"accuracy run {run} failed ({done.returncode}): {done.stderr.strip()}")
         metrics = json.loads(summary.read_text())
         out[name] = {
             "test_acc": metrics["test_acc"],
