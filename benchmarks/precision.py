@@ -36,13 +36,14 @@ import torch
 from benchmarks.compute import EPOCH_SAMPLES, epoch_flops, matmul_gflops
 from benchmarks.prep import ROOT
 from benchmarks.report import conditions_text, run_conditions, write_results
+from pipeline.cpuinfo import cpu_flags
 from pipeline.params import load_section
 from trainer.allocator import retain_freed_memory
 from trainer.data import ShardDataset
 from trainer.loader import EpochBatchSampler
 from trainer.loop import train_one_epoch
 from trainer.model import SimpleCNN
-from trainer.precision import BF16_FLAGS, cpu_flags, make_precision
+from trainer.precision import BF16_FLAGS, make_precision
 from trainer.verify import validate_split
 
 GOAL_BF16_OVER_FP32 = 0.5  # on a CPU with AMX

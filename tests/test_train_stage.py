@@ -227,13 +227,8 @@ def _empty_val(folder: Path) -> Path:
     return folder
 
 
-def test_val_split_adds_val_metrics_and_changes_nothing_else(data: Path, baseline, tmp_path: Path) -> None:
-    """A val split holding the test split's samples: val_* equal test_* every epoch; training is the
-    baseline's."""
-    work0, _ = baseline
-    val = tmp_path / "val"
-    make_split(val, 128, split="val", shard_size=100, seed=2)  # the test split's samples
-    work = tmp_path / "work"
+def _run_with_val(data: Path, work: Path, val: Path) -> subprocess.CompletedProcess:
+    """The stage with ``--val`` (0 loader workers), in ``work``; it must succeed."""
     work.mkdir()
     params = write_params(work / "params.yaml", loader={"num_workers": 0})
     res = subprocess.run(
@@ -245,6 +240,17 @@ def test_val_split_adds_val_metrics_and_changes_nothing_else(data: Path, baselin
         timeout=300,
     )
     assert res.returncode == 0, res.stderr
+    return res
+
+
+def test_val_split_adds_val_metrics_and_changes_nothing_else(data: Path, baseline, tmp_path: Path) -> None:
+    """A val split holding the test split's samples: val_* equal test_* every epoch; training is the
+    baseline's."""
+    work0, _ = baseline
+    val = tmp_path / "val"
+    make_split(val, 128, split="val", shard_size=100, seed=2)  # the test split's samples
+    work = tmp_path / "work"
+    res = _run_with_val(data, work, val)
     summary = json.loads((work / "dvclive" / "metrics.json").read_text())
     assert set(summary) == {*METRICS, *VAL_METRICS, "step"}
     logged = history(work, METRICS + VAL_METRICS)
@@ -267,17 +273,7 @@ def test_val_metrics_are_the_trained_model_on_the_val_split(data: Path, tmp_path
     val = tmp_path / "val"
     make_split(val, 96, split="val", shard_size=100, seed=3)
     work = tmp_path / "work"
-    work.mkdir()
-    params = write_params(work / "params.yaml", loader={"num_workers": 0})
-    res = subprocess.run(
-        [*stage_cmd(data, work, params), "--val", str(val)],
-        cwd=work,
-        env=stage_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr
+    _run_with_val(data, work, val)
     summary = json.loads((work / "dvclive" / "metrics.json").read_text())
     model, _ = load_model(work / "models")
     dataset = ShardDataset(validate_split(val, expected_split="val"))
