@@ -33,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.memory import memory_kib, process_tree
+from benchmarks.memory import anonymous_kib, memory_kib, process_tree
 from benchmarks.prep import ROOT, path_bytes, stage_commands
 from benchmarks.report import add_run_options, conditions_text, run_conditions, scratch_parent, write_results
 from benchmarks.scale import BASE_SAMPLES, BYTES_GOAL, PEAK_WRAPPER, build_inputs, write_params
+from pipeline.manifest import read_manifest
 
 STAGES = ("csv", "parquet", "tensorize")
 MEASURED = ("parquet", "tensorize")
@@ -46,14 +47,26 @@ MEMORY_SLACK = 1.25
 WRITE_BLOCK = 16 << 20  # bytes per write while the disk's write rate is measured
 
 
-def _tree_peak_pss_kib(pid: int, stop: threading.Event, out: list[int]) -> None:
+def _tree_peaks_kib(pid: int, stop: threading.Event, out: dict[str, int]) -> None:
+    """Every 20 ms until ``stop``: the peaks of the tree's summed PSS and anonymous memory, of the stage
+    process's own anonymous memory, and of the largest anonymous memory of any other process (a worker)."""
     while not stop.is_set():
-        out[0] = max(out[0], sum(memory_kib(p)[1] for p in process_tree(pid)))
+        tree = process_tree(pid)
+        anon = {p: anonymous_kib(p) for p in tree}
+        now = {
+            "pss": sum(memory_kib(p)[1] for p in tree),
+            "anon": sum(anon.values()),
+            "main_anon": anon.get(pid, 0),
+            "worker_anon": max((v for p, v in anon.items() if p != pid), default=0),
+        }
+        for key, value in now.items():
+            out[key] = max(out.get(key, 0), value)
         time.sleep(0.02)
 
 
-def _launch(work: Path, name: str, params: Path, sample: bool) -> tuple[float, float, float]:
-    """One stage in a fresh interpreter: (seconds, own VmHWM, the tree's peak PSS) in s, KiB, KiB."""
+def _launch(work: Path, name: str, params: Path, sample: bool) -> tuple[float, float, dict[str, int]]:
+    """One stage in a fresh interpreter: seconds, own VmHWM (KiB) and the tree's peaks (KiB,
+    :func:`_tree_peaks_kib`)."""
     (argv,) = [a for n, a in stage_commands(work, [name])]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(ROOT)}
     peak_file = work / f".peak-{name}"
@@ -66,8 +79,8 @@ def _launch(work: Path, name: str, params: Path, sample: bool) -> tuple[float, f
         stderr=subprocess.PIPE,
         text=True,
     )
-    stop, tree = threading.Event(), [0]
-    sampler = threading.Thread(target=_tree_peak_pss_kib, args=(proc.pid, stop, tree), daemon=True)
+    stop, tree = threading.Event(), {}
+    sampler = threading.Thread(target=_tree_peaks_kib, args=(proc.pid, stop, tree), daemon=True)
     if sample:
         sampler.start()
     _, err = proc.communicate()
@@ -79,7 +92,7 @@ def _launch(work: Path, name: str, params: Path, sample: bool) -> tuple[float, f
         raise SystemExit(f"stage {name} failed ({proc.returncode}): {err.strip()}")
     own = int(peak_file.read_text()) if peak_file.exists() else 0
     peak_file.unlink(missing_ok=True)
-    return seconds, own, tree[0]
+    return seconds, own, tree
 
 
 def _run(work: Path, name: str, params: Path) -> dict:
@@ -94,7 +107,10 @@ def _run(work: Path, name: str, params: Path) -> dict:
     return {
         "seconds": round(seconds, 2),
         "own_peak_mb": round(own / 1024, 1),
-        "tree_peak_pss_mb": round(tree / 1024, 1),
+        "tree_peak_pss_mb": round(tree.get("pss", 0) / 1024, 1),
+        "tree_peak_anon_mb": round(tree.get("anon", 0) / 1024, 1),
+        "main_peak_anon_mb": round(tree.get("main_anon", 0) / 1024, 1),
+        "worker_peak_anon_mb": round(tree.get("worker_anon", 0) / 1024, 1),
     }
 
 
@@ -167,6 +183,7 @@ def measure(work: Path, scale: int, base_samples: int, shard_size: int, idx: Pat
             runs[f"{stage}/{label}"] = _run(work, stage, params)
             digests[f"{stage}/{label}"] = _outputs(work, stage)
     float_bytes = path_bytes(work / "data" / "tensors" / "train")
+    largest_shard = max(s.num_samples for s in read_manifest(work / "data" / "tensors" / "train").shards)
     tensor_bytes = path_bytes(work / "data" / "tensors")
     disk_mb_s = write_rate(work, tensor_bytes)  # right after the runs it bounds
     for label, workers in (("1", 1), ("all", None)):
@@ -178,6 +195,7 @@ def measure(work: Path, scale: int, base_samples: int, shard_size: int, idx: Pat
     return {
         "scale": scale,
         "samples": rows,
+        "largest_train_shard_samples": largest_shard,
         "runs": runs,
         "write": {
             "tensorize_float32_bytes": tensor_bytes,
@@ -235,6 +253,26 @@ def render_markdown(r: dict) -> str:
                 f"| {a['seconds']:.2f} / {a['own_peak_mb']:.0f} / {a['tree_peak_pss_mb']:.0f}"
                 f" | {b['seconds']:.2f} / {b['own_peak_mb']:.0f} / {b['tree_peak_pss_mb']:.0f} | "
                 f"{a['seconds'] / b['seconds']:.2f}x | {'yes' if row['same_bytes'][v] else 'NO'} |"
+            )
+    lines += [
+        "",
+        "Memory of the all-cores runs, MiB (peaks sampled every 20 ms): the tree's PSS and anonymous "
+        "memory, the stage process's anonymous memory and the largest of any one worker's (a worker holds "
+        "one piece at a time; what else grows with K: bench/notes.md).",
+        "",
+        "| K | stage | tree PSS | tree anon | main anon | largest worker anon "
+        "| largest train shard, samples |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in r["rows"]:
+        for v in VARIANTS:
+            b = row["runs"][run_key(v, "all")]
+            if "tree_peak_anon_mb" not in b:
+                continue
+            lines.append(
+                f"| {row['scale']} | {v} | {b['tree_peak_pss_mb']:.0f} | {b['tree_peak_anon_mb']:.0f} | "
+                f"{b['main_peak_anon_mb']:.0f} | {b['worker_peak_anon_mb']:.0f} | "
+                f"{row.get('largest_train_shard_samples', 0):,} |"
             )
     lines += [
         "",

@@ -38,6 +38,13 @@ def test_parallelprep_benchmark_writes_runs_bytes_and_the_write_floor(tmp_path: 
         assert write["floor_s"] == round(write["tensorize_float32_bytes"] / 1e6 / write["disk_write_mb_s"], 3)
         assert 0.25 < row["shards_train_bytes"]["ratio"] < 0.26
     assert "| 1 | tensorize/uint8 |" in (out / "parallel.md").read_text()
+    row = results["rows"][0]
+    assert row["largest_train_shard_samples"] == 256
+    for workers in ("1", "all"):
+        run = row["runs"][run_key("tensorize", workers)]
+        assert 0 < run["main_peak_anon_mb"] <= run["tree_peak_anon_mb"]
+        # one worker runs the pieces in the stage process; every core, in worker processes
+        assert (run["worker_peak_anon_mb"] > 0) == (workers == "all"), run
     assert results["settings"]["filesystem"] == filesystem(tmp_path / "work")
     # The goals compare the largest K with the smallest: a second K made from the first, slower
     # with workers and four times the write floor, is judged NOT met on both counts.
