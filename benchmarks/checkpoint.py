@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = p.parse_args(argv)
     before = run_conditions()  # the machine's load before this run adds its own
     work = scratch_parent(cfg.work) / "checkpoint-bench"
-    tensors = work / "tensors"
+    tensors = work / f"tensors-{cfg.samples or 'all'}"  # shards built once per sample count
     if not (tensors / "test" / "manifest.json").exists():
         for split in ("train", "test"):
             images, labels = load_idx_split(cfg.idx, split)

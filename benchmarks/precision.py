@@ -95,8 +95,9 @@ def accuracy(
 
     A run already in ``work`` is read back instead of trained again.
     """
+    work = work.resolve()  # the runs start in ``work``: every path they are given is absolute
     work.mkdir(parents=True, exist_ok=True)
-    tensors = tensors.resolve()  # the runs start in ``work``
+    tensors = tensors.resolve()
     out = {}
     for name in runs:
         extra = ACCURACY_RUNS[name]
@@ -112,7 +113,9 @@ def accuracy(
         }
         run = name if epochs == 5 else f"{name}-{epochs}"
         params, summary = work / f"{run}.yaml", work / run / "live" / "metrics.json"
-        reused = params.exists() and json.loads(params.read_text()) == doc and summary.exists()
+        # A finished run only: DVCLive rewrites metrics.json every epoch, the model comes at the end.
+        finished = summary.exists() and (work / run / "model" / "model.safetensors").exists()
+        reused = params.exists() and json.loads(params.read_text()) == doc and finished
         started = time.perf_counter()
         if not reused:
             params.write_text(json.dumps(doc))
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         "conditions": run_conditions(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "bf16_flags": {f: f in flags for f in (*BF16_FLAGS, "amx_tile")},
+        "bf16_flags": {f: f in flags for f in (*BF16_FLAGS, "amx_tile", "avx512_bf16")},
         "settings": {
             "steps": cfg.steps,
             "batch_size": batch_size,

@@ -314,7 +314,8 @@ def _entry_from_row(row: list[str], at: str) -> ImageEntry:
 def read_listing(csv_path: Path) -> list[ImageEntry]:
     """Read a listing :func:`write_listing` wrote; refuse anything else, naming the row.
 
-    Rows are CSV records counted from the header's 1 (a quoted newline does not start a row).
+    Data rows are counted from 1 and named with their CSV record, the header's being 1 (a quoted
+    newline does not start a record).
     """
     try:
         with open(csv_path, encoding="utf-8", newline="") as f:
@@ -330,7 +331,11 @@ def read_listing(csv_path: Path) -> list[ImageEntry]:
     if not rows or rows[0] != LISTING_HEADER:
         found = ",".join(rows[0]) if rows else "an empty file"
         raise DataError(f"{csv_path}: line 1 (header): expected label,file, found {found!r:.60}")
-    return [_entry_from_row(row, f"{csv_path}: row {n}") for n, row in enumerate(rows[1:], start=2)]
+    # Data rows counted from 1, as the CSV stage counts them, with the CSV record they are
+    return [
+        _entry_from_row(row, f"{csv_path}: row {n} (record {n + 1})")
+        for n, row in enumerate(rows[1:], start=1)
+    ]
 
 
 # ============================================================================ decoding into Parquet

@@ -143,7 +143,8 @@ KEYS: dict[str, Doc] = {
         "speed",
         "Copy the whole split to the training device once; each batch is one index operation there "
         "(`num_workers` is then ignored with a notice). On a GPU, a split larger than its free "
-        "memory is refused in one line before the copy.",
+        "memory is refused in one line before the copy (the check: `test_trainer.py`; no test here "
+        "has a GPU).",
     ),
     "loader.cache_limit_mb": Doc(
         "speed",

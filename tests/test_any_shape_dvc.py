@@ -141,6 +141,10 @@ def test_image_folder_through_dvc_repro_and_an_added_image_reruns_only_data_stag
     assert model["class_names"] == ["cat", "dog", "hot dog"] and model["input_shape"] == [3, 16, 16]
     assert manifest["class_counts"] == [20, 20, 20] and "test_acc" in metrics
     assert dvc(repo, "status", "--json").stdout.strip() in ("{}", "")
+    # DVC does not see an empty folder: an empty class folder reruns nothing (docs/data.md)
+    (repo / "data/user/images/train/empty").mkdir()
+    assert dvc(repo, "status", "--json").stdout.strip() in ("{}", "")
+    (repo / "data/user/images/train/empty").rmdir()
 
     shutil.copy(repo / "data/user/images/train/dog/001.jpg", repo / "data/user/images/train/dog/new.jpg")
     if tracked:

@@ -458,16 +458,18 @@ def write_rows(path: Path, rows: list[list[str]]) -> Path:
         ([["label", "path"]], "line 1 (header): expected label,file, found 'label,path'"),
         (
             [["label", "file"], ["cat", "train/cat/1.png"], ["cat", "train/cat/2.png", "x"]],
-            "row 3: expected 2 values (label,file), found 3",
+            "row 2 (record 3): expected 2 values (label,file), found 3",
         ),
         (
             [["label", "file"], ["cat", "train/dog/1.png"]],
-            "row 2: expected a file train/<label>/<path> or test/<label>/<path> with label 'cat', "
+            "row 1 (record 2): expected a file train/<label>/<path> or test/<label>/<path> with label "
+            "'cat', "
             "found 'train/dog/1.png'",
         ),
         (
             [["label", "file"], ["cat", "train/cat/../../../etc/passwd"]],
-            "row 2: expected a file train/<label>/<path> or test/<label>/<path> with label 'cat', "
+            "row 1 (record 2): expected a file train/<label>/<path> or test/<label>/<path> with label "
+            "'cat', "
             "found 'train/cat/../../../etc/passwd'",
         ),
     ],

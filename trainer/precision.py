@@ -22,7 +22,8 @@ benchmarks, differ: on an Intel Xeon bf16 training was no faster than fp32
 (``bench/precision.md``), on an AMD EPYC it was much faster
 (``bench/results.md``). So :func:`bf16_cpu_notice` measures: before training,
 at the run's thread count, a 512 x 512 matmul in float32 and in bfloat16
-(best of a few, some milliseconds), and says in one line when bfloat16 is not
+(best of a few, some milliseconds; tenths of a second where bfloat16 is
+emulated), and says in one line when bfloat16 is not
 at least :data:`BF16_GAIN` times faster, quoting both rates. The CPU flags
 (:func:`native_bf16`: ``amx_bf16`` on x86, ``bf16`` (BFMMLA) on Arm) still
 decide where the benchmarks judge the goal set for CPUs with matrix units.
@@ -75,19 +76,24 @@ def native_bf16(flags: set[str] | None) -> bool | None:
     return any(c() for c in checks) if checks else None
 
 
-def matmul_rates(size: int = 512, repeats: int = 5) -> tuple[float, float]:
+def matmul_rates(size: int = 512, repeats: int = 5, budget_s: float = 0.05) -> tuple[float, float]:
     """GFLOP/s of a ``size`` x ``size`` matmul in float32 and in bfloat16 on this CPU, at the current
-    thread count: the best of ``repeats`` after one warm-up each (oneDNN compiles its kernels then)."""
+    thread count: the best of up to ``repeats`` after one warm-up each (oneDNN compiles its kernels
+    then), fewer once ``budget_s`` is spent, so that an emulated bfloat16 (tenths of a second per
+    matmul) costs one timed run, not five."""
     rates = []
     for dtype in (torch.float32, torch.bfloat16):
-        a = torch.rand(size, size).to(dtype)
-        b = torch.rand(size, size).to(dtype)
+        a = torch.ones(size, size, dtype=dtype)
+        b = torch.ones(size, size, dtype=dtype)
         a @ b
-        best = math.inf
+        best, spent = math.inf, 0.0
         for _ in range(repeats):
             start = time.perf_counter()
             a @ b
-            best = min(best, time.perf_counter() - start)
+            took = time.perf_counter() - start
+            best, spent = min(best, took), spent + took
+            if spent > budget_s:
+                break
         rates.append(2 * size**3 / max(best, 1e-9) / 1e9)
     return rates[0], rates[1]
 
