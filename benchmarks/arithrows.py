@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compute import Arithmetic, matmul_gflops
+from benchmarks.compute import Arithmetic
 from benchmarks.precision import GOAL_BF16_OVER_FP32
 from pipeline.cpuinfo import cpu_flags
 from trainer.device_norm import DeviceNormalizer
-from trainer.precision import BF16_FLAGS, make_precision, native_bf16
+from trainer.precision import BF16_FLAGS, make_precision, matmul_gflops, native_bf16
 from trainer.verify import ValidSplit
 
 # row name -> (shard dtype, train.precision, note)

@@ -219,23 +219,6 @@ def memcpy_floor(repeats: int, nbytes: int = EPOCH_SAMPLES * 784 * 4) -> float:
     return best
 
 
-def matmul_gflops(
-    device: torch.device, n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32
-) -> float:
-    """Best-of-``repeats`` rate of an ``n`` x ``n`` matmul in ``dtype``: the machine's practical FLOP peak."""
-    a, b = (torch.rand(n, n, device=device).to(dtype) for _ in range(2))
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    torch.mm(a, b, out=out)  # warm-up: threads started, pages touched
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
 def epoch_flops(batch_size: int, device: torch.device) -> float:
     """FLOPs of forward + backward over one 60,000-sample epoch.
 

@@ -39,7 +39,6 @@ from benchmarks.compute import (
     allocator_experiment,
     as_pair,
     epoch_flops,
-    matmul_gflops,
     memcpy_floor,
     one_warm_batch,
     threads_experiment,
@@ -58,6 +57,7 @@ from pipeline.params import load_section
 from trainer.allocator import retain_freed_memory
 from trainer.data import ShardDataset
 from trainer.loader import EpochBatchSampler, make_loader, resolve_settings
+from trainer.precision import matmul_gflops
 from trainer.verify import validate_split
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compute import EPOCH_SAMPLES, epoch_flops, matmul_gflops
+from benchmarks.compute import EPOCH_SAMPLES, epoch_flops
 from benchmarks.prep import ROOT
 from benchmarks.report import conditions_text, run_conditions, write_results
 from pipeline.cpuinfo import cpu_flags
@@ -43,7 +43,7 @@ from trainer.data import ShardDataset
 from trainer.loader import EpochBatchSampler
 from trainer.loop import train_one_epoch
 from trainer.model import SimpleCNN
-from trainer.precision import BF16_FLAGS, make_precision
+from trainer.precision import BF16_FLAGS, make_precision, matmul_gflops
 from trainer.verify import validate_split
 
 GOAL_BF16_OVER_FP32 = 0.5  # on a CPU with AMX
