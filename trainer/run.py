@@ -317,7 +317,8 @@ def train(
                     checkpoint_dir,
                 )
             shape = _set_threads(group, train)
-            slow_bf16 = bf16_cpu_notice(train.precision, device)
+            # Rank 0 alone times the matmuls: it alone speaks, and ranks timing at once would share the cores.
+            slow_bf16 = bf16_cpu_notice(train.precision, device) if group.is_main else None
             if slow_bf16:
                 log.info("%s", slow_bf16)
             retain_freed_memory()  # every rank: no per-step page faults (trainer/allocator.py)
