@@ -46,28 +46,21 @@ def _kib(field: str, text: str) -> int:
     return total
 
 
-def memory_kib(pid: int) -> tuple[int, int]:
-    """(USS, PSS) of one process in KiB; zeros if it has exited.
+def rollup_kib(pid: int) -> tuple[int, int, int]:
+    """(USS, PSS, anonymous) of one process in KiB, from one read of its ``smaps_rollup``; zeros if it
+    has exited.
 
     USS also counts file-backed pages that only this process maps (a shard read
     by the main process alone); once several workers map a page it is shared,
     and PSS splits it between them. Summed over a process tree, PSS counts
-    every resident page once.
+    every resident page once. Anonymous memory is heap, stacks and tensors: no file pages.
     """
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
-        return 0, 0
+        return 0, 0, 0
     uss = _kib("Private_Clean", text) + _kib("Private_Dirty", text) + _kib("Private_Hugetlb", text)
-    return uss, _kib("Pss", text)
-
-
-def anonymous_kib(pid: int) -> int:
-    """Anonymous memory of one process in KiB (heap, stacks, tensors; no file pages); 0 if it has exited."""
-    try:
-        return _kib("Anonymous", Path(f"/proc/{pid}/smaps_rollup").read_text())
-    except OSError:
-        return 0
+    return uss, _kib("Pss", text), _kib("Anonymous", text)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -98,10 +91,10 @@ class TreeMemorySampler:
 
     def sample(self) -> None:
         pids = process_tree(os.getpid())
-        sizes = [memory_kib(p) for p in pids]
+        sizes = [rollup_kib(p) for p in pids]
         self.peak_uss_kib = max(self.peak_uss_kib, sum(s[0] for s in sizes))
         self.peak_pss_kib = max(self.peak_pss_kib, sum(s[1] for s in sizes))
-        self.peak_anon_kib = max(self.peak_anon_kib, sum(anonymous_kib(p) for p in pids))
+        self.peak_anon_kib = max(self.peak_anon_kib, sum(s[2] for s in sizes))
         self.max_processes = max(self.max_processes, len(pids))
 
     def _run(self) -> None:
@@ -122,7 +115,7 @@ class TreeMemorySampler:
 
 def measure_tree(run: Callable[[], None]) -> dict[str, float]:
     """Run ``run()`` and report the process tree's peaks in MiB, with this process's start as baseline."""
-    base_uss, _ = memory_kib(os.getpid())
+    base_uss = rollup_kib(os.getpid())[0]
     with TreeMemorySampler() as s:
         run()
     return {

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.memory import anonymous_kib, memory_kib, process_tree
+from benchmarks.memory import process_tree, rollup_kib
 from benchmarks.prep import ROOT, path_bytes, stage_commands
 from benchmarks.report import add_run_options, conditions_text, run_conditions, scratch_parent, write_results
 from benchmarks.scale import BASE_SAMPLES, BYTES_GOAL, PEAK_WRAPPER, build_inputs, write_params
@@ -51,10 +51,10 @@ def _tree_peaks_kib(pid: int, stop: threading.Event, out: dict[str, int]) -> Non
     """Every 20 ms until ``stop``: the peaks of the tree's summed PSS and anonymous memory, of the stage
     process's own anonymous memory, and of the largest anonymous memory of any other process (a worker)."""
     while not stop.is_set():
-        tree = process_tree(pid)
-        anon = {p: anonymous_kib(p) for p in tree}
+        sizes = {p: rollup_kib(p) for p in process_tree(pid)}
+        anon = {p: size[2] for p, size in sizes.items()}
         now = {
-            "pss": sum(memory_kib(p)[1] for p in tree),
+            "pss": sum(size[1] for size in sizes.values()),
             "anon": sum(anon.values()),
             "main_anon": anon.get(pid, 0),
             "worker_anon": max((v for p, v in anon.items() if p != pid), default=0),
