@@ -259,6 +259,10 @@ class Table:
         """One Polars scan for every read of this table: Polars parses the footer once per scan."""
         return pl.scan_parquet(self.path)
 
+    def __getstate__(self) -> dict[str, object]:
+        """A table sent to a worker process leaves its scan behind: the worker makes its own."""
+        return {k: v for k, v in self.__dict__.items() if k != "scan"}
+
 
 @dataclass(frozen=True)
 class Rows:

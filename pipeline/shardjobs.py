@@ -5,11 +5,14 @@
 :func:`write_piece` writes one shard from a list of row indices, reading only the
 rows between the first and the last, a chunk at a time, keeping the chosen ones
 and streaming them into the shard.
-Both take and return a few small values (paths, indices as bytes, a digest), so
-they run in worker processes (:mod:`pipeline.pool`) without moving data between
-processes. The shard bytes are those of the serial path, which routes the same rows
-in the same order through the same :func:`image_chunks` and
-:func:`pipeline.shards.write_shard`.
+Both take and return a few small values (the :class:`Table` the stage opened,
+paths, indices as bytes, a digest), so they run in worker processes
+(:mod:`pipeline.pool`) without moving data between processes. A piece does not open
+its table again: Arrow parses a file's whole footer at every opening, and a wide
+file's footer grows with its row groups, so every piece of every worker would hold
+memory that grows with the file (``bench/notes.md``). The shard bytes are those of
+the serial path, which routes the same rows in the same order through the same
+:func:`image_chunks` and :func:`pipeline.shards.write_shard`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 from pipeline.atomic import raise_as_output_error
 from pipeline.manifest import Normalization
 from pipeline.normalize import normalize, pixel_histogram
-from pipeline.parquet import IMAGE, Rows, Table, iter_rows, open_table, read_labels
+from pipeline.parquet import IMAGE, Rows, Table, iter_rows, read_labels
 from pipeline.shards import write_shard
 from pipeline.splits import TRAIN, assign, file_keys, hash_unit, row_keys
 from pipeline.tabular import INT_LABELS
@@ -74,9 +77,9 @@ def routes(table: Table, rows: Rows, test_fraction: float, val_fraction: float) 
 
 @dataclass(frozen=True)
 class RoutePiece:
-    """Train rows ``start..stop`` of ``source`` to route."""
+    """Train rows ``start..stop`` of ``table`` to route."""
 
-    source: str
+    table: Table
     start: int
     stop: int
     test_fraction: float
@@ -88,7 +91,7 @@ class RoutePiece:
 def route_piece(piece: RoutePiece) -> tuple[bytes, list[list[int]]]:
     """(the uint8 split code of each row, as bytes; the [C][256] histogram of the rows that train,
     all zeros unless ``piece.histogram``)."""
-    table = open_table(Path(piece.source))
+    table = piece.table
     codes, histogram = [], np.zeros((piece.channels, 256), dtype=np.int64)
     hashed = bool(piece.test_fraction or piece.val_fraction)  # only the row keys need the labels
     for rows in iter_rows(table, _read_rows(table), piece.start, piece.stop, labels=hashed):
@@ -102,9 +105,9 @@ def route_piece(piece: RoutePiece) -> tuple[bytes, list[list[int]]]:
 
 @dataclass(frozen=True)
 class ShardPiece:
-    """One shard to write: rows ``indices`` (int64 bytes, ascending) of ``source`` into ``folder/name``."""
+    """One shard to write: rows ``indices`` (int64 bytes, ascending) of ``table`` into ``folder/name``."""
 
-    source: str
+    table: Table
     indices: bytes
     folder: str
     target: str  # the split folder the user sees, named when writing fails
@@ -153,7 +156,7 @@ def write_piece(piece: ShardPiece) -> ShardDone:
     then stream from the source to the file a read at a time, so a worker's memory does not
     grow with the shard.
     """
-    table = open_table(Path(piece.source))
+    table = piece.table
     wanted = np.frombuffer(piece.indices, dtype=np.int64)
     span = read_labels(table, int(wanted[0]), int(wanted[-1]) + 1)
     labels = label_indices(span[wanted - wanted[0]], piece.class_names, table.labels)

@@ -436,7 +436,7 @@ def _train_codes(
         return np.full(train.rows, TRAIN, dtype=np.uint8), None
     pieces = (
         RoutePiece(
-            str(train.path),
+            train,
             start,
             min(start + shard_size, train.rows),
             test_fraction,
@@ -493,7 +493,7 @@ def _parallel(
         _check_sizes(train, {split: len(index) for split, (_, index) in rows.items()})
         pieces = (  # made as the pool takes them: the main process holds each split's row indices only
             ShardPiece(
-                str(table.path),
+                table,
                 index[k : k + shard_size].tobytes(),
                 str(folders[split]),
                 str(outs[split]),

@@ -220,6 +220,49 @@ def test_rows_and_labels_of_any_span_across_row_groups(tmp_path, start, stop, ch
     assert np.array_equal(read_labels(table), train.labels)
 
 
+def test_a_shard_piece_reads_its_rows_without_opening_the_file_again(tmp_path, monkeypatch):
+    """A piece carries the table the stage opened: Arrow's ``ParquetFile`` parses the whole footer,
+    which grows with a wide file's row groups, and every piece of every worker would parse it again.
+    The table travels to a worker without its Polars scan (the worker makes its own)."""
+    import pickle
+
+    import pyarrow.parquet as pq
+
+    from pipeline.shardjobs import ShardPiece, write_piece
+
+    train_pq, _, train = _wide_parquet(tmp_path, 40, 3)
+    table = open_table(train_pq)
+    read_labels(table)  # the scan is made and cached, as the stage's own reads may do
+    sent = pickle.loads(pickle.dumps(table))
+    assert "scan" in vars(table) and "scan" not in vars(sent) and sent == table
+
+    def no_footer_parse(*args, **kwargs):
+        raise AssertionError("a piece opened the file with Arrow")
+
+    monkeypatch.setattr(pq, "ParquetFile", no_footer_parse)
+    wanted = np.array([3, 4, 17, 20, 33], dtype=np.int64)
+    (tmp_path / "out").mkdir()
+    done = write_piece(
+        ShardPiece(
+            sent,
+            wanted.tobytes(),
+            str(tmp_path / "out"),
+            str(tmp_path / "out"),
+            "s.safetensors",
+            "train",
+            "csv",
+            (1, 28, 28),
+            None,
+            tuple(map(str, range(10))),
+            "uint8",
+            False,
+        )
+    )
+    tensors = safetensors.numpy.load_file(tmp_path / "out" / "s.safetensors")
+    assert done.num_samples == 5
+    assert np.array_equal(tensors["images"].reshape(5, -1), train.pixels[wanted])
+
+
 def test_rows_without_labels_leave_the_label_column_unread(tmp_path):
     """A shard writes its labels before its pixels, so its pixel pass asks for none: the label
     column is not read again. A null label (which any read of the column refuses) shows it."""
