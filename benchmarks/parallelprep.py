@@ -8,7 +8,8 @@ with every core (float32 shards), and ``tensorize`` twice more with
 ``prep.shard_dtype: uint8``. Between them the disk's write rate is measured in the
 same folder (as many incompressible bytes as the float32 shards, written and
 fsynced): the float32 shards are four bytes per pixel, so on a slow disk the stage
-is bound by its writes, and this floor says so. Each run reports its wall time, its own peak RSS
+is bound by its writes, and this floor says so. Each setting reports the median wall
+time of ``--repeats`` runs taken in turn with the other setting, its own peak RSS
 (VmHWM) and the peak summed PSS of its whole process tree (sampled every 20 ms,
 so the workers count), and the SHA-256 of every output file: the goal is the same
 bytes, the parallel run at least 1.6 x faster at 16 x on 2 cores, the tree's peak
@@ -24,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,23 +97,35 @@ def _launch(work: Path, name: str, params: Path, sample: bool) -> tuple[float, f
     return seconds, own, tree
 
 
-def _run(work: Path, name: str, params: Path) -> dict:
-    """The stage twice: timed alone, then with its process tree's memory sampled every 20 ms.
+def _runs(work: Path, name: str, params: dict[str, Path], repeats: int) -> tuple[dict, dict]:
+    """The stage with each of ``params`` (by label): timed ``repeats`` times, the settings
+    alternating, then once more each with its process tree's memory sampled every 20 ms.
 
-    Reading every process's ``smaps_rollup`` that often costs CPU, which on 2 cores is taken
-    from the workers of a parallel run more than from a serial one, so the seconds come from
-    the run with no sampler. Both runs write the same outputs.
+    On a shared VM one run moves by a tenth or more from the next (the kernel's share of writing
+    the outputs varies most), so a speed-up from one run of each setting is judged on noise; the
+    median of runs taken in turn is not. Reading every process's ``smaps_rollup`` that often costs
+    CPU, which on 2 cores is taken from the workers of a parallel run more than from a serial one,
+    so the seconds come from the runs with no sampler. Returns the runs and the digests of each
+    setting's outputs, both by label.
     """
-    seconds, _, _ = _launch(work, name, params, sample=False)
-    _, own, tree = _launch(work, name, params, sample=True)
-    return {
-        "seconds": round(seconds, 2),
-        "own_peak_mb": round(own / 1024, 1),
-        "tree_peak_pss_mb": round(tree.get("pss", 0) / 1024, 1),
-        "tree_peak_anon_mb": round(tree.get("anon", 0) / 1024, 1),
-        "main_peak_anon_mb": round(tree.get("main_anon", 0) / 1024, 1),
-        "worker_peak_anon_mb": round(tree.get("worker_anon", 0) / 1024, 1),
-    }
+    times: dict[str, list[float]] = {label: [] for label in params}
+    for _ in range(repeats):
+        for label, path in params.items():
+            times[label].append(_launch(work, name, path, sample=False)[0])
+    runs, digests = {}, {}
+    for label, path in params.items():
+        _, own, tree = _launch(work, name, path, sample=True)
+        digests[label] = _outputs(work, name)
+        runs[label] = {
+            "seconds": round(statistics.median(times[label]), 2),
+            "runs_s": [round(t, 2) for t in times[label]],
+            "own_peak_mb": round(own / 1024, 1),
+            "tree_peak_pss_mb": round(tree.get("pss", 0) / 1024, 1),
+            "tree_peak_anon_mb": round(tree.get("anon", 0) / 1024, 1),
+            "main_peak_anon_mb": round(tree.get("main_anon", 0) / 1024, 1),
+            "worker_peak_anon_mb": round(tree.get("worker_anon", 0) / 1024, 1),
+        }
+    return runs, digests
 
 
 def _digests(path: Path) -> dict[str, str]:
@@ -172,25 +186,29 @@ def write_rate(folder: Path, nbytes: int) -> float:
     return round(-(-nbytes // WRITE_BLOCK) * WRITE_BLOCK / 1e6 / seconds, 1)
 
 
-def measure(work: Path, scale: int, base_samples: int, shard_size: int, idx: Path) -> dict:
+def measure(work: Path, scale: int, base_samples: int, shard_size: int, idx: Path, repeats: int = 1) -> dict:
     rows = build_inputs(work, scale, base_samples, idx)
     runs: dict[str, dict] = {}
+    digests: dict[str, dict[str, str]] = {}
     serial = write_params(work, shard_size, "float32", workers=1)
-    _run(work, "csv", serial)
-    digests = {}
-    for label, params in (("1", serial), ("all", write_params(work, shard_size, "float32"))):
-        for stage in MEASURED:
-            runs[f"{stage}/{label}"] = _run(work, stage, params)
-            digests[f"{stage}/{label}"] = _outputs(work, stage)
+    _launch(work, "csv", serial, sample=False)
+    settings = {"1": serial, "all": write_params(work, shard_size, "float32")}
+    for stage in MEASURED:
+        done, outputs = _runs(work, stage, settings, repeats)
+        for label in settings:
+            runs[run_key(stage, label)], digests[run_key(stage, label)] = done[label], outputs[label]
     float_bytes = path_bytes(work / "data" / "tensors" / "train")
     largest_shard = max(s.num_samples for s in read_manifest(work / "data" / "tensors" / "train").shards)
     tensor_bytes = path_bytes(work / "data" / "tensors")
     disk_mb_s = write_rate(work, tensor_bytes)  # right after the runs it bounds
-    for label, workers in (("1", 1), ("all", None)):
-        runs[f"tensorize/{label}/uint8"] = _run(
-            work, "tensorize", write_params(work, shard_size, "uint8", workers)
-        )
-        digests[f"tensorize/{label}/uint8"] = _outputs(work, "tensorize")
+    uint8 = {
+        label: write_params(work, shard_size, "uint8", workers)
+        for label, workers in (("1", 1), ("all", None))
+    }
+    done, outputs = _runs(work, "tensorize", uint8, repeats)
+    for label in uint8:
+        key = run_key("tensorize/uint8", label)
+        runs[key], digests[key] = done[label], outputs[label]
     uint8_bytes = path_bytes(work / "data" / "tensors" / "train")
     return {
         "scale": scale,
@@ -231,6 +249,22 @@ def _goal_lines(base: dict, top: dict) -> list[str]:
     return lines
 
 
+def _seconds_note(repeats: int) -> str:
+    if repeats == 1:
+        return "Seconds: one run of each setting."
+    return (
+        f"Seconds: the median of {repeats} runs of each setting, the two settings taken in turn "
+        "(the fastest and slowest in brackets); the speed-up is the ratio of the medians."
+    )
+
+
+def _seconds(run: dict) -> str:
+    """A setting's median seconds, and the range of its runs where there were several."""
+    times = run.get("runs_s", [])
+    spread = f" ({min(times):.2f}-{max(times):.2f})" if len(times) > 1 else ""
+    return f"{run['seconds']:.2f}{spread}"
+
+
 def render_markdown(r: dict) -> str:
     lines = [
         "# Data stages on every core",
@@ -241,6 +275,8 @@ def render_markdown(r: dict) -> str:
         f"Before: {conditions_text(r['before'])}. After: {conditions_text(r['after'])}."
         + (f" {r['settings']['note']}" if r["settings"]["note"] else ""),
         "",
+        _seconds_note(r["settings"].get("repeats", 1)),
+        "",
         "| K | stage | workers 1: s / own MB / tree MB | all cores: s / own MB / tree MB "
         "| speed-up | same bytes |",
         "|---:|---|---:|---:|---:|---|",
@@ -250,8 +286,8 @@ def render_markdown(r: dict) -> str:
             a, b = row["runs"][run_key(v, "1")], row["runs"][run_key(v, "all")]
             lines.append(
                 f"| {row['scale']} | {v} "
-                f"| {a['seconds']:.2f} / {a['own_peak_mb']:.0f} / {a['tree_peak_pss_mb']:.0f}"
-                f" | {b['seconds']:.2f} / {b['own_peak_mb']:.0f} / {b['tree_peak_pss_mb']:.0f} | "
+                f"| {_seconds(a)} / {a['own_peak_mb']:.0f} / {a['tree_peak_pss_mb']:.0f}"
+                f" | {_seconds(b)} / {b['own_peak_mb']:.0f} / {b['tree_peak_pss_mb']:.0f} | "
                 f"{a['seconds'] / b['seconds']:.2f}x | {'yes' if row['same_bytes'][v] else 'NO'} |"
             )
     lines += [
@@ -310,6 +346,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", type=int, nargs="+", default=[1, 4])
     p.add_argument("--base-samples", type=int, default=BASE_SAMPLES)
     p.add_argument("--shard-size", type=int, default=65536)
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed runs of each setting, taken in turn (the median counts)"
+    )
     add_run_options(p, "K=16 needs ~8 GB")
     args = p.parse_args(argv)
     parent = scratch_parent(args.work)
@@ -320,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {
             "base_samples": args.base_samples,
             "shard_size": args.shard_size,
+            "repeats": args.repeats,
             "note": args.note,
             "filesystem": filesystem(parent),
         },
@@ -327,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     for scale in args.scale:
         work = Path(tempfile.mkdtemp(prefix=f"parallel-{scale}x-", dir=parent))
         try:
-            row = measure(work, scale, args.base_samples, args.shard_size, args.idx)
+            row = measure(work, scale, args.base_samples, args.shard_size, args.idx, args.repeats)
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
         finally:
