@@ -182,6 +182,37 @@ def build_repo(work: Path, idx: Path, scale: int, shard_size: int, dtype: str) -
     return repo
 
 
+def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
+    """``--append``: the earlier file's rows of remotes this run did not measure, then this run's
+    rows (its pulled row left out: the pulled row stays the first run's). Every row keeps the
+    conditions it was measured under."""
+    ran = {r["remote"] for r in rows[1:]}
+    return [r for r in earlier if r["remote"] not in ran] + rows[1:]
+
+
+def _machine_line(r: dict) -> str:
+    """The conditions of each run whose rows the page shows, naming the rows when there are several.
+
+    A row without conditions of its own (written before rows carried them) has the file's, unless
+    the file was appended to: then they are not known.
+    """
+    runs: dict[str, list[str]] = {}
+    default = None if r["settings"].get("append") else r.get("conditions")
+    for row in r["rows"]:
+        conditions = row.get("conditions") or default
+        text = conditions_text(conditions) if conditions else "conditions not recorded"
+        names = runs.setdefault(text, [])
+        if row["remote"] not in names:
+            names.append(row["remote"])
+    if len(runs) == 1:
+        return f"Machine: {next(iter(runs))}."
+    return (
+        "Machine, by the rows each run measured: "
+        + "; ".join(f"{', '.join(f'`{n}`' for n in names)}: {text}" for text, names in runs.items())
+        + "."
+    )
+
+
 def render_markdown(r: dict) -> str:
     s = r["settings"]
     lines = [
@@ -193,18 +224,7 @@ def render_markdown(r: dict) -> str:
         f"per batch in place of the model (the training reads {r['read_rate_mb_s']:.0f} MB/s). "
         "One epoch per row, a cold cache each time; pulled: the workspace shards with their pages dropped.",
         "",
-        f"Machine: {conditions_text(r['conditions'])}."
-        + (
-            f" These are the conditions of the run that measured the `{s['remotes']}` rows; the others "
-            "come from an earlier run"
-            + (
-                f" ({conditions_text(r['earlier_conditions'])})."
-                if r.get("earlier_conditions")
-                else ", whose conditions this file does not hold."
-            )
-            if s.get("append")
-            else ""
-        ),
+        _machine_line(r),
         "",
         "| remote | cache limit | seconds | fetched / data | peak cache MB | limit MB | data wait "
         "| data wait after 1st window |",
@@ -329,12 +349,11 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"remote": name, "cache": label, "push_s": round(push_s, 1), **row})
                 print(rows[-1], flush=True)
             shutil.rmtree(clone)
+        for row in rows:
+            row["conditions"] = results["conditions"]
         old = args.out / f"{args.stem}.json"
         if args.append and old.exists():
-            ran = {r["remote"] for r in rows[1:]}  # the pulled row stays the first run's
-            earlier = json.loads(old.read_text())
-            results["earlier_conditions"] = earlier.get("earlier_conditions") or earlier.get("conditions")
-            rows = [r for r in earlier["rows"] if r["remote"] not in ran] + rows[1:]
+            rows = merge_rows(json.loads(old.read_text())["rows"], rows)
         results["rows"] = rows
     finally:
         if server is not None:

@@ -53,3 +53,31 @@ def test_stream_benchmark_fetches_each_shard_once_within_its_limit(tmp_path: Pat
         if row["limit_mb"] is not None:
             assert row["peak_cache_mb"] <= row["limit_mb"], row
     assert "| pulled |" in (out / "stream.md").read_text()
+
+
+def test_appended_runs_keep_the_conditions_of_the_rows_they_measured() -> None:
+    """``--append`` twice: each row keeps its own run's conditions, and the page names them by row."""
+    from benchmarks.stream import _machine_line, merge_rows
+
+    def run(cpu: str, *remotes: str) -> list[dict]:
+        when = {"cpu": cpu, "cores": 2, "loadavg": [0.1, 0.2, 0.3], "under_load": False, "date": "2026-12-07"}
+        return [{"remote": name, "conditions": when} for name in ("pulled", *remotes)]
+
+    rows = run("first CPU", "local folder", "local folder")
+    rows = merge_rows(rows, run("second CPU", "SSH"))
+    rows = merge_rows(rows, run("third CPU", "HTTP", "local folder"))  # local folder measured again
+    assert [(r["remote"], r["conditions"]["cpu"]) for r in rows] == [
+        ("pulled", "first CPU"),
+        ("SSH", "second CPU"),
+        ("HTTP", "third CPU"),
+        ("local folder", "third CPU"),
+    ]
+    line = _machine_line({"settings": {"append": True}, "rows": rows})
+    assert line.startswith("Machine, by the rows each run measured: `pulled`: first CPU")
+    assert "`SSH`: second CPU" in line and "`HTTP`, `local folder`: third CPU" in line
+    single = _machine_line({"settings": {}, "conditions": rows[0]["conditions"], "rows": [{"remote": "x"}]})
+    assert single.startswith("Machine: first CPU, 2 cores")
+    legacy = _machine_line(
+        {"settings": {"append": True}, "conditions": rows[0]["conditions"], "rows": [{"remote": "x"}]}
+    )
+    assert legacy == "Machine: conditions not recorded."
