@@ -453,6 +453,21 @@ def _train_codes(
     return np.concatenate(codes), histogram if need_histogram else None
 
 
+def _rows_of(codes: np.ndarray, code: int) -> np.ndarray | range:
+    """The rows whose split code is ``code``, ascending: a range when every row has it (nothing held
+    out of train, the usual case), so the stage holds no index that grows with the data."""
+    if len(codes) and bool((codes == code).all()):
+        return range(len(codes))
+    return np.flatnonzero(codes == code)
+
+
+def _index_bytes(rows: np.ndarray | range) -> bytes:
+    """A piece's row indices as int64 bytes."""
+    if isinstance(rows, range):
+        return np.arange(rows.start, rows.stop, dtype=np.int64).tobytes()
+    return rows.astype(np.int64, copy=False).tobytes()
+
+
 def _parallel(
     train: Table,
     test: Table,
@@ -486,15 +501,15 @@ def _parallel(
             pool,
         )
         norm = _one_pass_norm(normalize_kind, None if histogram is None else pixel_stats(histogram), shape[0])
-        rows = {split: (train, np.flatnonzero(codes == _CODES[split])) for split in outs}
+        rows = {split: (train, _rows_of(codes, _CODES[split])) for split in outs}
         if test.rows:
-            rows["test"] = (test, np.arange(test.rows, dtype=np.int64))
+            rows["test"] = (test, range(test.rows))
         del codes
         _check_sizes(train, {split: len(index) for split, (_, index) in rows.items()})
-        pieces = (  # made as the pool takes them: the main process holds each split's row indices only
+        pieces = (  # made as the pool takes them: the main process holds each split's rows only
             ShardPiece(
                 table,
-                index[k : k + shard_size].tobytes(),
+                _index_bytes(index[k : k + shard_size]),
                 str(folders[split]),
                 str(outs[split]),
                 SHARD_PATTERN.format(k // shard_size),

@@ -220,6 +220,20 @@ def test_rows_and_labels_of_any_span_across_row_groups(tmp_path, start, stop, ch
     assert np.array_equal(read_labels(table), train.labels)
 
 
+def test_a_split_of_every_row_is_a_range_not_an_index_that_grows_with_the_data():
+    """With nothing held out, every train row trains: the stage holds a range, not 8 bytes a row;
+    the pieces' indices are the same either way."""
+    from pipeline.splits import TEST, TRAIN, VAL
+    from pipeline.tensorize import _index_bytes, _rows_of
+
+    every = np.full(10, TRAIN, dtype=np.uint8)
+    assert _rows_of(every, TRAIN) == range(10) and len(_rows_of(every, VAL)) == 0
+    mixed = np.array([TRAIN, VAL, TRAIN, TEST, TRAIN], dtype=np.uint8)
+    assert np.array_equal(_rows_of(mixed, TRAIN), [0, 2, 4])
+    assert _index_bytes(range(10)[3:7]) == np.arange(3, 7, dtype=np.int64).tobytes()
+    assert _index_bytes(_rows_of(mixed, TRAIN)[1:]) == np.array([2, 4], dtype=np.int64).tobytes()
+
+
 def test_a_shard_piece_reads_its_rows_without_opening_the_file_again(tmp_path, monkeypatch):
     """A piece carries the table the stage opened: Arrow's ``ParquetFile`` parses the whole footer,
     which grows with a wide file's row groups, and every piece of every worker would parse it again.
