@@ -33,8 +33,10 @@ class Doc(NamedTuple):
 
 EFFECTS = {
     "results": "changes what is trained or measured",
-    "rounding": "same computation, other float summation order: results agree to rounding",
-    "speed": "speed, memory or robustness only: the same outputs, bit for bit",
+    "rounding": "same computation, other float summation order: results agree closely, not bit for bit "
+    "(rounding differences grow over a run, [distributed.md](distributed.md))",
+    "speed": "speed, memory or robustness only: the same model and metrics, bit for bit (a data stage's "
+    "own files may differ, e.g. the Parquet codec's or uint8 shards)",
 }
 
 KEYS: dict[str, Doc] = {
@@ -282,7 +284,8 @@ def markdown(params: Path | str = DEFAULT_PARAMS) -> str:
         "unknown key, a wrong type or a bad value stops the first stage that runs with one line naming the",
         "key, e.g. `error: params.yaml: loader.batch_size: expected an integer >= 1, found 0`. DVC has",
         "already removed that stage's outputs (it does so before running a stage): fix the value and run",
-        "again, or `git checkout params.yaml dvclive && dvc checkout` to get the last committed run back.",
+        "again, or `git checkout params.yaml dvc.lock dvclive && dvc checkout` to get the last committed run",
+        "back (`dvc.lock` too: stages that ran before the failing one recorded their new outputs there).",
         "A key that is not in `params.yaml` at all is refused by `dvc exp run -S` itself, in DVC's words",
         "(`Could not override 'train.epoch'`). The file is read as YAML 1.2 (as DVC reads it), so `1e-3`",
         "is a number. Defaults are the values in `params.yaml`.",
