@@ -65,12 +65,17 @@ def use_cores(workers: int | None) -> None:
         pyarrow.set_cpu_count(1)
 
 
-def library_threads() -> str:
-    """Polars' and Arrow's thread counts in this process, as a stage reports them."""
+def library_threads(workers: int | None) -> str:
+    """``prep.workers`` as the user wrote it, what it resolves to, and Polars' and Arrow's thread
+    counts in this process, as a stage reports them."""
     import polars as pl  # imported here so that use_cores can run before Polars is first imported
     import pyarrow as pa
 
-    return f"Polars {pl.thread_pool_size()} thread(s), Arrow {pa.cpu_count()}"
+    written = "null (every core)" if workers is None else str(workers)
+    return (
+        f"prep.workers {written}: {resolve_workers(workers)} core(s); in this process Polars "
+        f"{pl.thread_pool_size()} thread(s), Arrow {pa.cpu_count()}"
+    )
 
 
 def _one_polars_thread() -> None:

@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Imported after use_cores: Polars sizes its thread pool when it is first imported.
     from pipeline.parquet import csv_to_parquet, images_to_parquet, open_table
 
-    print(f"parquet: prep.workers {prep.workers}: {library_threads()}")
+    print(f"parquet: {library_threads(prep.workers)}")
     codec = {
         "compression": prep.compression,
         "compression_level": prep.compression_level,

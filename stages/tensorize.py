@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Imported after use_cores: Polars sizes its thread pool when it is first imported.
     from pipeline.tensorize import tensorize
 
-    print(f"tensorize: prep.workers {prep.workers}: {library_threads()}")
+    print(f"tensorize: {library_threads(prep.workers)}")
     manifests = tensorize(
         args.train_parquet,
         args.test_parquet,

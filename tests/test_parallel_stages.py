@@ -495,7 +495,13 @@ def test_prep_workers_1_keeps_the_stages_on_one_core(tmp_path, monkeypatch, work
         proc = synth.run_stage(stage, "--params", params, *args, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         if workers == 1:
-            assert f"{stage}: prep.workers 1: Polars 1 thread(s), Arrow 1" in proc.stdout
+            assert (
+                f"{stage}: prep.workers 1: 1 core(s); in this process Polars 1 thread(s), Arrow 1"
+                in proc.stdout
+            )
         elif cpu_count() > 1:
-            assert f"{stage}: prep.workers None: Polars " in proc.stdout
+            assert (
+                f"{stage}: prep.workers null (every core): {cpu_count()} core(s); in this process Polars "
+                in proc.stdout
+            )
             assert "Polars 1 thread(s)" not in proc.stdout and "Arrow 1\n" not in proc.stdout
