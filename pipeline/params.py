@@ -187,7 +187,7 @@ class TrainParams:
         twice = sorted({a for a in self.augment if self.augment.count(a) > 1})
         if twice:
             raise ParamsError(
-                f"{where}: train.augment: expected each of flip, translate at most once, "
+                f"{where}: train.augment: expected each of 'flip', 'translate' at most once, "
                 f"found {twice[0]!r} twice"
             )
 
@@ -200,7 +200,17 @@ SECTIONS: dict[str, type] = {
 }
 
 
-_REPR = reprlib.Repr()
+class _YamlRepr(reprlib.Repr):
+    """Python's repr, but null, true and false as the user wrote them in YAML (not None, True, False)."""
+
+    def repr_NoneType(self, _value: None, _level: int) -> str:  # noqa: N802 (reprlib's naming)
+        return "null"
+
+    def repr_bool(self, value: bool, _level: int) -> str:
+        return "true" if value else "false"
+
+
+_REPR = _YamlRepr()
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
 
 
@@ -224,7 +234,9 @@ def _type_name(tp: Any) -> str:
         args = typing.get_args(tp)
         if len(args) > 1 and args[-1] is not Ellipsis:  # a fixed length: data.image_shape's [C, H, W]
             return f"a list of {len(args)} {_PLURALS.get(args[0], _type_name(args[0]))}"
-        return f"a list of {_type_name(args[0])}"
+        if typing.get_origin(args[0]) is Literal:  # train.augment
+            return f"a list, each {_type_name(args[0])}"
+        return f"a list of {_PLURALS.get(args[0], _type_name(args[0]))}"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))

@@ -744,6 +744,6 @@ def test_stage_refuses_bad_mirrors_param(ds, tmp_path):
     proc = synth.run_stage("download", "--params", params, "--out", tmp_path / "raw", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert (
-        f"error: {params}: data.mirrors: expected a list of a string, found 'http://a.example'" in proc.stderr
+        f"error: {params}: data.mirrors: expected a list of strings, found 'http://a.example'" in proc.stderr
     )
     assert not (tmp_path / "raw").exists()

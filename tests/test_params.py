@@ -340,7 +340,7 @@ def test_billion_laughs_is_refused_quickly_with_a_short_message(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert time.monotonic() - start < 20
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith(f"{path}: data.mirrors: expected a list of a string, found [[")
+    assert proc.stdout.startswith(f"{path}: data.mirrors: expected a list of strings, found [[")
     assert len(proc.stdout) < 500
 
 
@@ -454,7 +454,25 @@ def test_augment_names_each_transform_at_most_once(tmp_path):
         load_section("train", params)
     assert (
         str(err.value)
-        == f"{params}: train.augment: expected each of flip, translate at most once, found 'flip' twice"
+        == f"{params}: train.augment: expected each of 'flip', 'translate' at most once, found 'flip' twice"
     )
     ok = synth.write_params(tmp_path / "ok.yaml", train={"augment": ["translate", "flip"]})
     assert load_section("train", ok).augment == ("translate", "flip")
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("train:\n  precision: null\n", "found null"),
+        ("train:\n  augment: true\n", "found true"),
+        ("data:\n  mirrors: [a, null, false]\n", "found ['a', null, false]"),
+    ],
+)
+def test_a_refused_value_is_shown_as_yaml_writes_it(tmp_path, text, found):
+    """null, true and false as the user wrote them, not Python's None, True and False."""
+    params = tmp_path / "params.yaml"
+    params.write_text(text)
+    section = text.split(":")[0]
+    with pytest.raises(ParamsError) as err:
+        load_section(section, params)
+    assert str(err.value).endswith(found), str(err.value)
