@@ -134,7 +134,8 @@ def test_held_out_test_and_val_are_stratified_and_stable(tmp_path):
         assert old <= new, split
 
 
-def test_empty_train_or_held_out_split_refused(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])  # the serial path and the parallel one
+def test_empty_train_or_held_out_split_refused(tmp_path, workers):
     shaped_csv(tmp_path / "train.csv", 3, (1, 4, 4), labels=[0, 1, 0])
     pq = to_parquet(tmp_path, tmp_path / "train.csv", None)
     with pytest.raises(DataError, match="the test split would be empty"):
@@ -146,6 +147,7 @@ def test_empty_train_or_held_out_split_refused(tmp_path):
             shard_size=8,
             normalize_kind="unit",
             test_fraction=0.01,
+            workers=workers,
         )
     assert not (tmp_path / "o").exists() or synth.leftovers(tmp_path / "o") == []
 
@@ -190,7 +192,8 @@ def test_rgb_17x23_named_classes_per_channel_standard(tmp_path):
     assert test_images.shape == (12, *shape)
 
 
-def test_integer_labels_make_classes_up_to_the_largest_with_a_notice(tmp_path, caplog):
+@pytest.mark.parametrize("workers", [1, 2])  # the serial path and the parallel one
+def test_integer_labels_make_classes_up_to_the_largest_with_a_notice(tmp_path, caplog, workers):
     shaped_csv(tmp_path / "train.csv", 30, (1, 8, 8), labels=[0, 1, 2, 3, 5] * 6)  # no 4
     shaped_csv(tmp_path / "test.csv", 5, (1, 8, 8), labels=[0, 1, 2, 3, 5], seed=4)
     pq = to_parquet(tmp_path, tmp_path / "train.csv", tmp_path / "test.csv")
@@ -202,6 +205,7 @@ def test_integer_labels_make_classes_up_to_the_largest_with_a_notice(tmp_path, c
         dataset="csv",
         shard_size=8,
         normalize_kind="unit",
+        workers=workers,
     )
     assert m["train"].class_names == ("0", "1", "2", "3", "4", "5") and m["train"].class_counts[4] == 0
     assert caplog.record_tuples == [

@@ -17,6 +17,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -159,6 +160,23 @@ def test_tensorize_bytes_do_not_depend_on_workers(tmp_path, dtype, held_out, nor
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+def test_more_than_one_worker_takes_the_parallel_path(tmp_path, monkeypatch, workers):
+    """The byte-identity tests above compare the two paths only if workers > 1 reaches the
+    parallel one, and 1 the serial one."""
+    import pipeline.tensorize as tensorize_module
+
+    taken = []
+    for name in ("_serial", "_parallel"):
+        path = getattr(tensorize_module, name)
+        monkeypatch.setattr(
+            tensorize_module, name, lambda *a, _p=path, _n=name, **k: taken.append(_n) or _p(*a, **k)
+        )
+    train_pq, test_pq, _ = _wide_parquet(tmp_path, 40, 11)
+    _tensorize(train_pq, test_pq, tmp_path / "out", workers=workers)
+    assert taken == ["_serial" if workers == 1 else "_parallel"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("held_out", [False, True])
 def test_uint8_standard_shards_count_their_statistics_in_the_same_pass(tmp_path, workers, held_out):
     """uint8 shards do not depend on the statistics, so they are counted while the shards are written
@@ -205,6 +223,11 @@ def test_image_layout_tensorize_and_parquet_bytes_do_not_depend_on_workers(tmp_p
         )
     assert _tree_bytes(tmp_path / "t1") == _tree_bytes(tmp_path / "t2")
     assert read_manifest(tmp_path / "t1" / "val").num_samples > 0
+    table = open_table(tmp_path / "train-1.parquet")  # iter_rows' contract holds for this layout too
+    without = list(iter_rows(table, 4, 3, 19, labels=False))
+    with_labels = list(iter_rows(table, 4, 3, 19))
+    assert all(r.labels is None for r in without) and all(r.labels is not None for r in with_labels)
+    assert [r.files for r in without] == [r.files for r in with_labels]
 
 
 @pytest.mark.parametrize(("start", "stop", "chunk"), [(0, 70, 7), (5, 44, 10), (16, 32, 100), (31, 33, 1)])
@@ -242,7 +265,8 @@ def test_a_shard_piece_reads_its_rows_without_opening_the_file_again(tmp_path, m
 
     import pyarrow.parquet as pq
 
-    from pipeline.shardjobs import ShardPiece, write_piece
+    from pipeline.shardjobs import RoutePiece, ShardPiece, route_piece, write_piece
+    from pipeline.splits import TEST, TRAIN, VAL
 
     train_pq, _, train = _wide_parquet(tmp_path, 40, 3)
     table = open_table(train_pq)
@@ -275,6 +299,13 @@ def test_a_shard_piece_reads_its_rows_without_opening_the_file_again(tmp_path, m
     tensors = safetensors.numpy.load_file(tmp_path / "out" / "s.safetensors")
     assert done.num_samples == 5
     assert np.array_equal(tensors["images"].reshape(5, -1), train.pixels[wanted])
+    # The routing pass's pieces too: the split of each row and the histogram of those that train.
+    raw, histogram = route_piece(RoutePiece(sent, 0, 40, 0.2, 0.1, 1, True))
+    codes = np.frombuffer(raw, dtype=np.uint8)
+    assert len(codes) == 40 and set(codes.tolist()) == {TRAIN, VAL, TEST}
+    assert np.array_equal(
+        np.asarray(histogram)[0], np.bincount(train.pixels[codes == TRAIN].ravel(), minlength=256)
+    )
 
 
 def test_rows_without_labels_leave_the_label_column_unread(tmp_path):
@@ -361,6 +392,48 @@ def test_each_pool_worker_runs_polars_on_one_thread_unless_the_user_says(monkeyp
 def test_workers_map_keeps_the_order_whatever_finishes_first():
     with Workers(2) as pool:
         assert list(pool.map(_slow_square, range(6))) == [x * x for x in range(6)]
+
+
+def test_workers_map_keeps_at_most_two_pieces_per_worker_in_flight():
+    """Pieces are made as the pool takes them: memory stays bounded by the piece size, not the
+    number of pieces (a generator of 20 pieces is drawn 2 x workers ahead of the results taken)."""
+    drawn = []
+
+    def pieces():
+        for i in range(20):
+            drawn.append(i)
+            yield i
+
+    with Workers(2) as pool:
+        for taken, result in enumerate(pool.map(_slow_square, pieces())):
+            assert result == taken * taken
+            assert len(drawn) <= taken + 1 + 4, (taken, len(drawn))
+    assert drawn == list(range(20))
+
+
+def test_read_ahead_stays_within_its_budget_and_stops_the_producer_when_the_consumer_does():
+    produced, closed = [], []
+
+    def items():
+        try:
+            for i in range(50):
+                produced.append(i)
+                yield i
+        finally:  # where it runs: a generator left to the garbage collector closes in another thread
+            closed.append(threading.current_thread().name)
+
+    got = []
+    for item in read_ahead(items(), lambda x: 2, 6):  # three items of weight 2 ahead at most
+        time.sleep(0.005)  # a slow consumer: the producer would run far ahead without the budget
+        # ahead: the items queued (6 / 2) and the one the producer holds while it waits
+        assert len(produced) <= len(got) + 1 + 3 + 1, (len(got), len(produced))
+        got.append(item)
+    assert got == list(range(50))
+    produced.clear()
+    stream = read_ahead(items(), lambda x: 1, 2)
+    assert [next(stream), next(stream)] == [0, 1]
+    stream.close()  # the consumer stops early: the producer's generator is closed, its file with it
+    assert closed == ["read-ahead", "read-ahead"] and len(produced) < 50
 
 
 def _die(piece: int) -> int:
