@@ -180,6 +180,33 @@ def test_bf16_no_faster_than_fp32_is_noticed_from_a_measured_matmul() -> None:
     assert fp32 > 0 and bf16 > 0
 
 
+def test_a_bf16_run_where_the_matmuls_say_bf16_is_slow_gives_the_notice_once(
+    data: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The rates are float32's then bfloat16's, each timed in its own dtype within the budget, and
+    a bf16 training run on such a CPU says so (this CPU's own rates would decide otherwise)."""
+    import trainer.precision as precision_module
+
+    timed = []
+
+    def rate(device, n, repeats, dtype, budget_s):  # a CPU on which bfloat16 is emulated
+        timed.append((dtype, budget_s))
+        return {torch.float32: 200.0, torch.bfloat16: 110.0}[dtype]
+
+    monkeypatch.setattr(precision_module, "matmul_gflops", rate)
+    assert matmul_rates(budget_s=0.05) == (200.0, 110.0)
+    assert timed == [(torch.float32, 0.05), (torch.bfloat16, 0.05)]
+    monkeypatch.chdir(tmp_path)
+    params = write_params(tmp_path / "params.yaml", train={"device": "cpu", "precision": "bf16", "epochs": 1})
+    run_stage(main, train_argv(data, tmp_path, params))
+    err = capsys.readouterr().err
+    assert err.count("train.precision bf16: this CPU multiplies bfloat16 matrices at 110 GFLOP/s") == 1, err
+    timed.clear()
+    fp32 = write_params(tmp_path / "fp32.yaml", train={"device": "cpu", "epochs": 1})
+    run_stage(main, train_argv(data, tmp_path / "fp32", fp32))
+    assert "GFLOP/s" not in capsys.readouterr().err and timed == []  # fp32 runs measure nothing
+
+
 def test_matrix_units_are_read_from_the_cpu_flags(tmp_path: Path) -> None:
     """What the benchmarks judge the bf16 goal by (a CPU with AMX, or Arm's BFMMLA)."""
     info = tmp_path / "cpuinfo"
