@@ -182,6 +182,13 @@ def build_repo(work: Path, idx: Path, scale: int, shard_size: int, dtype: str) -
     return repo
 
 
+def with_conditions(rows: list[dict], conditions: dict, earlier: list[dict] | None = None) -> list[dict]:
+    """This run's rows, each with this run's conditions; with ``earlier`` (``--append``), merged
+    after the earlier rows of other remotes, which keep theirs (:func:`merge_rows`)."""
+    stamped = [{**row, "conditions": conditions} for row in rows]
+    return stamped if earlier is None else merge_rows(earlier, stamped)
+
+
 def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
     """``--append``: the earlier file's rows of remotes this run did not measure, then this run's
     rows (its pulled row left out: the pulled row stays the first run's). Every row keeps the
@@ -349,12 +356,9 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"remote": name, "cache": label, "push_s": round(push_s, 1), **row})
                 print(rows[-1], flush=True)
             shutil.rmtree(clone)
-        for row in rows:
-            row["conditions"] = results["conditions"]
         old = args.out / f"{args.stem}.json"
-        if args.append and old.exists():
-            rows = merge_rows(json.loads(old.read_text())["rows"], rows)
-        results["rows"] = rows
+        earlier = json.loads(old.read_text())["rows"] if args.append and old.exists() else None
+        results["rows"] = with_conditions(rows, results["conditions"], earlier)
     finally:
         if server is not None:
             server.stop()

@@ -57,21 +57,30 @@ def test_stream_benchmark_fetches_each_shard_once_within_its_limit(tmp_path: Pat
 
 def test_appended_runs_keep_the_conditions_of_the_rows_they_measured() -> None:
     """``--append`` twice: each row keeps its own run's conditions, and the page names them by row."""
-    from benchmarks.stream import _machine_line, merge_rows
+    from benchmarks.stream import _machine_line, merge_rows, with_conditions
 
-    def run(cpu: str, *remotes: str) -> list[dict]:
-        when = {"cpu": cpu, "cores": 2, "loadavg": [0.1, 0.2, 0.3], "under_load": False, "date": "2026-12-07"}
-        return [{"remote": name, "conditions": when} for name in ("pulled", *remotes)]
+    def conditions(cpu: str) -> dict:
+        return {"cpu": cpu, "cores": 2, "loadavg": [0.1, 0.2, 0.3], "under_load": False, "date": "2026-12-07"}
 
-    rows = run("first CPU", "local folder", "local folder")
-    rows = merge_rows(rows, run("second CPU", "SSH"))
-    rows = merge_rows(rows, run("third CPU", "HTTP", "local folder"))  # local folder measured again
+    def measured(*remotes: str) -> list[dict]:  # a run's rows before they are stamped
+        return [{"remote": name} for name in ("pulled", *remotes)]
+
+    rows = with_conditions(measured("local folder", "local folder"), conditions("first CPU"))
+    rows = with_conditions(measured("SSH"), conditions("second CPU"), rows)
+    rows = with_conditions(measured("HTTP", "local folder"), conditions("third CPU"), rows)  # measured again
     assert [(r["remote"], r["conditions"]["cpu"]) for r in rows] == [
         ("pulled", "first CPU"),
         ("SSH", "second CPU"),
         ("HTTP", "third CPU"),
         ("local folder", "third CPU"),
     ]
+    first = with_conditions(measured("SSH"), conditions("first CPU"))
+    second = with_conditions(measured("HTTP"), conditions("second CPU"))
+    assert merge_rows(first, second) == [first[0], first[1], second[1]]  # the pulled row is the first run's
+    repeated = with_conditions(measured("SSH", "SSH", "SSH"), conditions("first CPU"))
+    assert _machine_line({"settings": {}, "rows": repeated}).count("`SSH`") == 0  # one run: no names
+    repeated += with_conditions(measured("HTTP", "HTTP")[1:], conditions("second CPU"))
+    assert _machine_line({"settings": {"append": True}, "rows": repeated}).count("`HTTP`") == 1
     line = _machine_line({"settings": {"append": True}, "rows": rows})
     assert line.startswith("Machine, by the rows each run measured: `pulled`: first CPU")
     assert "`SSH`: second CPU" in line and "`HTTP`, `local folder`: third CPU" in line
