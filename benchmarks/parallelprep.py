@@ -239,10 +239,10 @@ def _goal_lines(base: dict, top: dict) -> list[str]:
         floor = top["write"]["floor_s"]
         if v == "tensorize" and speedup < SPEEDUP_GOAL and floor > 0:
             verdict += f"; write floor {floor:.1f} s, the all-cores run {b['seconds'] / floor:.2f}x of it"
-        line = f"- {v}: speed-up {speedup:.2f}x ({verdict})"
+        line = f"- {v}: speed-up {speedup:.3f}x ({verdict})"  # 3 places: 1.596 must not read 1.60
         if v in MEASURED:
             mem = b["tree_peak_pss_mb"] / base["runs"][run_key(v, "all")]["tree_peak_pss_mb"]
-            line += f"; tree peak {mem:.2f}x ({'met' if mem <= MEMORY_SLACK else 'NOT met'})"
+            line += f"; tree peak {mem:.3f}x ({'met' if mem <= MEMORY_SLACK else 'NOT met'})"
         lines.append(line)
     ratio = top["shards_train_bytes"]["ratio"]
     lines.append(f"- shard bytes uint8 / float32 {ratio:.3f} ({'met' if ratio <= BYTES_GOAL else 'NOT met'})")

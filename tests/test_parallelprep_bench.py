@@ -59,7 +59,7 @@ def test_parallelprep_benchmark_writes_runs_bytes_and_the_write_floor(tmp_path: 
     top["runs"]["tensorize/all"]["seconds"] = top["runs"]["tensorize/1"]["seconds"] * 2
     top["write"]["floor_s"] = top["runs"]["tensorize/all"]["seconds"] / 4
     text = render_markdown({**results, "rows": [results["rows"][0], top]})
-    assert "- tensorize: speed-up 0.50x (NOT met; write floor" in text
+    assert "- tensorize: speed-up 0.500x (NOT met; write floor" in text
     assert "the all-cores run 4.00x of it" in text
     assert "- shard bytes uint8 / float32 0.25" in text
 
