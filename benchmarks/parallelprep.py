@@ -101,10 +101,11 @@ def _runs(work: Path, name: str, params: dict[str, Path], repeats: int) -> tuple
     """The stage with each of ``params`` (by label): timed ``repeats`` times, the settings
     alternating, then once more each with its process tree's memory sampled every 20 ms.
 
-    On a shared VM one run moves by a tenth or more from the next (the kernel's share of writing
-    the outputs varies most), so a speed-up from one run of each setting is judged on noise; the
-    median of runs taken in turn is not. Reading every process's ``smaps_rollup`` that often costs
-    CPU, which on 2 cores is taken from the workers of a parallel run more than from a serial one,
+    On a shared VM single runs spread as widely as the margin of the speed-up goal (the kernel's
+    share of writing the outputs varies most: each setting's runs are on the page), so a speed-up
+    from one run of each setting is judged on noise; the median of runs taken in turn is not.
+    Reading every process's ``smaps_rollup`` that often costs CPU, which on 2 cores is taken from
+    the workers of a parallel run more than from a serial one,
     so the seconds come from the runs with no sampler. Returns the runs and the digests of each
     setting's outputs, both by label.
     """
@@ -288,7 +289,7 @@ def render_markdown(r: dict) -> str:
                 f"| {row['scale']} | {v} "
                 f"| {_seconds(a)} / {a['own_peak_mb']:.0f} / {a['tree_peak_pss_mb']:.0f}"
                 f" | {_seconds(b)} / {b['own_peak_mb']:.0f} / {b['tree_peak_pss_mb']:.0f} | "
-                f"{a['seconds'] / b['seconds']:.2f}x | {'yes' if row['same_bytes'][v] else 'NO'} |"
+                f"{a['seconds'] / b['seconds']:.3f}x | {'yes' if row['same_bytes'][v] else 'NO'} |"
             )
     lines += [
         "",

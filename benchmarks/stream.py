@@ -189,6 +189,16 @@ def with_conditions(rows: list[dict], conditions: dict, earlier: list[dict] | No
     return stamped if earlier is None else merge_rows(earlier, stamped)
 
 
+def earlier_rows(doc: dict) -> list[dict]:
+    """An earlier results file's rows, each with the conditions it was measured under: a file from
+    before rows carried them holds one run's rows and its conditions, unless it was appended to
+    (then they are not known, and stay unrecorded)."""
+    known = None if doc["settings"].get("append") else doc.get("conditions")
+    return [
+        row if row.get("conditions") or known is None else {**row, "conditions": known} for row in doc["rows"]
+    ]
+
+
 def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
     """``--append``: the earlier file's rows of remotes this run did not measure, then this run's
     rows (its pulled row left out: the pulled row stays the first run's). Every row keeps the
@@ -357,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(rows[-1], flush=True)
             shutil.rmtree(clone)
         old = args.out / f"{args.stem}.json"
-        earlier = json.loads(old.read_text())["rows"] if args.append and old.exists() else None
+        earlier = earlier_rows(json.loads(old.read_text())) if args.append and old.exists() else None
         results["rows"] = with_conditions(rows, results["conditions"], earlier)
     finally:
         if server is not None:

@@ -71,9 +71,9 @@ def library_threads(workers: int | None) -> str:
     import polars as pl  # imported here so that use_cores can run before Polars is first imported
     import pyarrow as pa
 
-    written = "null (every core)" if workers is None else str(workers)
+    cores = f"{resolve_workers(workers)} core(s)" + (", all this process may use" if workers is None else "")
     return (
-        f"prep.workers {written}: {resolve_workers(workers)} core(s); in this process Polars "
+        f"prep.workers {'null' if workers is None else workers}: {cores}; in this process Polars "
         f"{pl.thread_pool_size()} thread(s), Arrow {pa.cpu_count()}"
     )
 

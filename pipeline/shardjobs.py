@@ -7,10 +7,10 @@ rows between the first and the last, a chunk at a time, keeping the chosen ones
 and streaming them into the shard.
 Both take and return a few small values (the :class:`Table` the stage opened,
 paths, indices as bytes, a digest), so they run in worker processes
-(:mod:`pipeline.pool`) without moving data between processes. A piece does not open
-its table again: Arrow parses a file's whole footer at every opening, and a wide
-file's footer grows with its row groups, so every piece of every worker would hold
-memory that grows with the file (``bench/notes.md``). The shard bytes are those of
+(:mod:`pipeline.pool`) without moving data between processes. A piece does not
+open a wide table with Arrow again: Arrow parses and holds the whole footer at every
+opening, and a wide file's footer grows with its row groups (``bench/notes.md``).
+The piece's own Polars scan still reads the footer once. The shard bytes are those of
 the serial path, which routes the same rows in the same order through the same
 :func:`image_chunks` and :func:`pipeline.shards.write_shard`.
 """

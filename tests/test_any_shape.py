@@ -349,7 +349,7 @@ def test_too_small_for_two_poolings_is_refused():
     with pytest.raises(
         DataError,
         match=r"images of 1x3x9 are too small for SimpleCNN's two 2x2 poolings; "
-        r"expected at least 4x4 \(an image folder's images are resized to data.image_shape; "
+        r"expected at least 4x4 \(set data.image_shape to resize an image folder's images; "
         r"a CSV's rows need more pixels\)$",
     ):
         SimpleCNN(1, 3, 9, 2)

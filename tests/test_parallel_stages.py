@@ -407,7 +407,7 @@ def test_workers_map_keeps_at_most_two_pieces_per_worker_in_flight():
     with Workers(2) as pool:
         for taken, result in enumerate(pool.map(_slow_square, pieces())):
             assert result == taken * taken
-            assert len(drawn) <= taken + 1 + 4, (taken, len(drawn))
+            assert len(drawn) == min(20, taken + 4), (taken, len(drawn))  # 4 pieces ahead, then the rest
     assert drawn == list(range(20))
 
 
@@ -573,8 +573,6 @@ def test_prep_workers_1_keeps_the_stages_on_one_core(tmp_path, monkeypatch, work
                 in proc.stdout
             )
         elif cpu_count() > 1:
-            assert (
-                f"{stage}: prep.workers null (every core): {cpu_count()} core(s); in this process Polars "
-                in proc.stdout
-            )
+            cores = f"{cpu_count()} core(s), all this process may use"
+            assert f"{stage}: prep.workers null: {cores}; in this process Polars " in proc.stdout
             assert "Polars 1 thread(s)" not in proc.stdout and "Arrow 1\n" not in proc.stdout

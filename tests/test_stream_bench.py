@@ -57,7 +57,7 @@ def test_stream_benchmark_fetches_each_shard_once_within_its_limit(tmp_path: Pat
 
 def test_appended_runs_keep_the_conditions_of_the_rows_they_measured() -> None:
     """``--append`` twice: each row keeps its own run's conditions, and the page names them by row."""
-    from benchmarks.stream import _machine_line, merge_rows, with_conditions
+    from benchmarks.stream import _machine_line, earlier_rows, merge_rows, with_conditions
 
     def conditions(cpu: str) -> dict:
         return {"cpu": cpu, "cores": 2, "loadavg": [0.1, 0.2, 0.3], "under_load": False, "date": "2026-12-07"}
@@ -90,3 +90,9 @@ def test_appended_runs_keep_the_conditions_of_the_rows_they_measured() -> None:
         {"settings": {"append": True}, "conditions": rows[0]["conditions"], "rows": [{"remote": "x"}]}
     )
     assert legacy == "Machine: conditions not recorded."
+    # Appending to a file written before rows carried conditions: its rows keep the file's own,
+    # unless that file was itself appended to.
+    old = {"settings": {}, "conditions": conditions("old CPU"), "rows": measured("SSH")}
+    assert [r["conditions"]["cpu"] for r in earlier_rows(old)] == ["old CPU", "old CPU"]
+    assert [r.get("conditions") for r in earlier_rows({**old, "settings": {"append": True}})] == [None, None]
+    assert earlier_rows({**old, "rows": rows})[1]["conditions"]["cpu"] == "second CPU"  # their own first

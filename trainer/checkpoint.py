@@ -28,7 +28,7 @@ is the same for any world size, ``trainer.rank_split``), and the caller then
 says so. That is the only reason the world size is not in the fingerprint.
 The machine (CPU or GPU model, :func:`trainer.precision.machine`) is recorded
 too: a checkpoint resumes on another one, where kernels may round differently,
-and the caller says so (resume anywhere, to rounding).
+and the caller says so (resume anywhere; the results then agree closely, not bit for bit).
 A checkpoint that is missing, from another run, or damaged is ignored with a
 notice and training starts from scratch: never wrong, at worst slower.
 """

@@ -45,8 +45,8 @@ def check_input_size(image_shape: tuple[int, ...], where: str) -> None:
     if h < MIN_SIDE or w < MIN_SIDE:
         raise DataError(
             f"{where}: images of {c}x{h}x{w} are too small for SimpleCNN's two 2x2 poolings; "
-            f"expected at least {MIN_SIDE}x{MIN_SIDE} (an image folder's images are resized to "
-            f"data.image_shape; a CSV's rows need more pixels)"
+            f"expected at least {MIN_SIDE}x{MIN_SIDE} (set data.image_shape to resize an image folder's "
+            f"images; a CSV's rows need more pixels)"
         )
 
 

@@ -81,7 +81,7 @@ def resume_everywhere(
     if resumed.machine and resumed.machine != run.shape.machine:
         log.info(
             "resuming on another machine: the checkpoint was made on %s, this run is on %s; its kernels may "
-            "round differently, so the results agree with an uninterrupted run to rounding",
+            "round differently, so the results will agree with an uninterrupted run closely, not bit for bit",
             resumed.machine,
             run.shape.machine,
         )
