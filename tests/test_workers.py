@@ -438,3 +438,17 @@ def test_uint8_twin_normalises_to_the_float32_split(tmp_path: Path) -> None:
     assert [s.num_samples for s in twin.split.shards] == [s.num_samples for s in expected.split.shards]
     every = torch.arange(len(expected))
     assert all(torch.equal(a, b) for a, b in zip(twin[every], expected[every]))
+
+
+def test_a_finished_run_leaves_no_loader_worker_behind(data: Path, tmp_path: Path, monkeypatch) -> None:
+    """Persistent workers outlive every epoch; the run joins them when it ends (returned or failed),
+    instead of leaving their pools to the interpreter's exit, whose shutdown can race them."""
+    from pipeline.params import TrainParams
+    from tests.test_resume import _short_run
+
+    monkeypatch.chdir(tmp_path)
+    before = {p.pid for p in multiprocessing.active_children()}
+    loader = LoaderParams(batch_size=64, num_workers=2, persistent_workers=True)
+    _short_run(data, tmp_path / "w", loader, TrainParams(epochs=2, device="cpu"))
+    left = [p for p in multiprocessing.active_children() if p.pid not in before]
+    assert left == [], left

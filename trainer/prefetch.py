@@ -219,6 +219,12 @@ class PrefetchedBatches:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool, self._shared = None, None
 
+    def close(self) -> None:
+        """Stop and join the workers now: persistent ones outlive every epoch, and a pool left to the
+        interpreter's exit can race its own shutdown (a traceback after a finished run)."""
+        self._collect(raise_errors=False)
+        self._shut()
+
     def _plan(self, batches: list[np.ndarray]) -> list[tuple[int, int]]:
         """Write the epoch's order and chunks where the workers read them; each chunk's run of batches."""
         runs = chunk_bounds([len(b) for b in batches], self.samples_per_chunk)

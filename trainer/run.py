@@ -305,6 +305,7 @@ def train(
         loader = without_workers(loader)
     group = distributed.join(device)
     caller_threads = torch.get_num_threads()  # train.threads is this run's, not the caller's from now on
+    loaders = contextlib.ExitStack()  # the loaders, closed (their workers joined) however the run ends
     try:
         with _lock_on_rank_0(group, checkpoint_dir), _only_rank_0_speaks(group):
             if group.world_size > 1:
@@ -336,7 +337,7 @@ def train(
                 val_batches = RankBatches(
                     split_sampler(val_split, settings, train.seed, train=False), group.rank, group.world_size
                 )
-                val_loader = _loader(val_split, val_batches, settings, fetcher, train.verify)
+                val_loader = _loader(val_split, val_batches, settings, fetcher, train.verify, loaders)
             metrics = metric_names(val_loader is not None)
 
             # Model and optimizer, then whatever a matching checkpoint restores into them.
@@ -349,8 +350,8 @@ def train(
                 model,
                 optimizer,
                 train_batches,
-                _loader(train_split, train_batches, settings, fetcher, train.verify),
-                _loader(test_split, test_batches, settings, fetcher, train.verify),
+                _loader(train_split, train_batches, settings, fetcher, train.verify, loaders),
+                _loader(test_split, test_batches, settings, fetcher, train.verify, loaders),
                 val_loader,
                 settings.pin_memory and device.type == "cuda",
                 fingerprint(
@@ -401,6 +402,7 @@ def train(
             write_bytes_atomic(stop_file, str(exc).encode("utf-8"))
         return {}
     finally:
+        loaders.close()
         if fetcher is not None:
             fetcher.close()
             st = fetcher.cache.stats
@@ -419,13 +421,23 @@ def train(
 
 
 def _loader(
-    split: Split, batches: RankBatches, settings: LoaderSettings, fetcher: Fetcher | None, verify: str
+    split: Split,
+    batches: RankBatches,
+    settings: LoaderSettings,
+    fetcher: Fetcher | None,
+    verify: str,
+    loaders: contextlib.ExitStack,
 ) -> Iterable:
+    """The split's loader, registered in ``loaders`` to be closed (its workers joined) with the run."""
     if isinstance(split, StreamedSplit):
         assert fetcher is not None
         dataset = StreamedDataset(split, fetcher, verify)
-        return PlannedLoader(make_loader(dataset, batches, settings), batches, dataset)  # type: ignore[arg-type]
-    return make_loader(ShardDataset(split), batches, settings)
+        made = PlannedLoader(make_loader(dataset, batches, settings), batches, dataset)  # type: ignore[arg-type]
+    else:
+        made = make_loader(ShardDataset(split), batches, settings)
+    if callable(getattr(made, "close", None)):  # PrefetchedBatches: the worker processes
+        loaders.callback(made.close)
+    return made
 
 
 def _drop_checkpoint(checkpoint_dir: Path | str) -> None:
