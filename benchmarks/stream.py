@@ -190,9 +190,9 @@ def with_conditions(rows: list[dict], conditions: dict, earlier: list[dict] | No
 
 
 def earlier_rows(doc: dict) -> list[dict]:
-    """An earlier results file's rows, each with the conditions it was measured under: a file from
-    before rows carried them holds one run's rows and its conditions, unless it was appended to
-    (then they are not known, and stay unrecorded)."""
+    """A results file's rows, each with the conditions it was measured under: a file from before
+    rows carried them holds one run's rows and its conditions, unless it was appended to (then
+    they are not known, and stay unrecorded). ``--append`` merges these; the page names them."""
     known = None if doc["settings"].get("append") else doc.get("conditions")
     return [
         row if row.get("conditions") or known is None else {**row, "conditions": known} for row in doc["rows"]
@@ -208,15 +208,11 @@ def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
 
 
 def _machine_line(r: dict) -> str:
-    """The conditions of each run whose rows the page shows, naming the rows when there are several.
-
-    A row without conditions of its own (written before rows carried them) has the file's, unless
-    the file was appended to: then they are not known.
-    """
+    """The conditions of each run whose rows the page shows (:func:`earlier_rows`), naming the rows
+    when there are several."""
     runs: dict[str, list[str]] = {}
-    default = None if r["settings"].get("append") else r.get("conditions")
-    for row in r["rows"]:
-        conditions = row.get("conditions") or default
+    for row in earlier_rows(r):
+        conditions = row.get("conditions")
         text = conditions_text(conditions) if conditions else "conditions not recorded"
         names = runs.setdefault(text, [])
         if row["remote"] not in names:
