@@ -456,9 +456,10 @@ def _train_codes(
 def _rows_of(codes: np.ndarray, code: int) -> np.ndarray | range:
     """The rows whose split code is ``code``, ascending: a range when every row has it (nothing held
     out of train, the usual case), so the stage holds no index that grows with the data."""
-    if len(codes) and bool((codes == code).all()):
+    chosen = codes == code
+    if len(codes) and bool(chosen.all()):
         return range(len(codes))
-    return np.flatnonzero(codes == code)
+    return np.flatnonzero(chosen)
 
 
 def _index_bytes(rows: np.ndarray | range) -> bytes:
