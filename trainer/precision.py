@@ -46,6 +46,7 @@ from pipeline.errors import ParamsError
 BF16_FLAGS = ("amx_bf16", "bf16")
 # bf16 is worth its rounding on a CPU whose bfloat16 matmul is at least this many times float32's
 BF16_GAIN = 1.25
+NOTICE_MATMUL = 512  # the side of the matrices the bf16 notice times
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -103,7 +104,7 @@ def matmul_gflops(
     return 2 * n**3 / max(best, 1e-9) / 1e9
 
 
-def matmul_rates(size: int = 512, repeats: int = 5, budget_s: float = 0.05) -> tuple[float, float]:
+def matmul_rates(size: int = NOTICE_MATMUL, repeats: int = 5, budget_s: float = 0.05) -> tuple[float, float]:
     """GFLOP/s of a ``size`` x ``size`` matmul in float32 and in bfloat16 on this CPU, at the current
     thread count: up to ``repeats`` each, fewer once ``budget_s`` is spent, so that an emulated
     bfloat16 (tenths of a second per matmul) costs one timed run, not five."""
@@ -128,7 +129,8 @@ def bf16_cpu_notice(
         return None
     return (
         f"train.precision bf16: this CPU multiplies bfloat16 matrices at {bf16:.0f} GFLOP/s against "
-        f"{fp32:.0f} in float32 (512 x 512, measured now): bf16 runs, likely no faster than fp32 here"
+        f"{fp32:.0f} in float32 ({NOTICE_MATMUL} x {NOTICE_MATMUL}, measured now): bf16 runs, likely no "
+        "faster than fp32 here"
     )
 
 
