@@ -105,9 +105,8 @@ def _runs(work: Path, name: str, params: dict[str, Path], repeats: int) -> tuple
     share of writing the outputs varies most: each setting's runs are on the page), so a speed-up
     from one run of each setting is judged on noise; the median of runs taken in turn is not.
     Reading every process's ``smaps_rollup`` that often costs CPU, which on 2 cores is taken from
-    the workers of a parallel run more than from a serial one,
-    so the seconds come from the runs with no sampler. Returns the runs and the digests of each
-    setting's outputs, both by label.
+    the workers of a parallel run more than from a serial one, so the seconds come from the runs
+    with no sampler. Returns the runs and the digests of each setting's outputs, both by label.
     """
     times: dict[str, list[float]] = {label: [] for label in params}
     for _ in range(repeats):
