@@ -81,7 +81,12 @@ _CONFIG = ConfigDict(strict=True, extra="forbid")
 
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False), Expect("a number in [0, 1)")]
 Channels = Annotated[int, Field(ge=1, le=64), Expect("an integer 1..64 (channels)")]
-Side = Annotated[int, Field(ge=1, le=65536), Expect("an integer 1..65536")]
+# An image side: at least the model's trainer.model.MIN_SIDE (two 2x2 poolings), so a shape that
+# cannot train stops the first stage that runs, not train after the data stages.
+MIN_SIDE = 4
+Side = Annotated[
+    int, Field(ge=MIN_SIDE, le=65536), Expect(f"an integer {MIN_SIDE}..65536 (the model halves it twice)")
+]
 ImageShape = Annotated[tuple[Channels, Side, Side], BeforeValidator(_list_to_tuple)]
 
 
@@ -266,12 +271,28 @@ _CONSTRAINT_ERRORS = {
 }
 
 
+def _item(tp: Any, index: int) -> Any:
+    """The annotation of item ``index`` of a fixed-length tuple type (inside Annotated or a union)."""
+    if typing.get_origin(tp) is Annotated:
+        return _item(typing.get_args(tp)[0], index)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tuples = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _item(tuples[0], index) if len(tuples) == 1 else tp
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and Ellipsis not in args:
+        return args[index]
+    return tp
+
+
 def _message(cls: type, section: str, values: Mapping, exc: ValidationError, where: str) -> str:
     error = exc.errors(include_url=False, include_context=False)[0]
     key = str(error["loc"][0])
     if error["type"] in _CONSTRAINT_ERRORS:
         at = key + "".join(f"[{i}]" for i in error["loc"][1:])
-        expected = _expectation(typing.get_type_hints(cls, include_extras=True)[key])
+        hint = typing.get_type_hints(cls, include_extras=True)[key]
+        for index in error["loc"][1:]:  # data.image_shape[1]: the expectation of H, not of C
+            hint = _item(hint, index) if isinstance(index, int) else hint
+        expected = _expectation(hint)
         return f"{where}: {section}.{at}: expected {expected}, found {_show(error['input'])}"
     # A wrong type anywhere inside a value: name the key's whole type and show the value it was given.
     expected = _type_name(typing.get_type_hints(cls)[key])

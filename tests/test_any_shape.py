@@ -13,11 +13,13 @@ import safetensors.numpy
 import synth
 import torch
 
+from pipeline import params
 from pipeline.csvdata import import_user_csv
-from pipeline.errors import DataError
+from pipeline.errors import DataError, ParamsError
 from pipeline.parquet import csv_to_parquet
 from pipeline.splits import TEST, VAL, assign, hash_unit
 from pipeline.tensorize import tensorize
+from trainer import model
 from trainer.model import NUM_PARAMETERS, SimpleCNN, count_parameters
 
 CODEC = {"compression": "zstd", "compression_level": None, "row_group_size": 64}
@@ -353,6 +355,18 @@ def test_too_small_for_two_poolings_is_refused():
         r"a CSV's rows need more pixels\)$",
     ):
         SimpleCNN(1, 3, 9, 2)
+
+
+def test_params_refuse_every_image_side_the_model_refuses():
+    """data.image_shape's bound is the model's, so a shape that cannot train stops the first stage."""
+    assert params.MIN_SIDE == model.MIN_SIDE
+    SimpleCNN(1, params.MIN_SIDE, params.MIN_SIDE, 2)  # the smallest accepted shape trains
+    with pytest.raises(
+        ParamsError,
+        match=r"^params.yaml: data.image_shape\[2\]: expected an integer 4..65536 "
+        r"\(the model halves it twice\), found 3$",
+    ):
+        params.parse_section(params.DataParams, "data", {"image_shape": [1, 8, params.MIN_SIDE - 1]})
 
 
 # ============================================================================ manifest and params

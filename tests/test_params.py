@@ -97,8 +97,8 @@ RANGES: dict[tuple[str, str], tuple[list, list]] = {
     ("data", "test_csv"): (["", "\t"], ["b.csv", None]),
     ("data", "images_dir"): (["", " "], ["data/user/images"]),
     ("data", "image_shape"): (
-        [[0, 8, 8], [1, 0, 8], [65, 2, 2], [1, 8, 70000]],
-        [None, [1, 8, 8], [3, 32, 32]],
+        [[0, 8, 8], [1, 0, 8], [65, 4, 4], [1, 8, 70000], [1, 3, 8], [3, 8, 3]],
+        [None, [1, 4, 4], [1, 8, 8], [3, 32, 32]],
     ),
     ("data", "test_fraction"): ([-0.1, 1, 1.5, math.nan, math.inf], [0, 0.1, 0.5]),
     ("data", "val_fraction"): ([-0.1, 1, math.nan], [0, 0.2]),
@@ -476,3 +476,23 @@ def test_a_refused_value_is_shown_as_yaml_writes_it(tmp_path, text, found):
     with pytest.raises(ParamsError) as err:
         load_section(section, params)
     assert str(err.value).endswith(found), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ([0, 8, 8], "data.image_shape[0]: expected an integer 1..64 (channels), found 0"),
+        ([1, 0, 8], "data.image_shape[1]: expected an integer 4..65536 (the model halves it twice), found 0"),
+        (
+            [3, 8, 70000],
+            "data.image_shape[2]: expected an integer 4..65536 (the model halves it twice), found 70000",
+        ),
+    ],
+)
+def test_an_image_shape_item_out_of_range_gets_that_items_expectation(tmp_path, shape, message):
+    """H and W are checked against a side's range, not the channels' (each item its own)."""
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  image_shape: {shape}\n")
+    with pytest.raises(ParamsError) as err:
+        load_section("data", params)
+    assert str(err.value) == f"{params}: {message}"
