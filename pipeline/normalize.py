@@ -89,14 +89,22 @@ def lookup_table(norm: Normalization) -> np.ndarray:
     return np.stack([(x - np.float32(m)) / np.float32(s) for m, s in zip(norm.mean, norm.std)])
 
 
-def normalize(pixels: np.ndarray, norm: Normalization, shape: tuple[int, int, int]) -> np.ndarray:
-    """uint8 rows [n, C*H*W] -> float32 [n, C, H, W] through the per-channel lookup table."""
+def normalize(
+    pixels: np.ndarray, norm: Normalization, shape: tuple[int, int, int], out: np.ndarray | None = None
+) -> np.ndarray:
+    """uint8 rows [n, C*H*W] -> float32 [n, C, H, W] through the per-channel lookup table.
+
+    ``out``: a float32 buffer of at least n*C*H*W elements to write into (the result is a view of
+    it), so a caller normalising chunk after chunk reuses one buffer instead of a fresh array each
+    time, whose pages the kernel must fault in and zero first.
+    """
     table = lookup_table(norm)
     c, h, w = shape
-    if c == 1:
-        return table[0][pixels].reshape(len(pixels), c, h, w)
-    planes = pixels.reshape(len(pixels), c, h * w)
-    out = np.empty(planes.shape, dtype=np.float32)
+    size = len(pixels) * c * h * w
+    result = np.empty(size, dtype=np.float32) if out is None else out.reshape(-1)[:size]
+    planes, into = pixels.reshape(len(pixels), c, h * w), result.reshape(len(pixels), c, h * w)
     for channel in range(c):
-        out[:, channel] = table[channel][planes[:, channel]]
-    return out.reshape(len(pixels), c, h, w)
+        # "clip" never clips here (a byte indexes a 256-entry table) but, unlike "raise", lets
+        # take write straight into ``into`` instead of into a copy of it.
+        np.take(table[channel], planes[:, channel], out=into[:, channel], mode="clip")
+    return result.reshape(len(pixels), c, h, w)

@@ -32,7 +32,11 @@ from pipeline.shards import write_shard
 from pipeline.splits import TRAIN, assign, file_keys, hash_unit, row_keys
 from pipeline.tabular import INT_LABELS
 
-CHUNK_BYTES = 16 << 20  # float32 images held at once while a shard is written
+# A shard's images are made and written this many bytes at a time. A float32 chunk this small is
+# still in the core's L2 cache when it is written, and the kernel copies it into the page cache
+# several times faster than from memory; uint8 chunks, too, cost the kernel less than whole
+# shards written at once (measured at 16x against 16 MiB and whole shards: bench/notes.md).
+CHUNK_BYTES = 1 << 20
 READ_BYTES = 8 << 20  # uint8 pixels made rows at once while a worker streams its shard's rows
 
 
@@ -42,16 +46,22 @@ def image_chunks(
     """A shard's images from uint8 rows [n, C*H*W].
 
     Normalised float32 a chunk at a time, or (``dtype`` uint8) the bytes as they are, which need no
-    normalization (``norm`` may be None: it is recorded in the manifest, for the trainer).
+    normalization (``norm`` may be None: it is recorded in the manifest, for the trainer), in
+    chunks of at most ``CHUNK_BYTES``.
+    The float32 chunks are views of one buffer, each overwritten by the next: a consumer writes
+    each chunk out before it asks for the next (as :func:`pipeline.shards.write_shard` does).
     """
     if dtype == "uint8":
-        yield pixels.reshape(len(pixels), *shape)
+        rows = max(1, CHUNK_BYTES // pixels.shape[1])
+        for i in range(0, len(pixels), rows):
+            yield pixels[i : i + rows].reshape(-1, *shape)
         return
     if norm is None:
         raise ValueError("float32 shards need their normalization before they are written")
     rows = max(1, CHUNK_BYTES // (pixels.shape[1] * 4))
+    buffer = np.empty(min(rows, len(pixels)) * pixels.shape[1], dtype=np.float32)
     for i in range(0, len(pixels), rows):
-        yield normalize(pixels[i : i + rows], norm, shape)
+        yield normalize(pixels[i : i + rows], norm, shape, out=buffer)
 
 
 def label_indices(labels: np.ndarray, names: tuple[str, ...], kind: str) -> np.ndarray:

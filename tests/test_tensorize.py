@@ -12,9 +12,11 @@ import pytest
 import safetensors.numpy
 import synth
 
+from pipeline import shardjobs
 from pipeline.csvdata import idx_to_csv
 from pipeline.errors import DataError
-from pipeline.manifest import read_manifest
+from pipeline.manifest import Normalization, read_manifest
+from pipeline.normalize import lookup_table, normalize
 from pipeline.parquet import csv_to_parquet
 from pipeline.shards import read_layout
 from pipeline.tabular import HEADER
@@ -137,6 +139,49 @@ def test_every_byte_value_maps_through_one_table(tmp_path):
     flat, src = images.reshape(-1), s.pixels.reshape(-1)
     for value in range(256):
         assert len(np.unique(bits(flat[src == value]))) == 1
+
+
+@pytest.mark.parametrize("kind", ["unit", "standard"])
+def test_values_are_exact_when_each_shard_is_made_in_many_chunks(
+    splits, parquets, tmp_path, monkeypatch, kind
+):
+    """A shard's float32 chunks are made in one reused buffer: each must reach the file before the
+    next overwrites it. Chunks of 3 images (64 per shard) check what the real, larger chunks do."""
+    whole = run(parquets, tmp_path / "whole", kind=kind)
+    monkeypatch.setattr(shardjobs, "CHUNK_BYTES", 3 * 784 * 4)
+    chunks = list(
+        shardjobs.image_chunks(splits[0].pixels[:7], whole["train"].normalization, (1, 28, 28), "float32")
+    )
+    assert [len(c) for c in chunks] == [3, 3, 1] and np.shares_memory(chunks[0], chunks[1])  # one buffer
+    monkeypatch.setattr(shardjobs, "CHUNK_BYTES", 3 * 784)  # uint8: the bytes themselves, as many a chunk
+    raw = list(shardjobs.image_chunks(splits[0].pixels[:7], None, (1, 28, 28), "uint8"))
+    assert [len(c) for c in raw] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate(raw).reshape(7, -1), splits[0].pixels[:7])
+    monkeypatch.setattr(shardjobs, "CHUNK_BYTES", 3 * 784 * 4)
+    assert run(parquets, tmp_path / "chunked", kind=kind) == whole
+    for name in ("train", "test"):
+        images, _, _ = load_split(tmp_path / "chunked" / name)
+        np.testing.assert_array_equal(bits(images), bits(load_split(tmp_path / "whole" / name)[0]))
+    if kind == "unit":
+        expected = unit_expected(splits[0].pixels).reshape(-1, 1, 28, 28)
+        np.testing.assert_array_equal(bits(load_split(tmp_path / "chunked" / "train")[0]), bits(expected))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_normalising_into_a_buffer_gives_the_fresh_arrays_values(channels):
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (6, channels * 5 * 7), dtype=np.uint8)
+    norm = Normalization("standard", (0.25, 0.5, 0.75)[:channels], (0.5, 0.25, 2.0)[:channels], "train")
+    fresh = normalize(pixels, norm, (channels, 5, 7))
+    buffer = np.full(pixels.size + 9, np.nan, dtype=np.float32)  # larger than needed, and dirty
+    into = normalize(pixels, norm, (channels, 5, 7), out=buffer)
+    assert into.shape == fresh.shape == (6, channels, 5, 7) and np.shares_memory(into, buffer)
+    np.testing.assert_array_equal(bits(into), bits(fresh))
+    table = lookup_table(norm)
+    for c in range(channels):  # each value from its own channel's table
+        np.testing.assert_array_equal(
+            bits(fresh[:, c].reshape(6, -1)), bits(table[c][pixels[:, c * 35 : (c + 1) * 35]])
+        )
 
 
 # ============================================================================ manifest and shards
