@@ -17,6 +17,7 @@ finish in, so the stage's output never depends on scheduling.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import signal
@@ -103,10 +104,17 @@ def end_quietly_on_ctrl_c() -> None:
     signal.signal(signal.SIGINT, _exit_quietly)
 
 
-def _start_worker() -> None:
-    """Each pool worker, before any piece: a quiet end on Ctrl-C, and one Polars thread."""
+def _start_worker(preload: tuple[str, ...]) -> None:
+    """Each pool worker, before any piece: a quiet end on Ctrl-C, one Polars thread, and the
+    modules its pieces need."""
     end_quietly_on_ctrl_c()
     _one_polars_thread()
+    for name in preload:
+        importlib.import_module(name)
+
+
+def _ready() -> None:
+    """A piece that does nothing: one for each worker starts them all when the pool opens."""
 
 
 class Workers:
@@ -114,22 +122,33 @@ class Workers:
 
     A stage with two passes (tensorize routes the rows, then writes the shards) starts its
     workers once: each start is an interpreter importing Polars and Arrow, seconds of CPU on a
-    small machine. With ``workers`` <= 1 every piece runs in this process.
+    small machine. They all start when the pool opens and import ``preload`` (the modules of
+    the pieces) at once, so a stage that opens its pool first has them ready by the time it has
+    read its inputs' metadata. With ``workers`` <= 1 every piece runs in this process.
     """
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
+    def __init__(self, workers: int, preload: tuple[str, ...] = ()) -> None:
+        self.workers, self.preload = workers, preload
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> Workers:
         if self.workers > 1:
             context = multiprocessing.get_context("forkserver")
             self._pool = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=context, initializer=_start_worker
+                max_workers=self.workers,
+                mp_context=context,
+                initializer=_start_worker,
+                initargs=(self.preload,),
             )
+            for _ in range(self.workers):  # each submit while none is idle starts one more worker
+                self._pool.submit(_ready)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers once their running pieces end (pieces not started are dropped)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -307,31 +307,33 @@ def tensorize(
             or a test class is unknown to train.
         ValueError: ``val_fraction`` > 0 without ``val_out``.
     """
-    train, test = open_table(train_parquet), open_table(test_parquet)
-    if train.rows == 0:
-        raise DataError(f"{train_parquet}: has no rows; the train split needs samples")
     if val_fraction and val_out is None:
         raise ValueError("val_fraction > 0 needs a val_out folder")
-    shape = _image_shape(train, test, image_shape)
-    names = _class_names(train, test, dataset)
-    test_fraction = test_fraction if test.rows == 0 else 0.0
-    outs = {"train": train_out, "test": test_out, **({"val": val_out} if val_out is not None else {})}
-    workers = resolve_workers(workers)
-    run = _serial if workers == 1 else _parallel
-    return run(
-        train,
-        test,
-        outs,
-        dataset=dataset,
-        names=names,
-        shape=shape,
-        shard_size=shard_size,
-        normalize_kind=normalize_kind,
-        test_fraction=test_fraction,
-        val_fraction=val_fraction,
-        dtype=shard_dtype,
-        workers=workers,
-    )
+    # Opened first, so the workers start (an interpreter importing Polars each) while this
+    # process reads the files' metadata and the labels.
+    with Workers(resolve_workers(workers), preload=(write_piece.__module__,)) as pool:
+        train, test = open_table(train_parquet), open_table(test_parquet)
+        if train.rows == 0:
+            raise DataError(f"{train_parquet}: has no rows; the train split needs samples")
+        shape = _image_shape(train, test, image_shape)
+        names = _class_names(train, test, dataset)
+        test_fraction = test_fraction if test.rows == 0 else 0.0
+        outs = {"train": train_out, "test": test_out, **({"val": val_out} if val_out is not None else {})}
+        run = _serial if pool.workers == 1 else _parallel
+        return run(
+            train,
+            test,
+            outs,
+            dataset=dataset,
+            names=names,
+            shape=shape,
+            shard_size=shard_size,
+            normalize_kind=normalize_kind,
+            test_fraction=test_fraction,
+            val_fraction=val_fraction,
+            dtype=shard_dtype,
+            pool=pool,
+        )
 
 
 def _check_sizes(train: Table, sizes: dict[str, int]) -> None:
@@ -362,12 +364,11 @@ def _serial(
     test_fraction: float,
     val_fraction: float,
     dtype: str,
-    workers: int,
+    pool: Workers,
 ) -> dict[str, Manifest]:
     """One pass in this process: rows are streamed and routed to the splits' writers (the reference path)."""
     if _first_pass_statistics(normalize_kind, dtype):  # the rows that will train, counted first
-        one = Workers(1)  # this process
-        _, histogram = _train_codes(train, shard_size, test_fraction, val_fraction, shape[0], True, one)
+        _, histogram = _train_codes(train, shard_size, test_fraction, val_fraction, shape[0], True, pool)
         stats = pixel_stats(histogram)
     else:
         stats = None  # computed while the train split is written
@@ -482,7 +483,7 @@ def _parallel(
     test_fraction: float,
     val_fraction: float,
     dtype: str,
-    workers: int,
+    pool: Workers,
 ) -> dict[str, Manifest]:
     """Every shard a piece for a worker: each split's rows are chosen first (a pass over the rows
     only when splits are held out or statistics are needed), then each shard is written from its
@@ -490,8 +491,9 @@ def _parallel(
     them already) its pixel histogram."""
     with contextlib.ExitStack() as stack:
         folders = {split: stack.enter_context(atomic_dir(out)) for split, out in outs.items()}
-        # Started once for both passes; shut down (its pieces finished) before the folders close.
-        pool = stack.enter_context(Workers(workers))
+        # One pool for both passes, shut down (its running pieces finished) before the folders
+        # close, so that no worker writes into a folder being committed or discarded.
+        stack.callback(pool.close)
         codes, histogram = _train_codes(
             train,
             shard_size,

@@ -9,9 +9,11 @@ bytes with 1 and 2 workers; Workers.map gives results in order whatever order th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import signal
 import struct
@@ -174,6 +176,32 @@ def test_more_than_one_worker_takes_the_parallel_path(tmp_path, monkeypatch, wor
     train_pq, test_pq, _ = _wide_parquet(tmp_path, 40, 11)
     _tensorize(train_pq, test_pq, tmp_path / "out", workers=workers)
     assert taken == ["_serial" if workers == 1 else "_parallel"]
+
+
+def test_the_pool_is_shut_before_the_split_folders_close(tmp_path, monkeypatch):
+    """The pool opens before the folders (its workers boot while the inputs' metadata is read),
+    yet shuts first: no worker may still write into a folder being committed or discarded."""
+    import pipeline.tensorize as tensorize_module
+
+    events, real_dir, real_close = [], tensorize_module.atomic_dir, Workers.close
+
+    @contextlib.contextmanager
+    def folder(target):
+        try:
+            with real_dir(target) as tmp:
+                yield tmp
+        finally:
+            events.append("folder")
+
+    def close(self):
+        events.append("pool" if self._pool is not None else "closed already")
+        real_close(self)
+
+    monkeypatch.setattr(tensorize_module, "atomic_dir", folder)
+    monkeypatch.setattr(Workers, "close", close)
+    train_pq, test_pq, _ = _wide_parquet(tmp_path, 40, 11)
+    _tensorize(train_pq, test_pq, tmp_path / "out", workers=2)
+    assert events == ["pool", "folder", "folder", "folder", "closed already"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -387,6 +415,20 @@ def test_each_pool_worker_runs_polars_on_one_thread_unless_the_user_says(monkeyp
     env = {**os.environ, "POLARS_MAX_THREADS": "3", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "[3, 3]", out.stderr
+
+
+def _has_module(name: str) -> bool:
+    return name in sys.modules
+
+
+def test_the_workers_start_when_the_pool_opens_and_import_what_their_pieces_need():
+    """A stage opens its pool before reading its inputs' metadata: the workers boot meanwhile."""
+    with Workers(2, preload=("colorsys",)) as pool:
+        started = multiprocessing.active_children()  # before any piece was given
+        assert len(started) == 2, started
+        assert list(pool.map(_has_module, ["colorsys"] * 4)) == [True] * 4
+    with Workers(2) as pool:  # a module no piece imports is not there by itself
+        assert list(pool.map(_has_module, ["colorsys"] * 4)) == [False] * 4
 
 
 def test_workers_map_keeps_the_order_whatever_finishes_first():
