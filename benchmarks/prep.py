@@ -63,6 +63,13 @@ def stage_commands(work: Path, names: Sequence[str] = DATA_STAGES) -> list[tuple
     return out
 
 
+def stage_outputs(work: Path, name: str) -> list[Path]:
+    """The outputs dvc.yaml lists for stage ``name``, in ``work``."""
+    with open(ROOT / "dvc.yaml", encoding="utf-8") as f:
+        outs = yaml.safe_load(f)["stages"][name].get("outs", [])
+    return [work / (out if isinstance(out, str) else next(iter(out))) for out in outs]
+
+
 def measure_fashion(params: Path, repeats: int, parent: Path) -> dict:
     """FashionMNIST, every data stage, fastest of ``repeats`` runs into fresh scratch folders."""
     from benchmarks.scale import run_stages  # not at the top: benchmarks.scale imports this module

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from test_scale import _idx_folder
 
-from benchmarks.parallelprep import VARIANTS, filesystem, render_markdown, run_key, write_rate
+from benchmarks.parallelprep import VARIANTS, filesystem, remove_outputs, render_markdown, run_key, write_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +42,7 @@ def test_parallelprep_benchmark_writes_runs_bytes_and_the_write_floor(tmp_path: 
         assert 0.25 < row["shards_train_bytes"]["ratio"] < 0.26
     page = (out / "parallel.md").read_text()
     assert "| 1 | tensorize/uint8 |" in page and "the median of 3 runs of each setting" in page
+    assert "Each run starts as `dvc repro` starts a stage: its outputs removed, untimed." in page
     times = results["rows"][0]["runs"]["parquet/1"]["runs_s"]
     assert f"({min(times):.2f}-{max(times):.2f})" in page
     row = results["rows"][0]
@@ -69,3 +70,16 @@ def test_write_rate_writes_and_removes_its_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     assert run_key("tensorize/uint8", "all") == "tensorize/all/uint8"
     assert run_key("parquet", "1") == "parquet/1"
+
+
+def test_each_timed_run_starts_without_the_stages_outputs_as_dvc_repro_does(tmp_path: Path) -> None:
+    tensors, parquet = tmp_path / "data" / "tensors", tmp_path / "data" / "parquet"
+    for path in (tensors / "train" / "shard-00000.safetensors", tensors / "test" / "manifest.json"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("from the previous run")
+    parquet.mkdir(parents=True)
+    (parquet / "train.parquet").write_text("kept: another stage's output")
+    remove_outputs(tmp_path, "tensorize")
+    assert sorted(p.name for p in tensors.iterdir()) == [] and (parquet / "train.parquet").exists()
+    remove_outputs(tmp_path, "parquet")  # files, and one (test.parquet) that is not there
+    assert list(parquet.iterdir()) == []
