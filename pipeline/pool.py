@@ -1,7 +1,7 @@
 """Independent pieces of a data stage on every core, results in submission order.
 
-Two tools: :class:`Workers` runs pieces in worker processes (started once for every
-pass of a stage), and
+Two tools: :class:`Workers` runs pieces in the stage's own process and in worker
+processes (started once for every pass of a stage), and
 :func:`read_ahead` runs a producer (a parser) in a thread beside its consumer (an
 encoder), both spending their time in native code that releases the GIL.
 
@@ -9,10 +9,10 @@ The data stages split their work into pieces that read their own slice of the in
 and write their own output file (a shard, a row group's bytes), so a worker receives
 a few small arguments and returns a small summary: no data crosses the process
 boundary. Workers are started with the "forkserver" context (never a fork of a
-process that already runs Polars' and Arrow's threads), and at most ``2 x workers``
-pieces are in flight, so memory stays bounded by the piece size whatever the data
-size. Results come back in the order the pieces were given, whatever order they
-finish in, so the stage's output never depends on scheduling.
+process that already runs Polars' and Arrow's threads), and a few pieces per process
+at most are drawn ahead of the results taken, so memory stays bounded by the piece
+size whatever the data size. Results come back in the order the pieces were given,
+whatever order they finish in, so the stage's output never depends on scheduling.
 """
 
 from __future__ import annotations
@@ -117,13 +117,27 @@ def _ready() -> None:
     """A piece that does nothing: one for each worker starts them all when the pool opens."""
 
 
-class Workers:
-    """The worker processes of one stage, kept for each of its passes (a context manager).
+_END = object()  # the end of a map's pieces
 
-    A stage with two passes (tensorize routes the rows, then writes the shards) starts its
-    workers once: each start is an interpreter importing Polars and Arrow, seconds of CPU on a
-    small machine. They all start when the pool opens and import ``preload`` (the modules of
-    the pieces) at once, so a stage that opens its pool first has them ready by the time it has
+
+def _run_into(future: Future[R], fn: Callable[[T], R], piece: T) -> None:
+    """``fn(piece)`` in this process, its result (or the exception it raised) set on ``future``."""
+    try:
+        future.set_result(fn(piece))
+    except Exception as exc:  # raised by the map in the piece's turn, as a worker's would be
+        future.set_exception(exc)
+
+
+class Workers:
+    """The processes that run one stage's pieces, kept for each of its passes (a context manager).
+
+    ``workers`` processes run pieces: this one and ``workers - 1`` started workers. This process
+    takes the next piece itself whenever it would otherwise wait for a worker, so it works
+    instead of sitting idle, and one interpreter fewer is started and held in memory. A stage
+    with two passes (tensorize routes the rows, then writes the shards) starts its workers
+    once: each start is an interpreter importing Polars and Arrow, seconds of CPU on a small
+    machine. They all start when the pool opens and import ``preload`` (the modules of the
+    pieces) at once, so a stage that opens its pool first has them ready by the time it has
     read its inputs' metadata. With ``workers`` <= 1 every piece runs in this process.
     """
 
@@ -135,12 +149,12 @@ class Workers:
         if self.workers > 1:
             context = multiprocessing.get_context("forkserver")
             self._pool = ProcessPoolExecutor(
-                max_workers=self.workers,
+                max_workers=self.workers - 1,
                 mp_context=context,
                 initializer=_start_worker,
                 initargs=(self.preload,),
             )
-            for _ in range(self.workers):  # each submit while none is idle starts one more worker
+            for _ in range(self.workers - 1):  # each submit while none is idle starts one more worker
                 self._pool.submit(_ready)
         return self
 
@@ -154,23 +168,53 @@ class Workers:
             self._pool = None
 
     def map(self, fn: Callable[[T], R], pieces: Iterable[T]) -> Iterator[R]:
-        """``fn`` over ``pieces`` on the workers, yielding results in order.
+        """``fn`` over ``pieces``, on the workers and in this process, yielding results in order.
 
-        ``fn`` must be a module-level function; its arguments and results should be small. An
-        exception in a piece is raised here, when its turn in the order comes; a worker that dies
-        (killed, out of memory) is one :class:`PipelineError` line.
+        Each worker holds at most two pieces (the one it runs, and its next, given just before
+        this process runs one of its own), and this process takes a piece only while fewer
+        than ``2 x workers`` wait to be taken, so the pieces drawn ahead of the results taken,
+        and with them the memory, stay bounded by the number of processes, not by the number
+        of pieces. ``fn`` must be a module-level function; its arguments and results should be
+        small. An exception in a piece is raised here, when its turn in the order comes (after
+        one in this process, no further piece is started); a worker that dies (killed, out of
+        memory) is one :class:`PipelineError` line.
         """
         if self._pool is None:
             yield from map(fn, pieces)
             return
-        pending: deque[Future[R]] = deque()
+        todo = iter(pieces)
+        pending: deque[Future[R]] = deque()  # in the pieces' order: the workers' and this process's
+        given: list[Future[R]] = []  # the workers' pieces not finished yet
+        more = True
         try:
-            for piece in pieces:
-                pending.append(self._pool.submit(fn, piece))
-                if len(pending) >= 2 * self.workers:
+            while True:
+                given = [f for f in given if not f.done()]
+                while more and len(given) < self.workers - 1:  # each worker busy
+                    if (piece := next(todo, _END)) is _END:
+                        more = False
+                    else:
+                        given.append(self._pool.submit(fn, piece))
+                        pending.append(given[-1])
+                if not pending:
+                    return
+                if not more or pending[0].done() or len(pending) >= 2 * self.workers:
                     yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+                    continue
+                # Rather than wait, this process takes the next piece, after giving each worker
+                # its next one, so that no worker waits for this process to finish its piece.
+                if (mine := next(todo, _END)) is _END:
+                    more = False
+                    continue
+                here: Future[R] = Future()
+                pending.append(here)
+                while more and len(given) < 2 * (self.workers - 1):
+                    if (piece := next(todo, _END)) is _END:
+                        more = False
+                    else:
+                        given.append(self._pool.submit(fn, piece))
+                        pending.append(given[-1])
+                _run_into(here, fn, mine)
+                more = more and here.exception() is None
         except BrokenProcessPool as exc:
             raise PipelineError(
                 f"a worker process of this stage died ({exc}); rerun with prep.workers: 1 "

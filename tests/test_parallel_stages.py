@@ -402,33 +402,47 @@ def polars_threads(_: int) -> int:
     return pl.thread_pool_size()
 
 
+def _worker_threads(_: int) -> tuple[int, int]:
+    time.sleep(0.1)
+    return os.getpid(), polars_threads(0)
+
+
 def test_each_pool_worker_runs_polars_on_one_thread_unless_the_user_says(monkeypatch):
     monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
-    with Workers(2) as pool:
-        assert list(pool.map(polars_threads, range(4))) == [1, 1, 1, 1]
+    with Workers(3) as pool:
+        ran = list(pool.map(_worker_threads, range(8)))
+    in_workers = [threads for pid, threads in ran if pid != os.getpid()]
+    assert in_workers and set(in_workers) == {1}, ran
     # The fork server keeps the environment it started with: the user's setting, in a fresh process.
     code = (
         "from test_parallel_stages import polars_threads\nfrom pipeline.pool import Workers\n"
-        "with Workers(2) as pool:\n    print(list(pool.map(polars_threads, range(2))))"
+        "with Workers(2) as pool:\n    print(sorted(set(pool.map(polars_threads, range(4)))))"
     )
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "POLARS_MAX_THREADS": "3", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == "[3, 3]", out.stderr
+    assert out.stdout.strip() == "[3]", out.stderr  # this process's Polars, and the worker's
 
 
 def _has_module(name: str) -> bool:
     return name in sys.modules
 
 
+def _has_colorsys(_: int) -> tuple[int, bool]:
+    time.sleep(0.1)
+    return os.getpid(), "colorsys" in sys.modules
+
+
 def test_the_workers_start_when_the_pool_opens_and_import_what_their_pieces_need():
-    """A stage opens its pool before reading its inputs' metadata: the workers boot meanwhile."""
-    with Workers(2, preload=("colorsys",)) as pool:
-        started = multiprocessing.active_children()  # before any piece was given
-        assert len(started) == 2, started
-        assert list(pool.map(_has_module, ["colorsys"] * 4)) == [True] * 4
-    with Workers(2) as pool:  # a module no piece imports is not there by itself
-        assert list(pool.map(_has_module, ["colorsys"] * 4)) == [False] * 4
+    """A stage opens its pool before reading its inputs' metadata: the workers boot meanwhile.
+    Three processes run the pieces: this one and two started workers."""
+    assert "colorsys" not in sys.modules  # nothing of this test suite imports it
+    for preload, found in ((("colorsys",), True), ((), False)):  # no piece imports it by itself
+        with Workers(3, preload=preload) as pool:
+            started = multiprocessing.active_children()  # before any piece was given
+            assert len(started) == 2, started
+            ran = list(pool.map(_has_colorsys, range(8)))
+        assert {has for pid, has in ran if pid != os.getpid()} == {found}, ran
 
 
 def test_workers_map_keeps_the_order_whatever_finishes_first():
@@ -436,21 +450,34 @@ def test_workers_map_keeps_the_order_whatever_finishes_first():
         assert list(pool.map(_slow_square, range(6))) == [x * x for x in range(6)]
 
 
-def test_workers_map_keeps_at_most_two_pieces_per_worker_in_flight():
-    """Pieces are made as the pool takes them: memory stays bounded by the piece size, not the
-    number of pieces (a generator of 20 pieces is drawn 2 x workers ahead of the results taken)."""
+def _slow_in_a_worker(piece: tuple[int, int]) -> int:
+    """Slow in a worker, instant in the map's own process (which would then draw ever more)."""
+    i, parent = piece
+    if os.getpid() != parent:
+        time.sleep(0.3)
+    return i
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_map_draws_a_bounded_number_of_pieces_ahead(workers):
+    """Pieces are made as the processes take them: memory stays bounded by the piece size, not the
+    number of pieces. This process takes pieces while it waits for a worker's, but only while
+    fewer than 2 x workers wait to be taken; each worker holds 2 (the one it runs, its next)."""
     drawn = []
 
     def pieces():
-        for i in range(20):
+        for i in range(40):
             drawn.append(i)
-            yield i
+            yield i, os.getpid()
 
-    with Workers(2) as pool:
-        for taken, result in enumerate(pool.map(_slow_square, pieces())):
-            assert result == taken * taken
-            assert len(drawn) == min(20, taken + 4), (taken, len(drawn))  # 4 pieces ahead, then the rest
-    assert drawn == list(range(20))
+    with Workers(workers) as pool:
+        ahead = []
+        for taken, result in enumerate(pool.map(_slow_in_a_worker, pieces())):
+            assert result == taken
+            ahead.append(len(drawn) - taken)
+    assert drawn == list(range(40))
+    bound = 2 * workers + 2 * (workers - 1)  # waiting to be taken, and the workers' next pieces
+    assert max(ahead) <= bound and max(ahead) >= 2 * workers, ahead
 
 
 def test_read_ahead_stays_within_its_budget_and_stops_the_producer_when_the_consumer_does():
@@ -478,34 +505,36 @@ def test_read_ahead_stays_within_its_budget_and_stops_the_producer_when_the_cons
     assert closed == ["read-ahead", "read-ahead"] and len(produced) < 50
 
 
-def _die(piece: int) -> int:
-    if piece == 3:
+def _die(piece: tuple[int, int]) -> int:
+    i, parent = piece
+    if i >= 3 and os.getpid() != parent:
         os._exit(9)  # a worker killed mid-piece (out of memory, a signal)
-    return piece
+    time.sleep(0.05)
+    return i
 
 
 def test_a_worker_that_dies_is_one_line(tmp_path):
     from pipeline.errors import PipelineError
 
     with pytest.raises(PipelineError) as err, Workers(2) as pool:
-        list(pool.map(_die, range(6)))
+        list(pool.map(_die, [(i, os.getpid()) for i in range(12)]))
     assert str(err.value).startswith("a worker process of this stage died (") and "\n" not in str(err.value)
     assert str(err.value).endswith("rerun with prep.workers: 1 to run every piece in the stage's own process")
 
 
 def _slow_pid(piece: int) -> int:
-    time.sleep(0.2)  # long enough that both workers take pieces
+    time.sleep(0.2)  # long enough that every process takes pieces
     return os.getpid()
 
 
 def test_workers_serve_every_pass_of_a_stage():
     """Tensorize routes, then writes: one start of the workers (an interpreter importing Polars and
-    Arrow each) serves both passes."""
-    with Workers(2) as pool:
-        first = set(pool.map(_slow_pid, range(4)))
-        second = set(pool.map(_slow_pid, range(4)))
+    Arrow each) serves both passes, and the map's own process runs pieces too."""
+    with Workers(3) as pool:
+        first = set(pool.map(_slow_pid, range(9)))
+        second = set(pool.map(_slow_pid, range(9)))
     # Workers of a fresh pool would have new pids: none in common with the first pass.
-    assert first & second and len(first | second) <= 2 and os.getpid() not in first
+    assert first == second and len(first) == 3 and os.getpid() in first
     with Workers(1) as one:
         assert set(one.map(_slow_pid, range(2))) == {os.getpid()}
 
