@@ -101,6 +101,10 @@ def normalize(
     table = lookup_table(norm)
     c, h, w = shape
     size = len(pixels) * c * h * w
+    if out is not None and not (out.dtype == np.float32 and out.flags.c_contiguous and out.size >= size):
+        raise ValueError(
+            f"out: expected contiguous float32 of at least {size} elements, found {out.dtype} {out.shape}"
+        )
     result = np.empty(size, dtype=np.float32) if out is None else out.reshape(-1)[:size]
     planes, into = pixels.reshape(len(pixels), c, h * w), result.reshape(len(pixels), c, h * w)
     for channel in range(c):

@@ -47,16 +47,19 @@ def resolve_workers(workers: int | None) -> int:
     return cpu_count() if workers is None else workers
 
 
-def use_cores(workers: int | None) -> None:
+def use_cores(workers: int | None, pieces_here: bool = False) -> None:
     """Keep a stage run with ``prep.workers: 1`` on one core, Polars' and Arrow's own threads included.
 
     Without this, "one worker" still parsed CSV and decoded Parquet on Polars' thread pool, one
     thread per core, and a serial run was not serial. Polars sizes its pool once, from
     ``POLARS_MAX_THREADS``, when it is first imported, so a stage calls this before importing the
     modules that use Polars (in a process that already imported it, Polars' pool stays as it is).
-    More workers, or ``None``, leave both libraries' defaults; a value the user set is kept.
+    More workers, or ``None``, leave both libraries' defaults, unless ``pieces_here``: a stage
+    whose own process runs pieces beside its workers (:class:`Workers`) keeps one thread in
+    every process whatever the count, since the processes already fill the cores. A value the
+    user set is kept.
     """
-    if resolve_workers(workers) != 1:
+    if resolve_workers(workers) != 1 and not pieces_here:
         return
     if "polars" not in sys.modules:
         _one_polars_thread()
@@ -154,8 +157,12 @@ class Workers:
                 initializer=_start_worker,
                 initargs=(self.preload,),
             )
-            for _ in range(self.workers - 1):  # each submit while none is idle starts one more worker
-                self._pool.submit(_ready)
+            try:
+                for _ in range(self.workers - 1):  # each submit while none is idle starts one more worker
+                    self._pool.submit(_ready)
+            except BaseException:
+                self.close()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -189,7 +196,7 @@ class Workers:
         try:
             while True:
                 given = [f for f in given if not f.done()]
-                while more and len(given) < self.workers - 1:  # each worker busy
+                while more and len(given) < self.workers - 1 and len(pending) < 2 * self.workers:
                     if (piece := next(todo, _END)) is _END:
                         more = False
                     else:

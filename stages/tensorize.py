@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     data = load_section("data", args.params)
     prep = load_section("prep", args.params)
-    use_cores(prep.workers)
+    use_cores(prep.workers, pieces_here=True)  # this process writes shards beside its workers
     # Imported after use_cores: Polars sizes its thread pool when it is first imported.
     from pipeline.tensorize import tensorize
 

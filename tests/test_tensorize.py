@@ -175,6 +175,9 @@ def test_normalising_into_a_buffer_gives_the_fresh_arrays_values(channels):
     fresh = normalize(pixels, norm, (channels, 5, 7))
     buffer = np.full(pixels.size + 9, np.nan, dtype=np.float32)  # larger than needed, and dirty
     into = normalize(pixels, norm, (channels, 5, 7), out=buffer)
+    for bad in (buffer[:-10], buffer.astype(np.float64), np.zeros((pixels.size, 2), np.float32)[:, 0]):
+        with pytest.raises(ValueError, match=r"^out: expected contiguous float32 of at least"):
+            normalize(pixels, norm, (channels, 5, 7), out=bad)  # too small, another dtype, strided
     assert into.shape == fresh.shape == (6, channels, 5, 7) and np.shares_memory(into, buffer)
     np.testing.assert_array_equal(bits(into), bits(fresh))
     table = lookup_table(norm)
