@@ -177,9 +177,10 @@ class Workers:
     def map(self, fn: Callable[[T], R], pieces: Iterable[T]) -> Iterator[R]:
         """``fn`` over ``pieces``, on the workers and in this process, yielding results in order.
 
-        Each worker holds at most two pieces (the one it runs, and its next, given just before
-        this process runs one of its own), and this process takes a piece only while fewer
-        than ``2 x workers`` wait to be taken, so the pieces drawn ahead of the results taken,
+        The workers are given at most two pieces each at a time (on average: the one a worker
+        runs, and its next, given just before this process runs one of its own), and this
+        process takes a piece only while fewer than ``2 x workers`` wait to be taken, and no
+        worker is given one past that either, so the pieces drawn ahead of the results taken,
         and with them the memory, stay bounded by the number of processes, not by the number
         of pieces. ``fn`` must be a module-level function; its arguments and results should be
         small. An exception in a piece is raised here, when its turn in the order comes (after
