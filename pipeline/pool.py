@@ -194,15 +194,21 @@ class Workers:
         pending: deque[Future[R]] = deque()  # in the pieces' order: the workers' and this process's
         given: list[Future[R]] = []  # the workers' pieces not finished yet
         more = True
+
+        def give_next() -> None:
+            """The next piece to the workers, if there is one."""
+            nonlocal more
+            if (piece := next(todo, _END)) is _END:
+                more = False
+            else:
+                given.append(self._pool.submit(fn, piece))
+                pending.append(given[-1])
+
         try:
             while True:
-                given = [f for f in given if not f.done()]
+                given[:] = [f for f in given if not f.done()]
                 while more and len(given) < self.workers - 1 and len(pending) < 2 * self.workers:
-                    if (piece := next(todo, _END)) is _END:
-                        more = False
-                    else:
-                        given.append(self._pool.submit(fn, piece))
-                        pending.append(given[-1])
+                    give_next()
                 if not pending:
                     return
                 if not more or pending[0].done() or len(pending) >= 2 * self.workers:
@@ -216,11 +222,7 @@ class Workers:
                 here: Future[R] = Future()
                 pending.append(here)
                 while more and len(given) < 2 * (self.workers - 1):
-                    if (piece := next(todo, _END)) is _END:
-                        more = False
-                    else:
-                        given.append(self._pool.submit(fn, piece))
-                        pending.append(given[-1])
+                    give_next()
                 _run_into(here, fn, mine)
                 more = more and here.exception() is None
         except BrokenProcessPool as exc:
