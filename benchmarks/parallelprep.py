@@ -150,13 +150,9 @@ def _digests(path: Path) -> dict[str, str]:
 
 
 def _outputs(work: Path, stage: str) -> dict[str, str]:
-    data = work / "data"
-    if stage == "parquet":
-        return {
-            **_digests(data / "parquet" / "train.parquet"),
-            **{"test/" + k: v for k, v in _digests(data / "parquet" / "test.parquet").items()},
-        }
-    return _digests(data / "tensors")
+    """The SHA-256 of every file of the stage's outputs (those dvc.yaml lists), by output and file."""
+    outs = stage_outputs(work, stage)
+    return {f"{out.name}/{name}": digest for out in outs for name, digest in _digests(out).items()}
 
 
 def filesystem(folder: Path) -> str:
