@@ -157,7 +157,11 @@ def csv_to_parquet(
     return rows
 
 
-DECODE_BYTES = 8 << 20  # uint8 pixels of a wide row group decoded at once (a block of columns)
+# uint8 pixels of a wide row group decoded at once (a block of columns). Decoding a block holds
+# two to three times its bytes (Polars' buffers and frame, the NumPy copy), and Polars' allocator
+# keeps those pages a while after, so blocks are small; more of them cost no measurable time
+# (bench/notes.md).
+DECODE_BYTES = 1 << 20
 _MAX_GROUP_BYTES = 64 << 20  # pixels held per image row group, whatever row_group_size says
 
 

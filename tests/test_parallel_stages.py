@@ -271,6 +271,18 @@ def test_rows_and_labels_of_any_span_across_row_groups(tmp_path, start, stop, ch
     assert np.array_equal(read_labels(table), train.labels)
 
 
+@pytest.mark.parametrize("columns", [1, 5, 784])
+def test_a_wide_row_group_is_decoded_a_block_of_columns_at_a_time(tmp_path, monkeypatch, columns):
+    """Polars decodes ``DECODE_BYTES`` of columns at a time (its allocator keeps what each
+    decode held, so the blocks are small): blocks of 1, 5 or all columns give the same rows."""
+    from pipeline import parquet
+
+    train_path, _, train = _wide_parquet(tmp_path, 70, 3)  # row groups of 16 rows
+    monkeypatch.setattr(parquet, "DECODE_BYTES", 16 * columns)
+    parts = list(iter_rows(open_table(train_path), 10, 5, 44))
+    assert np.array_equal(np.concatenate([p.pixels for p in parts]), train.pixels[5:44])
+
+
 def test_a_split_of_every_row_is_a_range_not_an_index_that_grows_with_the_data():
     """With nothing held out, every train row trains: the stage holds a range, not 8 bytes a row;
     the pieces' indices are the same either way."""
