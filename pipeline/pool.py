@@ -17,6 +17,7 @@ whatever order they finish in, so the stage's output never depends on scheduling
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing
 import os
@@ -107,6 +108,38 @@ def end_quietly_on_ctrl_c() -> None:
     signal.signal(signal.SIGINT, _exit_quietly)
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """Ctrl-C held back until the block ends, then raised as usual: for a process pool's bookkeeping.
+
+    Python raises KeyboardInterrupt in the main thread at whatever bytecode it is running, and
+    ``concurrent.futures`` is not safe against that: cut just after it takes a future's lock (in
+    ``threading.Condition.__enter__``, or between the locks ``wait`` takes one by one), the main
+    thread keeps the lock, the pool's own thread then waits for it forever, and a stage told to stop
+    hangs instead. In the main thread this block swaps Python's SIGINT handler for one that only
+    notes the signal, and blocks SIGINT in this thread, so that a process forked here starts with it
+    blocked until its initializer sets its own handler (as do the pool's threads started here, for
+    good). At the end both are restored and a noted Ctrl-C goes to the handler that was there: a
+    KeyboardInterrupt, by default. Elsewhere it does nothing: only the main thread runs handlers.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield  # None: a handler set outside Python, which could not be put back
+        return
+    noted: list[object] = []
+    signal.signal(signal.SIGINT, lambda _signum, frame: noted.append(frame))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGINT held by the mask reaches ``previous``
+        if noted and callable(previous):
+            previous(signal.SIGINT, noted[0])
+        elif noted and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
+
+
 def _start_worker(preload: tuple[str, ...]) -> None:
     """Each pool worker, before any piece: a quiet end on Ctrl-C, one Polars thread, and the
     modules its pieces need."""
@@ -171,7 +204,8 @@ class Workers:
     def close(self) -> None:
         """Stop the workers once their running pieces end (pieces not started are dropped)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            with ctrl_c_deferred():
+                self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def map(self, fn: Callable[[T], R], pieces: Iterable[T]) -> Iterator[R]:
@@ -206,13 +240,18 @@ class Workers:
 
         try:
             while True:
-                given[:] = [f for f in given if not f.done()]
-                while more and len(given) < self.workers - 1 and len(pending) < 2 * self.workers:
-                    give_next()
-                if not pending:
-                    return
-                if not more or pending[0].done() or len(pending) >= 2 * self.workers:
-                    yield pending.popleft().result()
+                with ctrl_c_deferred():  # the pool's bookkeeping, never cut midway (a piece here is)
+                    given[:] = [f for f in given if not f.done()]
+                    while more and len(given) < self.workers - 1 and len(pending) < 2 * self.workers:
+                        give_next()
+                    if not pending:
+                        return
+                    take = not more or pending[0].done() or len(pending) >= 2 * self.workers
+                    if take:
+                        result = pending.popleft().result()
+                if take:
+                    yield result
+                    del result
                     continue
                 # Rather than wait, this process takes the next piece, after giving each worker
                 # its next one, so that no worker waits for this process to finish its piece.
@@ -221,8 +260,9 @@ class Workers:
                     continue
                 here: Future[R] = Future()
                 pending.append(here)
-                while more and len(given) < 2 * (self.workers - 1):
-                    give_next()
+                with ctrl_c_deferred():
+                    while more and len(given) < 2 * (self.workers - 1):
+                        give_next()
                 _run_into(here, fn, mine)
                 more = more and here.exception() is None
         except BrokenProcessPool as exc:
@@ -231,8 +271,9 @@ class Workers:
                 f"to run every piece in the stage's own process"
             ) from None
         finally:
-            for future in pending:  # a failure (or an abandoned generator) stops the pieces not yet started
-                future.cancel()
+            with ctrl_c_deferred():  # a failure (or an abandoned generator) stops the pieces not yet started
+                for future in pending:
+                    future.cancel()
 
 
 def read_ahead(items: Iterable[T], weight: Callable[[T], int], budget: int) -> Iterator[T]:

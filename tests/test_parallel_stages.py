@@ -615,6 +615,62 @@ def test_ctrl_c_in_a_parallel_stage_is_one_line_and_exit_130(tmp_path):
     assert text.endswith("error: interrupted\n"), text
 
 
+_DEFERRED = """
+import os, signal, threading, time
+from pipeline.pool import ctrl_c_deferred
+
+steps = []
+# A thread that takes signals, as the pool's and PyTorch's threads do: with SIGINT blocked in the main thread,
+# the kernel hands it to this one, whose C handler only notes it for the main thread's Python handler.
+threading.Thread(target=time.sleep, args=(3,), daemon=True).start()
+try:
+    with ctrl_c_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the usual handler would have raised by now
+        steps.append("block ran to its end")
+    steps.append("not interrupted")
+except KeyboardInterrupt:
+    steps.append("interrupted after the block")
+assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+with ctrl_c_deferred():
+    inside = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # forks start with it blocked
+steps.append(f"a quiet block raises nothing; SIGINT blocked inside: {inside}")
+elsewhere = threading.Thread(target=lambda: ctrl_c_deferred().__enter__())  # no handler to swap there
+elsewhere.start()
+elsewhere.join()
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+with ctrl_c_deferred():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+steps.append("an ignored Ctrl-C stays ignored")
+print(steps)
+"""
+
+
+def test_ctrl_c_in_a_pools_bookkeeping_is_raised_after_it(tmp_path):
+    """``ctrl_c_deferred``: a Ctrl-C inside the block is raised once the block ends, never inside it, where
+    it could leave a future's lock held by the main thread and the pool's own thread waiting for it."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", _DEFERRED],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(
+        [
+            "block ran to its end",
+            "interrupted after the block",
+            "a quiet block raises nothing; SIGINT blocked inside: True",
+            "an ignored Ctrl-C stays ignored",
+        ]
+    ), out.stderr
+
+
 def test_reading_rows_and_labels_does_not_import_pandas(tmp_path):
     """Arrow's ``to_numpy`` imports pandas: some 40 MB and a few tenths of a second in every worker."""
     train_path, _, _ = _wide_parquet(tmp_path, 40, 3)

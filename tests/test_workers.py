@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import multiprocessing
@@ -22,6 +23,7 @@ from pipeline.errors import PipelineError, ShardError
 from pipeline.params import LoaderParams
 from tests.test_trainer import make_split
 from tests.test_uint8 import write_both
+from trainer import prefetch
 from trainer.data import ShardDataset, page_points
 from trainer.loader import EpochBatchSampler, make_loader, resolve_settings, unwrap_worker_error
 from trainer.prefetch import PrefetchedBatches, chunk_bounds
@@ -316,6 +318,50 @@ def test_a_dead_worker_is_one_line(splits) -> None:
         for _ in batches:
             time.sleep(0.05)
     # go is never set: the killed worker was waiting on it, and an Event's set waits for its waiters
+
+
+def test_a_worker_that_cannot_stop_is_killed_when_the_loader_closes(splits, monkeypatch) -> None:
+    """A worker that never reads its stop (here stopped by SIGSTOP; in life, one waiting for a queue lock
+    that a sibling killed by Ctrl-C still held) is killed WORKER_STOP_S after being told to stop, so
+    closing the loader, as a run ending on Ctrl-C does, cannot hang; the next epoch starts new workers."""
+    monkeypatch.setattr(prefetch, "WORKER_STOP_S", 0.5)
+    dataset = splits["uint8"]
+    loader, sampler = _prefetched(dataset, 16, per_chunk=16)
+    batches = iter(loader)
+    next(batches)
+    (worker,) = _workers(loader)
+    os.kill(worker, signal.SIGSTOP)
+    closing = threading.Thread(target=loader.close)  # a thread, so that a hang fails the test instead
+    try:
+        closing.start()
+        closing.join(20)
+        assert not closing.is_alive(), "closing the loader waited for a worker that cannot stop"
+        assert _settles(lambda: not _exists(worker)) and loader._tasks == [] and loader._pool is None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+        closing.join(20)
+    batches.close()
+    _same_batches(loader, [dataset[batch] for batch in sampler], torch.uint8)
+    assert _workers(loader) not in ([], [worker])
+    loader.close()
+
+
+def test_a_worker_takes_ctrl_c_in_its_own_main_thread(splits) -> None:
+    """In a worker, only the main thread takes SIGINT: a worker whose parent-watch thread took it
+    would only note it, and live on while its main thread waited for a lock."""
+    loader, _ = _prefetched(splits["uint8"], 16)
+    next(iter(loader))
+    (worker,) = _workers(loader)
+    try:
+        threads = {}
+        for status in Path(f"/proc/{worker}/task").glob("*/status"):
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            threads[int(status.parent.name)] = bool(int(fields["SigBlk"], 16) & (1 << (signal.SIGINT - 1)))
+        assert len(threads) >= 2 and threads.pop(worker) is False, threads  # the main thread, and the watch
+        assert all(threads.values()), threads  # every other thread blocks SIGINT
+    finally:
+        loader.close()
 
 
 def test_workers_end_with_a_killed_training_process(tmp_path: Path, splits) -> None:

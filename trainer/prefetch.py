@@ -37,7 +37,6 @@ bit-identical for any number of workers.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -55,7 +54,7 @@ import torch
 from torch.utils.data import Sampler
 
 from pipeline.errors import PipelineError
-from pipeline.pool import end_quietly_on_ctrl_c
+from pipeline.pool import ctrl_c_deferred, end_quietly_on_ctrl_c
 from trainer.data import ShardDataset
 
 log = logging.getLogger(__name__)
@@ -66,6 +65,9 @@ PARENT_CHECK_S = 0.5  # how often a worker looks for its parent
 # Added to each worker's niceness: a prefetch is a hint, so a worker woken for the next chunk must not
 # preempt the training process on its core (on 2 cores that preemption cost as much as the gather).
 WORKER_NICENESS = 19
+# A worker told to stop and still running after this long is killed: it may wait for a lock that a
+# sibling, killed by Ctrl-C or the OOM killer, still held (a prefetch worker holds nothing worth a wait).
+WORKER_STOP_S = 5.0
 
 
 @dataclasses.dataclass
@@ -109,21 +111,13 @@ def _start_worker(dataset: ShardDataset, shared: _Shared, parent: int) -> None:
     global _worker
     _worker = (dataset, shared)
     # Ctrl-C: this worker ends quietly, which frees the training process's pool. SIGINT was blocked
-    # across the fork (_sigint_blocked), so one that came meanwhile is handled here.
+    # across the fork (ctrl_c_deferred), so one that came meanwhile is handled here. The watch thread
+    # starts before it is unblocked and keeps it blocked: a SIGINT taken by that thread would only
+    # be noted, never acted on while this thread waits for a lock, and the worker would live on.
     end_quietly_on_ctrl_c()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     os.nice(WORKER_NICENESS)
     threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
-
-
-@contextlib.contextmanager
-def _sigint_blocked() -> Iterator[None]:
-    """SIGINT held back in this thread (and in processes forked meanwhile, until their initializer)."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _take(shared: _Shared) -> int | None:
@@ -215,9 +209,18 @@ class PrefetchedBatches:
         return shared
 
     def _shut(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pool, self._shared = None, None
+        """Stop the workers and join them; one still running :data:`WORKER_STOP_S` later is killed."""
+        pool, self._pool, self._shared = self._pool, None, None
+        if pool is None:
+            return
+        with ctrl_c_deferred():
+            workers = list(pool._processes.values())  # Python 3.14 has this as pool.kill_workers()
+            killer = threading.Timer(WORKER_STOP_S, lambda: [w.kill() for w in workers])
+            killer.start()
+            try:
+                pool.shutdown(wait=True, cancel_futures=True)
+            finally:
+                killer.cancel()
 
     def close(self) -> None:
         """Stop and join the workers now: persistent ones outlive every epoch, and a pool left to the
@@ -244,26 +247,37 @@ class PrefetchedBatches:
 
     def _check(self) -> None:
         """Raise a finished task's error here, in the consumer."""
-        for task in self._tasks:
-            if task.done() and task.exception() is not None:
-                _raise(task)
+        with ctrl_c_deferred():
+            errors = [task.exception() for task in self._tasks if task.done()]
+        for error in errors:
+            if error is not None:
+                _raise(error)
 
     def _collect(self, *, raise_errors: bool) -> None:
-        """Stop the workers' epoch and wait for their tasks (idempotent); errors raised or logged."""
+        """Stop the workers' epoch and wait for their tasks (idempotent); errors raised or logged.
+
+        Without ``raise_errors`` (the consumer stopped early, or the run is ending on an error or
+        Ctrl-C), tasks still running :data:`WORKER_STOP_S` after the stop end with the pool.
+        """
         tasks, shared = self._tasks, self._shared
         if not tasks or shared is None:
             return
-        shared.stop.value = 1
-        for _ in tasks:
-            shared.room.release()
-        concurrent.futures.wait(tasks)
-        self._tasks = []
-        for task in tasks:
-            if task.exception() is not None:
+        with ctrl_c_deferred():
+            shared.stop.value = 1
+            for _ in tasks:
+                shared.room.release()
+            late = concurrent.futures.wait(tasks, timeout=None if raise_errors else WORKER_STOP_S).not_done
+            self._tasks = []
+            errors = [] if late else [task.exception() for task in tasks]
+        if late:
+            self._shut()
+            return
+        for error in errors:
+            if error is not None:
                 if raise_errors:
-                    _raise(task)
-                if not isinstance(task.exception(), BrokenProcessPool):  # a worker ended, e.g. by Ctrl-C
-                    log.warning("page prefetch failed after the consumer stopped: %s", task.exception())
+                    _raise(error)
+                if not isinstance(error, BrokenProcessPool):  # a worker ended, e.g. by Ctrl-C
+                    log.warning("page prefetch failed after the consumer stopped: %s", error)
 
     def _gather(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.dataset[torch.from_numpy(batch)]
@@ -272,17 +286,17 @@ class PrefetchedBatches:
         return images, labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._collect(raise_errors=False)  # an earlier epoch left unfinished (or interrupted while collected)
-        batches = [batch.numpy() for batch in self.sampler]  # the epoch's order, drawn once
-        runs = self._plan(batches)
-        shared, pool = self._shared, self._pool
-        assert shared is not None and pool is not None
-        try:
-            with _sigint_blocked():  # the pool forks its workers here
+        with ctrl_c_deferred():  # the pool's bookkeeping, never cut midway; its workers fork here
+            self._collect(raise_errors=False)  # an earlier epoch left unfinished (or interrupted)
+            batches = [batch.numpy() for batch in self.sampler]  # the epoch's order, drawn once
+            runs = self._plan(batches)
+            shared, pool = self._shared, self._pool
+            assert shared is not None and pool is not None
+            try:
                 self._tasks = [pool.submit(_prefetch_epoch) for _ in range(self.num_workers)]
-        except BrokenProcessPool as exc:
-            self._shut()
-            raise _died(exc) from None
+            except BrokenProcessPool as exc:
+                self._shut()
+                raise _died(exc) from None
         finished = False
         try:
             for chunk, (first, end) in enumerate(runs):
@@ -308,9 +322,8 @@ def _died(exc: BrokenProcessPool) -> PipelineError:
     )
 
 
-def _raise(task: Future[int]) -> None:
-    error = task.exception()
+def _raise(error: BaseException) -> None:
+    """A task's error, raised in the consumer: a dead worker as one line."""
     if isinstance(error, BrokenProcessPool):
         raise _died(error) from None
-    assert error is not None
     raise error
