@@ -22,7 +22,11 @@ the one being gathered, and skip chunks the main process has already reached.
 Per chunk the main process stores its position and posts a semaphore, which
 wakes a worker waiting for room: no message, no thread of ours, no lock shared
 with a worker. At the epoch's end (or when the consumer stops early) it tells
-the workers to stop and collects their tasks, which end within one chunk.
+the workers to stop and collects their tasks, which end within one chunk; when
+the consumer stopped early, or the pool is shut, a worker still running
+:data:`WORKER_STOP_S` later is killed (it may be waiting for a lock that a
+sibling, killed by Ctrl-C, held). The pool's bookkeeping in the main process
+holds Ctrl-C back until it is done (:func:`pipeline.pool.ctrl_c_deferred`).
 
 Workers are forked, like DataLoader's on Linux, run at the lowest priority
 (:data:`WORKER_NICENESS`: they use the CPU the training process leaves, and
