@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         if http is not None:
             http.terminate()
             http.wait()
+            http.stdout.close()
         shutil.rmtree(work, ignore_errors=True)
     write_results(args.out, args.stem, results, render_markdown(results))
 

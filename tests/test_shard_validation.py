@@ -14,6 +14,7 @@ import os
 import struct
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -606,3 +607,6 @@ def test_shard_replaced_under_a_worker_is_reported_without_the_worker_traceback(
     clean = unwrap_worker_error(exc.value)
     assert isinstance(clean, ShardError) and "Traceback" not in str(clean)
     assert str(clean).startswith(f"{split / SHARD}: shard changed after it was validated (size ")
+    # The traceback's frames hold the iterator: cleared, its worker is shut down here, not by a garbage
+    # collection at the session's end (where pytest-xdist's teardown can interrupt the shutdown).
+    traceback.clear_frames(exc.tb)

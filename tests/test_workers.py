@@ -397,6 +397,7 @@ def test_workers_end_with_a_killed_training_process(tmp_path: Path, splits) -> N
     finally:
         proc.kill()
         proc.wait(10)
+        proc.stdout.close()
 
 
 def _exists(pid: int) -> bool:
