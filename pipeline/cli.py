@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from pipeline.errors import PipelineError
@@ -74,6 +76,28 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def _take_ctrl_c() -> None:
+    """Python's own SIGINT handler from here on, so that Ctrl-C is a KeyboardInterrupt that
+    :func:`run_stage` reports (``stages/__init__.py`` sets a plainer one for a stage's imports). An
+    ignored SIGINT (a background job's) stays ignored; only the main thread sets handlers."""
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) != signal.SIG_IGN
+    ):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _forget_an_interrupted_exec() -> None:
+    """Let the exit status be 130 after a Ctrl-C that was raised inside an ``exec`` of a string.
+
+    CPython (3.11 to 3.13) marks a KeyboardInterrupt that leaves such an ``exec`` (dataclasses and
+    namedtuples build their methods so, and a stage imports modules that make them) as unhandled,
+    even once it is caught, and a ``python -m`` process so marked kills itself with SIGINT at exit:
+    status -2, not 130. Every ``exec`` of a string clears the mark as it starts; this one does only that.
+    """
+    exec("")  # runs nothing; starting is what clears the mark
+
+
 def run_stage(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
     """Run a stage's ``main`` with logging configured; a PipelineError becomes one line and exit code 2.
 
@@ -87,10 +111,12 @@ def run_stage(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] 
     """
     configure_logging()
     try:
+        _take_ctrl_c()
         main(argv)
     except PipelineError as exc:
         log.error("%s", exc)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         log.error("interrupted")
+        _forget_an_interrupted_exec()
         sys.exit(130)

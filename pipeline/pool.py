@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import resource_tracker
 from typing import TypeVar
 
 from pipeline.errors import PipelineError
@@ -144,6 +145,7 @@ def _start_worker(preload: tuple[str, ...]) -> None:
     """Each pool worker, before any piece: a quiet end on Ctrl-C, one Polars thread, and the
     modules its pieces need."""
     end_quietly_on_ctrl_c()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked from its start (Workers.__enter__)
     _one_polars_thread()
     for name in preload:
         importlib.import_module(name)
@@ -183,16 +185,23 @@ class Workers:
 
     def __enter__(self) -> Workers:
         if self.workers > 1:
-            context = multiprocessing.get_context("forkserver")
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.workers - 1,
-                mp_context=context,
-                initializer=_start_worker,
-                initargs=(self.preload,),
-            )
+            # Each process started here is a new interpreter (the forkserver, then the workers it
+            # forks), and one that Ctrl-C reaches before its handler is set prints a traceback of its
+            # imports. So they start with SIGINT blocked, a mask they inherit, and each worker's
+            # initializer unblocks it once its quiet handler is set. The resource tracker comes first:
+            # it blocks SIGINT while it starts and unblocks it after, which inside the block below
+            # would unblock it for the forkserver too.
+            resource_tracker.ensure_running()
             try:
-                for _ in range(self.workers - 1):  # each submit while none is idle starts one more worker
-                    self._pool.submit(_ready)
+                with ctrl_c_deferred():
+                    self._pool = ProcessPoolExecutor(
+                        max_workers=self.workers - 1,
+                        mp_context=multiprocessing.get_context("forkserver"),
+                        initializer=_start_worker,
+                        initargs=(self.preload,),
+                    )
+                    for _ in range(self.workers - 1):  # each submit while none is idle starts one more worker
+                        self._pool.submit(_ready)
             except BaseException:
                 self.close()
                 raise

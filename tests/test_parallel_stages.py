@@ -615,6 +615,53 @@ def test_ctrl_c_in_a_parallel_stage_is_one_line_and_exit_130(tmp_path):
     assert text.endswith("error: interrupted\n"), text
 
 
+_CTRL_C_POOL_START = """
+import multiprocessing
+from pipeline.cli import run_stage
+from pipeline.pool import Workers
+
+def main(argv):
+    # The forkserver imports this module first, before it can set a handler: a slow start-up to hit.
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["slow_start"])
+    with Workers(2) as pool:
+        print("started", sum(pool.map(len, ["ab", "c"])), flush=True)
+
+run_stage(main)
+"""
+
+
+def test_ctrl_c_while_the_workers_start_is_one_line_and_exit_130(tmp_path):
+    """The forkserver and the workers are new interpreters, and each prints a traceback of its own
+    imports if Ctrl-C reaches it before it has a handler: they start with SIGINT blocked."""
+    (tmp_path / "slow_start.py").write_text(
+        "import sys, time\nprint('forkserver starting', file=sys.stderr, flush=True)\ntime.sleep(3)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    log = tmp_path / "stage.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CTRL_C_POOL_START],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(root)},
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "forkserver starting" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code == 130, text
+    assert text == "forkserver starting\nerror: interrupted\n", text
+
+
 _DEFERRED = """
 import os, signal, threading, time
 from pipeline.pool import ctrl_c_deferred
