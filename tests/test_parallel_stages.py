@@ -584,32 +584,38 @@ run_stage(main)
 """
 
 
-def test_ctrl_c_in_a_parallel_stage_is_one_line_and_exit_130(tmp_path):
-    """Ctrl-C reaches the whole process group, the stage's workers included: the stage says so in one
-    line; each worker busy with a piece used to add a KeyboardInterrupt traceback of its own."""
+def _ctrl_c_stage(tmp_path: Path, snippet: str, marker: str, settle_s: float) -> tuple[int, str]:
+    """``snippet`` run as a stage in its own process group, as a terminal's foreground job is, and the
+    group sent SIGINT ``settle_s`` after ``marker`` appears in its output: its exit status and output."""
     root = Path(__file__).resolve().parent.parent
     log = tmp_path / "stage.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _CTRL_C_STAGE],
+            [sys.executable, "-c", snippet],
             cwd=tmp_path,
             env={**os.environ, "PYTHONPATH": str(root)},
             stdout=out,
             stderr=out,
-            start_new_session=True,  # its own process group, as a terminal's foreground job has
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 120
-        while "started 3" not in log.read_text():
+        while marker not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        time.sleep(0.5)  # the workers are in their pieces
+            time.sleep(0.02)
+        time.sleep(settle_s)
         os.killpg(proc.pid, signal.SIGINT)
         code = proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()
+    return code, log.read_text()
+
+
+def test_ctrl_c_in_a_parallel_stage_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C reaches the whole process group, the stage's workers included: the stage says so in one
+    line; each worker busy with a piece used to add a KeyboardInterrupt traceback of its own."""
+    code, text = _ctrl_c_stage(tmp_path, _CTRL_C_STAGE, "started 3", 0.5)  # the workers are in their pieces
     assert code == 130, text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert text.endswith("error: interrupted\n"), text
@@ -636,28 +642,7 @@ def test_ctrl_c_while_the_workers_start_is_one_line_and_exit_130(tmp_path):
     (tmp_path / "slow_start.py").write_text(
         "import sys, time\nprint('forkserver starting', file=sys.stderr, flush=True)\ntime.sleep(3)\n"
     )
-    root = Path(__file__).resolve().parent.parent
-    log = tmp_path / "stage.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _CTRL_C_POOL_START],
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": str(root)},
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while "forkserver starting" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGINT)
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()
+    code, text = _ctrl_c_stage(tmp_path, _CTRL_C_POOL_START, "forkserver starting", 0.0)
     assert code == 130, text
     assert text == "forkserver starting\nerror: interrupted\n", text
 
