@@ -369,6 +369,8 @@ def decode_image(path: Path, image_shape: tuple[int, int, int] | None) -> np.nda
                 im.load()
             if image_shape is not None:
                 channels, height, width = image_shape
+                if im.mode == "P" and isinstance(im.info.get("transparency"), bytes):
+                    im = im.convert("RGBA")  # Pillow's advice: straight to L/RGB it warns (same pixels)
                 if im.mode != MODES[channels]:
                     im = im.convert(MODES[channels])
                 if im.size != (width, height):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,22 @@ def test_multi_picture_jpeg_from_a_camera_is_a_jpeg(tmp_path: Path) -> None:
     assert np.abs(pixels[0].astype(int) - 40).max() <= 2  # the first frame
 
 
+def test_exif_orientation_is_not_applied_pixels_are_taken_as_stored(tmp_path: Path) -> None:
+    """A camera's "rotate 90°" EXIF tag is left alone, as torchvision's ImageFolder leaves it: the
+    image keeps its stored width and height, so a shape check sees what the file holds."""
+    y, x = np.mgrid[0:8, 0:16]
+    stored = np.stack([x * 15, y * 30, np.zeros_like(x)], axis=-1).astype(np.uint8)  # 16 wide, 8 high
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: a viewer turns it 90° clockwise, to 8 wide and 16 high
+    save(tmp_path / "images/train/a/photo.jpg", image, exif=exif, quality=95)
+    with Image.open(tmp_path / "images/train/a/photo.jpg") as im:
+        assert im.getexif()[0x0112] == 6
+    _table, pixels = to_parquet(tmp_path / "images", None)
+    assert pixels.shape == (1, 3, 8, 16)
+    assert np.abs(pixels[0].astype(int) - stored.transpose(2, 0, 1)).mean() < 3
+
+
 def triangle_weights(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) weights of an antialiased bilinear (triangle) filter, widened by the shrink factor."""
     scale = n_in / n_out
@@ -173,6 +190,26 @@ def test_set_shape_converts_rgb_to_grey_luma_and_palette_to_rgb(tmp_path: Path) 
     save(tmp_path / "pal/train/p/p.png", palette)
     _table, pixels = to_parquet(tmp_path / "pal", (3, 2, 4))
     assert pixels[0][:, 0, 1].tolist() == [10, 20, 30] and pixels[0][:, 1, 1].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_palette_with_per_entry_transparency_converts_without_a_warning(
+    tmp_path: Path, channels: int
+) -> None:
+    """A PNG palette with an alpha per entry (what many editors save) decodes quietly: Pillow warns
+    when such an image goes straight to L or RGB, and a warning would print two lines amid the
+    stage's one-line output. The pixels are the palette's colours, alpha dropped."""
+    palette = Image.new("P", (4, 2))
+    palette.putpalette([0, 0, 0, 10, 20, 30])
+    palette.putpixel((1, 0), 1)
+    save(tmp_path / "images/train/p/p.png", palette, transparency=b"\x00\x80")
+    assert isinstance(Image.open(tmp_path / "images/train/p/p.png").info["transparency"], bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _table, pixels = to_parquet(tmp_path / "images", (channels, 2, 4))
+    grey = [18]  # ITU-R 601-2: (10*299 + 20*587 + 30*114) / 1000 = 18.15
+    expected = [10, 20, 30] if channels == 3 else grey
+    assert pixels[0][:, 0, 1].tolist() == expected and pixels[0][:, 1, 1].tolist() == [0] * channels
 
 
 def test_files_in_subfolders_get_their_path_as_key_and_hidden_names_are_ignored(tmp_path: Path) -> None:
