@@ -29,19 +29,70 @@ def header_names(line: bytes) -> list[str]:
     return [n.strip().strip('"') for n in line.rstrip(b"\r\n").decode("utf-8", "replace").split(",")]
 
 
+# Files that are not CSV text, by their first bytes: common ways a download or a spreadsheet
+# export arrives (Kaggle's zips, .csv.gz, Excel's "Unicode Text").
+_NOT_TEXT = (
+    (b"\x1f\x8b", "gzip-compressed data; decompress it (gunzip) first"),
+    (b"PK\x03\x04", "a ZIP archive; extract the CSV from it first"),
+    (b"\xff\xfe", "UTF-16 text; save it as UTF-8 (in Excel: CSV UTF-8)"),
+    (b"\xfe\xff", "UTF-16 text; save it as UTF-8 (in Excel: CSV UTF-8)"),
+)
+_SEPARATORS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
+
+
+def _check_text(line: bytes, where: str) -> None:
+    """Refuse a header whose first bytes show the file is not CSV text."""
+    for magic, what in _NOT_TEXT:
+        if line.startswith(magic):
+            raise DataError(f"{where}: line 1 (header): expected CSV text (UTF-8 or ASCII), found {what}")
+
+
+def _cr_line_ends(where: str) -> DataError:
+    return DataError(
+        f"{where}: line 1 (header): expected LF or CRLF line ends, found CR alone (classic Mac OS "
+        "line ends); convert them to LF"
+    )
+
+
+def _not_label(names: Sequence[str], where: str) -> DataError:
+    """The error for a header whose first column is not ``label``, with the likeliest reason."""
+    first = names[0]
+    at = f"{where}: line 1 (header), column 1: expected 'label', found {_show(first.encode())}"
+    sep = next((s for s in _SEPARATORS if first.startswith(LABEL + s)), None)
+    if sep is not None:
+        return DataError(f"{at}: the values are separated by {_SEPARATORS[sep]}; expected commas")
+    if "\ufffd" in first:  # header_names replaced bytes that are not UTF-8
+        return DataError(f"{at}: the header is not UTF-8 text; save the file as UTF-8")
+    if first.isascii() and first.lstrip("+-").isdigit():  # a data row where the header belongs
+        return DataError(f"{at}: the file seems to have no header line; expected label,pixel1..pixelN first")
+    if LABEL in names:
+        return DataError(f"{at}: 'label' is column {names.index(LABEL) + 1}; it must come first")
+    if first.lower().startswith("pixel"):
+        return DataError(
+            f"{at}: no column is named 'label'; a file without labels (as Kaggle's test.csv) cannot be "
+            "tested against: set data.test_csv: null and a test split is held out of train"
+        )
+    return DataError(at)
+
+
 def check_header(line: bytes, where: str, num_pixels: int | None = None) -> list[str]:
     """Accept ``label`` then the pixel columns, whatever their names; return the names.
 
     With ``num_pixels`` (from ``data.image_shape``) the count must match it.
     """
+    _check_text(line, where)
     if len(line) > MAX_HEADER_BYTES:
+        if b"\r" in line:  # a whole file with CR line ends reads as one line
+            raise _cr_line_ends(where)
         raise DataError(
             f"{where}: line 1 (header) is longer than {MAX_HEADER_BYTES} bytes; expected "
             f"label and one column per pixel"
         )
     names = header_names(line)
+    if any("\r" in name for name in names):  # blanks around a name, CR among them, are ignored
+        raise _cr_line_ends(where)
     if names[0] != LABEL:
-        raise DataError(f"{where}: line 1 (header), column 1: expected 'label', found {names[0]!r:.40}")
+        raise _not_label(names, where)
     if len(names) < 2:
         raise DataError(
             f"{where}: line 1 (header): expected label and at least one pixel column, found only 'label'"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import time
@@ -259,7 +260,11 @@ def test_import_empty_file(tmp_path, content):
             "line 1 (header): 785 pixel columns are not a square grey image; "
             "set data.image_shape to [C, H, W] in params.yaml",
         ),
-        (b"1," + b",".join([b"0"] * 784) + b"\n", "line 1 (header), column 1: expected 'label', found '1'"),
+        (
+            b"1," + b",".join([b"0"] * 784) + b"\n",
+            "line 1 (header), column 1: expected 'label', found '1': the file seems to have no header "
+            "line; expected label,pixel1..pixelN first",
+        ),
         (
             HEADER_LINE.replace(b"pixel5,", b",", 1),
             "line 1 (header), column 6: expected a column name, found an empty one",
@@ -270,6 +275,71 @@ def test_import_empty_file(tmp_path, content):
         ),
         (b"label\n", "line 1 (header): expected label and at least one pixel column, found only 'label'"),
         (b" label \n", "line 1 (header): expected label and at least one pixel column, found only 'label'"),
+        # Files that arrive another way than plain comma-separated UTF-8: the likeliest reason is named.
+        (
+            gzip.compress(HEADER_LINE),
+            "line 1 (header): expected CSV text (UTF-8 or ASCII), "
+            "found gzip-compressed data; decompress it (gunzip) first",
+        ),
+        (
+            b"PK\x03\x04\x14\x00",
+            "line 1 (header): expected CSV text (UTF-8 or ASCII), "
+            "found a ZIP archive; extract the CSV from it first",
+        ),
+        (
+            HEADER_LINE.decode().encode("utf-16"),
+            "line 1 (header): expected CSV text (UTF-8 or ASCII), "
+            "found UTF-16 text; save it as UTF-8 (in Excel: CSV UTF-8)",
+        ),
+        (
+            b"\xfe\xff" + HEADER_LINE.decode().encode("utf-16-be"),
+            "line 1 (header): expected CSV text (UTF-8 or ASCII), "
+            "found UTF-16 text; save it as UTF-8 (in Excel: CSV UTF-8)",
+        ),
+        (
+            HEADER_LINE.replace(b"\n", b"\r") + b"1" + b",0" * 784 + b"\r",
+            "line 1 (header): expected LF or "
+            "CRLF line ends, found CR alone (classic Mac OS line ends); convert them to LF",
+        ),
+        (
+            HEADER_LINE.replace(b"\n", b"\r") + (b"1" + b",0" * 784 + b"\r") * 6000,  # 9.4 MB, one "line"
+            "line 1 (header): expected LF or CRLF line ends, found CR alone (classic Mac OS line ends); "
+            "convert them to LF",
+        ),
+        (
+            HEADER_LINE.replace(b",", b";"),
+            "line 1 (header), column 1: expected 'label', found "
+            "'label;pixel1;pixel2;pixel3;pixel4;pixel5...': the values are separated by semicolons; "
+            "expected commas",
+        ),
+        (
+            HEADER_LINE.replace(b",", b"\t"),
+            "line 1 (header), column 1: expected 'label', found "
+            "'label\\tpixel1\\tpixel2\\tpixel3\\tpixel4\\tpixel5...': the values are separated by tabs; "
+            "expected commas",
+        ),
+        (
+            HEADER_LINE.replace(b",", b"|"),
+            "line 1 (header), column 1: expected 'label', found "
+            "'label|pixel1|pixel2|pixel3|pixel4|pixel5...': the values are separated by vertical bars; "
+            "expected commas",
+        ),
+        (
+            HEADER_LINE.replace(b"label", b"cat\xe9gorie"),
+            "line 1 (header), column 1: expected 'label', found "
+            "'cat\ufffdgorie': the header is not UTF-8 text; save the file as UTF-8",
+        ),
+        (
+            HEADER_LINE.replace(b"label,", b"").rstrip(b"\n") + b",label\n",
+            "line 1 (header), column 1: expected 'label', "
+            "found 'pixel1': 'label' is column 785; it must come first",
+        ),
+        (
+            HEADER_LINE.replace(b"label,", b"", 1),
+            "line 1 (header), column 1: expected 'label', found "
+            "'pixel1': no column is named 'label'; a file without labels (as Kaggle's test.csv) cannot be "
+            "tested against: set data.test_csv: null and a test split is held out of train",
+        ),
     ],
     ids=[
         "3-columns",
@@ -280,6 +350,18 @@ def test_import_empty_file(tmp_path, content):
         "empty-last-name",
         "label-only",
         "label-only-spaced",
+        "gzip",
+        "zip",
+        "utf-16-le",
+        "utf-16-be",
+        "cr-line-ends",
+        "cr-line-ends-longer-than-a-header",
+        "semicolons",
+        "tabs",
+        "bars",
+        "latin-1",
+        "label-last",
+        "kaggle-test-without-labels",
     ],
 )
 def test_import_wrong_header(tmp_path, header, expected):
