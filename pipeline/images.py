@@ -2,7 +2,8 @@
 
 A user's images live under ``data.images_dir`` as ``train/<class>/<file>`` and
 optionally ``test/<class>/<file>``; files may sit in subfolders of a class
-folder, and hidden names (starting with ``.``) are ignored. Class names are the
+folder, and hidden names (starting with ``.``, or the files Windows Explorer writes and hides:
+``Thumbs.db``, ``ehthumbs.db``, ``desktop.ini``) are ignored. Class names are the
 train folder names; a class's index is its position in the sorted names.
 
 The source is read in three steps, each one cheap to re-check:
@@ -73,10 +74,19 @@ def _order(entry: ImageEntry) -> bytes:
     return hashlib.sha256(entry.file.encode("utf-8")).digest()
 
 
+# Files Windows Explorer writes into a folder of pictures and hides from its owner (a refusal would
+# name a file the user cannot see); the other systems' hidden files start with a dot.
+_EXPLORER_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in _EXPLORER_FILES
+
+
 def _visible_children(folder: Path) -> list[Path]:
     """The folder's entries without hidden ones, sorted so that errors do not depend on the filesystem."""
     try:
-        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        return sorted(p for p in folder.iterdir() if not _hidden(p.name))
     except OSError as exc:
         raise DataError(f"{folder}: cannot list folder: {exc.strerror or exc}") from None
 

@@ -221,6 +221,9 @@ def test_files_in_subfolders_get_their_path_as_key_and_hidden_names_are_ignored(
     (root / "train/.cache/x.txt").write_text("junk")
     (root / "train/cat/.thumbs").mkdir()
     (root / "train/cat/.thumbs/t.txt").write_text("junk")
+    for explorer_file in ("Thumbs.db", "a/ehthumbs.db", "a/b/desktop.ini"):  # Windows hides these
+        (root / "train/cat" / explorer_file).write_bytes(b"junk")
+    (root / "train/desktop.ini").write_text("[.ShellClassInfo]")
     (tmp_path / "elsewhere").mkdir()
     save(tmp_path / "elsewhere/003.png", noise((2, 2), 2))
     (root / "train/cat/linked.png").symlink_to(tmp_path / "elsewhere/003.png")  # DVC hashes its content
