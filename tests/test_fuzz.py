@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import math
+import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import synth
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from pipeline.csvcheck import check_header, find_problem
 from pipeline.download import FetchError, gunzip_bounded, verify
 from pipeline.errors import DataError, ParamsError, PipelineError, ShardError
 from pipeline.idx import DTYPE_CODES, decode_idx, encode_idx
+from pipeline.images import check_images, decode_image, scan_split
 from pipeline.manifest import SCHEMA_VERSION, Manifest, parse_manifest
 from pipeline.params import SECTIONS, parse_section
 from pipeline.shards import DTYPES, ShardLayout, parse_header
@@ -507,6 +512,78 @@ def test_verify_mutated_gzip(labels_file, data):
     except FetchError:
         return
     assert gunzip_bounded(bytes(blob), spec.size) == raw  # accepted only if the content is exactly right
+
+
+# ============================================================================ images
+
+
+def _image_seeds() -> dict[str, bytes]:
+    """Small valid files of each kind the image-folder source reads: PNG (RGB, L, palette, RGBA,
+    interlaced), JPEG (baseline, progressive, grey, CMYK)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    seeds = {}
+    for name, fmt, mode, kwargs in [
+        ("rgb.png", "PNG", "RGB", {}),
+        ("l.png", "PNG", "L", {}),
+        ("p.png", "PNG", "P", {}),
+        ("rgba.png", "PNG", "RGBA", {}),
+        ("interlaced.png", "PNG", "RGB", {"interlace": 1}),
+        ("rgb.jpg", "JPEG", "RGB", {}),
+        ("progressive.jpg", "JPEG", "RGB", {"progressive": True}),
+        ("l.jpg", "JPEG", "L", {}),
+        ("cmyk.jpg", "JPEG", "CMYK", {}),
+    ]:
+        out = io.BytesIO()
+        Image.fromarray(pixels).convert(mode).save(out, fmt, **kwargs)
+        seeds[name] = out.getvalue()
+    return seeds
+
+
+IMAGE_SEEDS = _image_seeds()
+
+
+@st.composite
+def mutated_image(draw):
+    """A valid image file with a few bytes set, inserted or cut off: past the signature, into the
+    chunks and the entropy-coded data that only a full decode reaches."""
+    name = draw(st.sampled_from(sorted(IMAGE_SEEDS)))
+    data = bytearray(IMAGE_SEEDS[name])
+    for _ in range(draw(st.integers(1, 6))):
+        edit = draw(st.sampled_from(["set", "set", "insert", "truncate"]))
+        at = draw(st.integers(0, len(data)))
+        if edit == "set" and at < len(data):
+            data[at] = draw(st.integers(0, 255))
+        elif edit == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=8))
+        elif edit == "truncate":
+            del data[at:]
+    return name, bytes(data)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fuzz-images")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=mutated_image())
+def test_image_decode_of_mutated_files(image_folder, case):
+    """A damaged PNG or JPEG is refused as a DataError naming the file on one line, with or without
+    data.image_shape; whatever is accepted decodes to uint8 (C, H, W) of the asked or found shape."""
+    name, data = case
+    folder = image_folder / "train" / "c"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    path = folder / name
+    path.write_bytes(data)
+    for shape in (None, (3, 8, 8)):
+        try:
+            found = check_images(image_folder, scan_split(image_folder, "train"), shape)
+            pixels = decode_image(path, shape)
+        except DataError as exc:
+            assert str(exc).startswith(str(path)) and "\n" not in str(exc), str(exc)
+            continue
+        assert pixels.dtype == np.uint8 and pixels.shape == found and found[0] in (1, 3)
 
 
 # ============================================================================ params
