@@ -66,7 +66,7 @@ KEYS: dict[str, Doc] = {
         "results",
         "`[C, H, W]`: the shape of a CSV's rows, or what images are converted and resized to (C 1 or 3 "
         "for images: grey or RGB); `null`: a CSV's rows are one square grey channel, images keep their own "
-        "(shared) size and mode.",
+        "(shared) size and mode. MNIST and FashionMNIST are not resized: `null` or `[1, 28, 28]`.",
     ),
     "data.test_fraction": Doc(
         "results", "Share of train held out as the test split when the source has none."

@@ -33,6 +33,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from pipeline.errors import ParamsError
+from pipeline.sources import DATASETS
 
 DEFAULT_PARAMS = Path("params.yaml")
 MAX_SEED = 2**63 - 1  # torch.manual_seed overflows past 2**64 - 1; keep it in int64
@@ -106,11 +107,19 @@ class DataParams:
     min_rate_kbps: NonNegativeFinite = 64.0
 
     def check(self, where: str) -> None:
-        """The two held-out fractions share one train split."""
+        """The two held-out fractions share one train split; a built-in dataset keeps its own shape
+        (refused here, before any stage's work, not by ``tensorize`` after two stages ran)."""
         if self.test_fraction + self.val_fraction >= 1:
             raise ParamsError(
                 f"{where}: data.val_fraction: expected test_fraction + val_fraction < 1, found "
                 f"{self.test_fraction} + {self.val_fraction}"
+            )
+        spec = DATASETS.get(self.dataset)
+        if spec is not None and self.image_shape not in (None, spec.image_shape):
+            raise ParamsError(
+                f"{where}: data.image_shape: expected null or {list(spec.image_shape)} for {self.dataset}, "
+                f"whose images are not resized, found {list(self.image_shape)} (data.image_shape shapes "
+                "data.dataset csv and images)"
             )
 
 

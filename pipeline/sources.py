@@ -39,6 +39,12 @@ class DatasetSpec:
     def files(self) -> tuple[IdxFile, ...]:
         return (self.train.images, self.train.labels, self.test.images, self.test.labels)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image: one grey channel, the IDX file's height and width."""
+        _count, height, width = self.train.images.shape
+        return (1, height, width)
+
 
 def _files(train_img: str, train_lbl: str, test_img: str, test_lbl: str) -> tuple[SplitFiles, SplitFiles]:
     return (

@@ -131,6 +131,8 @@ def test_every_numeric_key_has_a_range_case():
     assert set(RANGES) <= set(FIELDS)
 
 
+# Keys whose accepted values depend on another key: the image shape is the user's data's to choose.
+CONTEXT = {("data", "image_shape"): {"dataset": "csv"}}
 RANGE_CASES = [(s, k, v) for (s, k), (bad, _) in RANGES.items() for v in bad]
 GOOD_CASES = [(s, k, v) for (s, k), (_, good) in RANGES.items() for v in good]
 
@@ -148,9 +150,29 @@ def test_out_of_range_refused_with_key_name(section, key, value):
 
 @pytest.mark.parametrize("section, key, value", GOOD_CASES, ids=[f"{s}.{k}={v!r}" for s, k, v in GOOD_CASES])
 def test_boundary_values_accepted(section, key, value):
-    obj = parse_section(SECTIONS[section], section, {key: value})
+    context = CONTEXT.get((section, key), {})
+    obj = parse_section(SECTIONS[section], section, {**context, key: value})
     expected = tuple(value) if isinstance(value, list) else value
     assert getattr(obj, key) == expected
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "mnist"])
+def test_a_built_in_dataset_keeps_its_own_image_shape(dataset):
+    """MNIST's images are not resized: a shape meant for the user's own data is refused by the first
+    stage that reads it, not by tensorize after two stages ran."""
+    for shape in (None, [1, 28, 28]):
+        assert parse_section(SECTIONS["data"], "data", {"dataset": dataset, "image_shape": shape})
+    for shape in ([3, 28, 28], [1, 32, 32], [3, 32, 32]):
+        with pytest.raises(ParamsError) as err:
+            parse_section(
+                SECTIONS["data"], "data", {"dataset": dataset, "image_shape": shape}, where="p.yaml"
+            )
+        assert str(err.value) == (
+            f"p.yaml: data.image_shape: expected null or [1, 28, 28] for {dataset}, whose images are not "
+            f"resized, found {shape} (data.image_shape shapes data.dataset csv and images)"
+        )
+    for own in ("csv", "images"):
+        assert parse_section(SECTIONS["data"], "data", {"dataset": own, "image_shape": [3, 32, 32]})
 
 
 def test_int_accepted_where_a_float_is_expected():
