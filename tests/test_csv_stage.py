@@ -243,6 +243,9 @@ def test_import_empty_file(tmp_path, content):
     assert msg == f"{src}: file is empty; expected a header line label,pixel1..pixelN"
 
 
+SAVE_AS_UTF8 = "save it as UTF-8 (in Excel: CSV UTF-8)"
+
+
 @pytest.mark.parametrize(
     "header, expected",
     [
@@ -276,54 +279,38 @@ def test_import_empty_file(tmp_path, content):
         (b"label\n", "line 1 (header): expected label and at least one pixel column, found only 'label'"),
         (b" label \n", "line 1 (header): expected label and at least one pixel column, found only 'label'"),
         # Files that arrive another way than plain comma-separated UTF-8: the likeliest reason is named.
-        (
-            gzip.compress(HEADER_LINE),
-            "line 1 (header): expected CSV text (UTF-8 or ASCII), "
-            "found gzip-compressed data; decompress it (gunzip) first",
-        ),
-        (
-            b"PK\x03\x04\x14\x00",
-            "line 1 (header): expected CSV text (UTF-8 or ASCII), "
-            "found a ZIP archive; extract the CSV from it first",
-        ),
-        (
-            HEADER_LINE.decode().encode("utf-16"),
-            "line 1 (header): expected CSV text (UTF-8 or ASCII), "
-            "found UTF-16 text; save it as UTF-8 (in Excel: CSV UTF-8)",
-        ),
-        (
-            b"\xfe\xff" + HEADER_LINE.decode().encode("utf-16-be"),
-            "line 1 (header): expected CSV text (UTF-8 or ASCII), "
-            "found UTF-16 text; save it as UTF-8 (in Excel: CSV UTF-8)",
-        ),
-        (
-            HEADER_LINE.replace(b"\n", b"\r") + b"1" + b",0" * 784 + b"\r",
-            "line 1 (header): expected LF or "
-            "CRLF line ends, found CR alone (classic Mac OS line ends); convert them to LF",
-        ),
-        (
-            HEADER_LINE.replace(b"\n", b"\r") + (b"1" + b",0" * 784 + b"\r") * 6000,  # 9.4 MB, one "line"
-            "line 1 (header): expected LF or CRLF line ends, found CR alone (classic Mac OS line ends); "
-            "convert them to LF",
-        ),
-        (
-            HEADER_LINE.replace(b",", b";"),
-            "line 1 (header), column 1: expected 'label', found "
-            "'label;pixel1;pixel2;pixel3;pixel4;pixel5...': the values are separated by semicolons; "
-            "expected commas",
-        ),
-        (
-            HEADER_LINE.replace(b",", b"\t"),
-            "line 1 (header), column 1: expected 'label', found "
-            "'label\\tpixel1\\tpixel2\\tpixel3\\tpixel4\\tpixel5...': the values are separated by tabs; "
-            "expected commas",
-        ),
-        (
-            HEADER_LINE.replace(b",", b"|"),
-            "line 1 (header), column 1: expected 'label', found "
-            "'label|pixel1|pixel2|pixel3|pixel4|pixel5...': the values are separated by vertical bars; "
-            "expected commas",
-        ),
+        *[
+            (content, f"line 1 (header): expected CSV text (UTF-8 or ASCII), found {what}")
+            for content, what in [
+                (gzip.compress(HEADER_LINE), "gzip-compressed data; decompress it (gunzip) first"),
+                (b"PK\x03\x04\x14\x00", "a ZIP archive; extract the CSV from it first"),
+                (HEADER_LINE.decode().encode("utf-16"), f"UTF-16 text; {SAVE_AS_UTF8}"),
+                (b"\xfe\xff" + HEADER_LINE.decode().encode("utf-16-be"), f"UTF-16 text; {SAVE_AS_UTF8}"),
+            ]
+        ],
+        *[
+            (
+                content,
+                "line 1 (header): expected LF or CRLF line ends, found CR alone (classic Mac OS line "
+                "ends); convert them to LF",
+            )
+            for content in [
+                HEADER_LINE.replace(b"\n", b"\r") + b"1" + b",0" * 784 + b"\r",
+                HEADER_LINE.replace(b"\n", b"\r") + (b"1" + b",0" * 784 + b"\r") * 6000,  # 9.4 MB, one "line"
+            ]
+        ],
+        *[
+            (
+                HEADER_LINE.replace(b",", sep),
+                "line 1 (header), column 1: expected 'label', found "
+                f"{shown}: the values are separated by {name}; expected commas",
+            )
+            for sep, shown, name in [
+                (b";", "'label;pixel1;pixel2;pixel3;pixel4;pixel5...'", "semicolons"),
+                (b"\t", "'label\\tpixel1\\tpixel2\\tpixel3\\tpixel4\\tpixel5...'", "tabs"),
+                (b"|", "'label|pixel1|pixel2|pixel3|pixel4|pixel5...'", "vertical bars"),
+            ]
+        ],
         (
             HEADER_LINE.replace(b"label", b"cat\xe9gorie"),
             "line 1 (header), column 1: expected 'label', found "
