@@ -241,7 +241,7 @@ def read_source(
         return _http_get(url, limit, timeout, min_rate_kbps, progress, opener or build_opener())
     if "://" in source:
         raise FetchError(f"unsupported source scheme {scheme!r}: use http(s) URLs or plain folder paths")
-    return _read_folder(Path(source), file.name, limit)
+    return _read_folder(Path(source).expanduser(), file.name, limit)  # "~/datasets/mnist" as a shell reads it
 
 
 def build_opener(*handlers: urllib.request.BaseHandler) -> urllib.request.OpenerDirector:

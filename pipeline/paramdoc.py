@@ -47,7 +47,8 @@ KEYS: dict[str, Doc] = {
     ),
     "data.mirrors": Doc(
         "speed",
-        "Extra base URLs (`https://…`) or folders, tried before the built-in sources; every file is "
+        "Extra base URLs (`https://…`) or folders (`~/…`: in your home folder), tried before the built-in "
+        "sources; every file is "
         "verified by its SHA-256, so the source never changes the bytes (`data/raw/source.json` records "
         "which source each came from: another source reruns `csv` once, to the same output).",
     ),

@@ -113,6 +113,14 @@ def test_local_folder_source(ds, tmp_path):
     assert {v["source"] for v in record["files"].values()} == {str(folder)}
 
 
+def test_a_folder_source_under_the_home_folder_may_start_with_a_tilde(ds, tmp_path, monkeypatch):
+    """``data.mirrors: [~/datasets/mnist]`` reads the folder a shell would; the record keeps the words."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    ds.write_folder(tmp_path / "home" / "datasets" / "mnist")
+    record = fetch(ds, tmp_path / "raw", "~/datasets/mnist")
+    assert {v["source"] for v in record["files"].values()} == {"~/datasets/mnist"}
+
+
 @pytest.mark.parametrize("level", [0, 1, 6])
 def test_recompressed_file_still_verifies(ds, http_server, tmp_path, level):
     """A mirror that re-compressed the archives (different bytes) verifies by decompressed SHA-256."""
