@@ -48,9 +48,9 @@ KEYS: dict[str, Doc] = {
     "data.mirrors": Doc(
         "speed",
         "Extra base URLs (`https://…`) or folders (`~/…`: in your home folder), tried before the built-in "
-        "sources; every file is "
-        "verified by its SHA-256, so the source never changes the bytes (`data/raw/source.json` records "
-        "which source each came from: another source reruns `csv` once, to the same output).",
+        "sources; every file is verified by its SHA-256, so the source never changes the bytes "
+        "(`data/raw/source.json` records which source each came from: another source reruns `csv` once, "
+        "to the same output).",
     ),
     "data.train_csv": Doc("results", "Train CSV when `data.dataset` is `csv`; must lie inside `data/user/`."),
     "data.test_csv": Doc(
