@@ -203,7 +203,8 @@ def test_palette_with_per_entry_transparency_converts_without_a_warning(
     palette.putpalette([0, 0, 0, 10, 20, 30])
     palette.putpixel((1, 0), 1)
     save(tmp_path / "images/train/p/p.png", palette, transparency=b"\x00\x80")
-    assert isinstance(Image.open(tmp_path / "images/train/p/p.png").info["transparency"], bytes)
+    with Image.open(tmp_path / "images/train/p/p.png") as im:
+        assert isinstance(im.info["transparency"], bytes)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _table, pixels = to_parquet(tmp_path / "images", (channels, 2, 4))
