@@ -27,7 +27,9 @@ converted to "L" (1 channel) or "RGB" (3) and resized with Pillow's bilinear
 filter, which antialiases when shrinking as torchvision's ``Resize`` does.
 Images of more than 8 bits per channel are refused either way: Pillow's
 conversion to 8 bits would clip them, not scale them. EXIF orientation is not
-applied, as torchvision's ``ImageFolder`` does not apply it either.
+applied, as torchvision's ``ImageFolder`` does not apply it either. The images are
+their owner's own files, so Pillow's decompression-bomb warning (from 89 million
+pixels) is not printed; its error (from 179 million) refuses the image in one line.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import contextlib
 import csv
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -212,6 +215,19 @@ def _resolve_shape(image_shape: Sequence[int], where: str) -> tuple[int, int, in
 
 
 @contextlib.contextmanager
+def _own_images() -> Iterator[None]:
+    """Pillow's decompression-bomb warning is not printed: these are the user's own files, not a stranger's.
+
+    Its error, at twice the warning's pixel count, still refuses an image (:func:`_opened`). The
+    warning filters are process-global, so this is entered once, in the main thread, around any
+    decoding threads.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+@contextlib.contextmanager
 def _opened(path: Path) -> Iterator[Image.Image]:
     """Open an image lazily (header only), refusing unreadable files and formats other than PNG/JPEG."""
     try:
@@ -222,6 +238,11 @@ def _opened(path: Path) -> Iterator[Image.Image]:
         ) from None
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found; expected the file the listing names") from None
+    except Image.DecompressionBombError:
+        raise DataError(
+            f"{path}: image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, the most Pillow decodes "
+            "(its guard against decompression bombs); expected a smaller image: downscale it first"
+        ) from None
     except _DECODE_ERRORS as exc:
         raise DataError(f"{path}: cannot open image: {exc}; expected a readable {ACCEPTED} file") from None
     with im:
@@ -265,7 +286,13 @@ def check_images(
         DataError: an image cannot be opened, or differs from the first (without ``image_shape``);
             the message names the file.
     """
-    images_dir = Path(images_dir)
+    with _own_images():
+        return _check_headers(Path(images_dir), entries, image_shape)
+
+
+def _check_headers(
+    images_dir: Path, entries: Sequence[ImageEntry], image_shape: tuple[int, int, int] | None
+) -> tuple[int, int, int]:
     if image_shape is not None:
         image_shape = _resolve_shape(image_shape, "data.image_shape")
         for entry in entries:
@@ -408,7 +435,8 @@ def image_shape_of(
         raise DataError(
             f"{where}: listing is empty and data.image_shape is not set; expected one or the other"
         )
-    return decode_image(Path(images_dir) / listing[0].file, None).shape
+    with _own_images():
+        return decode_image(Path(images_dir) / listing[0].file, None).shape
 
 
 def _decode_into(
@@ -440,7 +468,11 @@ def decoded_batches(
     """
     images_dir = Path(images_dir)
     first = images_dir / entries[0].file if entries else images_dir
-    with _strict_decoding(), ThreadPoolExecutor(max_workers=workers) as pool:  # set once: threads share it
+    with (
+        _own_images(),
+        _strict_decoding(),
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):  # set once: threads share them
         for start in range(0, len(entries), rows):
             batch = entries[start : start + rows]
             pixels = np.empty((len(batch), *image_shape), dtype=np.uint8)

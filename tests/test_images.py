@@ -417,6 +417,41 @@ def test_sixteen_bit_image_is_refused_even_with_a_shape(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("image_shape", [None, (1, 3, 4)])
+def test_an_image_past_pillows_bomb_warning_decodes_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_shape
+) -> None:
+    """From Image.MAX_IMAGE_PIXELS (89 million pixels) Pillow warns that an image may be a
+    decompression bomb: two lines amid the stage's output, about the user's own files. The header
+    check and the decode (in threads) print nothing, and leave the warning filters as they were."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30)  # a warning from 31 pixels, the error from 61
+    root = tmp_path / "images"
+    for n, path in enumerate(["train/a/1.png", "train/a/2.png", "train/b/3.png"]):
+        save(root / path, noise((6, 8), n))  # 48 pixels
+    before = list(warnings.filters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_images(root, scan_split(root, "train"), image_shape) == (image_shape or (1, 6, 8))
+        _table, pixels = to_parquet(root, image_shape, row_group_size=2)
+        assert warnings.filters[0][2] is Warning  # our filter is gone once the decoding ends
+    assert pixels.shape == (3, *(image_shape or (1, 6, 8)))
+    assert warnings.filters == before
+
+
+@pytest.mark.parametrize("image_shape", [None, (1, 3, 4)])
+def test_an_image_past_pillows_bomb_limit_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_shape
+) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # the error from 41 pixels
+    odd = one_odd_image(tmp_path / "images", noise((6, 8), 1), normal=noise((3, 4), 0))
+    check_both(
+        tmp_path / "images",
+        image_shape,
+        f"{odd}: image has more than 40 pixels, the most Pillow decodes (its guard against "
+        "decompression bombs); expected a smaller image: downscale it first",
+    )
+
+
 def test_other_format_behind_an_image_suffix_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "images"
     odd = one_odd_image(root, noise((4, 6, 3), 1))
