@@ -22,7 +22,7 @@ from pipeline.csvblocks import Schema, parsed_blocks
 from pipeline.csvcheck import BOM, MAX_HEADER_BYTES, check_header
 from pipeline.errors import DataError, ParamsError
 from pipeline.idx import decode_idx
-from pipeline.tabular import INT_LABELS, header, header_line, label_kind, resolve_shape
+from pipeline.tabular import INT_LABELS, LABEL, header, header_line, label_kind, resolve_shape
 
 COPY_CHUNK = 1 << 20
 
@@ -119,6 +119,34 @@ def _check_values(canonical_csv: Path, src: Path, names: list[str], labels: str)
     )
     if rows == 0:
         raise DataError(f"{src}: has a header but no data rows")
+
+
+def check_test_classes(train_csv: Path, test_csv: Path, train_src: Path, test_src: Path) -> None:
+    """Refuse a test row whose class name the train split lacks, at the user's own line.
+
+    ``train_csv`` and ``test_csv`` are the canonical copies of ``train_src`` and ``test_src``, whose
+    lines they keep one for one, so a copy's row is the user's row. For names only: a class has an
+    index only if train has it, and ``tensorize`` would refuse the row later, naming its Parquet
+    file. (A test class train lacks as an integer label has an index; ``tensorize`` notes it.)
+    """
+
+    def labels(path: Path) -> pl.LazyFrame:  # every column as text, as the check parsed the names
+        return pl.scan_csv(path, infer_schema=False).select(LABEL)
+
+    known = labels(train_csv).unique().collect().get_column(LABEL)
+    unknown = (
+        labels(test_csv)
+        .with_row_index("row", offset=1)
+        .filter(~pl.col(LABEL).is_in(known.implode()))
+        .head(1)
+        .collect()
+    )
+    if unknown.height:
+        row, name = unknown.row(0)
+        raise DataError(
+            f"{test_src}: row {row} (line {row + 1}), column 1 (label): class {name!r} has no samples in "
+            f"{train_src}, whose classes are {', '.join(sorted(known))}"[:400]
+        )
 
 
 def write_empty_csv(out_csv: Path, num_pixels: int) -> None:

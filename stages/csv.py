@@ -14,11 +14,18 @@ from pathlib import Path
 
 from pipeline import images
 from pipeline.cli import parser, run_stage
-from pipeline.csvdata import check_user_location, idx_to_csv, import_user_csv, write_empty_csv
+from pipeline.csvdata import (
+    check_test_classes,
+    check_user_location,
+    idx_to_csv,
+    import_user_csv,
+    write_empty_csv,
+)
 from pipeline.download import verify_raw
 from pipeline.errors import DataError
 from pipeline.params import DataParams, load_section
 from pipeline.sources import DATASETS
+from pipeline.tabular import NAME_LABELS
 
 
 def _user_csv(data: DataParams, user: Path | None, outputs: dict[str, Path], where: str) -> None:
@@ -44,6 +51,8 @@ def _user_csv(data: DataParams, user: Path | None, outputs: dict[str, Path], whe
             f"{sources['test']}: labels are {test_labels}s but {sources['train']}'s are {labels}s; "
             f"labels must not mix integers and names"
         )
+    if labels == NAME_LABELS:
+        check_test_classes(outputs["train"], outputs["test"], sources["train"], sources["test"])
     print(f"csv: test: {sources['test']} -> {outputs['test']}")
 
 

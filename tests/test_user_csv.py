@@ -163,6 +163,25 @@ def test_class_name_labels_pass_and_an_integer_among_them_is_reported(tmp_path):
     )
 
 
+def test_a_test_class_name_that_train_lacks_is_refused_at_the_users_line(tmp_path):
+    """A class name exists only if train has it; the csv stage names the user's test.csv line,
+    not the Parquet row that tensorize would name later. A quoted name is the name it quotes."""
+    src = synth.write_csv(tmp_path / "data/user/train.csv", synth.split(4, seed=1))
+    _named(src, [b"cat", b'"boot, ankle"', b"dog", b"cat"])
+    test = synth.write_csv(tmp_path / "data/user/test.csv", synth.split(4, seed=3))
+    _named(test, [b'"cat"', b'"boot, ankle"', b"dog", b"bird"])
+    proc = _stage(tmp_path, "data/user/train.csv")
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "error: data/user/test.csv: row 4 (line 5), column 1 (label): class 'bird' has no samples in "
+        "data/user/train.csv, whose classes are boot, ankle, cat, dog\n"
+    )
+    synth.write_csv(test, synth.split(4, seed=3))
+    _named(test, [b'"cat"', b'"boot, ankle"', b"dog", b"cat"])
+    proc = _stage(tmp_path, "data/user/train.csv")
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize("where", ["elsewhere/train.csv", "data/user/../train.csv", "absolute"])
 def test_csv_outside_the_tracked_folder_is_refused(tmp_path, where):
     path = tmp_path / "train.csv" if where == "absolute" else tmp_path / where
