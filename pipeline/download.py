@@ -1,6 +1,8 @@
 """Fetch a dataset's IDX files from a list of sources, verifying every byte.
 
-A source is a base URL (``http(s)://``) or a local folder. For each file the
+A source is a base URL (``http(s)://``) or a local folder; a folder may hold a
+file gunzipped (``train-images-idx3-ubyte``, as Kaggle's copy of FashionMNIST and
+an unpacked download do), which is verified as it is and gzipped here. For each file the
 sources are tried in order; a 404, time-out, reset, truncated or oversized
 body, bad gzip, wrong SHA-256 or wrong IDX header moves on to the next one.
 If every source fails, one error lists each source and what went wrong.
@@ -20,6 +22,7 @@ thread, where the stages run).
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import http.client
 import json
@@ -55,10 +58,14 @@ class FetchError(Exception):
     """One source failed for one file; the reason is collected, then the next source is tried."""
 
 
+GZIP_LEVEL = 6  # for a file a folder holds uncompressed: zlib's default, seconds for MNIST's largest
+
+
 @dataclass(frozen=True)
 class Fetched:
-    data: bytes  # the .gz bytes as received
+    data: bytes  # the .gz bytes as received, or as gzipped here from an uncompressed file
     source: str
+    uncompressed: str | None = None  # the file's name in a folder that held it uncompressed
 
 
 class _NoDowngradeRedirect(urllib.request.HTTPRedirectHandler):
@@ -199,7 +206,8 @@ def _http_get(
         raise FetchError(f"malformed URL: {exc}") from None
 
 
-def _read_folder(folder: Path, name: str, limit: int) -> bytes:
+def _read_folder(folder: Path, name: str, limit: int, nor: str = "") -> bytes:
+    """The bytes of ``folder / name``, at most ``limit``; ``nor`` ends the not-found reason."""
     path = folder / name
     try:
         st = path.stat()
@@ -216,9 +224,22 @@ def _read_folder(folder: Path, name: str, limit: int) -> bytes:
             raise FetchError(f"{path} is more than the largest valid file ({limit} bytes)")
         return data
     except FileNotFoundError:
-        raise FetchError(f"{path} not found") from None
+        raise FetchError(f"{path} not found{nor}") from None
     except OSError as exc:
         raise FetchError(f"cannot read {path}: {exc}") from None
+
+
+def _read_folder_source(folder: Path, file: IdxFile) -> tuple[bytes, str | None]:
+    """``file`` (a ``.gz``) from a folder, or its uncompressed twin gzipped here; the twin's name if so.
+
+    The checksums are of the decompressed content, so a file gunzipped by its owner verifies as
+    well as the original; the ``.gz`` wins when both are there.
+    """
+    twin = file.name.removesuffix(".gz")
+    if not (folder / file.name).exists() and (folder / twin).exists():
+        raw = _read_folder(folder, twin, file.size)
+        return gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0), twin
+    return _read_folder(folder, file.name, max_compressed_size(file), f", nor {twin} (uncompressed)"), None
 
 
 def read_source(
@@ -229,19 +250,22 @@ def read_source(
     progress: bool,
     min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS,
     opener: urllib.request.OpenerDirector | None = None,
-) -> bytes:
-    """The raw bytes of ``file`` from one source (URL base or folder), size-bounded."""
-    limit = max_compressed_size(file)
+) -> tuple[bytes, str | None]:
+    """The ``.gz`` bytes of ``file`` from one source (URL base or folder), size-bounded.
+
+    Returns the bytes and, where a folder held the file uncompressed (gzipped here), that file's name.
+    """
     try:
         scheme = urlparse(source).scheme
     except ValueError as exc:  # e.g. "http://[::1" in data.mirrors
         raise FetchError(f"malformed URL: {exc}") from None
     if scheme in ("http", "https"):
         url = source.rstrip("/") + "/" + file.name
-        return _http_get(url, limit, timeout, min_rate_kbps, progress, opener or build_opener())
+        limit = max_compressed_size(file)
+        return _http_get(url, limit, timeout, min_rate_kbps, progress, opener or build_opener()), None
     if "://" in source:
         raise FetchError(f"unsupported source scheme {scheme!r}: use http(s) URLs or plain folder paths")
-    return _read_folder(Path(source).expanduser(), file.name, limit)  # "~/datasets/mnist" as a shell reads it
+    return _read_folder_source(Path(source).expanduser(), file)  # "~/datasets/mnist" as a shell reads it
 
 
 def build_opener(*handlers: urllib.request.BaseHandler) -> urllib.request.OpenerDirector:
@@ -301,11 +325,11 @@ def fetch_file(
     failures = []
     for source in sources:
         try:
-            blob = read_source(
+            blob, uncompressed = read_source(
                 source, file, timeout=timeout, min_rate_kbps=min_rate_kbps, progress=progress, opener=opener
             )
             verify(file, blob)
-            return Fetched(blob, source)
+            return Fetched(blob, source, uncompressed)
         except FetchError as exc:
             failures.append(f"  {source}: {' '.join(str(exc).splitlines())}")  # one line per source
     raise DownloadError(f"could not get {file.name} from any source:\n" + "\n".join(failures))
@@ -365,6 +389,8 @@ def fetch_dataset(
                 )
                 (tmp / file.name).write_bytes(got.data)
                 record["files"][file.name] = {"source": got.source, "sha256_decompressed": file.sha256}
+                if got.uncompressed is not None:  # the .gz here is not a copy of a file there
+                    record["files"][file.name]["gzipped_here_from"] = got.uncompressed
         (tmp / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
 

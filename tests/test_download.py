@@ -35,6 +35,7 @@ from pipeline.download import (
     gunzip_bounded,
     max_compressed_size,
     verify,
+    verify_raw,
     write_skipped,
 )
 from pipeline.errors import DownloadError
@@ -111,6 +112,55 @@ def test_local_folder_source(ds, tmp_path):
     folder = ds.write_folder(tmp_path / "usr-share-datasets")
     record = fetch(ds, tmp_path / "raw", str(folder))
     assert {v["source"] for v in record["files"].values()} == {str(folder)}
+
+
+def test_a_folder_may_hold_the_files_gunzipped(ds, tmp_path):
+    """Kaggle's FashionMNIST and an unpacked download hold train-images-idx3-ubyte, not the .gz:
+    the checksums are of the decompressed bytes, so it verifies, and is gzipped into data/raw."""
+    folder = tmp_path / "kaggle"
+    folder.mkdir()
+    for name, raw in ds.raw.items():
+        (folder / name[:-3]).write_bytes(raw)
+    record = fetch(ds, tmp_path / "raw", str(folder))
+    for name, raw in ds.raw.items():
+        assert gzip.decompress((tmp_path / "raw" / name).read_bytes()) == raw
+        assert record["files"][name] == {
+            "source": str(folder),
+            "sha256_decompressed": hashlib.sha256(raw).hexdigest(),
+            "gzipped_here_from": name[:-3],
+        }
+    verify_raw(ds.spec, tmp_path / "raw")  # what the csv stage checks
+    first = (tmp_path / "raw" / IMAGES).read_bytes()
+    fetch(ds, tmp_path / "raw", str(folder))
+    assert (tmp_path / "raw" / IMAGES).read_bytes() == first  # gzipped the same way every time
+
+
+def test_a_gz_beside_its_gunzipped_twin_is_taken_as_it_is(ds, tmp_path):
+    folder = ds.write_folder(tmp_path / "both", level=1)
+    (folder / IMAGES[:-3]).write_bytes(ds.raw[IMAGES])
+    record = fetch(ds, tmp_path / "raw", str(folder))
+    assert (tmp_path / "raw" / IMAGES).read_bytes() == ds.gz(IMAGES, level=1)
+    assert "gzipped_here_from" not in record["files"][IMAGES]
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (lambda raw: raw[:-1] + b"x", "SHA-256 of decompressed content is "),
+        (lambda raw: raw + b"x", "{path} is {n} bytes, more than the largest valid file ({size} bytes)"),
+    ],
+)
+def test_a_gunzipped_file_that_does_not_verify_moves_on_to_the_next_source(ds, tmp_path, content, reason):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    raw = ds.raw[IMAGES]
+    (bad / IMAGES[:-3]).write_bytes(content(raw))
+    good = ds.write_folder(tmp_path / "good")
+    record = fetch(ds, tmp_path / "raw", str(bad), str(good))
+    assert record["files"][IMAGES]["source"] == str(good)
+    msg = download_error(ds, tmp_path / "x", str(bad))
+    expected = reason.format(path=bad / IMAGES[:-3], n=len(raw) + 1, size=len(raw))
+    assert failure_lines(msg)[str(bad)].startswith(expected)
 
 
 def test_a_folder_source_under_the_home_folder_may_start_with_a_tilde(ds, tmp_path, monkeypatch):
@@ -357,7 +407,7 @@ def test_all_sources_failing_lists_every_source_and_reason(ds, http_server, tmp_
     assert reasons[sources[0]] == "HTTP 404 Not Found"
     assert reasons[sources[1]].startswith("HTTP 500")
     assert reasons[sources[2]].startswith("SHA-256 of decompressed content is ")
-    assert reasons[sources[3]] == f"{missing / IMAGES} not found"
+    assert reasons[sources[3]] == f"{missing / IMAGES} not found, nor {IMAGES[:-3]} (uncompressed)"
     assert reasons[sources[4]].startswith("unsupported source scheme 'ftp'")
 
 
