@@ -1,7 +1,8 @@
 """The image-folder source: ``train/<class>/<image>`` (and optionally ``test/...``) -> listing CSV -> Parquet.
 
 A user's images live under ``data.images_dir`` as ``train/<class>/<file>`` and
-optionally ``test/<class>/<file>``; files may sit in subfolders of a class
+optionally ``test/<class>/<file>`` (any other folder there is refused, so that a
+``val/`` is not left out unseen); files may sit in subfolders of a class
 folder, and hidden names (starting with ``.``, or the files Windows Explorer writes and hides:
 ``Thumbs.db``, ``ehthumbs.db``, ``desktop.ini``) are ignored. Class names are the
 train folder names; a class's index is its position in the sorted names.
@@ -80,6 +81,7 @@ def _order(entry: ImageEntry) -> bytes:
 # Files Windows Explorer writes into a folder of pictures and hides from its owner (a refusal would
 # name a file the user cannot see); the other systems' hidden files start with a dot.
 _EXPLORER_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
+_VALIDATION_NAMES = frozenset({"val", "valid", "validation", "dev"})  # a split this source has no place for
 
 
 def _hidden(name: str) -> bool:
@@ -166,6 +168,8 @@ def scan_split(images_dir: Path, split: str, known_classes: Sequence[str] | None
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: images folder not found; expected train/<class>/<image> inside it")
+    if split == "train":
+        _check_split_folders(images_dir)
     root = images_dir / split
     if split == "test" and not (root.exists() or root.is_symlink()):
         return []
@@ -189,6 +193,32 @@ def scan_split(images_dir: Path, split: str, known_classes: Sequence[str] | None
     if not entries:
         raise DataError(f"{root}: no class folders; expected {split}/<class>/<image>")
     return sorted(entries, key=_order)
+
+
+def _check_split_folders(images_dir: Path) -> None:
+    """Refuse folders beside ``train/`` and ``test/``, and name the likely fix when ``train/`` is missing.
+
+    A ``val/`` (ImageNet's layout) or class folders put straight into the images folder (the layout
+    of torchvision's ``ImageFolder``) would otherwise be left out without a word. Files there (a
+    README, a licence) are no split and stay allowed.
+    """
+    folders = [p for p in _visible_children(images_dir) if p.is_dir()]
+    others = [p for p in folders if p.name not in SPLITS]
+    if not others:
+        return
+    if not any(p.name == "train" for p in folders):
+        raise DataError(
+            f"{images_dir / 'train'}: expected a folder of class folders train/<class>/<image>, found "
+            f"nothing; if {_some([p.name for p in others])} are class folders, move them into train/"
+        )
+    odd = others[0]
+    fix = (
+        "rename it test/ to test on it, or merge it into train/ and set data.val_fraction "
+        "(the validation split is held out of train)"
+        if odd.name.lower() in _VALIDATION_NAMES
+        else "move it out (class folders go in train/<class>/ and test/<class>/)"
+    )
+    raise DataError(f"{odd}: expected only train/ and test/ in {images_dir}, found {odd.name}/; {fix}")
 
 
 def class_names(entries: Sequence[ImageEntry]) -> list[str]:

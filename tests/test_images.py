@@ -292,6 +292,51 @@ def test_missing_folders_are_refused(tmp_path: Path) -> None:
     )
 
 
+def test_class_folders_straight_in_the_images_folder_are_named_with_the_fix(tmp_path: Path) -> None:
+    """torchvision's ImageFolder layout (images/<class>/...) lacks train/: the message says where they go."""
+    root = tmp_path / "images"
+    for cls in ("dog", "cat"):
+        save(root / cls / "1.png", noise((2, 2), 0))
+    (root / "README.txt").write_text("a file beside the splits is no split")
+    assert refused(scan_split, root, "train") == (
+        f"{root / 'train'}: expected a folder of class folders train/<class>/<image>, found nothing; "
+        "if 'cat', 'dog' are class folders, move them into train/"
+    )
+
+
+@pytest.mark.parametrize(
+    "folder, fix",
+    [
+        (
+            "val",
+            "rename it test/ to test on it, or merge it into train/ and set data.val_fraction "
+            "(the validation split is held out of train)",
+        ),
+        (
+            "Validation",
+            "rename it test/ to test on it, or merge it into train/ and set data.val_fraction "
+            "(the validation split is held out of train)",
+        ),
+        ("cat", "move it out (class folders go in train/<class>/ and test/<class>/)"),
+    ],
+)
+def test_a_folder_beside_train_and_test_is_refused_not_left_out(
+    tmp_path: Path, folder: str, fix: str
+) -> None:
+    """ImageNet's val/, or a class folder one level too high, would otherwise be left out without a word."""
+    root = tmp_path / "images"
+    save(root / "train/cat/1.png", noise((2, 2), 0))
+    save(root / "test/cat/1.png", noise((2, 2), 1))
+    for hidden in (".git", ".ipynb_checkpoints"):
+        (root / hidden).mkdir()
+    (root / "LICENSE").write_text("files are fine")
+    assert len(scan_split(root, "train")) == 1
+    save(root / folder / "cat/2.png", noise((2, 2), 2))
+    assert refused(scan_split, root, "train") == (
+        f"{root / folder}: expected only train/ and test/ in {root}, found {folder}/; {fix}"
+    )
+
+
 def test_empty_class_folder_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "images"
     save(root / "train/cat/1.png", noise((2, 2), 0))
