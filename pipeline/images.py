@@ -198,8 +198,9 @@ def scan_split(images_dir: Path, split: str, known_classes: Sequence[str] | None
 def _check_split_folders(images_dir: Path) -> None:
     """Refuse folders beside ``train/`` and ``test/``, and name the likely fix when ``train/`` is missing.
 
-    A ``val/`` (ImageNet's layout) or class folders put straight into the images folder (the layout
-    of torchvision's ``ImageFolder``) would otherwise be left out without a word. Files there (a
+    A ``val/`` (ImageNet's layout) would otherwise be left out without a word; class folders put
+    straight into the images folder (the layout of torchvision's ``ImageFolder``), or splits named
+    otherwise (``training_set/``), are named when ``train/`` is not there. Files there (a
     README, a licence) are no split and stay allowed.
     """
     folders = [p for p in _visible_children(images_dir) if p.is_dir()]
@@ -209,7 +210,8 @@ def _check_split_folders(images_dir: Path) -> None:
     if not any(p.name == "train" for p in folders):
         raise DataError(
             f"{images_dir / 'train'}: expected a folder of class folders train/<class>/<image>, found "
-            f"nothing; if {_some([p.name for p in others])} are class folders, move them into train/"
+            f"nothing; {images_dir} holds {_some([p.name for p in others])}: rename or move them so that it "
+            "holds train/<class>/ (and optionally test/<class>/)"
         )
     odd = others[0]
     fix = (

@@ -292,15 +292,18 @@ def test_missing_folders_are_refused(tmp_path: Path) -> None:
     )
 
 
-def test_class_folders_straight_in_the_images_folder_are_named_with_the_fix(tmp_path: Path) -> None:
-    """torchvision's ImageFolder layout (images/<class>/...) lacks train/: the message says where they go."""
+@pytest.mark.parametrize("folders", [("dog", "cat"), ("training_set", "test_set")])
+def test_folders_in_place_of_train_are_named_with_the_fix(tmp_path: Path, folders: tuple[str, str]) -> None:
+    """torchvision's ImageFolder layout (images/<class>/...), or splits named otherwise, lack train/:
+    the message names what is there and the layout it must become."""
     root = tmp_path / "images"
-    for cls in ("dog", "cat"):
-        save(root / cls / "1.png", noise((2, 2), 0))
+    for folder in folders:
+        save(root / folder / "x/1.png", noise((2, 2), 0))
     (root / "README.txt").write_text("a file beside the splits is no split")
     assert refused(scan_split, root, "train") == (
         f"{root / 'train'}: expected a folder of class folders train/<class>/<image>, found nothing; "
-        "if 'cat', 'dog' are class folders, move them into train/"
+        f"{root} holds {', '.join(repr(f) for f in sorted(folders))}: rename or move them so that it holds "
+        "train/<class>/ (and optionally test/<class>/)"
     )
 
 
