@@ -56,8 +56,8 @@ KEYS: dict[str, Doc] = {
     "data.train_csv": Doc("results", "Train CSV when `data.dataset` is `csv`; must lie inside `data/user/`."),
     "data.test_csv": Doc(
         "results",
-        "Test CSV when `data.dataset` is `csv`, inside `data/user/`; `null`: a test split is held out of "
-        "train (`data.test_fraction`).",
+        "Test CSV when `data.dataset` is `csv`, inside `data/user/`, another file than `data.train_csv`; "
+        "`null`: a test split is held out of train (`data.test_fraction`).",
     ),
     "data.images_dir": Doc(
         "results",

@@ -19,6 +19,7 @@ a float here exactly as it is in ``dvc exp show``.
 
 from __future__ import annotations
 
+import os
 import reprlib
 import types
 import typing
@@ -107,12 +108,23 @@ class DataParams:
     min_rate_kbps: NonNegativeFinite = 64.0
 
     def check(self, where: str) -> None:
-        """The two held-out fractions share one train split; a built-in dataset keeps its own shape
-        (refused here, before any stage's work, not by ``tensorize`` after two stages ran)."""
+        """The two held-out fractions share one train split; a user's test CSV is not the train CSV; a
+        built-in dataset keeps its own shape (refused here, before any stage's work, not by
+        ``tensorize`` after two stages ran)."""
         if self.test_fraction + self.val_fraction >= 1:
             raise ParamsError(
                 f"{where}: data.val_fraction: expected test_fraction + val_fraction < 1, found "
                 f"{self.test_fraction} + {self.val_fraction}"
+            )
+        if (
+            self.dataset == "csv"
+            and self.test_csv is not None
+            and os.path.normpath(self.test_csv) == os.path.normpath(self.train_csv)
+        ):
+            raise ParamsError(
+                f"{where}: data.test_csv: expected another file than data.train_csv, found the same file, "
+                f"{self.train_csv}, for both (a test on the train rows measures memory, not accuracy); set "
+                "data.test_csv: null and a test split is held out of train (data.test_fraction)"
             )
         spec = DATASETS.get(self.dataset)
         if spec is not None and self.image_shape not in (None, spec.image_shape):

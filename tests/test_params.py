@@ -175,6 +175,30 @@ def test_a_built_in_dataset_keeps_its_own_image_shape(dataset):
         assert parse_section(SECTIONS["data"], "data", {"dataset": own, "image_shape": [3, 32, 32]})
 
 
+@pytest.mark.parametrize(
+    "test_csv", ["data/user/train.csv", "./data/user/train.csv", "data/user/x/../train.csv"]
+)
+def test_the_train_csv_as_the_test_csv_is_refused(test_csv):
+    """Testing on the train rows reports memorisation as accuracy, without a word."""
+    with pytest.raises(ParamsError) as err:
+        parse_section(
+            SECTIONS["data"],
+            "data",
+            {"dataset": "csv", "train_csv": "data/user/train.csv", "test_csv": test_csv},
+            where="p.yaml",
+        )
+    assert str(err.value) == (
+        "p.yaml: data.test_csv: expected another file than data.train_csv, found the same file, "
+        "data/user/train.csv, for both (a test on the train rows measures memory, not accuracy); set "
+        "data.test_csv: null and a test split is held out of train (data.test_fraction)"
+    )
+    for dataset in ("fashion-mnist", "images"):  # the CSV paths are not read then
+        assert parse_section(
+            SECTIONS["data"], "data", {"dataset": dataset, "train_csv": "a.csv", "test_csv": "a.csv"}
+        )
+    assert parse_section(SECTIONS["data"], "data", {"dataset": "csv", "test_csv": None})
+
+
 def test_int_accepted_where_a_float_is_expected():
     lr = parse_section(SECTIONS["train"], "train", {"lr": 1}).lr
     assert lr == 1.0 and type(lr) is float
