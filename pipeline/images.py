@@ -228,6 +228,22 @@ def class_names(entries: Sequence[ImageEntry]) -> list[str]:
     return sorted({e.label for e in entries})
 
 
+def scan_splits(images_dir: Path) -> tuple[list[ImageEntry], list[ImageEntry]]:
+    """Both splits (:func:`scan_split`); train must hold at least two classes.
+
+    One class folder is a layout mistake (``train/all/*.png``) rather than a dataset: a classifier
+    of one class learns nothing, and its test accuracy would read 1.0.
+    """
+    train = scan_split(images_dir, "train")
+    names = class_names(train)
+    if len(names) < 2:
+        raise DataError(
+            f"{Path(images_dir) / 'train'}: holds one class folder, {names[0]!r}; expected a folder per "
+            "class, at least 2 (train/<class>/<image>)"
+        )
+    return train, scan_split(images_dir, "test", names)
+
+
 # ============================================================================ checking headers
 
 

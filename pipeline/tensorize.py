@@ -345,7 +345,15 @@ def _check_sizes(train: Table, sizes: dict[str, int]) -> None:
             )
 
 
-def _notice_missing_classes(names: tuple[str, ...], train_counts: np.ndarray) -> None:
+def _check_train_classes(train: Table, names: tuple[str, ...], train_counts: np.ndarray) -> None:
+    """At least two classes with train samples (a classifier of one class learns nothing, and its
+    test accuracy reads 1.0); a notice names the classes without any."""
+    have = [n for n, c in zip(names, train_counts) if c]
+    if len(have) < 2:
+        raise DataError(
+            f"{train.path}: the train split holds samples of {len(have)} class ({', '.join(have)}); "
+            "expected at least 2 classes"
+        )
     missing = [n for n, c in zip(names, train_counts) if c == 0]
     if missing:
         log.info("%s", f"{len(missing)} class(es) have no train samples: {', '.join(missing)}"[:292])
@@ -404,7 +412,7 @@ def _serial(
         stats = stats or pixel_stats(writers["train"].histogram)
         norm = norm or make_normalization(normalize_kind, stats, shape[0])
         _check_sizes(train, {split: int(w.counts.sum()) for split, w in writers.items()})
-        _notice_missing_classes(names, writers["train"].counts)
+        _check_train_classes(train, names, writers["train"].counts)
         return {split: writer.close(names, stats, norm) for split, writer in writers.items()}
 
 
@@ -535,7 +543,7 @@ def _parallel(
             counts[done.split] += np.asarray(done.class_counts, dtype=np.int64)
             if done.split == "train":
                 train_histogram += np.asarray(done.histogram, dtype=np.int64)
-        _notice_missing_classes(names, counts["train"])
+        _check_train_classes(train, names, counts["train"])
         stats = pixel_stats(train_histogram if histogram is None else histogram)  # the same train rows
         norm = norm or make_normalization(normalize_kind, stats, shape[0])
         return {

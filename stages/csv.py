@@ -60,8 +60,7 @@ def _image_folder(data: DataParams, user: Path | None, outputs: dict[str, Path],
     root = Path(data.images_dir)
     if user is not None:
         check_user_location(root, user, "data.images_dir", where)
-    train = images.scan_split(root, "train")
-    test = images.scan_split(root, "test", images.class_names(train))
+    train, test = images.scan_splits(root)
     shape = images.check_images(root, [*train, *test], data.image_shape)
     for split, entries in (("train", train), ("test", test)):
         images.write_listing(entries, outputs[split])

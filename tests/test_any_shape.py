@@ -215,6 +215,30 @@ def test_integer_labels_make_classes_up_to_the_largest_with_a_notice(tmp_path, c
     ]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("labels", [["cat"] * 6, [3] * 6], ids=["one-name", "one-integer"])
+def test_a_train_split_of_one_class_is_refused(tmp_path, workers, labels):
+    """A classifier of one class learns nothing and its test accuracy reads 1.0: refused, nothing left.
+    Integer labels 3 make classes 0..3, of which one has samples."""
+    shaped_csv(tmp_path / "train.csv", 6, (1, 4, 4), labels=labels)
+    shaped_csv(tmp_path / "test.csv", 2, (1, 4, 4), labels=labels[:2], seed=4)
+    pq = to_parquet(tmp_path, tmp_path / "train.csv", tmp_path / "test.csv")
+    with pytest.raises(DataError) as err:
+        tensorize(
+            *pq,
+            tmp_path / "o/train",
+            tmp_path / "o/test",
+            dataset="csv",
+            shard_size=2,
+            normalize_kind="unit",
+            workers=workers,
+        )
+    assert str(err.value) == (
+        f"{pq[0]}: the train split holds samples of 1 class ({labels[0]}); expected at least 2 classes"
+    )
+    assert synth.leftovers(tmp_path / "o") == []
+
+
 def test_test_class_unknown_to_train_is_refused(tmp_path):
     shaped_csv(tmp_path / "train.csv", 6, (1, 4, 4), labels=["a", "b"] * 3)
     shaped_csv(tmp_path / "test.csv", 3, (1, 4, 4), labels=["a", "c", "b"])

@@ -221,6 +221,29 @@ def test_a_symlink_inside_the_tracked_folder_is_named_as_one(tmp_path, link):
     assert synth.leftovers(tmp_path / "out") == []
 
 
+def test_an_image_folder_of_one_class_is_refused_by_the_csv_stage(tmp_path):
+    """train/all/*.png is a layout mistake: the first stage says so, before any image is decoded."""
+    from PIL import Image
+
+    (tmp_path / "data/user/images/train/all").mkdir(parents=True)
+    for n in range(3):
+        Image.new("L", (8, 8), n).save(tmp_path / f"data/user/images/train/all/{n}.png")
+    params = synth.write_params(
+        tmp_path / "p.yaml", data={"dataset": "images", "images_dir": "data/user/images"}
+    )
+    proc = synth.run_stage("csv", "--params", params, *ARGS, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "error: data/user/images/train: holds one class folder, 'all'; expected a folder per class, "
+        "at least 2 (train/<class>/<image>)\n"
+    )
+    assert synth.leftovers(tmp_path / "out") == []
+    (tmp_path / "data/user/images/train/other").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "data/user/images/train/other/0.png")
+    proc = synth.run_stage("csv", "--params", params, *ARGS, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize("where", ["elsewhere", "data/user/link"])
 def test_an_image_folder_outside_the_tracked_folder_is_refused(tmp_path, where):
     """dvc.yaml tracks data/user: images added elsewhere would not rerun the data stages."""
