@@ -239,7 +239,10 @@ def _read_folder_source(folder: Path, file: IdxFile) -> tuple[bytes, str | None]
     if not (folder / file.name).exists() and (folder / twin).exists():
         raw = _read_folder(folder, twin, file.size)
         return gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0), twin
-    return _read_folder(folder, file.name, max_compressed_size(file), f", nor {twin} (uncompressed)"), None
+    nor = f", nor {twin} (uncompressed)"
+    if any((folder / "raw" / name).exists() for name in (file.name, twin)):
+        nor += f"; torchvision keeps them in raw/: use {folder / 'raw'}"
+    return _read_folder(folder, file.name, max_compressed_size(file), nor), None
 
 
 def read_source(

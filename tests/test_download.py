@@ -135,6 +135,17 @@ def test_a_folder_may_hold_the_files_gunzipped(ds, tmp_path):
     assert (tmp_path / "raw" / IMAGES).read_bytes() == first  # gzipped the same way every time
 
 
+def test_a_torchvision_dataset_folder_is_pointed_to_its_raw_folder(ds, tmp_path):
+    """torchvision's FashionMNIST(root, download=True) keeps the files in <root>/FashionMNIST/raw/."""
+    ds.write_folder(tmp_path / "FashionMNIST" / "raw")
+    msg = download_error(ds, tmp_path / "x", str(tmp_path / "FashionMNIST"))
+    assert failure_lines(msg)[str(tmp_path / "FashionMNIST")] == (
+        f"{tmp_path / 'FashionMNIST' / IMAGES} not found, nor {IMAGES[:-3]} (uncompressed); torchvision "
+        f"keeps them in raw/: use {tmp_path / 'FashionMNIST' / 'raw'}"
+    )
+    fetch(ds, tmp_path / "raw", str(tmp_path / "FashionMNIST" / "raw"))
+
+
 def test_a_gz_beside_its_gunzipped_twin_is_taken_as_it_is(ds, tmp_path):
     folder = ds.write_folder(tmp_path / "both", level=1)
     (folder / IMAGES[:-3]).write_bytes(ds.raw[IMAGES])
