@@ -41,7 +41,7 @@ import hashlib
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -516,18 +516,22 @@ def decoded_batches(
     """
     images_dir = Path(images_dir)
     first = images_dir / entries[0].file if entries else images_dir
-    with (
-        _own_images(),
-        _strict_decoding(),
-        ThreadPoolExecutor(max_workers=workers) as pool,
-    ):  # set once: threads share them
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(entries), rows):
             batch = entries[start : start + rows]
             pixels = np.empty((len(batch), *image_shape), dtype=np.uint8)
-            futures = [
-                pool.submit(_decode_into, pixels, i, images_dir / e.file, image_shape, convert, first)
-                for i, e in enumerate(batch)
-            ]
-            for future in futures:  # in order: the first failing image in the listing is the one reported
-                future.result()
+            # Pillow's switches are global: set here, in this thread, while this batch's threads decode,
+            # and not across the yield, where the caller's code runs.
+            with _own_images(), _strict_decoding():
+                futures = [
+                    pool.submit(_decode_into, pixels, i, images_dir / e.file, image_shape, convert, first)
+                    for i, e in enumerate(batch)
+                ]
+                try:
+                    for future in futures:  # in order: the first failing image in the listing is reported
+                        future.result()
+                finally:  # after a failure, the images not started are dropped and the others end here
+                    for future in futures:
+                        future.cancel()
+                    wait(futures)
             yield batch, pixels

@@ -26,6 +26,7 @@ from pipeline.images import (
     ImageEntry,
     check_images,
     class_names,
+    decoded_batches,
     read_listing,
     scan_split,
     write_listing,
@@ -484,6 +485,10 @@ def test_an_image_past_pillows_bomb_warning_decodes_quietly(
         assert warnings.filters[0][2] is Warning  # our filter is gone once the decoding ends
     assert pixels.shape == (3, *(image_shape or (1, 6, 8)))
     assert warnings.filters == before
+    batches = decoded_batches(scan_split(root, "train"), root, (1, 6, 8), False, rows=1, workers=2)
+    next(batches)
+    assert warnings.filters == before  # not held while the caller's code runs between batches
+    batches.close()
 
 
 @pytest.mark.parametrize("image_shape", [None, (1, 3, 4)])
