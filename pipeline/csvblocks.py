@@ -20,13 +20,14 @@ import polars as pl
 
 from pipeline.csvcheck import find_problem_in_lines
 from pipeline.errors import DataError
-from pipeline.tabular import INT_LABELS, LABEL, MAX_LABEL, header
+from pipeline.tabular import INT_LABELS, LABEL, MAX_LABEL, NUMBER, header
 
 BLOCK_BYTES = 8 << 20  # ~3,800 FashionMNIST rows: large enough for Polars' threads, small next to a row group
 _CELL_BYTES = 16  # room per value in the longest line read (a pixel needs at most "255," unless zero-padded)
 _LABEL_BYTES = 64 << 10  # room for a class name in the longest line read
 _NARROW_LINES = 256  # a refused block is re-parsed this many lines at a time before the line-by-line check
 _INTEGER = r"^[+-]?[0-9]+$"
+_NUMBER = rf"^{NUMBER}$"  # "3.0": refused as a name (pipeline.csvcheck says why)
 
 
 class _Refused(Exception):
@@ -67,10 +68,12 @@ class Schema:
 
 
 def _check_names(df: pl.DataFrame) -> pl.DataFrame:
-    """Class names: present, not blank, not integers (a file never mixes the two kinds)."""
+    """Class names: present, not blank, not integers (a file never mixes the two kinds), not numbers."""
     label = pl.col(LABEL).str.strip_chars()
     df = df.with_columns(label)
-    bad = df.select((label.is_null() | (label == "") | label.str.contains(_INTEGER)).any()).item()
+    bad = df.select(
+        (label.is_null() | (label == "") | label.str.contains(_INTEGER) | label.str.contains(_NUMBER)).any()
+    ).item()
     if bad or df.select(pl.exclude(LABEL).null_count()).sum_horizontal().item():
         raise _Refused
     return df

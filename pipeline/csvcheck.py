@@ -11,7 +11,15 @@ import csv
 from collections.abc import Iterable, Sequence
 
 from pipeline.errors import DataError
-from pipeline.tabular import INT_CELL, INT_LABELS, LABEL, MAX_LABEL, NAME_LABELS, label_kind
+from pipeline.tabular import (
+    INT_CELL,
+    INT_LABELS,
+    LABEL,
+    MAX_LABEL,
+    NAME_LABELS,
+    NUMBER_CELL,
+    label_kind,
+)
 
 BOM = b"\xef\xbb\xbf"
 MAX_HEADER_BYTES = 8 << 20  # room for 3x224x224 pixel columns; anything far longer is not an image table
@@ -124,6 +132,12 @@ def _cells(line: bytes, names: Sequence[str], labels: str, at: str) -> list[byte
 
 
 def _check_label(cell: bytes, at: str, labels: str) -> None:
+    if NUMBER_CELL.fullmatch(cell.strip(b' \t"')):
+        raise DataError(
+            f"{at}, column 1 (label): expected an integer 0..{MAX_LABEL} or a class name, found the "
+            f"number {_show(cell)}; write integer labels without a decimal point (pandas: "
+            "df['label'].astype(int))"
+        )
     m = INT_CELL.fullmatch(cell)
     if labels == NAME_LABELS:
         if not cell.strip(b' \t"'):

@@ -27,6 +27,11 @@ SHAPE_KEY = b"image_shape"  # the image layout's Parquet key-value metadata: JSO
 ARROW_CODEC = {"uncompressed": "none"}  # Polars' codec names (params.yaml), where Arrow's differ
 # Integer spellings Polars' CSV reader accepts (leading blanks, a sign, optional quotes).
 INT_CELL = re.compile(rb'[ \t]*([+-]?[0-9]+)|"[ \t]*([+-]?[0-9]+)"')
+# A number with a decimal point or an exponent ("3.0", "3e0"), as pandas writes integer labels once
+# the column has become float: neither an integer label nor a class name (matched after blanks and
+# quotes are stripped). As a regex pattern string, for Polars too.
+NUMBER = r"[+-]?(?:(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]+)"
+NUMBER_CELL = re.compile(NUMBER.encode())
 
 
 @lru_cache(maxsize=8)

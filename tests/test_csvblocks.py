@@ -13,7 +13,7 @@ import synth
 
 from pipeline import csvblocks
 from pipeline.errors import DataError
-from pipeline.tabular import HEADER_LINE, NAME_LABELS
+from pipeline.tabular import HEADER_LINE, INT_LABELS, NAME_LABELS
 
 
 def _rows(n: int, seed: int = 0) -> bytes:
@@ -119,4 +119,24 @@ def test_class_name_labels_parse_as_strings_and_an_integer_among_them_is_refused
     assert str(err.value) == (
         f"{path}: row 2 (line 3), column 1 (label): expected a class name like the first "
         f"row's, found the integer '7' (labels must not mix integers and names)"
+    )
+
+
+@pytest.mark.parametrize("labels", [NAME_LABELS, INT_LABELS])
+@pytest.mark.parametrize("cell", [b"3.0", b"3.", b".5", b"1e3", b'"2.0"', b" -1.5E+2"])
+def test_a_label_written_as_a_float_is_refused_with_the_fix(tmp_path: Path, labels: str, cell: bytes) -> None:
+    """pandas writes integer labels as 3.0 once the column is float: neither an integer label nor a
+    class name (a class '3.0' would be silently apart from class 3). Polars' check and the line-by-line
+    one agree, so the message is the specific one, not Polars' own."""
+    header = b"label,p1,p2,p3,p4\n"
+    first = b"cat" if labels == NAME_LABELS else b"3"
+    path = tmp_path / "floats.csv"
+    path.write_bytes(header + first + b",1,2,3,4\n" + cell + b",5,6,7,8\n")
+    schema = csvblocks.Schema(4, labels)
+    with pytest.raises(DataError) as err:
+        list(csvblocks.parsed_blocks(path, len(header), schema, names=["label", "p1", "p2", "p3", "p4"]))
+    shown = repr((cell.replace(b'"', b"") if labels == NAME_LABELS else cell).decode())  # csv unquotes names
+    assert str(err.value) == (
+        f"{path}: row 2 (line 3), column 1 (label): expected an integer 0..65535 or a class name, found "
+        f"the number {shown}; write integer labels without a decimal point (pandas: df['label'].astype(int))"
     )

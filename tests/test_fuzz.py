@@ -31,7 +31,7 @@ from pipeline.images import check_images, decode_image, scan_split
 from pipeline.manifest import SCHEMA_VERSION, Manifest, parse_manifest
 from pipeline.params import SECTIONS, parse_section
 from pipeline.shards import DTYPES, ShardLayout, parse_header
-from pipeline.tabular import HEADER, HEADER_LINE, INT_CELL
+from pipeline.tabular import HEADER, HEADER_LINE, INT_CELL, NUMBER_CELL
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -104,6 +104,8 @@ CELLS = st.sampled_from(
         b"",
         b"x",
         b"1.5",
+        b"3.0",
+        b' "2e1"',
         b"9" * 5000,
         b"\x00",
         b"\xff\xfe",
@@ -162,11 +164,15 @@ def test_find_problem_structured(lines):
             assert len(cells) == len(HEADER)
             assert all(0 <= int(c.strip(b' \t"')) <= 255 for c in cells[1:])
             labels.append(cells[0])
-        # Labels are all integers 0..65535, or all class names (none blank): the first row decides.
+        # Labels are all integers 0..65535, or all class names (none blank, none a number such as
+        # "3.0"): the first row decides.
         if INT_CELL.fullmatch(labels[0]):
             assert all(INT_CELL.fullmatch(v) and 0 <= int(v.strip(b' \t"')) <= 65535 for v in labels)
         else:
-            assert all(v.strip(b' \t"') and not INT_CELL.fullmatch(v) for v in labels)
+            assert all(
+                v.strip(b' \t"') and not INT_CELL.fullmatch(v) and not NUMBER_CELL.fullmatch(v.strip(b' \t"'))
+                for v in labels
+            )
     else:
         assert isinstance(problem, DataError) and str(problem).startswith("fuzz.csv: ")
         assert len(str(problem)) < 400  # a hostile cell is quoted briefly, not echoed in full
