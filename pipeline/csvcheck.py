@@ -122,7 +122,8 @@ def _cells(line: bytes, names: Sequence[str], labels: str, at: str) -> list[byte
     """The cells of one data line; a quoted class name may hold commas (read by Python's csv module)."""
     count = line.count(b",") + 1  # before splitting: a hostile line may hold millions of cells
     if labels == NAME_LABELS and b'"' in line and count <= 2 * len(names):
-        cells = [c.encode() for c in next(csv.reader([line.decode("utf-8", "replace")]))]
+        text = line.decode("utf-8", "surrogateescape")  # the bytes come back as they were, valid or not
+        cells = [c.encode("utf-8", "surrogateescape") for c in next(csv.reader([text]))]
         count = len(cells)
     elif count == len(names):
         cells = line.split(b",")
@@ -142,6 +143,13 @@ def _check_label(cell: bytes, at: str, labels: str) -> None:
     if labels == NAME_LABELS:
         if not cell.strip(b' \t"'):
             raise DataError(f"{at}, column 1 (label): expected a class name, found an empty cell")
+        try:
+            cell.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(
+                f"{at}, column 1 (label): expected a class name in UTF-8, found {_show(cell)}; save the "
+                "file as UTF-8"
+            ) from None
         if m is not None:
             raise DataError(
                 f"{at}, column 1 (label): expected a class name like the first row's, found the "

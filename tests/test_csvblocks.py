@@ -140,3 +140,18 @@ def test_a_label_written_as_a_float_is_refused_with_the_fix(tmp_path: Path, labe
         f"{path}: row 2 (line 3), column 1 (label): expected an integer 0..65535 or a class name, found "
         f"the number {shown}; write integer labels without a decimal point (pandas: df['label'].astype(int))"
     )
+
+
+@pytest.mark.parametrize("cell", [b"caf\xe9", b'"caf\xe9, noir"'])
+def test_a_class_name_that_is_not_utf8_is_named_at_its_row(tmp_path: Path, cell: bytes) -> None:
+    """A spreadsheet saved as Latin-1: the row and the fix, not Polars' bare 'invalid utf-8 sequence'."""
+    header = b"label,p1,p2,p3,p4\n"
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(header + b"cat,1,2,3,4\n" + cell + b",5,6,7,8\n")
+    with pytest.raises(DataError) as err:
+        list(csvblocks.parsed_blocks(path, len(header), csvblocks.Schema(4, NAME_LABELS)))
+    shown = repr(cell.strip(b'"').decode("utf-8", "replace"))
+    assert str(err.value) == (
+        f"{path}: row 2 (line 3), column 1 (label): expected a class name in UTF-8, found {shown}; save the "
+        "file as UTF-8"
+    )
