@@ -73,6 +73,11 @@ def _not_label(names: Sequence[str], where: str) -> DataError:
         return DataError(f"{at}: the header is not UTF-8 text; save the file as UTF-8")
     if first.isascii() and first.lstrip("+-").isdigit():  # a data row where the header belongs
         return DataError(f"{at}: the file seems to have no header line; expected label,pixel1..pixelN first")
+    if first in ("", "Unnamed: 0") and names[1:2] == [LABEL]:  # the index pandas writes by default
+        return DataError(
+            f"{at}: the first column is an index, as pandas' to_csv writes it; save with "
+            "df.to_csv(path, index=False)"
+        )
     if LABEL in names:
         return DataError(f"{at}: 'label' is column {names.index(LABEL) + 1}; it must come first")
     if first.lower().startswith("pixel"):
@@ -186,6 +191,13 @@ def check_row(line: bytes, row: int, where: str, names: Sequence[str], labels: s
     if not line:
         raise DataError(f"{at}: empty line; expected {len(names)} values")
     cells = _cells(line, names, labels, at)
+    if [c.strip(b" \t").removeprefix(BOM).strip(b' \t"') for c in cells[:3]] == [
+        n.encode() for n in names[:3]
+    ]:
+        raise DataError(
+            f"{at}: the header line again, where data was expected (files joined or appended to with their "
+            "headers?); keep only the first header line"
+        )
     _check_label(cells[0], at, labels)
     for col in range(1, len(cells)):
         cell = cells[col]

@@ -327,6 +327,14 @@ SAVE_AS_UTF8 = "save it as UTF-8 (in Excel: CSV UTF-8)"
             "'pixel1': no column is named 'label'; a file without labels (as Kaggle's test.csv) cannot be "
             "tested against: set data.test_csv: null and a test split is held out of train",
         ),
+        *[
+            (
+                first + b"," + HEADER_LINE,
+                f"line 1 (header), column 1: expected 'label', found {shown}: the first column is an index, "
+                "as pandas' to_csv writes it; save with df.to_csv(path, index=False)",
+            )
+            for first, shown in [(b"", "''"), (b"Unnamed: 0", "'Unnamed: 0'")]
+        ],
     ],
     ids=[
         "3-columns",
@@ -349,6 +357,8 @@ SAVE_AS_UTF8 = "save it as UTF-8 (in Excel: CSV UTF-8)"
         "latin-1",
         "label-last",
         "kaggle-test-without-labels",
+        "pandas-index",
+        "pandas-index-read-and-written-again",
     ],
 )
 def test_import_wrong_header(tmp_path, header, expected):

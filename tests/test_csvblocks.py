@@ -155,3 +155,24 @@ def test_a_class_name_that_is_not_utf8_is_named_at_its_row(tmp_path: Path, cell:
         f"{path}: row 2 (line 3), column 1 (label): expected a class name in UTF-8, found {shown}; save the "
         "file as UTF-8"
     )
+
+
+@pytest.mark.parametrize("labels", [NAME_LABELS, INT_LABELS])
+@pytest.mark.parametrize("again", [b"label,p1,p2,p3,p4", b'\xef\xbb\xbf"label", p1,p2,p3,p4'])
+def test_the_header_line_again_is_named_as_such(tmp_path: Path, labels: str, again: bytes) -> None:
+    """`cat a.csv b.csv`, or pandas' to_csv(mode="a") with its header each time: the second header
+    is named as a header, not as a label or pixel that is not a number."""
+    header = b"label,p1,p2,p3,p4\n"
+    first = b"cat" if labels == NAME_LABELS else b"3"
+    path = tmp_path / "joined.csv"
+    path.write_bytes(header + first + b",1,2,3,4\n" + again + b"\n" + first + b",5,6,7,8\n")
+    with pytest.raises(DataError) as err:
+        list(
+            csvblocks.parsed_blocks(
+                path, len(header), csvblocks.Schema(4, labels), names=["label", "p1", "p2", "p3", "p4"]
+            )
+        )
+    assert str(err.value) == (
+        f"{path}: row 2 (line 3): the header line again, where data was expected (files joined or "
+        "appended to with their headers?); keep only the first header line"
+    )
