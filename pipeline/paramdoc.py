@@ -67,7 +67,8 @@ KEYS: dict[str, Doc] = {
     ),
     "data.image_shape": Doc(
         "results",
-        "`[C, H, W]`: the shape of a CSV's rows, or what images are converted and resized to (C 1 or 3 "
+        "`[C, H, W]`, channels first as PyTorch orders them (not Keras' `[H, W, C]`): the shape of a "
+        "CSV's rows, or what images are converted and resized to (C 1 or 3 "
         "for images: grey or RGB); `null`: a CSV's rows are one square grey channel, images keep their own "
         "(shared) size and mode. MNIST and FashionMNIST are not resized: `null` or `[1, 28, 28]`.",
     ),

@@ -305,6 +305,13 @@ def _item(tp: Any, index: int) -> Any:
     return tp
 
 
+def _channels_last_hint(shape: Any) -> str:
+    """For ``[28, 28, 1]``, Keras' and NumPy's image order: the shape PyTorch's order gives."""
+    if isinstance(shape, list | tuple) and len(shape) == 3 and shape[2] in (1, 3) and shape[0] not in (1, 3):
+        return f" ([H, W, C] order? expected [C, H, W], channels first: {[shape[2], shape[0], shape[1]]})"
+    return ""
+
+
 def _message(cls: type, section: str, values: Mapping, exc: ValidationError, where: str) -> str:
     error = exc.errors(include_url=False, include_context=False)[0]
     key = str(error["loc"][0])
@@ -314,7 +321,8 @@ def _message(cls: type, section: str, values: Mapping, exc: ValidationError, whe
         for index in error["loc"][1:]:  # data.image_shape[1]: the expectation of H, not of C
             hint = _item(hint, index) if isinstance(index, int) else hint
         expected = _expectation(hint)
-        return f"{where}: {section}.{at}: expected {expected}, found {_show(error['input'])}"
+        found = f"{where}: {section}.{at}: expected {expected}, found {_show(error['input'])}"
+        return found + _channels_last_hint(values.get(key) if key == "image_shape" else None)
     # A wrong type anywhere inside a value: name the key's whole type and show the value it was given.
     expected = _type_name(typing.get_type_hints(cls)[key])
     return f"{where}: {section}.{key}: expected {expected}, found {_show(values[key])}"

@@ -533,6 +533,17 @@ def test_a_refused_value_is_shown_as_yaml_writes_it(tmp_path, text, found):
             [3, 8, 70000],
             "data.image_shape[2]: expected an integer 4..65536 (the model halves it twice), found 70000",
         ),
+        (
+            [28, 28, 1],
+            "data.image_shape[2]: expected an integer 4..65536 (the model halves it twice), found 1 "
+            "([H, W, C] order? expected [C, H, W], channels first: [1, 28, 28])",
+        ),
+        (
+            [32, 24, 3],
+            "data.image_shape[2]: expected an integer 4..65536 (the model halves it twice), found 3 "
+            "([H, W, C] order? expected [C, H, W], channels first: [3, 32, 24])",
+        ),
+        ([1, 8, 3], "data.image_shape[2]: expected an integer 4..65536 (the model halves it twice), found 3"),
     ],
 )
 def test_an_image_shape_item_out_of_range_gets_that_items_expectation(tmp_path, shape, message):
