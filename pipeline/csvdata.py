@@ -130,8 +130,8 @@ def check_test_classes(train_csv: Path, test_csv: Path, train_src: Path, test_sr
     file. (A test class train lacks as an integer label has an index; ``tensorize`` notes it.)
     """
 
-    def labels(path: Path) -> pl.LazyFrame:  # every column as text, as the check parsed the names
-        return pl.scan_csv(path, infer_schema=False).select(LABEL)
+    def labels(path: Path) -> pl.LazyFrame:  # as text, blanks stripped: the names the Parquet file holds
+        return pl.scan_csv(path, infer_schema=False).select(pl.col(LABEL).str.strip_chars())
 
     known = labels(train_csv).unique().collect().get_column(LABEL)
     unknown = (
