@@ -62,6 +62,10 @@ def _cr_line_ends(where: str) -> DataError:
     )
 
 
+# What other datasets call the label column: with one of these first, the fix is a rename.
+_LABEL_NAMES = frozenset({"label", "labels", "class", "target", "y", "category"})
+
+
 def _not_label(names: Sequence[str], where: str) -> DataError:
     """The error for a header whose first column is not ``label``, with the likeliest reason."""
     first = names[0]
@@ -73,6 +77,8 @@ def _not_label(names: Sequence[str], where: str) -> DataError:
         return DataError(f"{at}: the header is not UTF-8 text; save the file as UTF-8")
     if first.isascii() and first.lstrip("+-").isdigit():  # a data row where the header belongs
         return DataError(f"{at}: the file seems to have no header line; expected label,pixel1..pixelN first")
+    if first.lower() in _LABEL_NAMES:  # the label column under another name
+        return DataError(f"{at}: name the label column 'label' (lower case), as the first column already is")
     if first in ("", "Unnamed: 0") and names[1:2] == [LABEL]:  # the index pandas writes by default
         return DataError(
             f"{at}: the first column is an index, as pandas' to_csv writes it; save with "

@@ -255,8 +255,8 @@ SAVE_AS_UTF8 = "save it as UTF-8 (in Excel: CSV UTF-8)"
             "set data.image_shape to [C, H, W] in params.yaml",
         ),
         (
-            HEADER_LINE.replace(b"label,", b"class,"),
-            "line 1 (header), column 1: expected 'label', found 'class'",
+            HEADER_LINE.replace(b"label,", b"colour,"),  # no likelier reason to name
+            "line 1 (header), column 1: expected 'label', found 'colour'",
         ),
         (
             b"label," + b",".join(b"pixel%d" % i for i in range(784)) + b",pixel784\n",
@@ -335,6 +335,14 @@ SAVE_AS_UTF8 = "save it as UTF-8 (in Excel: CSV UTF-8)"
             )
             for first, shown in [(b"", "''"), (b"Unnamed: 0", "'Unnamed: 0'")]
         ],
+        *[
+            (
+                HEADER_LINE.replace(b"label", first, 1),
+                f"line 1 (header), column 1: expected 'label', found {shown}: name the label column "
+                "'label' (lower case), as the first column already is",
+            )
+            for first, shown in [(b"Label", "'Label'"), (b"class", "'class'"), (b"TARGET", "'TARGET'")]
+        ],
     ],
     ids=[
         "3-columns",
@@ -359,6 +367,9 @@ SAVE_AS_UTF8 = "save it as UTF-8 (in Excel: CSV UTF-8)"
         "kaggle-test-without-labels",
         "pandas-index",
         "pandas-index-read-and-written-again",
+        "capital-label",
+        "class",
+        "target",
     ],
 )
 def test_import_wrong_header(tmp_path, header, expected):
