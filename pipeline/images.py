@@ -208,10 +208,17 @@ def _check_split_folders(images_dir: Path) -> None:
     if not others:
         return
     if not any(p.name == "train" for p in folders):
+        missing = (
+            f"{images_dir / 'train'}: expected a folder of class folders train/<class>/<image>, found nothing"
+        )
+        if images_dir.name in SPLITS:  # data.images_dir names the train folder itself
+            raise DataError(
+                f"{missing}; {images_dir} is itself a {images_dir.name}/ folder: set data.images_dir to "
+                f"the folder that holds it, {images_dir.parent}"
+            )
         raise DataError(
-            f"{images_dir / 'train'}: expected a folder of class folders train/<class>/<image>, found "
-            f"nothing; {images_dir} holds {_some([p.name for p in others])}: rename or move them so that it "
-            "holds train/<class>/ (and optionally test/<class>/)"
+            f"{missing}; {images_dir} holds {_some([p.name for p in others])}: rename or move them so that "
+            "it holds train/<class>/ (and optionally test/<class>/)"
         )
     odd = others[0]
     fix = (

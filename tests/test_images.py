@@ -308,6 +308,17 @@ def test_folders_in_place_of_train_are_named_with_the_fix(tmp_path: Path, folder
     )
 
 
+def test_an_images_dir_that_is_the_train_folder_itself_is_pointed_above(tmp_path: Path) -> None:
+    """data.images_dir: data/user/images/train, its class folders inside: the fix is one level up."""
+    root = tmp_path / "images" / "train"
+    for cls in ("dog", "cat"):
+        save(root / cls / "1.png", noise((2, 2), 0))
+    assert refused(scan_split, root, "train") == (
+        f"{root / 'train'}: expected a folder of class folders train/<class>/<image>, found nothing; "
+        f"{root} is itself a train/ folder: set data.images_dir to the folder that holds it, {root.parent}"
+    )
+
+
 @pytest.mark.parametrize(
     "folder, fix",
     [
