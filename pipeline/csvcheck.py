@@ -62,6 +62,10 @@ def _cr_line_ends(where: str) -> DataError:
     )
 
 
+# A pixel such as 12.0 (pandas writes a float column so) or 0.5 (scaled to 0..1): how to write it.
+_FLOAT_PIXEL = (
+    "; write pixels as integers 0..255 (pandas: df.round().astype(int), after * 255 if scaled to 0..1)"
+)
 # What other datasets call the label column: with one of these first, the fix is a rename.
 _LABEL_NAMES = frozenset({"label", "labels", "class", "target", "y", "category"})
 
@@ -213,8 +217,9 @@ def check_row(line: bytes, row: int, where: str, names: Sequence[str], labels: s
                 f"{at}, column {col + 1} ({names[col]}): expected an integer 0..255, found an empty cell"
             )
         if m is None:
+            fix = _FLOAT_PIXEL if NUMBER_CELL.fullmatch(cell.strip(b' \t"')) else ""
             raise DataError(
-                f"{at}, column {col + 1} ({names[col]}): expected an integer 0..255, found {_show(cell)}"
+                f"{at}, column {col + 1} ({names[col]}): expected an integer 0..255, found {_show(cell)}{fix}"
             )
         _check_int(m.group(1) or m.group(2), cell, at, col + 1, names[col], 255)
 

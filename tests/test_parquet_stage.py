@@ -287,14 +287,24 @@ CASES = [
     ),
     ("ragged-one-cell", lambda g: with_line(g, 4, b"3"), "row 4 (line 5): expected 785 values, found 1"),
     ("non-numeric", lambda g: mutate(g, 3, 17, b"abc"), f"row 3 (line 4), column 18 (pixel17): {PIX} 'abc'"),
-    ("float", lambda g: mutate(g, 3, 17, b"1.5"), f"row 3 (line 4), column 18 (pixel17): {PIX} '1.5'"),
+    (
+        "float",
+        lambda g: mutate(g, 3, 17, b"0.5"),  # a pixel scaled to 0..1, or 12.0 from a float column
+        f"row 3 (line 4), column 18 (pixel17): {PIX} '0.5'; write pixels as integers 0..255 (pandas: "
+        "df.round().astype(int), after * 255 if scaled to 0..1)",
+    ),
     (
         "float-label",
         lambda g: mutate(g, 3, 0, b"1.0"),  # as pandas writes an integer label once the column is float
         "row 3 (line 4), column 1 (label): expected an integer 0..65535 or a class name, found the number "
         "'1.0'; write integer labels without a decimal point (pandas: df['label'].astype(int))",
     ),
-    ("exponent", lambda g: mutate(g, 3, 17, b"1e2"), f"row 3 (line 4), column 18 (pixel17): {PIX} '1e2'"),
+    (
+        "exponent",
+        lambda g: mutate(g, 3, 17, b"1e2"),
+        f"row 3 (line 4), column 18 (pixel17): {PIX} '1e2'; write pixels as integers 0..255 (pandas: "
+        "df.round().astype(int), after * 255 if scaled to 0..1)",
+    ),
     ("nan", lambda g: mutate(g, 3, 17, b"NaN"), f"row 3 (line 4), column 18 (pixel17): {PIX} 'NaN'"),
     (
         "trailing-space",
