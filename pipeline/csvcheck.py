@@ -41,7 +41,15 @@ def header_names(line: bytes) -> list[str]:
 # export arrives (Kaggle's zips, .csv.gz, Excel's "Unicode Text").
 _NOT_TEXT = (
     (b"\x1f\x8b", "gzip-compressed data; decompress it (gunzip) first"),
-    (b"PK\x03\x04", "a ZIP archive; extract the CSV from it first"),
+    (  # an .xlsx is a ZIP too; its first line may end before the name that would tell them apart
+        b"PK\x03\x04",
+        "a ZIP archive or an Excel workbook (.xlsx); extract the CSV from the archive, or save the "
+        "workbook as CSV UTF-8",
+    ),
+    (
+        b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
+        "an Excel 97-2003 workbook (.xls); save it as CSV UTF-8",
+    ),
     (b"\xff\xfe", "UTF-16 text; save it as UTF-8 (in Excel: CSV UTF-8)"),
     (b"\xfe\xff", "UTF-16 text; save it as UTF-8 (in Excel: CSV UTF-8)"),
 )

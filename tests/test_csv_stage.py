@@ -283,7 +283,15 @@ SAVE_AS_UTF8 = "save it as UTF-8 (in Excel: CSV UTF-8)"
             (content, f"line 1 (header): expected CSV text (UTF-8 or ASCII), found {what}")
             for content, what in [
                 (gzip.compress(HEADER_LINE), "gzip-compressed data; decompress it (gunzip) first"),
-                (b"PK\x03\x04\x14\x00", "a ZIP archive; extract the CSV from it first"),
+                (
+                    b"PK\x03\x04\x14\x00",
+                    "a ZIP archive or an Excel workbook (.xlsx); extract the CSV from the archive, or save "
+                    "the workbook as CSV UTF-8",
+                ),
+                (
+                    b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1\x00",
+                    "an Excel 97-2003 workbook (.xls); save it as CSV UTF-8",
+                ),
                 (HEADER_LINE.decode().encode("utf-16"), f"UTF-16 text; {SAVE_AS_UTF8}"),
                 (b"\xfe\xff" + HEADER_LINE.decode().encode("utf-16-be"), f"UTF-16 text; {SAVE_AS_UTF8}"),
             ]
@@ -355,6 +363,7 @@ SAVE_AS_UTF8 = "save it as UTF-8 (in Excel: CSV UTF-8)"
         "label-only-spaced",
         "gzip",
         "zip",
+        "xls",
         "utf-16-le",
         "utf-16-be",
         "cr-line-ends",
