@@ -89,7 +89,7 @@ def _not_label(names: Sequence[str], where: str) -> DataError:
         return DataError(f"{at}: the header is not UTF-8 text; save the file as UTF-8")
     if first.isascii() and first.lstrip("+-").isdigit():  # a data row where the header belongs
         return DataError(f"{at}: the file seems to have no header line; expected label,pixel1..pixelN first")
-    if first.lower() in _LABEL_NAMES:  # the label column under another name
+    if first.lower() in _LABEL_NAMES and LABEL not in names:  # the label column under another name
         return DataError(f"{at}: name the label column 'label' (lower case), as the first column already is")
     if first in ("", "Unnamed: 0") and names[1:2] == [LABEL]:  # the index pandas writes by default
         return DataError(
