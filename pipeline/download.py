@@ -235,6 +235,10 @@ def _read_folder_source(folder: Path, file: IdxFile) -> tuple[bytes, str | None]
     The checksums are of the decompressed content, so a file gunzipped by its owner verifies as
     well as the original; the ``.gz`` wins when both are there.
     """
+    if folder.is_file():  # data.mirrors naming one of the files rather than their folder
+        raise FetchError(f"{folder} is a file; expected the folder that holds {file.name}: {folder.parent}")
+    if not folder.exists():
+        raise FetchError(f"{folder}: no such folder")
     twin = file.name.removesuffix(".gz")
     if not (folder / file.name).exists() and (folder / twin).exists():
         raw = _read_folder(folder, twin, file.size)

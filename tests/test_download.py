@@ -146,6 +146,20 @@ def test_a_torchvision_dataset_folder_is_pointed_to_its_raw_folder(ds, tmp_path)
     fetch(ds, tmp_path / "raw", str(tmp_path / "FashionMNIST" / "raw"))
 
 
+def test_a_folder_source_that_names_a_file_or_lacks_one_says_so(ds, tmp_path):
+    folder = ds.write_folder(tmp_path / "downloads")
+    given = folder / IMAGES  # one of the files, where its folder belongs
+    msg = download_error(ds, tmp_path / "x", str(given))
+    assert failure_lines(msg)[str(given)] == (
+        f"{given} is a file; expected the folder that holds {IMAGES}: {folder}"
+    )
+    (folder / IMAGES).unlink()
+    msg = download_error(ds, tmp_path / "x", str(folder))
+    assert failure_lines(msg)[str(folder)] == (
+        f"{folder / IMAGES} not found, nor {IMAGES[:-3]} (uncompressed)"
+    )
+
+
 def test_a_gz_beside_its_gunzipped_twin_is_taken_as_it_is(ds, tmp_path):
     folder = ds.write_folder(tmp_path / "both", level=1)
     (folder / IMAGES[:-3]).write_bytes(ds.raw[IMAGES])
@@ -418,7 +432,7 @@ def test_all_sources_failing_lists_every_source_and_reason(ds, http_server, tmp_
     assert reasons[sources[0]] == "HTTP 404 Not Found"
     assert reasons[sources[1]].startswith("HTTP 500")
     assert reasons[sources[2]].startswith("SHA-256 of decompressed content is ")
-    assert reasons[sources[3]] == f"{missing / IMAGES} not found, nor {IMAGES[:-3]} (uncompressed)"
+    assert reasons[sources[3]] == f"{missing}: no such folder"
     assert reasons[sources[4]].startswith("unsupported source scheme 'ftp'")
 
 
