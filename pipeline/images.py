@@ -167,7 +167,10 @@ def scan_split(images_dir: Path, split: str, known_classes: Sequence[str] | None
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
-        raise DataError(f"{images_dir}: images folder not found; expected train/<class>/<image> inside it")
+        found = "a file" if images_dir.exists() else "nothing"
+        raise DataError(
+            f"{images_dir}: expected the images folder, with train/<class>/<image> inside it, found {found}"
+        )
     if split == "train":
         _check_split_folders(images_dir)
     root = images_dir / split

@@ -275,8 +275,13 @@ def test_order_is_the_sha256_of_the_path_whatever_the_filesystem_lists(tmp_path:
 def test_missing_folders_are_refused(tmp_path: Path) -> None:
     root = tmp_path / "images"
     assert refused(scan_split, root, "train") == (
-        f"{root}: images folder not found; expected train/<class>/<image> inside it"
+        f"{root}: expected the images folder, with train/<class>/<image> inside it, found nothing"
     )
+    root.write_bytes(b"")  # data.images_dir naming a file
+    assert refused(scan_split, root, "train") == (
+        f"{root}: expected the images folder, with train/<class>/<image> inside it, found a file"
+    )
+    root.unlink()
     root.mkdir()
     assert refused(scan_split, root, "train") == (
         f"{root / 'train'}: expected a folder of class folders train/<class>/<image>, found nothing"
