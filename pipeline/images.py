@@ -79,8 +79,9 @@ def _order(entry: ImageEntry) -> bytes:
 
 
 # Files Windows Explorer writes into a folder of pictures and hides from its owner (a refusal would
-# name a file the user cannot see); the other systems' hidden files start with a dot.
-_EXPLORER_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
+# name a file the user cannot see), and the folder of macOS metadata (._ files) that a ZIP made on a
+# Mac holds at its top, which unpacks beside train/; the other systems' hidden files start with a dot.
+_EXPLORER_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx"})
 _VALIDATION_NAMES = frozenset({"val", "valid", "validation", "dev"})  # a split this source has no place for
 
 

@@ -226,6 +226,8 @@ def test_files_in_subfolders_get_their_path_as_key_and_hidden_names_are_ignored(
     for explorer_file in ("Thumbs.db", "a/ehthumbs.db", "a/b/desktop.ini"):  # Windows hides these
         (root / "train/cat" / explorer_file).write_bytes(b"junk")
     (root / "train/desktop.ini").write_text("[.ShellClassInfo]")
+    (root / "__MACOSX/train/cat").mkdir(parents=True)  # a ZIP made on a Mac, unpacked beside train/
+    (root / "__MACOSX/train/cat/._002.PNG").write_bytes(b"\x00\x05\x16\x07")
     (tmp_path / "elsewhere").mkdir()
     save(tmp_path / "elsewhere/003.png", noise((2, 2), 2))
     (root / "train/cat/linked.png").symlink_to(tmp_path / "elsewhere/003.png")  # DVC hashes its content
