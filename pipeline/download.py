@@ -1,8 +1,8 @@
 """Fetch a dataset's IDX files from a list of sources, verifying every byte.
 
 A source is a base URL (``http(s)://``) or a local folder; a folder may hold a
-file gunzipped (``train-images-idx3-ubyte``, as Kaggle's copy of FashionMNIST and
-an unpacked download do), which is verified as it is and gzipped here. For each file the
+file gunzipped (``train-images-idx3-ubyte``, as ``gunzip`` leaves it), which is
+verified as it is and gzipped here. For each file the
 sources are tried in order; a 404, time-out, reset, truncated or oversized
 body, bad gzip, wrong SHA-256 or wrong IDX header moves on to the next one.
 If every source fails, one error lists each source and what went wrong.

@@ -48,8 +48,8 @@ KEYS: dict[str, Doc] = {
     "data.mirrors": Doc(
         "speed",
         "Extra base URLs (`https://…`) or folders (`~/…`: in your home folder; torchvision's "
-        "`<root>/FashionMNIST/raw` will do, and a folder may hold the files gunzipped, as Kaggle's "
-        "FashionMNIST does), tried before the built-in sources; every file is "
+        "`<root>/FashionMNIST/raw` will do, and a folder may hold the files gunzipped, as `gunzip` "
+        "leaves them), tried before the built-in sources; every file is "
         "verified by the SHA-256 of its decompressed bytes, so the source never changes them "
         "(`data/raw/source.json` records which source each came from: another source reruns `csv` once, "
         "to the same output).",

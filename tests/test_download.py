@@ -115,7 +115,7 @@ def test_local_folder_source(ds, tmp_path):
 
 
 def test_a_folder_may_hold_the_files_gunzipped(ds, tmp_path):
-    """Kaggle's FashionMNIST and an unpacked download hold train-images-idx3-ubyte, not the .gz:
+    """An unpacked download (gunzip) holds train-images-idx3-ubyte, not the .gz:
     the checksums are of the decompressed bytes, so it verifies, and is gzipped into data/raw."""
     folder = tmp_path / "kaggle"
     folder.mkdir()
