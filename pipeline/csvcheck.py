@@ -155,8 +155,13 @@ def _cells(line: bytes, names: Sequence[str], labels: str, at: str) -> list[byte
     return cells
 
 
+def _is_number(cell: bytes) -> bool:
+    """A number with a decimal point or an exponent (3.0, 1e2), blanks and quotes around it ignored."""
+    return NUMBER_CELL.fullmatch(cell.strip(b' \t"')) is not None
+
+
 def _check_label(cell: bytes, at: str, labels: str) -> None:
-    if NUMBER_CELL.fullmatch(cell.strip(b' \t"')):
+    if _is_number(cell):
         raise DataError(
             f"{at}, column 1 (label): expected an integer 0..{MAX_LABEL} or a class name, found the "
             f"number {_show(cell)}; write integer labels without a decimal point (pandas: "
@@ -225,7 +230,7 @@ def check_row(line: bytes, row: int, where: str, names: Sequence[str], labels: s
                 f"{at}, column {col + 1} ({names[col]}): expected an integer 0..255, found an empty cell"
             )
         if m is None:
-            fix = _FLOAT_PIXEL if NUMBER_CELL.fullmatch(cell.strip(b' \t"')) else ""
+            fix = _FLOAT_PIXEL if _is_number(cell) else ""
             raise DataError(
                 f"{at}, column {col + 1} ({names[col]}): expected an integer 0..255, found {_show(cell)}{fix}"
             )

@@ -81,12 +81,12 @@ def _order(entry: ImageEntry) -> bytes:
 # Files Windows Explorer writes into a folder of pictures and hides from its owner (a refusal would
 # name a file the user cannot see), and the folder of macOS metadata (._ files) that a ZIP made on a
 # Mac holds at its top, which unpacks beside train/; the other systems' hidden files start with a dot.
-_EXPLORER_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx"})
+_HIDDEN_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx"})
 _VALIDATION_NAMES = frozenset({"val", "valid", "validation", "dev"})  # a split this source has no place for
 
 
 def _hidden(name: str) -> bool:
-    return name.startswith(".") or name.lower() in _EXPLORER_FILES
+    return name.startswith(".") or name.lower() in _HIDDEN_NAMES
 
 
 def _visible_children(folder: Path) -> list[Path]:
@@ -172,14 +172,18 @@ def scan_split(images_dir: Path, split: str, known_classes: Sequence[str] | None
         raise DataError(
             f"{images_dir}: expected the images folder, with train/<class>/<image> inside it, found {found}"
         )
-    if split == "train":
-        _check_split_folders(images_dir)
+    others = _other_folders(images_dir) if split == "train" else []
     root = images_dir / split
     if split == "test" and not (root.exists() or root.is_symlink()):
         return []
     if not root.is_dir():
         found = "a file" if root.exists() else "nothing"
-        raise DataError(f"{root}: expected a folder of class folders {split}/<class>/<image>, found {found}")
+        raise DataError(
+            f"{root}: expected a folder of class folders {split}/<class>/<image>, found {found}"
+            + _in_place_of_train(images_dir, others)
+        )
+    if others:
+        raise _beside_the_splits(images_dir, others[0])
     _not_a_link(root)
     entries: list[ImageEntry] = []
     for child in _visible_children(root):
@@ -199,39 +203,38 @@ def scan_split(images_dir: Path, split: str, known_classes: Sequence[str] | None
     return sorted(entries, key=_order)
 
 
-def _check_split_folders(images_dir: Path) -> None:
-    """Refuse folders beside ``train/`` and ``test/``, and name the likely fix when ``train/`` is missing.
+def _other_folders(images_dir: Path) -> list[Path]:
+    """The visible folders beside ``train/`` and ``test/``: a ``val/`` (ImageNet's layout), class folders
+    put straight into the images folder (torchvision's ``ImageFolder`` layout), or splits named
+    otherwise (``training_set/``), which would otherwise be left out without a word. Files there (a
+    README, a licence) are no split and stay allowed."""
+    return [p for p in _visible_children(images_dir) if p.is_dir() and p.name not in SPLITS]
 
-    A ``val/`` (ImageNet's layout) would otherwise be left out without a word; class folders put
-    straight into the images folder (the layout of torchvision's ``ImageFolder``), or splits named
-    otherwise (``training_set/``), are named when ``train/`` is not there. Files there (a
-    README, a licence) are no split and stay allowed.
-    """
-    folders = [p for p in _visible_children(images_dir) if p.is_dir()]
-    others = [p for p in folders if p.name not in SPLITS]
+
+def _in_place_of_train(images_dir: Path, others: Sequence[Path]) -> str:
+    """The likely fix when ``train/`` is missing and other folders are there ("" when none are)."""
     if not others:
-        return
-    if not any(p.name == "train" for p in folders):
-        missing = (
-            f"{images_dir / 'train'}: expected a folder of class folders train/<class>/<image>, found nothing"
+        return ""
+    if images_dir.name in SPLITS:  # data.images_dir names the train folder itself
+        return (
+            f"; {images_dir} is itself a {images_dir.name}/ folder: set data.images_dir to the folder "
+            f"that holds it, {images_dir.parent}"
         )
-        if images_dir.name in SPLITS:  # data.images_dir names the train folder itself
-            raise DataError(
-                f"{missing}; {images_dir} is itself a {images_dir.name}/ folder: set data.images_dir to "
-                f"the folder that holds it, {images_dir.parent}"
-            )
-        raise DataError(
-            f"{missing}; {images_dir} holds {_some([p.name for p in others])}: rename or move them so that "
-            "it holds train/<class>/ (and optionally test/<class>/)"
-        )
-    odd = others[0]
+    return (
+        f"; {images_dir} holds {_some([p.name for p in others])}: rename or move them so that it holds "
+        "train/<class>/ (and optionally test/<class>/)"
+    )
+
+
+def _beside_the_splits(images_dir: Path, odd: Path) -> DataError:
+    """A folder beside ``train/`` and ``test/``, refused with its likely fix."""
     fix = (
         "rename it test/ to test on it, or merge it into train/ and set data.val_fraction "
         "(the validation split is held out of train)"
         if odd.name.lower() in _VALIDATION_NAMES
         else "move it out (class folders go in train/<class>/ and test/<class>/)"
     )
-    raise DataError(f"{odd}: expected only train/ and test/ in {images_dir}, found {odd.name}/; {fix}")
+    return DataError(f"{odd}: expected only train/ and test/ in {images_dir}, found {odd.name}/; {fix}")
 
 
 def class_names(entries: Sequence[ImageEntry]) -> list[str]:
