@@ -21,9 +21,12 @@ The Parquet "image layout": ``label`` and ``file`` (strings) and ``pixels``, a
 major (C, H, W) order, as PyTorch wants them; the key-value metadata
 ``image_shape`` is the JSON ``[C, H, W]``.
 
-Accepted files are PNG and JPEG, by suffix (.png, .jpg, .jpeg, any case) and by
-the format Pillow detects (a camera's MPO file is a JPEG with extra frames:
-accepted, its first frame is the image). With ``data.image_shape`` every image is
+Accepted files are those torchvision's ``ImageFolder`` loads: PNG, JPEG, BMP,
+PPM/PGM, TIFF and WebP, by suffix (its ``IMG_EXTENSIONS``, any case) and by the
+format Pillow detects, whichever of the six it is (a ``.png`` that holds a JPEG
+is read as a JPEG). A file of several frames (a camera's MPO, which Pillow tells
+apart from a JPEG; a multi-page TIFF; an animated WebP) gives its first frame,
+as torchvision's loader takes it. With ``data.image_shape`` every image is
 converted to "L" (1 channel) or "RGB" (3) and resized with Pillow's bilinear
 filter, which antialiases when shrinking as torchvision's ``Resize`` does.
 Images of more than 8 bits per channel are refused either way: Pillow's
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import os
 import warnings
@@ -52,12 +56,14 @@ from pipeline.atomic import atomic_file
 from pipeline.errors import DataError
 
 SPLITS = ("train", "test")
-SUFFIXES = (".png", ".jpg", ".jpeg")
-ACCEPTED = "PNG or JPEG (.png, .jpg, .jpeg)"
+# torchvision's IMG_EXTENSIONS, what a user whose folder loads there expects to load here (its GIF
+# is left out there too: a GIF holds a 256-colour palette, seldom a dataset's pixels).
+SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+ACCEPTED = "PNG, JPEG, BMP, PPM/PGM, TIFF or WebP (" + ", ".join(SUFFIXES) + ")"
 MODES = {1: "L", 3: "RGB"}  # channels -> the Pillow mode the pixels are stored in
 CHANNELS = {mode: c for c, mode in MODES.items()}
 LISTING_HEADER = ["label", "file"]
-_DETECTED = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG"}  # Pillow's format -> the one we accept it as
+_DETECTED = frozenset({"PNG", "JPEG", "MPO", "BMP", "PPM", "TIFF", "WEBP"})  # Pillow's names for them
 # What a broken file makes Pillow raise while opening or decoding it (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError)
 
@@ -317,6 +323,18 @@ def _opened(path: Path) -> Iterator[Image.Image]:
         yield im
 
 
+@functools.cache
+def _converts(mode: str, target: str) -> bool:
+    """Whether Pillow converts ``mode`` straight to ``target``, tried on one pixel. It cannot take
+    every mode it reads straight to ``L``: a TIFF's CIE ``LAB`` goes through ``RGB``, as torchvision's
+    loader (``RGB``, then ``Grayscale``) takes every image."""
+    try:
+        Image.new(mode, (1, 1)).convert(target)
+    except ValueError:
+        return False
+    return True
+
+
 def _describe(size: tuple[int, int], mode: str) -> str:
     """An image's size and mode as a person says them: "32x24 RGB" (width x height)."""
     return f"{size[0]}x{size[1]} {mode}"
@@ -470,6 +488,8 @@ def decode_image(path: Path, image_shape: tuple[int, int, int] | None) -> np.nda
                 channels, height, width = image_shape
                 if im.mode == "P" and isinstance(im.info.get("transparency"), bytes):
                     im = im.convert("RGBA")  # Pillow's advice: straight to L/RGB it warns (same pixels)
+                if im.mode != MODES[channels] and not _converts(im.mode, MODES[channels]):
+                    im = im.convert("RGB")
                 if im.mode != MODES[channels]:
                     im = im.convert(MODES[channels])
                 if im.size != (width, height):

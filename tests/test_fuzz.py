@@ -525,7 +525,8 @@ def test_verify_mutated_gzip(labels_file, data):
 
 def _image_seeds() -> dict[str, bytes]:
     """Small valid files of each kind the image-folder source reads: PNG (RGB, L, palette, RGBA,
-    interlaced), JPEG (baseline, progressive, grey, CMYK)."""
+    interlaced), JPEG (baseline, progressive, grey, CMYK), BMP (RGB, palette), PPM/PGM, TIFF
+    (raw, LZW, JPEG inside, CMYK) and WebP (lossy, lossless, with alpha)."""
     pixels = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
     seeds = {}
     for name, fmt, mode, kwargs in [
@@ -538,6 +539,17 @@ def _image_seeds() -> dict[str, bytes]:
         ("progressive.jpg", "JPEG", "RGB", {"progressive": True}),
         ("l.jpg", "JPEG", "L", {}),
         ("cmyk.jpg", "JPEG", "CMYK", {}),
+        ("rgb.bmp", "BMP", "RGB", {}),
+        ("p.bmp", "BMP", "P", {}),
+        ("rgb.ppm", "PPM", "RGB", {}),
+        ("l.pgm", "PPM", "L", {}),
+        ("rgb.tif", "TIFF", "RGB", {}),
+        ("lzw.tiff", "TIFF", "RGB", {"compression": "tiff_lzw"}),
+        ("jpeg.tif", "TIFF", "RGB", {"compression": "jpeg"}),
+        ("cmyk.tif", "TIFF", "CMYK", {}),
+        ("lossy.webp", "WEBP", "RGB", {"quality": 80}),
+        ("lossless.webp", "WEBP", "RGB", {"lossless": True}),
+        ("rgba.webp", "WEBP", "RGBA", {}),
     ]:
         out = io.BytesIO()
         Image.fromarray(pixels).convert(mode).save(out, fmt, **kwargs)
@@ -574,7 +586,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=mutated_image())
 def test_image_decode_of_mutated_files(image_folder, case):
-    """A damaged PNG or JPEG is refused as a DataError naming the file on one line, with or without
+    """A damaged image file is refused as a DataError naming the file on one line, with or without
     data.image_shape; whatever is accepted decodes to uint8 (C, H, W) of the asked or found shape."""
     name, data = case
     folder = image_folder / "train" / "c"

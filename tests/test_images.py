@@ -33,7 +33,7 @@ from pipeline.images import (
 )
 from pipeline.parquet import images_to_parquet, open_table
 
-ACCEPTED = "PNG or JPEG (.png, .jpg, .jpeg)"
+ACCEPTED = "PNG, JPEG, BMP, PPM/PGM, TIFF or WebP (.png, .jpg, .jpeg, .bmp, .ppm, .pgm, .tif, .tiff, .webp)"
 
 
 def noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -137,6 +137,55 @@ def test_multi_picture_jpeg_from_a_camera_is_a_jpeg(tmp_path: Path) -> None:
         assert im.format == "MPO"
     _, pixels = to_parquet(tmp_path / "images", None)
     assert np.abs(pixels[0].astype(int) - 40).max() <= 2  # the first frame
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "kwargs"),
+    [
+        ("x.bmp", "RGB", {}),
+        ("x.BMP", "L", {}),
+        ("x.ppm", "RGB", {}),
+        ("x.pgm", "L", {}),
+        ("x.tif", "RGB", {}),
+        ("x.tiff", "L", {"compression": "tiff_lzw"}),
+        ("x.webp", "RGB", {"lossless": True}),
+    ],
+)
+def test_the_other_formats_torchvision_loads_decode_exactly(
+    tmp_path: Path, name: str, mode: str, kwargs: dict
+) -> None:
+    """BMP, PPM/PGM, TIFF and lossless WebP, the rest of torchvision's IMG_EXTENSIONS, hold the
+    pixels exactly; each decodes to them, beside a PNG of the same shape."""
+    array = noise((5, 7, 3) if mode == "RGB" else (5, 7), 3)
+    save(tmp_path / f"images/train/a/{name}", array, **kwargs)
+    save(tmp_path / "images/train/b/y.png", array)
+    table, pixels = to_parquet(tmp_path / "images", None)
+    chw = array[None] if mode == "L" else array.transpose(2, 0, 1)
+    for got in by_file(table, pixels).values():
+        np.testing.assert_array_equal(got, chw)
+
+
+def test_lossy_webp_decodes_close_to_what_was_saved(tmp_path: Path) -> None:
+    y, x = np.mgrid[0:16, 0:24]
+    smooth = np.stack([x * 10, y * 15, (x + y) * 6], axis=-1).astype(np.uint8)
+    save(tmp_path / "images/train/a/x.webp", smooth, quality=95)
+    save(tmp_path / "images/train/b/y.webp", smooth, quality=95)
+    _table, pixels = to_parquet(tmp_path / "images", None)
+    assert pixels.shape == (2, 3, 16, 24)
+    assert np.abs(pixels[0].astype(int) - smooth.transpose(2, 0, 1)).mean() < 3
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("pages.tif", {}), ("animated.webp", {"lossless": True})])
+def test_a_file_of_several_frames_gives_its_first(tmp_path: Path, name: str, kwargs: dict) -> None:
+    """A multi-page TIFF or an animated WebP gives its first frame, as torchvision's loader takes it."""
+    frames = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)) for v in (40, 200)]
+    path = tmp_path / "images/train/a" / name
+    path.parent.mkdir(parents=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], **kwargs)
+    with Image.open(path) as im:
+        assert im.n_frames == 2
+    _, pixels = to_parquet(tmp_path / "images", None)
+    assert pixels.tolist() == np.full((1, 3, 8, 8), 40).tolist()
 
 
 def test_exif_orientation_is_not_applied_pixels_are_taken_as_stored(tmp_path: Path) -> None:
@@ -481,6 +530,29 @@ def test_sixteen_bit_image_is_refused_even_with_a_shape(tmp_path: Path) -> None:
     odd = one_odd_image(root, Image.fromarray(np.full((4, 6), 1000, np.uint16)))
     check_both(
         root, (1, 4, 6), f"{odd}: image mode I;16 has more than 8 bits per channel; expected 8-bit {ACCEPTED}"
+    )
+
+
+def test_a_mode_pillow_cannot_take_straight_to_grey_goes_through_rgb(tmp_path: Path) -> None:
+    """A TIFF may hold CIE L*a*b*, which Pillow converts to RGB but not straight to L: it goes
+    through RGB, as torchvision's loader takes every image. Without data.image_shape the header check
+    refuses it, as it refuses any mode other than the first image's L or RGB."""
+    lab = Image.new("LAB", (6, 4), (50, 10, 20))
+    rgb = np.asarray(lab.convert("RGB"))
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))
+    assert len(set(rgb.ravel().tolist())) > 1  # three planes that differ, so a mix-up would show
+    for shape, expected in [((3, 4, 6), rgb.transpose(2, 0, 1)), ((1, 4, 6), grey[None])]:
+        root = tmp_path / f"c{shape[0]}/images"
+        save(root / "train/a/lab.tif", lab)
+        save(root / "train/b/1.png", noise((4, 6, 3), 0))
+        table, pixels = to_parquet(root, shape)
+        np.testing.assert_array_equal(by_file(table, pixels)["train/a/lab.tif"], expected)
+    first, second = sha_order(["train/a/1.png", "train/b/lab.tif"])
+    root = tmp_path / "plain/images"
+    save(root / first, noise((4, 6, 3), 0))
+    odd = save(root / second, lab)
+    assert refused(check_images, root, scan_split(root, "train"), None) == (
+        f"{odd}: image is 6x4 LAB, expected 6x4 RGB as {root / first}; set data.image_shape to convert"
     )
 
 
