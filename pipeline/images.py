@@ -318,7 +318,8 @@ def _opened(path: Path) -> Iterator[Image.Image]:
             raise DataError(f"{path}: image is {im.format}, expected {ACCEPTED}")
         if ImageMode.getmode(im.mode).typestr not in ("|u1", "|b1"):
             raise DataError(
-                f"{path}: image mode {im.mode} has more than 8 bits per channel; expected 8-bit {ACCEPTED}"
+                f"{path}: image mode {im.mode} has more than 8 bits per channel; expected 8 bits: scale "
+                "it to 0..255 first (how its range maps to 8 bits, a shift or a window, is the data's choice)"
             )
         yield im
 

@@ -525,12 +525,31 @@ def test_mode_other_than_l_or_rgb_without_shape_is_refused(tmp_path: Path, mode:
     to_parquet(root, (3, 4, 6))
 
 
-def test_sixteen_bit_image_is_refused_even_with_a_shape(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("array", "name"),
+    [
+        (np.full((4, 6), 1000, np.uint16), "2.png"),
+        (np.full((4, 6), 1000, np.uint16), "2.pgm"),
+        (np.full((4, 6), 0.5, np.float32), "2.tif"),
+    ],
+)
+def test_an_image_of_more_than_8_bits_is_refused_even_with_a_shape(
+    tmp_path: Path, array: np.ndarray, name: str
+) -> None:
+    """Pillow's conversion to 8 bits clips (1000 becomes 255), never scales: refused, with the fix."""
     root = tmp_path / "images"
-    odd = one_odd_image(root, Image.fromarray(np.full((4, 6), 1000, np.uint16)))
-    check_both(
-        root, (1, 4, 6), f"{odd}: image mode I;16 has more than 8 bits per channel; expected 8-bit {ACCEPTED}"
-    )
+    save(root / "train/a/1.png", noise((4, 6), 0))
+    odd = save(root / f"train/b/{name}", array)
+    with Image.open(odd) as im:
+        mode = im.mode
+    assert mode.startswith("I") or mode == "F"
+    for image_shape in [(1, 4, 6), (3, 4, 6)]:
+        check_both(
+            root,
+            image_shape,
+            f"{odd}: image mode {mode} has more than 8 bits per channel; expected 8 bits: scale it to "
+            "0..255 first (how its range maps to 8 bits, a shift or a window, is the data's choice)",
+        )
 
 
 def test_a_mode_pillow_cannot_take_straight_to_grey_goes_through_rgb(tmp_path: Path) -> None:
