@@ -45,6 +45,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tests/test_train_stage_dvc.py::test_dvc_exp_run_with_other_loader_settings_reports_the_same_accuracy",
         '"loader.num_workers=2"',
     ),
+    "python -m trainer.predict --model models photo.jpg": (
+        "tests/test_predict.py::test_the_command_prints_a_line_per_file",
+        '"trainer.predict"',
+    ),
+    "python -m trainer.predict --model models photo.jpg scan.png": (
+        "tests/test_predict.py::test_the_command_prints_a_line_per_file",
+        '"trainer.predict"',
+    ),
     "dvc exp show": (
         "tests/test_train_stage_dvc.py::test_dvc_exp_run_with_other_loader_settings_reports_the_same_accuracy",
         '"exp", "show"',
