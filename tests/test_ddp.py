@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -299,6 +300,17 @@ def test_two_processes_match_one(one: Path, two: Path) -> None:
     assert a["test_acc"][-1][1] > 0.2, "the model must learn something for the comparison to mean anything"
     assert sorted(p.name for p in (two / "dvclive").iterdir()) == ["metrics.json", "plots"]
     assert not (two / "checkpoints").exists()
+    # The confusion matrix sums both ranks' slices of the test split: every sample once, its
+    # diagonal the logged test_acc, and within the one sample that may flip of the one-process run.
+    confusion = {}
+    for work in (one, two):
+        pairs = json.loads((work / "dvclive/plots/sklearn/confusion_matrix.json").read_text())
+        confusion[work] = Counter((p["actual"], p["predicted"]) for p in pairs)
+        assert len(pairs) == N_TEST
+        diagonal = sum(n for (actual, predicted), n in confusion[work].items() if actual == predicted)
+        assert diagonal == round(history(work)["test_acc"][-1][1] * N_TEST)
+    moved = (confusion[one] - confusion[two]) + (confusion[two] - confusion[one])
+    assert sum(moved.values()) <= 2
 
 
 def _match(a: dict, b: dict) -> None:

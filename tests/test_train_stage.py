@@ -167,6 +167,10 @@ def history(work: Path, names: tuple[str, ...] = METRICS) -> dict[str, list[tupl
     return out
 
 
+def confusion_file(work: Path) -> bytes:
+    return (work / "dvclive" / "plots" / "sklearn" / "confusion_matrix.json").read_bytes()
+
+
 def same_as_baseline(work0: Path, work: Path) -> None:
     """``work``'s run ended as the uninterrupted one in ``work0``: one logged row per epoch, none
     duplicated or missing, every model metric as the same float, the same model file."""
@@ -179,6 +183,7 @@ def same_as_baseline(work0: Path, work: Path) -> None:
     assert (work0 / "models" / "model.safetensors").read_bytes() == (
         work / "models" / "model.safetensors"
     ).read_bytes()
+    assert confusion_file(work0) == confusion_file(work)
 
 
 def test_train_stage_end_to_end(baseline) -> None:
@@ -214,6 +219,30 @@ def test_train_stage_end_to_end(baseline) -> None:
     assert not any(name.startswith("val_") for name in summary)  # no --val: no validation metrics
     assert not (work / "checkpoints").exists(), "a finished run leaves no checkpoint behind"
     assert sorted(p.name for p in (work / "dvclive").iterdir()) == ["metrics.json", "plots"]
+
+
+def test_the_confusion_matrix_is_the_final_model_on_the_test_split(data: Path, baseline) -> None:
+    """dvclive/plots/sklearn/confusion_matrix.json: one (actual, predicted) pair of class names per
+    test sample, ordered by class; its diagonal is the logged test_acc, and its cells are the
+    exported model's predictions on the test split, evaluated here by hand."""
+    work, _ = baseline
+    pairs = json.loads(confusion_file(work))
+    names = load_model(work / "models")[1]["class_names"]
+    index = [(names.index(p["actual"]), names.index(p["predicted"])) for p in pairs]
+    assert index == sorted(index) and set(pairs[0]) == {"actual", "predicted"}
+    model, _ = load_model(work / "models")
+    dataset = ShardDataset(validate_split(data / "test", expected_split="test"))
+    images, labels = dataset[torch.arange(len(dataset))]
+    assert len(pairs) == len(labels)
+    assert [a for a, _ in index] == sorted(labels.tolist())  # each sample's own class
+    summary = json.loads((work / "dvclive" / "metrics.json").read_text())
+    assert sum(a == p for a, p in index) == round(summary["test_acc"] * len(labels))
+    by_hand = evaluate(model, [(images, labels)], torch.device("cpu"), non_blocking=False).confusion
+    counts = torch.zeros_like(by_hand)
+    for a, p in index:
+        counts[a, p] += 1
+    assert (counts - by_hand).abs().sum() <= 2  # a near-tie may flip in another batch size: one sample moves
+    assert counts.sum(dim=1).tolist() == by_hand.sum(dim=1).tolist()
 
 
 def _empty_val(folder: Path) -> Path:
@@ -345,6 +374,7 @@ def test_loader_settings_change_speed_never_results(data: Path, baseline, tmp_pa
         tmp_path / "models" / "model.safetensors"
     ).read_bytes()
     assert (work0 / "models" / "model.json").read_bytes() == (tmp_path / "models" / "model.json").read_bytes()
+    assert confusion_file(work0) == confusion_file(tmp_path)  # ordered by class, never by the loader
 
 
 @pytest.mark.slow
@@ -395,6 +425,7 @@ def test_killed_run_resumes_to_the_same_result(data: Path, baseline, tmp_path: P
     assert (work0 / "models" / "model.safetensors").read_bytes() == (
         tmp_path / "models" / "model.safetensors"
     ).read_bytes()
+    assert confusion_file(work0) == confusion_file(tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -190,6 +190,16 @@ def train_epoch(
     return entry
 
 
+def test_confusion(run: Run, classes: int) -> list[list[int]]:
+    """The model's confusion counts on the test split, summed over the ranks: row i, column j counts
+    the test samples of class i it predicts as class j. Every rank calls it (a collective)."""
+    counts = _evaluate(run, run.test_loader).confusion
+    if counts is None:  # this rank's slice of the split is empty
+        counts = torch.zeros(classes, classes, dtype=torch.int64)
+    summed = distributed.all_sum(counts.flatten().tolist(), run.group)  # float64: exact below 2**53
+    return [[int(n) for n in summed[row * classes : (row + 1) * classes]] for row in range(classes)]
+
+
 def _evaluate(run: Run, loader: Iterable) -> EvalStats:
     """One evaluation pass of this rank's slice of a split, as the run trains (normalisation, precision)."""
     return evaluate(

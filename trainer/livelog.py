@@ -4,7 +4,9 @@ DVCLive is always opened with ``resume=False`` and the history replayed: DVC
 deletes a stage's metrics and plots before rerunning it, and a killed run may
 have logged epochs past its last checkpoint, so the checkpoint (not whatever
 is left in ``dvclive/``) is the record the logs must agree with. The result has
-exactly one row per epoch in every ``dvclive/plots/metrics/*.tsv``.
+exactly one row per epoch in every ``dvclive/plots/metrics/*.tsv``. At the end the
+final model's confusion matrix on the test split is written beside them, in
+``dvclive/plots/sklearn/confusion_matrix.json``.
 
 A folder that cannot be written (read-only, disk full, a file in the way) is
 an :class:`~pipeline.errors.OutputError` naming it, not DVCLive's traceback;
@@ -19,6 +21,8 @@ from pathlib import Path
 
 from dvclive import Live
 from pipeline.errors import OutputError
+
+CONFUSION = "confusion_matrix.json"  # in <live_dir>/plots/sklearn/, where DVCLive keeps such plots
 
 
 @contextlib.contextmanager
@@ -50,6 +54,19 @@ class LiveLog:
                     name, int(value) if name == "processes" else value
                 )  # a count, also resumed
             self.live.next_step()
+
+    def confusion(self, counts: Sequence[Sequence[int]], class_names: Sequence[str]) -> None:
+        """Write the test split's confusion matrix, one (actual, predicted) pair of class names per
+        sample, as DVC's ``confusion`` template reads it (:data:`CONFUSION`). The pairs are ordered
+        by class, not by sample, so the file depends on the counts alone, never on the loader."""
+        actual: list[str] = []
+        predicted: list[str] = []
+        for row, name in zip(counts, class_names):
+            for n, as_name in zip(row, class_names):
+                actual += [name] * n
+                predicted += [as_name] * n
+        with _writing(self.live_dir):
+            self.live.log_sklearn_plot("confusion_matrix", actual, predicted, name=CONFUSION)
 
     def end(self) -> None:
         with _writing(self.live_dir):

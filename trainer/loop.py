@@ -83,6 +83,8 @@ class EvalStats:
     loss_sum: float
     correct: int
     samples: int
+    # int64 [classes, classes] on the CPU: samples of class i (row) predicted as class j (column)
+    confusion: torch.Tensor | None = None
 
     @property
     def loss(self) -> float:
@@ -217,12 +219,14 @@ def evaluate(
     normalize: Callable[[torch.Tensor], torch.Tensor] = identity,
     precision: Precision | None = None,
 ) -> EvalStats:
-    """Summed cross-entropy and correct predictions over ``loader``, under ``precision``'s autocast."""
+    """Summed cross-entropy, correct predictions and the confusion counts over ``loader``, under
+    ``precision``'s autocast."""
     precision = precision or Precision()
     model.eval()
     loss_sum = 0.0
     correct = 0
     samples = 0
+    confusion = None
     with torch.inference_mode(), _iterating(loader) as batches:
         for images, labels in batches:
             images = images.to(device, non_blocking=non_blocking)
@@ -231,6 +235,12 @@ def evaluate(
             with precision.autocast():
                 logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += int((logits.argmax(dim=1) == labels).sum().item())
+            predicted = logits.argmax(dim=1)
+            correct += int((predicted == labels).sum().item())
             samples += labels.shape[0]
-    return EvalStats(loss_sum, correct, samples)
+            classes = logits.shape[1]
+            pairs = torch.bincount(labels * classes + predicted, minlength=classes * classes)
+            confusion = pairs if confusion is None else confusion + pairs
+    if confusion is not None:
+        confusion = confusion.reshape(classes, classes).cpu()
+    return EvalStats(loss_sum, correct, samples, confusion)

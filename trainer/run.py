@@ -52,7 +52,7 @@ from trainer.checkpoint import (
 )
 from trainer.data import ShardDataset
 from trainer.device_norm import DeviceNormalizer
-from trainer.epoch import Run, Split, checkpoint_at_epoch_end, export, train_epoch
+from trainer.epoch import Run, Split, checkpoint_at_epoch_end, export, test_confusion, train_epoch
 from trainer.livelog import LiveLog
 from trainer.loader import (
     LoaderSettings,
@@ -276,7 +276,8 @@ def train(
         train_dir, test_dir: shard folders written by the tensorize stage.
         model_dir: output folder for ``model.safetensors`` and ``model.json``.
         checkpoint_dir: folder for resumable checkpoints (not a DVC output).
-        live_dir: the DVCLive folder (``metrics.json``, ``plots/metrics``).
+        live_dir: the DVCLive folder (``metrics.json``, ``plots/metrics``, and the final model's
+            test-split confusion matrix in ``plots/sklearn``).
         loader: the ``loader`` section.
         train: the ``train`` section.
         val_dir: a val split folder; with samples in it every epoch also logs ``val_loss`` and
@@ -389,8 +390,10 @@ def train(
                 # A shard replaced mid-run is detected in the worker that maps it.
                 raise unwrap_worker_error(exc) from None
 
+            confusion = test_confusion(run, train_split.manifest.num_classes)  # every rank takes part
             if group.is_main:
                 export(run, model_dir, train_split, history)
+                live.confusion(confusion, train_split.manifest.class_names)
                 live.end()
                 _drop_checkpoint(checkpoint_dir)
             return history[-1]
