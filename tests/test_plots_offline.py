@@ -10,8 +10,10 @@ way to prove the browser really is offline.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,31 @@ def test_plots_show_draws_every_metric_offline(repo: Path, tmp_path: Path) -> No
     share = non_white_share(screenshot(page, tmp_path / "shot.png", tmp_path / "profile2"))
     print(f"plots show: non-white share {share:.4f}")
     assert share > MIN_NON_WHITE
+
+
+CONFUSION = Path("dvclive/plots/sklearn/confusion_matrix.json")
+# A cell of DVC's confusion template, as Vega labels it for screen readers.
+CONFUSION_CELL = re.compile(
+    r'aria-label="True class: ([^;"]*); Predicted class: ([^;"]*); xy_count: (\d+)" '
+    r'role="graphics-symbol" aria-roledescription="rect mark"'
+)
+
+
+def test_plots_show_draws_the_confusion_matrix_offline(repo: Path, tmp_path: Path) -> None:
+    """The reference run's confusion matrix: a coloured cell per (true, predicted) pair of classes,
+    each with the count of the committed file's pairs."""
+    pairs = json.loads((repo / CONFUSION).read_text())
+    expected = Counter((p["actual"], p["predicted"]) for p in pairs)
+    assert len(pairs) == 10_000 and len({a for a, _ in expected}) == 10  # FashionMNIST's test split
+    dvc(repo, "plots", "show")
+    dom = dump_dom(repo / "dvc_plots/index.html", tmp_path / "profile")
+    chunk = dom.split('<div id="dvclive_plots_sklearn_confusion_matrix_json"', 1)[1]
+    svg = re.search(r'<svg[^>]*class="marks".*?</svg>', chunk, re.S)
+    assert svg, "no confusion matrix drawn"
+    drawn: dict[tuple[str, str], int] = {}
+    for actual, predicted, count in CONFUSION_CELL.findall(svg.group(0)):
+        assert drawn.setdefault((actual, predicted), int(count)) == int(count)
+    assert {cell: n for cell, n in drawn.items() if n} == dict(expected)
 
 
 def test_plots_diff_draws_both_revisions_offline(repo: Path, tmp_path: Path) -> None:
