@@ -17,10 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.cli import run_stage
+from pipeline.normalize import make_normalization
+from pipeline.tensorize import write_split
 from stages.train import main
 from tests.test_trainer import make_split
 from trainer.data import ShardDataset
@@ -237,12 +240,49 @@ def test_the_confusion_matrix_is_the_final_model_on_the_test_split(data: Path, b
     assert [a for a, _ in index] == sorted(labels.tolist())  # each sample's own class
     summary = json.loads((work / "dvclive" / "metrics.json").read_text())
     assert sum(a == p for a, p in index) == round(summary["test_acc"] * len(labels))
-    by_hand = evaluate(model, [(images, labels)], torch.device("cpu"), non_blocking=False).confusion
+    by_hand = evaluate(
+        model, [(images, labels)], torch.device("cpu"), non_blocking=False, confusion_classes=len(names)
+    ).confusion
     counts = torch.zeros_like(by_hand)
     for a, p in index:
         counts[a, p] += 1
     assert (counts - by_hand).abs().sum() <= 2  # a near-tie may flip in another batch size: one sample moves
     assert counts.sum(dim=1).tolist() == by_hand.sum(dim=1).tolist()
+
+
+@pytest.mark.parametrize("classes", [100, 101])
+def test_past_100_classes_the_confusion_matrix_is_left_empty_with_a_notice(
+    tmp_path: Path, classes: int
+) -> None:
+    """10,000 cells at most (CIFAR-100's): DVC's template draws every pair of classes, and a page of
+    more would not load. The file is a declared output, so it is written either way."""
+    rng = np.random.default_rng(0)
+    names = tuple(f"c{i:03d}" for i in range(classes))
+    for split, n in (("train", 2 * classes), ("test", classes)):
+        labels = np.arange(n) % classes
+        write_split(
+            [(rng.integers(0, 256, (n, 64), dtype=np.uint8), labels.astype(np.uint16))],
+            tmp_path / "data" / split,
+            dataset="csv",
+            split=split,
+            shard_size=1000,
+            normalization=make_normalization("unit", None),
+            image_shape=(1, 8, 8),
+            class_names=names,
+        )
+    res = run_train(
+        tmp_path / "data", tmp_path / "work", write_params(tmp_path / "p.yaml", train={"epochs": 1})
+    )
+    assert res.returncode == 0, res.stderr
+    pairs = json.loads(confusion_file(tmp_path / "work"))
+    notice = (
+        f"notice: {classes} classes: no confusion matrix (more than 100, too many cells to draw); its file "
+        "holds no pairs\n"
+    )
+    if classes == 100:
+        assert len(pairs) == classes and notice not in res.stderr
+    else:
+        assert pairs == [] and notice in res.stderr
 
 
 def _empty_val(folder: Path) -> Path:

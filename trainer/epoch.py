@@ -45,6 +45,7 @@ Split = ValidSplit | StreamedSplit
 # On an accelerator reading the running loss makes the host wait for the device, so the step
 # boundary (non-finite check, time-based checkpoint) runs every this many steps; on the CPU every step.
 ACCELERATOR_CHECK_STEPS = 16
+CONFUSION_MAX_CLASSES = 100  # a confusion matrix of 10,000 cells at most: CIFAR-100's
 
 
 @dataclass(frozen=True)
@@ -190,12 +191,29 @@ def train_epoch(
     return entry
 
 
-def test_confusion(run: Run, classes: int) -> list[list[int]]:
+def test_confusion(run: Run, classes: int) -> list[list[int]] | None:
     """The model's confusion counts on the test split, summed over the ranks: row i, column j counts
-    the test samples of class i it predicts as class j. Every rank calls it (a collective)."""
-    counts = _evaluate(run, run.test_loader).confusion
-    if counts is None:  # this rank's slice of the split is empty
-        counts = torch.zeros(classes, classes, dtype=torch.int64)
+    the test samples of class i it predicts as class j. Every rank calls it (a collective).
+
+    None past :data:`CONFUSION_MAX_CLASSES` classes, without a pass: a page cannot draw that many
+    cells (DVC's template draws every pair of classes), nor a person read them.
+    """
+    if classes > CONFUSION_MAX_CLASSES:
+        log.info(
+            "%d classes: no confusion matrix (more than %d, too many cells to draw); its file holds no pairs",
+            classes,
+            CONFUSION_MAX_CLASSES,
+        )
+        return None
+    counts = evaluate(
+        run.model,
+        run.test_loader,
+        run.device,
+        non_blocking=run.non_blocking,
+        normalize=run.normalize,
+        precision=run.precision,
+        confusion_classes=classes,
+    ).confusion
     summed = distributed.all_sum(counts.flatten().tolist(), run.group)  # float64: exact below 2**53
     return [[int(n) for n in summed[row * classes : (row + 1) * classes]] for row in range(classes)]
 

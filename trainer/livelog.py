@@ -55,13 +55,15 @@ class LiveLog:
                 )  # a count, also resumed
             self.live.next_step()
 
-    def confusion(self, counts: Sequence[Sequence[int]], class_names: Sequence[str]) -> None:
+    def confusion(self, counts: Sequence[Sequence[int]] | None, class_names: Sequence[str]) -> None:
         """Write the test split's confusion matrix, one (actual, predicted) pair of class names per
         sample, as DVC's ``confusion`` template reads it (:data:`CONFUSION`). The pairs are ordered
-        by class, not by sample, so the file depends on the counts alone, never on the loader."""
+        by class, not by sample, so the file depends on the counts alone, never on the loader.
+        ``None`` (too many classes to draw) writes no pairs: the file is a declared output of the
+        stage, so it is written either way."""
         actual: list[str] = []
         predicted: list[str] = []
-        for row, name in zip(counts, class_names):
+        for row, name in zip(counts or [], class_names):
             for n, as_name in zip(row, class_names):
                 actual += [name] * n
                 predicted += [as_name] * n

@@ -218,15 +218,17 @@ def evaluate(
     non_blocking: bool,
     normalize: Callable[[torch.Tensor], torch.Tensor] = identity,
     precision: Precision | None = None,
+    confusion_classes: int = 0,
 ) -> EvalStats:
-    """Summed cross-entropy, correct predictions and the confusion counts over ``loader``, under
-    ``precision``'s autocast."""
+    """Summed cross-entropy and correct predictions over ``loader``, under ``precision``'s autocast;
+    with ``confusion_classes`` (the model's outputs) also the confusion counts."""
     precision = precision or Precision()
     model.eval()
     loss_sum = 0.0
     correct = 0
     samples = 0
-    confusion = None
+    k = confusion_classes
+    confusion = torch.zeros(k * k, dtype=torch.int64, device=device) if k else None
     with torch.inference_mode(), _iterating(loader) as batches:
         for images, labels in batches:
             images = images.to(device, non_blocking=non_blocking)
@@ -238,9 +240,8 @@ def evaluate(
             predicted = logits.argmax(dim=1)
             correct += int((predicted == labels).sum().item())
             samples += labels.shape[0]
-            classes = logits.shape[1]
-            pairs = torch.bincount(labels * classes + predicted, minlength=classes * classes)
-            confusion = pairs if confusion is None else confusion + pairs
+            if confusion is not None:  # integer sums: exact in any order
+                confusion.index_add_(0, labels * k + predicted, torch.ones_like(labels))
     if confusion is not None:
-        confusion = confusion.reshape(classes, classes).cpu()
+        confusion = confusion.reshape(k, k).cpu()
     return EvalStats(loss_sum, correct, samples, confusion)
