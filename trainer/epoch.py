@@ -46,6 +46,7 @@ Split = ValidSplit | StreamedSplit
 # boundary (non-finite check, time-based checkpoint) runs every this many steps; on the CPU every step.
 ACCELERATOR_CHECK_STEPS = 16
 CONFUSION_MAX_CLASSES = 100  # a confusion matrix of 10,000 cells at most: CIFAR-100's
+Confusion = list[list[int]]  # row i, column j: the test samples of class i predicted as class j
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,16 @@ def checkpoint_at_epoch_end(
 
 
 def train_epoch(
-    run: Run, epoch: int, start: Position, timer: CheckpointTimer, history: list[dict[str, float]]
-) -> dict[str, float]:
-    """One epoch from ``start``'s global batch on, evaluated; the metrics of all ranks together."""
+    run: Run,
+    epoch: int,
+    start: Position,
+    timer: CheckpointTimer,
+    history: list[dict[str, float]],
+    confusion_classes: int = 0,
+) -> tuple[dict[str, float], Confusion | None]:
+    """One epoch from ``start``'s global batch on, evaluated; the metrics of all ranks together, and
+    with ``confusion_classes`` (the last epoch's: the final model's) the test split's confusion matrix
+    counted in the same test pass."""
     group, train = run.group, run.params
     batches = run.train_batches.sampler.batches_per_epoch
 
@@ -159,7 +167,7 @@ def train_epoch(
             train.augment, seed=train.seed, epoch=epoch, rank=group.rank, world=group.world_size
         ),
     )
-    result = _evaluate(run, run.test_loader)
+    result = _evaluate(run, run.test_loader, confusion_classes)
     loss_sum, samples, test_sum, correct, test_samples = distributed.all_sum(
         [stats.loss_sum, stats.samples, result.loss_sum, result.correct, result.samples], group
     )
@@ -188,37 +196,39 @@ def train_epoch(
     losses = [entry["test_loss"], entry.get("val_loss", 0.0)]
     if not (all(math.isfinite(v) for v in losses) and weights_finite(run.model)):
         raise non_finite(boundary.where(batches), "the test or val loss or a weight", train.lr)
-    return entry
+    return entry, _summed(result.confusion, group)
 
 
-def test_confusion(run: Run, classes: int) -> list[list[int]] | None:
-    """The model's confusion counts on the test split, summed over the ranks: row i, column j counts
-    the test samples of class i it predicts as class j. Every rank calls it (a collective).
+def confusion_classes(classes: int) -> int:
+    """``classes``, the side of the confusion matrix the run counts; 0 (none, with a notice) past
+    :data:`CONFUSION_MAX_CLASSES`: DVC's template draws every pair of classes, and a page cannot
+    draw that many cells, nor a person read them."""
+    if classes <= CONFUSION_MAX_CLASSES:
+        return classes
+    log.info(
+        "%d classes: no confusion matrix (more than %d, too many cells to draw); its file holds no pairs",
+        classes,
+        CONFUSION_MAX_CLASSES,
+    )
+    return 0
 
-    None past :data:`CONFUSION_MAX_CLASSES` classes, without a pass: a page cannot draw that many
-    cells (DVC's template draws every pair of classes), nor a person read them.
-    """
-    if classes > CONFUSION_MAX_CLASSES:
-        log.info(
-            "%d classes: no confusion matrix (more than %d, too many cells to draw); its file holds no pairs",
-            classes,
-            CONFUSION_MAX_CLASSES,
-        )
+
+def test_confusion(run: Run, classes: int) -> Confusion | None:
+    """The test split's confusion matrix by a pass of its own, for a run resumed after its last
+    epoch (any other run counts it in its last epoch's test pass). Every rank calls it."""
+    return _summed(_evaluate(run, run.test_loader, classes).confusion, run.group)
+
+
+def _summed(counts: torch.Tensor | None, group: distributed.Group) -> Confusion | None:
+    """This rank's confusion counts summed over the ranks (a collective, when there are counts)."""
+    if counts is None:
         return None
-    counts = evaluate(
-        run.model,
-        run.test_loader,
-        run.device,
-        non_blocking=run.non_blocking,
-        normalize=run.normalize,
-        precision=run.precision,
-        confusion_classes=classes,
-    ).confusion
-    summed = distributed.all_sum(counts.flatten().tolist(), run.group)  # float64: exact below 2**53
-    return [[int(n) for n in summed[row * classes : (row + 1) * classes]] for row in range(classes)]
+    k = counts.shape[0]
+    summed = distributed.all_sum(counts.flatten().tolist(), group)  # float64: exact below 2**53
+    return [[int(n) for n in summed[row * k : (row + 1) * k]] for row in range(k)]
 
 
-def _evaluate(run: Run, loader: Iterable) -> EvalStats:
+def _evaluate(run: Run, loader: Iterable, confusion_classes: int = 0) -> EvalStats:
     """One evaluation pass of this rank's slice of a split, as the run trains (normalisation, precision)."""
     return evaluate(
         run.model,
@@ -227,6 +237,7 @@ def _evaluate(run: Run, loader: Iterable) -> EvalStats:
         non_blocking=run.non_blocking,
         normalize=run.normalize,
         precision=run.precision,
+        confusion_classes=confusion_classes,
     )
 
 

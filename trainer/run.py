@@ -52,7 +52,15 @@ from trainer.checkpoint import (
 )
 from trainer.data import ShardDataset
 from trainer.device_norm import DeviceNormalizer
-from trainer.epoch import Run, Split, checkpoint_at_epoch_end, export, test_confusion, train_epoch
+from trainer.epoch import (
+    Run,
+    Split,
+    checkpoint_at_epoch_end,
+    confusion_classes,
+    export,
+    test_confusion,
+    train_epoch,
+)
 from trainer.livelog import LiveLog
 from trainer.loader import (
     LoaderSettings,
@@ -376,10 +384,13 @@ def train(
             live = LiveLog(live_dir, metrics, history) if group.is_main else None
 
             timer = CheckpointTimer(train.checkpoint_seconds)
+            classes = confusion_classes(train_split.manifest.num_classes)
+            confusion = None
             try:
                 for epoch in range(position.epoch, train.epochs):
                     start = position if epoch == position.epoch else Position(epoch)
-                    entry = train_epoch(run, epoch, start, timer, history)
+                    last = epoch == train.epochs - 1
+                    entry, confusion = train_epoch(run, epoch, start, timer, history, classes if last else 0)
                     history.append(entry)
                     done = epoch + 1
                     if live is not None:
@@ -390,7 +401,8 @@ def train(
                 # A shard replaced mid-run is detected in the worker that maps it.
                 raise unwrap_worker_error(exc) from None
 
-            confusion = test_confusion(run, train_split.manifest.num_classes)  # every rank takes part
+            if confusion is None and classes:  # resumed after the last epoch: a pass of its own
+                confusion = test_confusion(run, classes)
             if group.is_main:
                 export(run, model_dir, train_split, history)
                 live.confusion(confusion, train_split.manifest.class_names)
