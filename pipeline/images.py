@@ -283,7 +283,7 @@ def _resolve_shape(image_shape: Sequence[int], where: str) -> tuple[int, int, in
 
 
 @contextlib.contextmanager
-def _own_images() -> Iterator[None]:
+def own_images() -> Iterator[None]:
     """Pillow's decompression-bomb warning is not printed: these are the user's own files, not a stranger's.
 
     Its error, at twice the warning's pixel count, still refuses an image (:func:`_opened`). The
@@ -367,7 +367,7 @@ def check_images(
         DataError: an image cannot be opened, or differs from the first (without ``image_shape``);
             the message names the file.
     """
-    with _own_images():
+    with own_images():
         return _check_headers(Path(images_dir), entries, image_shape)
 
 
@@ -518,7 +518,7 @@ def image_shape_of(
         raise DataError(
             f"{where}: listing is empty and data.image_shape is not set; expected one or the other"
         )
-    with _own_images():
+    with own_images():
         return decode_image(Path(images_dir) / listing[0].file, None).shape
 
 
@@ -557,7 +557,7 @@ def decoded_batches(
             pixels = np.empty((len(batch), *image_shape), dtype=np.uint8)
             # Pillow's switches are global: set here, in this thread, while this batch's threads decode,
             # and not across the yield, where the caller's code runs.
-            with _own_images(), _strict_decoding():
+            with own_images(), _strict_decoding():
                 futures = [
                     pool.submit(_decode_into, pixels, i, images_dir / e.file, image_shape, convert, first)
                     for i, e in enumerate(batch)

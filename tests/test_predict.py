@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,17 @@ def test_an_image_file_reaches_the_model_as_its_shard_row_did(trained: dict) -> 
     assert [p.index for p in predictions] == expected.indices.tolist()
     assert [p.label for p in predictions] == [CLASSES[i] for i in expected.indices.tolist()]
     assert [p.probability for p in predictions] == expected.values.tolist()
+
+
+def test_a_photo_past_pillows_bomb_warning_is_read_quietly(tmp_path: Path, monkeypatch) -> None:
+    """As the data stages read the user's own files: no warning, and the filters left as they were."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30)  # a warning from 31 pixels, the error from 61
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(tmp_path / "big.png")  # 48 pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before = list(warnings.filters)
+        assert read_images([tmp_path / "big.png"], SHAPE).shape == (1, *SHAPE)
+        assert warnings.filters == before
 
 
 def test_pixels_of_another_shape_or_type_are_refused(trained: dict) -> None:

@@ -32,7 +32,7 @@ import torch
 
 from pipeline.cli import run_stage
 from pipeline.errors import DataError, PipelineError
-from pipeline.images import decode_image
+from pipeline.images import decode_image, own_images
 from pipeline.manifest import Normalization
 from pipeline.normalize import normalize
 from trainer.export import CONFIG, load_model
@@ -54,8 +54,9 @@ def read_images(paths: Sequence[Path | str], input_shape: Sequence[int]) -> np.n
     c, h, w = (int(n) for n in input_shape)
     _check_files(paths)
     pixels = np.empty((len(paths), c, h, w), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        pixels[i] = decode_image(Path(path), (c, h, w))
+    with own_images():  # a photo past Pillow's decompression-bomb warning decodes quietly, as in the stages
+        for i, path in enumerate(paths):
+            pixels[i] = decode_image(Path(path), (c, h, w))
     return pixels
 
 
