@@ -85,7 +85,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     shard = safetensors.numpy.load_file(tmp / "t/train" / manifests["train"].shards[0].file)
     files = pq.read_table(parquet["train"], columns=["file"]).column("file").to_pylist()
     assert len(files) == len(shard["images"]) == len(FILES) * len(CLASSES)  # every train row, in order
-    return {"tmp": tmp, "model": model, "shard": shard, "files": [images / f for f in files]}
+    return {
+        "tmp": tmp,
+        "model": model,
+        "shard": shard,
+        "files": [images / f for f in files],
+        "manifest": manifests["train"],
+    }
 
 
 def test_an_image_file_reaches_the_model_as_its_shard_row_did(trained: dict) -> None:
@@ -96,11 +102,14 @@ def test_an_image_file_reaches_the_model_as_its_shard_row_did(trained: dict) -> 
     assert inputs.dtype == torch.float32 and rows.dtype == np.float32
     assert np.array_equal(inputs.numpy().view(np.uint32), rows.view(np.uint32))  # bit for bit
     with torch.inference_mode():
-        expected = torch.softmax(trained["model"](torch.from_numpy(rows)), dim=1).max(dim=1)
+        logits = trained["model"](torch.from_numpy(rows))
+    index = logits.argmax(dim=1).tolist()  # as test_acc counts a prediction
+    probabilities = torch.softmax(logits, dim=1)
     predictions = classifier(read_images(trained["files"], classifier.input_shape))
-    assert [p.index for p in predictions] == expected.indices.tolist()
-    assert [p.label for p in predictions] == [CLASSES[i] for i in expected.indices.tolist()]
-    assert [p.probability for p in predictions] == expected.values.tolist()
+    assert [p.index for p in predictions] == index
+    assert [p.label for p in predictions] == [CLASSES[i] for i in index]
+    assert [p.probability for p in predictions] == [probabilities[n, i].item() for n, i in enumerate(index)]
+    assert len(set(index)) > 1  # the seeded model tells the classes apart, so a mix-up of rows would show
 
 
 def test_a_photo_past_pillows_bomb_warning_is_read_quietly(tmp_path: Path, monkeypatch) -> None:
@@ -112,6 +121,26 @@ def test_a_photo_past_pillows_bomb_warning_is_read_quietly(tmp_path: Path, monke
         before = list(warnings.filters)
         assert read_images([tmp_path / "big.png"], SHAPE).shape == (1, *SHAPE)
         assert warnings.filters == before
+
+
+def test_the_class_is_the_logits_argmax_even_where_softmax_rounds_two_alike(
+    trained: dict, tmp_path: Path
+) -> None:
+    """Logits 0 and 1e-8 are two float32 values, but exp() of both rounds to 1.0: a max over the
+    softmax would name the first class, where test_acc (an argmax of the logits) counts the second."""
+    model = SimpleCNN(*SHAPE, len(CLASSES))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        model.classifier[3].bias.copy_(torch.tensor([0.0, 1e-8, -30.0]))
+    save_model(tmp_path / "models", model, manifest=trained["manifest"], train=TrainParams())
+    classifier = Classifier(tmp_path / "models")
+    with torch.inference_mode():
+        probabilities = torch.softmax(model(classifier.inputs(np.zeros((1, *SHAPE), np.uint8))), dim=1)
+    assert probabilities[0, 0] == probabilities[0, 1]  # the tie a softmax max would break the wrong way
+    [prediction] = classifier(np.zeros((1, *SHAPE), np.uint8))
+    assert (prediction.label, prediction.index) == ("cat", 1)
+    assert prediction.probability == probabilities[0, 1].item()
 
 
 def test_pixels_of_another_shape_or_type_are_refused(trained: dict) -> None:

@@ -103,8 +103,11 @@ class Classifier:
         predictions = []
         with torch.inference_mode():
             for start in range(0, len(pixels), BATCH):
-                probabilities = torch.softmax(self.model(self.inputs(pixels[start : start + BATCH])), dim=1)
-                best, index = probabilities.max(dim=1)
+                logits = self.model(self.inputs(pixels[start : start + BATCH]))
+                # The class is the logits' argmax, as test_acc counts it: two logits a hair apart may
+                # round to one softmax probability, whose max would then name the first of the two.
+                index = logits.argmax(dim=1)
+                best = torch.softmax(logits, dim=1).gather(1, index[:, None])[:, 0]
                 predictions += [
                     Prediction(self.class_names[i], i, p) for i, p in zip(index.tolist(), best.tolist())
                 ]
