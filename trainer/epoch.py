@@ -199,7 +199,7 @@ def train_epoch(
     return entry, _summed(result.confusion, group)
 
 
-def confusion_classes(classes: int) -> int:
+def confusion_side(classes: int) -> int:
     """``classes``, the side of the confusion matrix the run counts; 0 (none, with a notice) past
     :data:`CONFUSION_MAX_CLASSES`: DVC's template draws every pair of classes, and a page cannot
     draw that many cells, nor a person read them."""

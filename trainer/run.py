@@ -56,7 +56,7 @@ from trainer.epoch import (
     Run,
     Split,
     checkpoint_at_epoch_end,
-    confusion_classes,
+    confusion_side,
     export,
     test_confusion,
     train_epoch,
@@ -384,7 +384,7 @@ def train(
             live = LiveLog(live_dir, metrics, history) if group.is_main else None
 
             timer = CheckpointTimer(train.checkpoint_seconds)
-            classes = confusion_classes(train_split.manifest.num_classes)
+            classes = confusion_side(train_split.manifest.num_classes)
             confusion = None
             try:
                 for epoch in range(position.epoch, train.epochs):
