@@ -58,12 +58,26 @@ def _wide_parquet(tmp_path: Path, n_train: int, n_test: int) -> tuple[Path, Path
     return paths[0], paths[1], train
 
 
+# Every format the image-folder source reads, and sizes other than the (3, 6, 5) asked for, so the
+# threads decode, convert and resize.
+_FORMATS = [
+    (".png", {}),
+    (".jpg", {}),
+    (".bmp", {}),
+    (".tif", {"compression": "tiff_lzw"}),
+    (".webp", {}),
+    (".ppm", {}),
+]
+
+
 def _image_folder(root: Path, n: int) -> Path:
     rng = np.random.default_rng(5)
     for i in range(n):
-        path = root / "train" / f"c{i % 3}" / f"{i:03d}.png"
+        suffix, kwargs = _FORMATS[i % len(_FORMATS)]
+        path = root / "train" / f"c{i % 3}" / f"{i:03d}{suffix}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).save(path)
+        shape = (6, 5, 3) if i % 2 else (9 + i % 4, 7, 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path, **kwargs)
     return root
 
 
