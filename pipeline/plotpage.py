@@ -12,6 +12,12 @@ replays them once the real ``vegaEmbed`` exists. A Content-Security-Policy
 forbids every network request, so a page that would reach for a CDN fails
 visibly instead of silently depending on one.
 
+It also writes the plot template of the test split's confusion matrix,
+``.dvc/plots/confusion_counts.json`` (``--confusion-template``): DVC's own
+``confusion`` template, which counts one row per sample, made to sum a ``count``
+field instead, so the trainer writes one row per cell and the file grows with
+the classes, not with the test split.
+
 The built template, ``.dvc/vega-offline.html`` (``plots.html_template`` in
 ``.dvc/config``), is committed: DVC reads it from the working tree, so
 ``dvc plots show`` works offline in any clone, whatever was installed. Its
@@ -24,6 +30,8 @@ byte. After changing this module or vl-convert-python, run
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 from importlib import metadata
 from pathlib import Path
 
@@ -32,6 +40,7 @@ from pipeline.cli import run_stage
 from pipeline.errors import PipelineError
 
 DEFAULT_OUT = Path(".dvc/vega-offline.html")  # .dvc/config: plots.html_template = vega-offline.html
+CONFUSION_TEMPLATE = Path(".dvc/plots/confusion_counts.json")  # dvc.yaml: template: confusion_counts
 BUNDLE_PACKAGE = "vl-convert-python"
 PLACEHOLDERS = ("{plot_divs}", "{scripts}", "{refresh_tag}")  # DVC replaces these in the template
 
@@ -141,10 +150,45 @@ def write_template(out: Path) -> int:
     return len(page)
 
 
+def confusion_counts_template() -> dict:
+    """DVC's ``confusion`` template for cells already counted, ``{actual, predicted, count}``: its
+    first transform sums ``count`` where DVC's counts rows; the rest is DVC's, as installed.
+
+    Raises:
+        PlotPageError: the installed DVC's template no longer starts with the count it replaces.
+    """
+    from dvc_render.vega_templates import ConfusionTemplate
+
+    content = copy.deepcopy(ConfusionTemplate.DEFAULT_CONTENT)
+    first = content["spec"]["transform"][0]
+    if first.get("aggregate") != [{"op": "count", "as": "xy_count"}]:
+        raise PlotPageError(f"DVC's confusion template no longer starts by counting rows: {first}")
+    first["aggregate"] = [{"op": "sum", "field": "count", "as": "xy_count"}]
+    return content
+
+
+def write_confusion_template(out: Path) -> int:
+    """Write :func:`confusion_counts_template` atomically to ``out``; returns its size in bytes."""
+    text = (json.dumps(confusion_counts_template(), indent=4) + "\n").encode("utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as tmp:
+        tmp.write_bytes(text)
+    return len(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"template file (default: {DEFAULT_OUT})")
+    p.add_argument(
+        "--confusion-template",
+        action="store_true",
+        help=f"write the confusion matrix's plot template, {CONFUSION_TEMPLATE}, instead",
+    )
     args = p.parse_args(argv)
+    if args.confusion_template:
+        size = write_confusion_template(CONFUSION_TEMPLATE)
+        print(f"confusion matrix template: {CONFUSION_TEMPLATE} ({size} bytes)")
+        return
     size = write_template(args.out)
     print(f"plots template: {args.out} ({size} bytes; Vega, Vega-Lite, Vega-Embed inlined)")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -110,7 +109,7 @@ def test_plots_show_draws_every_metric_offline(repo: Path, tmp_path: Path) -> No
     assert share > MIN_NON_WHITE
 
 
-CONFUSION = Path("dvclive/plots/sklearn/confusion_matrix.json")
+CONFUSION = Path("dvclive/plots/custom/confusion_matrix.json")
 # A cell of DVC's confusion template, as Vega labels it for screen readers.
 CONFUSION_CELL = re.compile(
     r'aria-label="True class: ([^;"]*); Predicted class: ([^;"]*); xy_count: (\d+)" '
@@ -119,20 +118,28 @@ CONFUSION_CELL = re.compile(
 
 
 def test_plots_show_draws_the_confusion_matrix_offline(repo: Path, tmp_path: Path) -> None:
-    """The reference run's confusion matrix: a coloured cell per (true, predicted) pair of classes,
-    each with the count of the committed file's pairs."""
-    pairs = json.loads((repo / CONFUSION).read_text())
-    expected = Counter((p["actual"], p["predicted"]) for p in pairs)
-    assert len(pairs) == 10_000 and len({a for a, _ in expected}) == 10  # FashionMNIST's test split
+    """The reference run's confusion matrix, drawn by the committed template: a coloured cell per
+    (true, predicted) pair of classes, each with the committed file's count for it."""
+    cells = json.loads((repo / CONFUSION).read_text())
+    expected = {(c["actual"], c["predicted"]): c["count"] for c in cells}
+    assert len(cells) == 100 and sum(expected.values()) == 10_000  # FashionMNIST's 10 classes, test split
     dvc(repo, "plots", "show")
     dom = dump_dom(repo / "dvc_plots/index.html", tmp_path / "profile")
-    chunk = dom.split('<div id="dvclive_plots_sklearn_confusion_matrix_json"', 1)[1]
+    chunk = dom.split('<div id="dvclive_plots_custom_confusion_matrix_json"', 1)[1]
     svg = re.search(r'<svg[^>]*class="marks".*?</svg>', chunk, re.S)
     assert svg, "no confusion matrix drawn"
     drawn: dict[tuple[str, str], int] = {}
     for actual, predicted, count in CONFUSION_CELL.findall(svg.group(0)):
         assert drawn.setdefault((actual, predicted), int(count)) == int(count)
-    assert {cell: n for cell, n in drawn.items() if n} == dict(expected)
+    assert drawn == expected  # every cell, the empty ones included
+
+
+def test_the_confusion_template_is_dvcs_own_made_to_sum_counts() -> None:
+    """.dvc/plots/confusion_counts.json is what pipeline.plotpage derives from the installed DVC's
+    confusion template; a DVC whose template changed fails here: rerun it and commit."""
+    assert (ROOT / plotpage.CONFUSION_TEMPLATE).read_text(encoding="utf-8") == (
+        json.dumps(plotpage.confusion_counts_template(), indent=4) + "\n"
+    ), "run python -m pipeline.plotpage --confusion-template and commit"
 
 
 def test_plots_diff_draws_both_revisions_offline(repo: Path, tmp_path: Path) -> None:

@@ -171,7 +171,7 @@ def history(work: Path, names: tuple[str, ...] = METRICS) -> dict[str, list[tupl
 
 
 def confusion_file(work: Path) -> bytes:
-    return (work / "dvclive" / "plots" / "sklearn" / "confusion_matrix.json").read_bytes()
+    return (work / "dvclive" / "plots" / "custom" / "confusion_matrix.json").read_bytes()
 
 
 def same_as_baseline(work0: Path, work: Path) -> None:
@@ -225,29 +225,25 @@ def test_train_stage_end_to_end(baseline) -> None:
 
 
 def test_the_confusion_matrix_is_the_final_model_on_the_test_split(data: Path, baseline) -> None:
-    """dvclive/plots/sklearn/confusion_matrix.json: one (actual, predicted) pair of class names per
-    test sample, ordered by class; its diagonal is the logged test_acc, and its cells are the
-    exported model's predictions on the test split, evaluated here by hand."""
+    """dvclive/plots/custom/confusion_matrix.json: a row {actual, predicted, count} per pair of
+    classes, in class order; its diagonal is the logged test_acc, its rows the test split's
+    classes, and its cells the exported model's predictions, evaluated here by hand."""
     work, _ = baseline
-    pairs = json.loads(confusion_file(work))
+    cells = json.loads(confusion_file(work))
     names = load_model(work / "models")[1]["class_names"]
-    index = [(names.index(p["actual"]), names.index(p["predicted"])) for p in pairs]
-    assert index == sorted(index) and set(pairs[0]) == {"actual", "predicted"}
+    assert [(c["actual"], c["predicted"]) for c in cells] == [(a, p) for a in names for p in names]
+    assert all(set(c) == {"actual", "predicted", "count"} for c in cells)
+    counts = torch.tensor([c["count"] for c in cells]).reshape(len(names), len(names))
     model, _ = load_model(work / "models")
     dataset = ShardDataset(validate_split(data / "test", expected_split="test"))
     images, labels = dataset[torch.arange(len(dataset))]
-    assert len(pairs) == len(labels)
-    assert [a for a, _ in index] == sorted(labels.tolist())  # each sample's own class
+    assert counts.sum(dim=1).tolist() == torch.bincount(labels, minlength=len(names)).tolist()
     summary = json.loads((work / "dvclive" / "metrics.json").read_text())
-    assert sum(a == p for a, p in index) == round(summary["test_acc"] * len(labels))
+    assert counts.trace().item() == round(summary["test_acc"] * len(labels))
     by_hand = evaluate(
         model, [(images, labels)], torch.device("cpu"), non_blocking=False, confusion_classes=len(names)
     ).confusion
-    counts = torch.zeros_like(by_hand)
-    for a, p in index:
-        counts[a, p] += 1
     assert (counts - by_hand).abs().sum() <= 2  # a near-tie may flip in another batch size: one sample moves
-    assert counts.sum(dim=1).tolist() == by_hand.sum(dim=1).tolist()
 
 
 @pytest.mark.parametrize("classes", [100, 101])
@@ -274,15 +270,16 @@ def test_past_100_classes_the_confusion_matrix_is_left_empty_with_a_notice(
         tmp_path / "data", tmp_path / "work", write_params(tmp_path / "p.yaml", train={"epochs": 1})
     )
     assert res.returncode == 0, res.stderr
-    pairs = json.loads(confusion_file(tmp_path / "work"))
+    cells = json.loads(confusion_file(tmp_path / "work"))
     notice = (
         f"notice: {classes} classes: no confusion matrix (more than 100, too many cells to draw); its file "
         "holds no pairs\n"
     )
     if classes == 100:
-        assert len(pairs) == classes and notice not in res.stderr
+        assert len(cells) == classes**2 and sum(c["count"] for c in cells) == classes
+        assert notice not in res.stderr
     else:
-        assert pairs == [] and notice in res.stderr
+        assert cells == [] and notice in res.stderr
 
 
 def _empty_val(folder: Path) -> Path:

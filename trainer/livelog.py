@@ -6,7 +6,7 @@ have logged epochs past its last checkpoint, so the checkpoint (not whatever
 is left in ``dvclive/``) is the record the logs must agree with. The result has
 exactly one row per epoch in every ``dvclive/plots/metrics/*.tsv``. At the end the
 final model's confusion matrix on the test split is written beside them, in
-``dvclive/plots/sklearn/confusion_matrix.json``.
+``dvclive/plots/custom/confusion_matrix.json``.
 
 A folder that cannot be written (read-only, disk full, a file in the way) is
 an :class:`~pipeline.errors.OutputError` naming it, not DVCLive's traceback;
@@ -22,7 +22,7 @@ from pathlib import Path
 from dvclive import Live
 from pipeline.errors import OutputError
 
-CONFUSION = "confusion_matrix.json"  # in <live_dir>/plots/sklearn/, where DVCLive keeps such plots
+CONFUSION = "confusion_matrix"  # <live_dir>/plots/custom/confusion_matrix.json, a DVCLive custom plot
 
 
 @contextlib.contextmanager
@@ -56,19 +56,19 @@ class LiveLog:
             self.live.next_step()
 
     def confusion(self, counts: Sequence[Sequence[int]] | None, class_names: Sequence[str]) -> None:
-        """Write the test split's confusion matrix, one (actual, predicted) pair of class names per
-        sample, as DVC's ``confusion`` template reads it (:data:`CONFUSION`). The pairs are ordered
-        by class, not by sample, so the file depends on the counts alone, never on the loader.
-        ``None`` (too many classes to draw) writes no pairs: the file is a declared output of the
-        stage, so it is written either way."""
-        actual: list[str] = []
-        predicted: list[str] = []
-        for row, name in zip(counts or [], class_names):
-            for n, as_name in zip(row, class_names):
-                actual += [name] * n
-                predicted += [as_name] * n
+        """Write the test split's confusion matrix (:data:`CONFUSION`): one row per cell, ``{actual,
+        predicted, count}`` by class name, every pair of classes in class order, so the file grows
+        with the classes, not the test split, and depends on the counts alone, never on the loader.
+        ``.dvc/plots/confusion_counts.json``, DVC's ``confusion`` template made to sum ``count``,
+        draws it. ``None`` (too many classes to draw) writes no rows: the file is a declared output
+        of the stage, so it is written either way."""
+        rows = [
+            {"actual": name, "predicted": as_name, "count": n}
+            for row, name in zip(counts or [], class_names)
+            for n, as_name in zip(row, class_names)
+        ]
         with _writing(self.live_dir):
-            self.live.log_sklearn_plot("confusion_matrix", actual, predicted, name=CONFUSION)
+            self.live.log_plot(CONFUSION, rows, x="actual", y="predicted", template="confusion_counts")
 
     def end(self) -> None:
         with _writing(self.live_dir):

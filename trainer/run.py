@@ -285,7 +285,7 @@ def train(
         model_dir: output folder for ``model.safetensors`` and ``model.json``.
         checkpoint_dir: folder for resumable checkpoints (not a DVC output).
         live_dir: the DVCLive folder (``metrics.json``, ``plots/metrics``, and the final model's
-            test-split confusion matrix in ``plots/sklearn``).
+            test-split confusion matrix in ``plots/custom``).
         loader: the ``loader`` section.
         train: the ``train`` section.
         val_dir: a val split folder; with samples in it every epoch also logs ``val_loss`` and
