@@ -273,7 +273,7 @@ def test_past_100_classes_the_confusion_matrix_is_left_empty_with_a_notice(
     cells = json.loads(confusion_file(tmp_path / "work"))
     notice = (
         f"notice: {classes} classes: no confusion matrix (more than 100, too many cells to draw); its file "
-        "holds no pairs\n"
+        "holds no rows\n"
     )
     if classes == 100:
         assert len(cells) == classes**2 and sum(c["count"] for c in cells) == classes

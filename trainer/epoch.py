@@ -206,7 +206,7 @@ def confusion_side(classes: int) -> int:
     if classes <= CONFUSION_MAX_CLASSES:
         return classes
     log.info(
-        "%d classes: no confusion matrix (more than %d, too many cells to draw); its file holds no pairs",
+        "%d classes: no confusion matrix (more than %d, too many cells to draw); its file holds no rows",
         classes,
         CONFUSION_MAX_CLASSES,
     )
