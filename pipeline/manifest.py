@@ -89,7 +89,8 @@ def _numbers(doc: dict, key: str, count: int, where: str) -> tuple[float, ...]:
     return out
 
 
-def _normalization(doc: dict, channels: int, where: str) -> Normalization:
+def read_normalization(doc: dict, channels: int, where: str) -> Normalization:
+    """``doc["normalization"]`` checked: a manifest's, or ``models/model.json``'s, which copies it."""
     norm = _need(doc, "normalization", dict, where)
     nw = f"{where}: normalization"
     out = Normalization(
@@ -188,7 +189,7 @@ def parse_manifest(text: str, where: str) -> Manifest:
         image_shape=shape,
         image_dtype=_need(doc, "image_dtype", str, where),
         label_dtype=_need(doc, "label_dtype", str, where),
-        normalization=_normalization(doc, shape[0], where),
+        normalization=read_normalization(doc, shape[0], where),
         train_stats=PixelStats(
             _numbers(stats, "mean", shape[0], f"{where}: train_stats"),
             _numbers(stats, "std", shape[0], f"{where}: train_stats"),

@@ -33,7 +33,7 @@ import torch
 from pipeline.cli import run_stage
 from pipeline.errors import DataError, PipelineError
 from pipeline.images import decode_image, own_images
-from pipeline.manifest import Normalization
+from pipeline.manifest import read_normalization
 from pipeline.normalize import normalize
 from trainer.export import CONFIG, load_model
 
@@ -71,22 +71,15 @@ class Classifier:
     """A model folder written by the ``train`` stage, ready to classify uint8 images on the CPU."""
 
     def __init__(self, model_dir: Path | str) -> None:
-        self.model, config = load_model(model_dir)
+        self.model, config = load_model(model_dir)  # checks input_shape and builds the model from it
         self.model.eval()
+        self.input_shape: tuple[int, int, int] = self.model.input_shape
+        where = str(Path(model_dir) / CONFIG)
+        self.normalization = read_normalization(config, self.input_shape[0], where)  # as a manifest's
         try:
-            self.input_shape: tuple[int, int, int] = tuple(int(n) for n in config["input_shape"])
             self.class_names: tuple[str, ...] = tuple(config["class_names"])
-            norm = config["normalization"]
-            self.normalization = Normalization(
-                kind=norm["kind"],
-                mean=tuple(norm["mean"]),
-                std=tuple(norm["std"]),
-                stats_from=norm["stats_from"],
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PipelineError(
-                f"{Path(model_dir) / CONFIG}: expected input_shape, class_names and normalization: {exc!r}"
-            ) from None
+        except (KeyError, TypeError) as exc:
+            raise PipelineError(f"{where}: expected class_names: {exc!r}") from None
 
     def inputs(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 [N, C, H, W] -> the normalised float32 the model takes, as the shards held it."""
