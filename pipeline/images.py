@@ -34,6 +34,8 @@ conversion to 8 bits would clip them, not scale them. EXIF orientation is not
 applied, as torchvision's ``ImageFolder`` does not apply it either. The images are
 their owner's own files, so Pillow's decompression-bomb warning (from 89 million
 pixels) is not printed; its error (from 179 million) refuses the image in one line.
+Pillow's other warnings about a file (a TIFF tag past the file's end, corrupt EXIF) name no
+file; here each becomes one ``warning:`` line that names it (:func:`own_images`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ import contextlib
 import csv
 import functools
 import hashlib
+import logging
 import os
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -66,6 +70,10 @@ LISTING_HEADER = ["label", "file"]
 _DETECTED = frozenset({"PNG", "JPEG", "MPO", "BMP", "PPM", "TIFF", "WEBP"})  # Pillow's names for them
 # What a broken file makes Pillow raise while opening or decoding it (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError)
+_PILLOW = os.path.dirname(Image.__file__) + os.sep  # a warning raised in a file below this is Pillow's
+NAMED_PER_WARNING = 10  # files named for one text of Pillow's warnings (own_images); the others are not
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -282,22 +290,78 @@ def _resolve_shape(image_shape: Sequence[int], where: str) -> tuple[int, int, in
     return shape  # type: ignore[return-value]
 
 
-@contextlib.contextmanager
-def own_images() -> Iterator[None]:
-    """Pillow's decompression-bomb warning is not printed: these are the user's own files, not a stranger's.
+_reading = threading.local()  # .path: the file this thread is opening or decoding (set by _opened)
 
-    Its error, at twice the warning's pixel count, still refuses an image (:func:`_opened`). The
-    warning filters are process-global, so this is entered once, in the main thread, around any
-    decoding threads.
+
+class PillowWarnings:
+    """Pillow's warnings as ``warning:`` lines naming their file: once per file and text, for the
+    first :data:`NAMED_PER_WARNING` files of each text, then one line saying the others go unnamed."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, set[str]] = {}  # a warning's text -> the files named for it
+        self._lock = threading.Lock()  # decoding threads warn at once
+
+    def say(self, path: Path, message: str) -> None:
+        with self._lock:
+            files = self._files.setdefault(message, set())
+            if str(path) in files or len(files) > NAMED_PER_WARNING:
+                return
+            files.add(str(path))
+            last = len(files) > NAMED_PER_WARNING
+        if last:
+            log.warning(
+                "%s", f"Pillow: {message}: said of over {NAMED_PER_WARNING} files, the others not named"
+            )
+        else:
+            log.warning("%s", f"{path}: Pillow: {message}")
+
+
+@contextlib.contextmanager
+def own_images(named: PillowWarnings | None = None) -> Iterator[None]:
+    """Pillow's warnings while these images are read: the decompression bomb's not printed, the others
+    naming their file.
+
+    The bomb warning is not printed because these are the user's own files, not a stranger's; its
+    error, at twice the warning's pixel count, still refuses an image (:func:`_opened`). Pillow's
+    other warnings about a file (``Tag data larger than file``, ``Corrupt EXIF data``) say nothing of
+    which file, and Python prints each text once per process, with a line of Pillow's source: a user
+    with thousands of photos could not find the one it meant. Raised while a thread opens or decodes a
+    file, each is logged as ``warning: <file>: Pillow: <text>`` instead (``named`` counts them across
+    blocks; by default each block counts its own). The warning filters and hook are process-global,
+    so this is entered in the main thread, around any decoding threads.
     """
+    named = named or PillowWarnings()
     with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def hook(message, category, filename, lineno, file=None, line=None):
+            path = getattr(_reading, "path", None)
+            if path is None or not str(filename).startswith(_PILLOW):
+                return shown(message, category, filename, lineno, file, line)
+            named.say(path, str(message))
+            return None
+
+        warnings.showwarning = hook
+        warnings.filterwarnings("always", category=UserWarning, module=r"PIL\.")  # each file, not the first
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         yield
 
 
 @contextlib.contextmanager
 def _opened(path: Path) -> Iterator[Image.Image]:
-    """Open an image lazily (header only), refusing unreadable files and formats other than PNG/JPEG."""
+    """Open an image lazily (header only), refusing unreadable files, foreign formats and more than
+    8 bits; Pillow's warnings while it is open name ``path`` (:func:`own_images`)."""
+    _reading.path = path
+    try:
+        with _opened_unnamed(path) as im:
+            yield im
+    finally:
+        _reading.path = None
+
+
+@contextlib.contextmanager
+def _opened_unnamed(path: Path) -> Iterator[Image.Image]:
+    """:func:`_opened`'s checks: each failure one :class:`DataError` line naming ``path``."""
     try:
         im = Image.open(path)
     except UnidentifiedImageError:
@@ -551,13 +615,14 @@ def decoded_batches(
     """
     images_dir = Path(images_dir)
     first = images_dir / entries[0].file if entries else images_dir
+    named = PillowWarnings()  # Pillow's warnings counted over every batch
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(entries), rows):
             batch = entries[start : start + rows]
             pixels = np.empty((len(batch), *image_shape), dtype=np.uint8)
             # Pillow's switches are global: set here, in this thread, while this batch's threads decode,
             # and not across the yield, where the caller's code runs.
-            with own_images(), _strict_decoding():
+            with own_images(named), _strict_decoding():
                 futures = [
                     pool.submit(_decode_into, pixels, i, images_dir / e.file, image_shape, convert, first)
                     for i, e in enumerate(batch)
