@@ -28,7 +28,8 @@ from pipeline.csvcheck import check_header, find_problem
 from pipeline.download import FetchError, gunzip_bounded, verify
 from pipeline.errors import DataError, ParamsError, PipelineError, ShardError
 from pipeline.idx import DTYPE_CODES, decode_idx, encode_idx
-from pipeline.images import check_images, decode_image, own_images, scan_split
+from pipeline.imagefile import decode_image, own_images
+from pipeline.images import check_images, scan_split
 from pipeline.manifest import SCHEMA_VERSION, Manifest, parse_manifest
 from pipeline.params import SECTIONS, parse_section
 from pipeline.shards import DTYPES, ShardLayout, parse_header

@@ -1,4 +1,5 @@
-"""The image-folder source (pipeline.images): scanning, header checks, the listing CSV, decoding to Parquet.
+"""The image-folder source (pipeline.images: scanning, header checks, the listing CSV, decoding to Parquet)
+and the image file it reads (pipeline.imagefile: formats, modes, Pillow's warnings).
 
 Every image is a tiny one this file writes with Pillow into ``tmp_path``; the
 expected pixels and messages are spelled out here, not computed by the module.
@@ -630,7 +631,7 @@ def test_pillows_warnings_about_a_file_are_a_line_each_naming_it(
     damaged = [damaged_tiff(root / f"train/a/{n}.tif", noise((8, 8), n)) for n in range(3)]
     save(root / "train/b/3.png", noise((8, 8), 3))
     entries = scan_split(root, "train")
-    caplog.set_level(logging.WARNING, logger="pipeline.images")
+    caplog.set_level(logging.WARNING, logger="pipeline.imagefile")
     with warnings.catch_warnings(record=True) as printed:
         warnings.simplefilter("default")  # Python's own: each text printed once
         check_images(root, entries, image_shape)
@@ -655,7 +656,7 @@ def test_past_ten_files_a_pillow_warning_says_the_others_are_not_named(
     for n in range(13):
         damaged_tiff(root / f"train/a/{n:02}.tif", noise((4, 4), n))
     entries = scan_split(root, "train")
-    caplog.set_level(logging.WARNING, logger="pipeline.images")
+    caplog.set_level(logging.WARNING, logger="pipeline.imagefile")
     for _ in decoded_batches(entries, root, (1, 4, 4), False, rows=3, workers=1):
         pass
     messages = [r.getMessage() for r in caplog.records]

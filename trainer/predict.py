@@ -1,9 +1,10 @@
 """Classify images with a trained model folder (``models/``): the class name of each, and its probability.
 
-An image gets exactly the input its training images got: decoded by the image-folder source's own
-:func:`pipeline.images.decode_image` (converted to the model's mode, resized with the same filter)
-and normalised through the same lookup table, with the statistics ``model.json`` recorded. So a
-training image, classified from its file, reaches the model bit for bit as its shard row did.
+An image gets exactly the input its training images got: decoded by the function the image-folder
+source decodes its files with, :func:`pipeline.imagefile.decode_image` (converted to the model's
+mode, resized with the same filter) and normalised through the same lookup table, with the
+statistics ``model.json`` recorded. So a training image, classified from its file, reaches the
+model bit for bit as its shard row did.
 
 From Python::
 
@@ -32,7 +33,7 @@ import torch
 
 from pipeline.cli import run_stage
 from pipeline.errors import DataError, PipelineError
-from pipeline.images import decode_image, own_images
+from pipeline.imagefile import decode_image, own_images
 from pipeline.manifest import read_normalization
 from pipeline.normalize import normalize
 from trainer.export import CONFIG, load_model
