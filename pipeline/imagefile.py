@@ -79,7 +79,7 @@ class PillowWarnings:
 
 
 @contextlib.contextmanager
-def own_images(named: PillowWarnings | None = None) -> Iterator[None]:
+def own_images(pillow_warnings: PillowWarnings | None = None) -> Iterator[None]:
     """Pillow's warnings while these images are read: the decompression bomb's not printed, the others
     naming their file.
 
@@ -88,11 +88,11 @@ def own_images(named: PillowWarnings | None = None) -> Iterator[None]:
     other warnings about a file (``Tag data larger than file``, ``Corrupt EXIF data``) say nothing of
     which file, and Python prints each text once per process, with a line of Pillow's source: a user
     with thousands of photos could not find the one it meant. Raised while a thread opens or decodes a
-    file, each is logged as ``warning: <file>: Pillow: <text>`` instead (``named`` counts them across
-    blocks; by default each block counts its own). The warning filters and hook are process-global,
-    so this is entered in the main thread, around any decoding threads.
+    file, each is logged as ``warning: <file>: Pillow: <text>`` instead (``pillow_warnings`` counts
+    them across blocks; by default each block counts its own). The warning filters and hook are
+    process-global, so this is entered in the main thread, around any decoding threads.
     """
-    named = named or PillowWarnings()
+    named = pillow_warnings or PillowWarnings()
     with warnings.catch_warnings():
         shown = warnings.showwarning
 

@@ -428,14 +428,14 @@ def decoded_batches(
     """
     images_dir = Path(images_dir)
     first = images_dir / entries[0].file if entries else images_dir
-    named = PillowWarnings()  # Pillow's warnings counted over every batch
+    pillow_warnings = PillowWarnings()  # counted over every batch
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(entries), rows):
             batch = entries[start : start + rows]
             pixels = np.empty((len(batch), *image_shape), dtype=np.uint8)
             # Pillow's switches are global: set here, in this thread, while this batch's threads decode,
             # and not across the yield, where the caller's code runs.
-            with own_images(named), strict_decoding():
+            with own_images(pillow_warnings), strict_decoding():
                 futures = [
                     pool.submit(_decode_into, pixels, i, images_dir / e.file, image_shape, convert, first)
                     for i, e in enumerate(batch)

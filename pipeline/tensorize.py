@@ -1,4 +1,5 @@
-"""Parquet -> normalised float32 safetensors shards plus ``manifest.json``, per split.
+"""Parquet -> safetensors shards plus ``manifest.json``, per split: normalised float32, or the source's uint8
+bytes with their normalization recorded for the trainer (``prep.shard_dtype``).
 
 The shape, the classes and the statistics come from the data and are recorded in
 each split's manifest, which is all the trainer reads about them:

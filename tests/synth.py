@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 import zlib
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, TiffImagePlugin
 
 from pipeline.idx import encode_idx
 from pipeline.sources import DatasetSpec, IdxFile, SplitFiles
@@ -286,3 +288,23 @@ def write_wide_header(path: Path, columns: int, data_rows: int = 1) -> Path:
 def leftovers(folder: Path) -> list[str]:
     """Every path under ``folder`` (relative), to assert nothing half-written stayed behind."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+# Pillow's warning for damaged_tiff's files, as pipeline.imagefile logs it after the file's name.
+TIFF_TAG_WARNING = "Pillow: Tag data larger than file. Skipping tag 270"
+
+
+def damaged_tiff(path: Path, pixels: np.ndarray) -> Path:
+    """A TIFF whose ImageDescription tag (270) claims a million bytes: Pillow warns "Tag data larger
+    than file. Skipping tag 270" and reads the pixels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[270] = "a description too long to sit inside its tag entry"
+    Image.fromarray(pixels).save(path, tiffinfo=info)
+    data = bytearray(path.read_bytes())
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (entries,) = struct.unpack_from("<H", data, ifd)
+    tags = [struct.unpack_from("<H", data, ifd + 2 + 12 * k)[0] for k in range(entries)]
+    struct.pack_into("<I", data, ifd + 2 + 12 * tags.index(270) + 4, 10**6)  # the tag's count
+    path.write_bytes(bytes(data))
+    return path

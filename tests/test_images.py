@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import struct
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -22,7 +21,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageFile, TiffImagePlugin
+import synth
+from PIL import Image, ImageFile
 
 from pipeline.errors import DataError
 from pipeline.images import (
@@ -603,23 +603,6 @@ def test_an_image_past_pillows_bomb_warning_decodes_quietly(
     batches.close()
 
 
-def damaged_tiff(path: Path, pixels: np.ndarray) -> Path:
-    """A TIFF whose ImageDescription tag (270) claims a million bytes: Pillow warns "Tag data larger
-    than file. Skipping tag 270" and reads the pixels."""
-    info = TiffImagePlugin.ImageFileDirectory_v2()
-    info[270] = "a description too long to sit inside its tag entry"
-    data = bytearray(save(path, pixels, tiffinfo=info).read_bytes())
-    (ifd,) = struct.unpack_from("<I", data, 4)
-    (entries,) = struct.unpack_from("<H", data, ifd)
-    tags = [struct.unpack_from("<H", data, ifd + 2 + 12 * k)[0] for k in range(entries)]
-    struct.pack_into("<I", data, ifd + 2 + 12 * tags.index(270) + 4, 10**6)  # the tag's count
-    path.write_bytes(bytes(data))
-    return path
-
-
-TAG_TEXT = "Pillow: Tag data larger than file. Skipping tag 270"
-
-
 @pytest.mark.parametrize("image_shape", [None, (1, 4, 4)])
 def test_pillows_warnings_about_a_file_are_a_line_each_naming_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, image_shape
@@ -628,18 +611,19 @@ def test_pillows_warnings_about_a_file_are_a_line_each_naming_it(
     process: a user could not find the file. Opened or decoded (in threads) here, each damaged file
     gets one ``warning:`` record naming it, and nothing reaches Python's own warning printer."""
     root = tmp_path / "images"
-    damaged = [damaged_tiff(root / f"train/a/{n}.tif", noise((8, 8), n)) for n in range(3)]
+    damaged = [synth.damaged_tiff(root / f"train/a/{n}.tif", noise((8, 8), n)) for n in range(3)]
     save(root / "train/b/3.png", noise((8, 8), 3))
     entries = scan_split(root, "train")
+    named = sorted(f"{p}: {synth.TIFF_TAG_WARNING}" for p in damaged)
     caplog.set_level(logging.WARNING, logger="pipeline.imagefile")
     with warnings.catch_warnings(record=True) as printed:
         warnings.simplefilter("default")  # Python's own: each text printed once
         check_images(root, entries, image_shape)
-        assert sorted(r.getMessage() for r in caplog.records) == sorted(f"{p}: {TAG_TEXT}" for p in damaged)
+        assert sorted(r.getMessage() for r in caplog.records) == named
         caplog.clear()
         shape = image_shape or (1, 8, 8)
         [(_batch, pixels)] = decoded_batches(entries, root, shape, image_shape is not None, rows=4, workers=2)
-        assert sorted(r.getMessage() for r in caplog.records) == sorted(f"{p}: {TAG_TEXT}" for p in damaged)
+        assert sorted(r.getMessage() for r in caplog.records) == named
     assert [str(w.message) for w in printed] == []
     assert all(r.levelno == logging.WARNING for r in caplog.records)
     if image_shape is None:  # the pixels are read all the same
@@ -654,15 +638,15 @@ def test_past_ten_files_a_pillow_warning_says_the_others_are_not_named(
     text, counted over every batch of the decode, then one line says the rest are not."""
     root = tmp_path / "images"
     for n in range(13):
-        damaged_tiff(root / f"train/a/{n:02}.tif", noise((4, 4), n))
+        synth.damaged_tiff(root / f"train/a/{n:02}.tif", noise((4, 4), n))
     entries = scan_split(root, "train")
     caplog.set_level(logging.WARNING, logger="pipeline.imagefile")
     for _ in decoded_batches(entries, root, (1, 4, 4), False, rows=3, workers=1):
         pass
     messages = [r.getMessage() for r in caplog.records]
     order = [str(root / e.file) for e in entries]
-    assert messages == [f"{p}: {TAG_TEXT}" for p in order[:10]] + [
-        f"{TAG_TEXT}: said of over 10 files, the others not named"
+    assert messages == [f"{p}: {synth.TIFF_TAG_WARNING}" for p in order[:10]] + [
+        f"{synth.TIFF_TAG_WARNING}: said of over 10 files, the others not named"
     ]
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import safetensors.numpy
+import synth
 import torch
 from PIL import Image
 
@@ -172,6 +173,22 @@ def test_the_command_prints_a_line_per_file(trained: dict) -> None:
     expected = classifier(read_images(files, SHAPE))
     assert res.stdout.splitlines() == [
         f"{file}\t{p.label}\t{p.probability:.4f}" for file, p in zip(files, expected)
+    ]
+
+
+def test_the_commands_pillow_warnings_name_ten_files_counted_over_its_batches(trained: dict) -> None:
+    """Pillow's warnings about damaged files name them, ten files per text and then one line, as in
+    the parquet stage: counted over the command's batches, not afresh in each."""
+    damaged = [
+        synth.damaged_tiff(trained["tmp"] / "damaged" / f"{n:02}.tif", np.full((8, 10), 20 * n, np.uint8))
+        for n in range(12)
+    ]
+    files = [trained["files"][0]] * (BATCH - 6) + damaged  # six damaged files in each of two batches
+    res = predict("--model", trained["tmp"] / "models", *files)
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout.splitlines()) == len(files)
+    assert res.stderr.splitlines() == [f"warning: {p}: {synth.TIFF_TAG_WARNING}" for p in damaged[:10]] + [
+        f"warning: {synth.TIFF_TAG_WARNING}: said of over 10 files, the others not named"
     ]
 
 

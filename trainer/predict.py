@@ -33,7 +33,7 @@ import torch
 
 from pipeline.cli import run_stage
 from pipeline.errors import DataError, PipelineError
-from pipeline.imagefile import decode_image, own_images
+from pipeline.imagefile import PillowWarnings, decode_image, own_images
 from pipeline.manifest import read_normalization
 from pipeline.normalize import normalize
 from trainer.export import CONFIG, load_model
@@ -48,14 +48,17 @@ class Prediction:
     probability: float  # softmax of the model's output
 
 
-def read_images(paths: Sequence[Path | str], input_shape: Sequence[int]) -> np.ndarray:
+def read_images(
+    paths: Sequence[Path | str], input_shape: Sequence[int], pillow_warnings: PillowWarnings | None = None
+) -> np.ndarray:
     """Decode image files into uint8 [N, C, H, W] as the data stages did with ``data.image_shape``
     set to ``input_shape``: any format they accept, converted and resized (a file already of that
-    size and mode is taken as it is, as it was without ``data.image_shape``)."""
+    size and mode is taken as it is, as it was without ``data.image_shape``). Pillow's warnings
+    about a file name it, ten files per text, counted over the calls given one ``pillow_warnings``."""
     c, h, w = (int(n) for n in input_shape)
     _check_files(paths)
     pixels = np.empty((len(paths), c, h, w), dtype=np.uint8)
-    with own_images():  # a photo past Pillow's decompression-bomb warning decodes quietly, as in the stages
+    with own_images(pillow_warnings):  # as in the stages: a photo past the bomb warning decodes quietly
         for i, path in enumerate(paths):
             pixels[i] = decode_image(Path(path), (c, h, w))
     return pixels
@@ -115,9 +118,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     classifier = Classifier(args.model)
     _check_files(args.files)  # every file, before the first line is printed
+    pillow_warnings = PillowWarnings()  # counted over every batch, as the parquet stage counts them
     for start in range(0, len(args.files), BATCH):
         files = args.files[start : start + BATCH]
-        for file, prediction in zip(files, classifier(read_images(files, classifier.input_shape))):
+        pixels = read_images(files, classifier.input_shape, pillow_warnings)
+        for file, prediction in zip(files, classifier(pixels)):
             print(f"{file}\t{prediction.label}\t{prediction.probability:.4f}", flush=True)
 
 
