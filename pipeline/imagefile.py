@@ -64,6 +64,7 @@ class PillowWarnings:
         self._lock = threading.Lock()  # decoding threads warn at once
 
     def say(self, path: Path, message: str) -> None:
+        """Log Pillow's ``message`` about ``path``, unless said of it already or of ten files before."""
         with self._lock:
             files = self._files.setdefault(message, set())
             if str(path) in files or len(files) > NAMED_PER_WARNING:
