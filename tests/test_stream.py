@@ -13,7 +13,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,10 +25,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
-from sshd import start_sshd
+from sshd import Sshd, start_sshd
 
 from pipeline.errors import ParamsError, ShardError
 from pipeline.manifest import ShardEntry, read_manifest
@@ -34,6 +37,7 @@ from pipeline.params import load_section
 from pipeline.shardcache import ShardCache
 from tests.repo_copy import dvc, make_csv_repo, run, set_params
 from tests.test_train_stage import run_until_killed, stage_env, train_argv
+from trainer import stream
 from trainer.data import ShardDataset
 from trainer.run import train
 from trainer.stream import Fetcher, StreamedDataset, open_split, start_fetcher
@@ -297,8 +301,22 @@ def _manifest(world: World, split: str):
     return read_manifest(world.producer / f"data/tensors/{split}")
 
 
+@dataclass
+class SshRemote:
+    server: Sshd
+    storage: Path  # the remote's folder on the server
+
+    def clone(self, world: World, name: str) -> Path:
+        """A fresh clone whose default remote is this one."""
+        repo = clone(world, name)
+        dvc(repo, "remote", "add", "--local", "-d", "ssh", self.server.url(self.storage))
+        dvc(repo, "remote", "modify", "--local", "ssh", "keyfile", str(self.server.key))
+        return repo
+
+
 @pytest.fixture(scope="module")
-def ssh_clone(world: World) -> Iterator[Path]:
+def ssh_remote(world: World) -> Iterator[SshRemote]:
+    """A real sshd on 127.0.0.1 holding the producer's pushed cache."""
     server = start_sshd(world.tmp / "sshd")
     try:
         with pytest.MonkeyPatch.context() as mp:
@@ -307,18 +325,61 @@ def ssh_clone(world: World) -> Iterator[Path]:
             dvc(world.producer, "remote", "add", "--local", "ssh", server.url(storage))
             dvc(world.producer, "remote", "modify", "--local", "ssh", "keyfile", str(server.key))
             dvc(world.producer, "push", "-r", "ssh")
-            repo = clone(world, "over-ssh")
-            dvc(repo, "remote", "add", "--local", "-d", "ssh", server.url(storage))
-            dvc(repo, "remote", "modify", "--local", "ssh", "keyfile", str(server.key))
-            yield repo
+            yield SshRemote(server, storage)
     finally:
         server.stop()
 
 
-def test_streaming_over_ssh_is_bit_identical(world: World, ssh_clone: Path) -> None:
-    model = train_in(ssh_clone, cache_limit_mb=2 * 2 * max(world.shard_bytes) / 2**20)  # HOME: the fixture's
+def test_streaming_over_ssh_is_bit_identical(world: World, ssh_remote: SshRemote) -> None:
+    repo = ssh_remote.clone(world, "over-ssh")
+    model = train_in(repo, cache_limit_mb=2 * 2 * max(world.shard_bytes) / 2**20)  # HOME: the fixture's
     assert model.read_bytes() == world.model
-    assert not os.path.exists(ssh_clone / "data/tensors")
+    assert not os.path.exists(repo / "data/tensors")
+
+
+def test_a_stalled_remote_is_said_while_training_waits_then_training_goes_on(
+    world: World, ssh_remote: SshRemote, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A remote that stops answering can hold a fetch for long (DVC's SSH ``timeout`` bounds only
+    setting up a connection): training says so while it waits rather than look hung. Here the SSH
+    server and its sessions are stopped (SIGSTOP) for 4 s once the cache took its first shard; the
+    notice comes at 0.5 s and at each doubling, and once the server answers again the run ends with the
+    pulled-shards model."""
+    monkeypatch.setattr(stream, "WAIT_NOTICE_S", 0.5)
+    caplog.set_level(logging.WARNING, logger="trainer.stream")
+    repo = ssh_remote.clone(world, "stalled")
+    sshd = psutil.Process(ssh_remote.server.proc.pid)
+    stopped: list[psutil.Process] = []
+
+    def stall(_cache_bytes: int) -> None:
+        if not stopped:
+            stopped[:] = [sshd, *sshd.children(recursive=True)]
+            for p in stopped:
+                p.suspend()
+            threading.Timer(4.0, resume).start()
+
+    def resume() -> None:
+        for p in stopped:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.resume()
+
+    try:
+        model = train_in(repo, hook=stall)
+    finally:
+        resume()
+    assert len(stopped) >= 3  # the listener, a session's processes and its sftp server
+    assert model.read_bytes() == world.model
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training has waited")]
+    assert len(waits) >= 2, waits
+    assert all(
+        re.fullmatch(
+            r"training has waited \d+ s for data/tensors/\w+/shard-\d+\.safetensors from DVC remote 'ssh' "
+            r"\(ssh://\S+\): the remote is slow or not answering "
+            r"\(Ctrl-C stops the run, and a rerun resumes it\)",
+            w,
+        )
+        for w in waits
+    ), waits
 
 
 class _EvictedOnceFound(Fetcher):

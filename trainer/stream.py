@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 CACHE_DIR = ".shardcache"  # in the repository root; gitignored and dvcignored
 MB = 2**20
 EVICTED_RETRIES = 5  # fetches of one shard evicted before it could be mapped, before giving up
+WAIT_NOTICE_S = 30.0  # training waiting this long for one shard says so, and again at each doubling
 
 
 @dataclass(frozen=True)
@@ -163,14 +164,17 @@ class Fetcher:
     def acquire(self, entry: ShardEntry, source: RemoteSplit, mapped: Iterable[str]) -> Path:
         """The shard's cached path; when it is not there, training waits and the fetch becomes urgent.
 
-        An urgent fetch protects only the shard and what training still maps, so it
-        always finds room in a cache that holds one window: it may evict shards
-        fetched ahead, which then cost a second copy, never a stall without end.
+        A wait of :data:`WAIT_NOTICE_S` is logged, and again at each doubling: a remote that stopped
+        answering can hold a copy for long (for SSH, the remote's ``timeout``, 1800 s by default,
+        bounds only setting up a connection). An urgent fetch protects only the shard and what
+        training still maps, so it always finds room in a cache that holds one window: it may evict
+        shards fetched ahead, which then cost a second copy, never a stall without end.
         """
         path = self.cache.lookup(entry)
         if path is not None:
             return path
         start = time.monotonic()
+        notice = WAIT_NOTICE_S
         item = _Item(entry, source)
         with self._cond:
             self._mapped = frozenset(mapped)
@@ -181,6 +185,13 @@ class Fetcher:
                     if self._error is not None:
                         raise self._error
                     self._cond.wait(0.05)
+                    if (waited := time.monotonic() - start) >= notice:  # a stalled remote is not a hang
+                        notice *= 2
+                        log.warning(
+                            "%s",
+                            f"training has waited {waited:.0f} s for {source.where(entry)}: the remote "
+                            "is slow or not answering (Ctrl-C stops the run, and a rerun resumes it)",
+                        )
             finally:
                 self._urgent.remove(item)
         self.wait_seconds += time.monotonic() - start
