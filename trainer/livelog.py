@@ -19,7 +19,6 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from dvclive import Live
 from pipeline.errors import OutputError
 
 CONFUSION = "confusion_matrix"  # <live_dir>/plots/custom/confusion_matrix.json, a DVCLive custom plot
@@ -39,6 +38,10 @@ class LiveLog:
     def __init__(
         self, live_dir: Path | str, metrics: Sequence[str], history: Sequence[dict[str, float]]
     ) -> None:
+        # Imported here, by rank 0 once it logs: DVCLive brings DVC and pandas (0.4 s of imports), which
+        # the other ranks, and a run refused before its first epoch, never need.
+        from dvclive import Live
+
         self.live_dir = live_dir
         self.metrics = tuple(metrics)
         with _writing(live_dir):
