@@ -54,6 +54,9 @@ from pipeline.imagefile import (
 
 SPLITS = ("train", "test")
 LISTING_HEADER = ["label", "file"]
+# Images a decoding thread takes per task: a task per image cost a fifth of the decode time of small
+# images, and 64 still spreads a batch evenly over the threads (bench/notes.md).
+DECODE_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -411,6 +414,19 @@ def _decode_into(
     pixels[i] = image
 
 
+def _decode_run(
+    pixels: np.ndarray,
+    lo: int,
+    paths: Sequence[Path],
+    image_shape: tuple[int, int, int],
+    convert: bool,
+    first: Path,
+) -> None:
+    """Decode ``paths`` into rows ``lo``, ``lo + 1``, ... of ``pixels``, stopping at the first that fails."""
+    for i, path in enumerate(paths, start=lo):
+        _decode_into(pixels, i, path, image_shape, convert, first)
+
+
 def decoded_batches(
     entries: Sequence[ImageEntry],
     images_dir: Path,
@@ -422,9 +438,9 @@ def decoded_batches(
     """The images of ``entries`` decoded, ``rows`` at a time: (entries, uint8 pixels [k, C, H, W]).
 
     Without ``convert`` every image must already have ``image_shape`` (the first differing one is named).
-    ``workers`` threads decode each batch (Pillow releases the GIL while it decodes and resizes), each
-    image into its own row, so the pixels never depend on the thread count; a failing image is named
-    in file order, as one thread would name it.
+    ``workers`` threads decode each batch (Pillow releases the GIL while it decodes and resizes),
+    :data:`DECODE_CHUNK` images per task, each image into its own row, so the pixels never depend on
+    the thread count; a failing image is named in file order, as one thread would name it.
     """
     images_dir = Path(images_dir)
     first = images_dir / entries[0].file if entries else images_dir
@@ -432,18 +448,21 @@ def decoded_batches(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(entries), rows):
             batch = entries[start : start + rows]
+            paths = [images_dir / e.file for e in batch]
             pixels = np.empty((len(batch), *image_shape), dtype=np.uint8)
             # Pillow's switches are global: set here, in this thread, while this batch's threads decode,
             # and not across the yield, where the caller's code runs.
             with own_images(pillow_warnings), strict_decoding():
                 futures = [
-                    pool.submit(_decode_into, pixels, i, images_dir / e.file, image_shape, convert, first)
-                    for i, e in enumerate(batch)
+                    pool.submit(
+                        _decode_run, pixels, lo, paths[lo : lo + DECODE_CHUNK], image_shape, convert, first
+                    )
+                    for lo in range(0, len(batch), DECODE_CHUNK)
                 ]
                 try:
                     for future in futures:  # in order: the first failing image in the listing is reported
                         future.result()
-                finally:  # after a failure, the images not started are dropped and the others end here
+                finally:  # after a failure, the chunks not started are dropped and the others end here
                     for future in futures:
                         future.cancel()
                     wait(futures)

@@ -24,6 +24,7 @@ import pytest
 import synth
 from PIL import Image, ImageFile
 
+from pipeline import images
 from pipeline.errors import DataError
 from pipeline.images import (
     ImageEntry,
@@ -576,6 +577,24 @@ def test_a_mode_pillow_cannot_take_straight_to_grey_goes_through_rgb(tmp_path: P
     assert refused(check_images, root, scan_split(root, "train"), None) == (
         f"{odd}: image is 6x4 LAB, expected 6x4 RGB as {root / first}; set data.image_shape to convert"
     )
+
+
+def test_the_first_failing_image_in_file_order_is_named_whatever_thread_fails_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Threads decode a batch a few images per task; of three broken images, two in one task and one
+    in another, the one first in the listing is named, as one thread would name it."""
+    monkeypatch.setattr(images, "DECODE_CHUNK", 2)
+    root = tmp_path / "images"
+    for n in range(9):
+        save(root / f"train/a/{n}.png", noise((4, 4), n))
+    entries = scan_split(root, "train")
+    broken = [root / entries[k].file for k in (2, 3, 6)]  # both of the second task's, one of the fourth's
+    for path in broken:
+        path.write_bytes(path.read_bytes()[:60])  # the header whole, the pixels cut
+    for workers in (1, 2, 4):
+        message = refused(lambda w=workers: list(decoded_batches(entries, root, (1, 4, 4), False, 9, w)))
+        assert message.startswith(f"{broken[0]}: cannot decode image: "), message
 
 
 @pytest.mark.parametrize("image_shape", [None, (1, 3, 4)])
