@@ -57,6 +57,9 @@ LISTING_HEADER = ["label", "file"]
 # Images a decoding thread takes per task: a task per image cost a fifth of the decode time of small
 # images, and 64 still spreads a batch evenly over the threads (bench/notes.md).
 DECODE_CHUNK = 64
+# Below this many pixels in its first image a folder is decoded on one thread: opening a small file is
+# mostly Python, and threads taking turns on the GIL were slower than one (bench/notes.md).
+THREADS_FROM_PIXELS = 128 * 128
 
 
 @dataclass(frozen=True)
@@ -427,6 +430,22 @@ def _decode_run(
         _decode_into(pixels, i, path, image_shape, convert, first)
 
 
+def decode_threads(
+    entries: Sequence[ImageEntry],
+    images_dir: Path,
+    workers: int,
+    pillow_warnings: PillowWarnings | None = None,
+) -> int:
+    """The threads that pay for decoding ``entries``: ``workers``, or one where the first image (in
+    listing order) has fewer than :data:`THREADS_FROM_PIXELS` pixels. Speed only: every image is
+    decoded into its own row whatever the count."""
+    if workers <= 1 or not entries:
+        return 1
+    with own_images(pillow_warnings), open_image(Path(images_dir) / entries[0].file) as im:
+        width, height = im.size
+    return workers if width * height >= THREADS_FROM_PIXELS else 1
+
+
 def decoded_batches(
     entries: Sequence[ImageEntry],
     images_dir: Path,
@@ -438,14 +457,16 @@ def decoded_batches(
     """The images of ``entries`` decoded, ``rows`` at a time: (entries, uint8 pixels [k, C, H, W]).
 
     Without ``convert`` every image must already have ``image_shape`` (the first differing one is named).
-    ``workers`` threads decode each batch (Pillow releases the GIL while it decodes and resizes),
-    :data:`DECODE_CHUNK` images per task, each image into its own row, so the pixels never depend on
-    the thread count; a failing image is named in file order, as one thread would name it.
+    Up to ``workers`` threads decode each batch (Pillow releases the GIL while it decodes and
+    resizes; :func:`decode_threads`), :data:`DECODE_CHUNK` images per task, each image into its own
+    row, so the pixels never depend on the thread count; a failing image is named in file order, as
+    one thread would name it.
     """
     images_dir = Path(images_dir)
     first = images_dir / entries[0].file if entries else images_dir
     pillow_warnings = PillowWarnings()  # counted over every batch
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    threads = decode_threads(entries, images_dir, workers, pillow_warnings)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         for start in range(0, len(entries), rows):
             batch = entries[start : start + rows]
             paths = [images_dir / e.file for e in batch]

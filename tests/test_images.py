@@ -579,12 +579,31 @@ def test_a_mode_pillow_cannot_take_straight_to_grey_goes_through_rgb(tmp_path: P
     )
 
 
+@pytest.mark.parametrize(
+    ("size", "workers", "threads"),
+    [((16, 16), 4, 1), ((127, 129), 4, 1), ((128, 128), 4, 4), ((300, 200), 2, 2), ((300, 200), 1, 1)],
+)
+def test_small_images_decode_on_one_thread_larger_ones_on_the_workers(
+    tmp_path: Path, size: tuple[int, int], workers: int, threads: int
+) -> None:
+    """Threads taking turns on the GIL decoded images under about 100x100 pixels slower than one
+    thread (bench/notes.md): the first image's size decides, from 128x128 up threads pay."""
+    root = tmp_path / "images"
+    save(root / "train/a/0.png", noise((size[1], size[0]), 0))  # width x height
+    save(root / "train/a/1.png", noise((8, 8), 1))
+    entries = scan_split(root, "train")
+    entries = sorted(entries, key=lambda e: e.file)  # 0.png first: its size decides
+    assert images.decode_threads(entries, root, workers) == threads
+    assert images.decode_threads([], root, workers) == 1
+
+
 def test_the_first_failing_image_in_file_order_is_named_whatever_thread_fails_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Threads decode a batch a few images per task; of three broken images, two in one task and one
     in another, the one first in the listing is named, as one thread would name it."""
     monkeypatch.setattr(images, "DECODE_CHUNK", 2)
+    monkeypatch.setattr(images, "THREADS_FROM_PIXELS", 0)  # threads for these 4x4 images too
     root = tmp_path / "images"
     for n in range(9):
         save(root / f"train/a/{n}.png", noise((4, 4), n))
@@ -624,11 +643,12 @@ def test_an_image_past_pillows_bomb_warning_decodes_quietly(
 
 @pytest.mark.parametrize("image_shape", [None, (1, 4, 4)])
 def test_pillows_warnings_about_a_file_are_a_line_each_naming_it(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, image_shape
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, image_shape
 ) -> None:
     """Pillow warns about a damaged file without naming it, and Python prints a text once per
     process: a user could not find the file. Opened or decoded (in threads) here, each damaged file
     gets one ``warning:`` record naming it, and nothing reaches Python's own warning printer."""
+    monkeypatch.setattr(images, "THREADS_FROM_PIXELS", 0)  # threads for these 8x8 images too
     root = tmp_path / "images"
     damaged = [synth.damaged_tiff(root / f"train/a/{n}.tif", noise((8, 8), n)) for n in range(3)]
     save(root / "train/b/3.png", noise((8, 8), 3))

@@ -235,6 +235,7 @@ def test_uint8_standard_shards_count_their_statistics_in_the_same_pass(tmp_path,
 
 def test_image_layout_tensorize_and_parquet_bytes_do_not_depend_on_workers(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "DECODE_CHUNK", 2)  # each row group of 5 images is 3 tasks for the threads
+    monkeypatch.setattr(images, "THREADS_FROM_PIXELS", 0)  # threads for these small images too
     root = _image_folder(tmp_path / "images", 23)
     write_listing(scan_split(root, "train"), tmp_path / "train.csv")
     write_listing([], tmp_path / "test.csv")
