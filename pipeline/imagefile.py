@@ -59,9 +59,11 @@ class PillowWarnings:
     """Pillow's warnings as ``warning:`` lines naming their file: once per file and text, for the
     first :data:`NAMED_PER_WARNING` files of each text, then one line saying the others go unnamed."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold: bool = False) -> None:
         self._files: dict[str, set[str]] = {}  # a warning's text -> the files named for it
         self._lock = threading.Lock()  # decoding threads warn at once
+        # hold: kept here as (file, text), in order, for another process to say (pipeline.imagedecode)
+        self.held: list[tuple[str, str]] | None = [] if hold else None
 
     def say(self, path: Path, message: str) -> None:
         """Log Pillow's ``message`` about ``path``, unless said of it already or of ten files before."""
@@ -70,6 +72,9 @@ class PillowWarnings:
             if str(path) in files or len(files) > NAMED_PER_WARNING:
                 return
             files.add(str(path))
+            if self.held is not None:  # as many as the other process may name, and one to count past them
+                self.held.append((str(path), message))
+                return
             last = len(files) > NAMED_PER_WARNING
         if last:
             log.warning(

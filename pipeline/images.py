@@ -21,7 +21,8 @@ The Parquet "image layout": ``label`` and ``file`` (strings) and ``pixels``, a
 major (C, H, W) order, as PyTorch wants them; the key-value metadata
 ``image_shape`` is the JSON ``[C, H, W]``.
 
-Which files are accepted, and how one is opened and decoded, is :mod:`pipeline.imagefile`.
+Which files are accepted, and how one is opened and decoded, is :mod:`pipeline.imagefile`;
+how a listing's images are decoded on every core, :mod:`pipeline.imagedecode`.
 """
 
 from __future__ import annotations
@@ -30,11 +31,8 @@ import csv
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-
-import numpy as np
 
 from pipeline.atomic import atomic_file
 from pipeline.errors import DataError
@@ -43,23 +41,15 @@ from pipeline.imagefile import (
     CHANNELS,
     MODES,
     SUFFIXES,
-    PillowWarnings,
     check_plain_mode,
     decode_image,
     describe,
     open_image,
     own_images,
-    strict_decoding,
 )
 
 SPLITS = ("train", "test")
 LISTING_HEADER = ["label", "file"]
-# Images a decoding thread takes per task: a task per image cost a fifth of the decode time of small
-# images, and 64 still spreads a batch evenly over the threads (bench/notes.md).
-DECODE_CHUNK = 64
-# Below this many pixels in its first image a folder is decoded on one thread: opening a small file is
-# mostly Python, and threads taking turns on the GIL were slower than one (bench/notes.md).
-THREADS_FROM_PIXELS = 128 * 128
 
 
 @dataclass(frozen=True)
@@ -383,14 +373,6 @@ def read_listing(csv_path: Path) -> list[ImageEntry]:
     ]
 
 
-# ============================================================================ decoding into Parquet
-
-
-def _shape_text(shape: tuple[int, ...]) -> str:
-    """A (C, H, W) as :func:`describe` says it."""
-    return describe((shape[2], shape[1]), MODES[shape[0]])
-
-
 def image_shape_of(
     listing: Sequence[ImageEntry], images_dir: Path, image_shape: tuple[int, int, int] | None, where: str
 ) -> tuple[int, int, int]:
@@ -403,88 +385,3 @@ def image_shape_of(
         )
     with own_images():
         return decode_image(Path(images_dir) / listing[0].file, None).shape
-
-
-def _decode_into(
-    pixels: np.ndarray, i: int, path: Path, image_shape: tuple[int, int, int], convert: bool, first: Path
-) -> None:
-    image = decode_image(path, image_shape if convert else None)
-    if image.shape != image_shape:
-        raise DataError(
-            f"{path}: image is {_shape_text(image.shape)}, expected "
-            f"{_shape_text(image_shape)} as {first}; set data.image_shape to convert"
-        )
-    pixels[i] = image
-
-
-def _decode_run(
-    pixels: np.ndarray,
-    lo: int,
-    paths: Sequence[Path],
-    image_shape: tuple[int, int, int],
-    convert: bool,
-    first: Path,
-) -> None:
-    """Decode ``paths`` into rows ``lo``, ``lo + 1``, ... of ``pixels``, stopping at the first that fails."""
-    for i, path in enumerate(paths, start=lo):
-        _decode_into(pixels, i, path, image_shape, convert, first)
-
-
-def decode_threads(
-    entries: Sequence[ImageEntry],
-    images_dir: Path,
-    workers: int,
-    pillow_warnings: PillowWarnings | None = None,
-) -> int:
-    """The threads that pay for decoding ``entries``: ``workers``, or one where the first image (in
-    listing order) has fewer than :data:`THREADS_FROM_PIXELS` pixels. Speed only: every image is
-    decoded into its own row whatever the count."""
-    if workers <= 1 or not entries:
-        return 1
-    with own_images(pillow_warnings), open_image(Path(images_dir) / entries[0].file) as im:
-        width, height = im.size
-    return workers if width * height >= THREADS_FROM_PIXELS else 1
-
-
-def decoded_batches(
-    entries: Sequence[ImageEntry],
-    images_dir: Path,
-    image_shape: tuple[int, int, int],
-    convert: bool,
-    rows: int,
-    workers: int = 1,
-) -> Iterator[tuple[Sequence[ImageEntry], np.ndarray]]:
-    """The images of ``entries`` decoded, ``rows`` at a time: (entries, uint8 pixels [k, C, H, W]).
-
-    Without ``convert`` every image must already have ``image_shape`` (the first differing one is named).
-    Up to ``workers`` threads decode each batch (Pillow releases the GIL while it decodes and
-    resizes; :func:`decode_threads`), :data:`DECODE_CHUNK` images per task, each image into its own
-    row, so the pixels never depend on the thread count; a failing image is named in file order, as
-    one thread would name it.
-    """
-    images_dir = Path(images_dir)
-    first = images_dir / entries[0].file if entries else images_dir
-    pillow_warnings = PillowWarnings()  # counted over every batch
-    threads = decode_threads(entries, images_dir, workers, pillow_warnings)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for start in range(0, len(entries), rows):
-            batch = entries[start : start + rows]
-            paths = [images_dir / e.file for e in batch]
-            pixels = np.empty((len(batch), *image_shape), dtype=np.uint8)
-            # Pillow's switches are global: set here, in this thread, while this batch's threads decode,
-            # and not across the yield, where the caller's code runs.
-            with own_images(pillow_warnings), strict_decoding():
-                futures = [
-                    pool.submit(
-                        _decode_run, pixels, lo, paths[lo : lo + DECODE_CHUNK], image_shape, convert, first
-                    )
-                    for lo in range(0, len(batch), DECODE_CHUNK)
-                ]
-                try:
-                    for future in futures:  # in order: the first failing image in the listing is reported
-                        future.result()
-                finally:  # after a failure, the chunks not started are dropped and the others end here
-                    for future in futures:
-                        future.cancel()
-                    wait(futures)
-            yield batch, pixels

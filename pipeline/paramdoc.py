@@ -119,7 +119,7 @@ KEYS: dict[str, Doc] = {
     "prep.workers": Doc(
         "speed",
         "Cores the data stages use (tensorize: processes writing shards, the stage's own included; parquet: "
-        "image decoding threads and "
+        "image decoding threads or processes, and "
         "CSV parsing ahead of encoding); `1`: one core, Polars' and Arrow's own threads included; "
         "`null`: all cores. Outputs byte-identical.",
     ),

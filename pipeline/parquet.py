@@ -35,7 +35,8 @@ from pipeline.atomic import atomic_file
 from pipeline.csvblocks import Schema, parsed_blocks
 from pipeline.csvcheck import MAX_HEADER_BYTES, check_header
 from pipeline.errors import DataError
-from pipeline.images import decoded_batches, image_shape_of, read_listing
+from pipeline.imagedecode import decoded_batches
+from pipeline.images import image_shape_of, read_listing
 from pipeline.pool import read_ahead, resolve_workers
 from pipeline.tabular import ARROW_CODEC, INT_LABELS, LABEL, NAME_LABELS, SHAPE_KEY, label_kind, pixel_columns
 
@@ -202,7 +203,8 @@ def images_to_parquet(
         compression: the Parquet codec (``prep.compression``).
         compression_level: the codec's level (None: its default).
         row_group_size: images per row group, capped by the 64 MiB bound.
-        workers: decoding threads (None: one per core); the file's bytes do not depend on it.
+        workers: decoding threads or processes (None: one per core; pipeline.imagedecode); the
+            file's bytes do not depend on it.
 
     Returns:
         The number of rows (images) written.

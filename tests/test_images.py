@@ -24,13 +24,13 @@ import pytest
 import synth
 from PIL import Image, ImageFile
 
-from pipeline import images
-from pipeline.errors import DataError
+from pipeline import imagedecode
+from pipeline.errors import DataError, OutputError
+from pipeline.imagedecode import decoded_batches
 from pipeline.images import (
     ImageEntry,
     check_images,
     class_names,
-    decoded_batches,
     read_listing,
     scan_split,
     write_listing,
@@ -580,30 +580,49 @@ def test_a_mode_pillow_cannot_take_straight_to_grey_goes_through_rgb(tmp_path: P
 
 
 @pytest.mark.parametrize(
-    ("size", "workers", "threads"),
-    [((16, 16), 4, 1), ((127, 129), 4, 1), ((128, 128), 4, 4), ((300, 200), 2, 2), ((300, 200), 1, 1)],
+    ("size", "workers", "images", "plan"),
+    [
+        ((16, 16), 4, 3, ("processes", 4)),
+        ((127, 129), 2, 3, ("processes", 2)),
+        ((16, 16), 4, 2, ("threads", 1)),  # too few to pay for starting processes
+        ((16, 16), 1, 3, ("threads", 1)),
+        ((128, 128), 4, 3, ("threads", 4)),
+        ((300, 200), 2, 2, ("threads", 2)),
+        ((300, 200), 1, 3, ("threads", 1)),
+    ],
 )
-def test_small_images_decode_on_one_thread_larger_ones_on_the_workers(
-    tmp_path: Path, size: tuple[int, int], workers: int, threads: int
+def test_small_images_decode_in_processes_larger_ones_on_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: tuple[int, int], workers: int, images: int, plan
 ) -> None:
     """Threads taking turns on the GIL decoded images under about 100x100 pixels slower than one
-    thread (bench/notes.md): the first image's size decides, from 128x128 up threads pay."""
+    thread (bench/notes.md): the first image's size decides, from 128x128 up threads pay; below,
+    processes do, once the listing is long enough to pay for starting them."""
+    monkeypatch.setattr(imagedecode, "PROCESSES_FROM_IMAGES", 3)
     root = tmp_path / "images"
     save(root / "train/a/0.png", noise((size[1], size[0]), 0))  # width x height
-    save(root / "train/a/1.png", noise((8, 8), 1))
-    entries = scan_split(root, "train")
-    entries = sorted(entries, key=lambda e: e.file)  # 0.png first: its size decides
-    assert images.decode_threads(entries, root, workers) == threads
-    assert images.decode_threads([], root, workers) == 1
+    for n in range(1, images):
+        save(root / f"train/a/{n}.png", noise((8, 8), n))
+    entries = sorted(scan_split(root, "train"), key=lambda e: e.file)  # 0.png first: its size decides
+    assert imagedecode.decode_plan(entries, root, workers) == imagedecode.Plan(*plan)
+    assert imagedecode.decode_plan([], root, workers) == imagedecode.Plan("threads", 1)
 
 
-def test_the_first_failing_image_in_file_order_is_named_whatever_thread_fails_first(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def decode_in(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """decoded_batches decodes these tests' tiny images on threads or in processes, as ``how`` says
+    (with workers > 1), a few images per task or piece, so that a few images spread over them."""
+    monkeypatch.setattr(imagedecode, "THREADS_FROM_PIXELS", 0 if how == "threads" else 1 << 40)
+    monkeypatch.setattr(imagedecode, "PROCESSES_FROM_IMAGES", 0)
+    monkeypatch.setattr(imagedecode, "DECODE_CHUNK", 2)
+    monkeypatch.setattr(imagedecode, "PIECE_IMAGES", 2)
+
+
+@pytest.mark.parametrize(("how", "counts"), [("threads", (1, 2, 4)), ("processes", (3,))])
+def test_the_first_failing_image_in_file_order_is_named_whatever_worker_fails_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, counts: tuple[int, ...]
 ) -> None:
-    """Threads decode a batch a few images per task; of three broken images, two in one task and one
-    in another, the one first in the listing is named, as one thread would name it."""
-    monkeypatch.setattr(images, "DECODE_CHUNK", 2)
-    monkeypatch.setattr(images, "THREADS_FROM_PIXELS", 0)  # threads for these 4x4 images too
+    """Threads or processes decode a few images per task; of three broken images, two in one task
+    and one in another, the one first in the listing is named, as one thread would name it."""
+    decode_in(monkeypatch, how)
     root = tmp_path / "images"
     for n in range(9):
         save(root / f"train/a/{n}.png", noise((4, 4), n))
@@ -611,7 +630,8 @@ def test_the_first_failing_image_in_file_order_is_named_whatever_thread_fails_fi
     broken = [root / entries[k].file for k in (2, 3, 6)]  # both of the second task's, one of the fourth's
     for path in broken:
         path.write_bytes(path.read_bytes()[:60])  # the header whole, the pixels cut
-    for workers in (1, 2, 4):
+    for workers in counts:
+        assert imagedecode.decode_plan(entries, root, workers).how == how
         message = refused(lambda w=workers: list(decoded_batches(entries, root, (1, 4, 4), False, 9, w)))
         assert message.startswith(f"{broken[0]}: cannot decode image: "), message
 
@@ -641,14 +661,16 @@ def test_an_image_past_pillows_bomb_warning_decodes_quietly(
     batches.close()
 
 
+@pytest.mark.parametrize("how", ["threads", "processes"])
 @pytest.mark.parametrize("image_shape", [None, (1, 4, 4)])
 def test_pillows_warnings_about_a_file_are_a_line_each_naming_it(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, image_shape
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, image_shape, how
 ) -> None:
     """Pillow warns about a damaged file without naming it, and Python prints a text once per
-    process: a user could not find the file. Opened or decoded (in threads) here, each damaged file
-    gets one ``warning:`` record naming it, and nothing reaches Python's own warning printer."""
-    monkeypatch.setattr(images, "THREADS_FROM_PIXELS", 0)  # threads for these 8x8 images too
+    process: a user could not find the file. Opened or decoded (in threads, or in processes that hand
+    their warnings back) here, each damaged file gets one ``warning:`` record naming it, and nothing
+    reaches Python's own warning printer."""
+    decode_in(monkeypatch, how)
     root = tmp_path / "images"
     damaged = [synth.damaged_tiff(root / f"train/a/{n}.tif", noise((8, 8), n)) for n in range(3)]
     save(root / "train/b/3.png", noise((8, 8), 3))
@@ -670,17 +692,22 @@ def test_pillows_warnings_about_a_file_are_a_line_each_naming_it(
         np.testing.assert_array_equal(pixels[i, 0], noise((8, 8), 0))
 
 
+@pytest.mark.parametrize(("how", "workers"), [("threads", 1), ("processes", 3)])
 def test_past_ten_files_a_pillow_warning_says_the_others_are_not_named(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, how: str, workers: int
 ) -> None:
     """Thousands of photos from one camera can carry the same damage: ten files are named for a
-    text, counted over every batch of the decode, then one line says the rest are not."""
+    text, counted over every batch of the decode (and every process's pieces), then one line says
+    the rest are not."""
+    decode_in(monkeypatch, how)
     root = tmp_path / "images"
     for n in range(13):
         synth.damaged_tiff(root / f"train/a/{n:02}.tif", noise((4, 4), n))
     entries = scan_split(root, "train")
+    assert imagedecode.decode_plan(entries, root, workers) == imagedecode.Plan(how, workers)
     caplog.set_level(logging.WARNING, logger="pipeline.imagefile")
-    for _ in decoded_batches(entries, root, (1, 4, 4), False, rows=3, workers=1):
+    caplog.clear()  # the plan's look at the first file's header warned about it
+    for _ in decoded_batches(entries, root, (1, 4, 4), False, rows=3, workers=workers):
         pass
     messages = [r.getMessage() for r in caplog.records]
     order = [str(root / e.file) for e in entries]
@@ -850,8 +877,24 @@ def test_rows_are_written_in_row_groups_in_listing_order(tmp_path: Path) -> None
     ] == scan_split(root, "train")
 
 
-def test_memory_holds_one_row_group_not_every_image(tmp_path: Path) -> None:
-    """numpy's buffers are traced by tracemalloc: the decoded pixels alive at once are one row group's."""
+def test_a_piece_whose_pixels_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    """A decoding process writes a piece's pixels to a temporary file (a full disk, say): one line."""
+    save(tmp_path / "images/train/a/0.png", noise((4, 4), 0))
+    out = tmp_path / "gone/0.u8"
+    piece = imagedecode._Piece((str(tmp_path / "images/train/a/0.png"),), (1, 4, 4), False, "", str(out))
+    with pytest.raises(OutputError) as info:
+        imagedecode._decode_piece(piece)
+    missing = f"[Errno 2] No such file or directory: '{out}'"
+    assert str(info.value) == f"{out}: cannot write decoded pixels: {missing}"
+
+
+@pytest.mark.parametrize(("how", "workers"), [("threads", 1), ("processes", 3)])
+def test_memory_holds_one_row_group_not_every_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, workers: int
+) -> None:
+    """numpy's buffers are traced by tracemalloc: the decoded pixels alive at once are one row
+    group's, and with processes a few pieces per process besides."""
+    decode_in(monkeypatch, how)
     root = tmp_path / "images"
     for i in range(400):
         save(root / f"train/c{i % 4}/{i}.png", noise((64, 64, 3), i), compress_level=0)
@@ -879,6 +922,7 @@ def test_memory_holds_one_row_group_not_every_image(tmp_path: Path) -> None:
             compression="zstd",
             compression_level=None,
             row_group_size=8,
+            workers=workers,
         )
         peak = tracemalloc.get_traced_memory()[1]
     finally:

@@ -29,7 +29,7 @@ import safetensors.numpy
 import synth
 from PIL import Image
 
-from pipeline import csvblocks, images
+from pipeline import csvblocks, imagedecode
 from pipeline.errors import DataError
 from pipeline.images import scan_split, write_listing
 from pipeline.manifest import read_manifest
@@ -234,12 +234,15 @@ def test_uint8_standard_shards_count_their_statistics_in_the_same_pass(tmp_path,
 
 
 def test_image_layout_tensorize_and_parquet_bytes_do_not_depend_on_workers(tmp_path, monkeypatch):
-    monkeypatch.setattr(images, "DECODE_CHUNK", 2)  # each row group of 5 images is 3 tasks for the threads
-    monkeypatch.setattr(images, "THREADS_FROM_PIXELS", 0)  # threads for these small images too
+    # Each row group of 5 images is 3 tasks for the threads, or 3 pieces for the processes.
+    monkeypatch.setattr(imagedecode, "DECODE_CHUNK", 2)
+    monkeypatch.setattr(imagedecode, "PIECE_IMAGES", 2)
+    monkeypatch.setattr(imagedecode, "PROCESSES_FROM_IMAGES", 0)
     root = _image_folder(tmp_path / "images", 23)
     write_listing(scan_split(root, "train"), tmp_path / "train.csv")
     write_listing([], tmp_path / "test.csv")
-    for n in (1, 2):
+    for n, threads_from in ((1, 0), (2, 0), (3, 1 << 40)):  # one thread, two threads, three processes
+        monkeypatch.setattr(imagedecode, "THREADS_FROM_PIXELS", threads_from)
         for split in ("train", "test"):
             images_to_parquet(
                 tmp_path / f"{split}.csv",
@@ -249,7 +252,9 @@ def test_image_layout_tensorize_and_parquet_bytes_do_not_depend_on_workers(tmp_p
                 workers=n,
                 **{**CODEC, "row_group_size": 5},
             )
-    assert (tmp_path / "train-1.parquet").read_bytes() == (tmp_path / "train-2.parquet").read_bytes()
+    assert imagedecode.decode_plan(scan_split(root, "train"), root, 3) == imagedecode.Plan("processes", 3)
+    for n in (2, 3):
+        assert (tmp_path / "train-1.parquet").read_bytes() == (tmp_path / f"train-{n}.parquet").read_bytes()
     for n in (1, 2):
         tensorize(
             tmp_path / "train-1.parquet",
@@ -661,6 +666,44 @@ def test_ctrl_c_while_the_workers_start_is_one_line_and_exit_130(tmp_path):
     code, text = _ctrl_c_stage(tmp_path, _CTRL_C_POOL_START, "forkserver starting", 0.0)
     assert code == 130, text
     assert text == "forkserver starting\nerror: interrupted\n", text
+
+
+_CTRL_C_DECODE = """
+import tempfile
+from pathlib import Path
+from pipeline import imagedecode
+from pipeline.cli import run_stage
+from pipeline.images import scan_split, write_listing
+from pipeline.parquet import images_to_parquet
+
+def main(argv):
+    tempfile.tempdir = "scratch"  # where the pieces' pixels pass
+    imagedecode.PROCESSES_FROM_IMAGES, imagedecode.PIECE_IMAGES = 0, 1  # processes, an image per piece
+    write_listing(sorted(scan_split(Path("images"), "train"), key=lambda e: e.file), Path("train.csv"))
+    print("started", flush=True)
+    images_to_parquet(Path("train.csv"), Path("images"), Path("train.parquet"), image_shape=(1, 4, 4),
+                      compression="zstd", compression_level=None, row_group_size=8, workers=2)
+
+run_stage(main)
+"""
+
+
+def test_ctrl_c_while_processes_decode_images_is_one_line_and_leaves_nothing(tmp_path):
+    """An image folder of small images is decoded in processes, each piece's pixels passing through a
+    temporary file: Ctrl-C mid-decode is one line and exit 130, with no Parquet file and no piece's
+    file left behind."""
+    small = tmp_path / "images/train/a/000.png"
+    small.parent.mkdir(parents=True)
+    Image.new("L", (4, 4), 1).save(small)  # the first image: small, so processes decode the folder
+    Image.new("L", (3000, 3000), 7).save(tmp_path / "big.png")  # tens of milliseconds each to decode
+    for n in range(1, 200):
+        (tmp_path / f"images/train/{'ab'[n % 2]}/{n:03}.png").parent.mkdir(exist_ok=True)
+        (tmp_path / f"images/train/{'ab'[n % 2]}/{n:03}.png").write_bytes((tmp_path / "big.png").read_bytes())
+    (tmp_path / "scratch").mkdir()
+    code, text = _ctrl_c_stage(tmp_path, _CTRL_C_DECODE, "started", 1.0)
+    assert code == 130, text
+    assert "Traceback" not in text and text.endswith("started\nerror: interrupted\n"), text
+    assert not (tmp_path / "train.parquet").exists() and list((tmp_path / "scratch").iterdir()) == []
 
 
 _DEFERRED = """
