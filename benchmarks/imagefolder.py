@@ -53,7 +53,7 @@ def class_images(
 
 
 def _write_split(
-    folder: Path, split: str, n: int, shape: tuple[int, int, int], classes: int, seed: int
+    folder: Path, split: str, n: int, shape: tuple[int, int, int], classes: int, seed: int, suffix: str
 ) -> None:
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     for k in range(classes):
@@ -64,8 +64,8 @@ def _write_split(
             zip(labels, class_images(labels, shape, classes, rng)), start=start
         ):
             Image.fromarray(image.squeeze(-1) if shape[0] == 1 else image).save(
-                folder / split / f"class{label:02d}" / f"{i:06d}.png", compress_level=1
-            )
+                folder / split / f"class{label:02d}" / f"{i:06d}{suffix}", compress_level=1, quality=90
+            )  # each format takes its own option
 
 
 def make_image_folder(
@@ -75,12 +75,14 @@ def make_image_folder(
     shape: tuple[int, int, int] = (3, 32, 32),
     classes: int = 10,
     seed: int = 0,
+    suffix: str = ".png",
 ) -> None:
-    """Write a deterministic PNG image folder at ``root`` (replaced atomically, as one folder)."""
+    """Write a deterministic image folder at ``root`` (replaced atomically, as one folder), its files
+    PNGs, or JPEGs with ``suffix=".jpg"``."""
     with atomic_dir(root) as tmp:
-        _write_split(tmp, "train", n_train, shape, classes, seed)
+        _write_split(tmp, "train", n_train, shape, classes, seed, suffix)
         if n_test:
-            _write_split(tmp, "test", n_test, shape, classes, seed)
+            _write_split(tmp, "test", n_test, shape, classes, seed, suffix)
 
 
 # ============================================================================ layout comparison

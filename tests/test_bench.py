@@ -197,6 +197,31 @@ def test_checkpoint_bench_writes_results(tmp_path: Path) -> None:
     assert "600 train samples" in (out / "checkpoint.md").read_text()
 
 
+def test_decode_bench_writes_results(tmp_path: Path) -> None:
+    """benchmarks.decode on tiny folders: both through the parquet stage with the same bytes for either
+    setting, and the sweep of one thread against processes."""
+    out = tmp_path / "bench"
+    argv = ["--small", "60", "--photos", "8", "--counts", "16", "--repeats", "1"]
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.decode", *argv, "--work", str(tmp_path), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    results = json.loads((out / "decode.json").read_text())
+    cores = results["cores"]
+    assert [(s["folder"], s["train_images"], s["plan_all_cores"]) for s in results["stage"]] == [
+        ("small 32x32", 60, "one thread"),  # too few to start processes for
+        ("photos 320x240 to 64x64", 8, "one thread" if cores == 1 else f"{cores} threads"),
+    ]
+    assert all(s["same_bytes"] and len(s["seconds"]["all"]) == 1 for s in results["stage"])
+    assert [c["images"] for c in results["counts"]] == [16] and results["counts"][0]["processes_s"] > 0
+    assert results["processes_from_images"] == 4096
+    assert "| small 32x32 | 60 | one thread |" in (out / "decode.md").read_text()
+
+
 def test_shapes_bench_writes_results(tmp_path: Path) -> None:
     """benchmarks.shapes on tiny data: both loader shapes, a CSV case and an image folder with held-out
     val/test."""
