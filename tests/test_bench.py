@@ -33,6 +33,18 @@ ROWS = [
 ]
 
 
+def run_benchmark(name: str, *argv: str, timeout: int = 300) -> None:
+    """``python -m benchmarks.<name> argv...`` from the repository root; its stderr if it fails."""
+    res = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stderr
+
+
 @pytest.mark.slow
 def test_bench_writes_results(tmp_path: Path) -> None:
     for split, n in (("train", 600), ("test", 50)):
@@ -54,40 +66,32 @@ def test_bench_writes_results(tmp_path: Path) -> None:
         normalize_kind="unit",
     )
     out = tmp_path / "bench"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.loader",
-            "--quick",  # with --samples and --naive-samples given, it only marks the run as quick
-            "--samples",
-            "512",
-            "--naive-samples",
-            "64",
-            "--repeats",
-            "1",
-            "--memory-workers",
-            "0",
-            "2",
-            "--habit-steps",
-            "2",
-            "--device",
-            "cpu",
-            "--tensors",
-            str(tmp_path / "tensors"),
-            "--parquet",
-            str(tmp_path / "parquet"),
-            "--csv",
-            str(tmp_path / "csv"),
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    run_benchmark(
+        "loader",
+        "--quick",  # with --samples and --naive-samples given, it only marks the run as quick
+        "--samples",
+        "512",
+        "--naive-samples",
+        "64",
+        "--repeats",
+        "1",
+        "--memory-workers",
+        "0",
+        "2",
+        "--habit-steps",
+        "2",
+        "--device",
+        "cpu",
+        "--tensors",
+        str(tmp_path / "tensors"),
+        "--parquet",
+        str(tmp_path / "parquet"),
+        "--csv",
+        str(tmp_path / "csv"),
+        "--out",
+        str(out),
         timeout=600,
     )
-    assert res.returncode == 0, res.stderr
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["rows"]] == ROWS
     floors = results["floors"]
@@ -152,26 +156,17 @@ def test_bench_writes_results(tmp_path: Path) -> None:
     assert f"| {verdicts['bf16_over_fp32']} |" in markdown
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # benchmarks.precision (its speed part, which the loader's bf16 rows now cover) on the same tiny shards
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.precision",
-            "--tensors",
-            str(tmp_path / "tensors"),
-            "--steps",
-            "4",
-            "--repeats",
-            "1",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_benchmark(
+        "precision",
+        "--tensors",
+        str(tmp_path / "tensors"),
+        "--steps",
+        "4",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
     )
-    assert res.returncode == 0, res.stderr
     precision = json.loads((out / "precision.json").read_text())
     assert set(precision["speed"]) == {"fp32", "bf16"} and precision["goals"]["bf16_over_fp32"] > 0
     assert precision["floor"]["epoch_gflop"] == floors["epoch_gflop"]
@@ -182,14 +177,7 @@ def test_checkpoint_bench_writes_results(tmp_path: Path) -> None:
     unseen, on a name a refactor removed)."""
     out = tmp_path / "bench"
     argv = ["--samples", "600", "--epochs", "1", "--repeats", "1", "--often", "0.01"]
-    res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.checkpoint", *argv, "--work", str(tmp_path), "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr
+    run_benchmark("checkpoint", *argv, "--work", str(tmp_path), "--out", str(out))
     results = json.loads((out / "checkpoint.json").read_text())
     assert results["train_samples"] == 600 and results["finite"]["pixels"] == 600 * 784
     assert results["checkpoint"]["bytes"] > 0 and set(results["epochs"]) == {"off", "default", "often"}
@@ -202,14 +190,7 @@ def test_decode_bench_writes_results(tmp_path: Path) -> None:
     setting, and the sweep of one thread against processes."""
     out = tmp_path / "bench"
     argv = ["--small", "60", "--photos", "8", "--counts", "16", "--repeats", "1"]
-    res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.decode", *argv, "--work", str(tmp_path), "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr
+    run_benchmark("decode", *argv, "--work", str(tmp_path), "--out", str(out))
     results = json.loads((out / "decode.json").read_text())
     cores = results["cores"]
     assert [(s["folder"], s["train_images"], s["plan_all_cores"]) for s in results["stage"]] == [
@@ -226,37 +207,28 @@ def test_shapes_bench_writes_results(tmp_path: Path) -> None:
     """benchmarks.shapes on tiny data: both loader shapes, a CSV case and an image folder with held-out
     val/test."""
     out = tmp_path / "bench"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.shapes",
-            "--cases",
-            "fashion-8x8",
-            "synthetic-17x23",
-            "--train-samples",
-            "300",
-            "--test-samples",
-            "50",
-            "--synthetic-train",
-            "200",
-            "--epochs",
-            "1",
-            "--loader-samples",
-            "600",
-            "--repeats",
-            "1",
-            "--work",
-            str(tmp_path / "work"),
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_benchmark(
+        "shapes",
+        "--cases",
+        "fashion-8x8",
+        "synthetic-17x23",
+        "--train-samples",
+        "300",
+        "--test-samples",
+        "50",
+        "--synthetic-train",
+        "200",
+        "--epochs",
+        "1",
+        "--loader-samples",
+        "600",
+        "--repeats",
+        "1",
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
     )
-    assert res.returncode == 0, res.stderr
     results = json.loads((out / "shapes.json").read_text())
     loader = results["loader"]
     assert [r["shape"] for r in loader["rows"]] == ["1x28x28", "3x32x32"] and loader["goal"] == 2.5
