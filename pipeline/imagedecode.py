@@ -198,6 +198,17 @@ def _decode_piece(piece: _Piece) -> list[tuple[str, str]]:
     return held.held or []
 
 
+def _scratch_folder() -> tempfile.TemporaryDirectory[str]:
+    """The temporary folder the pieces' pixels pass through (``TMPDIR``, else the system's)."""
+    try:
+        return tempfile.TemporaryDirectory(prefix="decoded-")
+    except OSError as exc:
+        raise OutputError(
+            f"{tempfile.gettempdir()}: cannot make a folder for decoded pixels: {exc}; expected a writable "
+            "temporary folder (set TMPDIR)"
+        ) from None
+
+
 def _in_processes(
     entries: Sequence[ImageEntry],
     images_dir: Path,
@@ -219,7 +230,7 @@ def _in_processes(
         for lo in range(start, min(start + rows, len(entries)), per_piece)
     ]
     with (
-        tempfile.TemporaryDirectory(prefix="decoded-") as scratch,
+        _scratch_folder() as scratch,
         Workers(processes, preload=(__name__,)) as pool,
     ):
         pieces = (

@@ -226,11 +226,12 @@ class Workers:
         worker is given one past that either, so the pieces drawn ahead of the results taken,
         and with them the memory, stay bounded by the number of processes, not by the number
         of pieces. ``fn`` must be a module-level function; its arguments and results should be
-        small, well under the 64 KiB a pipe holds: a worker stopped (Ctrl-C, out of memory) while it
-        sends a larger result leaves ``concurrent.futures`` waiting for the rest of it forever, so
-        data goes through files (:mod:`pipeline.imagedecode`). An exception in a piece is raised here, when its turn in the order comes (after
-        one in this process, no further piece is started); a worker that dies (killed, out of
-        memory) is one :class:`PipelineError` line.
+        small, well under the 64 KiB a pipe holds: a worker stopped (Ctrl-C, out of memory)
+        while it sends a larger result leaves ``concurrent.futures`` waiting for the rest of it
+        forever, so data goes through files (:mod:`pipeline.imagedecode`). An exception in a
+        piece is raised here, when its turn in the order comes (after one in this process, no
+        further piece is started); a worker that dies (killed, out of memory) is one
+        :class:`PipelineError` line.
         """
         if self._pool is None:
             yield from map(fn, pieces)

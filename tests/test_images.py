@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -886,6 +887,23 @@ def test_a_piece_whose_pixels_cannot_be_written_is_one_line(tmp_path: Path) -> N
         imagedecode._decode_piece(piece)
     missing = f"[Errno 2] No such file or directory: '{out}'"
     assert str(info.value) == f"{out}: cannot write decoded pixels: {missing}"
+
+
+def test_no_temporary_folder_for_the_pieces_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Processes pass a piece's pixels through a file of the temporary folder (TMPDIR): without one,
+    one line."""
+    decode_in(monkeypatch, "processes")
+    for n in range(2):
+        save(tmp_path / f"images/train/a/{n}.png", noise((4, 4), n))
+    entries = scan_split(tmp_path / "images", "train")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    with pytest.raises(OutputError) as info:
+        list(decoded_batches(entries, tmp_path / "images", (1, 4, 4), False, 2, 2))
+    gone = tmp_path / "gone"
+    assert str(info.value).startswith(f"{gone}: cannot make a folder for decoded pixels: [Errno 2]")
+    assert str(info.value).endswith("; expected a writable temporary folder (set TMPDIR)")
 
 
 @pytest.mark.parametrize(("how", "workers"), [("threads", 1), ("processes", 3)])
