@@ -41,15 +41,21 @@ from pipeline.imagefile import (
     CHANNELS,
     MODES,
     SUFFIXES,
+    PillowWarnings,
     check_plain_mode,
     decode_image,
     describe,
     open_image,
     own_images,
 )
+from pipeline.pool import Workers
 
 SPLITS = ("train", "test")
 LISTING_HEADER = ["label", "file"]
+
+# Headers to check before processes pay for starting (bench/decode.md), and headers per process piece.
+CHECKS_IN_PROCESSES_FROM = 8192
+CHECK_PIECE = 256
 
 
 @dataclass(frozen=True)
@@ -267,15 +273,25 @@ def _resolve_shape(image_shape: Sequence[int], where: str) -> tuple[int, int, in
 
 
 def check_images(
-    images_dir: Path, entries: Sequence[ImageEntry], image_shape: tuple[int, int, int] | None
+    images_dir: Path,
+    entries: Sequence[ImageEntry],
+    image_shape: tuple[int, int, int] | None,
+    workers: int = 1,
 ) -> tuple[int, int, int]:
     """Read every image's header; return the (C, H, W) the Parquet file will hold.
+
+    Opening a header is mostly Python (Pillow's plugins parse it), so from
+    :data:`CHECKS_IN_PROCESSES_FROM` images ``workers`` processes share them
+    (:class:`pipeline.pool.Workers`), :data:`CHECK_PIECE` a piece; each hands back the Pillow
+    warnings it met, said here once per file. Either way the first failing image in listing order
+    is named.
 
     Args:
         images_dir: the folder the entries' paths are relative to.
         entries: the images, as :func:`scan_split` lists them.
         image_shape: ``data.image_shape``; with it any readable image will do (it will be
             converted); without, all must share the first one's size and mode, "L" or "RGB".
+        workers: processes that may share the checks (``prep.workers``, resolved).
 
     Returns:
         The (C, H, W) of every row.
@@ -284,34 +300,69 @@ def check_images(
         DataError: an image cannot be opened, or differs from the first (without ``image_shape``);
             the message names the file.
     """
-    with own_images():
-        return _check_headers(Path(images_dir), entries, image_shape)
+    images_dir = Path(images_dir)
+    said = PillowWarnings()
+    with own_images(said):
+        shape, expected, first = _first_header(images_dir, entries, image_shape)
+        rest = [str(images_dir / e.file) for e in entries[0 if expected is None else 1 :]]
+        if workers <= 1 or len(entries) < CHECKS_IN_PROCESSES_FROM:
+            _check_run(rest, expected, first)
+            return shape
+    pieces = (
+        _Headers(tuple(rest[lo : lo + CHECK_PIECE]), expected, first)
+        for lo in range(0, len(rest), CHECK_PIECE)
+    )
+    with Workers(workers, preload=(__name__,)) as pool:
+        for held in pool.map(_check_piece, pieces):
+            for path, text in held:
+                said.say(Path(path), text)
+    return shape
 
 
-def _check_headers(
+def _first_header(
     images_dir: Path, entries: Sequence[ImageEntry], image_shape: tuple[int, int, int] | None
-) -> tuple[int, int, int]:
+) -> tuple[tuple[int, int, int], tuple[tuple[int, int], str] | None, str]:
+    """The shape of every row, the (size, mode) every image must have (None: any, to be converted),
+    and the first image's path, which a mismatch names."""
     if image_shape is not None:
-        image_shape = _resolve_shape(image_shape, "data.image_shape")
-        for entry in entries:
-            with open_image(images_dir / entry.file):
-                pass  # opening checks the format and bit depth
-        return image_shape
+        return _resolve_shape(image_shape, "data.image_shape"), None, ""
     if not entries:
         raise DataError(f"{images_dir}: no images to take the shape from; set data.image_shape")
     first = images_dir / entries[0].file
     with open_image(first) as im:
         check_plain_mode(first, im.mode)
         size, mode = im.size, im.mode
-    for entry in entries[1:]:
-        path = images_dir / entry.file
-        with open_image(path) as im:
-            if (im.size, im.mode) != (size, mode):
+    return (CHANNELS[mode], size[1], size[0]), (size, mode), str(first)
+
+
+def _check_run(paths: Sequence[str], expected: tuple[tuple[int, int], str] | None, first: str) -> None:
+    """Open each header in turn (opening checks the format and bit depth), and compare its size and
+    mode with ``expected``; the first that fails is raised."""
+    for path in paths:
+        with open_image(Path(path)) as im:
+            if expected is not None and (im.size, im.mode) != expected:
                 raise DataError(
-                    f"{path}: image is {describe(im.size, im.mode)}, expected {describe(size, mode)} "
+                    f"{path}: image is {describe(im.size, im.mode)}, expected {describe(*expected)} "
                     f"as {first}; set data.image_shape to convert"
                 )
-    return (CHANNELS[mode], size[1], size[0])
+
+
+@dataclass(frozen=True)
+class _Headers:
+    """Headers a worker process checks, and what they must match (small: sent to it)."""
+
+    paths: tuple[str, ...]
+    expected: tuple[tuple[int, int], str] | None
+    first: str
+
+
+def _check_piece(piece: _Headers) -> list[tuple[str, str]]:
+    """Check a piece's headers; return the Pillow warnings met, (file, text) in order, for the
+    process that gave the piece to say."""
+    held = PillowWarnings(hold=True)
+    with own_images(held):
+        _check_run(piece.paths, piece.expected, piece.first)
+    return held.held or []
 
 
 # ============================================================================ the listing CSV

@@ -118,9 +118,9 @@ KEYS: dict[str, Doc] = {
     ),
     "prep.workers": Doc(
         "speed",
-        "Cores the data stages use (tensorize: processes writing shards, the stage's own included; parquet: "
-        "image decoding threads or processes, and "
-        "CSV parsing ahead of encoding); `1`: one core, Polars' and Arrow's own threads included; "
+        "Cores the data stages use (csv: processes checking an image folder's headers; parquet: image "
+        "decoding threads or processes, and CSV parsing ahead of encoding; tensorize: processes writing "
+        "shards, the stage's own included); `1`: one core, Polars' and Arrow's own threads included; "
         "`null`: all cores. Outputs byte-identical.",
     ),
     # loader

@@ -33,10 +33,10 @@ ROWS = [
 ]
 
 
-def run_benchmark(name: str, *argv: str, timeout: int = 300) -> None:
-    """``python -m benchmarks.<name> argv...`` from the repository root; its stderr if it fails."""
+def run_benchmark(module: str, *argv: str, timeout: int = 300) -> None:
+    """``python -m <module> argv...`` from the repository root; its stderr if it fails."""
     res = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{name}", *argv],
+        [sys.executable, "-m", module, *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -67,7 +67,7 @@ def test_bench_writes_results(tmp_path: Path) -> None:
     )
     out = tmp_path / "bench"
     run_benchmark(
-        "loader",
+        "benchmarks.loader",
         "--quick",  # with --samples and --naive-samples given, it only marks the run as quick
         "--samples",
         "512",
@@ -157,7 +157,7 @@ def test_bench_writes_results(tmp_path: Path) -> None:
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # benchmarks.precision (its speed part, which the loader's bf16 rows now cover) on the same tiny shards
     run_benchmark(
-        "precision",
+        "benchmarks.precision",
         "--tensors",
         str(tmp_path / "tensors"),
         "--steps",
@@ -177,7 +177,7 @@ def test_checkpoint_bench_writes_results(tmp_path: Path) -> None:
     unseen, on a name a refactor removed)."""
     out = tmp_path / "bench"
     argv = ["--samples", "600", "--epochs", "1", "--repeats", "1", "--often", "0.01"]
-    run_benchmark("checkpoint", *argv, "--work", str(tmp_path), "--out", str(out))
+    run_benchmark("benchmarks.checkpoint", *argv, "--work", str(tmp_path), "--out", str(out))
     results = json.loads((out / "checkpoint.json").read_text())
     assert results["train_samples"] == 600 and results["finite"]["pixels"] == 600 * 784
     assert results["checkpoint"]["bytes"] > 0 and set(results["epochs"]) == {"off", "default", "often"}
@@ -186,21 +186,26 @@ def test_checkpoint_bench_writes_results(tmp_path: Path) -> None:
 
 
 def test_decode_bench_writes_results(tmp_path: Path) -> None:
-    """benchmarks.decode on tiny folders: both through the parquet stage with the same bytes for either
-    setting, and the sweep of one thread against processes."""
+    """benchmarks.decode on tiny folders: both through the csv and parquet stages with the same bytes for
+    either setting, and the sweep of one process against every core's."""
     out = tmp_path / "bench"
     argv = ["--small", "60", "--photos", "8", "--counts", "16", "--repeats", "1"]
-    run_benchmark("decode", *argv, "--work", str(tmp_path), "--out", str(out))
+    run_benchmark("benchmarks.decode", *argv, "--work", str(tmp_path), "--out", str(out))
     results = json.loads((out / "decode.json").read_text())
     cores = results["cores"]
-    assert [(s["folder"], s["train_images"], s["plan_all_cores"]) for s in results["stage"]] == [
-        ("small 32x32", 60, "one thread"),  # too few to start processes for
-        ("photos 320x240 to 64x64", 8, "one thread" if cores == 1 else f"{cores} threads"),
+    keys = ("folder", "images", "checks_all_cores", "decode_all_cores")
+    shared = [tuple(s[k] for k in keys) for s in results["stage"]]
+    assert shared == [  # too few images to start processes for
+        ("small 32x32", 68, "one process", "one thread"),
+        ("photos 320x240 to 64x64", 16, "one process", "one thread" if cores == 1 else f"{cores} threads"),
     ]
-    assert all(s["same_bytes"] and len(s["seconds"]["all"]) == 1 for s in results["stage"])
-    assert [c["images"] for c in results["counts"]] == [16] and results["counts"][0]["processes_s"] > 0
-    assert results["processes_from_images"] == 4096
-    assert "| small 32x32 | 60 | one thread |" in (out / "decode.md").read_text()
+    for s in results["stage"]:
+        assert s["same_bytes"] and set(s["median_s"]) == {"csv", "parquet"}
+        assert all(len(runs) == 1 for stage in s["seconds"].values() for runs in stage.values())
+    [count] = results["counts"]
+    assert count["images"] == 16 and count["check"]["all_s"] > 0 and count["decode"]["all_s"] > 0
+    assert (results["checks_from"], results["processes_from_images"]) == (8192, 4096)
+    assert "| small 32x32 | 68 | one process |" in (out / "decode.md").read_text()
 
 
 def test_shapes_bench_writes_results(tmp_path: Path) -> None:
@@ -208,7 +213,7 @@ def test_shapes_bench_writes_results(tmp_path: Path) -> None:
     val/test."""
     out = tmp_path / "bench"
     run_benchmark(
-        "shapes",
+        "benchmarks.shapes",
         "--cases",
         "fashion-8x8",
         "synthetic-17x23",

@@ -25,7 +25,7 @@ import pytest
 import synth
 from PIL import Image, ImageFile
 
-from pipeline import imagedecode
+from pipeline import imagedecode, images
 from pipeline.errors import DataError, OutputError
 from pipeline.imagedecode import decoded_batches
 from pipeline.images import (
@@ -610,11 +610,61 @@ def test_small_images_decode_in_processes_larger_ones_on_threads(
 
 def decode_in(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     """decoded_batches decodes these tests' tiny images on threads or in processes, as ``how`` says
-    (with workers > 1), a few images per task or piece, so that a few images spread over them."""
+    (with workers > 1), a few images per task or piece, so that a few images spread over them; with
+    "processes", check_images checks their headers in processes too."""
     monkeypatch.setattr(imagedecode, "THREADS_FROM_PIXELS", 0 if how == "threads" else 1 << 40)
     monkeypatch.setattr(imagedecode, "PROCESSES_FROM_IMAGES", 0)
     monkeypatch.setattr(imagedecode, "DECODE_CHUNK", 2)
     monkeypatch.setattr(imagedecode, "PIECE_IMAGES", 2)
+    monkeypatch.setattr(images, "CHECKS_IN_PROCESSES_FROM", 0 if how == "processes" else 1 << 40)
+    monkeypatch.setattr(images, "CHECK_PIECE", 2)
+
+
+@pytest.mark.parametrize(("images_count", "workers", "pool"), [(3, 2, [2]), (2, 2, []), (3, 1, [])])
+def test_header_checks_are_shared_out_from_a_number_of_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images_count: int, workers: int, pool: list[int]
+) -> None:
+    """Opening a header is mostly Python: processes check them, once there are enough to pay for
+    starting them (CHECKS_IN_PROCESSES_FROM), and only where prep.workers allows more than one."""
+    opened: list[int] = []
+
+    class Counted(images.Workers):
+        def __init__(self, workers: int, preload: tuple[str, ...] = ()) -> None:
+            opened.append(workers)
+            super().__init__(workers, preload)
+
+    monkeypatch.setattr(images, "Workers", Counted)
+    monkeypatch.setattr(images, "CHECKS_IN_PROCESSES_FROM", 3)
+    root = tmp_path / "images"
+    for n in range(images_count):
+        save(root / f"train/{'ab'[n % 2]}/{n}.png", noise((4, 4), n))
+    assert check_images(root, scan_split(root, "train"), None, workers) == (1, 4, 4)
+    assert opened == pool
+
+
+@pytest.mark.parametrize("image_shape", [None, (1, 4, 4)])
+@pytest.mark.parametrize(("how", "workers"), [("threads", 1), ("processes", 3)])
+def test_header_checks_name_the_first_failing_image_in_listing_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, workers: int, image_shape
+) -> None:
+    """Checked in one process or shared out in pieces, the headers of a folder with a foreign file
+    and images of another size give the error of the first in listing order, and the same shape."""
+    decode_in(monkeypatch, how)
+    root = tmp_path / "images"
+    for n in range(9):
+        save(root / f"train/{'ab'[n % 2]}/{n}.png", noise((4, 4), n))
+    entries = scan_split(root, "train")
+    assert check_images(root, entries, image_shape, workers) == (image_shape or (1, 4, 4))
+    for k in (3, 6):  # another size: refused without image_shape, converted with it
+        save(root / entries[k].file, noise((5, 4), k))
+    (root / entries[7].file).write_bytes(b"not an image")
+    first, wrong = root / entries[0].file, root / entries[3].file
+    expected = (
+        f"{wrong}: image is 4x5 L, expected 4x4 L as {first}; set data.image_shape to convert"
+        if image_shape is None
+        else f"{root / entries[7].file}: Pillow cannot identify an image in this file; expected {ACCEPTED}"
+    )
+    assert refused(check_images, root, entries, image_shape, workers) == expected
 
 
 @pytest.mark.parametrize(("how", "counts"), [("threads", (1, 2, 4)), ("processes", (3,))])
@@ -680,7 +730,7 @@ def test_pillows_warnings_about_a_file_are_a_line_each_naming_it(
     caplog.set_level(logging.WARNING, logger="pipeline.imagefile")
     with warnings.catch_warnings(record=True) as printed:
         warnings.simplefilter("default")  # Python's own: each text printed once
-        check_images(root, entries, image_shape)
+        check_images(root, entries, image_shape, workers=2)  # in processes with how: processes
         assert sorted(r.getMessage() for r in caplog.records) == named
         caplog.clear()
         shape = image_shape or (1, 8, 8)

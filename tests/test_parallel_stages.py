@@ -774,7 +774,8 @@ def test_reading_rows_and_labels_does_not_import_pandas(tmp_path):
 
 @pytest.mark.parametrize("workers", [1, None])
 def test_prep_workers_1_keeps_the_stages_on_one_core(tmp_path, monkeypatch, workers):
-    """prep.workers: 1 is a serial run: Polars' and Arrow's own thread pools in the stage are one thread.
+    """prep.workers: 1 is a serial run: Polars' and Arrow's own thread pools in each data stage are one
+    thread.
 
     Polars sizes its pool when first imported, so the stages import it only after reading
     prep.workers (pipeline.pool.use_cores); more workers keep the libraries' defaults, except in
@@ -783,15 +784,20 @@ def test_prep_workers_1_keeps_the_stages_on_one_core(tmp_path, monkeypatch, work
     monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
     tr, te = synth.split(40, seed=1), synth.split(10, seed=2)
     csvs = [synth.write_csv(tmp_path / "csv" / f"{n}.csv", s) for n, s in (("train", tr), ("test", te))]
-    params = synth.write_params(tmp_path / "params.yaml", prep={"workers": workers, "shard_size": 16})
+    params = synth.write_params(
+        tmp_path / "params.yaml",
+        data={"dataset": "csv", "train_csv": str(csvs[0]), "test_csv": str(csvs[1])},
+        prep={"workers": workers, "shard_size": 16},
+    )
     parquet = ["data/parquet/train.parquet", "data/parquet/test.parquet"]
     runs = [
+        ("csv", "--raw", "raw", "--train", "c/train.csv", "--test", "c/test.csv"),
         (
             "parquet",
             "--train-csv",
-            csvs[0],
+            "c/train.csv",
             "--test-csv",
-            csvs[1],
+            "c/test.csv",
             "--train",
             parquet[0],
             "--test",
