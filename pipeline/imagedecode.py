@@ -8,8 +8,9 @@ at a time. How the work is shared out depends on the images (:func:`decode_plan`
 - **Processes** for smaller ones (CIFAR-sized): opening a small file is mostly Python (Pillow's
   plugins parse the headers in Python), so threads only take turns on the GIL. The stage's
   process and ``prep.workers - 1`` workers (:class:`pipeline.pool.Workers`) each decode a piece
-  of a few hundred images and return its pixels, and the Pillow warnings it met, which this
-  process then says, once per file, as if it had decoded them itself.
+  of a few hundred images into a temporary file, which this process reads back into the batch,
+  and return the Pillow warnings they met, which this process then says, once per file, as if it
+  had decoded them itself.
 - **One thread** for a listing too short to pay for starting the worker processes.
 
 Whichever runs, the pixels never depend on it: every image goes into its own row, and a failing
@@ -45,11 +46,12 @@ from pipeline.pool import Workers
 DECODE_CHUNK = 64
 # From this many pixels in its first image (in listing order) a folder is decoded on threads; below
 # it, opening a file is mostly Python, and threads taking turns on the GIL were slower than one
-# (bench/notes.md), so processes decode it, from this many images (fewer did not pay for starting them):
+# (bench/notes.md), so processes decode it, from this many images (fewer did not pay for starting
+# them: bench/decode.md):
 THREADS_FROM_PIXELS = 128 * 128
 PROCESSES_FROM_IMAGES = 4096
-# Images per process piece, whose pixels cross to the stage's process, and at most this many bytes
-# of them, so memory stays bounded by a few pieces per process.
+# Images per process piece, whose pixels cross to the stage's process through a file, and at most
+# this many bytes of them, so memory and scratch files stay bounded by a few pieces per process.
 PIECE_IMAGES = 256
 PIECE_BYTES = 4 << 20
 

@@ -3,7 +3,8 @@
 - fashion-mnist / mnist: the IDX files as ``label,pixel1..pixel784`` CSV;
 - csv: the user's CSVs, checked cell by cell and copied with the canonical header;
 - images: the listing ``label,file`` of the image folder's train and test splits
-  (headers checked; the parquet stage decodes the pixels).
+  (headers checked, by ``prep.workers`` processes in a large folder; the parquet stage
+  decodes the pixels).
 A source without a test split gets a test table with no rows.
 """
 
