@@ -226,34 +226,35 @@ def _in_processes(
     Each piece's pixels pass through a file of a temporary folder, read back and removed in turn, so
     the files alive at once are the few pieces :class:`pipeline.pool.Workers` draws ahead."""
     per_piece = max(1, min(PIECE_IMAGES, PIECE_BYTES // int(np.prod(image_shape))))
-    starts = [  # (the batch's first row, the piece's first row) of every piece, in listing order
-        (start, lo)
-        for start in range(0, len(entries), rows)
-        for lo in range(start, min(start + rows, len(entries)), per_piece)
-    ]
+    spans = []  # (the batch's first and end row, the piece's first and end row) of every piece, in order
+    for start in range(0, len(entries), rows):
+        stop = min(start + rows, len(entries))
+        spans += [(start, stop, lo, min(lo + per_piece, stop)) for lo in range(start, stop, per_piece)]
     with (
         _scratch_folder() as scratch,
         Workers(processes, preload=(__name__,)) as pool,
     ):
+
+        def piece_file(n: int) -> str:
+            return os.path.join(scratch, f"{n}.u8")
+
         pieces = (
             _Piece(
-                tuple(str(images_dir / e.file) for e in entries[lo : min(lo + per_piece, start + rows)]),
+                tuple(str(images_dir / e.file) for e in entries[lo:end]),
                 image_shape,
                 convert,
                 str(first),
-                os.path.join(scratch, f"{n}.u8"),
+                piece_file(n),
             )
-            for n, (start, lo) in enumerate(starts)
+            for n, (_, _, lo, end) in enumerate(spans)
         )
-        pixels = np.empty((0, *image_shape), dtype=np.uint8)
-        for n, ((start, lo), held) in enumerate(zip(starts, pool.map(_decode_piece, pieces), strict=True)):
+        results = pool.map(_decode_piece, pieces)  # each piece's Pillow warnings, in order
+        for n, ((start, stop, lo, end), held) in enumerate(zip(spans, results, strict=True)):
             if lo == start:
-                pixels = np.empty((min(rows, len(entries) - start), *image_shape), dtype=np.uint8)
-            end = min(lo + per_piece, start + len(pixels))
-            out = os.path.join(scratch, f"{n}.u8")
-            pixels[lo - start : end - start] = np.fromfile(out, np.uint8).reshape(end - lo, *image_shape)
-            os.remove(out)
-            for path, text in held:
-                pillow_warnings.say(Path(path), text)
-            if end - start == len(pixels):
-                yield entries[start:end], pixels
+                pixels = np.empty((stop - start, *image_shape), dtype=np.uint8)
+            part = np.fromfile(piece_file(n), np.uint8).reshape(end - lo, *image_shape)
+            pixels[lo - start : end - start] = part
+            os.remove(piece_file(n))
+            pillow_warnings.say_all(held)
+            if end == stop:
+                yield entries[start:stop], pixels

@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,11 @@ class PillowWarnings:
             )
         else:
             log.warning("%s", f"{path}: Pillow: {message}")
+
+    def say_all(self, held: Iterable[tuple[str, str]]) -> None:
+        """Say the (file, text) pairs another process held (``hold=True``), in their order."""
+        for path, message in held:
+            self.say(Path(path), message)
 
 
 @contextlib.contextmanager

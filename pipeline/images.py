@@ -314,8 +314,7 @@ def check_images(
     )
     with Workers(workers, preload=(__name__,)) as pool:
         for held in pool.map(_check_piece, pieces):
-            for path, text in held:
-                said.say(Path(path), text)
+            said.say_all(held)
     return shape
 
 

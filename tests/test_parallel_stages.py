@@ -696,9 +696,11 @@ def test_ctrl_c_while_processes_decode_images_is_one_line_and_leaves_nothing(tmp
     small.parent.mkdir(parents=True)
     Image.new("L", (4, 4), 1).save(small)  # the first image: small, so processes decode the folder
     Image.new("L", (3000, 3000), 7).save(tmp_path / "big.png")  # tens of milliseconds each to decode
+    big = (tmp_path / "big.png").read_bytes()
     for n in range(1, 200):
-        (tmp_path / f"images/train/{'ab'[n % 2]}/{n:03}.png").parent.mkdir(exist_ok=True)
-        (tmp_path / f"images/train/{'ab'[n % 2]}/{n:03}.png").write_bytes((tmp_path / "big.png").read_bytes())
+        path = tmp_path / f"images/train/{'ab'[n % 2]}/{n:03}.png"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(big)
     (tmp_path / "scratch").mkdir()
     code, text = _ctrl_c_stage(tmp_path, _CTRL_C_DECODE, "started", 1.0)
     assert code == 130, text
