@@ -23,12 +23,14 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import resource_tracker
+from multiprocessing import util as mp_util
 from typing import TypeVar
 
 from pipeline.errors import PipelineError
@@ -141,6 +143,44 @@ def ctrl_c_deferred() -> Iterator[None]:
             signal.raise_signal(signal.SIGINT)
 
 
+# A forkserver listens on a Unix socket, <multiprocessing's folder>/listener-XXXXXXXX, that folder being
+# <the temporary folder>/pymp-XXXXXXXX, and a socket's path holds at most 103 bytes (macOS; 107 on Linux).
+SOCKET_PATH_MAX = 103
+_LISTENER = len("/listener-XXXXXXXX")
+_SOCKET_FOLDER = len("/pymp-XXXXXXXX") + _LISTENER
+SHORT_TEMP_FOLDERS = ("/tmp", "/var/tmp", "/usr/tmp")  # as CPython 3.14 falls back, in its order
+
+
+def short_socket_folder() -> None:
+    """Keep the forkserver's socket path short enough to bind, whatever ``TMPDIR`` says.
+
+    Multiprocessing puts its socket under ``TMPDIR``; from 76 characters or so (a job's folder on a
+    cluster, a CI workspace) binding it fails with ``OSError: AF_UNIX path too long``, a traceback
+    at the stage's first worker. Python 3.14 falls back to ``/tmp`` then; here the same is done for
+    every Python: multiprocessing's own folder (only its socket; the pieces' files stay in
+    ``TMPDIR``) is made once per process in the first writable one of :data:`SHORT_TEMP_FOLDERS`.
+    With none writable, or a long folder made already, one line says what to set.
+    """
+    base = os.path.abspath(tempfile.gettempdir())
+    if len(base) + _SOCKET_FOLDER > SOCKET_PATH_MAX:
+        short = next((d for d in SHORT_TEMP_FOLDERS if os.access(d, os.W_OK | os.X_OK)), None)
+        saved = tempfile.tempdir
+        tempfile.tempdir = short or saved
+        try:
+            folder = mp_util.get_temp_dir()  # made now and kept by multiprocessing for this process
+        finally:
+            tempfile.tempdir = saved
+    else:
+        folder = mp_util.get_temp_dir()
+    if len(os.path.abspath(folder)) + _LISTENER > SOCKET_PATH_MAX:
+        raise PipelineError(
+            f"the temporary folder {base} ({len(base)} characters) leaves no room for the worker "
+            f"processes' socket path, and none of {', '.join(SHORT_TEMP_FOLDERS)} could be used instead: "
+            f"set TMPDIR to a folder of at most {SOCKET_PATH_MAX - _SOCKET_FOLDER} characters, "
+            "or prep.workers: 1"
+        )
+
+
 def _start_worker(preload: tuple[str, ...]) -> None:
     """Each pool worker, before any piece: a quiet end on Ctrl-C, one Polars thread, and the
     modules its pieces need."""
@@ -191,6 +231,7 @@ class Workers:
             # initializer unblocks it once its quiet handler is set. The resource tracker comes first:
             # it blocks SIGINT while it starts and unblocks it after, which inside the block below
             # would unblock it for the forkserver too.
+            short_socket_folder()
             resource_tracker.ensure_running()
             try:
                 with ctrl_c_deferred():
