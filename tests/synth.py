@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, TiffImagePlugin
+from PIL import Image
 
 from pipeline.idx import encode_idx
 from pipeline.sources import DatasetSpec, IdxFile, SplitFiles
@@ -291,20 +291,20 @@ def leftovers(folder: Path) -> list[str]:
 
 
 # Pillow's warning for damaged_tiff's files, as pipeline.imagefile logs it after the file's name.
-TIFF_TAG_WARNING = "Pillow: Tag data larger than file. Skipping tag 270"
+TIFF_TAG_WARNING = "Pillow: Metadata Warning, tag 296 had too many entries: 2, expected 1"
 
 
 def damaged_tiff(path: Path, pixels: np.ndarray) -> Path:
-    """A TIFF whose ImageDescription tag (270) claims a million bytes: Pillow warns "Tag data larger
-    than file. Skipping tag 270" and reads the pixels."""
+    """A TIFF whose ResolutionUnit tag (296, one value) holds two: Pillow warns "Metadata Warning, tag
+    296 had too many entries: 2, expected 1" and reads the pixels, every release from 10.0 (pyproject's
+    floor) to 13.0. A tag claiming more bytes than the file holds, the damage used before, warned and
+    read in 13.0 but could not be opened at all in 12.3."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = TiffImagePlugin.ImageFileDirectory_v2()
-    info[270] = "a description too long to sit inside its tag entry"
-    Image.fromarray(pixels).save(path, tiffinfo=info)
+    Image.fromarray(pixels).save(path, tiffinfo={296: 2})  # inches
     data = bytearray(path.read_bytes())
     (ifd,) = struct.unpack_from("<I", data, 4)
     (entries,) = struct.unpack_from("<H", data, ifd)
     tags = [struct.unpack_from("<H", data, ifd + 2 + 12 * k)[0] for k in range(entries)]
-    struct.pack_into("<I", data, ifd + 2 + 12 * tags.index(270) + 4, 10**6)  # the tag's count
+    struct.pack_into("<I", data, ifd + 2 + 12 * tags.index(296) + 4, 2)  # the count; both shorts fit inline
     path.write_bytes(bytes(data))
     return path
