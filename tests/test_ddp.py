@@ -13,6 +13,7 @@ end with a batch of 3.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +52,7 @@ from tests.test_train_stage import (
     train_argv,
     wait_for_output,
 )
+from trainer import distributed
 from trainer.distributed import check_gpus, default_threads
 from trainer.loader import EpochBatchSampler
 from trainer.lock import CheckpointBusy, checkpoint_lock, lock_path
@@ -235,6 +238,23 @@ def test_more_processes_than_gpus_is_refused() -> None:
     with pytest.raises(ParamsError, match=r"^train\.processes: expected at most \d+ processes"):
         check_gpus(torch.device("cuda"), 2)
     check_gpus(torch.device("cpu"), 64)  # no such limit on the CPU
+
+
+def test_a_ranks_ddp_wrapper_is_held_until_the_process_ends(tmp_path: Path) -> None:
+    """Freeing the wrapper frees its process group, and under PyTorch 2.4 Gloo's destructor then
+    waited, holding the GIL, on a worker thread that needed it: a finished two-process run hung.
+    A rank ends with os._exit, so the wrapper is kept to the end and never freed."""
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
+    )
+    try:
+        launched = distributed.Group(0, 2, 0, 2, torch.device("cpu"), launched=True)
+        held = weakref.ref(distributed.wrap(torch.nn.Linear(2, 2), launched))
+        gc.collect()
+        assert held() is not None and held() in distributed._HELD_UNTIL_EXIT
+    finally:
+        distributed._HELD_UNTIL_EXIT.clear()
+        torch.distributed.destroy_process_group()
 
 
 def test_threads_share_the_cores() -> None:

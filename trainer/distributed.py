@@ -224,12 +224,26 @@ def threads(group: Group, explicit: int | None = None) -> int | None:
     return None
 
 
+# The DDP wrappers of this process, kept until it ends with os._exit (run_rank): see wrap.
+_HELD_UNTIL_EXIT: list[nn.Module] = []
+
+
 def wrap(model: nn.Module, group: Group) -> nn.Module:
-    """DDP around ``model`` when there is more than one process (its gradients are averaged over ranks)."""
+    """DDP around ``model`` when there is more than one process (its gradients are averaged over ranks).
+
+    The wrapper is held until the rank ends (:func:`run_rank` ends it with ``os._exit``), never
+    freed. Freeing it frees the process group DDP holds, and in PyTorch 2.4 Gloo's destructor joins
+    its worker threads while the freeing thread holds the GIL; a worker that frees a tensor's Python
+    object needs that GIL, so both wait forever: a two-process run hung after its last epoch, its
+    outputs written (one run in six; the backtrace is in docs/distributed.md). Later releases free
+    the group without the GIL (pytorch#154976); nothing is lost by holding it either way.
+    """
     if group.world_size == 1:
         return model
     ids = [group.device.index] if group.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    ddp = DistributedDataParallel(model, device_ids=ids)
+    _HELD_UNTIL_EXIT.append(ddp)
+    return ddp
 
 
 def _reduce(values: Sequence[float], group: Group, op: dist.ReduceOp) -> list[float]:
