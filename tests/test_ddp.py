@@ -479,9 +479,8 @@ def test_killed_rank_restarts_the_group_and_ends_like_an_uninterrupted_run(
 ) -> None:
     """Also with other loader settings than the uninterrupted run: with a fixed number of processes
     they change speed only, so the results must still be bit-identical. Checkpoints come every step
-    (speed-only too) and the rank is killed at the first: killed after epoch 1, two short epochs
-    were all that was left, and a test process kept off the cores that long on a loaded machine
-    saw the run end before it could kill it."""
+    (speed-only too) and the rank is killed at the first, so the restarted group does nearly the
+    whole run."""
     params = _params(
         tmp_path / "params.yaml",
         2,
@@ -508,9 +507,11 @@ def test_killed_rank_restarts_the_group_and_ends_like_an_uninterrupted_run(
             victim = _rank_pid(first.pid, 1)
             time.sleep(0.05)
         # The first run's launcher holds the lock from before its ranks start until they are done.
-        # The first run is paused (its whole session) while the second tries, so the second meets
-        # the held lock however slowly it starts on a loaded machine.
-        os.killpg(first.pid, signal.SIGSTOP)
+        # The first run is paused while the second tries, so the second meets the held lock however
+        # slowly it starts on a loaded machine: its whole tree, since torchrun starts the ranks in
+        # sessions of their own. Pausing only the stage's session let the ranks train on, and when
+        # the second run took longer than the whole training, the run ended before a rank was killed.
+        _signal_tree(first.pid, signal.SIGSTOP)
         try:
             second = subprocess.run(
                 stage_cmd(data, tmp_path, params),
@@ -521,7 +522,7 @@ def test_killed_rank_restarts_the_group_and_ends_like_an_uninterrupted_run(
                 timeout=120,
             )
         finally:
-            os.killpg(first.pid, signal.SIGCONT)
+            _signal_tree(first.pid, signal.SIGCONT)
         while not (tmp_path / "checkpoints" / "checkpoint.json").exists():
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.01)
