@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     cfg = p.parse_args(argv)
-    if cfg.worker:  # a rank ends as the train stage's do (it holds its DDP wrapper until then)
+    if cfg.worker:  # a rank ends there, as the train stage's do (it holds its DDP wrapper until then)
         distributed.run_rank(lambda: _worker(cfg))
     rows = ddp_rows(cfg.tensors, cfg.params, cfg.samples, cfg.repeats, tuple(cfg.processes), cfg.device)
     results = {

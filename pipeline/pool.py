@@ -162,16 +162,14 @@ def short_socket_folder() -> None:
     With none writable, or a long folder made already, one line says what to set.
     """
     base = os.path.abspath(tempfile.gettempdir())
+    saved = tempfile.tempdir
     if len(base) + _SOCKET_FOLDER > SOCKET_PATH_MAX:
-        short = next((d for d in SHORT_TEMP_FOLDERS if os.access(d, os.W_OK | os.X_OK)), None)
-        saved = tempfile.tempdir
-        tempfile.tempdir = short or saved
-        try:
-            folder = mp_util.get_temp_dir()  # made now and kept by multiprocessing for this process
-        finally:
-            tempfile.tempdir = saved
-    else:
-        folder = mp_util.get_temp_dir()
+        writable = (d for d in SHORT_TEMP_FOLDERS if os.access(d, os.W_OK | os.X_OK))
+        tempfile.tempdir = next(writable, saved)
+    try:
+        folder = mp_util.get_temp_dir()  # made now (unless made already) and kept for this process
+    finally:
+        tempfile.tempdir = saved
     if len(os.path.abspath(folder)) + _LISTENER > SOCKET_PATH_MAX:
         raise PipelineError(
             f"the temporary folder {base} ({len(base)} characters) leaves no room for the worker "

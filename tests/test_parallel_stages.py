@@ -592,7 +592,7 @@ def test_workers_serve_every_pass_of_a_stage():
 
 
 _LONG_TMPDIR = """
-import os, sys
+import sys
 from pipeline import pool
 from pipeline.cli import run_stage
 
@@ -605,34 +605,34 @@ run_stage(main)
 """
 
 
-def _run_with_tmpdir(tmpdir: Path, *short: str) -> subprocess.CompletedProcess:
+def _run_with_long_tmpdir(tmp_path: Path, *short: str) -> tuple[subprocess.CompletedProcess, Path]:
     """A fresh process (the forkserver and multiprocessing's folder are made once per process) that
-    opens a pool of two under ``TMPDIR=tmpdir``, ``short`` standing for pool.SHORT_TEMP_FOLDERS."""
+    opens a pool of two under a ``TMPDIR`` of 120 characters made in ``tmp_path``, ``short`` standing
+    for pool.SHORT_TEMP_FOLDERS; the process and that folder."""
+    long = tmp_path / ("t" * max(1, 120 - len(str(tmp_path))))
+    long.mkdir()
     root = Path(__file__).resolve().parent.parent
-    return subprocess.run(
+    res = subprocess.run(
         [sys.executable, "-c", _LONG_TMPDIR, *short],
-        env={**os.environ, "PYTHONPATH": str(root), "TMPDIR": str(tmpdir)},
+        env={**os.environ, "PYTHONPATH": str(root), "TMPDIR": str(long)},
         capture_output=True,
         text=True,
         timeout=120,
     )
+    return res, long
 
 
 def test_a_tmpdir_too_long_for_the_forkservers_socket_still_runs_the_pieces(tmp_path):
     """From about 76 characters (a cluster job's or a CI workspace's folder), TMPDIR left no room for
     the forkserver's socket path: every stage with workers stopped on a traceback ending in
     ``OSError: AF_UNIX path too long``. Multiprocessing's folder now goes to /tmp, as Python 3.14 does."""
-    long = tmp_path / ("t" * max(1, 120 - len(str(tmp_path))))
-    long.mkdir()
-    res = _run_with_tmpdir(long)
+    res, long = _run_with_long_tmpdir(tmp_path)
     assert res.returncode == 0 and res.stdout == "[3, 2, 1, 0, 1, 2]\n", res.stderr
     assert list(long.iterdir()) == []  # multiprocessing's folder was not made there
 
 
 def test_a_tmpdir_too_long_with_no_short_folder_to_use_is_one_line(tmp_path):
-    long = tmp_path / ("t" * max(1, 120 - len(str(tmp_path))))
-    long.mkdir()
-    res = _run_with_tmpdir(long, str(tmp_path / "missing"))
+    res, long = _run_with_long_tmpdir(tmp_path, str(tmp_path / "missing"))
     assert res.returncode == 2 and res.stdout == "", res.stderr
     assert res.stderr == (
         f"error: the temporary folder {long} ({len(str(long))} characters) leaves no room for the worker "
